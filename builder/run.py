@@ -7,7 +7,8 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from builder.errors import CommandFailed, ToolMissing
@@ -112,3 +113,84 @@ def run(
         tail = "\n".join(proc.stderr.decode(errors="replace").splitlines()[-15:])
         raise CommandFailed([Path(args[0]).name, *args[1:]], proc.returncode, tail)
     return proc
+
+
+def _prepare(
+    argv: Sequence[str | os.PathLike[str]],
+    env: Mapping[str, str] | None,
+    unset_env: Sequence[str],
+    quiet: bool,
+) -> tuple[list[str], dict[str, str]]:
+    """Resolve the tool, build the environment and print `+ cmd` (shared by the helpers below)."""
+    args = [os.fspath(a) for a in argv]
+    args[0] = find_tool(args[0])
+    full_env = dict(os.environ)
+    for key in unset_env:
+        full_env.pop(key, None)
+    full_env.update(env or {})
+    if VERBOSE and not quiet:
+        shown = [Path(args[0]).name, *args[1:]]
+        print(f"+ {format_argv(shown, env)}", file=sys.stderr, flush=True)
+    return args, full_env
+
+
+def run_streaming(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    env: Mapping[str, str] | None = None,
+    unset_env: Sequence[str] = (),
+    cwd: str | os.PathLike[str] | None = None,
+    on_line: Callable[[str], None] | None = None,
+    quiet: bool = False,
+    tail_lines: int = 15,
+) -> int:
+    """Like run(), but shows the command's output live, line by line (a build log).
+
+    stdout and stderr are merged; each line goes to `on_line` (default: our
+    stderr, prefixed with "  "). The last `tail_lines` lines go into
+    CommandFailed when the command fails. Returns the exit status (0).
+    """
+    args, full_env = _prepare(argv, env, unset_env, quiet)
+    show = on_line or (lambda line: print(f"  {line}", file=sys.stderr, flush=True))
+    tail: deque[str] = deque(maxlen=tail_lines)
+    with subprocess.Popen(
+        args,
+        env=full_env,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    ) as proc:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\r\n")
+            tail.append(line)
+            show(line)
+        returncode = proc.wait()
+    if returncode != 0:
+        raise CommandFailed([Path(args[0]).name, *args[1:]], returncode, "\n".join(tail))
+    return returncode
+
+
+def spawn(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    env: Mapping[str, str] | None = None,
+    unset_env: Sequence[str] = (),
+    cwd: str | os.PathLike[str] | None = None,
+    log: str | os.PathLike[str] | None = None,
+    quiet: bool = False,
+) -> subprocess.Popen[bytes]:
+    """Start a long-running command (a service) in the background; the caller stops it.
+
+    Its stdout and stderr go to `log` (a file path), or are discarded.
+    """
+    args, full_env = _prepare(argv, env, unset_env, quiet)
+    out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
+    try:
+        return subprocess.Popen(
+            args, env=full_env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+        )
+    finally:
+        if log is not None and not isinstance(out, int):
+            out.close()

@@ -1,0 +1,256 @@
+"""Contract checks: rules across fields that a schema cannot express.
+
+Each check takes the loaded class and yields (loc, message); `check` runs
+them all and formats every problem with its file and line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from builder.loader import Loc, format_loc, where
+from builder.paths import project_root
+from builder.safe import format_size
+from builder.spec import (
+    AcceleratorKind,
+    BaseSource,
+    BootControl,
+    Candidate,
+    CdiMode,
+    Family,
+    HardwareClass,
+    HealthCheck,
+    ModuleBuild,
+    Precision,
+    RuntimeName,
+    SharingStrategy,
+)
+
+Problem = tuple[Loc, str]
+Check = Callable[[HardwareClass], Iterator[Problem]]
+CHECKS: list[Check] = []
+
+
+def contract(fn: Check) -> Check:
+    CHECKS.append(fn)
+    return fn
+
+
+def check(hc: HardwareClass, lines: dict[Loc, str], source: str, path: Path | None) -> list[str]:
+    found: list[Problem] = []
+    if path is not None and path.stem != hc.metadata.name:
+        found.append((("metadata", "name"),
+                      f"'{hc.metadata.name}' must match the file name ({path.name})"))
+    for fn in CHECKS:
+        found.extend(fn(hc))
+    return [f"{where(lines, loc, source)}: {format_loc(loc)}: {msg}" for loc, msg in found]
+
+
+@contract
+def compatible_prefix(hc: HardwareClass) -> Iterator[Problem]:
+    prefix = f"{hc.metadata.vendor},{hc.metadata.name}"
+    c = hc.spec.compatible
+    if not (c == prefix or c.startswith(prefix + "/") or c.startswith(prefix + ",")):
+        yield (("spec", "compatible"),
+               f"'{c}' must start with '{prefix}' (vendor, then the class name)")
+
+
+@contract
+def base_source(hc: HardwareClass) -> Iterator[Problem]:
+    base = hc.spec.base
+    if base.source is BaseSource.registry:
+        if base.image is None:
+            yield (("spec", "base", "image"), "a registry base needs an image reference")
+        for key in ("release", "mirror", "snapshot"):
+            if getattr(base, key) is not None:
+                yield (("spec", "base", key), "only applies to a bootstrap base")
+    else:
+        if base.family.package_manager != "apt":
+            yield (("spec", "base", "source"),
+                   f"{base.family.value} bases come from a registry; bootstrap is for apt families")
+        if base.release is None:
+            yield (("spec", "base", "release"), "a bootstrap base needs a release (e.g. bookworm)")
+        for key in ("image", "digest"):
+            if getattr(base, key) is not None:
+                yield (("spec", "base", key), "only applies to a registry base")
+
+
+@contract
+def base_pinned(hc: HardwareClass) -> Iterator[Problem]:
+    if hc.spec.development or hc.spec.base.pinned:
+        return
+    key = "digest" if hc.spec.base.source is BaseSource.registry else "snapshot"
+    yield (("spec", "base", key),
+           f"production classes (development: false) pin their base: set spec.base.{key}")
+
+
+@contract
+def accelerator_none(hc: HardwareClass) -> Iterator[Problem]:
+    acc = hc.spec.accelerator
+    if acc.kind is not AcceleratorKind.none:
+        return
+    for key in ("driver", "toolkit"):
+        if getattr(acc, key) is not None:
+            yield (("spec", "accelerator", key), "a class without an accelerator has no " + key)
+    if hc.spec.runtime.name is not RuntimeName.onnxruntime:
+        yield (("spec", "runtime", "name"), "a CPU-only class uses the onnxruntime runtime")
+
+
+@contract
+def accelerator_nvidia(hc: HardwareClass) -> Iterator[Problem]:
+    acc, spec = hc.spec.accelerator, hc.spec
+    if not acc.kind.is_nvidia:
+        return
+    if acc.driver is None:
+        yield (("spec", "accelerator", "driver"), "NVIDIA classes name their driver")
+    if acc.toolkit is None:
+        yield (("spec", "accelerator", "toolkit"), "NVIDIA classes name their container toolkit")
+    if spec.runtime.name is not RuntimeName.onnxruntime_gpu:
+        yield (("spec", "runtime", "name"), "NVIDIA classes use onnxruntime-gpu")
+    if HealthCheck.gpu_visible not in spec.rollout.health_checks:
+        yield (("spec", "rollout", "healthChecks"), "GPU classes must check gpu-visible before blessing")
+    yield from _nvidia_kind(hc)
+
+
+def _nvidia_kind(hc: HardwareClass) -> Iterator[Problem]:
+    acc, spec = hc.spec.accelerator, hc.spec
+    driver = acc.driver
+    if acc.kind is AcceleratorKind.nvidia_dgpu:
+        if driver is not None and driver.kernel_modules is not ModuleBuild.image:
+            yield (("spec", "accelerator", "driver", "kernelModules"),
+                   "dGPU kernel modules are built at image build time for the image's kernel: use 'image'")
+        if acc.toolkit is not None and acc.toolkit.cdi is not CdiMode.boot:
+            yield (("spec", "accelerator", "toolkit", "cdi"),
+                   "dGPU CDI specs are generated at boot ('boot'), never baked")
+        return
+    if spec.architecture.value != "aarch64":
+        yield (("spec", "architecture"), "Jetson classes are aarch64")
+    if spec.base.family is not Family.l4t:
+        yield (("spec", "base", "family"), "Jetson classes use the l4t family")
+    if spec.boot_control is not BootControl.nvbootctrl:
+        yield (("spec", "bootControl"), "Jetson classes use the nvbootctrl boot-control backend")
+    if acc.toolkit is not None and acc.toolkit.cdi is not CdiMode.csv:
+        yield (("spec", "accelerator", "toolkit", "cdi"), "Jetson uses CSV-mode CDI ('csv')")
+
+
+@contract
+def accelerator_intel(hc: HardwareClass) -> Iterator[Problem]:
+    acc = hc.spec.accelerator
+    if acc.kind not in (AcceleratorKind.intel_igpu, AcceleratorKind.intel_npu):
+        return
+    if hc.spec.runtime.name is not RuntimeName.onnxruntime_openvino:
+        yield (("spec", "runtime", "name"), "Intel accelerators use onnxruntime-openvino")
+    if acc.kind is AcceleratorKind.intel_npu and HealthCheck.npu_visible not in hc.spec.rollout.health_checks:
+        yield (("spec", "rollout", "healthChecks"), "NPU classes must check npu-visible before blessing")
+
+
+@contract
+def sharing(hc: HardwareClass) -> Iterator[Problem]:
+    s = hc.spec.accelerator.sharing
+    if s.strategy is not SharingStrategy.none and hc.spec.accelerator.kind is not AcceleratorKind.nvidia_dgpu:
+        yield (("spec", "accelerator", "sharing", "strategy"), "GPU sharing applies to NVIDIA dGPUs")
+    if s.strategy is SharingStrategy.none and s.replicas != 1:
+        yield (("spec", "accelerator", "sharing", "replicas"), "replicas need a sharing strategy")
+
+
+@contract
+def boot_control(hc: HardwareClass) -> Iterator[Problem]:
+    if hc.spec.boot_control is BootControl.nvbootctrl and hc.spec.accelerator.kind is not AcceleratorKind.nvidia_jetson:
+        yield (("spec", "bootControl"), "nvbootctrl is the Jetson backend; other classes use systemd-boot")
+
+
+@contract
+def execution_providers(hc: HardwareClass) -> Iterator[Problem]:
+    rt = hc.spec.runtime
+    allowed = rt.name.execution_providers
+    for i, ep in enumerate(rt.execution_providers):
+        if ep not in allowed:
+            yield (("spec", "runtime", "executionProviders", i),
+                   f"{ep} is not provided by {rt.name.value} (it has: {', '.join(allowed)})")
+
+
+@contract
+def models(hc: HardwareClass) -> Iterator[Problem]:
+    seen: set[str] = set()
+    for i, m in enumerate(hc.spec.models):
+        loc: Loc = ("spec", "models", i)
+        if m.name in seen:
+            yield ((*loc, "name"), f"duplicate model name '{m.name}'")
+        seen.add(m.name)
+        yield from _model_files(m, loc)
+        yield from _model_policy(hc, m, loc)
+
+
+def _model_files(m, loc: Loc) -> Iterator[Problem]:  # type: ignore[no-untyped-def]
+    root = project_root()
+    files = [("source",), ("validation", "dataset")]
+    if m.optimization.calibration is not None:
+        files.append(("optimization", "calibration"))
+    for key in files:
+        rel = m
+        for part in key:
+            rel = getattr(rel, part)
+        if not (root / rel).is_file():
+            yield ((*loc, *[_camel(k) for k in key]), f"file not found: {rel} (relative to {root})")
+
+
+def _camel(key: str) -> str:
+    head, *rest = key.split("_")
+    return head + "".join(p.title() for p in rest)
+
+
+def _model_policy(hc: HardwareClass, m, loc: Loc) -> Iterator[Problem]:  # type: ignore[no-untyped-def]
+    opt, gates = m.optimization, m.gates
+    if Candidate.int8_static in opt.candidates and opt.calibration is None:
+        yield ((*loc, "optimization", "calibration"), "int8-static needs a calibration dataset")
+    wants = {Precision.int8: ("int8-static", "int8-dynamic"), Precision.fp16: ("fp16",)}.get(m.precision)
+    if wants and not any(c.value in wants for c in opt.candidates):
+        yield ((*loc, "precision"),
+               f"pinned to {m.precision.value} but no {m.precision.value} candidate in optimization.candidates")
+    envelope_p95 = hc.spec.envelope.p95_latency_ms
+    if gates.max_p95_latency_ms is not None and gates.max_p95_latency_ms > envelope_p95:
+        yield ((*loc, "gates", "maxP95LatencyMs"),
+               f"{gates.max_p95_latency_ms} ms is looser than the class envelope ({envelope_p95} ms)")
+
+
+@contract
+def envelope(hc: HardwareClass) -> Iterator[Problem]:
+    spec = hc.spec
+    disk, storage = spec.disk, spec.envelope.storage
+    need = disk.esp + 2 * disk.root + disk.data
+    if need > storage:
+        yield (("spec", "disk"),
+               f"esp + 2 x root + data = {format_size(need)} does not fit the storage envelope "
+               f"({format_size(storage)})")
+    total = 0
+    for i, m in enumerate(spec.models):
+        path = project_root() / m.source
+        size = path.stat().st_size if path.is_file() else 0
+        total += size
+        if size > storage:
+            yield (("spec", "models", i, "source"),
+                   f"model is {format_size(size)}, larger than the storage envelope ({format_size(storage)})")
+        elif size > spec.envelope.ram:
+            yield (("spec", "models", i, "source"),
+                   f"model is {format_size(size)}, larger than the RAM envelope ({format_size(spec.envelope.ram)})")
+    if 0 < total <= storage and total > disk.root:
+        yield (("spec", "disk", "root"), f"models ({format_size(total)}) do not fit a root slot")
+
+
+@contract
+def rollout(hc: HardwareClass) -> Iterator[Problem]:
+    r = hc.spec.rollout
+    for required in (HealthCheck.inference_golden, HealthCheck.agent):
+        if required not in r.health_checks:
+            yield (("spec", "rollout", "healthChecks"),
+                   f"every class checks '{required.value}' before a slot is blessed")
+    percents = [s.percent for s in r.stages]
+    if percents != sorted(set(percents)) or percents[-1] != 100:
+        yield (("spec", "rollout", "stages"), "stage percents must increase and end at 100")
+
+
+@contract
+def access(hc: HardwareClass) -> Iterator[Problem]:
+    if hc.spec.development and not hc.spec.access.ssh:
+        yield (("spec", "access", "ssh"), "development classes are driven over SSH by tests; set true")

@@ -1,0 +1,106 @@
+"""What to try (OptimizationPolicy) and what a candidate must meet (Gates).
+
+Plain frozen dataclasses: the spec loader builds them, nothing here knows
+about specs. Bad values raise UsageError with the field name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from builder.errors import UsageError
+
+PRECISIONS = ("auto", "fp32", "fp16", "int8")
+GRAPH_LEVELS = ("none", "basic", "extended", "all")
+CANDIDATES = ("int8-static", "int8-dynamic", "fp16")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+METRICS = ("accuracy",)
+
+# The precision each candidate name produces ("fp32" is always built).
+CANDIDATE_PRECISION = {"fp32": "fp32", "int8-static": "int8", "int8-dynamic": "int8", "fp16": "fp16"}
+
+
+def _one_of(field: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UsageError(f"{field}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def _at_least(field: str, value: float | None, floor: float) -> None:
+    if value is not None and value < floor:
+        raise UsageError(f"{field}: {value} must be >= {floor}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Gates:
+    """Release gates; None means "not gated"."""
+
+    min_accuracy: float | None = None
+    max_accuracy_drop: float = 0.01
+    min_agreement: float | None = None
+    max_size_bytes: int | None = None
+    max_p95_latency_ms: float | None = None
+    min_int8_speedup: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("min_accuracy", "max_accuracy_drop", "min_agreement"):
+            value = getattr(self, name)
+            _at_least(name, value, 0.0)
+            if value is not None and value > 1.0:
+                raise UsageError(f"{name}: {value} is a fraction and must be <= 1 (0.01 = 1 point)")
+        _at_least("max_size_bytes", self.max_size_bytes, 1)
+        _at_least("max_p95_latency_ms", self.max_p95_latency_ms, 0.0)
+        _at_least("min_int8_speedup", self.min_int8_speedup, 0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizationPolicy:
+    """How to optimize; precision other than "auto" pins that candidate."""
+
+    precision: str = "auto"
+    graph_level: str = "extended"
+    candidates: tuple[str, ...] = ("int8-static",)
+    per_channel: bool = True
+    calibration_method: str = "minmax"
+    execution_provider: str = "CPUExecutionProvider"
+    metric: str = "accuracy"
+    golden_count: int = 32
+    golden_tolerance: float = 1e-3
+    latency_runs: int = 200
+
+    def __post_init__(self) -> None:
+        _one_of("precision", self.precision, PRECISIONS)
+        _one_of("graph_level", self.graph_level, GRAPH_LEVELS)
+        _one_of("calibration_method", self.calibration_method, CALIBRATION_METHODS)
+        _one_of("metric", self.metric, METRICS)
+        for name in self.candidates:
+            _one_of("candidates", name, CANDIDATES)
+        if len(set(self.candidates)) != len(self.candidates):
+            raise UsageError(f"candidates: duplicates in {list(self.candidates)}")
+        _at_least("golden_count", self.golden_count, 1)
+        _at_least("golden_tolerance", self.golden_tolerance, 0.0)
+        _at_least("latency_runs", self.latency_runs, 1)
+
+    def candidate_names(self) -> tuple[str, ...]:
+        """Names to build, "fp32" first (it is the baseline for every gate)."""
+        if self.precision == "fp32":
+            return ("fp32",)
+        if self.precision == "auto":
+            return ("fp32", *self.candidates)
+        return ("fp32", self.pinned())
+
+    def pinned(self) -> str | None:
+        """The candidate a non-auto precision pins; None for auto."""
+        if self.precision == "auto":
+            return None
+        matching = [c for c in self.candidates if CANDIDATE_PRECISION[c] == self.precision]
+        defaults = {"fp32": "fp32", "fp16": "fp16", "int8": "int8-static"}
+        return matching[0] if matching else defaults[self.precision]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["candidates"] = list(self.candidates)
+        return data

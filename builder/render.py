@@ -1,0 +1,298 @@
+"""Render a class into a build context: Containerfile + overlays + model + release.json.
+
+`finalize_plan` derives everything once from the frozen spec; `render_containerfile`
+and `make_context` only read the plan. Rendering is deterministic: the same
+spec, version, revision and model files give byte-identical output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jinja2
+
+from builder import paths
+from builder.spec import AcceleratorKind, BaseSource, Family, HardwareClass
+
+TEMPLATES = paths.PACKAGE_DIR / "templates"
+DEFAULT_VERSION = "0.0.0-dev"
+KARGS_FILE = "usr/lib/bootc/kargs.d/10-kiln.toml"
+
+# What every image of an apt family needs on top of its base to boot as Kiln expects.
+APT_ESSENTIALS = ("systemd-sysv", "udev", "dbus", "kmod", "initramfs-tools", "python3", "systemd-boot")
+PYTHON = {Family.debian: "python3", Family.l4t: "python3", Family.fedora_bootc: "python3",
+          Family.centos_bootc: "python3.11"}
+
+
+@dataclass(frozen=True)
+class ModelArtifact:
+    """One model as it is baked: a file, its digest and precision."""
+
+    name: str
+    version: str
+    precision: str
+    path: Path
+    sha256: str
+    extra_files: tuple[Path, ...] = ()
+
+    @property
+    def image_dir(self) -> str:
+        return f"/usr/share/kiln/models/{self.name}/{self.version}"
+
+
+@dataclass(frozen=True)
+class RenderPlan:
+    hc: HardwareClass
+    source: str
+    version: str
+    revision: str
+    base_ref: str
+    python: str
+    os_packages: tuple[str, ...]
+    driver_packages: tuple[str, ...]
+    models: tuple[ModelArtifact, ...]
+    labels: tuple[tuple[str, str], ...] = field(default=())
+    release: dict[str, object] = field(default_factory=dict)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def finalize_base_ref(hc: HardwareClass) -> str:
+    base = hc.spec.base
+    if base.source is BaseSource.registry:
+        assert base.image is not None
+        return f"{base.image}@{base.digest}" if base.digest else base.image
+    tag = base.release or "latest"
+    if base.snapshot:
+        tag += f"-{base.snapshot}"
+    distro = "ubuntu" if base.family is Family.l4t else "debian"
+    return f"localhost/kiln/base/{distro}:{tag}"
+
+
+def finalize_source_models(hc: HardwareClass) -> tuple[ModelArtifact, ...]:
+    """The spec's source models as-is (FP32): what is baked before optimization."""
+    root = paths.project_root()
+    return tuple(
+        ModelArtifact(name=m.name, version=m.version, precision="fp32", path=root / m.source,
+                      sha256=sha256_file(root / m.source))
+        for m in hc.spec.models
+    )
+
+
+def finalize_os_packages(hc: HardwareClass) -> tuple[str, ...]:
+    spec = hc.spec
+    pkgs = list(spec.packages)
+    if spec.kernel.package:
+        pkgs.append(spec.kernel.package)
+    if spec.base.family.package_manager == "apt":
+        pkgs.extend(APT_ESSENTIALS)
+    if spec.access.ssh:
+        pkgs.append("openssh-server")
+    return tuple(sorted(set(pkgs)))
+
+
+def finalize_driver_packages(hc: HardwareClass) -> tuple[str, ...]:
+    """Driver packages, then the container toolkit pinned to its version."""
+    acc = hc.spec.accelerator
+    pkgs = list(acc.driver.packages) if acc.driver else []
+    if acc.toolkit is not None:
+        sep = "=" if hc.spec.base.family.package_manager == "apt" else "-"
+        pkgs.append(f"{acc.toolkit.name}{sep}{acc.toolkit.version}" + ("-1" if sep == "=" else ""))
+    return tuple(pkgs)
+
+
+def finalize_release(hc: HardwareClass, version: str, revision: str,
+                     models: tuple[ModelArtifact, ...]) -> dict[str, object]:
+    spec = hc.spec
+    return {
+        "class": hc.name,
+        "compatible": spec.compatible,
+        "version": version,
+        "revision": revision,
+        "architecture": spec.architecture.value,
+        "accelerator": spec.accelerator.kind.value,
+        "driverVersion": spec.accelerator.driver.version if spec.accelerator.driver else None,
+        "runtime": {"name": spec.runtime.name.value, "version": spec.runtime.version,
+                    "executionProviders": list(spec.runtime.execution_providers)},
+        "models": [{"name": m.name, "version": m.version, "precision": m.precision,
+                    "sha256": m.sha256, "path": f"{m.image_dir}/model.onnx"} for m in models],
+        "bootControl": spec.boot_control.value,
+        "bootTries": spec.rollout.boot_tries,
+        "healthChecks": [c.value for c in spec.rollout.health_checks],
+        "minVersion": spec.rollout.min_version,
+        "channel": spec.rollout.channel,
+        "p95LatencyMs": spec.envelope.p95_latency_ms,
+        "development": spec.development,
+    }
+
+
+def finalize_labels(hc: HardwareClass, models: tuple[ModelArtifact, ...]) -> tuple[tuple[str, str], ...]:
+    spec = hc.spec
+    labels = {
+        "org.opencontainers.image.title": hc.name,
+        "org.opencontainers.image.description": hc.metadata.description or hc.name,
+        "org.opencontainers.image.version": "${VERSION}",
+        "org.opencontainers.image.revision": "${REVISION}",
+        "org.opencontainers.image.created": "${CREATED}",
+        "org.opencontainers.image.source": f"images/{hc.name}.yaml",
+        "org.opencontainers.image.vendor": hc.metadata.vendor,
+        "dev.kiln.class": hc.name,
+        "dev.kiln.compatible": spec.compatible,
+        "dev.kiln.architecture": spec.architecture.value,
+        "dev.kiln.accelerator": spec.accelerator.kind.value,
+        "dev.kiln.runtime": f"{spec.runtime.name.value}=={spec.runtime.version}",
+        "dev.kiln.min-version": spec.rollout.min_version or "",
+    }
+    for m in models:
+        labels[f"dev.kiln.model.{m.name}.digest"] = f"sha256:{m.sha256}"
+        labels[f"dev.kiln.model.{m.name}.precision"] = m.precision
+        labels[f"dev.kiln.model.{m.name}.version"] = m.version
+    labels.update(hc.metadata.labels)
+    return tuple(sorted(labels.items()))
+
+
+def finalize_plan(hc: HardwareClass, *, source: str, version: str = DEFAULT_VERSION,
+                  revision: str = "unknown",
+                  models: tuple[ModelArtifact, ...] | None = None) -> RenderPlan:
+    models = models if models is not None else finalize_source_models(hc)
+    return RenderPlan(
+        hc=hc, source=source, version=version, revision=revision,
+        base_ref=finalize_base_ref(hc),
+        python=PYTHON[hc.spec.base.family],
+        os_packages=finalize_os_packages(hc),
+        driver_packages=finalize_driver_packages(hc),
+        models=models,
+        labels=finalize_labels(hc, models),
+        release=finalize_release(hc, version, revision, models),
+    )
+
+
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,  # noqa: S701 - Containerfiles, not HTML; values are validated in builder.safe
+    )
+
+
+def render_containerfile(plan: RenderPlan) -> str:
+    template = _environment().get_template(plan.hc.spec.base.family.template)
+    text = template.render(plan=plan, hc=plan.hc, spec=plan.hc.spec, source=plan.source)
+    text = "\n".join(line.rstrip() for line in text.splitlines()).strip() + "\n"
+    return re.sub(r"\n{3,}", "\n\n", text)
+
+
+# --- the build context -------------------------------------------------------
+
+
+def make_context(plan: RenderPlan, outdir: Path) -> Path:
+    """Write DIR/Containerfile and everything it COPYs. Replaces DIR atomically."""
+    outdir = outdir.resolve()
+    tmp = outdir.with_name(outdir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "Containerfile").write_text(render_containerfile(plan))
+    make_overlay_tree(plan, tmp / "overlays")
+    make_class_tree(plan, tmp / "class")
+    make_model_tree(plan, tmp / "models")
+    make_runtime_files(plan, tmp / "runtime")
+    make_repo_files(plan, tmp / "repos")
+    if plan.hc.spec.base.family.package_manager == "apt":
+        _copy_tree(paths.overlays_dir() / "initramfs", tmp / "initramfs")
+    _write_json(tmp / "release.json", plan.release)
+    _normalize_mtimes(tmp)
+    shutil.rmtree(outdir, ignore_errors=True)
+    tmp.rename(outdir)
+    return outdir
+
+
+def overlay_sources(plan: RenderPlan) -> list[Path]:
+    """Overlay trees for this class, in copy order (later wins)."""
+    root = paths.overlays_dir()
+    names = ["common"]
+    kind = plan.hc.spec.accelerator.kind
+    if kind is AcceleratorKind.nvidia_dgpu:
+        names.append("nvidia")
+    return [root / n for n in names if (root / n).is_dir()]
+
+
+def make_overlay_tree(plan: RenderPlan, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for src in overlay_sources(plan):
+        _copy_tree(src, dest)
+
+
+def make_class_tree(plan: RenderPlan, dest: Path) -> None:
+    spec = plan.hc.spec
+    kargs = dest / KARGS_FILE
+    kargs.parent.mkdir(parents=True)
+    kargs.write_text("# Kernel arguments of class {} (from its spec)\nkargs = [{}]\n".format(
+        plan.hc.name, ", ".join(json.dumps(a) for a in spec.kernel.args)))
+    spec_json = dest / "usr/lib/kiln/class.json"
+    _write_json(spec_json, plan.hc.model_dump(mode="json", by_alias=True))
+    if spec.accelerator.kind is AcceleratorKind.nvidia_dgpu:
+        sharing = spec.accelerator.sharing
+        _write_json(dest / "usr/lib/kiln/gpu-sharing.json",
+                    {"strategy": sharing.strategy.value, "replicas": sharing.replicas})
+
+
+def make_model_tree(plan: RenderPlan, dest: Path) -> None:
+    dest.mkdir(parents=True)
+    for m in plan.models:
+        d = dest / m.name / m.version
+        d.mkdir(parents=True)
+        shutil.copyfile(m.path, d / "model.onnx")
+        for extra in m.extra_files:
+            shutil.copyfile(extra, d / extra.name)
+
+
+def make_runtime_files(plan: RenderPlan, dest: Path) -> None:
+    dest.mkdir(parents=True)
+    rt = plan.hc.spec.runtime
+    (dest / "requirements.txt").write_text(f"{rt.name.value}=={rt.version}\nnumpy==2.2.6\n")
+
+
+def make_repo_files(plan: RenderPlan, dest: Path) -> None:
+    dest.mkdir(parents=True)
+    for repo in plan.hc.spec.repositories:
+        if plan.hc.spec.base.family.package_manager == "apt":
+            key = f"/usr/share/keyrings/kiln-{repo.name}.asc"
+            suite = repo.suite or "/"
+            comps = " ".join(repo.components)
+            line = f"deb [signed-by={key}] {repo.url} {suite} {comps}".rstrip()
+            (dest / f"kiln-{repo.name}.list").write_text(line + "\n")
+        else:
+            (dest / f"kiln-{repo.name}.repo").write_text(
+                f"[kiln-{repo.name}]\nname={repo.name}\nbaseurl={repo.url}\n"
+                f"enabled=1\ngpgcheck=1\ngpgkey={repo.key}\n")
+
+
+def _copy_tree(src: Path, dest: Path) -> None:
+    if src.is_dir():
+        shutil.copytree(src, dest, dirs_exist_ok=True, symlinks=True)
+
+
+def _write_json(path: Path, data: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _normalize_mtimes(root: Path, epoch: int = 0) -> None:
+    """Same inputs, same context bytes and times (COPY keeps mtimes)."""
+    import os
+
+    for p in sorted(root.rglob("*"), reverse=True):
+        os.utime(p, (epoch, epoch), follow_symlinks=False)
+    os.utime(root, (epoch, epoch))

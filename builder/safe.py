@@ -1,0 +1,130 @@
+"""Validators for values that reach a Containerfile, a shell line or a label.
+
+Each returns the value unchanged or raises ValueError with a message that
+says what is allowed. They whitelist characters; nothing is escaped later.
+"""
+
+from __future__ import annotations
+
+import re
+
+UNITS = {"": 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4,
+         "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4}
+
+_PACKAGE = re.compile(r"[a-z0-9][a-z0-9+._-]*(?:[=<>]{1,2}[A-Za-z0-9.+~:_-]+)?")
+_KARG = re.compile(r"[A-Za-z0-9_.,:/=+@-]+")
+_RELPATH = re.compile(r"[A-Za-z0-9_.+-]+(?:/[A-Za-z0-9_.+-]+)*")
+_ABSPATH = re.compile(r"(?:/[A-Za-z0-9_.+-]+)+/?")
+_VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+~_-]*")
+_URL = re.compile(r"https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?(?:/[A-Za-z0-9._~/%+-]*)?")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_DEFAULTS = re.compile(r"_?[A-Za-z0-9][A-Za-z0-9_.-]*")
+_LABEL_KEY = re.compile(r"[a-z0-9][a-z0-9._/-]*")
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B|B)?")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_IMAGE = re.compile(r"[a-z0-9.-]+(?::[0-9]+)?(?:/[a-z0-9._-]+)+(?::[A-Za-z0-9._-]+)?")
+_SNAPSHOT = re.compile(r"[0-9]{8}T[0-9]{6}Z")
+_COMPATIBLE = re.compile(r"[a-z0-9][a-z0-9-]*,[a-z0-9][a-z0-9_.,/-]*")
+
+
+def _shown(value: str) -> str:
+    return repr(value) if len(value) <= 60 else repr(value[:57] + "...")
+
+
+def _match(pattern: re.Pattern[str], value: str, what: str, allowed: str) -> str:
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise ValueError(f"{_shown(str(value))} is not a valid {what} (allowed: {allowed})")
+    return value
+
+
+def package_name(value: str) -> str:
+    return _match(_PACKAGE, value, "package name",
+                  "lowercase letters, digits, + . _ - and an optional =version")
+
+
+def kernel_arg(value: str) -> str:
+    return _match(_KARG, value, "kernel argument",
+                  "one word of letters, digits and _ . , : / = + @ -; no spaces or quotes")
+
+
+def relative_path(value: str) -> str:
+    _match(_RELPATH, value, "relative path", "letters, digits, _ . + - separated by /")
+    if ".." in value.split("/"):
+        raise ValueError(f"{_shown(value)} must not contain '..'")
+    return value
+
+
+def absolute_path(value: str) -> str:
+    _match(_ABSPATH, value, "absolute path", "/ followed by letters, digits, _ . + -")
+    if ".." in value.split("/"):
+        raise ValueError(f"{_shown(value)} must not contain '..'")
+    return value
+
+
+def version(value: str) -> str:
+    return _match(_VERSION, value, "version", "letters, digits and . + ~ _ -")
+
+
+def url(value: str) -> str:
+    return _match(_URL, value, "URL", "http(s)://host[:port]/path with no spaces or quotes")
+
+
+def name(value: str) -> str:
+    return _match(_NAME, value, "name", "letters, digits and _ . -")
+
+
+def defaults_name(value: str) -> str:
+    return _match(_DEFAULTS, value, "defaults file name", "an optional _ then letters, digits and _ . -")
+
+
+def label_key(value: str) -> str:
+    return _match(_LABEL_KEY, value, "label key", "lowercase letters, digits and . _ / -")
+
+
+def label_value(value: str) -> str:
+    if not isinstance(value, str) or any(ord(c) < 32 or c in '"\\$`' for c in value):
+        raise ValueError(
+            f"{_shown(str(value))} is not a valid label value "
+            "(no control characters, newlines, quotes, backslashes, $ or `)"
+        )
+    return value
+
+
+def byte_size(value: object) -> int:
+    """'256MiB' -> 268435456; plain integers are bytes."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"expected a size such as 512MiB or 2GiB, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"size must not be negative, got {value}")
+        return value
+    m = _SIZE.fullmatch(value.strip())
+    if not m:
+        raise ValueError(f"{_shown(value)} is not a size (expected e.g. 512MiB, 2GiB, 1000000)")
+    return int(float(m.group(1)) * UNITS[m.group(2) or ""])
+
+
+def digest(value: str) -> str:
+    return _match(_DIGEST, value, "digest", "sha256: followed by 64 lowercase hex digits")
+
+
+def image_ref(value: str) -> str:
+    return _match(_IMAGE, value, "image reference",
+                  "registry/path[:tag] in lowercase; pin the digest with `digest:`")
+
+
+def snapshot(value: str) -> str:
+    return _match(_SNAPSHOT, value, "snapshot timestamp", "YYYYMMDDTHHMMSSZ")
+
+
+def compatible(value: str) -> str:
+    return _match(_COMPATIBLE, value, "compatible string",
+                  "'<vendor>,<class>' in lowercase letters, digits and - _ . , /")
+
+
+def format_size(n: int) -> str:
+    """268435456 -> '256 MiB'."""
+    for unit in ("TiB", "GiB", "MiB", "KiB"):
+        if n >= UNITS[unit]:
+            return f"{n / UNITS[unit]:.1f}".removesuffix(".0") + f" {unit}"
+    return f"{n} B"

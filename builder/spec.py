@@ -1,0 +1,351 @@
+"""The hardware-class spec: a frozen, strictly validated model (pydantic v2).
+
+Keys are camelCase in YAML (Kubernetes style); unknown keys are errors.
+Values that end up in a Containerfile or a shell line are validated here, so
+no spec can inject an instruction (see `builder.safe`).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic.alias_generators import to_camel
+
+from builder import safe
+
+API_VERSION = "kiln.dev/v1alpha1"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        alias_generator=to_camel,
+        populate_by_name=False,
+        strict=False,
+        use_enum_values=False,
+    )
+
+
+PackageName = Annotated[str, AfterValidator(safe.package_name)]
+KernelArg = Annotated[str, AfterValidator(safe.kernel_arg)]
+RelPath = Annotated[str, AfterValidator(safe.relative_path)]
+AbsPath = Annotated[str, AfterValidator(safe.absolute_path)]
+Version = Annotated[str, AfterValidator(safe.version)]
+Url = Annotated[str, AfterValidator(safe.url)]
+Name = Annotated[str, AfterValidator(safe.name)]
+LabelKey = Annotated[str, AfterValidator(safe.label_key)]
+LabelValue = Annotated[str, AfterValidator(safe.label_value)]
+Bytes = Annotated[
+    int,
+    BeforeValidator(safe.byte_size),
+    WithJsonSchema({
+        "anyOf": [
+            {"type": "integer", "minimum": 0},
+            {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?\s*([KMGT]i?B|B)?$"},
+        ],
+        "description": "a size in bytes, or with a unit: 512MiB, 2GiB, 1.5GB",
+    }),
+]
+Digest = Annotated[str, AfterValidator(safe.digest)]
+ImageRef = Annotated[str, AfterValidator(safe.image_ref)]
+Snapshot = Annotated[str, AfterValidator(safe.snapshot)]
+
+
+class Architecture(enum.StrEnum):
+    x86_64 = "x86_64"
+    aarch64 = "aarch64"
+
+    @property
+    def oci_platform(self) -> str:
+        return {"x86_64": "linux/amd64", "aarch64": "linux/arm64"}[self.value]
+
+    @property
+    def debian_arch(self) -> str:
+        return {"x86_64": "amd64", "aarch64": "arm64"}[self.value]
+
+    @property
+    def qemu_binary(self) -> str:
+        return f"qemu-system-{self.value}"
+
+    @property
+    def efi_boot_file(self) -> str:
+        return {"x86_64": "BOOTX64.EFI", "aarch64": "BOOTAA64.EFI"}[self.value]
+
+
+class Family(enum.StrEnum):
+    """Base OS family: decides the package manager and the template."""
+
+    debian = "debian"
+    l4t = "l4t"
+    fedora_bootc = "fedora-bootc"
+    centos_bootc = "centos-bootc"
+
+    @property
+    def package_manager(self) -> str:
+        return "apt" if self in (Family.debian, Family.l4t) else "dnf"
+
+    @property
+    def template(self) -> str:
+        return f"{self.package_manager}.Containerfile.j2"
+
+    @property
+    def has_bootc(self) -> bool:
+        return self.package_manager == "dnf"
+
+
+class BaseSource(enum.StrEnum):
+    bootstrap = "bootstrap"  # mmdebstrap, built locally by `kiln base`
+    registry = "registry"  # FROM an image in an OCI registry
+
+
+class Base(Strict):
+    family: Family
+    source: BaseSource
+    release: Name | None = None
+    mirror: Url | None = None
+    components: tuple[Name, ...] = ("main",)
+    snapshot: Snapshot | None = None
+    image: ImageRef | None = None
+    digest: Digest | None = None
+
+    @property
+    def pinned(self) -> bool:
+        if self.source is BaseSource.registry:
+            return self.digest is not None
+        return self.snapshot is not None
+
+
+class Repository(Strict):
+    name: Name
+    url: Url
+    suite: Name | None = None
+    components: tuple[Name, ...] = ()
+    key: Url
+
+
+class Kernel(Strict):
+    package: PackageName | None = None
+    args: tuple[KernelArg, ...] = ()
+
+
+class AcceleratorKind(enum.StrEnum):
+    none = "none"
+    nvidia_dgpu = "nvidia-dgpu"
+    nvidia_jetson = "nvidia-jetson"
+    intel_igpu = "intel-igpu"
+    intel_npu = "intel-npu"
+
+    @property
+    def is_nvidia(self) -> bool:
+        return self in (AcceleratorKind.nvidia_dgpu, AcceleratorKind.nvidia_jetson)
+
+
+class ModuleBuild(enum.StrEnum):
+    image = "image"  # built at image build time for the image's exact kernel
+    prebuilt = "prebuilt"  # shipped by the vendor for the exact kernel (L4T)
+    none = "none"
+
+
+class Driver(Strict):
+    name: Name
+    branch: Version | None = None
+    version: Version
+    packages: tuple[PackageName, ...] = ()
+    kernel_modules: ModuleBuild = ModuleBuild.none
+    modules: tuple[Name, ...] = ()
+
+
+class CdiMode(enum.StrEnum):
+    boot = "boot"  # nvidia-ctk cdi generate at boot, never baked
+    csv = "csv"  # Jetson CSV mode
+    none = "none"
+
+
+class Toolkit(Strict):
+    name: Name
+    version: Version
+    cdi: CdiMode = CdiMode.boot
+
+
+class SharingStrategy(enum.StrEnum):
+    none = "none"
+    time_slicing = "time-slicing"
+    mps = "mps"
+
+
+class Sharing(Strict):
+    strategy: SharingStrategy = SharingStrategy.none
+    replicas: int = Field(default=1, ge=1, le=64)
+
+
+class Accelerator(Strict):
+    kind: AcceleratorKind = AcceleratorKind.none
+    driver: Driver | None = None
+    toolkit: Toolkit | None = None
+    sharing: Sharing = Sharing()
+
+
+class RuntimeName(enum.StrEnum):
+    onnxruntime = "onnxruntime"
+    onnxruntime_gpu = "onnxruntime-gpu"
+    onnxruntime_openvino = "onnxruntime-openvino"
+
+    @property
+    def execution_providers(self) -> tuple[str, ...]:
+        return {
+            "onnxruntime": ("CPUExecutionProvider",),
+            "onnxruntime-gpu": (
+                "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider",
+            ),
+            "onnxruntime-openvino": ("OpenVINOExecutionProvider", "CPUExecutionProvider"),
+        }[self.value]
+
+
+class Runtime(Strict):
+    name: RuntimeName
+    version: Version
+    index: Url | None = None
+    execution_providers: tuple[Name, ...]
+    device: Name | None = None  # OpenVINO device (CPU, GPU, NPU) when the EP takes one
+
+
+class Precision(enum.StrEnum):
+    auto = "auto"
+    fp32 = "fp32"
+    fp16 = "fp16"
+    int8 = "int8"
+
+
+class Candidate(enum.StrEnum):
+    int8_static = "int8-static"
+    int8_dynamic = "int8-dynamic"
+    fp16 = "fp16"
+
+
+class Optimization(Strict):
+    graph_level: Literal["none", "basic", "extended", "all"] = "extended"
+    candidates: tuple[Candidate, ...] = (Candidate.int8_static,)
+    per_channel: bool = True
+    calibration: RelPath | None = None
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+
+
+class Validation(Strict):
+    dataset: RelPath
+    metric: Literal["accuracy"] = "accuracy"
+    golden_count: int = Field(default=32, ge=1, le=1024)
+    golden_tolerance: float = Field(default=1e-3, gt=0)
+
+
+class Gates(Strict):
+    min_accuracy: float | None = Field(default=None, ge=0, le=1)
+    max_accuracy_drop: float = Field(default=0.01, ge=0, le=1)
+    min_agreement: float | None = Field(default=None, ge=0, le=1)
+    max_size: Bytes | None = None
+    max_p95_latency_ms: float | None = Field(default=None, gt=0)
+    min_int8_speedup: float = Field(default=1.0, gt=0)
+
+
+class Model(Strict):
+    name: Name
+    version: Version
+    source: RelPath
+    task: Literal["classification"] = "classification"
+    precision: Precision = Precision.auto
+    optimization: Optimization = Optimization()
+    validation: Validation
+    gates: Gates = Gates()
+
+
+class Envelope(Strict):
+    ram: Bytes
+    storage: Bytes
+    p95_latency_ms: float = Field(gt=0)
+
+
+class RootFilesystem(enum.StrEnum):
+    erofs = "erofs"
+    squashfs = "squashfs"
+    ext4 = "ext4"
+
+
+class Disk(Strict):
+    esp: Bytes = 256 * 1024**2
+    root: Bytes
+    data: Bytes
+    filesystem: RootFilesystem = RootFilesystem.erofs
+    compression: Literal["none", "lz4", "lz4hc", "zstd"] = "lz4"
+
+
+class HealthCheck(enum.StrEnum):
+    inference_golden = "inference-golden"
+    inference_service = "inference-service"
+    agent = "agent"
+    gpu_visible = "gpu-visible"
+    npu_visible = "npu-visible"
+    network = "network"
+
+
+class Stage(Strict):
+    percent: int = Field(ge=1, le=100)
+    soak_hours: int = Field(default=0, ge=0)
+
+
+class Rollout(Strict):
+    channel: Name = "stable"
+    boot_tries: int = Field(default=3, ge=1, le=10)
+    health_checks: tuple[HealthCheck, ...]
+    health_timeout_sec: int = Field(default=300, ge=10, le=3600)
+    min_version: Version | None = None
+    stages: tuple[Stage, ...] = (Stage(percent=100),)
+    auto_promote: bool = False
+
+
+class BootControl(enum.StrEnum):
+    systemd_boot = "systemd-boot"
+    nvbootctrl = "nvbootctrl"
+
+
+class Access(Strict):
+    ssh: bool = False
+
+
+class Spec(Strict):
+    development: bool = False
+    architecture: Architecture
+    firmware: Literal["uefi"] = "uefi"
+    boot_control: BootControl = BootControl.systemd_boot
+    compatible: Annotated[str, AfterValidator(safe.compatible)]
+    base: Base
+    repositories: tuple[Repository, ...] = ()
+    kernel: Kernel = Kernel()
+    packages: tuple[PackageName, ...] = ()
+    accelerator: Accelerator = Accelerator()
+    runtime: Runtime
+    models: tuple[Model, ...] = Field(min_length=1)
+    envelope: Envelope
+    disk: Disk
+    rollout: Rollout
+    access: Access = Access()
+
+
+class Metadata(Strict):
+    name: Name
+    vendor: Name
+    description: Annotated[str, AfterValidator(safe.label_value)] = ""
+    extends: Annotated[str, AfterValidator(safe.defaults_name)] | None = None
+    labels: dict[LabelKey, LabelValue] = {}
+
+
+class HardwareClass(Strict):
+    api_version: Literal["kiln.dev/v1alpha1"]
+    kind: Literal["HardwareClass"]
+    metadata: Metadata
+    spec: Spec
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name

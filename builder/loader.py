@@ -218,7 +218,8 @@ def validate_document(doc: Document, source: str, path: Path | None = None) -> H
     try:
         hc = HardwareClass.model_validate(doc.data)
     except ValidationError as exc:
-        problems = [format_error(err, doc.lines, source) for err in exc.errors()]
+        errors = _drop_consequential(exc.errors())
+        problems = [format_error(err, doc.lines, source) for err in errors]
         raise SpecError(source, problems) from None
     except (RecursionError, ValueError, TypeError) as exc:  # defensive: never a traceback
         raise SpecError(source, [f"{source}: cannot validate: {exc}"]) from None
@@ -226,6 +227,12 @@ def validate_document(doc: Document, source: str, path: Path | None = None) -> H
     if problems:
         raise SpecError(source, problems)
     return hc
+
+
+def _drop_consequential(errors: list[Any]) -> list[Any]:
+    """Drop "too short" on a list whose items already failed: one cause, one message."""
+    nested = {tuple(e["loc"][:n]) for e in errors for n in range(len(e["loc"]))}
+    return [e for e in errors if not (e["type"] == "too_short" and tuple(e["loc"]) in nested)]
 
 
 def where(lines: dict[Loc, str], loc: Loc, source: str) -> str:

@@ -1,0 +1,461 @@
+"""The offline base image: a Debian rootfs from mmdebstrap, loaded into container storage.
+
+No registry is reachable on the embedded build machine, so `FROM debian` cannot
+be pulled. `make_base()` bootstraps a minimal bootable Debian with mmdebstrap
+(the Debian mirror is reachable) and loads it as `localhost/kiln/base/debian:<release>`.
+
+Reproducible: with SOURCE_DATE_EPOCH fixed, the same inputs and mirror content
+give a byte-identical tarball; the image config is written here (not by
+`podman import`, which stamps the current time), so the image id is the same
+on every machine that builds the same tarball.
+
+Cached: `<state>/base/debian-<release>-<arch>/stamp.json` records the inputs; a
+second call with the same inputs is a no-op. The stamp is removed before any
+work starts and written only after each step succeeded, so a failure leaves
+nothing a later call would trust.
+
+What goes in the base: what every Debian class needs to boot and be updated
+(kernel + modules, systemd as init, udev, dbus, kmod, initramfs-tools, zstd,
+e2fsprogs, systemd-boot with bless-boot). Not in the base: the initramfs
+(every class regenerates it with Kiln's overlay hook; see INITRD=No below),
+networking, ssh, python, ca-certificates, firmware: the class Containerfile
+installs those.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import json
+import os
+import platform
+import shlex
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from builder.engine import Engine, PodmanEngine
+from builder.errors import BuildError, CommandFailed, KilnError, ToolMissing
+from builder.run import VERBOSE, run, run_streaming
+from builder.state import StateDir, make_state_dir
+
+RECIPE_VERSION = 1  # bump when hooks or the image config change meaningfully
+DEFAULT_RELEASE = "bookworm"
+DEFAULT_EPOCH = 1735689600  # 2025-01-01T00:00:00Z
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+DEFAULT_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
+BASE_REPO = "localhost/kiln/base/debian"
+
+# Debian architecture and kernel flavour per Kiln architecture.
+DEBIAN_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
+
+BASE_PACKAGES = (
+    "systemd",
+    "systemd-sysv",  # /sbin/init
+    "udev",
+    "dbus",  # systemctl, logind, hostnamectl
+    "kmod",
+    "initramfs-tools",
+    "zstd",  # initramfs compression (initramfs-tools only recommends it)
+    "e2fsprogs",  # fsck and tune2fs for the ext4 data partition
+    "systemd-boot",  # bootctl + systemd-bless-boot (boot assessment)
+)
+
+# Kept in the image as /etc/dpkg/dpkg.cfg.d/99mmdebstrap, so packages the class
+# Containerfile installs later are trimmed the same way.
+DPKG_EXCLUDES = (
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/info/*",
+    "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright",  # licences stay: they feed the SBOM
+    "path-exclude=/usr/share/locale/*",
+    "path-include=/usr/share/locale/locale.alias",
+    "path-exclude=/usr/share/lintian/*",
+    "path-exclude=/usr/share/linda/*",
+    "path-exclude=/usr/share/bug/*",
+)
+
+CUSTOMIZE_HOOKS = (
+    # mmdebstrap copies these from the host; they would differ between machines.
+    'rm -f "$1/etc/resolv.conf" "$1/etc/hostname"',
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BaseRecipe:
+    """Every input that decides the base tarball (the cache key)."""
+
+    release: str
+    arch: str
+    mirror: str
+    security_mirror: str
+    packages: tuple[str, ...]
+    epoch: int
+
+    @property
+    def debian_arch(self) -> str:
+        return DEBIAN_ARCH[self.arch]
+
+    @property
+    def all_packages(self) -> tuple[str, ...]:
+        return (*self.packages, f"linux-image-{self.debian_arch}")
+
+    @property
+    def ref(self) -> str:
+        return base_ref(self.release, self.arch)
+
+    @property
+    def name(self) -> str:
+        return f"debian-{self.release}-{self.arch}"
+
+    def sources(self) -> list[str]:
+        lines = [
+            f"deb {self.mirror} {self.release} main",
+            f"deb {self.mirror} {self.release}-updates main",
+        ]
+        if self.security_mirror:
+            lines.append(f"deb {self.security_mirror} {self.release}-security main")
+        return lines
+
+    def inputs(self) -> dict[str, Any]:
+        return {
+            "recipe": RECIPE_VERSION,
+            "release": self.release,
+            "arch": self.arch,
+            "sources": self.sources(),
+            "packages": sorted(self.all_packages),
+            "dpkg": list(DPKG_EXCLUDES),
+            "hooks": list(CUSTOMIZE_HOOKS),
+            "epoch": self.epoch,
+        }
+
+
+@dataclass(frozen=True)
+class BaseImage:
+    ref: str
+    image_id: str
+    tarball: Path
+    tarball_sha256: str
+    kernel: str
+    packages: Path  # "name<TAB>version" per line, from dpkg-query
+    built: bool  # False when the cache answered
+
+
+@dataclass(frozen=True)
+class BasePaths:
+    root: Path
+
+    @property
+    def tarball(self) -> Path:
+        return self.root / "rootfs.tar"
+
+    @property
+    def packages(self) -> Path:
+        return self.root / "packages.txt"
+
+    @property
+    def stamp(self) -> Path:
+        return self.root / "stamp.json"
+
+    @property
+    def archive(self) -> Path:
+        return self.root / "image.tar.tmp"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "lock"
+
+
+def base_ref(release: str = DEFAULT_RELEASE, arch: str = "x86_64") -> str:
+    """`localhost/kiln/base/debian:bookworm` (x86_64) or `...:bookworm-aarch64`."""
+    return f"{BASE_REPO}:{release}" if arch == "x86_64" else f"{BASE_REPO}:{release}-{arch}"
+
+
+def make_base(
+    release: str = DEFAULT_RELEASE,
+    arch: str = "x86_64",
+    *,
+    state: StateDir | None = None,
+    engine: Engine | None = None,
+    mirror: str = DEFAULT_MIRROR,
+    security_mirror: str = DEFAULT_SECURITY_MIRROR,
+    packages: tuple[str, ...] = BASE_PACKAGES,
+    epoch: int = DEFAULT_EPOCH,
+    force: bool = False,
+) -> BaseImage:
+    """Bootstrap (or reuse) the offline base and make sure the engine has it."""
+    if arch not in DEBIAN_ARCH:
+        raise BuildError(f"no Debian base for architecture {arch!r}; known: {', '.join(DEBIAN_ARCH)}")
+    state = state or make_state_dir()
+    engine = engine or PodmanEngine(state)
+    recipe = BaseRecipe(
+        release=release, arch=arch, mirror=mirror, security_mirror=security_mirror,
+        packages=tuple(packages), epoch=epoch,
+    )  # fmt: skip
+    paths = BasePaths(state.base_dir / recipe.name)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    try:
+        with _locked(paths.lock):
+            return _make_base_locked(recipe, paths, state, engine, force)
+    except KilnError as exc:
+        raise exc.with_context(f"making base {recipe.ref}")
+
+
+def _make_base_locked(
+    recipe: BaseRecipe, paths: BasePaths, state: StateDir, engine: Engine, force: bool
+) -> BaseImage:
+    tool_version = finalize_mmdebstrap_version()
+    stamp = read_stamp(paths.stamp)
+    want = {"inputs": recipe.inputs(), "mmdebstrap": tool_version}
+    fresh = not force and stamp is not None and _stamp_matches(stamp, want, tool_version)
+    if fresh and stamp is not None and stamp.get("image_id") and _engine_has(engine, recipe.ref, stamp):
+        _say(f"base {recipe.ref} is up to date ({stamp['image_id'][:19]})")
+        return _base_image(recipe, paths, stamp, built=False)
+    engine.version()
+    if not (fresh and stamp is not None and _tarball_intact(paths, stamp)):
+        if tool_version is None:
+            raise ToolMissing(
+                "mmdebstrap not found; install it with: apt-get install mmdebstrap"
+            )
+        stamp = build_base_tarball(recipe, paths, state, tool_version)
+    assert stamp is not None
+    stamp = import_base(recipe, paths, engine, stamp)
+    return _base_image(recipe, paths, stamp, built=True)
+
+
+def build_base_tarball(
+    recipe: BaseRecipe, paths: BasePaths, state: StateDir, tool_version: str
+) -> dict[str, Any]:
+    """Run mmdebstrap into a temporary file; rename and stamp it only when all went well."""
+    paths.stamp.unlink(missing_ok=True)
+    tmp_tar = paths.tarball.with_name("rootfs.tar.tmp")
+    tmp_pkgs = paths.packages.with_name("packages.txt.tmp")
+    try:
+        with _step(f"mmdebstrap {recipe.release}/{recipe.debian_arch} ({len(recipe.all_packages)} packages + deps)"):
+            run_streaming(mmdebstrap_argv(recipe, tmp_tar, tmp_pkgs), env=mmdebstrap_env(recipe, state))
+        with _step("checking the tarball"):
+            sha = sha256_file(tmp_tar)
+            kernel = find_kernel_version(tmp_tar)
+        tmp_pkgs.replace(paths.packages)
+        tmp_tar.replace(paths.tarball)
+    except CommandFailed as exc:
+        raise BuildError(f"mmdebstrap failed: {exc}") from exc
+    finally:
+        tmp_tar.unlink(missing_ok=True)
+        tmp_pkgs.unlink(missing_ok=True)
+    stamp = {
+        "inputs": recipe.inputs(),
+        "mmdebstrap": tool_version,
+        "tarball_sha256": sha,
+        "tarball_size": paths.tarball.stat().st_size,
+        "kernel": kernel,
+    }
+    write_stamp(paths.stamp, stamp)
+    _say(f"rootfs.tar: {stamp['tarball_size'] / 1e6:.0f} MB, sha256 {sha[:16]}..., kernel {kernel}")
+    return stamp
+
+
+def mmdebstrap_argv(recipe: BaseRecipe, out: Path, packages_out: Path) -> list[str]:
+    list_packages = (
+        "chroot \"$1\" dpkg-query -W -f='${Package}\\t${Version}\\n' > "
+        + shlex.quote(str(packages_out))
+    )
+    return [
+        "mmdebstrap",
+        "--variant=apt",
+        f"--architectures={recipe.debian_arch}",
+        "--format=tar",
+        "--mode=root",
+        f"--include={','.join(recipe.all_packages)}",
+        *(f"--dpkgopt={opt}" for opt in DPKG_EXCLUDES),
+        *(f"--customize-hook={hook}" for hook in CUSTOMIZE_HOOKS),
+        f"--customize-hook={list_packages}",
+        recipe.release,
+        str(out),
+        *recipe.sources(),
+    ]
+
+
+def mmdebstrap_env(recipe: BaseRecipe, state: StateDir) -> dict[str, str]:
+    return {
+        "SOURCE_DATE_EPOCH": str(recipe.epoch),
+        "TMPDIR": str(state.tmp_dir),  # the unpacked rootfs lives here while it is built
+        "INITRD": "No",  # no initramfs in the base: every class builds its own
+        "LC_ALL": "C.UTF-8",
+    }
+
+
+def import_base(
+    recipe: BaseRecipe, paths: BasePaths, engine: Engine, stamp: dict[str, Any]
+) -> dict[str, Any]:
+    """Wrap the tarball as a one-layer image with a config written here, and load it."""
+    config = finalize_image_config(recipe, stamp)
+    config_bytes = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
+    image_id = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
+    try:
+        with _step(f"loading {recipe.ref} into {engine.name}"):
+            write_docker_archive(paths.archive, recipe.ref, config_bytes, paths.tarball, recipe.epoch)
+            engine.load(paths.archive)
+    finally:
+        paths.archive.unlink(missing_ok=True)
+    loaded = engine.inspect(recipe.ref)["id"]
+    if loaded != image_id:
+        raise BuildError(f"{engine.name} loaded {recipe.ref} as {loaded}, expected {image_id}")
+    stamp = {**stamp, "image_id": image_id, "ref": recipe.ref}
+    write_stamp(paths.stamp, stamp)
+    _say(f"base {recipe.ref} is {image_id[:19]}")
+    return stamp
+
+
+def finalize_image_config(recipe: BaseRecipe, stamp: dict[str, Any]) -> dict[str, Any]:
+    created = datetime.fromtimestamp(recipe.epoch, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    labels = {
+        "org.opencontainers.image.title": f"Kiln offline base: Debian {recipe.release}",
+        "org.opencontainers.image.created": created,
+        "dev.kiln.base.release": recipe.release,
+        "dev.kiln.base.arch": recipe.arch,
+        "dev.kiln.base.kernel": stamp["kernel"],
+    }
+    return {
+        "architecture": recipe.debian_arch,
+        "os": "linux",
+        "created": created,
+        "config": {
+            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "Cmd": ["/bin/bash"],
+            "Labels": labels,
+        },
+        "rootfs": {"type": "layers", "diff_ids": [f"sha256:{stamp['tarball_sha256']}"]},
+        "history": [
+            {
+                "created": created,
+                "created_by": f"kiln base: mmdebstrap --variant=apt {recipe.release} "
+                f"+ {' '.join(recipe.all_packages)}",
+            }
+        ],
+    }
+
+
+def write_docker_archive(out: Path, ref: str, config: bytes, layer: Path, epoch: int) -> None:
+    """A `docker save`-format tar that both `podman load` and the Docker API load."""
+    config_name = hashlib.sha256(config).hexdigest() + ".json"
+    layer_name = f"{hashlib.sha256(config).hexdigest()[:16]}/layer.tar"
+    manifest = json.dumps([{"Config": config_name, "RepoTags": [ref], "Layers": [layer_name]}])
+    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in ((config_name, config), ("manifest.json", manifest.encode())):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), epoch, 0o644
+            tar.addfile(info, io.BytesIO(data))
+        info = tar.gettarinfo(str(layer), arcname=layer_name)
+        info.mtime, info.uid, info.gid, info.uname, info.gname = epoch, 0, 0, "", ""
+        with layer.open("rb") as f:
+            tar.addfile(info, f)
+
+
+def find_kernel_version(tarball: Path) -> str:
+    """The one kernel under /usr/lib/modules in the rootfs tarball."""
+    versions = set()
+    with tarfile.open(tarball, "r:") as tar:
+        for member in tar:
+            parts = member.name.lstrip("./").split("/")
+            if parts[:3] == ["usr", "lib", "modules"] and len(parts) >= 4 and parts[3]:
+                versions.add(parts[3])
+    if len(versions) != 1:
+        raise BuildError(f"expected one kernel in the base, found {sorted(versions) or 'none'}")
+    return versions.pop()
+
+
+def finalize_mmdebstrap_version() -> str | None:
+    """`1.3.5`, or None when mmdebstrap is not installed."""
+    try:
+        out = run(["mmdebstrap", "--version"], capture=True, quiet=True).stdout.decode()
+    except ToolMissing:
+        return None
+    return out.split()[-1]
+
+
+def read_stamp(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_stamp(path: Path, stamp: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _stamp_matches(stamp: dict[str, Any], want: dict[str, Any], tool_version: str | None) -> bool:
+    """Same inputs and tool version; without mmdebstrap, an existing base is still usable."""
+    if stamp.get("inputs") != want["inputs"]:
+        return False
+    return tool_version is None or stamp.get("mmdebstrap") == tool_version
+
+
+def _engine_has(engine: Engine, ref: str, stamp: dict[str, Any]) -> bool:
+    return engine.exists(ref) and engine.inspect(ref)["id"] == stamp["image_id"]
+
+
+def _tarball_intact(paths: BasePaths, stamp: dict[str, Any]) -> bool:
+    if not paths.tarball.exists() or not paths.packages.exists():
+        return False
+    with _step("verifying the cached rootfs.tar"):
+        return sha256_file(paths.tarball) == stamp.get("tarball_sha256")
+
+
+def _base_image(recipe: BaseRecipe, paths: BasePaths, stamp: dict[str, Any], built: bool) -> BaseImage:
+    return BaseImage(
+        ref=recipe.ref,
+        image_id=stamp["image_id"],
+        tarball=paths.tarball,
+        tarball_sha256=stamp["tarball_sha256"],
+        kernel=stamp["kernel"],
+        packages=paths.packages,
+        built=built,
+    )
+
+
+def _say(message: str) -> None:
+    if VERBOSE:
+        print(message, file=sys.stderr, flush=True)
+
+
+@contextmanager
+def _step(title: str) -> Iterator[None]:
+    _say(f"==> {title}")
+    start = time.monotonic()
+    yield
+    _say(f"    done in {time.monotonic() - start:.1f} s")
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def want_foreign_arch(arch: str) -> bool:
+    """True when building `arch` needs qemu-user emulation on this machine."""
+    return platform.machine() != arch and os.uname().machine != arch

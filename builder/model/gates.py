@@ -1,0 +1,130 @@
+"""Gate logic, pure: measured figures + Gates -> per-gate results -> the choice.
+
+No onnxruntime here; the unit tests drive it with tables of figures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from builder.model.policy import Gates
+
+
+@dataclass(frozen=True)
+class GateResult:
+    gate: str
+    passed: bool
+    value: float | None
+    limit: float | None
+
+    def to_dict(self) -> dict[str, object]:
+        return {"gate": self.gate, "passed": self.passed, "value": self.value, "limit": self.limit}
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """What validation measured for one candidate."""
+
+    accuracy: float
+    agreement: float
+    size_bytes: int
+    p95_ms: float
+
+
+class Verdict(Protocol):
+    """What the choice needs from a candidate (report.CandidateResult has it)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def size_bytes(self) -> int | None: ...
+    @property
+    def p95_ms(self) -> float | None: ...
+    @property
+    def gates(self) -> tuple[GateResult, ...]: ...
+    @property
+    def passed(self) -> bool: ...
+    @property
+    def error(self) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class Decision:
+    chosen: str | None
+    reasons: tuple[str, ...]
+
+
+def _floor(gate: str, value: float, limit: float | None) -> list[GateResult]:
+    return [] if limit is None else [GateResult(gate, value >= limit, value, limit)]
+
+
+def _ceiling(gate: str, value: float, limit: float | None) -> list[GateResult]:
+    return [] if limit is None else [GateResult(gate, value <= limit, value, limit)]
+
+
+def speedup(baseline_p95_ms: float, p95_ms: float) -> float:
+    """p95(fp32) / p95(candidate); > 1 means the candidate is faster."""
+    return baseline_p95_ms / p95_ms if p95_ms > 0 else float("inf")
+
+
+def evaluate(precision: str, m: Metrics, baseline: Metrics, gates: Gates) -> tuple[GateResult, ...]:
+    """Every configured gate for one candidate; FP32 is its own baseline."""
+    drop = round(baseline.accuracy - m.accuracy, 12)
+    results = [
+        *_floor("min_accuracy", m.accuracy, gates.min_accuracy),
+        *_ceiling("max_accuracy_drop", drop, gates.max_accuracy_drop),
+        *_floor("min_agreement", m.agreement, gates.min_agreement),
+        *_ceiling("max_size_bytes", m.size_bytes, gates.max_size_bytes),
+        *_ceiling("max_p95_latency_ms", m.p95_ms, gates.max_p95_latency_ms),
+    ]
+    if precision == "int8":
+        results += _floor("min_int8_speedup", speedup(baseline.p95_ms, m.p95_ms), gates.min_int8_speedup)
+    return tuple(results)
+
+
+_WORDING = {
+    "min_accuracy": ("accuracy {v:.4f} < {l:.4f}", "accuracy"),
+    "max_accuracy_drop": ("accuracy drop {v:.4f} > {l:.4f}", "drop"),
+    "min_agreement": ("agreement with FP32 {v:.4f} < {l:.4f}", "agreement"),
+    "max_size_bytes": ("size {v:,.0f} B > {l:,.0f} B", "size"),
+    "max_p95_latency_ms": ("p95 latency {v:.3f} ms > {l:.3f} ms", "latency"),
+    "min_int8_speedup": ("speed-up over FP32 {v:.2f}x < {l:.2f}x", "speed-up"),
+}
+
+
+def describe(result: GateResult) -> str:
+    """A failed gate in words, e.g. "accuracy drop 0.2306 > 0.0100 (max_accuracy_drop)"."""
+    template = _WORDING.get(result.gate, ("{v} vs {l}", ""))[0]
+    if result.value is None or result.limit is None:
+        return result.gate
+    return f"{template.format(v=result.value, l=result.limit)} ({result.gate})"
+
+
+def failures(c: Verdict) -> str:
+    if c.error:
+        return c.error
+    return "; ".join(describe(g) for g in c.gates if not g.passed)
+
+
+def decide(candidates: Sequence[Verdict], pinned: str | None = None) -> Decision:
+    """Pick the smallest candidate passing every gate (or the pinned one)."""
+    refused = tuple(f"{c.name} refused: {failures(c)}" for c in candidates if not c.passed)
+    if pinned is not None:
+        return _decide_pinned(candidates, pinned, refused)
+    passing = [c for c in candidates if c.passed]
+    if not passing:
+        return Decision(None, (*refused, "no candidate passed every gate"))
+    best = min(passing, key=lambda c: (c.size_bytes or 0, c.p95_ms or 0.0))
+    why = f"chose {best.name}: smallest candidate passing every gate ({best.size_bytes:,} bytes)"
+    return Decision(best.name, (why, *refused))
+
+
+def _decide_pinned(candidates: Sequence[Verdict], pinned: str, refused: tuple[str, ...]) -> Decision:
+    match = [c for c in candidates if c.name == pinned]
+    if not match:
+        return Decision(None, (f"pinned candidate {pinned} was not built",))
+    if match[0].passed:
+        return Decision(pinned, (f"chose {pinned}: pinned by precision and it passed every gate", *refused))
+    return Decision(None, (f"pinned candidate {pinned} failed: {failures(match[0])}",))

@@ -1,0 +1,227 @@
+"""Build candidate model files with onnxruntime: graph optimization, INT8, FP16.
+
+Guards for onnxruntime 1.32 traps (see models/README or docs):
+1. extra option CalibMaxIntermediateOutputs silently drops calibration
+   batches: it is refused, and the reader must hand over every sample;
+2. per-channel QDQ from an opset < 13 model writes a file that only fails when
+   loaded: the quantization source is upgraded to opset 13 first (and the
+   validator loads every candidate before measuring it);
+3. quantizing a graph-optimized (fused Gemm/FusedMatMul) model fails: INT8 is
+   always quantized from the pre-processed source, never from the optimized
+   FP32 file; per-channel falls back to per-tensor with the reason recorded;
+4. quant_pre_process leaves temp files in the working directory: it (and the
+   quantizers) run with a throwaway working directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import version_converter
+from onnxruntime import quantization as oq
+
+from builder.errors import ModelError
+from builder.model.data import Dataset, Signature, default_opset, load_onnx
+
+MIN_QDQ_OPSET = 13  # per-channel DequantizeLinear (axis) needs opset 13
+CALIBRATION_BATCH = 32
+FORBIDDEN_EXTRA_OPTIONS = {
+    "CalibMaxIntermediateOutputs": "silently drops calibration batches in onnxruntime 1.32",
+}
+FUSED_OPS = {"FusedGemm", "FusedMatMul", "FusedConv", "QLinearMatMul", "QLinearConv"}
+GRAPH_LEVEL = {
+    "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+CALIBRATION = {
+    "minmax": oq.CalibrationMethod.MinMax,
+    "entropy": oq.CalibrationMethod.Entropy,
+    "percentile": oq.CalibrationMethod.Percentile,
+}
+
+
+@contextlib.contextmanager
+def scratch_cwd() -> Iterator[Path]:
+    """Run the body in a fresh temporary working directory, removed afterwards.
+
+    os.chdir is process-wide: fine for the CLI, not for threads.
+    """
+    old = Path.cwd()
+    with tempfile.TemporaryDirectory(prefix="kiln-model-") as tmp:
+        os.chdir(tmp)
+        try:
+            yield Path(tmp)
+        finally:
+            os.chdir(old)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+# -- graph optimization (the FP32 candidate) ----------------------------------
+
+def graph_optimize(src: Path, dst: Path, level: str, provider: str) -> None:
+    """Save the model as onnxruntime optimizes it at `level` ("none": a copy)."""
+    if level == "none":
+        shutil.copyfile(src, dst)
+        return
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = GRAPH_LEVEL[level]
+    opts.optimized_model_filepath = str(dst)
+    opts.log_severity_level = 3
+    try:
+        ort.InferenceSession(str(src), opts, providers=[provider])
+    except Exception as exc:
+        raise ModelError(f"{src}: onnxruntime cannot load the model: {_short(exc)}") from None
+
+
+# -- the quantization source ---------------------------------------------------
+
+def upgrade_opset(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
+    """Return the model at opset >= 13 (trap 2), noting the upgrade."""
+    opset = default_opset(model)
+    if opset >= MIN_QDQ_OPSET:
+        return model
+    try:
+        upgraded = version_converter.convert_version(model, MIN_QDQ_OPSET)
+        onnx.checker.check_model(upgraded)
+    except Exception as exc:
+        raise ModelError(
+            f"opset {opset} model cannot be upgraded to opset {MIN_QDQ_OPSET} for QDQ "
+            f"quantization: {_short(exc)}",
+            hint=f"re-export the model with opset >= {MIN_QDQ_OPSET}",
+        ) from None
+    notes.append(f"opset upgraded {opset} -> {MIN_QDQ_OPSET} before quantization "
+                 "(per-channel QDQ at opset < 13 gives files that fail to load)")
+    return upgraded
+
+
+def quantization_source(model: onnx.ModelProto, work: Path, notes: list[str]) -> Path:
+    """Opset-upgraded, pre-processed (shape inference, basic fusions) FP32 model."""
+    upgraded = work / "upgraded.onnx"
+    onnx.save(upgrade_opset(model, notes), str(upgraded))
+    pre = work / "preprocessed.onnx"
+    try:
+        with scratch_cwd():
+            oq.shape_inference.quant_pre_process(str(upgraded), str(pre), skip_symbolic_shape=True)
+        load_onnx(pre)
+    except Exception as exc:
+        notes.append(f"quantization pre-processing failed ({_short(exc)}); quantizing without it")
+        return upgraded
+    return pre
+
+
+def check_not_fused(path: Path) -> None:
+    """Refuse a graph-optimized source: quantizing fused nodes fails (trap 3)."""
+    fused = sorted({n.op_type for n in load_onnx(path).graph.node} & FUSED_OPS)
+    if fused:
+        raise ModelError(
+            f"{path}: cannot quantize a graph-optimized model (it has {', '.join(fused)} nodes)",
+            hint="quantize from the un-fused model as exported, not an onnxruntime-optimized one",
+        )
+
+
+# -- static INT8 ------------------------------------------------------------------
+
+class CountingReader(oq.CalibrationDataReader):
+    """Feeds calibration samples in batches and counts how many were handed over."""
+
+    def __init__(self, sig: Signature, x: np.ndarray) -> None:
+        self.name = sig.input_name
+        self.fixed = sig.batch is not None
+        self.batch = sig.batch or CALIBRATION_BATCH
+        self.x = x
+        self.consumed = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.consumed >= len(self.x):
+            return None
+        chunk = self.x[self.consumed:self.consumed + self.batch]
+        self.consumed += len(chunk)
+        return {self.name: _pad(chunk, self.batch) if self.fixed else chunk}
+
+
+def _pad(chunk: np.ndarray, size: int) -> np.ndarray:
+    """Fill a short batch for a fixed-batch model by repeating real samples."""
+    if len(chunk) == size:
+        return chunk
+    reps = -(-size // len(chunk))
+    return np.concatenate([chunk] * reps)[:size]
+
+
+def _calibration_options(extra: dict[str, Any] | None) -> dict[str, Any]:
+    options = dict(extra or {})
+    for key, why in FORBIDDEN_EXTRA_OPTIONS.items():
+        if key in options:
+            raise ModelError(f"quantization option {key} is refused: it {why}")
+    return options
+
+
+def quantize_static(src: Path, dst: Path, calib: Dataset, sig: Signature, *, per_channel: bool,
+                    method: str, notes: list[str], extra_options: dict[str, Any] | None = None) -> None:
+    """Static INT8 QDQ with calibration; per-channel falls back to per-tensor."""
+    check_not_fused(src)
+    options = _calibration_options(extra_options)
+    try:
+        _quantize_static_once(src, dst, calib, sig, per_channel, method, options)
+    except ModelError:
+        raise
+    except Exception as exc:
+        if not per_channel:
+            raise ModelError(f"static INT8 quantization failed: {_short(exc)}") from None
+        notes.append(f"per-channel quantization failed ({_short(exc)}); fell back to per-tensor")
+        quantize_static(src, dst, calib, sig, per_channel=False, method=method, notes=notes,
+                        extra_options=options)
+
+
+def _quantize_static_once(src: Path, dst: Path, calib: Dataset, sig: Signature, per_channel: bool,
+                          method: str, options: dict[str, Any]) -> None:
+    reader = CountingReader(sig, calib.x)
+    with scratch_cwd():
+        oq.quantize_static(
+            str(src), str(dst), reader, quant_format=oq.QuantFormat.QDQ, per_channel=per_channel,
+            activation_type=oq.QuantType.QInt8, weight_type=oq.QuantType.QInt8,
+            calibrate_method=CALIBRATION[method], extra_options=options,
+        )
+    if reader.consumed != len(calib.x):
+        raise ModelError(f"calibration used {reader.consumed} of {len(calib.x)} samples")
+
+
+# -- dynamic INT8, FP16 ------------------------------------------------------------
+
+def quantize_dynamic(src: Path, dst: Path, *, per_channel: bool, notes: list[str]) -> None:
+    """Weights-only INT8 (activations quantized at run time)."""
+    check_not_fused(src)
+    try:
+        with scratch_cwd():
+            oq.quantize_dynamic(str(src), str(dst), per_channel=per_channel,
+                                weight_type=oq.QuantType.QInt8)
+    except Exception as exc:
+        if not per_channel:
+            raise ModelError(f"dynamic INT8 quantization failed: {_short(exc)}") from None
+        notes.append(f"per-channel dynamic quantization failed ({_short(exc)}); fell back to per-tensor")
+        quantize_dynamic(src, dst, per_channel=False, notes=notes)
+
+
+def to_fp16(src: Path, dst: Path) -> None:
+    """FP16 weights and compute, FP32 inputs and outputs kept."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16  # noqa: PLC0415
+
+    try:
+        half = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+        onnx.save(half, str(dst))
+    except Exception as exc:
+        raise ModelError(f"FP16 conversion failed: {_short(exc)}") from None

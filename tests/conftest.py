@@ -1,0 +1,39 @@
+"""Shared test plumbing: tool requirements that skip locally but fail in CI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() == "true"
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--regen-golden", action="store_true",
+                     help="Rewrite golden files (rendered Containerfiles) instead of comparing.")
+
+
+def tool_path(name: str) -> str | None:
+    return shutil.which(name, path=os.environ.get("PATH", "") + os.pathsep + VENV_BIN + ":/usr/sbin:/sbin")
+
+
+def require_tool(name: str) -> str:
+    """The tool's path; skip when it is missing locally, fail when CI=true."""
+    path = tool_path(name)
+    if path is None:
+        message = f"{name} is not installed"
+        if IN_CI:
+            pytest.fail(f"{message} (CI=true: a missing tool is a failure, not a skip)")
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture
+def regen_golden(request: pytest.FixtureRequest) -> bool:
+    return bool(request.config.getoption("--regen-golden"))

@@ -1,0 +1,163 @@
+"""Each image lint on a fake rootfs: a good tree passes, each defect is caught by name."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import lzma
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from builder.errors import GateFailed
+from builder.lint import lint_rootfs, load_lint_module
+
+ROOT = Path(__file__).resolve().parents[2]
+KVER = "6.1.0-28-amd64"
+lint_mod = load_lint_module()
+
+
+def make_rootfs(root: Path, *, accelerator: str = "none", development: bool = False) -> Path:
+    kdir = root / "usr/lib/modules" / KVER
+    kdir.mkdir(parents=True)
+    (kdir / "vmlinuz").write_bytes(b"kernel")
+    (kdir / "initramfs.img").write_bytes(b"initramfs")
+    for d in ("boot", "run", "tmp", "var/lib", "etc/ssh", "usr/lib/bootc/kargs.d", "usr/lib/tmpfiles.d"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    (root / "var/run").symlink_to("/run")
+    (root / "etc/machine-id").write_text("")
+    (root / "usr/lib/bootc/kargs.d/10-kiln.toml").write_text('kargs = ["console=ttyS0,115200n8"]\n')
+    model = root / "usr/share/kiln/models/digits/1.0.0/model.onnx"
+    model.parent.mkdir(parents=True)
+    model.write_bytes(b"onnx-bytes")
+    release = {"class": "fake", "compatible": "kiln,fake", "version": "1.0.0", "accelerator": accelerator,
+               "driverVersion": "535.247.01" if accelerator == "nvidia-dgpu" else None,
+               "development": development,
+               "models": [{"name": "digits", "path": "/usr/share/kiln/models/digits/1.0.0/model.onnx",
+                           "sha256": hashlib.sha256(b"onnx-bytes").hexdigest()}]}
+    (root / "usr/lib/kiln").mkdir(parents=True)
+    (root / "usr/lib/kiln/release.json").write_text(json.dumps(release))
+    return root
+
+
+def add_nvidia(root: Path, kmod_version: str = "535.247.01", lib_version: str = "535.247.01") -> None:
+    mod = root / "usr/lib/modules" / KVER / "updates/dkms/nvidia-current.ko.xz"
+    mod.parent.mkdir(parents=True)
+    mod.write_bytes(lzma.compress(b"\x7fELF...\x00license=NVIDIA\x00version=" + kmod_version.encode() + b"\x00"))
+    lib = root / f"usr/lib/x86_64-linux-gnu/libnvidia-ml.so.{lib_version}"
+    lib.parent.mkdir(parents=True)
+    lib.write_bytes(b"lib")
+
+
+def names(root: Path) -> set[str]:
+    return {f.lint for f in lint_mod.run_lints(root)}
+
+
+def test_good_rootfs_passes(tmp_path: Path) -> None:
+    root = make_rootfs(tmp_path)
+    assert names(root) == set()
+    lint_rootfs(root)
+
+
+def test_good_gpu_rootfs_passes(tmp_path: Path) -> None:
+    root = make_rootfs(tmp_path, accelerator="nvidia-dgpu")
+    add_nvidia(root)
+    assert names(root) == set()
+
+
+Defect = Callable[[Path], None]
+DEFECTS: list[tuple[str, str, Defect]] = [
+    ("kernel", "found 2", lambda r: (r / "usr/lib/modules/6.2.0").mkdir()),
+    ("kernel", "initramfs.img is missing", lambda r: (r / "usr/lib/modules" / KVER / "initramfs.img").unlink()),
+    ("boot-empty", "/boot is not empty: boot/vmlinuz", lambda r: (r / "boot/vmlinuz").write_text("k")),
+    ("run-empty", "/run is not empty: lock.pid", lambda r: (r / "run/lock.pid").write_text("1")),
+    ("tmp-empty", "/tmp is not empty: junk", lambda r: (r / "tmp/junk").write_text("x")),
+    ("var-run", "/var/run is not a symlink", lambda r: ((r / "var/run").unlink(), (r / "var/run").mkdir())),
+    ("var-tmpfiles", "not in tmpfiles.d: /var/lib/myapp", lambda r: (r / "var/lib/myapp").mkdir()),
+    ("release", "release.json is missing", lambda r: (r / "usr/lib/kiln/release.json").unlink()),
+    ("kargs", "'kargs' must be a list of strings",
+     lambda r: (r / "usr/lib/bootc/kargs.d/10-kiln.toml").write_text('kargs = "quiet"\n')),
+    ("kargs", "10-kiln.toml", lambda r: (r / "usr/lib/bootc/kargs.d/10-kiln.toml").write_text("kargs = [\n")),
+    ("models", "does not match its sha256",
+     lambda r: (r / "usr/share/kiln/models/digits/1.0.0/model.onnx").write_bytes(b"tampered")),
+    ("ssh-host-keys", "ssh_host_ed25519_key", lambda r: (r / "etc/ssh/ssh_host_ed25519_key").write_text("k")),
+    ("machine-id", "every device would share it", lambda r: (r / "etc/machine-id").write_text("0123abcd\n")),
+    ("production-access", "root/.ssh/authorized_keys",
+     lambda r: ((r / "root/.ssh").mkdir(parents=True), (r / "root/.ssh/authorized_keys").write_text("k"))),
+]
+
+
+@pytest.mark.parametrize("lint, message, defect", DEFECTS, ids=[f"{d[0]}-{i}" for i, d in enumerate(DEFECTS)])
+def test_defect_is_caught(lint: str, message: str, defect: Defect, tmp_path: Path) -> None:
+    root = make_rootfs(tmp_path)
+    defect(root)
+    findings = [f for f in lint_mod.run_lints(root) if f.lint == lint]
+    assert findings, f"lint {lint} did not fire"
+    assert any(message in f.message for f in findings), findings
+
+
+def test_var_declared_in_tmpfiles_is_fine(tmp_path: Path) -> None:
+    root = make_rootfs(tmp_path)
+    (root / "var/lib/kiln").mkdir()
+    (root / "usr/lib/tmpfiles.d/kiln.conf").write_text("d /var/lib/kiln 0750 root root -\n")
+    assert "var-tmpfiles" not in names(root)
+
+
+def test_development_image_may_have_authorized_keys(tmp_path: Path) -> None:
+    root = make_rootfs(tmp_path, development=True)
+    (root / "root/.ssh").mkdir(parents=True)
+    (root / "root/.ssh/authorized_keys").write_text("ssh-ed25519 AAAA test")
+    assert "production-access" not in names(root)
+
+
+@pytest.mark.parametrize("kmod, lib, message", [
+    (None, "535.247.01", "no nvidia kernel module for kernel"),
+    ("535.230.02", "535.247.01", "kernel module nvidia-current.ko.xz is version 535.230.02"),
+    ("535.247.01", "550.54.14", "userspace driver is 550.54.14"),
+])
+def test_gpu_contract(kmod: str | None, lib: str, message: str, tmp_path: Path) -> None:
+    root = make_rootfs(tmp_path, accelerator="nvidia-dgpu")
+    if kmod is None:
+        lib_path = root / f"usr/lib/x86_64-linux-gnu/libnvidia-ml.so.{lib}"
+        lib_path.parent.mkdir(parents=True)
+        lib_path.write_bytes(b"lib")
+    else:
+        add_nvidia(root, kmod, lib)
+    found = [f.message for f in lint_mod.run_lints(root) if f.lint == "gpu-driver"]
+    assert any(message in m for m in found), found
+
+
+def test_warnings_do_not_fail_errors_do(tmp_path: Path) -> None:
+    root = make_rootfs(tmp_path)
+    (root / "tmp/junk").write_text("x")
+    lint_rootfs(root)  # warning only
+    (root / "boot/vmlinuz").write_text("k")
+    with pytest.raises(GateFailed, match="boot-empty"):
+        lint_rootfs(root)
+
+
+def test_lint_script_runs_standalone_with_exit_codes(tmp_path: Path) -> None:
+    script = ROOT / "overlays/common/usr/lib/kiln/kiln_lint.py"
+    root = make_rootfs(tmp_path)
+    ok = subprocess.run([sys.executable, "-I", str(script), str(root)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout
+    (root / "boot/vmlinuz").write_text("k")
+    bad = subprocess.run([sys.executable, "-I", str(script), str(root)], capture_output=True, text=True)
+    assert bad.returncode == 1 and "error: boot-empty" in bad.stdout
+    missing = subprocess.run([sys.executable, "-I", str(script), str(tmp_path / "nope")], capture_output=True)
+    assert missing.returncode == 2
+
+
+def test_kiln_lint_cli(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from builder.cli import main
+
+    root = make_rootfs(tmp_path)
+    (root / "etc/machine-id").write_text("abc\n")
+    result = CliRunner().invoke(main, ["lint", str(root)])
+    assert result.exit_code == 5
+    assert "machine-id" in result.output

@@ -1,0 +1,119 @@
+"""Rendering: golden Containerfiles, determinism, hadolint, layer order."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from builder.loader import load_class
+from builder.render import finalize_plan, make_context, render_containerfile
+from tests.conftest import require_tool
+
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = ROOT / "tests/golden"
+CLASSES = ["factory-gateway-gpu", "intel-lowpower-detector", "jetson-vision-standard",
+           "medical-cart-cpu", "qemu-x86_64"]
+
+
+def plan(name: str, version: str = "1.2.3"):  # type: ignore[no-untyped-def]
+    return finalize_plan(load_class(name, ROOT / "images"), source=f"images/{name}.yaml",
+                         version=version, revision="0123abc")
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_golden_containerfile(name: str, regen_golden: bool) -> None:
+    text = render_containerfile(plan(name))
+    golden = GOLDEN / f"{name}.Containerfile"
+    if regen_golden:
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(text)
+    assert golden.exists(), "run pytest --regen-golden to create it"
+    assert text == golden.read_text(), f"{golden} is stale: review the diff, then pytest --regen-golden"
+
+
+def _tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        h.update(f"{p.relative_to(root)} {st.st_mode:o} {int(st.st_mtime)}\n".encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("name", ["qemu-x86_64", "factory-gateway-gpu"])
+def test_context_is_deterministic(name: str, tmp_path: Path) -> None:
+    a = make_context(plan(name), tmp_path / "a")
+    b = make_context(plan(name), tmp_path / "b")
+    assert _tree_digest(a) == _tree_digest(b)
+    assert (a / "Containerfile").read_text() == render_containerfile(plan(name))
+    assert (a / "models/digits/1.0.0/model.onnx").read_bytes() == (ROOT / "models/digits/digits.onnx").read_bytes()
+
+
+def test_context_replaces_stale_output(tmp_path: Path) -> None:
+    out = tmp_path / "ctx"
+    out.mkdir()
+    (out / "leftover").write_text("old")
+    make_context(plan("qemu-x86_64"), out)
+    assert not (out / "leftover").exists()
+    assert not (tmp_path / "ctx.tmp").exists()
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_hadolint_passes(name: str, tmp_path: Path) -> None:
+    hadolint = require_tool("hadolint")
+    ctx = make_context(plan(name), tmp_path / "ctx")
+    proc = subprocess.run([hadolint, "--config", str(ROOT / ".hadolint.yaml"), str(ctx / "Containerfile")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_layer_order_slow_first_model_and_release_last(name: str) -> None:
+    lines = render_containerfile(plan(name)).splitlines()
+    instr = [ln.split()[0] for ln in lines if ln and not ln.startswith((" ", "#"))]
+    assert instr[0] == "FROM"
+    text = "\n".join(lines)
+    order = ["install", "COPY runtime/", "COPY overlays/", "COPY models/", "ARG VERSION",
+             "COPY release.json", "LABEL containers.bootc"]
+    positions = [text.index(marker) for marker in order]
+    assert positions == sorted(positions)
+    assert lines[-1].startswith("RUN ") and "kiln_lint.py" in lines[-1]
+    if plan(name).hc.spec.base.family.has_bootc:
+        assert "bootc container lint" in lines[-1]
+
+
+def test_registry_base_is_pinned_by_digest() -> None:
+    text = render_containerfile(plan("medical-cart-cpu"))
+    assert "FROM quay.io/centos-bootc/centos-bootc:stream9@sha256:3a75c664" in text
+
+
+def test_version_only_changes_the_release_lines() -> None:
+    a = render_containerfile(plan("qemu-x86_64", "1.0.0")).splitlines()
+    b = render_containerfile(plan("qemu-x86_64", "1.0.1")).splitlines()
+    changed = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
+    assert [a[i] for i in changed] == ["ARG VERSION=1.0.0"]
+
+
+def test_release_json_and_labels(tmp_path: Path) -> None:
+    import json
+
+    p = plan("factory-gateway-gpu")
+    ctx = make_context(p, tmp_path / "ctx")
+    release = json.loads((ctx / "release.json").read_text())
+    assert release["class"] == "factory-gateway-gpu"
+    assert release["compatible"] == "acme-factory,factory-gateway-gpu"
+    assert release["version"] == "1.2.3"
+    assert release["driverVersion"] == "535.247.01"
+    digest = hashlib.sha256((ROOT / "models/digits/digits.onnx").read_bytes()).hexdigest()
+    assert release["models"][0]["sha256"] == digest
+    labels = dict(p.labels)
+    assert labels["dev.kiln.model.digits.digest"] == f"sha256:{digest}"
+    assert (ctx / "class/usr/lib/bootc/kargs.d/10-kiln.toml").read_text().count("nvidia-drm.modeset=1") == 1
+    assert json.loads((ctx / "class/usr/lib/kiln/gpu-sharing.json").read_text()) == {
+        "strategy": "time-slicing", "replicas": 4}
+    assert (ctx / "overlays/usr/lib/systemd/system/kiln-nvidia-cdi.service").exists()
+    assert "nvidia-container-toolkit=1.17.8-1" in (ctx / "Containerfile").read_text()

@@ -28,7 +28,6 @@ import fcntl
 import hashlib
 import io
 import json
-import os
 import platform
 import shlex
 import sys
@@ -37,24 +36,22 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from builder.engine import Engine, PodmanEngine
 from builder.errors import BuildError, CommandFailed, KilnError, ToolMissing
 from builder.run import VERBOSE, run, run_streaming
+from builder.spec import Architecture
 from builder.state import StateDir, make_state_dir
 
 RECIPE_VERSION = 1  # bump when hooks or the image config change meaningfully
 DEFAULT_RELEASE = "bookworm"
 DEFAULT_EPOCH = 1735689600  # 2025-01-01T00:00:00Z
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
-DEFAULT_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
+SNAPSHOT_MIRROR = "http://snapshot.debian.org/archive"
 BASE_REPO = "localhost/kiln/base/debian"
-
-# Debian architecture and kernel flavour per Kiln architecture.
-DEBIAN_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 
 BASE_PACKAGES = (
     "systemd",
@@ -93,15 +90,17 @@ class BaseRecipe:
     """Every input that decides the base tarball (the cache key)."""
 
     release: str
-    arch: str
+    arch: Architecture
     mirror: str
-    security_mirror: str
+    security_mirror: str | None
+    components: tuple[str, ...]
+    snapshot: str | None
     packages: tuple[str, ...]
     epoch: int
 
     @property
     def debian_arch(self) -> str:
-        return DEBIAN_ARCH[self.arch]
+        return self.arch.debian_arch
 
     @property
     def all_packages(self) -> tuple[str, ...]:
@@ -109,26 +108,27 @@ class BaseRecipe:
 
     @property
     def ref(self) -> str:
-        return base_ref(self.release, self.arch)
+        return base_ref(self.release, self.arch, self.snapshot)
 
     @property
     def name(self) -> str:
         return f"debian-{self.release}-{self.arch}"
 
     def sources(self) -> list[str]:
+        comps = " ".join(self.components)
         lines = [
-            f"deb {self.mirror} {self.release} main",
-            f"deb {self.mirror} {self.release}-updates main",
+            f"deb {self.mirror} {self.release} {comps}",
+            f"deb {self.mirror} {self.release}-updates {comps}",
         ]
         if self.security_mirror:
-            lines.append(f"deb {self.security_mirror} {self.release}-security main")
+            lines.append(f"deb {self.security_mirror} {self.release}-security {comps}")
         return lines
 
     def inputs(self) -> dict[str, Any]:
         return {
             "recipe": RECIPE_VERSION,
             "release": self.release,
-            "arch": self.arch,
+            "arch": self.arch.value,
             "sources": self.sources(),
             "packages": sorted(self.all_packages),
             "dpkg": list(DPKG_EXCLUDES),
@@ -173,9 +173,21 @@ class BasePaths:
         return self.root / "lock"
 
 
-def base_ref(release: str = DEFAULT_RELEASE, arch: str = "x86_64") -> str:
-    """`localhost/kiln/base/debian:bookworm` (x86_64) or `...:bookworm-aarch64`."""
-    return f"{BASE_REPO}:{release}" if arch == "x86_64" else f"{BASE_REPO}:{release}-{arch}"
+def base_ref(release: str = DEFAULT_RELEASE, arch: str = "x86_64", snapshot: str | None = None) -> str:
+    """`localhost/kiln/base/debian:bookworm[-<snapshot>]` (as render.finalize_base_ref names it).
+
+    A non-x86_64 base gets `-<arch>` appended so the two never share a tag.
+    """
+    tag = release + (f"-{snapshot}" if snapshot else "")
+    return f"{BASE_REPO}:{tag}" if arch == "x86_64" else f"{BASE_REPO}:{tag}-{arch}"
+
+
+def finalize_mirrors(mirror: str | None, snapshot: str | None) -> tuple[str, str | None]:
+    """The main mirror and the security mirror (None where it cannot be derived)."""
+    if snapshot:
+        return f"{SNAPSHOT_MIRROR}/debian/{snapshot}", f"{SNAPSHOT_MIRROR}/debian-security/{snapshot}"
+    mirror = (mirror or DEFAULT_MIRROR).rstrip("/")
+    return mirror, mirror + "-security" if mirror.endswith("/debian") else None
 
 
 def make_base(
@@ -184,20 +196,30 @@ def make_base(
     *,
     state: StateDir | None = None,
     engine: Engine | None = None,
-    mirror: str = DEFAULT_MIRROR,
-    security_mirror: str = DEFAULT_SECURITY_MIRROR,
+    mirror: str | None = None,
+    components: tuple[str, ...] = ("main",),
+    snapshot: str | None = None,
     packages: tuple[str, ...] = BASE_PACKAGES,
     epoch: int = DEFAULT_EPOCH,
     force: bool = False,
 ) -> BaseImage:
-    """Bootstrap (or reuse) the offline base and make sure the engine has it."""
-    if arch not in DEBIAN_ARCH:
-        raise BuildError(f"no Debian base for architecture {arch!r}; known: {', '.join(DEBIAN_ARCH)}")
+    """Bootstrap (or reuse) the offline base and make sure the engine has it.
+
+    `mirror` defaults to deb.debian.org (its -security twin is derived);
+    `snapshot` (YYYYMMDDTHHMMSSZ) pins snapshot.debian.org instead, for a
+    tarball that stays byte-identical over time. `force` rebuilds regardless.
+    """
+    try:
+        architecture = Architecture(arch)
+    except ValueError:
+        known = ", ".join(a.value for a in Architecture)
+        raise BuildError(f"no Debian base for architecture {arch!r}; known: {known}") from None
     state = state or make_state_dir()
     engine = engine or PodmanEngine(state)
+    main_mirror, security_mirror = finalize_mirrors(mirror, snapshot)
     recipe = BaseRecipe(
-        release=release, arch=arch, mirror=mirror, security_mirror=security_mirror,
-        packages=tuple(packages), epoch=epoch,
+        release=release, arch=architecture, mirror=main_mirror, security_mirror=security_mirror,
+        components=tuple(components), snapshot=snapshot, packages=tuple(packages), epoch=epoch,
     )  # fmt: skip
     paths = BasePaths(state.base_dir / recipe.name)
     paths.root.mkdir(parents=True, exist_ok=True)
@@ -205,7 +227,7 @@ def make_base(
         with _locked(paths.lock):
             return _make_base_locked(recipe, paths, state, engine, force)
     except KilnError as exc:
-        raise exc.with_context(f"making base {recipe.ref}")
+        raise exc.with_context(f"making base {recipe.ref}") from exc.__cause__
 
 
 def _make_base_locked(
@@ -213,17 +235,15 @@ def _make_base_locked(
 ) -> BaseImage:
     tool_version = finalize_mmdebstrap_version()
     stamp = read_stamp(paths.stamp)
-    want = {"inputs": recipe.inputs(), "mmdebstrap": tool_version}
-    fresh = not force and stamp is not None and _stamp_matches(stamp, want, tool_version)
+    fresh = not force and stamp is not None and _stamp_matches(stamp, recipe, tool_version)
     if fresh and stamp is not None and stamp.get("image_id") and _engine_has(engine, recipe.ref, stamp):
         _say(f"base {recipe.ref} is up to date ({stamp['image_id'][:19]})")
         return _base_image(recipe, paths, stamp, built=False)
     engine.version()
     if not (fresh and stamp is not None and _tarball_intact(paths, stamp)):
         if tool_version is None:
-            raise ToolMissing(
-                "mmdebstrap not found; install it with: apt-get install mmdebstrap"
-            )
+            raise ToolMissing("mmdebstrap not found; install it with: apt-get install mmdebstrap")
+        check_arch_runnable(recipe.arch.value)
         stamp = build_base_tarball(recipe, paths, state, tool_version)
     assert stamp is not None
     stamp = import_base(recipe, paths, engine, stamp)
@@ -250,15 +270,16 @@ def build_base_tarball(
     finally:
         tmp_tar.unlink(missing_ok=True)
         tmp_pkgs.unlink(missing_ok=True)
-    stamp = {
+    size = paths.tarball.stat().st_size
+    stamp: dict[str, Any] = {
         "inputs": recipe.inputs(),
         "mmdebstrap": tool_version,
         "tarball_sha256": sha,
-        "tarball_size": paths.tarball.stat().st_size,
+        "tarball_size": size,
         "kernel": kernel,
     }
     write_stamp(paths.stamp, stamp)
-    _say(f"rootfs.tar: {stamp['tarball_size'] / 1e6:.0f} MB, sha256 {sha[:16]}..., kernel {kernel}")
+    _say(f"rootfs.tar: {size / 1e6:.0f} MB, sha256 {sha[:16]}..., kernel {kernel}")
     return stamp
 
 
@@ -272,7 +293,6 @@ def mmdebstrap_argv(recipe: BaseRecipe, out: Path, packages_out: Path) -> list[s
         "--variant=apt",
         f"--architectures={recipe.debian_arch}",
         "--format=tar",
-        "--mode=root",
         f"--include={','.join(recipe.all_packages)}",
         *(f"--dpkgopt={opt}" for opt in DPKG_EXCLUDES),
         *(f"--customize-hook={hook}" for hook in CUSTOMIZE_HOOKS),
@@ -315,12 +335,12 @@ def import_base(
 
 
 def finalize_image_config(recipe: BaseRecipe, stamp: dict[str, Any]) -> dict[str, Any]:
-    created = datetime.fromtimestamp(recipe.epoch, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    created = datetime.fromtimestamp(recipe.epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     labels = {
         "org.opencontainers.image.title": f"Kiln offline base: Debian {recipe.release}",
         "org.opencontainers.image.created": created,
         "dev.kiln.base.release": recipe.release,
-        "dev.kiln.base.arch": recipe.arch,
+        "dev.kiln.base.arch": recipe.arch.value,
         "dev.kiln.base.kernel": stamp["kernel"],
     }
     return {
@@ -403,9 +423,9 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _stamp_matches(stamp: dict[str, Any], want: dict[str, Any], tool_version: str | None) -> bool:
+def _stamp_matches(stamp: dict[str, Any], recipe: BaseRecipe, tool_version: str | None) -> bool:
     """Same inputs and tool version; without mmdebstrap, an existing base is still usable."""
-    if stamp.get("inputs") != want["inputs"]:
+    if stamp.get("inputs") != recipe.inputs():
         return False
     return tool_version is None or stamp.get("mmdebstrap") == tool_version
 
@@ -456,6 +476,12 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def want_foreign_arch(arch: str) -> bool:
-    """True when building `arch` needs qemu-user emulation on this machine."""
-    return platform.machine() != arch and os.uname().machine != arch
+def check_arch_runnable(arch: str) -> None:
+    """mmdebstrap runs the target's maintainer scripts: a foreign arch needs qemu-user."""
+    host = platform.machine()
+    if host == arch or Path(f"/proc/sys/fs/binfmt_misc/qemu-{arch}").exists():
+        return
+    raise BuildError(
+        f"building an {arch} base on this {host} machine needs qemu-user emulation",
+        hint="apt-get install qemu-user-static binfmt-support",
+    )

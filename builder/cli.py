@@ -16,8 +16,9 @@ from rich.table import Table
 from builder import __version__, loader, paths, render
 from builder.errors import KilnError, SpecError, UsageError
 
-console = Console(stderr=False, highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# Logs (CI, pipes) are not terminals: give tables room instead of rich's 80 columns.
+console = Console(stderr=False, highlight=False, width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
 
 
 class KilnGroup(click.Group):
@@ -187,6 +188,92 @@ def lint_cmd(rootfs: Path) -> None:
     for f in findings:
         click.echo(f"warning: {f.lint}: {f.message}")  # type: ignore[attr-defined]
     click.echo(f"{len(load_lint_module().LINTS)} lints passed on {rootfs}")
+
+
+@main.group()
+def model() -> None:
+    """Optimize and validate models against their release gates."""
+
+
+@model.command("optimize")
+@click.argument("cls", metavar="[CLASS]", required=False)
+@click.option("--model", "model_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="Ad-hoc: an ONNX model (instead of CLASS).")
+@click.option("--calibration", type=click.Path(path_type=Path, dir_okay=False),
+              help="Ad-hoc: calibration inputs (.npz with x).")
+@click.option("--validation", type=click.Path(path_type=Path, dir_okay=False),
+              help="Ad-hoc: validation inputs and labels (.npz with x, y).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8"]), default="auto",
+              show_default=True, help="Ad-hoc: pin a precision.")
+@click.option("--candidates", default="int8-static", show_default=True,
+              help="Ad-hoc: comma-separated candidates (int8-static, int8-dynamic, fp16).")
+@click.option("--max-accuracy-drop", type=float, default=0.01, show_default=True, help="Ad-hoc gate.")
+@click.option("-o", "--output", type=click.Path(path_type=Path, file_okay=False),
+              help="Output directory (default build/<class>/models/<name>/<version>/).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report(s) as JSON.")
+def model_optimize(cls: str | None, model_path: Path | None, calibration: Path | None,
+                   validation: Path | None, precision: str, candidates: str, max_accuracy_drop: float,
+                   output: Path | None, as_json: bool) -> None:
+    """Optimize CLASS's models (or one ad-hoc --model), validate on real inputs, apply gates.
+
+    Exit code 5 when no candidate passes the gates (report.json says why).
+    """
+    from builder import model as mdl
+    from builder import models
+
+    say = err_console.print
+    if cls and model_path:
+        raise UsageError("give CLASS or --model, not both")
+    if cls:
+        reports = models.make_optimized_models(load(cls), progress=lambda m: say(m, markup=False))
+    else:
+        if not (model_path and calibration and validation):
+            raise UsageError("ad-hoc use needs --model, --calibration and --validation (or give a CLASS)")
+        policy = mdl.OptimizationPolicy(precision=precision,
+                                        candidates=tuple(c for c in candidates.split(",") if c))
+        gates = mdl.Gates(max_accuracy_drop=max_accuracy_drop)
+        out = output or paths.build_dir() / "adhoc" / model_path.stem
+        reports = [mdl.optimize_model(model_path, calibration, validation, policy, gates, out,
+                                      lambda m: say(m, markup=False))]
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in reports], indent=2))
+        return
+    for report in reports:
+        console.print(mdl.render_table(report))
+        for reason in report.reasons:
+            console.print(f"  {reason}", markup=False)
+
+
+@main.command()
+@click.option("--class", "cls", default="qemu-x86_64", show_default=True, help="The class to run.")
+def demo(cls: str) -> None:
+    """The main job: validate, optimize + gate the model, render and lint CLASS."""
+    from builder import models
+    from builder.progress import Steps
+    from builder.run import run as run_cmd
+
+    steps = Steps()
+    with steps.step("validate every class"):
+        for name in loader.known_classes():
+            load(name)
+            click.echo(f"ok  {name}")
+    hc = load(cls)
+    with steps.step(f"optimize and gate the models of {cls}"):
+        from builder import model as mdl
+
+        for report in models.make_optimized_models(hc):
+            console.print(mdl.render_table(report))
+    with steps.step(f"render {cls}"):
+        artifacts = models.finalize_model_artifacts(hc, require_optimized=True)
+        plan = render.finalize_plan(hc, source=source_of(cls), models=artifacts)
+        out = render.make_context(plan, paths.build_dir() / hc.name / "context")
+        click.echo(f"build context: {out}")
+    with steps.step("lint the Containerfile (hadolint)"):
+        config = paths.project_root() / ".hadolint.yaml"
+        run_cmd(["hadolint", "--config", config, out / "Containerfile"])
+    click.echo(f"demo: {cls} validated, model gated "
+               f"({', '.join(f'{a.name}={a.precision}' for a in artifacts)}), rendered and linted; "
+               f"durations {steps.summary()}")
 
 
 if __name__ == "__main__":

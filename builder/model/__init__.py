@@ -11,10 +11,21 @@ never torch.
 from builder.model.gates import Decision, GateResult, Metrics, decide, evaluate
 from builder.model.pipeline import optimize_model
 from builder.model.policy import (
-    CALIBRATION_METHODS, CANDIDATES, GRAPH_LEVELS, METRICS, PRECISIONS, Gates, OptimizationPolicy,
+    CALIBRATION_METHODS,
+    CANDIDATES,
+    GRAPH_LEVELS,
+    METRICS,
+    PRECISIONS,
+    Gates,
+    OptimizationPolicy,
 )
 from builder.model.report import (
-    CandidateResult, Report, format_table, read_report, render_table, write_report,
+    CandidateResult,
+    Report,
+    format_table,
+    read_report,
+    render_table,
+    write_report,
 )
 
 __all__ = [

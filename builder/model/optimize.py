@@ -218,7 +218,7 @@ def quantize_dynamic(src: Path, dst: Path, *, per_channel: bool, notes: list[str
 
 def to_fp16(src: Path, dst: Path) -> None:
     """FP16 weights and compute, FP32 inputs and outputs kept."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16  # noqa: PLC0415
+    from onnxruntime.transformers.float16 import convert_float_to_float16
 
     try:
         half = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)

@@ -16,7 +16,13 @@ from builder.errors import GateFailed, ModelError
 from builder.model import optimize as opt
 from builder.model import validate as val
 from builder.model.data import (
-    Dataset, Signature, check_fits, load_dataset, load_onnx, sha256_file, signature,
+    Dataset,
+    Signature,
+    check_fits,
+    load_dataset,
+    load_onnx,
+    sha256_file,
+    signature,
 )
 from builder.model.gates import Metrics, decide, evaluate, speedup
 from builder.model.policy import CANDIDATE_PRECISION, Gates, OptimizationPolicy

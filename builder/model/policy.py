@@ -90,12 +90,13 @@ class OptimizationPolicy:
             return ("fp32",)
         if self.precision == "auto":
             return ("fp32", *self.candidates)
-        return ("fp32", self.pinned())
+        return ("fp32", self._pin())
 
     def pinned(self) -> str | None:
         """The candidate a non-auto precision pins; None for auto."""
-        if self.precision == "auto":
-            return None
+        return None if self.precision == "auto" else self._pin()
+
+    def _pin(self) -> str:
         matching = [c for c in self.candidates if CANDIDATE_PRECISION[c] == self.precision]
         defaults = {"fp32": "fp32", "fp16": "fp16", "int8": "int8-static"}
         return matching[0] if matching else defaults[self.precision]

@@ -13,7 +13,13 @@ from builder.errors import ModelError
 from builder.model.gates import GateResult
 from builder.model.policy import Gates, OptimizationPolicy
 from builder.model.report import (
-    SCHEMA_VERSION, CandidateResult, Report, format_table, read_report, render_table, write_report,
+    SCHEMA_VERSION,
+    CandidateResult,
+    Report,
+    format_table,
+    read_report,
+    render_table,
+    write_report,
 )
 
 TOP_KEYS = {"model", "source", "source_sha256", "candidates", "chosen", "reasons", "onnxruntime_version",

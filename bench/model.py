@@ -1,0 +1,83 @@
+"""Benchmark model optimization: FP32 vs every candidate, per example model.
+
+    python bench/model.py [--json PATH] [--runs N] [--min-int8-speedup X] [--models digits,cancer]
+
+Runs the real pipeline (builder.model.optimize_model) on the committed models
+and data with all candidates (int8-static, int8-dynamic, fp16) and prints a
+table per model: accuracy, agreement with FP32, size, load time, p50/p95
+single-inference latency on 1 thread; '*' marks the chosen candidate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from builder.errors import GateFailed, KilnError  # noqa: E402
+from builder.model import (  # noqa: E402
+    CANDIDATES,
+    Gates,
+    OptimizationPolicy,
+    Report,
+    format_table,
+    optimize_model,
+    read_report,
+)
+
+
+def bench_one(name: str, policy: OptimizationPolicy, gates: Gates, out: Path) -> tuple[Report, float]:
+    d = ROOT / "models" / name
+    start = time.perf_counter()
+    try:
+        report = optimize_model(d / f"{name}.onnx", d / "data" / "calibration.npz",
+                                d / "data" / "validation.npz", policy, gates, out / name)
+    except GateFailed as exc:
+        print(f"gate failed: {exc}", file=sys.stderr)
+        report = read_report(out / name / "report.json")
+    return report, time.perf_counter() - start
+
+
+def machine() -> dict[str, Any]:
+    import onnxruntime
+
+    return {"python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
+            "machine": platform.machine(), "cpus": os.cpu_count(), "processor": platform.processor()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="FP32 vs INT8/FP16 candidates on the example models")
+    ap.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    ap.add_argument("--runs", type=int, default=500, help="latency runs per candidate (default 500)")
+    ap.add_argument("--min-int8-speedup", type=float, default=Gates().min_int8_speedup)
+    ap.add_argument("--models", default="digits,cancer")
+    args = ap.parse_args(argv)
+    policy = OptimizationPolicy(candidates=CANDIDATES, latency_runs=args.runs)
+    gates = Gates(min_int8_speedup=args.min_int8_speedup)
+    figures: dict[str, Any] = {"machine": machine(), "models": {}}
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
+        for name in args.models.split(","):
+            try:
+                report, seconds = bench_one(name, policy, gates, Path(tmp))
+            except KilnError as exc:
+                print(f"{name}: {exc}", file=sys.stderr)
+                return exc.exit_code
+            print(format_table(report))
+            print(f"  ({seconds:.1f} s; {'; '.join(report.reasons)})\n")
+            figures["models"][name] = {**report.to_dict(), "optimize_seconds": seconds}
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,6 +16,7 @@ Needs torch (an optional extra, not a Kiln runtime dependency):
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,9 @@ def accuracy(net: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def export(net: nn.Module, path: Path) -> None:
+    # The TorchScript exporter needs no onnxscript; torch 2.13 flags it as legacy.
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch.onnx")
+    warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
     torch.onnx.export(
         net, (torch.zeros(1, 1, 8, 8),), str(path),
         dynamo=False, opset_version=OPSET,

@@ -97,6 +97,23 @@ def test_fp16_and_all_graph_levels(tmp_path: Path) -> None:
         assert report.candidate("fp16").agreement >= 0.98
 
 
+def shuffled_digits(tmp_path: Path) -> Path:
+    """A "bad" model: the output rows of the last layer rotated, so every answer is wrong."""
+    model = onnx.load(str(paths("digits")[0]))
+    for init in model.graph.initializer:
+        if init.name in ("head.3.weight", "head.3.bias"):
+            arr = np.roll(onnx.numpy_helper.to_array(init), 1, axis=0)
+            init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+    onnx.save(model, str(tmp_path / "shuffled.onnx"))
+    return tmp_path / "shuffled.onnx"
+
+
+def test_a_wrong_model_is_refused_by_the_accuracy_floor(tmp_path: Path) -> None:
+    with pytest.raises(GateFailed, match=r"fp32 refused: accuracy 0\.\d+ < 0\.9000 \(min_accuracy\)"):
+        run(tmp_path / "out", model=shuffled_digits(tmp_path), gates=Gates(min_accuracy=0.9))
+    assert read_report(tmp_path / "out" / "report.json").candidate("fp32").accuracy < 0.2
+
+
 # -- blank calibration ---------------------------------------------------------------------
 
 def test_blank_calibration_is_refused_by_the_gate(tmp_path: Path) -> None:
@@ -170,6 +187,15 @@ def test_bad_validation_data(tmp_path: Path) -> None:
     (tmp_path / "c.npz").write_bytes(b"not a zip")
     with pytest.raises(ModelError, match=r"not a readable \.npz"):
         run(tmp_path, val=tmp_path / "c.npz")
+
+
+def test_a_model_onnxruntime_cannot_run_is_a_model_error(tmp_path: Path) -> None:
+    model = onnx.load(str(paths("digits")[0]))
+    model.graph.node[1].op_type, model.graph.node[1].domain = "NoSuchOp", "com.example"
+    model.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
+    onnx.save(model, str(tmp_path / "odd.onnx"))
+    with pytest.raises(ModelError, match=r"odd\.onnx: onnxruntime cannot load the model"):
+        run(tmp_path / "out", model=tmp_path / "odd.onnx")
 
 
 def test_unavailable_execution_provider(tmp_path: Path) -> None:

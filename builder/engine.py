@@ -69,8 +69,14 @@ class Engine(ABC):
         tag: str,
         build_args: Mapping[str, str] | None = None,
         timestamp: int | None = None,
+        *,
+        no_cache: bool = False,
     ) -> str:
-        """Build with live output; return the image id ("sha256:...")."""
+        """Build with live output; return the image id ("sha256:...").
+
+        `timestamp` (seconds since the epoch) fixes every created time and file
+        mtime in new layers; `no_cache` ignores cached layers (a cold build).
+        """
 
     @abstractmethod
     def inspect(self, ref: str) -> ImageInfo: ...
@@ -159,6 +165,8 @@ class PodmanEngine(Engine):
         tag: str,
         build_args: Mapping[str, str] | None = None,
         timestamp: int | None = None,
+        *,
+        no_cache: bool = False,
     ) -> str:
         with tempfile.TemporaryDirectory(dir=self.state.tmp_dir) as tmp:
             iidfile = Path(tmp) / "iid"
@@ -171,6 +179,8 @@ class PodmanEngine(Engine):
             ]  # fmt: skip
             if timestamp is not None:
                 argv += ["--timestamp", str(timestamp)]
+            if no_cache:
+                argv.append("--no-cache")
             for key, value in (build_args or {}).items():
                 argv += ["--build-arg", f"{key}={value}"]
             argv.append(context_dir)
@@ -279,11 +289,12 @@ class DockerEngine(Engine):
         tag: str,
         build_args: Mapping[str, str] | None = None,
         timestamp: int | None = None,
+        *,
+        no_cache: bool = False,
     ) -> str:
+        # The Docker API has no equivalent of --timestamp: `timestamp` is ignored here
+        # (see `reproducible`); passing SOURCE_DATE_EPOCH would only warn "not consumed".
         args = dict(build_args or {})
-        if timestamp is not None:
-            # Honoured by BuildKit only; kept so RUN steps that read it see the same value.
-            args.setdefault("SOURCE_DATE_EPOCH", str(timestamp))
         dockerfile = _relative_or_absolute(containerfile, context_dir)
         print(f"+ docker-sdk build --tag {tag} --file {dockerfile} {context_dir}", file=sys.stderr)
         try:
@@ -293,6 +304,7 @@ class DockerEngine(Engine):
                 tag=tag,
                 buildargs=args,
                 network_mode="host",
+                nocache=no_cache,
                 rm=True,
                 forcerm=True,
                 decode=True,
@@ -311,7 +323,8 @@ class DockerEngine(Engine):
             raise BuildError(f"image {ref} not found") from exc
         diff_ids = list(data["RootFS"]["Layers"])
         # The Docker API history has no empty_layer flag; layers are the entries with bytes.
-        sized = [int(h.get("Size", 0)) for h in reversed(hist) if int(h.get("Size", 0)) > 0]
+        sized = [h for h in reversed(hist) if int(h.get("Size", 0)) > 0]
+        history = [{"created_by": h.get("CreatedBy", "")} for h in sized]
         digests = data.get("RepoDigests") or []
         return ImageInfo(
             id=finalize_image_id(data["Id"]),
@@ -320,7 +333,7 @@ class DockerEngine(Engine):
             architecture=data.get("Architecture", ""),
             labels=dict((data.get("Config") or {}).get("Labels") or {}),
             size=int(data.get("Size", 0)),
-            layers=finalize_layers([], diff_ids, sized),
+            layers=finalize_layers(history, diff_ids, [int(h["Size"]) for h in sized]),
         )
 
     def exists(self, ref: str) -> bool:

@@ -37,3 +37,15 @@ def require_tool(name: str) -> str:
 @pytest.fixture
 def regen_golden(request: pytest.FixtureRequest) -> bool:
     return bool(request.config.getoption("--regen-golden"))
+
+
+TIERS = ("unit", "integration", "container", "vm")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Each test gets its directory's tier marker (tests/unit -> unit, ...)."""
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(ROOT / "tests").parts
+        if parts and parts[0] in TIERS and not any(item.iter_markers(name=t) for t in TIERS):
+            item.add_marker(getattr(pytest.mark, parts[0]))

@@ -230,9 +230,7 @@ def make_base(
         raise exc.with_context(f"making base {recipe.ref}") from exc.__cause__
 
 
-def _make_base_locked(
-    recipe: BaseRecipe, paths: BasePaths, state: StateDir, engine: Engine, force: bool
-) -> BaseImage:
+def _make_base_locked(recipe: BaseRecipe, paths: BasePaths, state: StateDir, engine: Engine, force: bool) -> BaseImage:
     tool_version = finalize_mmdebstrap_version()
     stamp = read_stamp(paths.stamp)
     fresh = not force and stamp is not None and _stamp_matches(stamp, recipe, tool_version)
@@ -250,9 +248,7 @@ def _make_base_locked(
     return _base_image(recipe, paths, stamp, built=True)
 
 
-def build_base_tarball(
-    recipe: BaseRecipe, paths: BasePaths, state: StateDir, tool_version: str
-) -> dict[str, Any]:
+def build_base_tarball(recipe: BaseRecipe, paths: BasePaths, state: StateDir, tool_version: str) -> dict[str, Any]:
     """Run mmdebstrap into a temporary file; rename and stamp it only when all went well."""
     paths.stamp.unlink(missing_ok=True)
     tmp_tar = paths.tarball.with_name("rootfs.tar.tmp")
@@ -284,10 +280,7 @@ def build_base_tarball(
 
 
 def mmdebstrap_argv(recipe: BaseRecipe, out: Path, packages_out: Path) -> list[str]:
-    list_packages = (
-        "chroot \"$1\" dpkg-query -W -f='${Package}\\t${Version}\\n' > "
-        + shlex.quote(str(packages_out))
-    )
+    list_packages = "chroot \"$1\" dpkg-query -W -f='${Package}\\t${Version}\\n' > " + shlex.quote(str(packages_out))
     return [
         "mmdebstrap",
         "--variant=apt",
@@ -312,9 +305,7 @@ def mmdebstrap_env(recipe: BaseRecipe, state: StateDir) -> dict[str, str]:
     }
 
 
-def import_base(
-    recipe: BaseRecipe, paths: BasePaths, engine: Engine, stamp: dict[str, Any]
-) -> dict[str, Any]:
+def import_base(recipe: BaseRecipe, paths: BasePaths, engine: Engine, stamp: dict[str, Any]) -> dict[str, Any]:
     """Wrap the tarball as a one-layer image with a config written here, and load it."""
     config = finalize_image_config(recipe, stamp)
     config_bytes = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
@@ -356,8 +347,7 @@ def finalize_image_config(recipe: BaseRecipe, stamp: dict[str, Any]) -> dict[str
         "history": [
             {
                 "created": created,
-                "created_by": f"kiln base: mmdebstrap --variant=apt {recipe.release} "
-                f"+ {' '.join(recipe.all_packages)}",
+                "created_by": f"kiln base: mmdebstrap --variant=apt {recipe.release} + {' '.join(recipe.all_packages)}",
             }
         ],
     }

@@ -12,6 +12,7 @@ for the classic builder, so `Engine.reproducible` says which one you have.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -24,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, TypedDict
 
-from builder.errors import BuildError, CommandFailed, KilnError, RegistryError, ToolMissing
+from builder.errors import BuildError, CommandFailed, KilnError, RegistryError, ToolMissing, UsageError
 from builder.run import find_tool, have_tool, run, run_streaming, spawn
 from builder.state import StateDir
 
@@ -193,11 +194,7 @@ class PodmanEngine(Engine):
     def inspect(self, ref: str) -> ImageInfo:
         out = self._podman("image", "inspect", "--format", "json", ref, capture=True, quiet=True)
         data = _loads(out.stdout)[0]
-        hist = _loads(
-            self._podman(
-                "history", "--format", "json", "--no-trunc", ref, capture=True, quiet=True
-            ).stdout
-        )
+        hist = _loads(self._podman("history", "--format", "json", "--no-trunc", ref, capture=True, quiet=True).stdout)
         history = data.get("History") or []
         # `podman history` lists every config history entry, newest first, with sizes.
         sizes = None
@@ -273,8 +270,7 @@ class DockerEngine(Engine):
         except self._errors().DockerException as exc:
             raise ToolMissing(
                 f"no Docker API at {self.base_url}: {exc}",
-                hint="start Docker, or `podman system service --time 0 unix:///PATH` "
-                "and set DOCKER_HOST=unix:///PATH",
+                hint="start Docker, or `podman system service --time 0 unix:///PATH` and set DOCKER_HOST=unix:///PATH",
             ) from exc
         api = str(info.get("ApiVersion", "0"))
         if needs_version(api, MIN_DOCKER_API):
@@ -351,7 +347,7 @@ class DockerEngine(Engine):
         digest = None
         try:
             self.client.api.tag(ref, repo, tag)
-            for chunk in self.client.api.push(repo, tag, stream=True, decode=True):
+            for chunk in self._push_stream(repo, tag, tls_verify):
                 _show_chunk(chunk, "pushing", ref, error=RegistryError)
                 aux = chunk.get("aux") or {}
                 digest = aux.get("Digest", digest)
@@ -362,6 +358,26 @@ class DockerEngine(Engine):
         if digest is None:
             raise RegistryError(f"pushing {ref} to {dest}: the engine reported no digest")
         return str(digest)
+
+    def _push_stream(self, repo: str, tag: str, tls_verify: bool) -> Iterator[dict[str, Any]]:
+        api = self.client.api
+        if tls_verify:
+            return iter(api.push(repo, tag, stream=True, decode=True))
+        # docker-py cannot pass podman's `tlsVerify=false` (needed for a plain-http
+        # registry behind a podman service; Docker ignores the parameter and already
+        # treats 127.0.0.0/8 as insecure), so send the same request with it added.
+        from docker import auth
+
+        header = auth.get_config_header(api, auth.resolve_repository_name(repo)[0])
+        response = api._post_json(
+            api._url("/images/{0}/push", repo),
+            None,
+            headers={"X-Registry-Auth": header} if header else {},
+            params={"tag": tag, "tlsVerify": "false"},
+            stream=True,
+        )
+        api._raise_for_status(response)
+        return iter(api._stream_helper(response, decode=True))
 
     def load(self, archive: Path) -> None:
         print(f"+ docker-sdk load {archive}", file=sys.stderr)
@@ -377,8 +393,6 @@ class DockerEngine(Engine):
 
 
 def _loads(raw: bytes) -> Any:
-    import json
-
     return json.loads(raw)
 
 
@@ -389,9 +403,7 @@ def _relative_or_absolute(path: Path, base: Path) -> str:
         return str(path.absolute())
 
 
-def _show_chunk(
-    chunk: Mapping[str, Any], doing: str, what: str, error: type[KilnError] = BuildError
-) -> None:
+def _show_chunk(chunk: Mapping[str, Any], doing: str, what: str, error: type[KilnError] = BuildError) -> None:
     """Print one decoded Docker API progress message; raise on an error message."""
     if "error" in chunk or "errorDetail" in chunk:
         detail = chunk.get("error") or (chunk.get("errorDetail") or {}).get("message")
@@ -405,8 +417,6 @@ def _show_chunk(
 def select_engine(name: str, state: StateDir, *, check: bool = True) -> Engine:
     """`auto`: docker when DOCKER_HOST is set, else podman. Checks the version unless told not to."""
     if name not in ENGINE_NAMES:
-        from builder.errors import UsageError
-
         raise UsageError(f"unknown engine {name!r}; expected one of {', '.join(ENGINE_NAMES)}")
     if name == "auto":
         name = "docker" if os.environ.get("DOCKER_HOST") else "podman"
@@ -417,9 +427,7 @@ def select_engine(name: str, state: StateDir, *, check: bool = True) -> Engine:
 
 
 @contextmanager
-def start_podman_service(
-    state: StateDir, sock: Path, *, timeout: float = 30.0
-) -> Iterator[str]:
+def start_podman_service(state: StateDir, sock: Path, *, timeout: float = 30.0) -> Iterator[str]:
     """Run `podman system service` on a unix socket over Kiln's store; yield its DOCKER_HOST URL.
 
     The service speaks the Docker API (1.41), so DockerEngine(url) builds into
@@ -430,9 +438,7 @@ def start_podman_service(
     sock.unlink(missing_ok=True)
     url = f"unix://{sock}"
     log = sock.with_suffix(".log")
-    proc = spawn(
-        ["podman", "system", "service", "--time", "0", url], env=state.engine_env(), log=log
-    )
+    proc = spawn(["podman", "system", "service", "--time", "0", url], env=state.engine_env(), log=log)
     try:
         _wait_for_socket(sock, proc.poll, timeout, log)
         yield url

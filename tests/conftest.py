@@ -47,5 +47,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Each test gets its directory's tier marker (tests/unit -> unit, ...)."""
     for item in items:
         parts = Path(str(item.fspath)).relative_to(ROOT / "tests").parts
-        if parts and parts[0] in TIERS and not any(item.iter_markers(name=t) for t in TIERS):
+        if parts and parts[0] in TIERS and not any(item.get_closest_marker(t) for t in TIERS):
             item.add_marker(getattr(pytest.mark, parts[0]))

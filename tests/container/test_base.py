@@ -1,0 +1,228 @@
+"""The offline base: real mmdebstrap + real podman (container tier), plus fast checks.
+
+The session fixture builds the base once into a persistent test state dir
+(`.kiln/test-state`, or `$KILN_TEST_STATE_DIR`), separate from the CLI's, so a
+second run is a cache hit and destructive tests never touch the CLI's images.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from builder import base as base_mod
+from builder.base import BaseImage, base_ref, finalize_mirrors, make_base, mmdebstrap_argv, read_stamp
+from builder.engine import PodmanEngine
+from builder.errors import BuildError, ToolMissing
+from builder.run import run
+from builder.state import StateDir, make_state_dir
+from tests.conftest import ROOT, require_tool
+
+TEST_STATE = Path(os.environ.get("KILN_TEST_STATE_DIR") or ROOT / ".kiln" / "test-state")
+
+
+@pytest.fixture(scope="session")
+def test_state() -> StateDir:
+    return make_state_dir(root=TEST_STATE)
+
+
+@pytest.fixture(scope="session")
+def base_image(test_state: StateDir) -> BaseImage:
+    require_tool("mmdebstrap")
+    require_tool("podman")
+    return make_base(state=test_state)
+
+
+@pytest.fixture(scope="session")
+def rootfs_names(base_image: BaseImage) -> set[str]:
+    with tarfile.open(base_image.tarball) as tar:
+        return {m.name.removeprefix("./").rstrip("/") for m in tar}
+
+
+@pytest.fixture
+def path_only(tmp_path: Path) -> Iterator[Callable[..., None]]:
+    """Set PATH to a directory holding only the named tools (links to the real ones)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    saved = os.environ["PATH"]
+
+    def keep(*tools: str) -> None:
+        for tool in tools:
+            (bin_dir / tool).symlink_to(require_tool(tool))
+        os.environ["PATH"] = str(bin_dir)
+
+    yield keep
+    os.environ["PATH"] = saved
+
+
+# --- fast checks: marked unit, so they run in the default tier --------------
+
+
+@pytest.mark.unit
+def test_base_ref_matches_render_naming() -> None:
+    assert base_ref() == "localhost/kiln/base/debian:bookworm"
+    assert base_ref("bookworm", "x86_64", "20250520T000000Z") == "localhost/kiln/base/debian:bookworm-20250520T000000Z"
+    assert base_ref("bookworm", "aarch64") == "localhost/kiln/base/debian:bookworm-aarch64"
+
+
+@pytest.mark.unit
+def test_mirrors() -> None:
+    assert finalize_mirrors(None, None) == ("http://deb.debian.org/debian", "http://deb.debian.org/debian-security")
+    assert finalize_mirrors("http://mirror.example/ubuntu/", None) == ("http://mirror.example/ubuntu", None)
+    main, security = finalize_mirrors(None, "20250520T000000Z")
+    assert main.endswith("/debian/20250520T000000Z")
+    assert security is not None and security.endswith("/debian-security/20250520T000000Z")
+
+
+@pytest.mark.unit
+def test_mmdebstrap_argv_is_minimal_and_reproducible(tmp_path: Path) -> None:
+    recipe = base_mod.BaseRecipe(
+        release="bookworm",
+        arch=base_mod.Architecture.x86_64,
+        mirror="http://deb.debian.org/debian",
+        security_mirror=None,
+        components=("main",),
+        snapshot=None,
+        packages=base_mod.BASE_PACKAGES,
+        epoch=1,
+    )
+    argv = mmdebstrap_argv(recipe, tmp_path / "out.tar", tmp_path / "pkgs")
+    assert "--variant=apt" in argv
+    assert "--include=" + ",".join(recipe.all_packages) in argv
+    assert "--dpkgopt=path-exclude=/usr/share/doc/*" in argv
+    assert argv[-1] == "deb http://deb.debian.org/debian bookworm-updates main"
+    env = base_mod.mmdebstrap_env(recipe, make_state_dir(root=tmp_path / "state"))
+    assert env["SOURCE_DATE_EPOCH"] == "1"
+    assert env["INITRD"] == "No"
+
+
+@pytest.mark.unit
+def test_unknown_arch_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(BuildError, match="no Debian base for architecture 'riscv64'"):
+        make_base(arch="riscv64", state=make_state_dir(root=tmp_path))
+
+
+# --- real mmdebstrap + podman -----------------------------------------------
+
+
+@pytest.mark.container
+def test_base_is_loaded_under_its_stable_name(base_image: BaseImage, test_state: StateDir) -> None:
+    engine = PodmanEngine(test_state)
+    info = engine.inspect(base_image.ref)
+    assert base_image.ref == "localhost/kiln/base/debian:bookworm"
+    assert info["id"] == base_image.image_id
+    assert [layer["diff_id"] for layer in info["layers"]] == [f"sha256:{base_image.tarball_sha256}"]
+    assert info["created"].startswith("2025-01-01T00:00:00")
+    assert info["labels"]["dev.kiln.base.kernel"] == base_image.kernel
+
+
+@pytest.mark.container
+def test_second_call_is_a_noop(base_image: BaseImage, test_state: StateDir) -> None:
+    before = base_image.tarball.stat().st_mtime_ns
+    again = make_base(state=test_state)
+    assert again.built is False
+    assert again.image_id == base_image.image_id
+    assert base_image.tarball.stat().st_mtime_ns == before
+
+
+@pytest.mark.container
+def test_base_has_what_a_boot_needs_and_nothing_else(base_image: BaseImage, rootfs_names: set[str]) -> None:
+    kver = base_image.kernel
+    assert f"boot/vmlinuz-{kver}" in rootfs_names
+    assert f"usr/lib/modules/{kver}/modules.dep" in rootfs_names
+    assert "usr/lib/systemd/systemd" in rootfs_names
+    assert "sbin/init" in rootfs_names  # systemd-sysv
+    assert "usr/sbin/update-initramfs" in rootfs_names
+    assert "usr/bin/bootctl" in rootfs_names
+    # Every class builds its own initramfs (with Kiln's overlay hook).
+    assert not any(n.startswith("boot/initrd.img") for n in rootfs_names)
+    # Docs, man pages and locales are excluded; licences are kept.
+    assert not any(n.startswith("usr/share/man/") for n in rootfs_names)
+    assert not any(n.startswith("usr/share/doc/") and not n.endswith(("/copyright", "doc")) for n in rootfs_names)
+    assert "usr/share/doc/systemd/copyright" in rootfs_names
+    assert not any(n.startswith("usr/share/locale/") and not n.endswith("locale.alias") for n in rootfs_names)
+    # Nothing host- or run-specific.
+    for name in ("etc/resolv.conf", "etc/hostname", "var/cache/ldconfig/aux-cache", "var/log/dpkg.log"):
+        assert name not in rootfs_names
+    with tarfile.open(base_image.tarball) as tar:
+        machine_id = tar.extractfile("./etc/machine-id")
+        assert machine_id is not None and machine_id.read() == b""
+    packages = base_image.packages.read_text().splitlines()
+    assert any(line.startswith("systemd\t") for line in packages)
+    assert len(packages) < 200, "the base should stay minimal"
+
+
+@pytest.mark.container
+def test_base_runs_under_kilns_containers_conf(base_image: BaseImage, test_state: StateDir) -> None:
+    out = run(
+        ["podman", "run", "--rm", base_image.ref, "sh", "-c", "ulimit -n; systemctl --version | head -1"],
+        env=test_state.engine_env(),
+        capture=True,
+    ).stdout.decode()
+    assert out.splitlines()[0] == "20000"
+    assert out.splitlines()[1].startswith("systemd 252")
+
+
+@pytest.mark.container
+def test_tarball_and_image_id_are_identical_on_a_second_build(
+    base_image: BaseImage, test_state: StateDir, tmp_path: Path
+) -> None:
+    """Two cold builds (the second into another store) give the same bytes and image id.
+
+    Both run in this session: a cached base may predate a mirror update.
+    """
+    first = base_image if base_image.built else make_base(state=test_state, force=True)
+    second = make_base(state=make_state_dir(root=tmp_path / "state"))
+    assert second.built is True
+    assert second.tarball_sha256 == first.tarball_sha256
+    assert second.image_id == first.image_id
+
+
+@pytest.mark.container
+def test_missing_image_is_reloaded_from_the_cached_tarball(base_image: BaseImage, tmp_path: Path) -> None:
+    # Own store with the test state's tarball copied in: no mmdebstrap run, only a load.
+    state = make_state_dir(root=tmp_path / "state")
+    cached = base_image.tarball.parent
+    target = state.base_dir / cached.name
+    target.mkdir(parents=True)
+    for name in ("rootfs.tar", "packages.txt", "stamp.json"):
+        os.link(cached / name, target / name)
+    again = make_base(state=state)
+    assert again.built is True
+    assert again.image_id == base_image.image_id
+    assert PodmanEngine(state).exists(base_image.ref)
+
+
+@pytest.mark.container
+def test_mmdebstrap_missing_fails_clearly(tmp_path: Path, path_only: Callable[..., None]) -> None:
+    path_only("podman", "runc")
+    with pytest.raises(ToolMissing, match=r"mmdebstrap not found; install it with: apt-get install mmdebstrap"):
+        make_base(state=make_state_dir(root=tmp_path / "state"))
+
+
+@pytest.mark.container
+def test_mmdebstrap_missing_but_base_cached_is_fine(
+    base_image: BaseImage,
+    test_state: StateDir,
+    path_only: Callable[..., None],
+) -> None:
+    path_only("podman", "runc")
+    assert make_base(state=test_state).built is False
+
+
+@pytest.mark.container
+def test_failed_bootstrap_leaves_nothing_to_trust(tmp_path: Path) -> None:
+    require_tool("mmdebstrap")
+    require_tool("podman")
+    state = make_state_dir(root=tmp_path / "state")
+    with pytest.raises(BuildError, match="mmdebstrap failed"):
+        make_base(state=state, mirror="http://127.0.0.1:9/debian")
+    base_dir = state.base_dir / "debian-bookworm-x86_64"
+    assert read_stamp(base_dir / "stamp.json") is None
+    assert sorted(p.name for p in base_dir.iterdir()) == ["lock"]
+    assert list(state.tmp_dir.iterdir()) == []
+    assert not PodmanEngine(state).exists(base_ref())

@@ -96,10 +96,12 @@ def list_classes(as_json: bool, no_probe: bool) -> None:
         if "error" in r:
             table.add_row(r["class"], "", "", "", f"[red]invalid spec ({len(r['error'])} errors)[/]")
             continue
-        why = r["whyNotBuildable"]
         table.add_row(r["class"], r["architecture"], r["accelerator"], r["runtime"],
-                      "yes" if not why else "no: " + "; ".join(why))
+                      "no (see below)" if r["whyNotBuildable"] else "yes")
     console.print(table)
+    for r in rows:
+        for why in r.get("whyNotBuildable", []):
+            console.print(f"{r['class']}: {why}", markup=False, soft_wrap=True)
 
 
 @main.command()

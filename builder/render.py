@@ -7,7 +7,6 @@ spec, version, revision and model files give byte-identical output.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -17,6 +16,7 @@ from pathlib import Path
 import jinja2
 
 from builder import paths
+from builder.paths import sha256_file
 from builder.spec import AcceleratorKind, BaseSource, Family, HardwareClass
 
 TEMPLATES = paths.PACKAGE_DIR / "templates"
@@ -58,14 +58,6 @@ class RenderPlan:
     models: tuple[ModelArtifact, ...]
     labels: tuple[tuple[str, str], ...] = field(default=())
     release: dict[str, object] = field(default_factory=dict)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def finalize_base_ref(hc: HardwareClass) -> str:

@@ -5,7 +5,6 @@ Everything unusable raises ModelError with the file name and what is wrong.
 
 from __future__ import annotations
 
-import hashlib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,14 +41,6 @@ class Signature:
 class Dataset:
     x: np.ndarray  # float32, [N, *input_shape[1:]]
     y: np.ndarray | None  # int64 labels [N], validation only
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_onnx(path: Path) -> onnx.ModelProto:

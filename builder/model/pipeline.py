@@ -21,12 +21,12 @@ from builder.model.data import (
     check_fits,
     load_dataset,
     load_onnx,
-    sha256_file,
     signature,
 )
 from builder.model.gates import Metrics, decide, evaluate, speedup
 from builder.model.policy import CANDIDATE_PRECISION, Gates, OptimizationPolicy
 from builder.model.report import CandidateResult, Report, write_report
+from builder.paths import sha256_file
 
 Progress = Callable[[str], None]
 OUTPUTS = ("report.json", "chosen.onnx", "golden.npz")

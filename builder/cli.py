@@ -158,8 +158,17 @@ def render_cmd(cls: str, output: Path | None, version: str, revision: str) -> No
         check_version(version)
     except ValueError as exc:
         raise UsageError(f"--version: {exc}") from None
+    from builder.models import finalize_model_artifacts
+
     hc = load(cls)
-    plan = render.finalize_plan(hc, source=source_of(cls), version=version, revision=revision)
+    artifacts = finalize_model_artifacts(hc)
+    for a in artifacts:
+        if not a.extra_files:
+            err_console.print(f"warning: model {a.name} {a.version} is not optimized: baking the source "
+                              f"FP32 model without a golden set (the golden health check will fail); "
+                              f"run `kiln model optimize {hc.name}`", markup=False, soft_wrap=True)
+    plan = render.finalize_plan(hc, source=source_of(cls), version=version, revision=revision,
+                                models=artifacts)
     out = render.make_context(plan, output or paths.build_dir() / hc.name / "context")
     click.echo(f"rendered {hc.name} {version} -> {out}/Containerfile")
 

@@ -1,0 +1,411 @@
+#!/usr/bin/env python3
+"""Golden-set health check of the device's inference models (kiln-health-inference).
+
+For every model in /usr/lib/kiln/release.json: verify the model file's sha256,
+load its golden set (golden.npz next to it: inputs, expected outputs, tolerance),
+run it through onnxruntime in this process, and time single-sample inferences
+on one thread. With --service URL, also run the golden set through the running
+inference service. The check fails when an output differs from the expected one
+by more than the golden tolerance (max abs diff; the worst sample is reported),
+when a top-1 class (argmax) differs, or when the p95 latency exceeds the class
+envelope (p95LatencyMs in release.json).
+
+kiln-health-inference.service runs it before boot-complete.target; it writes its
+last result to /var/lib/kiln/health/inference.json (atomically).
+
+exit codes:
+  0   healthy
+  1   outputs wrong (beyond tolerance, or a different argmax), in process or via the service
+  2   too slow: p95 latency over the class envelope
+  3   model or golden set missing or corrupt, sha256 mismatch, model does not load,
+      release.json unreadable
+  4   service unreachable or erroring (only with --service)
+  64  usage
+When several apply, the first of 3, 1, 4, 2 wins; --json lists every problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+sys.dont_write_bytecode = True  # /usr is read-only on the device
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `python -I` leaves the script's directory out
+
+import kiln_inference as ki  # noqa: E402
+import numpy as np  # noqa: E402
+
+HEALTHY, WRONG, SLOW, BROKEN, SERVICE, USAGE = 0, 1, 2, 3, 4, 64
+PRECEDENCE = (BROKEN, WRONG, SERVICE, SLOW)
+NAMES = {HEALTHY: "healthy", WRONG: "outputs-wrong", SLOW: "too-slow", BROKEN: "model-broken",
+         SERVICE: "service-failed", USAGE: "usage"}
+HEALTH = "var/lib/kiln/health/inference.json"
+GOLDEN = "golden.npz"
+GOLDEN_KEYS = ("x", "outputs", "labels", "tolerance", "input_name", "output_name")
+DEFAULT_RUNS = 200
+MIN_RUNS = 20
+WARMUP_RUNS = 10
+MAX_SHOWN = 5
+
+
+@dataclass(frozen=True)
+class Problem:
+    code: int
+    model: str | None
+    message: str
+
+
+@dataclass(frozen=True)
+class Golden:
+    path: str
+    x: np.ndarray
+    outputs: np.ndarray
+    labels: np.ndarray
+    tolerance: float
+    input_name: str
+    output_name: str
+
+
+class ServiceError(Exception):
+    pass
+
+
+def say(message: str) -> None:
+    print(f"kiln-health-inference: {message}", file=sys.stderr, flush=True)
+
+
+# -- golden set ---------------------------------------------------------------------------------
+
+
+def load_golden(entry: ki.ModelEntry) -> Golden:
+    """golden.npz next to the model file, checked; a ModelProblem when missing or corrupt."""
+    shown = str(PurePosixPath(entry.path).parent / GOLDEN)
+    where = f"model {entry.name} {entry.version}: golden set {shown}"
+    path = entry.directory / GOLDEN
+    if not path.is_file():
+        raise ki.ModelProblem(f"{where} is missing")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise ki.ModelProblem(f"{where} is unreadable: {ki.first_line(exc)}") from None
+    missing = [k for k in GOLDEN_KEYS if k not in arrays]
+    if missing:
+        raise ki.ModelProblem(f"{where} lacks {', '.join(missing)}")
+    x, outputs, tolerance = arrays["x"], arrays["outputs"], arrays["tolerance"]
+    if x.ndim < 2 or len(x) == 0 or outputs.ndim < 1 or len(outputs) != len(x):
+        raise ki.ModelProblem(f"{where} is inconsistent: x {list(x.shape)}, outputs {list(outputs.shape)}")
+    if tolerance.shape != () or not np.isfinite(tolerance) or tolerance < 0:
+        raise ki.ModelProblem(f"{where} has an invalid tolerance {tolerance!r}")
+    return Golden(shown, x, outputs, arrays["labels"], float(tolerance), str(arrays["input_name"]),
+                  str(arrays["output_name"]))
+
+
+def check_fits(model: ki.LoadedModel, golden: Golden) -> np.ndarray:
+    """The golden inputs as the model's input tensor; a ModelProblem when they were made for another model."""
+    name = model.entry.name
+    if (golden.input_name, golden.output_name) != (model.input_name, model.output_name):
+        raise ki.ModelProblem(f"model {name}: golden set is for {golden.input_name} -> {golden.output_name}, "
+                              f"the model has {model.input_name} -> {model.output_name}")
+    dims = model.input_shape[1:]
+    sample = golden.x.shape[1:]
+    if len(dims) != len(sample) or any(isinstance(d, int) and d != s for d, s in zip(dims, sample, strict=True)):
+        raise ki.ModelProblem(f"model {name}: golden inputs {list(golden.x.shape)} do not fit the model input "
+                              f"{model.shape_text()}")
+    return golden.x.astype(model.input_dtype)
+
+
+# -- comparing outputs ----------------------------------------------------------------------------
+
+
+def compare(got: np.ndarray, golden: Golden, got_argmax: np.ndarray | None = None) -> dict[str, Any]:
+    """Max abs diff (and its sample) and argmax agreement against the golden outputs."""
+    n = len(golden.outputs)
+    expected = golden.outputs.reshape(n, -1).astype(np.float64)
+    if got.shape != golden.outputs.shape:
+        return {"ok": False, "samples": n, "error": f"output shape {list(got.shape)}, golden "
+                                                    f"{list(golden.outputs.shape)}"}
+    diff = np.abs(got.reshape(n, -1).astype(np.float64) - expected)
+    per_sample = np.where(np.isfinite(diff), diff, np.inf).max(axis=1)
+    worst = int(np.argmax(per_sample))
+    want = expected.argmax(axis=1)
+    have = got_argmax if got_argmax is not None else got.reshape(n, -1).argmax(axis=1)
+    mismatched = np.flatnonzero(np.asarray(have).reshape(-1) != want)
+    finite = bool(np.isfinite(per_sample[worst]))
+    result: dict[str, Any] = {
+        "ok": bool(finite and per_sample[worst] <= golden.tolerance and len(mismatched) == 0),
+        "samples": n, "tolerance": golden.tolerance,
+        "max_abs_diff": float(per_sample[worst]) if finite else None,
+        "worst_sample": worst, "worst_expected_argmax": int(want[worst]),
+        "worst_argmax": int(np.asarray(have).reshape(-1)[worst]),
+        "argmax_mismatches": len(mismatched), "mismatched_samples": mismatched[:MAX_SHOWN].tolist(),
+    }
+    if len(golden.labels) == n:
+        result["label_accuracy"] = float(np.mean(np.asarray(have).reshape(-1) == golden.labels))
+    return result
+
+
+def wrong_outputs(where: str, c: dict[str, Any]) -> str:
+    if "error" in c:
+        return f"{where}: {c['error']}"
+    diff = "non-finite" if c["max_abs_diff"] is None else f"{c['max_abs_diff']:.3g}"
+    text = (f"{where}: outputs differ from the golden set: max |diff| {diff} at sample {c['worst_sample']} "
+            f"(tolerance {c['tolerance']:g}; expected class {c['worst_expected_argmax']}, got {c['worst_argmax']})")
+    if c["argmax_mismatches"]:
+        shown = ", ".join(map(str, c["mismatched_samples"]))
+        text += f"; argmax differs on {c['argmax_mismatches']}/{c['samples']} samples (first: {shown})"
+    return text
+
+
+# -- latency ----------------------------------------------------------------------------------
+
+
+def measure(model: ki.LoadedModel, x: np.ndarray, runs: int) -> dict[str, Any]:
+    """p50/p95/max of single-sample inferences (a fixed-batch model gets one sample repeated)."""
+    batch = model.fixed_batch or 1
+    samples = [np.repeat(x[i][None], batch, axis=0) for i in range(len(x))]
+    for i in range(WARMUP_RUNS):
+        model.run(samples[i % len(samples)])
+    times = np.empty(runs)
+    for i in range(runs):
+        sample = samples[i % len(samples)]
+        start = time.perf_counter()
+        model.run(sample)
+        times[i] = (time.perf_counter() - start) * 1e3
+    p50, p95 = np.percentile(times, [50, 95])
+    return {"runs": runs, "threads": 1, "p50_ms": round(float(p50), 4), "p95_ms": round(float(p95), 4),
+            "max_ms": round(float(times.max()), 4)}
+
+
+def envelope_ms(release: dict[str, Any]) -> float | None:
+    value = release.get("p95LatencyMs")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ki.ModelProblem(f"/{ki.RELEASE}: p95LatencyMs must be a positive number, got {value!r}")
+    return float(value)
+
+
+# -- in process --------------------------------------------------------------------------------
+
+
+@dataclass
+class Checked:
+    entry: ki.ModelEntry
+    golden: Golden
+    x: np.ndarray
+    fixed_batch: int | None
+
+
+def check_model(entry: ki.ModelEntry, providers: list[str], envelope: float | None, runs: int,
+                problems: list[Problem]) -> tuple[dict[str, Any], Checked | None]:
+    info: dict[str, Any] = entry.describe()
+    try:
+        ki.verify_digest(entry)
+        golden = load_golden(entry)
+        model = ki.load_model(entry, providers, threads=1)
+        x = check_fits(model, golden)
+        got = model.run_all(x)
+    except ki.ModelProblem as exc:
+        problems.append(Problem(BROKEN, entry.name, str(exc)))
+        return info, None
+    except Exception as exc:  # onnxruntime failing at run time on a model that loaded
+        problems.append(Problem(BROKEN, entry.name, f"model {entry.name}: inference failed: {ki.first_line(exc)}"))
+        return info, None
+    info.update(golden=golden.path, providers=model.session.get_providers(), load_ms=round(model.load_ms, 3))
+    info["local"] = compare(got, golden)
+    if not info["local"]["ok"]:
+        problems.append(Problem(WRONG, entry.name, wrong_outputs(f"{entry.name} {entry.version}", info["local"])))
+    info["latency"] = {**measure(model, x, runs), "envelope_p95_ms": envelope}
+    if envelope is not None and info["latency"]["p95_ms"] > envelope:
+        problems.append(Problem(SLOW, entry.name, f"{entry.name} {entry.version}: p95 latency "
+                                f"{info['latency']['p95_ms']:.4g} ms over the class envelope {envelope:g} ms "
+                                f"({runs} single-sample runs, 1 thread)"))
+    return info, Checked(entry, golden, x, model.fixed_batch)
+
+
+# -- via the service ----------------------------------------------------------------------------
+
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1: never via a proxy
+
+
+def http_json(url: str, payload: object | None, timeout: float) -> Any:
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})  # noqa: S310 - http(s) only, checked in parse_args
+    try:
+        with OPENER.open(request, timeout=timeout) as response:
+            body = response.read()
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace").strip()[:300]
+        raise ServiceError(f"{url}: HTTP {exc.code}: {detail}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise ServiceError(f"{url} unreachable: {getattr(exc, 'reason', exc)}") from None
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise ServiceError(f"{url}: the reply is not JSON") from None
+
+
+def wait_ready(base: str, wait: float, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            listing = http_json(f"{base}/healthz", None, timeout)
+        except ServiceError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.25)
+            continue
+        if not isinstance(listing, dict) or not isinstance(listing.get("models"), list):
+            raise ServiceError(f"{base}/healthz: unexpected reply")
+        return listing
+
+
+def infer_via(base: str, c: Checked, timeout: float) -> tuple[np.ndarray, np.ndarray]:
+    outputs, argmax = [], []
+    for chunk, n in ki.batches(c.x, c.fixed_batch):
+        reply = http_json(f"{base}/v1/models/{c.entry.name}/infer", {"inputs": chunk.tolist()}, timeout)
+        try:
+            outputs.append(np.asarray(reply["outputs"], dtype=np.float64)[:n])
+            argmax.append(np.asarray(reply["argmax"], dtype=np.int64)[:n])
+        except (KeyError, TypeError, ValueError):
+            raise ServiceError(f"{base}: malformed inference reply for {c.entry.name}") from None
+    return np.concatenate(outputs), np.concatenate(argmax)
+
+
+def check_service(base: str, checked: list[Checked], infos: dict[str, dict[str, Any]], wait: float,
+                  timeout: float, problems: list[Problem]) -> dict[str, Any]:
+    try:
+        listing = wait_ready(base, wait, timeout)
+    except ServiceError as exc:
+        problems.append(Problem(SERVICE, None, f"inference service: {exc}"))
+        return {"url": base, "reachable": False}
+    served = {m.get("name"): m for m in listing["models"] if isinstance(m, dict)}
+    for c in checked:
+        e = c.entry
+        sha = (served.get(e.name) or {}).get("sha256")
+        if sha != e.sha256:
+            what = "does not serve it" if sha is None else f"serves sha256 {sha}, release.json says {e.sha256}"
+            problems.append(Problem(SERVICE, e.name, f"inference service at {base}: model {e.name}: {what}"))
+            continue
+        try:
+            got, argmax = infer_via(base, c, timeout)
+        except ServiceError as exc:
+            problems.append(Problem(SERVICE, e.name, f"inference service: {exc}"))
+            continue
+        result = infos[e.name]["service"] = compare(got, c.golden, argmax)
+        if not result["ok"]:
+            problems.append(Problem(WRONG, e.name, wrong_outputs(f"{e.name} {e.version} via {base}", result)))
+    return {"url": base, "reachable": True}
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+def run_checks(args: argparse.Namespace) -> dict[str, Any]:
+    problems: list[Problem] = []
+    infos: dict[str, dict[str, Any]] = {}
+    checked: list[Checked] = []
+    result: dict[str, Any] = {"checked_at": ki.now_iso(), "root": str(args.root)}
+    try:
+        release = ki.load_release(args.root)
+        entries = ki.model_entries(release, args.root)
+        providers = ki.choose_providers(release)
+        envelope = envelope_ms(release)
+    except ki.ModelProblem as exc:
+        problems.append(Problem(BROKEN, None, str(exc)))
+        entries, providers, envelope, release = [], [], None, {}
+    result.update({"class": release.get("class"), "version": release.get("version"), "envelope_p95_ms": envelope})
+    for entry in entries:
+        infos[entry.name], ok = check_model(entry, providers, envelope, args.runs, problems)
+        checked += [ok] if ok else []
+    if args.service:
+        result["service"] = check_service(args.service, checked, infos, args.wait, args.timeout, problems)
+    code = next((c for c in PRECEDENCE if any(p.code == c for p in problems)), HEALTHY)
+    return {**result, "exit_code": code, "status": NAMES[code], "healthy": code == HEALTHY,
+            "models": list(infos.values()), "problems": [asdict(p) for p in problems]}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(USAGE)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = Parser(prog="kiln-health-inference", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=Path("/"),
+                        help="tree holding usr/lib/kiln/release.json and the models (default /)")
+    parser.add_argument("--service", metavar="URL",
+                        help=f"also check the running service, e.g. http://{ki.HOST}:{ki.DEFAULT_PORT}")
+    parser.add_argument("--wait", type=float, default=5.0,
+                        help="seconds to wait for the service to answer /healthz (default 5)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per HTTP request (default 10)")
+    parser.add_argument("--runs", type=int, default=DEFAULT_RUNS,
+                        help=f"timed single-sample runs per model for the p95 (default {DEFAULT_RUNS}, "
+                             f"at least {MIN_RUNS})")
+    parser.add_argument("--output", type=Path, default=None, help=f"result file (default ROOT/{HEALTH})")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    args = parser.parse_args(argv)
+    if not args.root.is_dir():
+        parser.error(f"--root {args.root}: not a directory")
+    if args.runs < MIN_RUNS:
+        parser.error(f"--runs must be at least {MIN_RUNS} for a meaningful p95")
+    if args.wait < 0 or args.timeout <= 0:
+        parser.error("--wait must be >= 0 and --timeout > 0")
+    if args.service is not None:
+        if not args.service.startswith(("http://", "https://")):
+            parser.error(f"--service {args.service!r}: expected an http:// URL")
+        args.service = args.service.rstrip("/")
+    args.output = args.output or ki.under(args.root, HEALTH)
+    return args
+
+
+def summary(c: dict[str, Any]) -> str:
+    diff = "non-finite" if c["max_abs_diff"] is None else f"{c['max_abs_diff']:.2g}"
+    return (f"{c['samples']} golden samples, max |diff| {diff} (tolerance {c['tolerance']:g}), "
+            f"argmax {c['samples'] - c['argmax_mismatches']}/{c['samples']}")
+
+
+def report(result: dict[str, Any]) -> None:
+    for m in result["models"]:
+        local, lat = m.get("local"), m.get("latency")
+        if local and lat and "error" not in local:
+            envelope = result["envelope_p95_ms"]
+            limit = "no envelope" if envelope is None else f"envelope {envelope:g} ms"
+            say(f"{m['name']} {m['version']}: {summary(local)}; p95 {lat['p95_ms']:.3g} ms "
+                f"({limit}, {lat['runs']} runs, 1 thread)")
+        if "error" not in m.get("service", {"error": None}):
+            say(f"{m['name']} {m['version']} via {result['service']['url']}: {summary(m['service'])}")
+    for p in result["problems"]:
+        say(f"FAIL ({p['code']} {NAMES[p['code']]}): {p['message']}")
+    say(f"{result['status']} (exit {result['exit_code']}, {result['duration_s']:.2f} s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    result = run_checks(args)
+    result["duration_s"] = round(time.perf_counter() - start, 3)
+    try:
+        ki.write_json_atomic(args.output, result)
+    except OSError as exc:
+        say(f"warning: cannot write {args.output}: {ki.first_line(exc)}")
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True, default=ki.plain))
+    report(result)
+    return int(result["exit_code"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -43,7 +43,7 @@ from typing import Any
 from builder.engine import Engine, PodmanEngine
 from builder.errors import BuildError, CommandFailed, KilnError, ToolMissing
 from builder.run import VERBOSE, run, run_streaming
-from builder.spec import Architecture
+from builder.spec import Architecture, BaseSource, Family, HardwareClass
 from builder.state import StateDir, make_state_dir
 
 RECIPE_VERSION = 1  # bump when hooks or the image config change meaningfully
@@ -82,6 +82,10 @@ DPKG_EXCLUDES = (
 CUSTOMIZE_HOOKS = (
     # mmdebstrap copies these from the host; they would differ between machines.
     'rm -f "$1/etc/resolv.conf" "$1/etc/hostname"',
+    # apt hands these to _apt, or leaves them to root when _apt cannot reach the
+    # temporary rootfs (a TMPDIR under a 0700 directory): the tarball would depend
+    # on the state dir's parents. Debian's default owner, always.
+    'chroot "$1" chown _apt:root /var/cache/apt/archives/partial /var/lib/apt/lists/partial',
 )
 
 
@@ -188,6 +192,25 @@ def finalize_mirrors(mirror: str | None, snapshot: str | None) -> tuple[str, str
         return f"{SNAPSHOT_MIRROR}/debian/{snapshot}", f"{SNAPSHOT_MIRROR}/debian-security/{snapshot}"
     mirror = (mirror or DEFAULT_MIRROR).rstrip("/")
     return mirror, mirror + "-security" if mirror.endswith("/debian") else None
+
+
+def make_base_for_class(hc: HardwareClass, *, state: StateDir | None = None, engine: Engine | None = None) -> BaseImage:
+    """The offline base a class builds FROM (`kiln build` calls this when it is missing)."""
+    base = hc.spec.base
+    if base.source is not BaseSource.bootstrap or base.family is not Family.debian:
+        raise BuildError(
+            f"{hc.name}: Kiln bootstraps Debian bases only; this class needs a "
+            f"{base.family.value} {base.source.value} base ({base.image or base.release})"
+        )
+    return make_base(
+        base.release or DEFAULT_RELEASE,
+        hc.spec.architecture.value,
+        state=state,
+        engine=engine,
+        mirror=base.mirror,
+        components=tuple(base.components),
+        snapshot=base.snapshot,
+    )
 
 
 def make_base(

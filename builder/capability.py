@@ -28,15 +28,17 @@ def reachable(url: str) -> bool:
         return False
 
 
-def why_not_buildable(hc: HardwareClass, *, probe_network: bool = True) -> list[str]:
+def why_not_buildable(hc: HardwareClass, *, probe_network: bool = True, tools: bool = True) -> list[str]:
+    """Every reason this machine cannot build `hc`; `tools=False` leaves out missing host tools
+    (the build raises ToolMissing for those where they are actually needed)."""
     spec = hc.spec
     reasons = []
     if spec.architecture.value != host_architecture():
         reasons.append(f"{spec.architecture.value} image on a {host_architecture()} host: needs an "
                        f"{spec.architecture.value} builder (or qemu-user-static binfmt)")
-    if not (have_tool("podman") or have_tool("buildah")):
+    if tools and not (have_tool("podman") or have_tool("buildah")):
         reasons.append("no OCI engine: install podman (apt-get install podman runc)")
-    if spec.base.source is BaseSource.bootstrap and not have_tool("mmdebstrap"):
+    if tools and spec.base.source is BaseSource.bootstrap and not have_tool("mmdebstrap"):
         reasons.append("bootstrap base needs mmdebstrap (apt-get install mmdebstrap)")
     if spec.base.source is BaseSource.registry and not _image_present(hc):
         reasons.append(f"base {spec.base.image} is not in local storage and needs a registry to pull from")

@@ -11,6 +11,7 @@ from typing import Any
 import click
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from builder import __version__, loader, paths, render
@@ -30,7 +31,7 @@ class KilnGroup(click.Group):
         except KilnError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 traceback.print_exc()
-            err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False,
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False,
                               soft_wrap=True)
             if exc.hint:
                 err_console.print(f"hint: {exc.hint}", soft_wrap=True)
@@ -150,7 +151,9 @@ def validate(specs: tuple[str, ...]) -> None:
 @click.option("--version", "version", default=render.DEFAULT_VERSION, show_default=True,
               help="Release version baked into release.json and labels.")
 @click.option("--revision", default="unknown", help="Source revision (e.g. a git commit).")
-def render_cmd(cls: str, output: Path | None, version: str, revision: str) -> None:
+@click.option("--no-wheels", is_flag=True, help="Do not download the runtime's wheels (the context "
+              "then cannot be built offline).")
+def render_cmd(cls: str, output: Path | None, version: str, revision: str, no_wheels: bool) -> None:
     """Render CLASS into a build context: Containerfile, overlays, model, release.json."""
     from builder.safe import version as check_version
 
@@ -169,7 +172,11 @@ def render_cmd(cls: str, output: Path | None, version: str, revision: str) -> No
                               f"run `kiln model optimize {hc.name}`", markup=False, soft_wrap=True)
     plan = render.finalize_plan(hc, source=source_of(cls), version=version, revision=revision,
                                 models=artifacts)
-    out = render.make_context(plan, output or paths.build_dir() / hc.name / "context")
+    from builder.state import make_state_dir
+    from builder.wheels import make_wheelhouse
+
+    wheelhouse = None if no_wheels else make_wheelhouse(hc, make_state_dir())
+    out = render.make_context(plan, output or paths.build_dir() / hc.name / "context", wheelhouse)
     click.echo(f"rendered {hc.name} {version} -> {out}/Containerfile")
 
 
@@ -253,6 +260,133 @@ def model_optimize(cls: str | None, model_path: Path | None, calibration: Path |
         console.print(mdl.render_table(report))
         for reason in report.reasons:
             console.print(f"  {reason}", markup=False)
+
+
+ENGINE_OPTION = click.option("--engine", type=click.Choice(["auto", "podman", "docker"]), default="auto",
+                             show_default=True, help="OCI engine: podman CLI, or the docker SDK "
+                             "(auto: docker when DOCKER_HOST is set).")
+
+
+@main.command("base")
+@click.option("--release", default="bookworm", show_default=True, help="Debian release.")
+@click.option("--arch", default="x86_64", show_default=True, help="Architecture (x86_64, aarch64).")
+@click.option("--mirror", help="Debian mirror (default deb.debian.org).")
+@click.option("--snapshot", help="snapshot.debian.org timestamp (YYYYMMDDTHHMMSSZ) for a pinned base.")
+@click.option("--force", is_flag=True, help="Rebuild even when the cached base is current.")
+@ENGINE_OPTION
+def base_cmd(release: str, arch: str, mirror: str | None, snapshot: str | None, force: bool,
+             engine: str) -> None:
+    """Bootstrap the offline Debian base (mmdebstrap) into Kiln's container store; cached."""
+    from builder.base import make_base
+    from builder.engine import select_engine
+    from builder.safe import snapshot as check_snapshot
+    from builder.state import make_state_dir
+
+    if snapshot:
+        try:
+            check_snapshot(snapshot)
+        except ValueError as exc:
+            raise UsageError(f"--snapshot: {exc}") from None
+    state = make_state_dir()
+    image = make_base(release, arch, state=state, engine=select_engine(engine, state, check=False),
+                      mirror=mirror, snapshot=snapshot, force=force)
+    click.echo(f"{image.ref} {image.image_id} (kernel {image.kernel}; "
+               f"{'built' if image.built else 'cached'}; tarball {image.tarball})")
+
+
+@main.command("build")
+@click.argument("cls", metavar="CLASS")
+@click.option("--version", "version", default=render.DEFAULT_VERSION, show_default=True,
+              help="Release version (image tag, release.json, labels).")
+@click.option("--revision", help="Source revision (default: the git commit of the project).")
+@ENGINE_OPTION
+@click.option("--push", "push_to", metavar="REGISTRY", help="Push after building (host:port[/path]).")
+@click.option("--tls-verify/--no-tls-verify", default=None,
+              help="Verify the registry's TLS certificate (default: on, off for 127.0.0.1/localhost).")
+@click.option("--no-cache", is_flag=True, help="Ignore cached layers (a cold build).")
+@click.option("--json", "as_json", is_flag=True, help="Print the build record as JSON.")
+def build_cmd(cls: str, version: str, revision: str | None, engine: str, push_to: str | None,
+              tls_verify: bool | None, no_cache: bool, as_json: bool) -> None:
+    """Build CLASS into an OCI image tagged localhost/kiln/CLASS:VERSION; record it in build.json.
+
+    Optimizes and gates the models first (a refused model stops the build, exit 5),
+    bootstraps the offline base when it is missing, lints the image as its last step.
+    """
+    from builder import build
+    from builder.progress import Steps
+
+    hc = load(cls)
+    steps = Steps()
+    record = build.build_class(hc, source=source_of(cls), version=version, revision=revision,
+                               engine=engine, no_cache=no_cache, steps=steps)
+    if push_to:
+        record = build.push_build(hc.name, version, push_to, engine=engine, tls_verify=tls_verify, steps=steps)
+    click.echo(json.dumps(record, indent=2, sort_keys=True) if as_json else build.describe(record))
+
+
+@main.command("push")
+@click.argument("cls", metavar="CLASS")
+@click.argument("registry")
+@click.option("--version", "version", default=render.DEFAULT_VERSION, show_default=True,
+              help="The built version to push.")
+@ENGINE_OPTION
+@click.option("--tls-verify/--no-tls-verify", default=None,
+              help="Verify the registry's TLS certificate (default: on, off for 127.0.0.1/localhost).")
+@click.option("--json", "as_json", is_flag=True, help="Print the build record as JSON.")
+def push_cmd(cls: str, registry: str, version: str, engine: str, tls_verify: bool | None,
+             as_json: bool) -> None:
+    """Push a built CLASS VERSION to REGISTRY/kiln/CLASS:VERSION; records the pushed digest."""
+    from builder import build
+
+    record = build.push_build(cls, version, registry, engine=engine, tls_verify=tls_verify)
+    pushed = record["pushed"][-1]
+    click.echo(json.dumps(record, indent=2, sort_keys=True) if as_json else
+               f"pushed {pushed['byDigest']} (local image {record['image']['id'][:19]})")
+
+
+@main.group("registry")
+def registry_group() -> None:
+    """A local OCI registry (Debian's docker-registry) on 127.0.0.1, state in .kiln/registry/."""
+
+
+def _registry_root() -> Path:
+    from builder.state import make_state_dir
+
+    return make_state_dir().root / "registry"
+
+
+@registry_group.command("start")
+@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
+@click.option("--tls", is_flag=True, help="Serve HTTPS with a self-signed certificate for 127.0.0.1.")
+@click.option("--htpasswd", metavar="USER:PASSWORD", help="Require this user (htpasswd, bcrypt).")
+def registry_start(port: int, tls: bool, htpasswd: str | None) -> None:
+    """Start the registry in the background."""
+    from builder.registry import start_registry
+
+    info = start_registry(_registry_root(), port=port, tls=tls, htpasswd=htpasswd)
+    click.echo(f"registry at {info.address} (pid {info.pid}, {info.url}); data in {info.root / 'data'}; "
+               f"push with: kiln push CLASS {info.address}")
+
+
+@registry_group.command("status")
+def registry_status() -> None:
+    """Say whether the registry runs and where."""
+    from builder.registry import RegistryPaths, read_info
+
+    info = read_info(RegistryPaths(_registry_root()))
+    if info is None:
+        click.echo("no Kiln registry is running")
+        sys.exit(1)
+    click.echo(f"registry at {info.address} (pid {info.pid}, {info.url})")
+
+
+@registry_group.command("stop")
+def registry_stop() -> None:
+    """Stop the registry (its data stays in .kiln/registry/data)."""
+    from builder.registry import stop_registry
+
+    info = stop_registry(_registry_root())
+    click.echo(f"stopped the registry at {info.address}" if info else "no Kiln registry was running")
 
 
 @main.command()

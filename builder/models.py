@@ -45,13 +45,25 @@ def model_dir(hc: HardwareClass, m: Model) -> Path:
     return paths.build_dir() / hc.name / "models" / m.name / m.version
 
 
-def make_optimized_models(hc: HardwareClass, progress: Progress | None = None) -> list[Report]:
-    """Optimize and gate every model of the class. Raises GateFailed on the first refusal."""
+def make_optimized_models(hc: HardwareClass, progress: Progress | None = None, *,
+                          reuse: bool = False) -> list[Report]:
+    """Optimize and gate every model of the class. Raises GateFailed on the first refusal.
+
+    With `reuse`, a passing report made from the same source model, datasets,
+    policy, gates and onnxruntime version is kept as it is: latency noise must
+    not flip the chosen precision between two builds of the same inputs.
+    """
     root = paths.project_root()
     reports = []
     for m in hc.spec.models:
         policy, gates = finalize_policy(hc, m)
         calibration = root / (m.optimization.calibration or m.validation.dataset)
+        cached = _current_report(model_dir(hc, m), root / m.source) if reuse else None
+        if cached is not None and _same_inputs(cached, policy, gates, calibration, root / m.validation.dataset):
+            if progress:
+                progress(f"model {m.name} {m.version}: up to date ({cached.chosen}, {model_dir(hc, m)})")
+            reports.append(cached)
+            continue
         try:
             reports.append(optimize_model(root / m.source, calibration, root / m.validation.dataset,
                                           policy, gates, model_dir(hc, m), progress))
@@ -92,3 +104,14 @@ def _current_report(d: Path, source: Path) -> Report | None:
     if not ((d / "chosen.onnx").is_file() and (d / "golden.npz").is_file()):
         return None
     return report
+
+
+def _same_inputs(report: Report, policy: OptimizationPolicy, gates: Gates, calibration: Path,
+                 validation: Path) -> bool:
+    import onnxruntime
+
+    ds = report.datasets
+    return (report.policy == policy.to_dict() and report.gates == gates.to_dict()
+            and report.onnxruntime_version == onnxruntime.__version__
+            and ds.get("calibration_sha256") == sha256_file(calibration)
+            and ds.get("validation_sha256") == sha256_file(validation))

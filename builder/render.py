@@ -58,6 +58,7 @@ class RenderPlan:
     models: tuple[ModelArtifact, ...]
     labels: tuple[tuple[str, str], ...] = field(default=())
     release: dict[str, object] = field(default_factory=dict)
+    ssh_public_key: str | None = None  # development classes: the per-build test key (see build.py)
 
 
 def finalize_base_ref(hc: HardwareClass) -> str:
@@ -156,8 +157,11 @@ def finalize_labels(hc: HardwareClass, models: tuple[ModelArtifact, ...]) -> tup
 
 def finalize_plan(hc: HardwareClass, *, source: str, version: str = DEFAULT_VERSION,
                   revision: str = "unknown",
-                  models: tuple[ModelArtifact, ...] | None = None) -> RenderPlan:
+                  models: tuple[ModelArtifact, ...] | None = None,
+                  ssh_public_key: str | None = None) -> RenderPlan:
     models = models if models is not None else finalize_source_models(hc)
+    if ssh_public_key is not None and not hc.spec.development:
+        raise ValueError(f"{hc.name} is a production class: it never gets a test SSH key")
     return RenderPlan(
         hc=hc, source=source, version=version, revision=revision,
         base_ref=finalize_base_ref(hc),
@@ -167,6 +171,7 @@ def finalize_plan(hc: HardwareClass, *, source: str, version: str = DEFAULT_VERS
         models=models,
         labels=finalize_labels(hc, models),
         release=finalize_release(hc, version, revision, models),
+        ssh_public_key=ssh_public_key,
     )
 
 
@@ -189,8 +194,13 @@ def render_containerfile(plan: RenderPlan) -> str:
 # --- the build context -------------------------------------------------------
 
 
-def make_context(plan: RenderPlan, outdir: Path) -> Path:
-    """Write DIR/Containerfile and everything it COPYs. Replaces DIR atomically."""
+def make_context(plan: RenderPlan, outdir: Path, wheelhouse: Path | None = None) -> Path:
+    """Write DIR/Containerfile and everything it COPYs. Replaces DIR atomically.
+
+    `wheelhouse` (builder.wheels.make_wheelhouse) fills runtime/wheels/ and pins
+    runtime/requirements.txt by hash; without it the requirements are plain
+    pins and the context cannot be built offline (the unit tests' case).
+    """
     outdir = outdir.resolve()
     tmp = outdir.with_name(outdir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -199,11 +209,12 @@ def make_context(plan: RenderPlan, outdir: Path) -> Path:
     make_overlay_tree(plan, tmp / "overlays")
     make_class_tree(plan, tmp / "class")
     make_model_tree(plan, tmp / "models")
-    make_runtime_files(plan, tmp / "runtime")
+    make_runtime_files(plan, tmp / "runtime", wheelhouse)
     make_repo_files(plan, tmp / "repos")
     if plan.hc.spec.base.family.package_manager == "apt":
         _copy_tree(paths.overlays_dir() / "initramfs", tmp / "initramfs")
-    _write_json(tmp / "release.json", plan.release)
+    _write_json(tmp / "release" / "release.json", plan.release)
+    _write_json(tmp / "release" / "class.json", plan.hc.model_dump(mode="json", by_alias=True))
     _normalize_mtimes(tmp)
     shutil.rmtree(outdir, ignore_errors=True)
     tmp.rename(outdir)
@@ -232,8 +243,17 @@ def make_class_tree(plan: RenderPlan, dest: Path) -> None:
     kargs.parent.mkdir(parents=True)
     kargs.write_text("# Kernel arguments of class {} (from its spec)\nkargs = [{}]\n".format(
         plan.hc.name, ", ".join(json.dumps(a) for a in spec.kernel.args)))
-    spec_json = dest / "usr/lib/kiln/class.json"
-    _write_json(spec_json, plan.hc.model_dump(mode="json", by_alias=True))
+    if plan.ssh_public_key:
+        # Development only (finalize_plan refuses it otherwise): root logs in with the
+        # per-build key; the image stays free of passwords and of any fixed key.
+        keys = dest / "usr/lib/kiln/ssh/authorized_keys"
+        keys.parent.mkdir(parents=True)
+        keys.write_text(plan.ssh_public_key.strip() + "\n")
+        conf = dest / "etc/ssh/sshd_config.d/50-kiln-dev.conf"
+        conf.parent.mkdir(parents=True)
+        conf.write_text("# Kiln development class: the per-build test key (build/<class>/ssh/), never shipped\n"
+                        "AuthorizedKeysFile .ssh/authorized_keys /usr/lib/kiln/ssh/authorized_keys\n"
+                        "PermitRootLogin prohibit-password\nPasswordAuthentication no\n")
     if spec.accelerator.kind is AcceleratorKind.nvidia_dgpu:
         sharing = spec.accelerator.sharing
         _write_json(dest / "usr/lib/kiln/gpu-sharing.json",
@@ -250,10 +270,17 @@ def make_model_tree(plan: RenderPlan, dest: Path) -> None:
             shutil.copyfile(extra, d / extra.name)
 
 
-def make_runtime_files(plan: RenderPlan, dest: Path) -> None:
-    dest.mkdir(parents=True)
-    rt = plan.hc.spec.runtime
-    (dest / "requirements.txt").write_text(f"{rt.name.value}=={rt.version}\nnumpy==2.2.6\n")
+def make_runtime_files(plan: RenderPlan, dest: Path, wheelhouse: Path | None) -> None:
+    from builder import wheels
+
+    (dest / "wheels").mkdir(parents=True)
+    if wheelhouse is None:
+        target = wheels.finalize_target(plan.hc)
+        (dest / "requirements.txt").write_text("\n".join(target.requirements) + "\n")
+        return
+    for wheel in wheels.wheel_files(wheelhouse):
+        shutil.copyfile(wheel, dest / "wheels" / wheel.name)
+    (dest / "requirements.txt").write_text(wheels.render_locked_requirements(wheelhouse))
 
 
 def make_repo_files(plan: RenderPlan, dest: Path) -> None:

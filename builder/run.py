@@ -83,15 +83,7 @@ def run(
     stderr are returned; otherwise stdout streams to ours and stderr is both
     streamed and kept (its tail goes into CommandFailed).
     """
-    args = [os.fspath(a) for a in argv]
-    args[0] = find_tool(args[0])
-    full_env = dict(os.environ)
-    for key in unset_env:
-        full_env.pop(key, None)
-    full_env.update(env or {})
-    if VERBOSE and not quiet:
-        shown = [Path(args[0]).name, *args[1:]]
-        print(f"+ {format_argv(shown, env)}", file=sys.stderr, flush=True)
+    args, full_env = _prepare(argv, env, unset_env, quiet)
     try:
         proc = subprocess.run(
             args,
@@ -180,16 +172,19 @@ def spawn(
     cwd: str | os.PathLike[str] | None = None,
     log: str | os.PathLike[str] | None = None,
     quiet: bool = False,
+    detach: bool = False,
 ) -> subprocess.Popen[bytes]:
     """Start a long-running command (a service) in the background; the caller stops it.
 
-    Its stdout and stderr go to `log` (a file path), or are discarded.
+    Its stdout and stderr go to `log` (a file path), or are discarded. `detach`
+    puts it in its own session, so it outlives the terminal that started it.
     """
     args, full_env = _prepare(argv, env, unset_env, quiet)
     out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
     try:
         return subprocess.Popen(
-            args, env=full_env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+            args, env=full_env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+            start_new_session=detach,
         )
     finally:
         if log is not None and not isinstance(out, int):

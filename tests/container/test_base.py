@@ -8,9 +8,8 @@ second run is a cache hit and destructive tests never touch the CLI's images.
 from __future__ import annotations
 
 import os
-import shutil
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,50 +32,11 @@ from builder.run import run
 from builder.state import StateDir, make_state_dir
 from tests.conftest import ROOT, require_tool
 
-TEST_STATE = Path(os.environ.get("KILN_TEST_STATE_DIR") or ROOT / ".kiln" / "test-state")
-
-
-@pytest.fixture(scope="session")
-def test_state() -> StateDir:
-    return make_state_dir(root=TEST_STATE)
-
-
-@pytest.fixture(scope="session")
-def base_image(test_state: StateDir) -> BaseImage:
-    require_tool("mmdebstrap")
-    require_tool("podman")
-    return make_base(state=test_state)
-
 
 @pytest.fixture(scope="session")
 def rootfs_members(base_image: BaseImage) -> dict[str, tarfile.TarInfo]:
     with tarfile.open(base_image.tarball) as tar:
         return {m.name.removeprefix("./").rstrip("/"): m for m in tar}
-
-
-@pytest.fixture
-def scratch_state(tmp_path: Path) -> Iterator[StateDir]:
-    """A throwaway state dir (own store); removed afterwards: a base in it is ~1.2 GB."""
-    state = make_state_dir(root=tmp_path / "state")
-    yield state
-    shutil.rmtree(state.root, ignore_errors=True)
-    shutil.rmtree(state.runroot, ignore_errors=True)
-
-
-@pytest.fixture
-def path_only(tmp_path: Path) -> Iterator[Callable[..., None]]:
-    """Set PATH to a directory holding only the named tools (links to the real ones)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    saved = os.environ["PATH"]
-
-    def keep(*tools: str) -> None:
-        for tool in tools:
-            (bin_dir / tool).symlink_to(require_tool(tool))
-        os.environ["PATH"] = str(bin_dir)
-
-    yield keep
-    os.environ["PATH"] = saved
 
 
 # --- fast checks: marked unit, so they run in the default tier --------------

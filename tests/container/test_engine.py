@@ -9,17 +9,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import socket
 import tarfile
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from builder.base import BaseImage, make_base, write_docker_archive
+from builder.base import BaseImage, write_docker_archive
 from builder.engine import (
     DockerEngine,
     Engine,
@@ -27,14 +24,11 @@ from builder.engine import (
     finalize_layers,
     needs_version,
     select_engine,
-    start_podman_service,
 )
 from builder.errors import BuildError, ToolMissing, UsageError
-from builder.run import spawn
 from builder.state import StateDir, make_state_dir
-from tests.conftest import IN_CI, ROOT, require_tool
+from tests.container.conftest import require_docker_sdk
 
-TEST_STATE = Path(os.environ.get("KILN_TEST_STATE_DIR") or ROOT / ".kiln" / "test-state")
 EPOCH = 1735689600
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -54,40 +48,6 @@ LABEL dev.kiln.test="engine"
 """
 
 
-def require_docker_sdk() -> None:
-    try:
-        import docker  # type: ignore[import-untyped]  # noqa: F401
-    except ImportError:
-        if IN_CI:
-            pytest.fail("the docker Python package is not installed (CI=true: a failure, not a skip)")
-        pytest.skip("the docker Python package is not installed")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="session")
-def test_state() -> StateDir:
-    return make_state_dir(root=TEST_STATE)
-
-
-@pytest.fixture(scope="session")
-def base_image(test_state: StateDir) -> BaseImage:
-    require_tool("mmdebstrap")
-    require_tool("podman")
-    return make_base(state=test_state)
-
-
-@pytest.fixture(scope="session")
-def podman(test_state: StateDir, base_image: BaseImage) -> PodmanEngine:
-    engine = PodmanEngine(test_state)
-    engine.version()
-    return engine
-
-
 @pytest.fixture(scope="session")
 def context(tmp_path_factory: pytest.TempPathFactory, base_image: BaseImage) -> Path:
     ctx = tmp_path_factory.mktemp("context")
@@ -100,47 +60,6 @@ def context(tmp_path_factory: pytest.TempPathFactory, base_image: BaseImage) -> 
 def built(podman: PodmanEngine, context: Path) -> str:
     """A cold build (no cache) of the test Containerfile; returns the image id."""
     return podman.build(context, context / "Containerfile", "localhost/kiln-test/engine:1", {"VERSION": "1"}, EPOCH)
-
-
-@pytest.fixture(scope="session")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Debian's docker-registry (distribution) on 127.0.0.1, plain http, no auth."""
-    require_tool("docker-registry")
-    root = tmp_path_factory.mktemp("registry")
-    addr = f"127.0.0.1:{free_port()}"
-    config = root / "config.yml"
-    config.write_text(
-        f"version: 0.1\nlog: {{level: warn}}\nstorage: {{filesystem: {{rootdirectory: {root / 'data'}}}}}\n"
-        f"http: {{addr: {addr}}}\n"
-    )
-    # REGISTRY_AUTH_FILE (podman's variable) would be read by distribution as config.
-    proc = spawn(["docker-registry", "serve", config], unset_env=["REGISTRY_AUTH_FILE"], log=root / "log")
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                urllib.request.urlopen(f"http://{addr}/v2/", timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError((root / "log").read_text()) from None
-                time.sleep(0.1)
-        yield addr
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-@pytest.fixture(scope="session")
-def docker_engine(
-    test_state: StateDir, base_image: BaseImage, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[DockerEngine]:
-    require_docker_sdk()
-    sock = tmp_path_factory.mktemp("svc") / "podman.sock"
-    with start_podman_service(test_state, sock) as url:
-        engine = DockerEngine(url)
-        engine.version()
-        yield engine
 
 
 def manifest_digest(registry: str, repo: str, ref: str) -> str:

@@ -41,9 +41,9 @@ def test_bad_spec_exit_2_without_traceback(tmp_path: Path) -> None:
 
 
 def test_render_writes_context(tmp_path: Path) -> None:
-    r = kiln("render", "qemu-x86_64", "-o", str(tmp_path / "ctx"), "--version", "2.0.0")
+    r = kiln("render", "qemu-x86_64", "-o", str(tmp_path / "ctx"), "--version", "2.0.0", "--no-wheels")
     assert r.returncode == 0, r.stderr
-    release = json.loads((tmp_path / "ctx/release.json").read_text())
+    release = json.loads((tmp_path / "ctx/release/release.json").read_text())
     assert release["version"] == "2.0.0"
     assert (tmp_path / "ctx/Containerfile").read_text().startswith("# Rendered by kiln")
 

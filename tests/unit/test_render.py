@@ -78,7 +78,7 @@ def test_layer_order_slow_first_model_and_release_last(name: str) -> None:
     assert instr[0] == "FROM"
     text = "\n".join(lines)
     order = ["install", "COPY runtime/", "COPY overlays/", "COPY models/", "ARG VERSION",
-             "COPY release.json", "LABEL containers.bootc"]
+             "COPY release/", "LABEL containers.bootc"]
     positions = [text.index(marker) for marker in order]
     assert positions == sorted(positions)
     assert lines[-1].startswith("RUN ") and "kiln_lint.py" in lines[-1]
@@ -103,7 +103,8 @@ def test_release_json_and_labels(tmp_path: Path) -> None:
 
     p = plan("factory-gateway-gpu")
     ctx = make_context(p, tmp_path / "ctx")
-    release = json.loads((ctx / "release.json").read_text())
+    release = json.loads((ctx / "release/release.json").read_text())
+    assert json.loads((ctx / "release/class.json").read_text())["metadata"]["name"] == "factory-gateway-gpu"
     assert release["class"] == "factory-gateway-gpu"
     assert release["compatible"] == "acme-factory,factory-gateway-gpu"
     assert release["version"] == "1.2.3"
@@ -117,3 +118,18 @@ def test_release_json_and_labels(tmp_path: Path) -> None:
         "strategy": "time-slicing", "replicas": 4}
     assert (ctx / "overlays/usr/lib/systemd/system/kiln-nvidia-cdi.service").exists()
     assert "nvidia-container-toolkit=1.17.8-1" in (ctx / "Containerfile").read_text()
+
+
+def test_ssh_key_only_for_development_classes(tmp_path: Path) -> None:
+    hc = load_class("qemu-x86_64", ROOT / "images")
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKilnTestKeyOnly kiln-dev"
+    ctx = make_context(finalize_plan(hc, source="images/qemu-x86_64.yaml", ssh_public_key=key), tmp_path / "dev")
+    assert (ctx / "class/usr/lib/kiln/ssh/authorized_keys").read_text() == key + "\n"
+    conf = (ctx / "class/etc/ssh/sshd_config.d/50-kiln-dev.conf").read_text()
+    assert "AuthorizedKeysFile .ssh/authorized_keys /usr/lib/kiln/ssh/authorized_keys" in conf
+    assert "PasswordAuthentication no" in conf
+    # without a key (kiln render), and for production classes, nothing is baked
+    plain = make_context(finalize_plan(hc, source="images/qemu-x86_64.yaml"), tmp_path / "plain")
+    assert not (plain / "class/usr/lib/kiln/ssh").exists()
+    with pytest.raises(ValueError, match="production class"):
+        finalize_plan(load_class("medical-cart-cpu", ROOT / "images"), source="x", ssh_public_key=key)

@@ -193,7 +193,8 @@ def check_machine_id(root: Path, release: dict) -> Iterator[str]:
 def check_production_access(root: Path, release: dict) -> Iterator[str]:
     if release.get("development"):
         return
-    for p in [root / "root/.ssh/authorized_keys", *sorted((root / "home").glob("*/.ssh/authorized_keys"))]:
+    keys = [root / "root/.ssh/authorized_keys", root / "usr/lib/kiln/ssh/authorized_keys"]
+    for p in [*keys, *sorted((root / "home").glob("*/.ssh/authorized_keys"))]:
         if p.exists():
             yield f"{p.relative_to(root)} exists in a production image"
 

@@ -1,0 +1,325 @@
+"""`kiln build`: spec -> optimized model -> build context -> OCI image -> build record.
+
+    record = build_class(hc, source="images/qemu-x86_64.yaml", version="1.0.0")
+    record["image"]["id"]            # sha256 of the image config: same inputs, same id
+    push_build(hc.name, "1.0.0", "127.0.0.1:5000")
+
+Steps, each timed (builder.progress.Steps) and stored in the record:
+
+1. checks that fail fast: the engine (installed, new enough), what this
+   machine lacks for the class (foreign architecture, a registry base not in
+   local storage, vendor repositories out of reach);
+2. the offline base (`kiln base`) when the class bootstraps one and it is missing;
+3. the models: optimized and gated (a refused model stops the build, exit 5);
+   a passing report for the same inputs is reused;
+4. the context, rendered into build/<class>/<version>/context;
+5. the engine build, `--timestamp` fixed (SOURCE_DATE_EPOCH or 2025-01-01),
+   so the same inputs give the same image id;
+6. build/<class>/<version>/build.json: image id and digest, every layer with its
+   group (base, os, drivers, kernel, runtime, agent, model, release, lint),
+   base, models and durations. A failed build leaves no build.json behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from builder import models as model_glue
+from builder import paths, render
+from builder.base import DEFAULT_EPOCH, make_base_for_class
+from builder.capability import why_not_buildable
+from builder.engine import Engine, ImageInfo, select_engine
+from builder.errors import BuildError, KilnError, UsageError
+from builder.progress import Steps
+from builder.run import run
+from builder.safe import version as check_version
+from builder.spec import BaseSource, HardwareClass
+from builder.state import StateDir, make_state_dir
+from builder.wheels import make_wheelhouse
+
+RECORD_SCHEMA = 1
+IMAGE_REPO = "localhost/kiln"
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+# -- names ----------------------------------------------------------------------------
+
+
+def finalize_tag(version: str) -> str:
+    """An OCI tag for a version: `+` (semver build metadata) becomes `_`."""
+    tag = version.replace("+", "_")
+    if not _TAG.fullmatch(tag):
+        raise UsageError(f"version {version!r} cannot be an image tag (letters, digits, _ . - and +)")
+    return tag
+
+
+def image_ref(cls: str, version: str) -> str:
+    return f"{IMAGE_REPO}/{cls}:{finalize_tag(version)}"
+
+
+def release_dir(cls: str, version: str) -> Path:
+    return paths.build_dir() / cls / finalize_tag(version)
+
+
+def record_path(cls: str, version: str) -> Path:
+    return release_dir(cls, version) / "build.json"
+
+
+def finalize_epoch() -> int:
+    raw = os.environ.get("SOURCE_DATE_EPOCH")
+    if raw is None:
+        return DEFAULT_EPOCH
+    if not raw.isdigit():
+        raise UsageError(f"SOURCE_DATE_EPOCH={raw!r} is not a number of seconds")
+    return int(raw)
+
+
+def finalize_revision(root: Path) -> str:
+    """The git commit of the project (with -dirty when the tree has changes), or 'unknown'."""
+    if not (root / ".git").exists():
+        return "unknown"
+    try:
+        head = run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"], capture=True, quiet=True)
+        dirty = run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"], capture=True, quiet=True)
+    except KilnError:
+        return "unknown"
+    return head.stdout.decode().strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+# -- layers ---------------------------------------------------------------------------
+
+# What each layer-creating instruction of a rendered Containerfile is, by content.
+# Order matters: the first pattern that matches wins.
+LAYER_GROUPS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("lint", re.compile(r"kiln_lint\.py|bootc container lint")),
+    ("release", re.compile(r"^COPY release/")),
+    ("model", re.compile(r"^COPY models/")),
+    ("agent", re.compile(r"^COPY (overlays|class)/|systemctl preset-all")),
+    ("runtime", re.compile(r"^COPY runtime/|-m venv")),
+    ("kernel", re.compile(r"^COPY initramfs/|update-initramfs|dracut")),
+    ("repositories", re.compile(r"^(ADD|COPY repos/)")),
+    ("packages", re.compile(r"(apt-get|dnf) .*install")),
+)
+
+
+def finalize_instructions(containerfile: str) -> list[str]:
+    """The layer-creating instructions (RUN, COPY, ADD) after FROM, continuation lines joined."""
+    out: list[str] = []
+    current = ""
+    for line in containerfile.splitlines():
+        if not current and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        current += line.rstrip("\\").strip() + " "
+        if line.rstrip().endswith("\\"):
+            continue
+        word = current.split(" ", 1)[0].upper()
+        if word in ("RUN", "COPY", "ADD"):
+            out.append(current.strip())
+        current = ""
+    return out
+
+
+def finalize_layer_groups(containerfile: str) -> list[str]:
+    """A group per instruction; the first install is the OS, a second one the drivers."""
+    groups = []
+    installs = 0
+    for instr in finalize_instructions(containerfile):
+        group = next((g for g, pat in LAYER_GROUPS if pat.search(instr)), "other")
+        if group == "packages":
+            installs += 1
+            group = "os" if installs == 1 else "drivers"
+        groups.append(group)
+    return groups
+
+
+def finalize_layers(info: ImageInfo, base_layers: int, containerfile: str) -> list[dict[str, Any]]:
+    groups = ["base"] * base_layers + finalize_layer_groups(containerfile)
+    if len(groups) != len(info["layers"]):  # an engine that squashed or skipped layers: say so, do not guess
+        groups = ["unknown"] * len(info["layers"])
+    return [{"diffId": layer["diff_id"], "size": layer["size"], "group": group,
+             "createdBy": layer["created_by"][:200]}
+            for layer, group in zip(info["layers"], groups, strict=True)]
+
+
+# -- the development SSH key ------------------------------------------------------------
+
+
+def make_dev_ssh_key(hc: HardwareClass) -> str | None:
+    """build/<class>/ssh/id_ed25519 for development classes (made once, kept); its public key."""
+    if not hc.spec.development or not hc.spec.access.ssh:
+        return None
+    key = paths.build_dir() / hc.name / "ssh" / "id_ed25519"
+    pub = key.with_name("id_ed25519.pub")
+    if not (key.is_file() and pub.is_file()):
+        key.parent.mkdir(parents=True, exist_ok=True)
+        key.unlink(missing_ok=True)
+        pub.unlink(missing_ok=True)
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"kiln-dev@{hc.name}", "-f", key], quiet=True)
+    return pub.read_text().strip()
+
+
+# -- the build ------------------------------------------------------------------------
+
+
+def build_class(
+    hc: HardwareClass,
+    *,
+    source: str,
+    version: str = render.DEFAULT_VERSION,
+    revision: str | None = None,
+    engine: str | Engine = "auto",
+    state: StateDir | None = None,
+    no_cache: bool = False,
+    steps: Steps | None = None,
+) -> dict[str, Any]:
+    """Build one class into the engine's store; return (and write) its build record."""
+    try:
+        check_version(version)
+    except ValueError as exc:
+        raise UsageError(f"--version: {exc}") from None
+    ref = image_ref(hc.name, version)
+    steps = steps or Steps()
+    state = state or make_state_dir()
+    out = release_dir(hc.name, version)
+    out.mkdir(parents=True, exist_ok=True)
+    record_file = out / "build.json"
+    record_file.unlink(missing_ok=True)  # a failed build must not leave the last one's record looking current
+    epoch = finalize_epoch()
+    revision = revision or finalize_revision(paths.project_root())
+    try:
+        with steps.step("check the engine and the class"):
+            eng = engine if isinstance(engine, Engine) else select_engine(engine, state, check=False)
+            engine_version = eng.version()
+            reasons = why_not_buildable(hc, tools=False)
+            if reasons:
+                raise BuildError(f"{hc.name} cannot be built on this machine: " + "; ".join(reasons))
+        base_id = None
+        if hc.spec.base.source is BaseSource.bootstrap:
+            with steps.step("offline base"):
+                base_id = make_base_for_class(hc, state=state, engine=eng).image_id
+        with steps.step("optimize and gate the models"):
+            model_glue.make_optimized_models(hc, steps.say, reuse=True)
+            artifacts = model_glue.finalize_model_artifacts(hc, require_optimized=True)
+        with steps.step("render the build context"):
+            plan = render.finalize_plan(hc, source=source, version=version, revision=revision,
+                                        models=artifacts, ssh_public_key=make_dev_ssh_key(hc))
+            context = render.make_context(plan, out / "context", make_wheelhouse(hc, state))
+            containerfile = (context / "Containerfile").read_text()
+        created = datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        with steps.step(f"build {ref} with {eng.name}"):
+            image_id = eng.build(context, context / "Containerfile", ref,
+                                 {"VERSION": version, "REVISION": revision, "CREATED": created},
+                                 epoch, no_cache=no_cache)
+        with steps.step("record the build"):
+            info = eng.inspect(image_id)
+            base_info = eng.inspect(plan.base_ref) if eng.exists(plan.base_ref) else None
+            base_layers = len(base_info["layers"]) if base_info else 0
+            layers = finalize_layers(info, base_layers, containerfile)
+    except KilnError as exc:
+        raise exc.with_context(f"building {hc.name} {version}") from exc.__cause__
+    model_layers = [layer["diffId"] for layer in layers if layer["group"] == "model"]
+    record: dict[str, Any] = {
+        "schemaVersion": RECORD_SCHEMA,
+        "class": hc.name,
+        "compatible": hc.spec.compatible,
+        "version": version,
+        "revision": revision,
+        "created": created,
+        "engine": {"name": eng.name, "version": engine_version, "reproducible": eng.reproducible},
+        "image": {"ref": ref, "id": info["id"], "digest": info["digest"], "size": info["size"],
+                  "architecture": info["architecture"]},
+        "base": {"ref": plan.base_ref, "id": base_id or (base_info["id"] if base_info else None)},
+        "models": [{"name": a.name, "version": a.version, "precision": a.precision,
+                    "sha256": f"sha256:{a.sha256}", "layer": model_layers[0] if model_layers else None}
+                   for a in artifacts],
+        "layers": layers,
+        "labels": info["labels"],
+        "context": str(context),
+        "durations": steps.summary(),
+        "pushed": [],
+    }
+    write_record(record_file, record)
+    return record
+
+
+def write_record(path: Path, record: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def read_record(cls: str, version: str) -> dict[str, Any]:
+    path = record_path(cls, version)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BuildError(f"{cls} {version} has not been built here ({path} is missing); "
+                         f"run `kiln build {cls} --version {version}` first") from None
+    except ValueError as exc:
+        raise BuildError(f"{path}: not a build record ({exc}); rebuild it") from None
+    if not isinstance(data, dict) or data.get("schemaVersion") != RECORD_SCHEMA:
+        raise BuildError(f"{path}: unknown build record format; rebuild it")
+    return data
+
+
+# -- push -------------------------------------------------------------------------------
+
+
+def is_loopback(registry: str) -> bool:
+    host = registry.split("/", 1)[0].rsplit(":", 1)[0]
+    return host == "localhost" or host.startswith("127.")
+
+
+def finalize_destination(registry: str, cls: str, version: str) -> str:
+    registry = registry.removeprefix("docker://").rstrip("/")
+    if not registry or any(c in registry for c in " \t\n@"):
+        raise UsageError(f"registry {registry!r} should look like host:port or host:port/path")
+    return f"{registry}/kiln/{cls}:{finalize_tag(version)}"
+
+
+def push_build(
+    cls: str,
+    version: str,
+    registry: str,
+    *,
+    engine: str | Engine = "auto",
+    state: StateDir | None = None,
+    tls_verify: bool | None = None,
+    steps: Steps | None = None,
+) -> dict[str, Any]:
+    """Push a built image by its id; record `{ref, digest}` in build.json. Returns the record."""
+    record = read_record(cls, version)
+    state = state or make_state_dir()
+    steps = steps or Steps()
+    eng = engine if isinstance(engine, Engine) else select_engine(engine, state)
+    dest = finalize_destination(registry, cls, version)
+    verify = (not is_loopback(registry)) if tls_verify is None else tls_verify
+    image_id = record["image"]["id"]
+    if not eng.exists(image_id):
+        raise BuildError(f"image {image_id[:19]} of {cls} {version} is not in {eng.name}'s store any more; rebuild it")
+    with steps.step(f"push {dest}"):
+        digest = eng.push(image_id, dest, tls_verify=verify)
+    record["pushed"] = [p for p in record.get("pushed", []) if p.get("ref") != dest]
+    record["pushed"].append({"ref": dest, "digest": digest, "byDigest": f"{dest.rsplit(':', 1)[0]}@{digest}"})
+    record.setdefault("durations", {})[f"push {dest}"] = steps.summary().get(f"push {dest}")
+    write_record(record_path(cls, version), record)
+    return record
+
+
+def describe(record: dict[str, Any]) -> str:
+    """A few lines for humans after a build."""
+    img = record["image"]
+    lines = [f"built {img['ref']}  {img['id'][:19]}  {img['size'] / 1e6:.0f} MB"]
+    groups: dict[str, int] = {}
+    for layer in record["layers"]:
+        groups[layer["group"]] = groups.get(layer["group"], 0) + (layer["size"] or 0)
+    lines.append("layers: " + ", ".join(f"{g} {n / 1e6:.1f} MB" for g, n in groups.items()))
+    lines += [f"model {m['name']} {m['version']}: {m['precision']} {m['sha256'][:19]}" for m in record["models"]]
+    lines += [f"pushed {p['byDigest']}" for p in record.get("pushed", [])]
+    lines.append(f"record: {record_path(record['class'], record['version'])}")
+    return "\n".join(lines)

@@ -1,0 +1,643 @@
+"""OCI image -> bootable A/B GPT disk, assembled without mounting anything.
+
+Layout (sizes from the class spec, `spec.disk`):
+
+    esp     FAT32: systemd-boot, loader.conf, /kiln/<slot>/{vmlinuz,initramfs.img},
+            one Boot Loader Specification entry for slot A
+    root-a  the image's root filesystem, read-only (erofs)
+    root-b  empty, sized like root-a (the first update writes it)
+    data    ext4: /etc and /var overlays (overlay/<dir>/{upper,work}), agent state
+
+`finalize_*` functions compute the plan (pure; unit-tested); `make_*` functions
+write files. Every identifier (disk GUID, partition UUIDs, filesystem UUIDs, the
+FAT volume id) is derived from class + version with uuid5, and every timestamp is
+fixed, so the same image and version give the same disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import tomllib
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from builder import paths
+from builder.errors import CommandFailed, DiskError, KilnError
+from builder.progress import Steps
+from builder.run import find_tool, run
+from builder.spec import Architecture, Disk, RootFilesystem
+from builder.state import StateDir, make_state_dir
+
+MiB = 1024**2
+SECTOR = 512
+ALIGN = MiB  # partitions start on 1 MiB boundaries
+GPT_HEAD = MiB  # protective MBR + primary GPT, padded to the first aligned start
+GPT_TAIL = MiB  # backup GPT (33 sectors), padded
+EPOCH = 0  # every timestamp on the disk (files, filesystems)
+FORMATS = ("raw", "qcow2")
+
+# A fixed namespace: uuid5(KILN_NS, "<class>/<version>/<what>") names every identifier.
+KILN_NS = uuid.UUID("6b696c6e-2d64-6973-6b2d-6e616d657370")
+
+# GPT partition types (Discoverable Partitions Specification).
+ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+ROOT_TYPES = {
+    Architecture.x86_64: "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709",
+    Architecture.aarch64: "B921B045-1DF0-41C3-AF44-4C6F280D3FAE",
+}
+# Generic Linux data, not the /var type: the initramfs sets up the overlays itself,
+# and systemd-gpt-auto-generator must not mount it on /var.
+LINUX_DATA_TYPE = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+
+SLOTS = ("a", "b")
+RELEASE_JSON = "usr/lib/kiln/release.json"
+CLASS_JSON = "usr/lib/kiln/class.json"
+KARGS_DIR = "usr/lib/bootc/kargs.d"
+MODULES_DIR = "usr/lib/modules"
+SYSTEMD_BOOT_DIR = "usr/lib/systemd/boot/efi"
+HOST_SYSTEMD_BOOT_DIR = Path("/usr/lib/systemd/boot/efi")
+# What the data partition starts with: the overlay directories the initramfs mounts.
+DATA_DIRS = ("overlay/etc/upper", "overlay/etc/work", "overlay/var/upper", "overlay/var/work")
+# Touch this on the data partition and the initramfs wipes the overlays on the next boot.
+FACTORY_RESET_FLAG = "factory-reset"
+EROFS_COMPRESSORS = {"none": None, "lz4": "lz4", "lz4hc": "lz4hc,12", "zstd": "zstd"}
+
+
+# --- what the image brings ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What `kiln disk` needs from an unpacked image (read by `read_image_info`)."""
+
+    source: str
+    class_name: str
+    version: str
+    architecture: Architecture
+    kernel_version: str
+    kernel: Path  # inside the rootfs
+    initrd: Path
+    kargs: tuple[str, ...]
+    disk: Disk
+    storage: int | None  # spec.envelope.storage: the device's whole disk
+    development: bool = False
+
+
+def read_image_info(rootfs: Path, source: str, *, version: str | None = None) -> ImageInfo:
+    """Read release.json, class.json, the kernel arguments and the kernel of an unpacked image."""
+    release = _read_json(rootfs, RELEASE_JSON, source)
+    klass = _read_json(rootfs, CLASS_JSON, source)
+    spec = klass.get("spec") or {}
+    try:
+        disk = Disk.model_validate(spec.get("disk") or {})
+        arch = Architecture(spec.get("architecture", "x86_64"))
+    except ValueError as exc:
+        raise DiskError(f"{source}: /{CLASS_JSON} has no valid spec.disk: {exc}") from None
+    kver, kernel, initrd = find_kernel(rootfs, source)
+    storage = (spec.get("envelope") or {}).get("storage")
+    return ImageInfo(
+        source=source,
+        class_name=str(release.get("class") or (klass.get("metadata") or {}).get("name") or "unknown"),
+        version=version or str(release.get("version") or "0.0.0-dev"),
+        architecture=arch,
+        kernel_version=kver,
+        kernel=kernel,
+        initrd=initrd,
+        kargs=read_kargs(rootfs),
+        disk=disk,
+        storage=int(storage) if storage is not None else None,
+        development=bool(spec.get("development", False)),
+    )
+
+
+def _read_json(rootfs: Path, rel: str, source: str) -> dict[str, Any]:
+    path = rootfs / rel
+    rel = "/" + rel
+    if not path.is_file():
+        raise DiskError(f"{source} is not a Kiln image: {rel} is missing",
+                        hint="build it with `kiln build CLASS` (it bakes release.json and class.json)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DiskError(f"{source}: cannot read {rel}: {exc}") from None
+    if not isinstance(data, dict):
+        raise DiskError(f"{source}: {rel} is not a JSON object")
+    return data
+
+
+def find_kernel(rootfs: Path, source: str) -> tuple[str, Path, Path]:
+    """The newest /usr/lib/modules/$kver with a vmlinuz; its initramfs.img is required too."""
+    modules = rootfs / MODULES_DIR
+    kvers = sorted((p.parent.name for p in modules.glob("*/vmlinuz")), key=_version_key)
+    if not kvers:
+        raise DiskError(f"{source} has no kernel: no /{MODULES_DIR}/<kver>/vmlinuz",
+                        hint="a Kiln image keeps its kernel in /usr/lib/modules/$kver/vmlinuz "
+                             "(the class's kernel.package, moved there by the Containerfile)")
+    kver = kvers[-1]
+    initrd = modules / kver / "initramfs.img"
+    if not initrd.is_file():
+        raise DiskError(f"{source} has a kernel but no initramfs: /{MODULES_DIR}/{kver}/initramfs.img is missing",
+                        hint="the image must run update-initramfs with Kiln's hook (overlays/initramfs)")
+    return kver, modules / kver / "vmlinuz", initrd
+
+
+def _version_key(text: str) -> list[tuple[int, str]]:
+    return [(int(p), "") if p.isdigit() else (-1, p) for p in re.split(r"[.\-+~]", text)]
+
+
+def read_kargs(rootfs: Path) -> tuple[str, ...]:
+    """Kernel arguments from /usr/lib/bootc/kargs.d/*.toml, in file-name order (bootc's rule)."""
+    args: list[str] = []
+    for path in sorted((rootfs / KARGS_DIR).glob("*.toml")):
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise DiskError(f"/{KARGS_DIR}/{path.name}: {exc}") from None
+        kargs = data.get("kargs", [])
+        if not isinstance(kargs, list) or not all(isinstance(a, str) for a in kargs):
+            raise DiskError(f"/{KARGS_DIR}/{path.name}: kargs must be a list of strings")
+        args.extend(kargs)
+    return tuple(args)
+
+
+# --- the plan ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Partition:
+    label: str
+    type_guid: str
+    uuid: str
+    start: int  # bytes, aligned
+    size: int  # bytes, aligned
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    """Everything `make_disk` writes, derived once from the image and the options."""
+
+    class_name: str
+    version: str
+    architecture: Architecture
+    output: Path
+    fmt: str
+    size: int
+    disk_guid: str
+    partitions: tuple[Partition, ...]
+    filesystem: RootFilesystem
+    compression: str
+    root_fs_uuid: str
+    data_fs_uuid: str
+    esp_volume_id: str
+    kernel_version: str
+    kargs: tuple[str, ...]
+    loader_conf: str
+    entry_name: str
+    entry: str
+
+    def partition(self, label: str) -> Partition:
+        for p in self.partitions:
+            if p.label == label:
+                return p
+        raise KeyError(label)
+
+
+def finalize_uuid(class_name: str, version: str, what: str) -> str:
+    return str(uuid.uuid5(KILN_NS, f"{class_name}/{version}/{what}"))
+
+
+def align_up(value: int, to: int = ALIGN) -> int:
+    return -(-value // to) * to
+
+
+def format_size(n: int) -> str:
+    for unit, scale in (("GiB", 1024**3), ("MiB", MiB), ("KiB", 1024)):
+        if n >= scale:
+            value = n / scale
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.2f} {unit}"
+    return f"{n} B"
+
+
+def finalize_layout(info: ImageInfo, size: int | None = None) -> tuple[Partition, ...]:
+    """esp | root-a | root-b | data, 1 MiB aligned; with `size`, data takes what is left."""
+    d = info.disk
+    esp, root = align_up(d.esp), align_up(d.root)
+    data = align_up(d.data)
+    minimum = GPT_HEAD + esp + 2 * root + data + GPT_TAIL
+    parts_text = (f"esp {format_size(esp)} + root-a {format_size(root)} + root-b {format_size(root)} "
+                  f"+ data {format_size(data)} + GPT {format_size(GPT_HEAD + GPT_TAIL)}")
+    if size is not None:
+        if size < minimum:
+            raise DiskError(f"disk size {format_size(size)} is smaller than the image's layout needs: "
+                            f"{parts_text} = {format_size(minimum)} (spec.disk of {info.class_name})",
+                            hint=f"use --size {format_size(minimum).replace(' ', '')} or more, "
+                                 "or shrink spec.disk")
+        data = (size - GPT_TAIL - (GPT_HEAD + esp + 2 * root)) // ALIGN * ALIGN
+    total = GPT_HEAD + esp + 2 * root + data + GPT_TAIL
+    if info.storage is not None and total > info.storage:
+        raise DiskError(f"the disk needs {format_size(total)} ({parts_text}) but the storage envelope "
+                        f"of {info.class_name} is {format_size(info.storage)} (spec.envelope.storage)")
+    sizes = (("esp", ESP_TYPE, esp), ("root-a", ROOT_TYPES[info.architecture], root),
+             ("root-b", ROOT_TYPES[info.architecture], root), ("data", LINUX_DATA_TYPE, data))
+    parts: list[Partition] = []
+    start = GPT_HEAD
+    for label, type_guid, psize in sizes:
+        parts.append(Partition(label, type_guid, finalize_uuid(info.class_name, info.version, f"part/{label}"),
+                               start, psize))
+        start += psize
+    return tuple(parts)
+
+
+def finalize_loader_conf() -> str:
+    """`timeout 0` and a pattern default: never pin one entry (a pinned trial entry boots
+    even after its tries are used up, so the device reboot-loops with no rollback)."""
+    return "# Written by kiln disk. Never pin `default` to one entry (see docs/disk-and-vm.md).\n" \
+           "timeout 0\ndefault kiln-*\nconsole-mode keep\neditor no\n"
+
+
+def finalize_entry_name(version: str, slot: str, tries: int | None = None) -> str:
+    """`kiln-<version>-<slot>.conf`; with tries, systemd's boot counter `+N` (a trial entry)."""
+    counter = f"+{tries}" if tries is not None else ""
+    return f"kiln-{version}-{slot}{counter}.conf"
+
+
+def finalize_entry(*, class_name: str, version: str, slot: str, root_partuuid: str,
+                   kargs: tuple[str, ...], filesystem: RootFilesystem = RootFilesystem.erofs) -> str:
+    """A Boot Loader Specification type #1 entry for one slot."""
+    options = ["root=PARTUUID=" + root_partuuid, "ro", f"rootfstype={filesystem.value}",
+               f"kiln.slot={slot}", *kargs]
+    return (
+        f"title Kiln {class_name} {version} (slot {slot})\n"
+        f"version {version}\n"
+        "sort-key kiln\n"
+        f"linux /kiln/{slot}/vmlinuz\n"
+        f"initrd /kiln/{slot}/initramfs.img\n"
+        f"options {' '.join(options)}\n"
+    )
+
+
+def finalize_output(info: ImageInfo, output: Path | None, fmt: str) -> Path:
+    if output is not None:
+        return output
+    tag = info.version.replace("+", "_")  # as builder.build.release_dir names it
+    return paths.build_dir() / info.class_name / tag / f"disk.{fmt}"
+
+
+def finalize_disk_plan(info: ImageInfo, *, output: Path | None = None, fmt: str = "raw",
+                       size: int | None = None) -> DiskPlan:
+    """Derive the whole disk from the image: layout, identifiers, loader files. Pure."""
+    if fmt not in FORMATS:
+        raise DiskError(f"unknown disk format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if info.disk.filesystem is not RootFilesystem.erofs:
+        raise DiskError(f"root filesystem {info.disk.filesystem.value} is not supported by kiln disk yet "
+                        f"(spec.disk.filesystem of {info.class_name}); use erofs")
+    parts = finalize_layout(info, size)
+    root_a = next(p for p in parts if p.label == "root-a")
+    cls, ver = info.class_name, info.version
+    return DiskPlan(
+        class_name=cls, version=ver, architecture=info.architecture,
+        output=finalize_output(info, output, fmt), fmt=fmt,
+        size=parts[-1].end + GPT_TAIL,
+        disk_guid=finalize_uuid(cls, ver, "disk"),
+        partitions=parts,
+        filesystem=info.disk.filesystem,
+        compression=info.disk.compression,
+        root_fs_uuid=finalize_uuid(cls, ver, "fs/root-a"),
+        data_fs_uuid=finalize_uuid(cls, ver, "fs/data"),
+        esp_volume_id=finalize_uuid(cls, ver, "fs/esp").replace("-", "")[:8],
+        kernel_version=info.kernel_version,
+        kargs=info.kargs,
+        loader_conf=finalize_loader_conf(),
+        entry_name=finalize_entry_name(ver, "a"),
+        entry=finalize_entry(class_name=cls, version=ver, slot="a", root_partuuid=root_a.uuid,
+                             kargs=info.kargs, filesystem=info.disk.filesystem),
+    )
+
+
+def finalize_sfdisk_script(plan: DiskPlan) -> str:
+    lines = ["label: gpt", f"label-id: {plan.disk_guid}", "unit: sectors", f"first-lba: {GPT_HEAD // SECTOR}",
+             f"last-lba: {(plan.size - GPT_TAIL) // SECTOR - 1}", ""]
+    for p in plan.partitions:
+        lines.append(f"start={p.start // SECTOR}, size={p.size // SECTOR}, type={p.type_guid}, "
+                     f'uuid={p.uuid}, name="{p.label}"')
+    return "\n".join(lines) + "\n"
+
+
+def finalize_erofs_argv(plan: DiskPlan, rootfs: Path, out: Path) -> list[str | os.PathLike[str]]:
+    argv: list[str | os.PathLike[str]] = ["mkfs.erofs", "--quiet", f"-T{EPOCH}", f"-U{plan.root_fs_uuid}"]
+    compressor = EROFS_COMPRESSORS[plan.compression]
+    if compressor:
+        argv.append(f"-z{compressor}")
+    return [*argv, out, rootfs]
+
+
+def finalize_data_argv(plan: DiskPlan, tree: Path, out: Path) -> list[str | os.PathLike[str]]:
+    data = plan.partition("data")
+    return [
+        "mkfs.ext4", "-q", "-F",
+        "-L", "data",
+        "-U", plan.data_fs_uuid,
+        "-E", f"hash_seed={plan.data_fs_uuid},root_owner=0:0",
+        "-b", "4096",
+        "-d", tree,
+        out, str(data.size // 1024) + "k",
+    ]  # fmt: skip
+
+
+# --- doing it ----------------------------------------------------------------
+
+
+@dataclass
+class DiskRecord:
+    """What `kiln disk` made (`--json` prints it; bench/boot.py reads it)."""
+
+    class_name: str
+    version: str
+    source: str
+    output: str
+    format: str
+    size: int
+    file_size: int  # bytes allocated on the host (raw is sparse)
+    root_image_size: int
+    development: bool
+    partitions: list[dict[str, Any]]
+    durations: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def make_disk(source: str, *, output: Path | None = None, fmt: str = "raw", size: int | None = None,
+              version: str | None = None, state: StateDir | None = None,
+              steps: Steps | None = None) -> DiskRecord:
+    """Unpack `source` (an image ref in Kiln's store, or a rootfs directory) and write its disk.
+
+    `version` overrides the image's release.json version (it names the disk's identifiers).
+    """
+    steps = steps or Steps()
+    if fmt not in FORMATS:
+        raise DiskError(f"unknown disk format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    check_tools(fmt)
+    state = state or make_state_dir()
+    with contextlib.ExitStack() as stack:
+        with steps.step(f"unpack {source}"):
+            rootfs = stack.enter_context(open_rootfs(source, state.engine_env()))
+            info = read_image_info(rootfs, source, version=version)
+            plan = finalize_disk_plan(info, output=output, fmt=fmt, size=size)
+        record = make_disk_from_rootfs(plan, info, rootfs, steps)
+    record.durations = steps.summary()
+    write_disk_record(plan.output, record)
+    return record
+
+
+def resolve_source(source: str, version: str | None) -> tuple[str, str | None]:
+    """CLASS (its newest build, or --version's), an image ref, or a rootfs directory -> (source, version)."""
+    from builder import build, loader
+
+    if Path(source).is_dir():
+        return source, version
+    if source in loader.known_classes():
+        if version is None:
+            records = sorted(paths.build_dir().glob(f"{source}/*/build.json"), key=lambda p: p.stat().st_mtime)
+            if not records:
+                raise DiskError(f"{source} has not been built here (no build/{source}/*/build.json)",
+                                hint=f"run `kiln build {source} --version V` first")
+            record = json.loads(records[-1].read_text())
+            return str(record["image"]["ref"]), str(record["version"])
+        return build.image_ref(source, version), version
+    return source, version
+
+
+def check_tools(fmt: str = "raw") -> None:
+    for tool in ("mkfs.erofs", "mkfs.ext4", "mkfs.vfat", "mcopy", "sfdisk", *(("qemu-img",) if fmt == "qcow2" else ())):
+        find_tool(tool)
+
+
+def write_disk_record(disk: Path, record: DiskRecord) -> Path:
+    """`<disk>.json` next to the disk: what `kiln vm run` reads (class -> SSH key) and bench reports."""
+    path = disk.with_name(disk.name + ".json")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record.to_dict(), indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+@contextlib.contextmanager
+def open_rootfs(source: str, engine_env: dict[str, str]) -> Iterator[Path]:
+    """A rootfs directory as is, or an image in Kiln's store mounted read-only (`podman image mount`)."""
+    path = Path(source)
+    if path.is_dir():
+        yield path
+        return
+    probe = run(["podman", "image", "exists", source], env=engine_env, check=False, capture=True, quiet=True)
+    if probe.returncode != 0:
+        raise DiskError(f"image {source} is not in Kiln's container store",
+                        hint="build it with `kiln build CLASS --version V`, or give a rootfs directory")
+    try:
+        out = run(["podman", "image", "mount", source], env=engine_env, capture=True)
+    except CommandFailed as exc:
+        raise DiskError(f"unpacking {source}: {exc}") from exc
+    try:
+        yield Path(out.stdout.decode().strip())
+    finally:
+        run(["podman", "image", "unmount", source], env=engine_env, check=False, capture=True)
+
+
+def make_disk_from_rootfs(plan: DiskPlan, info: ImageInfo, rootfs: Path, steps: Steps) -> DiskRecord:
+    """Build each partition's filesystem in a scratch dir, check they fit, then write the disk."""
+    plan.output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=plan.output.parent, prefix=".kiln-disk-") as tmp_name:
+        tmp = Path(tmp_name)
+        images = {"root-a": tmp / "root-a.img", "esp": tmp / "esp.img", "data": tmp / "data.img"}
+        with steps.step(f"root-a: mkfs.erofs ({plan.compression})"):
+            make_root_image(plan, rootfs, images["root-a"])
+        with steps.step("esp: systemd-boot, slot A kernel and boot entry"):
+            make_esp_image(plan, info, rootfs, images["esp"], tmp / "esp")
+        with steps.step("data: ext4 with the /etc and /var overlay dirs"):
+            make_data_image(plan, images["data"], tmp / "data")
+        with steps.step(f"assemble the GPT disk ({format_size(plan.size)})"):
+            raw = tmp / "disk.raw"
+            make_gpt_disk(plan, images, raw)
+            final = raw
+            if plan.fmt == "qcow2":
+                final = tmp / "disk.qcow2"
+                run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, final])
+            final.replace(plan.output)
+        root_size = images["root-a"].stat().st_size
+    return DiskRecord(
+        class_name=plan.class_name, version=plan.version, source=info.source, output=str(plan.output),
+        format=plan.fmt, size=plan.size, file_size=plan.output.stat().st_blocks * 512,
+        root_image_size=root_size, development=info.development,
+        partitions=[{**asdict(p), "end": p.end} for p in plan.partitions],
+    )
+
+
+def make_root_image(plan: DiskPlan, rootfs: Path, out: Path) -> None:
+    check_compressor(plan.compression)
+    try:
+        run(finalize_erofs_argv(plan, rootfs, out))
+    except CommandFailed as exc:
+        raise DiskError(f"writing root-a: {exc}") from exc
+    root = plan.partition("root-a")
+    got = out.stat().st_size
+    if got > root.size:
+        raise DiskError(f"the image does not fit: its root filesystem is {format_size(got)} but root-a is "
+                        f"{format_size(root.size)} (spec.disk.root of {plan.class_name}); nothing was written",
+                        hint="raise spec.disk.root, choose stronger compression (lz4hc) or slim the image")
+
+
+def check_compressor(compression: str) -> None:
+    """erofs-utils 1.5 (Debian 12) has lz4 and lz4hc; zstd needs a newer mkfs.erofs."""
+    compressor = EROFS_COMPRESSORS.get(compression)
+    if not compressor:
+        return
+    name = compressor.split(",")[0]
+    helptext = run(["mkfs.erofs", "--help"], capture=True, check=False, quiet=True)
+    available = (helptext.stdout + helptext.stderr).decode(errors="replace")
+    m = re.search(r"Available compressors are: (.*)", available)
+    if m and name not in m.group(1).replace(",", " ").split():
+        raise DiskError(f"mkfs.erofs on this machine cannot compress with {name} (it has {m.group(1).strip()}); "
+                        "spec.disk.compression asks for it",
+                        hint="choose lz4 or lz4hc, or install erofs-utils >= 1.6 for zstd")
+
+
+def make_esp_image(plan: DiskPlan, info: ImageInfo, rootfs: Path, out: Path, tree: Path) -> None:
+    """FAT32 from a staged tree: mkfs.vfat -C, then mtools copies it in (no mount)."""
+    loader = find_systemd_boot(rootfs, plan.architecture)
+    efi = plan.architecture.efi_boot_file
+    stage = {
+        f"EFI/BOOT/{efi}": loader,
+        f"EFI/systemd/{loader.name}": loader,
+        "kiln/a/vmlinuz": info.kernel,
+        "kiln/a/initramfs.img": info.initrd,
+    }
+    for rel, src in stage.items():
+        dest = tree / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+    (tree / "kiln/b").mkdir(parents=True)
+    (tree / "loader/entries").mkdir(parents=True)
+    (tree / "loader/loader.conf").write_text(plan.loader_conf)
+    (tree / "loader/entries" / plan.entry_name).write_text(plan.entry)
+    esp = plan.partition("esp")
+    payload = sum(p.stat().st_size for p in tree.rglob("*") if p.is_file())
+    # Slot B needs room for its own kernel and initramfs when an update lands.
+    needed = payload + info.kernel.stat().st_size + info.initrd.stat().st_size
+    if needed > esp.size * 0.9:
+        raise DiskError(f"the ESP is too small: two slots of kernel + initramfs need {format_size(needed)} "
+                        f"but spec.disk.esp of {plan.class_name} is {format_size(esp.size)}",
+                        hint="raise spec.disk.esp")
+    _fix_mtimes(tree)
+    env = {"SOURCE_DATE_EPOCH": str(EPOCH), "MTOOLS_SKIP_CHECK": "1"}
+    try:
+        run(["mkfs.vfat", "-C", "-F", "32", "-n", "ESP", "-i", plan.esp_volume_id, "--invariant",
+             out, str(esp.size // 1024)], capture=True)
+        run(["mcopy", "-i", out, "-s", "-p", "-m", "-Q", *sorted(tree.iterdir()), "::/"], env=env)
+    except CommandFailed as exc:
+        raise DiskError(f"writing the ESP: {exc}") from exc
+
+
+def find_systemd_boot(rootfs: Path, arch: Architecture) -> Path:
+    """systemd-boot from the image (matches its bootctl), else the host's systemd-boot-efi."""
+    name = f"systemd-boot{arch.efi_boot_file.removeprefix('BOOT').lower()}"  # systemd-bootx64.efi
+    for candidate in (rootfs / SYSTEMD_BOOT_DIR / name, HOST_SYSTEMD_BOOT_DIR / name):
+        if candidate.is_file():
+            return candidate
+    raise DiskError(f"systemd-boot not found: neither the image nor this machine has {SYSTEMD_BOOT_DIR}/{name}",
+                    hint="install it with: apt-get install systemd-boot-efi (or add systemd-boot to the image)")
+
+
+def make_data_image(plan: DiskPlan, out: Path, tree: Path) -> None:
+    for rel in DATA_DIRS:
+        (tree / rel).mkdir(parents=True, exist_ok=True)
+    _fix_mtimes(tree)
+    env = {"E2FSPROGS_FAKE_TIME": str(EPOCH or 1)}
+    try:
+        run(finalize_data_argv(plan, tree, out), env=env)
+    except CommandFailed as exc:
+        raise DiskError(f"writing the data partition: {exc}") from exc
+
+
+def make_gpt_disk(plan: DiskPlan, images: dict[str, Path], out: Path) -> None:
+    """A sparse file, the GPT from sfdisk, each filesystem image copied to its partition."""
+    with out.open("wb") as fh:
+        fh.truncate(plan.size)
+    try:
+        run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", out],
+            input=finalize_sfdisk_script(plan).encode(), capture=True)
+    except CommandFailed as exc:
+        raise DiskError(f"writing the partition table: {exc}") from exc
+    for label, image in images.items():
+        part = plan.partition(label)
+        if image.stat().st_size > part.size:
+            raise DiskError(f"{label}: {format_size(image.stat().st_size)} does not fit in {format_size(part.size)}")
+        copy_sparse(image, out, part.start)
+
+
+def copy_sparse(src: Path, dest: Path, offset: int, block: int = MiB) -> None:
+    """Copy `src` into `dest` at `offset`, skipping holes and zero blocks (dest stays sparse)."""
+    zero = bytes(block)
+    with src.open("rb") as fin, dest.open("r+b") as fout:
+        size = os.fstat(fin.fileno()).st_size
+        pos = 0
+        while pos < size:
+            try:
+                pos = os.lseek(fin.fileno(), pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            hole = os.lseek(fin.fileno(), pos, os.SEEK_HOLE)
+            fin.seek(pos)
+            while pos < hole:
+                chunk = fin.read(min(block, hole - pos))
+                if chunk != zero[: len(chunk)]:
+                    fout.seek(offset + pos)
+                    fout.write(chunk)
+                pos += len(chunk)
+
+
+def _fix_mtimes(tree: Path) -> None:
+    for p in [tree, *tree.rglob("*")]:
+        os.utime(p, (EPOCH, EPOCH), follow_symlinks=False)
+
+
+# --- reading and editing a finished disk (tests, factory reset) --------------
+
+
+def read_partition_table(disk: Path) -> list[dict[str, Any]]:
+    """sfdisk --json of a raw disk: the partitions with name, uuid, type, start and size (sectors)."""
+    out = run(["sfdisk", "--json", disk], capture=True, quiet=True)
+    table = json.loads(out.stdout)["partitiontable"]
+    return list(table.get("partitions", []))
+
+
+def partition_offset(disk: Path, label: str) -> int:
+    for p in read_partition_table(disk):
+        if p.get("name") == label:
+            return int(p["start"]) * SECTOR
+    raise DiskError(f"{disk} has no partition labelled {label!r}")
+
+
+def make_factory_reset(disk: Path) -> None:
+    """Flag the data partition of a powered-off raw disk: the initramfs wipes the overlays on the next boot.
+
+    Writes the file `factory-reset` at the root of the data filesystem with debugfs
+    (no mount); `kiln-overlay` in the initramfs removes overlay/*/{upper,work} and the flag.
+    """
+    offset = partition_offset(disk, "data")
+    try:
+        run(["debugfs", "-w", "-R", f"write /dev/null {FACTORY_RESET_FLAG}", f"{disk}?offset={offset}"],
+            capture=True)
+    except KilnError as exc:
+        raise DiskError(f"factory reset of {disk}: {exc}") from exc

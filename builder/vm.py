@@ -1,0 +1,466 @@
+"""Boot a Kiln disk in QEMU: OVMF, virtio, serial console to a file, SSH on 127.0.0.1.
+
+`start_vm(config)` is the one way to run a VM, for `kiln vm run` and the tests
+alike: a context manager that always stops QEMU. The `VM` it yields waits for the
+boot (console or SSH), runs commands over SSH (paramiko), powers off gracefully
+(QMP `system_powerdown`) or pulls the plug (`kill`, for power-cut tests).
+
+KVM is used when it works, TCG otherwise: on nested or paravirtual hosts /dev/kvm
+exists but OVMF cannot run under it, so `auto` tries KVM once (`probe_kvm`) and
+falls back. Each VM gets a private copy of OVMF's VARS file, so EFI variables
+(the boot counter's selected entry, LoaderEntryOneShot ...) survive a reboot of
+that VM and never leak into another. Guest networking is QEMU user-mode: the host
+is 10.0.2.2 from inside the guest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import functools
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from builder import paths
+from builder.errors import ToolMissing, VMError
+from builder.run import find_tool, spawn
+from builder.spec import Architecture
+
+HOST_FROM_GUEST = "10.0.2.2"  # QEMU user-mode networking: the host's loopback
+OVMF_PAIRS = (  # (CODE, VARS) that belong together; Debian, then Fedora/Arch
+    ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
+    ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
+    ("/usr/share/edk2/ovmf/OVMF_CODE.fd", "/usr/share/edk2/ovmf/OVMF_VARS.fd"),
+    ("/usr/share/edk2/x64/OVMF_CODE.4m.fd", "/usr/share/edk2/x64/OVMF_VARS.4m.fd"),
+)
+OVMF_HINT = "install it with: apt-get install ovmf (or pass --ovmf-code/--ovmf-vars)"
+# What the console shows once the image's golden inference check has passed (or failed).
+HEALTHY_PATTERN = r"Finished .*kiln-health-inference\.service"
+UNHEALTHY_PATTERN = r"Failed to start .*kiln-health-inference\.service"
+LOGIN_PATTERN = r"login: "
+
+
+class Accel(enum.StrEnum):
+    auto = "auto"
+    kvm = "kvm"
+    tcg = "tcg"
+
+
+@dataclass(frozen=True)
+class Firmware:
+    code: Path
+    vars_template: Path
+
+
+@dataclass(frozen=True)
+class VMConfig:
+    """How to boot one disk. Frozen; `finalize_qemu_argv` turns it into QEMU's command line."""
+
+    disk: Path
+    accel: Accel = Accel.auto
+    memory_mib: int = 1024
+    cpus: int = 2
+    ssh_port: int | None = None  # None: pick a free port
+    ssh_key: Path | None = None
+    ssh_user: str = "root"
+    snapshot: bool = False  # writes go to a temp overlay, the disk stays untouched
+    no_reboot: bool = False  # a guest reboot ends QEMU (a fresh QEMU per boot is steadier)
+    workdir: Path | None = None  # VARS copy, console log, sockets; None: a temp dir removed afterwards
+    ovmf_code: Path | None = None
+    ovmf_vars: Path | None = None
+    architecture: Architecture = Architecture.x86_64
+    extra_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class VMPaths:
+    workdir: Path
+    vars: Path
+    console: Path
+    qmp: Path
+    qga: Path
+    qemu_log: Path
+
+
+def finalize_vm_paths(workdir: Path) -> VMPaths:
+    return VMPaths(workdir=workdir, vars=workdir / "OVMF_VARS.fd", console=workdir / "console.log",
+                   qmp=workdir / "qmp.sock", qga=workdir / "qga.sock", qemu_log=workdir / "qemu.log")
+
+
+def find_firmware(code: Path | None = None, vars_template: Path | None = None) -> Firmware:
+    """OVMF CODE + VARS: the given paths (both must exist), else the first installed pair."""
+    if code is not None or vars_template is not None:
+        for what, path in (("OVMF code", code), ("OVMF vars", vars_template)):
+            if path is None:
+                raise VMError(f"{what} not given: pass both --ovmf-code and --ovmf-vars")
+            if not path.is_file():
+                raise ToolMissing(f"{what} firmware {path} not found", hint=OVMF_HINT)
+        assert code is not None and vars_template is not None
+        return Firmware(code, vars_template)
+    for c, v in OVMF_PAIRS:
+        if Path(c).is_file() and Path(v).is_file():
+            return Firmware(Path(c), Path(v))
+    tried = ", ".join(c for c, _ in OVMF_PAIRS)
+    raise ToolMissing(f"OVMF (UEFI firmware for QEMU) not found; looked for {tried}", hint=OVMF_HINT)
+
+
+def finalize_disk_format(disk: Path) -> str:
+    with disk.open("rb") as fh:
+        return "qcow2" if fh.read(4) == b"QFI\xfb" else "raw"
+
+
+def finalize_qemu_argv(cfg: VMConfig, fw: Firmware, vp: VMPaths, accel: Accel, ssh_port: int) -> list[str]:
+    """QEMU's command line for one VM. Pure."""
+    drive = f"if=none,id=disk0,format={finalize_disk_format(cfg.disk)},file={cfg.disk},cache=writeback"
+    if cfg.snapshot:
+        drive += ",snapshot=on"
+    argv = [
+        cfg.architecture.qemu_binary,
+        "-name", "kiln,debug-threads=on",
+        "-machine", "q35",
+        "-accel", accel.value,
+        "-cpu", "host" if accel is Accel.kvm else "max",
+        "-smp", str(cfg.cpus),
+        "-m", str(cfg.memory_mib),
+        "-nodefaults", "-display", "none",
+        "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={fw.code}",
+        "-drive", f"if=pflash,format=raw,unit=1,file={vp.vars}",
+        "-drive", drive,
+        "-device", "virtio-blk-pci,drive=disk0,bootindex=0",
+        "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
+        "-device", "virtio-net-pci,netdev=net0",
+        "-device", "virtio-rng-pci",
+        "-chardev", f"file,id=console,path={vp.console}",
+        "-serial", "chardev:console",
+        "-qmp", f"unix:{vp.qmp},server=on,wait=off",
+        "-device", "virtio-serial-pci",
+        "-chardev", f"socket,id=qga0,path={vp.qga},server=on,wait=off",
+        "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+    ]  # fmt: skip
+    if cfg.no_reboot:
+        argv.append("-no-reboot")
+    return [*argv, *cfg.extra_args]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- KVM or TCG ---------------------------------------------------------------
+
+
+@functools.cache
+def probe_kvm(qemu: str, code: Path, vars_template: Path, timeout: float = 20.0) -> str | None:
+    """None when OVMF runs under KVM here, else why not (measured by booting OVMF without a disk)."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "/dev/kvm is missing or not accessible"
+    with tempfile.TemporaryDirectory(prefix="kiln-kvm-probe-") as tmp:
+        vars_copy = Path(tmp) / "vars.fd"
+        shutil.copyfile(vars_template, vars_copy)
+        log = Path(tmp) / "serial.log"
+        argv = [qemu, "-machine", "q35", "-accel", "kvm", "-cpu", "host", "-m", "256", "-nodefaults",
+                "-display", "none", "-net", "none",
+                "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
+                "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
+                "-serial", f"file:{log}"]  # fmt: skip
+        proc = spawn(argv, log=Path(tmp) / "qemu.log", quiet=True)
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if log.exists() and b"BdsDxe" in log.read_bytes():
+                    return None  # OVMF reached its boot manager
+                if proc.poll() is not None:
+                    err = (Path(tmp) / "qemu.log").read_text(errors="replace").strip().splitlines()
+                    return f"QEMU exited under KVM: {err[0] if err else 'no message'}"
+                time.sleep(0.2)
+            return f"OVMF did not reach its boot manager under KVM within {timeout:.0f} s"
+        finally:
+            _stop(proc)
+
+
+def finalize_accel(requested: Accel, qemu: str, fw: Firmware) -> tuple[Accel, str | None]:
+    """The accelerator to use and, when auto fell back to TCG, why KVM was not used."""
+    if requested is Accel.tcg:
+        return Accel.tcg, None
+    why = probe_kvm(qemu, fw.code, fw.vars_template)
+    if why is None:
+        return Accel.kvm, None
+    if requested is Accel.kvm:
+        raise VMError(f"KVM does not work here: {why}", hint="use --accel tcg (or auto)")
+    return Accel.tcg, f"KVM does not work here ({why}); using TCG"
+
+
+# --- a running VM -------------------------------------------------------------
+
+
+@dataclass
+class SSHResult:
+    command: str
+    exit_status: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_status == 0
+
+
+@dataclass
+class VM:
+    """One running QEMU. Made by `start_vm`; its methods raise VMError with the console tail."""
+
+    config: VMConfig
+    paths: VMPaths
+    proc: subprocess.Popen[bytes]
+    argv: list[str]
+    accel: Accel
+    ssh_port: int
+    started: float = field(default_factory=time.monotonic)
+    accel_note: str | None = None
+    _ssh: Any = None
+
+    # console
+
+    def console_text(self) -> str:
+        try:
+            return self.paths.console.read_bytes().decode(errors="replace").replace("\r", "")
+        except FileNotFoundError:
+            return ""
+
+    def console_tail(self, lines: int = 40) -> str:
+        tail = self.console_text().splitlines()[-lines:]
+        return "\n".join(_strip_ansi(line) for line in tail)
+
+    def wait_for_console(self, pattern: str, timeout: float, *, fail: str | None = None) -> float:
+        """Wait until the console matches `pattern`; seconds since QEMU started. `fail` aborts early."""
+        want, bad = re.compile(pattern), re.compile(fail) if fail else None
+        deadline = time.monotonic() + timeout
+        while True:
+            text = _strip_ansi(self.console_text())
+            if want.search(text):
+                return time.monotonic() - self.started
+            if bad and (m := bad.search(text)):
+                raise self.error(f"the console shows {m.group(0)!r}")
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise self.error(f"timed out after {timeout:.0f} s waiting for {pattern!r} on the console")
+            time.sleep(0.25)
+
+    def wait_for_healthy(self, timeout: float = 600) -> float:
+        """Wait for the golden inference check to pass (its unit finishes); seconds since start."""
+        return self.wait_for_console(HEALTHY_PATTERN, timeout, fail=UNHEALTHY_PATTERN)
+
+    def wait_for_boot(self, timeout: float = 600) -> float:
+        """Up with SSH when the config has a key, else a login prompt; seconds since QEMU started."""
+        if self.config.ssh_key is None:
+            return self.wait_for_console(LOGIN_PATTERN, timeout)
+        return self.wait_for_ssh(timeout)
+
+    # ssh
+
+    def wait_for_ssh(self, timeout: float = 600) -> float:
+        deadline = time.monotonic() + timeout
+        last = "no attempt yet"
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                self._connect()
+                return time.monotonic() - self.started
+            except Exception as exc:  # paramiko raises many kinds while sshd comes up
+                last = f"{type(exc).__name__}: {exc}"
+                self._ssh = None
+                time.sleep(1)
+        raise self.error(f"timed out after {timeout:.0f} s waiting for SSH on 127.0.0.1:{self.ssh_port} "
+                         f"(last: {last})")
+
+    def _connect(self) -> Any:
+        if self._ssh is not None and self._ssh.get_transport() and self._ssh.get_transport().is_active():
+            return self._ssh
+        if self.config.ssh_key is None:
+            raise VMError("this VM has no SSH key (VMConfig.ssh_key); only development classes get one")
+        try:
+            import paramiko
+        except ImportError as exc:
+            raise ToolMissing("paramiko is not installed; install it with: pip install paramiko") from exc
+        client = paramiko.SSHClient()
+        client.set_missing_host_key_policy(_AcceptHostKey())
+        client.connect("127.0.0.1", port=self.ssh_port, username=self.config.ssh_user,
+                       key_filename=str(self.config.ssh_key), look_for_keys=False, allow_agent=False,
+                       timeout=10, banner_timeout=10, auth_timeout=10)
+        self._ssh = client
+        return client
+
+    def ssh(self, command: str, *, check: bool = True, timeout: float = 120) -> SSHResult:
+        """Run `command` in the guest (a shell line) and return its exit status and output."""
+        client = self._connect()
+        _, stdout, stderr = client.exec_command(command, timeout=timeout)
+        out = stdout.read().decode(errors="replace")
+        err = stderr.read().decode(errors="replace")
+        result = SSHResult(command, stdout.channel.recv_exit_status(), out, err)
+        if check and not result.ok:
+            raise VMError(f"in the VM, `{command}` exited {result.exit_status}: {(err or out).strip()[-2000:]}")
+        return result
+
+    def close_ssh(self) -> None:
+        if self._ssh is not None:
+            self._ssh.close()
+            self._ssh = None
+
+    # power
+
+    def qmp(self, command: str, **arguments: Any) -> Any:
+        """One QMP command on the VM's monitor socket; its `return` value."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(str(self.paths.qmp))
+            reader = sock.makefile("rb")
+            json.loads(reader.readline())  # greeting
+            for cmd, args in (("qmp_capabilities", {}), (command, arguments)):
+                sock.sendall(json.dumps({"execute": cmd, "arguments": args}).encode() + b"\n")
+                while True:
+                    reply = json.loads(reader.readline() or b"{}")
+                    if "event" not in reply:
+                        break
+                if "error" in reply:
+                    raise VMError(f"QMP {cmd}: {reply['error'].get('desc', reply['error'])}")
+            return reply.get("return")
+
+    def poweroff(self, timeout: float = 180) -> None:
+        """Graceful: ACPI power button (QMP system_powerdown), wait for QEMU to exit; kill if it does not."""
+        self.close_ssh()
+        if self.proc.poll() is not None:
+            return
+        with contextlib.suppress(OSError, VMError, ValueError):
+            self.qmp("system_powerdown")
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise self.error(f"the guest did not power off within {timeout:.0f} s; QEMU was killed") from None
+
+    def kill(self) -> None:
+        """Pull the plug: no shutdown, no flush (power-cut tests)."""
+        self.close_ssh()
+        _stop(self.proc, graceful=False)
+
+    def wait_exit(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise self.error(f"QEMU still running after {timeout:.0f} s") from None
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    # errors
+
+    def _check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise self.error(f"QEMU exited with status {self.proc.returncode}")
+
+    def error(self, message: str) -> VMError:
+        qemu_log = ""
+        with contextlib.suppress(OSError):
+            qemu_log = self.paths.qemu_log.read_text(errors="replace").strip()
+        parts = [message, f"console ({self.paths.console}), last lines:", _indent(self.console_tail() or "(empty)")]
+        if qemu_log:
+            parts += ["qemu:", _indent("\n".join(qemu_log.splitlines()[-10:]))]
+        return VMError("\n".join(parts))
+
+
+class _AcceptHostKey:
+    """Test VMs make their host keys on first boot, on 127.0.0.1: accept, never store."""
+
+    def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
+        return None
+
+
+@contextlib.contextmanager
+def start_vm(cfg: VMConfig) -> Iterator[VM]:
+    """Boot `cfg.disk`; QEMU is always stopped (killed if still running) when the block ends."""
+    if not cfg.disk.is_file():
+        raise VMError(f"disk {cfg.disk} not found", hint="make one with `kiln disk CLASS`")
+    qemu = find_tool(cfg.architecture.qemu_binary)
+    fw = find_firmware(cfg.ovmf_code, cfg.ovmf_vars)
+    accel, note = finalize_accel(cfg.accel, qemu, fw)
+    with contextlib.ExitStack() as stack:
+        if cfg.workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kiln-vm-")))
+        else:
+            workdir = cfg.workdir
+            workdir.mkdir(parents=True, exist_ok=True)
+        vp = finalize_vm_paths(workdir)
+        if not vp.vars.exists():  # kept across boots of the same workdir (EFI variables persist)
+            shutil.copyfile(fw.vars_template, vp.vars)
+        for stale in (vp.console, vp.qmp, vp.qga, vp.qemu_log):
+            stale.unlink(missing_ok=True)
+        port = cfg.ssh_port or free_port()
+        argv = finalize_qemu_argv(cfg, fw, vp, accel, port)
+        argv[0] = qemu
+        proc = spawn(argv, log=vp.qemu_log)
+        vm = VM(config=cfg, paths=vp, proc=proc, argv=argv, accel=accel, ssh_port=port, accel_note=note)
+        try:
+            time.sleep(0.3)
+            if proc.poll() is not None:
+                raise vm.error(f"QEMU failed to start (exit status {proc.returncode})")
+            yield vm
+        finally:
+            vm.close_ssh()
+            _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[bytes], *, graceful: bool = True) -> None:
+    if proc.poll() is not None:
+        return
+    if graceful:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    proc.kill()
+    proc.wait(timeout=30)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;=?]*[A-Za-z]")
+
+
+def _strip_ansi(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
+def _indent(text: str) -> str:
+    return "\n".join(f"  | {line}" for line in text.splitlines())
+
+
+# --- where a disk's SSH key lives ----------------------------------------------
+
+
+def finalize_ssh_key(class_name: str) -> Path:
+    """The per-build development key of a class (written by `kiln build` for development classes)."""
+    return paths.build_dir() / class_name / "ssh" / "id_ed25519"
+
+
+def read_disk_record(disk: Path) -> dict[str, Any]:
+    """The `<disk>.json` record `kiln disk` writes next to a disk, or {}."""
+    record = disk.with_name(disk.name + ".json")
+    try:
+        data = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -1,0 +1,326 @@
+"""`kiln build` for real: the qemu-x86_64 image, reproducibility, layering, push, bad inputs.
+
+One build of qemu-x86_64 1.0.0 is shared (tests/images.py); the vm tier boots
+the same image. The cold rebuild, the model-only release and the docker SDK
+build are each a real build too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tarfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from builder import build as build_mod
+from builder.build import build_class, finalize_layer_groups, push_build
+from builder.cli import main
+from builder.engine import DockerEngine, PodmanEngine
+from builder.errors import GateFailed, RegistryError
+from builder.loader import load_class
+from builder.registry import free_port
+from builder.run import run
+from builder.state import StateDir
+from tests.conftest import ROOT, require_tool
+from tests.images import QEMU_CLASS, QEMU_VERSION, make_retrained_project, qemu_image
+
+SOURCE = f"images/{QEMU_CLASS}.yaml"
+
+
+@pytest.fixture(scope="session")
+def record(test_state: StateDir, base_image: Any) -> dict[str, Any]:
+    return qemu_image(test_state)
+
+
+@pytest.fixture(scope="session")
+def rootfs(record: dict[str, Any], test_state: StateDir, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The image's files, exported once (podman create + export)."""
+    out = tmp_path_factory.mktemp("rootfs")
+    env = test_state.engine_env()
+    cid = run(["podman", "create", record["image"]["id"], "/bin/true"], env=env, capture=True).stdout.decode().strip()
+    try:
+        run(["podman", "export", "--output", out / "rootfs.tar", cid], env=env)
+    finally:
+        run(["podman", "rm", "--force", cid], env=env, capture=True)
+    root = out / "root"
+    root.mkdir()
+    with tarfile.open(out / "rootfs.tar") as tar:
+        tar.extractall(root, filter="tar")
+    return root
+
+
+def groups(rec: dict[str, Any]) -> list[str]:
+    return [layer["group"] for layer in rec["layers"]]
+
+
+# --- fast checks --------------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_layer_groups_follow_the_rendered_containerfile() -> None:
+    text = (ROOT / "tests/golden/qemu-x86_64.Containerfile").read_text()
+    assert finalize_layer_groups(text) == [
+        "os", "kernel", "kernel", "runtime", "runtime", "agent", "agent", "agent", "model", "release", "lint",
+    ]
+    gpu = finalize_layer_groups((ROOT / "tests/golden/factory-gateway-gpu.Containerfile").read_text())
+    assert gpu[:5] == ["repositories", "repositories", "os", "drivers", "kernel"]
+
+
+@pytest.mark.unit
+def test_tags_and_destinations() -> None:
+    assert build_mod.image_ref("qemu-x86_64", "1.2.3+build.4") == "localhost/kiln/qemu-x86_64:1.2.3_build.4"
+    assert build_mod.finalize_destination("127.0.0.1:5000/", "c", "1") == "127.0.0.1:5000/kiln/c:1"
+    assert build_mod.is_loopback("127.0.0.1:5000") and build_mod.is_loopback("localhost:5000/x")
+    assert not build_mod.is_loopback("registry.example.com:5000")
+
+
+# --- the image ----------------------------------------------------------------
+
+
+@pytest.mark.container
+def test_build_record(record: dict[str, Any], test_state: StateDir) -> None:
+    assert record["class"] == QEMU_CLASS and record["version"] == QEMU_VERSION
+    assert record["image"]["ref"] == f"localhost/kiln/{QEMU_CLASS}:{QEMU_VERSION}"
+    assert record["image"]["id"].startswith("sha256:")
+    assert PodmanEngine(test_state).inspect(record["image"]["ref"])["id"] == record["image"]["id"]
+    on_disk = json.loads(build_mod.record_path(QEMU_CLASS, QEMU_VERSION).read_text())
+    assert on_disk["image"]["id"] == record["image"]["id"]
+    g = groups(record)
+    assert g[0] == "base" and g[-1] == "lint" and "unknown" not in g
+    assert g.index("os") < g.index("kernel") < g.index("runtime") < g.index("agent") < g.index("model") \
+        < g.index("release")
+    (model,) = record["models"]
+    assert model["layer"] in [layer["diffId"] for layer in record["layers"] if layer["group"] == "model"]
+    assert record["labels"]["dev.kiln.model.digits.digest"] == model["sha256"]
+    assert record["labels"]["org.opencontainers.image.version"] == QEMU_VERSION
+    assert set(record["durations"]) >= {"offline base", "optimize and gate the models"}
+
+
+@pytest.mark.container
+def test_image_is_a_bootable_os(rootfs: Path, record: dict[str, Any]) -> None:
+    (kver,) = [p.name for p in (rootfs / "usr/lib/modules").iterdir()]
+    kdir = rootfs / "usr/lib/modules" / kver
+    assert (kdir / "vmlinuz").stat().st_size > 5_000_000
+    initramfs = kdir / "initramfs.img"
+    listing = run(["lsinitramfs", initramfs], capture=True, quiet=True).stdout.decode()
+    for needed in ("erofs.ko", "overlay.ko", "ext4.ko", "scripts/local-bottom/kiln-overlay"):
+        assert needed in listing, needed
+    assert list((rootfs / "boot").iterdir()) == []
+    release = json.loads((rootfs / "usr/lib/kiln/release.json").read_text())
+    assert (release["class"], release["version"], release["compatible"]) == (QEMU_CLASS, QEMU_VERSION,
+                                                                            "kiln,qemu-x86_64")
+    (model,) = release["models"]
+    assert model["sha256"] == record["models"][0]["sha256"].removeprefix("sha256:")
+    mdir = rootfs / "usr/share/kiln/models/digits/1.0.0"
+    assert {p.name for p in mdir.iterdir()} == {"model.onnx", "report.json", "golden.npz"}
+    assert (rootfs / "usr/lib/kiln/class.json").is_file()
+    assert (rootfs / "usr/lib/systemd/system/kiln-inference.service").is_file()
+    assert (rootfs / "etc/systemd/system/multi-user.target.wants/kiln-inference.service").is_symlink()
+    # the development key: the public half baked, the private half in build/<class>/ssh only
+    pub = (ROOT / "build" / QEMU_CLASS / "ssh/id_ed25519.pub").read_text().strip()
+    assert (rootfs / "usr/lib/kiln/ssh/authorized_keys").read_text().strip() == pub
+    assert not list((rootfs / "etc/ssh").glob("ssh_host_*"))
+    assert (rootfs / "etc/machine-id").read_text() == ""
+
+
+@pytest.mark.container
+def test_runtime_venv_runs_the_model_offline(rootfs: Path, record: dict[str, Any], test_state: StateDir) -> None:
+    """The image's own Python and venv load the baked model (run in the image, no network)."""
+    proc = run(["podman", "run", "--rm", "--network", "none", record["image"]["id"],
+                "/usr/lib/kiln/venv/bin/python", "-c",
+                "import onnxruntime as o, json; r = json.load(open('/usr/lib/kiln/release.json'));"
+                "s = o.InferenceSession(r['models'][0]['path']); print(o.__version__, s.get_providers()[0])"],
+               env=test_state.engine_env(), capture=True)
+    assert proc.stdout.decode().split() == ["1.32.0", "CPUExecutionProvider"]
+
+
+@pytest.mark.container
+def test_golden_health_check_passes_in_the_image(record: dict[str, Any], test_state: StateDir) -> None:
+    proc = run(["podman", "run", "--rm", "--network", "none", record["image"]["id"],
+                "/usr/libexec/kiln/kiln-health-inference"],
+               env=test_state.engine_env(), capture=True, check=False)
+    assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
+
+
+@pytest.mark.container
+def test_image_lints_pass_on_the_exported_rootfs(rootfs: Path) -> None:
+    from builder.lint import lint_rootfs
+
+    assert lint_rootfs(rootfs) == []
+
+
+@pytest.mark.container
+def test_cached_rebuild_gives_the_same_image(record: dict[str, Any], test_state: StateDir) -> None:
+    again = build_class(load_class(QEMU_CLASS, ROOT / "images"), source=SOURCE, version=QEMU_VERSION,
+                        state=test_state, engine=PodmanEngine(test_state))
+    assert again["image"]["id"] == record["image"]["id"]
+    assert again["durations"][f"build {record['image']['ref']} with podman"] < 60
+
+
+@pytest.mark.container
+def test_cold_build_gives_the_same_digest(record: dict[str, Any], test_state: StateDir) -> None:
+    """No cached layers at all: every RUN runs again, and the image id is the same."""
+    cold = build_class(load_class(QEMU_CLASS, ROOT / "images"), source=SOURCE, version=QEMU_VERSION,
+                       state=test_state, engine=PodmanEngine(test_state), no_cache=True)
+    assert cold["image"]["id"] == record["image"]["id"]
+    assert [layer["diffId"] for layer in cold["layers"]] == [layer["diffId"] for layer in record["layers"]]
+
+
+# --- a model-only release -------------------------------------------------------
+
+
+@pytest.fixture
+def project_copy(tmp_path: Path) -> Iterator[Path]:
+    """A model-only release of the project (tests/images.py), as KILN_PROJECT_DIR."""
+    proj = make_retrained_project(tmp_path / "project")
+    saved = os.environ.get("KILN_PROJECT_DIR")
+    os.environ["KILN_PROJECT_DIR"] = str(proj)
+    yield proj
+    if saved is None:
+        os.environ.pop("KILN_PROJECT_DIR")
+    else:
+        os.environ["KILN_PROJECT_DIR"] = saved
+
+
+@pytest.mark.container
+def test_model_only_release_changes_only_model_and_release_layers(
+    record: dict[str, Any], test_state: StateDir, project_copy: Path
+) -> None:
+    hc = load_class(QEMU_CLASS, project_copy / "images")
+    new = build_class(hc, source=SOURCE, version="1.0.1", revision=record["revision"], state=test_state,
+                      engine=PodmanEngine(test_state))
+    assert new["models"][0]["sha256"] != record["models"][0]["sha256"]
+    changed = {old["group"] for old, cur in zip(record["layers"], new["layers"], strict=True)
+               if old["diffId"] != cur["diffId"]}
+    assert changed == {"model", "release"}
+    assert groups(new) == groups(record)
+
+
+@pytest.mark.container
+def test_refused_model_is_never_built(test_state: StateDir, project_copy: Path) -> None:
+    """Blank calibration frames: the gate refuses the model, nothing is built or recorded."""
+    import numpy as np
+
+    cal = project_copy / "models/digits/data/calibration.npz"
+    x = np.load(cal)["x"]
+    np.savez(cal, x=np.zeros_like(x))
+    spec = project_copy / "images" / f"{QEMU_CLASS}.yaml"
+    spec.write_text(spec.read_text().replace("precision: auto", "precision: int8"))
+    hc = load_class(QEMU_CLASS, project_copy / "images")
+    with pytest.raises(GateFailed) as exc:
+        build_class(hc, source=SOURCE, version="9.9.9", state=test_state, engine=PodmanEngine(test_state))
+    assert exc.value.exit_code == 5
+    assert not (project_copy / "build" / QEMU_CLASS / "9.9.9" / "build.json").exists()
+    assert not PodmanEngine(test_state).exists(f"localhost/kiln/{QEMU_CLASS}:9.9.9")
+
+
+# --- registry -------------------------------------------------------------------
+
+
+@pytest.mark.container
+def test_push_and_pull_back_by_digest(record: dict[str, Any], registry: str, test_state: StateDir,
+                                      tmp_path: Path) -> None:
+    skopeo = require_tool("skopeo")
+    pushed = push_build(QEMU_CLASS, QEMU_VERSION, registry, state=test_state, engine=PodmanEngine(test_state))
+    entry = pushed["pushed"][-1]
+    assert entry["ref"] == f"{registry}/kiln/{QEMU_CLASS}:{QEMU_VERSION}"
+    assert entry["digest"] != record["image"]["digest"]  # compressed for the registry: a new manifest
+    saved = json.loads(build_mod.record_path(QEMU_CLASS, QEMU_VERSION).read_text())
+    assert saved["pushed"][-1]["digest"] == entry["digest"]
+    # pull by digest into an OCI layout: the same config (image id) and layers come back
+    layout = tmp_path / "layout"
+    subprocess.run([skopeo, "copy", "--src-tls-verify=false", f"docker://{entry['byDigest']}",
+                    f"oci:{layout}:pulled"], check=True, capture_output=True)
+    index = json.loads((layout / "index.json").read_text())
+    manifest_digest = index["manifests"][0]["digest"]
+    assert manifest_digest == entry["digest"]
+    manifest = json.loads((layout / "blobs/sha256" / manifest_digest.split(":")[1]).read_text())
+    assert manifest["config"]["digest"] == record["image"]["id"]
+    config = json.loads((layout / "blobs/sha256" / record["image"]["id"].split(":")[1]).read_text())
+    assert config["rootfs"]["diff_ids"] == [layer["diffId"] for layer in record["layers"]]
+
+
+@pytest.mark.container
+def test_cli_push_to_an_unreachable_registry(record: dict[str, Any], test_state: StateDir) -> None:
+    port = free_port()
+    with pytest.raises(RegistryError, match=f"127.0.0.1:{port}"):
+        push_build(QEMU_CLASS, QEMU_VERSION, f"127.0.0.1:{port}", state=test_state, engine=PodmanEngine(test_state))
+    r = CliRunner().invoke(main, ["push", QEMU_CLASS, f"127.0.0.1:{port}", "--version", QEMU_VERSION],
+                           env={"KILN_STATE_DIR": str(test_state.root)})
+    assert r.exit_code == 8, r.output
+    assert "Traceback" not in r.output
+
+
+@pytest.mark.container
+def test_push_of_an_unbuilt_version_is_a_clear_error(registry: str) -> None:
+    r = CliRunner().invoke(main, ["push", QEMU_CLASS, registry, "--version", "7.7.7"])
+    assert r.exit_code == 7
+    assert "has not been built here" in r.output and "kiln build qemu-x86_64 --version 7.7.7" in r.output
+
+
+# --- docker SDK ------------------------------------------------------------------
+
+
+@pytest.mark.container
+def test_docker_sdk_builds_the_class(docker_engine: DockerEngine, record: dict[str, Any]) -> None:
+    """The same class through the Docker API (a podman service started by the test)."""
+    rec = build_class(load_class(QEMU_CLASS, ROOT / "images"), source=SOURCE, version="1.0.0-docker",
+                      engine=docker_engine)
+    assert rec["engine"]["name"] == "docker" and rec["engine"]["reproducible"] is False
+    assert groups(rec) == groups(record)
+    assert rec["labels"]["dev.kiln.class"] == QEMU_CLASS
+    # the base and the OS layers are shared with the podman build: the same bytes
+    assert rec["layers"][0]["diffId"] == record["layers"][0]["diffId"]
+
+
+# --- bad inputs --------------------------------------------------------------------
+
+
+@pytest.mark.container
+def test_engine_missing(path_only: Callable[..., None]) -> None:
+    path_only("git")
+    r = CliRunner().invoke(main, ["build", QEMU_CLASS, "--version", "1.0.0"])
+    assert r.exit_code == 3, r.output
+    assert "podman not found" in r.output and "apt-get install podman" in r.output
+
+
+@pytest.mark.container
+def test_base_and_mmdebstrap_missing(scratch_state: StateDir, path_only: Callable[..., None]) -> None:
+    path_only("podman", "runc", "git", "ssh-keygen")
+    r = CliRunner().invoke(main, ["build", QEMU_CLASS, "--version", "1.0.0"],
+                           env={"KILN_STATE_DIR": str(scratch_state.root)})
+    assert r.exit_code == 3, r.output
+    assert "mmdebstrap not found" in r.output
+    assert not list(scratch_state.base_dir.glob("*/rootfs.tar"))
+
+
+@pytest.fixture
+def tiny_state(tmp_path: Path) -> Iterator[Path]:
+    """A 48 MiB tmpfs as the state dir: the base does not fit."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "kiln-test", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.container
+def test_disk_full_in_the_state_dir(tiny_state: Path) -> None:
+    require_tool("mmdebstrap")
+    r = CliRunner().invoke(main, ["base"], env={"KILN_STATE_DIR": str(tiny_state)})
+    assert r.exit_code == 7, r.output
+    assert "mmdebstrap failed" in r.output and "Traceback" not in r.output
+    base = tiny_state / "base" / "debian-bookworm-x86_64"
+    # nothing a later build would trust: no tarball, no stamp, no temporary leftovers
+    assert sorted(p.name for p in base.iterdir()) == ["lock"]
+    assert list((tiny_state / "tmp").iterdir()) == []

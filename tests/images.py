@@ -1,0 +1,61 @@
+"""Built images shared by the container and vm tiers.
+
+`qemu_image(state)` builds (or, with a warm cache, rebuilds in seconds) the
+embedded default class into the test state dir's store and returns its build
+record. Both tiers call it with the same state dir, so one pytest run builds
+the image once.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from builder.build import build_class
+from builder.engine import PodmanEngine
+from builder.loader import load_class
+from builder.state import StateDir, make_state_dir
+from tests.conftest import ROOT, require_tool
+
+QEMU_CLASS = "qemu-x86_64"
+QEMU_VERSION = "1.0.0"
+TEST_STATE = Path(os.environ.get("KILN_TEST_STATE_DIR") or ROOT / ".kiln" / "test-state")
+
+_built: dict[tuple[str, str], dict[str, Any]] = {}
+
+
+def test_state_dir() -> StateDir:
+    return make_state_dir(root=TEST_STATE)
+
+
+def qemu_image(state: StateDir | None = None, version: str = QEMU_VERSION) -> dict[str, Any]:
+    """The build record of qemu-x86_64 VERSION, built into the test store (once per session)."""
+    for tool in ("podman", "runc", "mmdebstrap"):
+        require_tool(tool)
+    state = state or test_state_dir()
+    key = (str(state.root), version)
+    if key not in _built:
+        hc = load_class(QEMU_CLASS, ROOT / "images")
+        _built[key] = build_class(hc, source=f"images/{QEMU_CLASS}.yaml", version=version, state=state,
+                                  engine=PodmanEngine(state))
+    return _built[key]
+
+
+def make_retrained_project(dest: Path, note: str = "retrained: new weights, same graph") -> Path:
+    """A copy of the project (specs, models, overlays, the dev SSH key) whose digits model
+    has new bytes but the same behaviour: a model-only release. Use it as KILN_PROJECT_DIR."""
+    import shutil
+
+    import onnx
+
+    for name in ("images", "models", "overlays"):
+        shutil.copytree(ROOT / name, dest / name)
+    ssh = ROOT / "build" / QEMU_CLASS / "ssh"
+    if ssh.is_dir():
+        shutil.copytree(ssh, dest / "build" / QEMU_CLASS / "ssh")
+    model_file = dest / "models/digits/digits.onnx"
+    proto = onnx.load(model_file)
+    proto.doc_string = note
+    onnx.save(proto, model_file)
+    return dest

@@ -42,13 +42,13 @@ from typing import Any
 
 from builder.engine import Engine, PodmanEngine
 from builder.errors import BuildError, CommandFailed, KilnError, ToolMissing
+from builder.render import DEFAULT_EPOCH
 from builder.run import VERBOSE, run, run_streaming
 from builder.spec import Architecture, BaseSource, Family, HardwareClass
 from builder.state import StateDir, make_state_dir
 
 RECIPE_VERSION = 1  # bump when hooks or the image config change meaningfully
 DEFAULT_RELEASE = "bookworm"
-DEFAULT_EPOCH = 1735689600  # 2025-01-01T00:00:00Z
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 SNAPSHOT_MIRROR = "http://snapshot.debian.org/archive"
 BASE_REPO = "localhost/kiln/base/debian"

@@ -31,11 +31,12 @@ from typing import Any
 
 from builder import models as model_glue
 from builder import paths, render
-from builder.base import DEFAULT_EPOCH, make_base_for_class
+from builder.base import make_base_for_class
 from builder.capability import why_not_buildable
 from builder.engine import Engine, ImageInfo, select_engine
 from builder.errors import BuildError, KilnError, UsageError
 from builder.progress import Steps
+from builder.render import DEFAULT_EPOCH
 from builder.run import run
 from builder.safe import version as check_version
 from builder.spec import BaseSource, HardwareClass
@@ -207,7 +208,7 @@ def build_class(
             artifacts = model_glue.finalize_model_artifacts(hc, require_optimized=True)
         with steps.step("render the build context"):
             plan = render.finalize_plan(hc, source=source, version=version, revision=revision,
-                                        models=artifacts, ssh_public_key=make_dev_ssh_key(hc))
+                                        models=artifacts, ssh_public_key=make_dev_ssh_key(hc), epoch=epoch)
             context = render.make_context(plan, out / "context", make_wheelhouse(hc, state))
             containerfile = (context / "Containerfile").read_text()
         created = datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

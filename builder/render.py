@@ -21,6 +21,7 @@ from builder.spec import AcceleratorKind, BaseSource, Family, HardwareClass
 
 TEMPLATES = paths.PACKAGE_DIR / "templates"
 DEFAULT_VERSION = "0.0.0-dev"
+DEFAULT_EPOCH = 1735689600  # 2025-01-01T00:00:00Z: file times and created dates in every image
 KARGS_FILE = "usr/lib/bootc/kargs.d/10-kiln.toml"
 
 # What every image of an apt family needs on top of its base to boot as Kiln expects.
@@ -59,6 +60,7 @@ class RenderPlan:
     labels: tuple[tuple[str, str], ...] = field(default=())
     release: dict[str, object] = field(default_factory=dict)
     ssh_public_key: str | None = None  # development classes: the per-build test key (see build.py)
+    epoch: int = DEFAULT_EPOCH  # SOURCE_DATE_EPOCH for tools run in the build (mkinitramfs)
 
 
 def finalize_base_ref(hc: HardwareClass) -> str:
@@ -158,7 +160,7 @@ def finalize_labels(hc: HardwareClass, models: tuple[ModelArtifact, ...]) -> tup
 def finalize_plan(hc: HardwareClass, *, source: str, version: str = DEFAULT_VERSION,
                   revision: str = "unknown",
                   models: tuple[ModelArtifact, ...] | None = None,
-                  ssh_public_key: str | None = None) -> RenderPlan:
+                  ssh_public_key: str | None = None, epoch: int = DEFAULT_EPOCH) -> RenderPlan:
     models = models if models is not None else finalize_source_models(hc)
     if ssh_public_key is not None and not hc.spec.development:
         raise ValueError(f"{hc.name} is a production class: it never gets a test SSH key")
@@ -172,6 +174,7 @@ def finalize_plan(hc: HardwareClass, *, source: str, version: str = DEFAULT_VERS
         labels=finalize_labels(hc, models),
         release=finalize_release(hc, version, revision, models),
         ssh_public_key=ssh_public_key,
+        epoch=epoch,
     )
 
 

@@ -1,0 +1,182 @@
+"""Benchmark image builds and registry pulls for the embedded default class.
+
+    python bench/build.py [--json PATH] [--class qemu-x86_64] [--skip-cold]
+
+Real builds with podman into Kiln's state dir (.kiln, or $KILN_STATE_DIR):
+
+1. cold build (`--no-cache`: every RUN runs again; the offline base and the
+   wheelhouse are cached, as on any second day of work),
+2. fully cached rebuild of the same inputs (must be < 5% of the cold build),
+3. model-only release (a project copy whose model has new bytes; version bumped),
+4. image size per layer group, uncompressed (engine) and compressed (registry),
+5. bytes a registry pull moves: a fresh pull of v1, then the model-only v2 into
+   the same OCI layout (skopeo reuses blobs it has). Counted from the
+   registry's own log (`http.response.written` of every GET), so it is what
+   went over the wire. Target: within 1.05x of v2's compressed model layer
+   plus its metadata (manifest, config, release layer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from builder.build import build_class, push_build  # noqa: E402
+from builder.engine import PodmanEngine  # noqa: E402
+from builder.errors import KilnError  # noqa: E402
+from builder.loader import load_class  # noqa: E402
+from builder.registry import RegistryInfo, running_registry  # noqa: E402
+from builder.run import run  # noqa: E402
+from builder.state import StateDir, make_state_dir  # noqa: E402
+from tests.images import make_retrained_project  # noqa: E402
+
+# distribution's "response completed" line (its access log repeats each request: not counted)
+WRITTEN = re.compile(r"http\.request\.method=GET .*http\.response\.written=(\d+)")
+
+
+def registry_bytes(info: RegistryInfo) -> int:
+    """Bytes the registry has sent for GET requests so far (from its log)."""
+    log = info.root / "registry.log"
+    total = 0
+    for line in log.read_text(errors="replace").splitlines():
+        found = WRITTEN.search(line)
+        if found:
+            total += int(found.group(1))
+    return total
+
+
+def manifest(info: RegistryInfo, repo: str, ref: str) -> dict[str, Any]:
+    proc = run(["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{info.address}/{repo}:{ref}"],
+               capture=True, quiet=True)
+    return dict(json.loads(proc.stdout))
+
+
+def pull(info: RegistryInfo, ref: str, layout: Path, tag: str) -> tuple[int, float]:
+    before = registry_bytes(info)
+    start = time.perf_counter()
+    run(["skopeo", "copy", "--quiet", "--src-tls-verify=false", f"docker://{ref}", f"oci:{layout}:{tag}"], quiet=True)
+    elapsed = time.perf_counter() - start
+    time.sleep(0.5)  # let the registry flush its log
+    return registry_bytes(info) - before, elapsed
+
+
+def group_sizes(record: dict[str, Any], mf: dict[str, Any]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for layer, blob in zip(record["layers"], mf["layers"], strict=True):
+        g = out.setdefault(layer["group"], {"uncompressed": 0, "compressed": 0})
+        g["uncompressed"] += layer["size"] or 0
+        g["compressed"] += blob["size"]
+    return out
+
+
+def mb(n: float) -> str:
+    return f"{n / 1e6:,.1f} MB" if n >= 1e5 else f"{n:,.0f} B"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="cold/cached/model-only builds and registry pull bytes")
+    ap.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    ap.add_argument("--class", dest="cls", default="qemu-x86_64")
+    ap.add_argument("--skip-cold", action="store_true", help="skip the cold (--no-cache) build")
+    args = ap.parse_args(argv)
+    state: StateDir = make_state_dir(ROOT)
+    engine = PodmanEngine(state)
+    source = f"images/{args.cls}.yaml"
+    hc = load_class(args.cls, ROOT / "images")
+    figures: dict[str, Any] = {"class": args.cls, "machine": {"cpus": os.cpu_count(),
+                                                             "python": platform.python_version()}}
+    try:
+        # warm-up: base, wheelhouse, models and (if missing) every layer
+        v1 = build_class(hc, source=source, version="1.0.0", state=state, engine=engine)
+        build_step = f"build {v1['image']['ref']} with podman"
+        if not args.skip_cold:
+            cold = build_class(hc, source=source, version="1.0.0", state=state, engine=engine, no_cache=True)
+            figures["cold_build_s"] = cold["durations"][build_step]
+            figures["cold_same_digest"] = cold["image"]["id"] == v1["image"]["id"]
+        cached = build_class(hc, source=source, version="1.0.0", state=state, engine=engine)
+        figures["cached_build_s"] = cached["durations"][build_step]
+        figures["cached_total_s"] = round(sum(cached["durations"].values()), 3)
+        with tempfile.TemporaryDirectory(dir=state.tmp_dir) as tmp:
+            proj = make_retrained_project(Path(tmp) / "project")
+            os.environ["KILN_PROJECT_DIR"] = str(proj)
+            try:
+                v2 = build_class(load_class(args.cls, proj / "images"), source=source, version="1.0.1",
+                                 revision=v1["revision"], state=state, engine=engine)
+            finally:
+                del os.environ["KILN_PROJECT_DIR"]
+            figures["model_only_build_s"] = v2["durations"][f"build {v2['image']['ref']} with podman"]
+            figures["model_only_changed_groups"] = sorted(
+                {a["group"] for a, b in zip(v1["layers"], v2["layers"], strict=True) if a["diffId"] != b["diffId"]})
+            with running_registry(Path(tmp) / "registry") as info:
+                os.environ["KILN_PROJECT_DIR"] = str(proj)
+                try:
+                    push_build(args.cls, "1.0.1", info.address, state=state, engine=engine)
+                finally:
+                    del os.environ["KILN_PROJECT_DIR"]
+                push_build(args.cls, "1.0.0", info.address, state=state, engine=engine)
+                repo = f"kiln/{args.cls}"
+                m1, m2 = manifest(info, repo, "1.0.0"), manifest(info, repo, "1.0.1")
+                figures["groups"] = group_sizes(v1, m1)
+                figures["image_uncompressed"] = sum(layer["size"] or 0 for layer in v1["layers"])
+                figures["image_compressed"] = sum(layer["size"] for layer in m1["layers"])
+                layout = Path(tmp) / "layout"
+                figures["fresh_pull_bytes"], figures["fresh_pull_s"] = pull(info, f"{info.address}/{repo}:1.0.0",
+                                                                            layout, "v1")
+                figures["update_pull_bytes"], figures["update_pull_s"] = pull(info, f"{info.address}/{repo}:1.0.1",
+                                                                              layout, "v2")
+                changed = [b for layer, b in zip(v2["layers"], m2["layers"], strict=True)
+                           if layer["group"] in ("model", "release")]
+                figures["model_layer_compressed"] = sum(b["size"] for layer, b in
+                                                        zip(v2["layers"], m2["layers"], strict=True)
+                                                        if layer["group"] == "model")
+                m2_bytes = len(json.dumps(m2).encode())
+                figures["update_floor_bytes"] = sum(b["size"] for b in changed) + m2["config"]["size"] + m2_bytes
+    except KilnError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    figures["cached_vs_cold"] = (figures["cached_build_s"] / figures["cold_build_s"]) if "cold_build_s" in figures \
+        else None
+    figures["update_vs_floor"] = figures["update_pull_bytes"] / figures["update_floor_bytes"]
+    print_table(figures)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def print_table(f: dict[str, Any]) -> None:
+    rows = []
+    if "cold_build_s" in f:
+        rows.append(("cold build (--no-cache)", f"{f['cold_build_s']:.1f} s",
+                     "same digest" if f["cold_same_digest"] else "DIFFERENT DIGEST"))
+    ratio = f["cached_vs_cold"]
+    rows.append(("cached rebuild", f"{f['cached_build_s']:.2f} s",
+                 f"{ratio:.1%} of cold (target < 5%)" if ratio is not None else ""))
+    rows.append(("model-only rebuild", f"{f['model_only_build_s']:.1f} s",
+                 "changed: " + ", ".join(f["model_only_changed_groups"])))
+    for group, s in f["groups"].items():
+        rows.append((f"  layer group {group}", mb(s["uncompressed"]), f"{mb(s['compressed'])} compressed"))
+    rows.append(("image", mb(f["image_uncompressed"]), f"{mb(f['image_compressed'])} compressed"))
+    rows.append(("fresh pull v1", mb(f["fresh_pull_bytes"]), f"{f['fresh_pull_s']:.1f} s"))
+    rows.append(("model-only pull v2", mb(f["update_pull_bytes"]),
+                 f"{f['update_vs_floor']:.3f}x of model+release layers+config+manifest "
+                 f"({mb(f['update_floor_bytes'])}; target <= 1.05x)"))
+    width = max(len(r[0]) for r in rows)
+    print(f"{'figure'.ljust(width)}  {'value':>12}  note")
+    for name, value, note in rows:
+        print(f"{name.ljust(width)}  {value:>12}  {note}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

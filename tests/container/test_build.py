@@ -327,3 +327,16 @@ def test_disk_full_in_the_state_dir(tiny_state: Path) -> None:
     # nothing a later build would trust: no tarball, no stamp, no temporary leftovers
     assert sorted(p.name for p in base.iterdir()) == ["lock"]
     assert list((tiny_state / "tmp").iterdir()) == []
+
+
+@pytest.mark.container
+@pytest.mark.parametrize("cls, reason", [
+    ("jetson-vision-standard", "aarch64 image on a x86_64 host"),
+    ("medical-cart-cpu", "is not in local storage and needs a registry"),
+])
+def test_classes_that_cannot_build_here_fail_fast(cls: str, reason: str, podman: PodmanEngine,
+                                                  test_state: StateDir) -> None:
+    r = CliRunner().invoke(main, ["build", cls, "--version", "1.0.0"], env={"KILN_STATE_DIR": str(test_state.root)})
+    assert r.exit_code == 7, r.output
+    assert f"{cls} cannot be built on this machine" in r.output and reason in r.output
+    assert "==> optimize" not in r.output  # refused before any work

@@ -10,7 +10,7 @@ APT_PACKAGES=(
   podman buildah runc skopeo umoci uidmap fuse-overlayfs mmdebstrap
   qemu-system-x86 qemu-utils ovmf systemd-boot-efi
   erofs-utils squashfs-tools dosfstools mtools fdisk e2fsprogs
-  docker-registry gnupg openssh-client
+  docker-registry gnupg openssh-client openssl
 )
 
 sudo_cmd=()

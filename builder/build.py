@@ -291,6 +291,8 @@ def push_build(
     engine: str | Engine = "auto",
     state: StateDir | None = None,
     tls_verify: bool | None = None,
+    creds: str | None = None,
+    cert_dir: Path | None = None,
     steps: Steps | None = None,
 ) -> dict[str, Any]:
     """Push a built image by its id; record `{ref, digest}` in build.json. Returns the record."""
@@ -304,7 +306,7 @@ def push_build(
     if not eng.exists(image_id):
         raise BuildError(f"image {image_id[:19]} of {cls} {version} is not in {eng.name}'s store any more; rebuild it")
     with steps.step(f"push {dest}"):
-        digest = eng.push(image_id, dest, tls_verify=verify)
+        digest = eng.push(image_id, dest, tls_verify=verify, creds=creds, cert_dir=cert_dir)
     record["pushed"] = [p for p in record.get("pushed", []) if p.get("ref") != dest]
     record["pushed"].append({"ref": dest, "digest": digest, "byDigest": f"{dest.rsplit(':', 1)[0]}@{digest}"})
     record.setdefault("durations", {})[f"push {dest}"] = steps.summary().get(f"push {dest}")

@@ -332,13 +332,18 @@ def build_cmd(cls: str, version: str, revision: str | None, engine: str, push_to
 @ENGINE_OPTION
 @click.option("--tls-verify/--no-tls-verify", default=None,
               help="Verify the registry's TLS certificate (default: on, off for 127.0.0.1/localhost).")
+@click.option("--creds", metavar="USER:PASSWORD", envvar="KILN_REGISTRY_CREDS",
+              help="Registry credentials (or KILN_REGISTRY_CREDS).")
+@click.option("--cert-dir", type=click.Path(path_type=Path, file_okay=False, exists=True),
+              help="Directory with the ca.crt of a registry with its own CA (podman).")
 @click.option("--json", "as_json", is_flag=True, help="Print the build record as JSON.")
 def push_cmd(cls: str, registry: str, version: str, engine: str, tls_verify: bool | None,
-             as_json: bool) -> None:
+             creds: str | None, cert_dir: Path | None, as_json: bool) -> None:
     """Push a built CLASS VERSION to REGISTRY/kiln/CLASS:VERSION; records the pushed digest."""
     from builder import build
 
-    record = build.push_build(cls, version, registry, engine=engine, tls_verify=tls_verify)
+    record = build.push_build(cls, version, registry, engine=engine, tls_verify=tls_verify, creds=creds,
+                              cert_dir=cert_dir)
     pushed = record["pushed"][-1]
     click.echo(json.dumps(record, indent=2, sort_keys=True) if as_json else
                f"pushed {pushed['byDigest']} (local image {record['image']['id'][:19]})")
@@ -420,6 +425,10 @@ def demo(cls: str) -> None:
                f"({', '.join(f'{a.name}={a.precision}' for a in artifacts)}), rendered and linted; "
                f"durations {steps.summary()}")
 
+
+from builder import cli_device  # noqa: E402,F401  (registers disk and vm commands)
+
+from builder import cli_release  # noqa: E402,F401  # isort: skip
 
 if __name__ == "__main__":
     main()

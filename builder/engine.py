@@ -86,8 +86,13 @@ class Engine(ABC):
     def exists(self, ref: str) -> bool: ...
 
     @abstractmethod
-    def push(self, ref: str, dest: str, *, tls_verify: bool = True) -> str:
-        """Push `ref` to `dest` (`host:port/repo:tag`); return the pushed manifest digest."""
+    def push(self, ref: str, dest: str, *, tls_verify: bool = True, creds: str | None = None,
+             cert_dir: Path | None = None) -> str:
+        """Push `ref` to `dest` (`host:port/repo:tag`); return the pushed manifest digest.
+
+        `creds` is USER:PASSWORD for a registry with auth; `cert_dir` holds a
+        `ca.crt` that signs the registry's certificate (podman only).
+        """
 
     @abstractmethod
     def load(self, archive: Path) -> None:
@@ -215,15 +220,20 @@ class PodmanEngine(Engine):
         proc = self._podman("image", "exists", ref, check=False, capture=True, quiet=True)
         return bool(proc.returncode == 0)
 
-    def push(self, ref: str, dest: str, *, tls_verify: bool = True) -> str:
+    def push(self, ref: str, dest: str, *, tls_verify: bool = True, creds: str | None = None,
+             cert_dir: Path | None = None) -> str:
         with tempfile.TemporaryDirectory(dir=self.state.tmp_dir) as tmp:
             digestfile = Path(tmp) / "digest"
             argv: list[str | os.PathLike[str]] = [
                 "podman", "push",
                 "--digestfile", digestfile,
                 f"--tls-verify={'true' if tls_verify else 'false'}",
-                ref, finalize_push_dest(dest),
             ]  # fmt: skip
+            if creds:
+                argv += ["--creds", creds]
+            if cert_dir:
+                argv += ["--cert-dir", cert_dir]
+            argv += [ref, finalize_push_dest(dest)]
             try:
                 run_streaming(argv, env=self.env)
             except CommandFailed as exc:
@@ -339,7 +349,11 @@ class DockerEngine(Engine):
             return False
         return True
 
-    def push(self, ref: str, dest: str, *, tls_verify: bool = True) -> str:
+    def push(self, ref: str, dest: str, *, tls_verify: bool = True, creds: str | None = None,
+             cert_dir: Path | None = None) -> str:
+        if cert_dir is not None:
+            raise UsageError("--cert-dir works with the podman engine only; with Docker, install the CA "
+                             "under /etc/docker/certs.d/<registry>/")
         repo, _, tag = dest.rpartition(":")
         if not repo or "/" in tag:
             repo, tag = dest, "latest"
@@ -347,7 +361,7 @@ class DockerEngine(Engine):
         digest = None
         try:
             self.client.api.tag(ref, repo, tag)
-            for chunk in self._push_stream(repo, tag, tls_verify):
+            for chunk in self._push_stream(repo, tag, tls_verify, creds):
                 _show_chunk(chunk, "pushing", ref, error=RegistryError)
                 aux = chunk.get("aux") or {}
                 digest = aux.get("Digest", digest)
@@ -359,16 +373,19 @@ class DockerEngine(Engine):
             raise RegistryError(f"pushing {ref} to {dest}: the engine reported no digest")
         return str(digest)
 
-    def _push_stream(self, repo: str, tag: str, tls_verify: bool) -> Iterator[dict[str, Any]]:
+    def _push_stream(self, repo: str, tag: str, tls_verify: bool, creds: str | None) -> Iterator[dict[str, Any]]:
         api = self.client.api
+        user, _, password = (creds or "").partition(":")
+        auth_config = {"username": user, "password": password} if creds else None
         if tls_verify:
-            return iter(api.push(repo, tag, stream=True, decode=True))
+            return iter(api.push(repo, tag, stream=True, decode=True, auth_config=auth_config))
         # docker-py cannot pass podman's `tlsVerify=false` (needed for a plain-http
         # registry behind a podman service; Docker ignores the parameter and already
         # treats 127.0.0.0/8 as insecure), so send the same request with it added.
         from docker import auth
 
-        header = auth.get_config_header(api, auth.resolve_repository_name(repo)[0])
+        header = auth.encode_header(auth_config) if auth_config else \
+            auth.get_config_header(api, auth.resolve_repository_name(repo)[0])
         response = api._post_json(
             api._url("/images/{0}/push", repo),
             None,

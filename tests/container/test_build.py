@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tarfile
 from collections.abc import Callable, Iterator
@@ -340,3 +341,22 @@ def test_classes_that_cannot_build_here_fail_fast(cls: str, reason: str, podman:
     assert r.exit_code == 7, r.output
     assert f"{cls} cannot be built on this machine" in r.output and reason in r.output
     assert "==> optimize" not in r.output  # refused before any work
+
+
+@pytest.mark.container
+def test_push_to_a_tls_registry_with_auth(record: dict[str, Any], test_state: StateDir, tmp_path: Path) -> None:
+    """`kiln registry start --tls --htpasswd`: push needs the credentials and trusts the CA in --cert-dir."""
+    from builder.registry import running_registry
+
+    require_tool("openssl")
+    with running_registry(tmp_path / "reg", tls=True, htpasswd="kiln:s3cret") as info:
+        certs = tmp_path / "certs"
+        certs.mkdir()
+        shutil.copyfile(info.root / "tls/cert.pem", certs / "ca.crt")
+        engine = PodmanEngine(test_state)
+        with pytest.raises(RegistryError, match=r"authentication required|unauthorized"):
+            push_build(QEMU_CLASS, QEMU_VERSION, info.address, state=test_state, engine=engine, tls_verify=True,
+                       cert_dir=certs)
+        rec = push_build(QEMU_CLASS, QEMU_VERSION, info.address, state=test_state, engine=engine, tls_verify=True,
+                         cert_dir=certs, creds="kiln:s3cret")
+        assert rec["pushed"][-1]["digest"].startswith("sha256:")

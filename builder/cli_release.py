@@ -1,0 +1,123 @@
+"""`kiln keys`, `kiln release`, `kiln policy`: signing keys, signed releases, device trust files.
+
+Registered on builder.cli.main (imported at the end of cli.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from builder.cli import ENGINE_OPTION, load, main, source_of
+from builder.errors import UsageError
+
+
+@main.group("keys")
+def keys_group() -> None:
+    """Release signing keys (GPG, containers simple signing)."""
+
+
+@keys_group.command("init")
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+def keys_init(directory: Path) -> None:
+    """Create a signing key in DIRECTORY (never inside the project); print its fingerprint.
+
+    DIRECTORY/gnupg is the private GNUPGHOME; DIRECTORY/release-key.asc is the public key
+    that images bake as /usr/lib/kiln/release-key.asc.
+    """
+    from builder.signing import describe_key, make_signing_key
+
+    key = make_signing_key(directory)
+    click.echo(describe_key(key))
+    click.echo(f"next: kiln release CLASS --version V --channel stable --registry HOST:PORT --key {key.directory}")
+
+
+@keys_group.command("show")
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+def keys_show(directory: Path) -> None:
+    """Print the fingerprint and paths of the key in DIRECTORY."""
+    from builder.signing import describe_key, read_signing_key
+
+    click.echo(describe_key(read_signing_key(directory)))
+
+
+@main.command("policy")
+@click.argument("cls", metavar="CLASS")
+@click.option("--key", "key_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Signing key directory (kiln keys init).")
+@click.option("-o", "--output", type=click.Path(path_type=Path, file_okay=False),
+              help="Write the files under this root (usr/lib/kiln/...) instead of printing policy.json.")
+def policy_cmd(cls: str, key_dir: Path, output: Path | None) -> None:
+    """Render what a CLASS image needs to verify releases: policy.json and the public key."""
+    from builder.signing import finalize_device_files, read_signing_key, render_policy
+
+    hc = load(cls)
+    key = read_signing_key(key_dir)
+    if output is None:
+        click.echo(render_policy(hc.name), nl=False)
+        return
+    for rel, data in finalize_device_files(hc.name, key).items():
+        dest = output / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+        click.echo(f"wrote {dest}")
+
+
+@main.command("release")
+@click.argument("cls", metavar="CLASS")
+@click.option("--version", "version", required=True, help="Release version (built now unless built already).")
+@click.option("--channel", default=None, help="Channel tag to move (default: the class's rollout.channel).")
+@click.option("--registry", required=True, metavar="HOST:PORT[/PATH]", help="Registry to push to.")
+@click.option("--key", "key_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Signing key directory (kiln keys init).")
+@click.option("--lookaside", type=click.Path(path_type=Path, file_okay=False),
+              help="Signature directory that devices read over HTTP (default .kiln/signatures).")
+@click.option("--rebuild", is_flag=True, help="Build even when VERSION was built already.")
+@ENGINE_OPTION
+@click.option("--tls-verify/--no-tls-verify", default=None,
+              help="Verify the registry's TLS certificate (default: on, off for 127.0.0.1/localhost).")
+@click.option("--json", "as_json", is_flag=True, help="Print the build record as JSON.")
+def release_cmd(cls: str, version: str, channel: str | None, registry: str, key_dir: Path,
+                lookaside: Path | None, rebuild: bool, engine: str, tls_verify: bool | None,
+                as_json: bool) -> None:
+    """Build (or take the built) CLASS VERSION, sign it, push it, move the channel tag.
+
+    The image goes to REGISTRY/kiln/CLASS:staging-VERSION first; only after its
+    signature is stored and verifies under the device policy do :VERSION and then
+    :CHANNEL point at it. A failed signing leaves no tag that devices take.
+    """
+    from builder import build
+    from builder.engine import select_engine
+    from builder.errors import BuildError
+    from builder.progress import Steps
+    from builder.signing import push_signed, read_signing_key
+    from builder.state import make_state_dir
+
+    hc = load(cls)
+    key = read_signing_key(key_dir)  # fail before a long build
+    state = make_state_dir()
+    steps = Steps()
+    eng = select_engine(engine, state)
+    try:
+        record = build.read_record(hc.name, version)
+        built = eng.exists(record["image"]["id"])
+    except BuildError:
+        built = False
+    if rebuild or not built:
+        build.build_class(hc, source=source_of(cls), version=version, engine=eng, state=state, steps=steps)
+    if channel is not None and not channel.strip():
+        raise UsageError("--channel must not be empty")
+    record = push_signed(hc.name, version, registry, key=key, lookaside_dir=lookaside,
+                         channel=channel or hc.spec.rollout.channel, engine=eng, state=state,
+                         tls_verify=tls_verify, steps=steps)
+    if as_json:
+        click.echo(json.dumps(record, indent=2, sort_keys=True))
+        return
+    sig = record["signatures"][-1]
+    for pushed in record["pushed"]:
+        click.echo(f"pushed {pushed['ref']} -> {pushed['digest']}")
+    click.echo(f"signed by {sig['fingerprint']} as {sig['identity']}; signature {sig['path']}")
+    click.echo(f"serve {sig['lookaside']} over HTTP as the devices' lookaside URL")
+

@@ -1,0 +1,349 @@
+"""Release signing: containers "simple signing" with GPG, signatures in a lookaside directory.
+
+    key = make_signing_key(Path("~/kiln-release-key").expanduser())   # kiln keys init DIR
+    record = push_signed("qemu-x86_64", "1.1.0", "127.0.0.1:5000", key=key, channel="stable")
+    files = finalize_device_files("qemu-x86_64", key)   # baked under /usr/lib/kiln/
+
+Debian's skopeo and podman have sigstore compiled out; simple signing works. How a
+release reaches a registry without ever leaving a pullable unsigned tag:
+
+1. push the image to `<registry>/kiln/<class>:staging-<tag>` (devices never look there,
+   and their policy refuses it anyway: it has no signature);
+2. read its manifest back by digest, sign it with `skopeo standalone-sign`, check the
+   signature with `skopeo standalone-verify`, store it in the lookaside directory at
+   `<dir>/kiln/<class>@sha256=<hex>/signature-1` (what an HTTP server serves to devices);
+3. promote: `skopeo copy --preserve-digests docker://...@digest docker://...:<tag>`
+   under the device's own policy.json and a registries.d that reads that directory, so
+   a tag moves only once the published signature verifies the way a device checks it.
+   The channel tag (`stable`) moves last.
+
+The signed identity is `release.kiln.invalid/kiln/<class>`, a name for "release of
+Kiln class <class>", not a location: the device's policy pins it with
+`signedIdentity: exactRepository`, so the same signature verifies on every tag
+(version and channel), from the registry CI pushed to, a mirror, or 10.0.2.2 inside
+QEMU, while a signature for another class's image is refused.
+
+The key lives in a private GNUPGHOME under the directory `kiln keys init` was given,
+never in the project tree; only `release-key.asc` (the public key) goes into images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import http.server
+import json
+import socketserver
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from builder import build, paths
+from builder.engine import Engine, select_engine
+from builder.errors import BuildError, CommandFailed, KilnError, RegistryError, UsageError
+from builder.progress import Steps
+from builder.run import run
+from builder.state import StateDir, make_state_dir, write_if_changed
+
+GNUPG_DIR = "gnupg"
+PUBLIC_KEY = "release-key.asc"
+KEY_RECORD = "key.json"
+IDENTITY_PREFIX = "release.kiln.invalid/kiln"
+STAGING_PREFIX = "staging-"
+# Where images carry the verification material (read-only /usr).
+DEVICE_KEY_PATH = "/usr/lib/kiln/release-key.asc"
+DEVICE_POLICY_PATH = "/usr/lib/kiln/policy.json"
+
+
+# -- keys ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    directory: Path
+    fingerprint: str
+
+    @property
+    def gnupghome(self) -> Path:
+        return self.directory / GNUPG_DIR
+
+    @property
+    def public_key(self) -> Path:
+        return self.directory / PUBLIC_KEY
+
+    def env(self) -> dict[str, str]:
+        return {"GNUPGHOME": str(self.gnupghome)}
+
+
+def check_outside_project(directory: Path) -> None:
+    root = paths.project_root().resolve()
+    resolved = directory.expanduser().resolve()
+    if resolved == root or root in resolved.parents:
+        raise UsageError(f"{directory} is inside the project ({root}); a signing key never goes into the repo",
+                         hint="pick a directory elsewhere, e.g. ~/.config/kiln/release-key")
+
+
+def make_signing_key(directory: Path, *, uid: str = "Kiln release signing <release@kiln.invalid>") -> SigningKey:
+    """Create an ed25519 signing key in DIR/gnupg (mode 0700); export DIR/release-key.asc."""
+    directory = directory.expanduser().absolute()
+    check_outside_project(directory)
+    if (directory / KEY_RECORD).exists():
+        existing = read_signing_key(directory)
+        raise UsageError(f"{directory} already holds signing key {existing.fingerprint}; "
+                         "pick another directory to make a new one")
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = SigningKey(directory, "")
+    key.gnupghome.mkdir(mode=0o700, exist_ok=True)
+    run(["gpg", "--batch", "--pinentry-mode", "loopback", "--passphrase", "",
+         "--quick-gen-key", uid, "ed25519", "sign", "never"], env=key.env(), capture=True)
+    fingerprint = finalize_fingerprint(key)
+    exported = run(["gpg", "--batch", "--armor", "--export", fingerprint], env=key.env(), capture=True, quiet=True)
+    key.public_key.write_bytes(exported.stdout)
+    record = {"fingerprint": fingerprint, "uid": uid, "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+              "publicKey": PUBLIC_KEY}
+    (directory / KEY_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return SigningKey(directory, fingerprint)
+
+
+def finalize_fingerprint(key: SigningKey) -> str:
+    out = run(["gpg", "--batch", "--with-colons", "--list-secret-keys"], env=key.env(), capture=True, quiet=True)
+    fprs = [line.split(":")[9] for line in out.stdout.decode().splitlines() if line.startswith("fpr:")]
+    if not fprs:
+        raise UsageError(f"{key.gnupghome} holds no secret key")
+    return fprs[0]
+
+
+def read_signing_key(directory: Path) -> SigningKey:
+    directory = directory.expanduser().absolute()
+    try:
+        record = json.loads((directory / KEY_RECORD).read_text())
+        key = SigningKey(directory, str(record["fingerprint"]))
+    except FileNotFoundError:
+        raise UsageError(f"{directory} holds no Kiln signing key ({KEY_RECORD} is missing)",
+                         hint=f"create one with: kiln keys init {directory}") from None
+    except (ValueError, KeyError) as exc:
+        raise UsageError(f"{directory / KEY_RECORD}: not a Kiln key record ({exc})") from None
+    if not key.public_key.is_file():
+        raise UsageError(f"{key.public_key} is missing (re-export it: GNUPGHOME={key.gnupghome} "
+                         f"gpg --armor --export {key.fingerprint} > {key.public_key})")
+    return key
+
+
+# -- policy and registries.d ----------------------------------------------------------------
+
+
+def signed_identity(cls: str) -> str:
+    """The repository every signature of CLASS names (exactRepository in the policy)."""
+    return f"{IDENTITY_PREFIX}/{cls}"
+
+
+def render_policy(cls: str, key_path: str | Path = DEVICE_KEY_PATH) -> str:
+    """containers-policy.json: every docker image must be signed by the release key for CLASS.
+
+    Everything else (other transports) is rejected. The identity rule survives tags:
+    a channel tag and a version tag of the same digest verify with the same signature."""
+    policy = {
+        "default": [{"type": "reject"}],
+        "transports": {
+            "docker": {
+                "": [{
+                    "type": "signedBy",
+                    "keyType": "GPGKeys",
+                    "keyPath": str(key_path),
+                    "signedIdentity": {"type": "exactRepository", "dockerRepository": signed_identity(cls)},
+                }],
+            },
+        },
+    }
+    return json.dumps(policy, indent=2) + "\n"
+
+
+def render_registries_d(lookaside: str, *, scope: str | None = None, staging: str | None = None) -> str:
+    """registries.d YAML: where signatures are read (lookaside) and written (lookaside-staging).
+
+    With `scope` (host[:port][/path]) it applies to that registry only, otherwise to all."""
+    body = [f"lookaside: {json.dumps(lookaside)}"]
+    if staging:
+        body.append(f"lookaside-staging: {json.dumps(staging)}")
+    head, indent = (["docker:", f"  {json.dumps(scope)}:"], "    ") if scope else (["default-docker:"], "  ")
+    return "# Written by Kiln. Edits are overwritten.\n" + "\n".join(head + [indent + x for x in body]) + "\n"
+
+
+def finalize_device_files(cls: str, key: SigningKey) -> dict[str, bytes]:
+    """What an image of CLASS bakes under /usr (path relative to / -> bytes)."""
+    return {
+        DEVICE_KEY_PATH.lstrip("/"): key.public_key.read_bytes(),
+        DEVICE_POLICY_PATH.lstrip("/"): render_policy(cls).encode(),
+    }
+
+
+def finalize_lookaside_dir(state: StateDir) -> Path:
+    """Default signature directory: <state>/signatures (serve it over HTTP to devices)."""
+    return state.root / "signatures"
+
+
+def signature_path(lookaside_dir: Path, repo_path: str, digest: str, index: int = 1) -> Path:
+    """containers/image's lookaside layout: <dir>/<repo path>@sha256=<hex>/signature-<n>."""
+    algo, _, hexd = digest.partition(":")
+    return lookaside_dir / f"{repo_path}@{algo}={hexd}" / f"signature-{index}"
+
+
+@dataclass(frozen=True)
+class Verifier:
+    """A policy.json + registries.d pair on the build machine that checks like a device does."""
+
+    policy: Path
+    registries_d: Path
+
+    def args(self) -> list[str]:
+        return ["--policy", str(self.policy), "--registries.d", str(self.registries_d)]
+
+
+def make_verifier(state: StateDir, cls: str, key: SigningKey, lookaside_dir: Path, registry: str) -> Verifier:
+    d = state.root / "signing" / cls
+    (d / "registries.d").mkdir(parents=True, exist_ok=True)
+    policy = d / "policy.json"
+    write_if_changed(policy, render_policy(cls, key.public_key))
+    url = lookaside_dir.absolute().as_uri()
+    write_if_changed(d / "registries.d" / "kiln.yaml",
+                     render_registries_d(url, scope=registry.split("/", 1)[0], staging=url))
+    return Verifier(policy, d / "registries.d")
+
+
+# -- signing and promotion ---------------------------------------------------------------------
+
+
+def tls_args(tls_verify: bool, *sides: str) -> list[str]:
+    return [f"--{side}tls-verify={'true' if tls_verify else 'false'}" for side in sides]
+
+
+def read_manifest(repo: str, digest: str, *, tls_verify: bool, state: StateDir) -> bytes:
+    """The manifest bytes of repo@digest, checked against the digest."""
+    out = run(["skopeo", "inspect", "--raw", *tls_args(tls_verify, ""), f"docker://{repo}@{digest}"],
+              env=state.engine_env(), capture=True, quiet=True)
+    raw = out.stdout
+    if f"sha256:{hashlib.sha256(raw).hexdigest()}" != digest:
+        raise RegistryError(f"{repo}@{digest[:19]}: the registry returned a manifest with another digest")
+    return raw
+
+
+def make_signature(repo: str, digest: str, tag: str, *, cls: str, key: SigningKey, lookaside_dir: Path,
+                   tls_verify: bool, state: StateDir) -> Path:
+    """Sign repo@digest as `<identity>:<tag>`; verify it; store it in the lookaside dir."""
+    manifest = read_manifest(repo, digest, tls_verify=tls_verify, state=state)
+    identity = f"{signed_identity(cls)}:{tag}"
+    dest = signature_path(lookaside_dir, repo.split("/", 1)[1], digest)
+    with tempfile.TemporaryDirectory(dir=state.tmp_dir) as tmp:
+        mfile, sig = Path(tmp) / "manifest.json", Path(tmp) / "signature"
+        mfile.write_bytes(manifest)
+        try:
+            run(["skopeo", "standalone-sign", mfile, identity, key.fingerprint, "--output", sig],
+                env=key.env(), capture=True)
+            run(["skopeo", "standalone-verify", mfile, identity, key.fingerprint, sig],
+                env=key.env(), capture=True, quiet=True)
+        except CommandFailed as exc:
+            raise RegistryError(f"signing {repo}@{digest[:19]} with {key.fingerprint}: {exc}") from exc
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staged = dest.with_name(f".{dest.name}.tmp")
+        staged.write_bytes(sig.read_bytes())
+        staged.replace(dest)
+    return dest
+
+
+def promote(repo: str, digest: str, tag: str, verifier: Verifier, *, tls_verify: bool, state: StateDir) -> None:
+    """Point repo:tag at repo@digest, only if its published signature passes the device policy."""
+    try:
+        run(["skopeo", *verifier.args(), "copy", "--preserve-digests", "--remove-signatures", "--quiet",
+             *tls_args(tls_verify, "src-", "dest-"), f"docker://{repo}@{digest}", f"docker://{repo}:{tag}"],
+            env=state.engine_env(), capture=True)
+    except CommandFailed as exc:
+        raise RegistryError(f"promoting {repo}@{digest[:19]} to :{tag}: {exc}") from exc
+
+
+def push_signed(
+    cls: str,
+    version: str,
+    registry: str,
+    *,
+    key: SigningKey,
+    lookaside_dir: Path | None = None,
+    channel: str | None = None,
+    engine: str | Engine = "auto",
+    state: StateDir | None = None,
+    tls_verify: bool | None = None,
+    steps: Steps | None = None,
+) -> dict[str, Any]:
+    """Push a built CLASS VERSION signed: staging tag, sign, promote to :VERSION (and :CHANNEL).
+
+    Returns the build record with `pushed` and `signatures` updated (also written)."""
+    record = build.read_record(cls, version)
+    state = state or make_state_dir()
+    steps = steps or Steps()
+    lookaside_dir = (lookaside_dir or finalize_lookaside_dir(state)).absolute()
+    eng = engine if isinstance(engine, Engine) else select_engine(engine, state)
+    verify = (not build.is_loopback(registry)) if tls_verify is None else tls_verify
+    tag = build.finalize_tag(version)
+    dest = build.finalize_destination(registry, cls, version)
+    repo = dest.rsplit(":", 1)[0]
+    image_id = record["image"]["id"]
+    if not eng.exists(image_id):
+        raise BuildError(f"image {image_id[:19]} of {cls} {version} is not in {eng.name}'s store any more; "
+                               "rebuild it")
+    verifier = make_verifier(state, cls, key, lookaside_dir, registry.removeprefix("docker://"))
+    try:
+        with steps.step(f"push {repo}:{STAGING_PREFIX}{tag}"):
+            digest = eng.push(image_id, f"{repo}:{STAGING_PREFIX}{tag}", tls_verify=verify)
+        with steps.step(f"sign {digest[:19]} with {key.fingerprint[-16:]}"):
+            sig = make_signature(repo, digest, tag, cls=cls, key=key, lookaside_dir=lookaside_dir,
+                                 tls_verify=verify, state=state)
+        tags = [tag] + ([channel] if channel else [])
+        for t in tags:
+            with steps.step(f"promote to :{t}"):
+                promote(repo, digest, t, verifier, tls_verify=verify, state=state)
+    except KilnError as exc:
+        raise exc.with_context(f"releasing {cls} {version} to {registry}") from exc.__cause__
+    record["pushed"] = [p for p in record.get("pushed", []) if p.get("ref") not in {f"{repo}:{t}" for t in tags}]
+    record["pushed"] += [{"ref": f"{repo}:{t}", "digest": digest, "byDigest": f"{repo}@{digest}", "signed": True}
+                         for t in tags]
+    record["signatures"] = [s for s in record.get("signatures", []) if s.get("digest") != digest] + [{
+        "digest": digest, "fingerprint": key.fingerprint, "identity": f"{signed_identity(cls)}:{tag}",
+        "path": str(sig), "lookaside": str(lookaside_dir)}]
+    record.setdefault("durations", {}).update(steps.summary())
+    build.write_record(build.record_path(cls, version), record)
+    return record
+
+
+# -- serving signatures ---------------------------------------------------------------------------
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def serving_lookaside(directory: Path, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve a lookaside directory over HTTP for the length of a `with` block; yields the URL.
+
+    Tests and `kiln release` demos use it; in production any static web server will do."""
+    handler = functools.partial(_QuietHandler, directory=str(directory))
+    server = socketserver.ThreadingTCPServer((host, port), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name="kiln-lookaside", daemon=True)
+    thread.start()
+    try:
+        yield f"http://{host}:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def describe_key(key: SigningKey) -> str:
+    return (f"fingerprint {key.fingerprint}\npublic key  {key.public_key}\n"
+            f"private key {key.gnupghome} (GNUPGHOME; keep it out of the repo, back it up)")

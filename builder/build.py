@@ -39,6 +39,7 @@ from builder.progress import Steps
 from builder.render import DEFAULT_EPOCH
 from builder.run import run
 from builder.safe import version as check_version
+from builder.signing import SigningKey, finalize_device_files, make_signing_key, read_signing_key
 from builder.spec import BaseSource, HardwareClass
 from builder.state import StateDir, make_state_dir
 from builder.wheels import make_wheelhouse
@@ -164,6 +165,34 @@ def make_dev_ssh_key(hc: HardwareClass) -> str | None:
     return pub.read_text().strip()
 
 
+# -- the release key ----------------------------------------------------------------------
+
+SIGNING_KEY_ENV = "KILN_SIGNING_KEY"
+
+
+def dev_signing_key_dir(cls: str) -> Path:
+    return paths.build_dir() / cls / "dev-release-key"
+
+
+def resolve_signing_key(hc: HardwareClass, key_dir: Path | None) -> SigningKey:
+    """The release key whose public half the image trusts.
+
+    `--sign-key DIR` or $KILN_SIGNING_KEY (made with `kiln keys init DIR`, outside
+    the project); development classes fall back to a per-checkout key in
+    build/<class>/dev-release-key/ (made once, like their SSH test key).
+    """
+    raw = key_dir or (Path(os.environ[SIGNING_KEY_ENV]) if os.environ.get(SIGNING_KEY_ENV) else None)
+    if raw is not None:
+        return read_signing_key(raw)
+    if not hc.spec.development:
+        raise UsageError(f"{hc.name} is a production class: its images must trust a release key; "
+                         f"pass --sign-key DIR or set {SIGNING_KEY_ENV}", hint="make one with: kiln keys init DIR")
+    dev = dev_signing_key_dir(hc.name)
+    if (dev / "key.json").is_file():
+        return read_signing_key(dev)
+    return make_signing_key(dev, uid=f"Kiln development key for {hc.name} <dev@kiln.invalid>", development=True)
+
+
 # -- the build ------------------------------------------------------------------------
 
 
@@ -176,6 +205,7 @@ def build_class(
     engine: str | Engine = "auto",
     state: StateDir | None = None,
     no_cache: bool = False,
+    sign_key: Path | None = None,
     steps: Steps | None = None,
 ) -> dict[str, Any]:
     """Build one class into the engine's store; return (and write) its build record."""
@@ -207,8 +237,10 @@ def build_class(
             model_glue.make_optimized_models(hc, steps.say, reuse=True)
             artifacts = model_glue.finalize_model_artifacts(hc, require_optimized=True)
         with steps.step("render the build context"):
+            key = resolve_signing_key(hc, sign_key)
             plan = render.finalize_plan(hc, source=source, version=version, revision=revision,
-                                        models=artifacts, ssh_public_key=make_dev_ssh_key(hc), epoch=epoch)
+                                        models=artifacts, ssh_public_key=make_dev_ssh_key(hc), epoch=epoch,
+                                        device_files=finalize_device_files(hc.name, key))
             context = render.make_context(plan, out / "context", make_wheelhouse(hc, state))
             containerfile = (context / "Containerfile").read_text()
         created = datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -241,6 +273,7 @@ def build_class(
         "layers": layers,
         "labels": info["labels"],
         "context": str(context),
+        "releaseKey": {"fingerprint": key.fingerprint, "directory": str(key.directory)},
         "durations": steps.summary(),
         "pushed": [],
     }

@@ -304,9 +304,12 @@ def base_cmd(release: str, arch: str, mirror: str | None, snapshot: str | None, 
 @click.option("--tls-verify/--no-tls-verify", default=None,
               help="Verify the registry's TLS certificate (default: on, off for 127.0.0.1/localhost).")
 @click.option("--no-cache", is_flag=True, help="Ignore cached layers (a cold build).")
+@click.option("--sign-key", type=click.Path(path_type=Path, file_okay=False),
+              help="Release key the image trusts for updates (kiln keys init; default $KILN_SIGNING_KEY, or a "
+                   "development class's per-checkout key). With --push, also signs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the build record as JSON.")
 def build_cmd(cls: str, version: str, revision: str | None, engine: str, push_to: str | None,
-              tls_verify: bool | None, no_cache: bool, as_json: bool) -> None:
+              tls_verify: bool | None, no_cache: bool, sign_key: Path | None, as_json: bool) -> None:
     """Build CLASS into an OCI image tagged localhost/kiln/CLASS:VERSION; record it in build.json.
 
     Optimizes and gates the models first (a refused model stops the build, exit 5),
@@ -318,9 +321,12 @@ def build_cmd(cls: str, version: str, revision: str | None, engine: str, push_to
     hc = load(cls)
     steps = Steps()
     record = build.build_class(hc, source=source_of(cls), version=version, revision=revision,
-                               engine=engine, no_cache=no_cache, steps=steps)
+                               engine=engine, no_cache=no_cache, sign_key=sign_key, steps=steps)
     if push_to:
-        record = build.push_build(hc.name, version, push_to, engine=engine, tls_verify=tls_verify, steps=steps)
+        from builder.signing import push_signed, read_signing_key
+
+        key = read_signing_key(Path(record["releaseKey"]["directory"]))
+        record = push_signed(hc.name, version, push_to, key=key, engine=engine, tls_verify=tls_verify, steps=steps)
     click.echo(json.dumps(record, indent=2, sort_keys=True) if as_json else build.describe(record))
 
 
@@ -336,14 +342,25 @@ def build_cmd(cls: str, version: str, revision: str | None, engine: str, push_to
               help="Registry credentials (or KILN_REGISTRY_CREDS).")
 @click.option("--cert-dir", type=click.Path(path_type=Path, file_okay=False, exists=True),
               help="Directory with the ca.crt of a registry with its own CA (podman).")
+@click.option("--sign-by", type=click.Path(path_type=Path, file_okay=False),
+              help="Sign with this release key (kiln keys init) and publish the signature in the lookaside dir.")
 @click.option("--json", "as_json", is_flag=True, help="Print the build record as JSON.")
 def push_cmd(cls: str, registry: str, version: str, engine: str, tls_verify: bool | None,
-             creds: str | None, cert_dir: Path | None, as_json: bool) -> None:
-    """Push a built CLASS VERSION to REGISTRY/kiln/CLASS:VERSION; records the pushed digest."""
+             creds: str | None, cert_dir: Path | None, sign_by: Path | None, as_json: bool) -> None:
+    """Push a built CLASS VERSION to REGISTRY/kiln/CLASS:VERSION; records the pushed digest.
+
+    With --sign-by, the image goes to a staging tag first and :VERSION moves only
+    after its signature is stored (see `kiln release`)."""
     from builder import build
 
-    record = build.push_build(cls, version, registry, engine=engine, tls_verify=tls_verify, creds=creds,
-                              cert_dir=cert_dir)
+    if sign_by is not None:
+        from builder.signing import push_signed, read_signing_key
+
+        record = push_signed(cls, version, registry, key=read_signing_key(sign_by), engine=engine,
+                             tls_verify=tls_verify, creds=creds, cert_dir=cert_dir)
+    else:
+        record = build.push_build(cls, version, registry, engine=engine, tls_verify=tls_verify, creds=creds,
+                                  cert_dir=cert_dir)
     pushed = record["pushed"][-1]
     click.echo(json.dumps(record, indent=2, sort_keys=True) if as_json else
                f"pushed {pushed['byDigest']} (local image {record['image']['id'][:19]})")
@@ -364,13 +381,21 @@ def _registry_root() -> Path:
 @click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
 @click.option("--tls", is_flag=True, help="Serve HTTPS with a self-signed certificate for 127.0.0.1.")
 @click.option("--htpasswd", metavar="USER:PASSWORD", help="Require this user (htpasswd, bcrypt).")
-def registry_start(port: int, tls: bool, htpasswd: str | None) -> None:
-    """Start the registry in the background."""
+@click.option("--lookaside-port", type=click.IntRange(0, 65535), default=5080, show_default=True,
+              help="Also serve the signature directory (.kiln/signatures) over HTTP here; 0: do not.")
+def registry_start(port: int, tls: bool, htpasswd: str | None, lookaside_port: int) -> None:
+    """Start the registry (and the signature server devices read) in the background."""
     from builder.registry import start_registry
+    from builder.signing import finalize_lookaside_dir
+    from builder.state import make_state_dir
 
-    info = start_registry(_registry_root(), port=port, tls=tls, htpasswd=htpasswd)
+    sigs = finalize_lookaside_dir(make_state_dir()) if lookaside_port else None
+    info = start_registry(_registry_root(), port=port, tls=tls, htpasswd=htpasswd, lookaside_dir=sigs,
+                          lookaside_port=lookaside_port or None)
     click.echo(f"registry at {info.address} (pid {info.pid}, {info.url}); data in {info.root / 'data'}; "
                f"push with: kiln push CLASS {info.address}")
+    if info.lookaside:
+        click.echo(f"signatures from {sigs} at {info.lookaside} (pid {info.lookaside_pid})")
 
 
 @registry_group.command("status")

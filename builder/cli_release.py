@@ -70,18 +70,22 @@ def policy_cmd(cls: str, key_dir: Path, output: Path | None) -> None:
 @click.option("--version", "version", required=True, help="Release version (built now unless built already).")
 @click.option("--channel", default=None, help="Channel tag to move (default: the class's rollout.channel).")
 @click.option("--registry", required=True, metavar="HOST:PORT[/PATH]", help="Registry to push to.")
-@click.option("--key", "key_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
-              help="Signing key directory (kiln keys init).")
+@click.option("--key", "key_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Signing key directory (kiln keys init; default $KILN_SIGNING_KEY, or a development "
+                   "class's per-checkout key).")
 @click.option("--lookaside", type=click.Path(path_type=Path, file_okay=False),
               help="Signature directory that devices read over HTTP (default .kiln/signatures).")
 @click.option("--rebuild", is_flag=True, help="Build even when VERSION was built already.")
 @ENGINE_OPTION
 @click.option("--tls-verify/--no-tls-verify", default=None,
               help="Verify the registry's TLS certificate (default: on, off for 127.0.0.1/localhost).")
+@click.option("--creds", metavar="USER:PASSWORD", help="Registry credentials.")
+@click.option("--cert-dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Directory with the registry's CA certificate (*.crt) and client certificates.")
 @click.option("--json", "as_json", is_flag=True, help="Print the build record as JSON.")
-def release_cmd(cls: str, version: str, channel: str | None, registry: str, key_dir: Path,
+def release_cmd(cls: str, version: str, channel: str | None, registry: str, key_dir: Path | None,
                 lookaside: Path | None, rebuild: bool, engine: str, tls_verify: bool | None,
-                as_json: bool) -> None:
+                creds: str | None, cert_dir: Path | None, as_json: bool) -> None:
     """Build (or take the built) CLASS VERSION, sign it, push it, move the channel tag.
 
     The image goes to REGISTRY/kiln/CLASS:staging-VERSION first; only after its
@@ -92,11 +96,11 @@ def release_cmd(cls: str, version: str, channel: str | None, registry: str, key_
     from builder.engine import select_engine
     from builder.errors import BuildError
     from builder.progress import Steps
-    from builder.signing import push_signed, read_signing_key
+    from builder.signing import push_signed
     from builder.state import make_state_dir
 
     hc = load(cls)
-    key = read_signing_key(key_dir)  # fail before a long build
+    key = build.resolve_signing_key(hc, key_dir)  # fail before a long build
     state = make_state_dir()
     steps = Steps()
     eng = select_engine(engine, state)
@@ -106,12 +110,18 @@ def release_cmd(cls: str, version: str, channel: str | None, registry: str, key_
     except BuildError:
         built = False
     if rebuild or not built:
-        build.build_class(hc, source=source_of(cls), version=version, engine=eng, state=state, steps=steps)
+        record = build.build_class(hc, source=source_of(cls), version=version, engine=eng, state=state,
+                                   sign_key=key.directory, steps=steps)
+    trusted = (record.get("releaseKey") or {}).get("fingerprint")
+    if trusted != key.fingerprint:
+        raise UsageError(f"{hc.name} {version} was built trusting release key {trusted}, not {key.fingerprint}: "
+                         "devices running it would refuse this signature's successors; rebuild with "
+                         "--rebuild, or sign with the key it trusts")
     if channel is not None and not channel.strip():
         raise UsageError("--channel must not be empty")
     record = push_signed(hc.name, version, registry, key=key, lookaside_dir=lookaside,
                          channel=channel or hc.spec.rollout.channel, engine=eng, state=state,
-                         tls_verify=tls_verify, steps=steps)
+                         tls_verify=tls_verify, creds=creds, cert_dir=cert_dir, steps=steps)
     if as_json:
         click.echo(json.dumps(record, indent=2, sort_keys=True))
         return

@@ -248,6 +248,11 @@ def rollout(hc: HardwareClass) -> Iterator[Problem]:
     percents = [s.percent for s in r.stages]
     if percents != sorted(set(percents)) or percents[-1] != 100:
         yield (("spec", "rollout", "stages"), "stage percents must increase and end at 100")
+    if r.insecure_registry and not hc.spec.development:
+        yield (("spec", "rollout", "insecureRegistry"), "only development classes may pull over plain HTTP")
+    if (r.registry is None) != (r.lookaside is None):
+        yield (("spec", "rollout", "lookaside" if r.lookaside is None else "registry"),
+               "registry and lookaside go together: devices verify every image's signature")
 
 
 @contract

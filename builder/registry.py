@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -28,7 +29,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.errors import RegistryError, ToolMissing, UsageError
+from builder.errors import KilnError, RegistryError, ToolMissing, UsageError
 from builder.run import find_tool, run, spawn
 
 DEFAULT_PORT = 5000
@@ -75,6 +76,8 @@ class RegistryInfo:
     tls: bool
     auth: bool
     root: Path
+    lookaside: str | None = None  # http://127.0.0.1:PORT serving the signature directory
+    lookaside_pid: int | None = None
 
     @property
     def url(self) -> str:
@@ -143,7 +146,8 @@ def read_info(paths: RegistryPaths) -> RegistryInfo | None:
     try:
         data = json.loads(paths.pidfile.read_text())
         info = RegistryInfo(address=data["address"], pid=int(data["pid"]), tls=bool(data["tls"]),
-                            auth=bool(data["auth"]), root=paths.root)
+                            auth=bool(data["auth"]), root=paths.root, lookaside=data.get("lookaside"),
+                            lookaside_pid=data.get("lookasidePid"))
     except (OSError, ValueError, KeyError, TypeError):
         return None
     try:
@@ -156,8 +160,13 @@ def read_info(paths: RegistryPaths) -> RegistryInfo | None:
 
 
 def start_registry(root: Path, *, port: int | None = None, tls: bool = False,
-                   htpasswd: str | None = None) -> RegistryInfo:
-    """Start a registry in the background (it outlives this process); see `stop_registry`."""
+                   htpasswd: str | None = None, lookaside_dir: Path | None = None,
+                   lookaside_port: int | None = None) -> RegistryInfo:
+    """Start a registry in the background (it outlives this process); see `stop_registry`.
+
+    With `lookaside_dir`, a static HTTP server on 127.0.0.1:`lookaside_port` serves
+    that directory: the signatures `kiln release` writes, where devices read them.
+    """
     find_tool("docker-registry")
     paths = RegistryPaths(root)
     running = read_info(paths)
@@ -180,13 +189,41 @@ def start_registry(root: Path, *, port: int | None = None, tls: bool = False,
     info = RegistryInfo(address=address, pid=proc.pid, tls=tls, auth=bool(htpasswd), root=paths.root)
     try:
         wait_ready(info, proc.poll)
-    except RegistryError:
+        if lookaside_dir is not None:
+            info = start_lookaside(info, lookaside_dir, lookaside_port or free_port())
+    except KilnError:
         _terminate(proc.pid)
         raise
     tmp = paths.pidfile.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"address": address, "pid": proc.pid, "tls": tls, "auth": bool(htpasswd)}) + "\n")
+    tmp.write_text(json.dumps({"address": address, "pid": proc.pid, "tls": tls, "auth": bool(htpasswd),
+                               "lookaside": info.lookaside, "lookasidePid": info.lookaside_pid}) + "\n")
     tmp.replace(paths.pidfile)
     return info
+
+
+def start_lookaside(info: RegistryInfo, directory: Path, port: int) -> RegistryInfo:
+    """python3 -m http.server over the signature directory, on 127.0.0.1 only."""
+    if port_in_use(port):
+        raise RegistryError(f"127.0.0.1:{port} (the signature server) is already in use; pick another port")
+    directory.mkdir(parents=True, exist_ok=True)
+    proc = spawn([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", directory, str(port)],
+                 log=info.root / "lookaside.log", detach=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        try:
+            urllib.request.urlopen(url + "/", timeout=1).close()  # noqa: S310 - http only
+            break
+        except urllib.error.HTTPError:
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                _terminate(proc.pid)
+                raise RegistryError(
+                    f"the signature server on {url} did not start; see {info.root / 'lookaside.log'}") from None
+            time.sleep(0.1)
+    return RegistryInfo(address=info.address, pid=info.pid, tls=info.tls, auth=info.auth, root=info.root,
+                        lookaside=url, lookaside_pid=proc.pid)
 
 
 def stop_registry(root: Path) -> RegistryInfo | None:
@@ -196,14 +233,17 @@ def stop_registry(root: Path) -> RegistryInfo | None:
     paths.pidfile.unlink(missing_ok=True)
     if info is not None:
         _terminate(info.pid)
+        if info.lookaside_pid:
+            _terminate(info.lookaside_pid)
     return info
 
 
 @contextmanager
 def running_registry(root: Path, *, port: int | None = None, tls: bool = False,
-                     htpasswd: str | None = None) -> Iterator[RegistryInfo]:
-    """A registry for the length of a `with` block (tests, benchmarks)."""
-    info = start_registry(root, port=port if port is not None else free_port(), tls=tls, htpasswd=htpasswd)
+                     htpasswd: str | None = None, lookaside_dir: Path | None = None) -> Iterator[RegistryInfo]:
+    """A registry (and, with `lookaside_dir`, its signature server) for a `with` block (tests, benchmarks)."""
+    info = start_registry(root, port=port if port is not None else free_port(), tls=tls, htpasswd=htpasswd,
+                          lookaside_dir=lookaside_dir)
     try:
         yield info
     finally:

@@ -25,7 +25,9 @@ DEFAULT_EPOCH = 1735689600  # 2025-01-01T00:00:00Z: file times and created dates
 KARGS_FILE = "usr/lib/bootc/kargs.d/10-kiln.toml"
 
 # What every image of an apt family needs on top of its base to boot as Kiln expects.
-APT_ESSENTIALS = ("systemd-sysv", "udev", "dbus", "kmod", "initramfs-tools", "python3", "systemd-boot")
+APT_ESSENTIALS = ("systemd-sysv", "udev", "dbus", "kmod", "initramfs-tools", "python3", "systemd-boot",
+                  # the device agent: pull + verify (skopeo, gnupg), unpack (umoci), write a slot (erofs)
+                  "skopeo", "gnupg", "umoci", "erofs-utils")
 PYTHON = {Family.debian: "python3", Family.l4t: "python3", Family.fedora_bootc: "python3",
           Family.centos_bootc: "python3.11"}
 
@@ -61,6 +63,10 @@ class RenderPlan:
     release: dict[str, object] = field(default_factory=dict)
     ssh_public_key: str | None = None  # development classes: the per-build test key (see build.py)
     epoch: int = DEFAULT_EPOCH  # SOURCE_DATE_EPOCH for tools run in the build (mkinitramfs)
+    # The release key and the containers policy requiring it (builder.signing.finalize_device_files):
+    # path under / -> bytes. Empty: the image can verify no update (`kiln render` without a key).
+    device_files: tuple[tuple[str, bytes], ...] = ()
+    agent_config: dict[str, object] = field(default_factory=dict)
 
 
 def finalize_base_ref(hc: HardwareClass) -> str:
@@ -160,7 +166,8 @@ def finalize_labels(hc: HardwareClass, models: tuple[ModelArtifact, ...]) -> tup
 def finalize_plan(hc: HardwareClass, *, source: str, version: str = DEFAULT_VERSION,
                   revision: str = "unknown",
                   models: tuple[ModelArtifact, ...] | None = None,
-                  ssh_public_key: str | None = None, epoch: int = DEFAULT_EPOCH) -> RenderPlan:
+                  ssh_public_key: str | None = None, epoch: int = DEFAULT_EPOCH,
+                  device_files: dict[str, bytes] | None = None) -> RenderPlan:
     models = models if models is not None else finalize_source_models(hc)
     if ssh_public_key is not None and not hc.spec.development:
         raise ValueError(f"{hc.name} is a production class: it never gets a test SSH key")
@@ -175,7 +182,18 @@ def finalize_plan(hc: HardwareClass, *, source: str, version: str = DEFAULT_VERS
         release=finalize_release(hc, version, revision, models),
         ssh_public_key=ssh_public_key,
         epoch=epoch,
+        device_files=tuple(sorted((device_files or {}).items())),
+        agent_config=finalize_agent_config(hc),
     )
+
+
+def finalize_agent_config(hc: HardwareClass) -> dict[str, object]:
+    """/usr/lib/kiln/agent.json: where the device agent looks for updates (from spec.rollout)."""
+    r = hc.spec.rollout
+    config: dict[str, object] = {"repository": f"kiln/{hc.name}", "channel": r.channel}
+    if r.registry:
+        config.update(registry=r.registry, lookaside=r.lookaside or "", insecure=r.insecure_registry)
+    return config
 
 
 def _environment() -> jinja2.Environment:
@@ -246,6 +264,11 @@ def make_class_tree(plan: RenderPlan, dest: Path) -> None:
     kargs.parent.mkdir(parents=True)
     kargs.write_text("# Kernel arguments of class {} (from its spec)\nkargs = [{}]\n".format(
         plan.hc.name, ", ".join(json.dumps(a) for a in spec.kernel.args)))
+    _write_json(dest / "usr/lib/kiln/agent.json", plan.agent_config)
+    for rel, data in plan.device_files:
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
     if plan.ssh_public_key:
         # Development only (finalize_plan refuses it otherwise): root logs in with the
         # per-build key; the image stays free of passwords and of any fixed key.

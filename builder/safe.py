@@ -23,6 +23,7 @@ _LABEL_KEY = re.compile(r"[a-z0-9][a-z0-9._/-]*")
 _SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B|B)?")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _IMAGE = re.compile(r"[a-z0-9.-]+(?::[0-9]+)?(?:/[a-z0-9._-]+)+(?::[A-Za-z0-9._-]+)?")
+_REGISTRY = re.compile(r"[a-z0-9.-]+(?::[0-9]+)?(?:/[a-z0-9._-]+)*")
 _SNAPSHOT = re.compile(r"[0-9]{8}T[0-9]{6}Z")
 _COMPATIBLE = re.compile(r"[a-z0-9][a-z0-9-]*,[a-z0-9][a-z0-9_.,/-]*")
 
@@ -111,6 +112,10 @@ def digest(value: str) -> str:
 def image_ref(value: str) -> str:
     return _match(_IMAGE, value, "image reference",
                   "registry/path[:tag] in lowercase; pin the digest with `digest:`")
+
+
+def registry(value: str) -> str:
+    return _match(_REGISTRY, value, "registry", "host[:port][/path] in lowercase, no scheme")
 
 
 def snapshot(value: str) -> str:

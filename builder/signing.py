@@ -88,10 +88,16 @@ def check_outside_project(directory: Path) -> None:
                          hint="pick a directory elsewhere, e.g. ~/.config/kiln/release-key")
 
 
-def make_signing_key(directory: Path, *, uid: str = "Kiln release signing <release@kiln.invalid>") -> SigningKey:
-    """Create an ed25519 signing key in DIR/gnupg (mode 0700); export DIR/release-key.asc."""
+def make_signing_key(directory: Path, *, uid: str = "Kiln release signing <release@kiln.invalid>",
+                     development: bool = False) -> SigningKey:
+    """Create an ed25519 signing key in DIR/gnupg (mode 0700); export DIR/release-key.asc.
+
+    `development` allows DIR inside the project (the ignored build/ dir): the
+    per-checkout key of development classes, like their SSH test key.
+    """
     directory = directory.expanduser().absolute()
-    check_outside_project(directory)
+    if not development:
+        check_outside_project(directory)
     if (directory / KEY_RECORD).exists():
         existing = read_signing_key(directory)
         raise UsageError(f"{directory} already holds signing key {existing.fingerprint}; "
@@ -218,13 +224,29 @@ def make_verifier(state: StateDir, cls: str, key: SigningKey, lookaside_dir: Pat
 # -- signing and promotion ---------------------------------------------------------------------
 
 
-def tls_args(tls_verify: bool, *sides: str) -> list[str]:
-    return [f"--{side}tls-verify={'true' if tls_verify else 'false'}" for side in sides]
+@dataclass(frozen=True)
+class Access:
+    """How to reach the registry: TLS verification, credentials, client certificates."""
+
+    tls_verify: bool = True
+    creds: str | None = None
+    cert_dir: Path | None = None
+
+    def args(self, *sides: str) -> list[str]:
+        """skopeo flags per side ("" for inspect, "src-"/"dest-" for copy)."""
+        out = []
+        for side in sides:
+            out.append(f"--{side}tls-verify={'true' if self.tls_verify else 'false'}")
+            if self.creds:
+                out.append(f"--{side}creds={self.creds}")
+            if self.cert_dir:
+                out.append(f"--{side}cert-dir={self.cert_dir}")
+        return out
 
 
-def read_manifest(repo: str, digest: str, *, tls_verify: bool, state: StateDir) -> bytes:
+def read_manifest(repo: str, digest: str, *, access: Access, state: StateDir) -> bytes:
     """The manifest bytes of repo@digest, checked against the digest."""
-    out = run(["skopeo", "inspect", "--raw", *tls_args(tls_verify, ""), f"docker://{repo}@{digest}"],
+    out = run(["skopeo", "inspect", "--raw", *access.args(""), f"docker://{repo}@{digest}"],
               env=state.engine_env(), capture=True, quiet=True)
     raw = out.stdout
     if f"sha256:{hashlib.sha256(raw).hexdigest()}" != digest:
@@ -233,9 +255,9 @@ def read_manifest(repo: str, digest: str, *, tls_verify: bool, state: StateDir) 
 
 
 def make_signature(repo: str, digest: str, tag: str, *, cls: str, key: SigningKey, lookaside_dir: Path,
-                   tls_verify: bool, state: StateDir) -> Path:
+                   access: Access, state: StateDir) -> Path:
     """Sign repo@digest as `<identity>:<tag>`; verify it; store it in the lookaside dir."""
-    manifest = read_manifest(repo, digest, tls_verify=tls_verify, state=state)
+    manifest = read_manifest(repo, digest, access=access, state=state)
     identity = f"{signed_identity(cls)}:{tag}"
     dest = signature_path(lookaside_dir, repo.split("/", 1)[1], digest)
     with tempfile.TemporaryDirectory(dir=state.tmp_dir) as tmp:
@@ -255,11 +277,11 @@ def make_signature(repo: str, digest: str, tag: str, *, cls: str, key: SigningKe
     return dest
 
 
-def promote(repo: str, digest: str, tag: str, verifier: Verifier, *, tls_verify: bool, state: StateDir) -> None:
+def promote(repo: str, digest: str, tag: str, verifier: Verifier, *, access: Access, state: StateDir) -> None:
     """Point repo:tag at repo@digest, only if its published signature passes the device policy."""
     try:
         run(["skopeo", *verifier.args(), "copy", "--preserve-digests", "--remove-signatures", "--quiet",
-             *tls_args(tls_verify, "src-", "dest-"), f"docker://{repo}@{digest}", f"docker://{repo}:{tag}"],
+             *access.args("src-", "dest-"), f"docker://{repo}@{digest}", f"docker://{repo}:{tag}"],
             env=state.engine_env(), capture=True)
     except CommandFailed as exc:
         raise RegistryError(f"promoting {repo}@{digest[:19]} to :{tag}: {exc}") from exc
@@ -276,6 +298,8 @@ def push_signed(
     engine: str | Engine = "auto",
     state: StateDir | None = None,
     tls_verify: bool | None = None,
+    creds: str | None = None,
+    cert_dir: Path | None = None,
     steps: Steps | None = None,
 ) -> dict[str, Any]:
     """Push a built CLASS VERSION signed: staging tag, sign, promote to :VERSION (and :CHANNEL).
@@ -287,6 +311,7 @@ def push_signed(
     lookaside_dir = (lookaside_dir or finalize_lookaside_dir(state)).absolute()
     eng = engine if isinstance(engine, Engine) else select_engine(engine, state)
     verify = (not build.is_loopback(registry)) if tls_verify is None else tls_verify
+    access = Access(verify, creds, cert_dir)
     tag = build.finalize_tag(version)
     dest = build.finalize_destination(registry, cls, version)
     repo = dest.rsplit(":", 1)[0]
@@ -297,14 +322,15 @@ def push_signed(
     verifier = make_verifier(state, cls, key, lookaside_dir, registry.removeprefix("docker://"))
     try:
         with steps.step(f"push {repo}:{STAGING_PREFIX}{tag}"):
-            digest = eng.push(image_id, f"{repo}:{STAGING_PREFIX}{tag}", tls_verify=verify)
+            digest = eng.push(image_id, f"{repo}:{STAGING_PREFIX}{tag}", tls_verify=verify, creds=creds,
+                              cert_dir=cert_dir)
         with steps.step(f"sign {digest[:19]} with {key.fingerprint[-16:]}"):
             sig = make_signature(repo, digest, tag, cls=cls, key=key, lookaside_dir=lookaside_dir,
-                                 tls_verify=verify, state=state)
+                                 access=access, state=state)
         tags = [tag] + ([channel] if channel else [])
         for t in tags:
             with steps.step(f"promote to :{t}"):
-                promote(repo, digest, t, verifier, tls_verify=verify, state=state)
+                promote(repo, digest, t, verifier, access=access, state=state)
     except KilnError as exc:
         raise exc.with_context(f"releasing {cls} {version} to {registry}") from exc.__cause__
     record["pushed"] = [p for p in record.get("pushed", []) if p.get("ref") not in {f"{repo}:{t}" for t in tags}]

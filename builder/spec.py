@@ -35,6 +35,7 @@ RelPath = Annotated[str, AfterValidator(safe.relative_path)]
 AbsPath = Annotated[str, AfterValidator(safe.absolute_path)]
 Version = Annotated[str, AfterValidator(safe.version)]
 Url = Annotated[str, AfterValidator(safe.url)]
+Registry = Annotated[str, AfterValidator(safe.registry)]
 Name = Annotated[str, AfterValidator(safe.name)]
 LabelKey = Annotated[str, AfterValidator(safe.label_key)]
 LabelValue = Annotated[str, AfterValidator(safe.label_value)]
@@ -302,6 +303,12 @@ class Rollout(Strict):
     min_version: Version | None = None
     stages: tuple[Stage, ...] = (Stage(percent=100),)
     auto_promote: bool = False
+    # Where devices of this class look for updates (baked into /usr/lib/kiln/agent.json;
+    # /etc/kiln/agent.json on a device overrides it): the registry holding
+    # <registry>/kiln/<class>:<channel>, and the HTTP URL serving its signatures.
+    registry: Registry | None = None
+    lookaside: Url | None = None
+    insecure_registry: bool = False  # plain HTTP: development classes only
 
 
 class BootControl(enum.StrEnum):

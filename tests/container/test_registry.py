@@ -34,14 +34,21 @@ def test_registry_lifecycle_with_tls_and_auth(tmp_path: Path) -> None:
     require_tool("openssl")
     env = {"KILN_STATE_DIR": str(tmp_path / "state")}
     runner = CliRunner()
-    port = free_port()
-    r = runner.invoke(main, ["registry", "start", "--port", str(port), "--tls", "--htpasswd", "kiln:s3cret"], env=env)
+    port, sig_port = free_port(), free_port()
+    sigs = tmp_path / "state/signatures/kiln"
+    sigs.mkdir(parents=True)
+    (sigs / "probe").write_text("signature bytes")
+    r = runner.invoke(main, ["registry", "start", "--port", str(port), "--tls", "--htpasswd", "kiln:s3cret",
+                             "--lookaside-port", str(sig_port)], env=env)
     try:
         assert r.exit_code == 0, r.output
         assert f"127.0.0.1:{port}" in r.output
         assert get(f"https://127.0.0.1:{port}/v2/") == 401
         assert get(f"https://127.0.0.1:{port}/v2/", "kiln:s3cret") == 200
         assert get(f"https://127.0.0.1:{port}/v2/", "kiln:wrong") == 401
+        # the signature directory, served to devices over plain HTTP
+        with urllib.request.urlopen(f"http://127.0.0.1:{sig_port}/kiln/probe", timeout=5) as response:
+            assert response.read() == b"signature bytes"
         status = runner.invoke(main, ["registry", "status"], env=env)
         assert status.exit_code == 0 and f"https://127.0.0.1:{port}" in status.output
         again = runner.invoke(main, ["registry", "start", "--port", str(port)], env=env)
@@ -52,8 +59,9 @@ def test_registry_lifecycle_with_tls_and_auth(tmp_path: Path) -> None:
         stop = runner.invoke(main, ["registry", "stop"], env=env)
     assert stop.exit_code == 0 and "stopped" in stop.output
     assert runner.invoke(main, ["registry", "status"], env=env).exit_code == 1
-    with pytest.raises(OSError):
-        urllib.request.urlopen(f"https://127.0.0.1:{port}/v2/", timeout=2)
+    for url in (f"https://127.0.0.1:{port}/v2/", f"http://127.0.0.1:{sig_port}/"):
+        with pytest.raises(OSError):
+            urllib.request.urlopen(url, timeout=2)
 
 
 @pytest.mark.container
@@ -66,7 +74,8 @@ def test_registry_port_in_use_and_bad_htpasswd(tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        r = CliRunner().invoke(main, ["registry", "start", "--port", str(port)], env=env)
+        r = CliRunner().invoke(main, ["registry", "start", "--port", str(port), "--lookaside-port", "0"], env=env)
         assert r.exit_code == 8 and "already in use" in r.output
-    r = CliRunner().invoke(main, ["registry", "start", "--port", str(free_port()), "--htpasswd", "nopassword"], env=env)
+    r = CliRunner().invoke(main, ["registry", "start", "--port", str(free_port()), "--htpasswd", "nopassword",
+                                  "--lookaside-port", "0"], env=env)
     assert r.exit_code == 2 and "USER:PASSWORD" in r.output

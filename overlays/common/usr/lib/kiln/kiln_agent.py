@@ -45,7 +45,8 @@ Exit codes:
   11  configuration missing or invalid
   64  usage
 
-Testing hook: KILN_AGENT_FAULT=after:<phase> exits with 137 right after <phase> is
+Testing hooks: KILN_AGENT_ROOT=DIR reads the two config files under DIR instead of /
+(a fake device in a temp directory). KILN_AGENT_FAULT=after:<phase> exits with 137 right after <phase> is
 journaled (a power cut at a known point). Phases: fetched, invalidated, built, written,
 verified, kernel, entry.
 """
@@ -79,6 +80,7 @@ SIGNATURE, UNREACHABLE, NO_SPACE, WRITE_FAILED, LOCKED, CONFIG, USAGE = 6, 7, 8,
 DEFAULTS_FILE = "/usr/lib/kiln/agent.json"
 OVERRIDE_FILE = "/etc/kiln/agent.json"
 CONFIG_ENV = "KILN_AGENT_CONFIG"
+ROOT_ENV = "KILN_AGENT_ROOT"
 FAULT_ENV = "KILN_AGENT_FAULT"
 STATE_SCHEMA = 1
 SLOTS = ("a", "b")
@@ -387,7 +389,8 @@ BUILTIN: dict[str, Any] = {
 
 def load_config(extra: str | None = None) -> tuple[Config, Release]:
     merged = dict(BUILTIN)
-    files = [Path(DEFAULTS_FILE), Path(OVERRIDE_FILE)]
+    root = Path(os.environ.get(ROOT_ENV) or "/")
+    files = [root / DEFAULTS_FILE.lstrip("/"), root / OVERRIDE_FILE.lstrip("/")]
     if extra:
         files.append(Path(extra))
     for path in files:
@@ -971,16 +974,22 @@ def failed_boot_reason() -> str:
     tool = shutil.which("journalctl")
     if tool is None:
         return "unknown (no journalctl)"
-    try:
-        proc = subprocess.run([tool, "-b", "-1", "--no-pager", "-o", "cat", "-p", "err", "-n", "15"],
-                              stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=False)
-    except subprocess.TimeoutExpired:
-        return "unknown (journalctl timed out)"
-    if proc.returncode != 0:
-        return ("the new slot never finished booting (no journal of the previous boot: the kernel or "
-                "initramfs failed before the journal was persisted)")
-    lines = [ln for ln in proc.stdout.decode(errors="replace").splitlines() if ln.strip()]
-    return "; ".join(lines[-6:]) or "the previous boot logged no errors (health checks did not complete)"
+    # The health checks' own words first, then any error of that boot. Needs a persistent
+    # journal (/var/log/journal on the data partition).
+    queries = (["-u", "kiln-health-*", "-p", "warning"], ["-p", "err"])
+    for query in queries:
+        try:
+            proc = subprocess.run([tool, "-b", "-1", "--no-pager", "-o", "cat", "-n", "15", *query],
+                                  stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=False)
+        except subprocess.TimeoutExpired:
+            return "unknown (journalctl timed out)"
+        if proc.returncode != 0:
+            return ("the new slot never finished booting (no journal of the previous boot: the kernel or "
+                    "initramfs failed before the journal was persisted)")
+        lines = [ln for ln in proc.stdout.decode(errors="replace").splitlines() if ln.strip()]
+        if lines:
+            return "; ".join(lines[-6:])
+    return "the previous boot logged no errors (the health checks did not complete)"
 
 
 def cmd_boot(config: Config, release: Release, state: State, boot: BootControl) -> str:

@@ -1,0 +1,157 @@
+"""Signed pushes for real: gpg, podman, skopeo and a registry on 127.0.0.1.
+
+A tiny image (`podman import` of a few files) stands in for a class image: signing
+does not care about the size. Every verdict comes from `skopeo copy --policy` with the
+policy.json that images bake, the way a device checks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from builder import build, signing
+from builder.engine import PodmanEngine
+from builder.errors import CommandFailed, RegistryError
+from builder.run import run
+from builder.state import StateDir
+from tests import images
+from tests.conftest import require_tool
+
+pytestmark = pytest.mark.container
+CLS = "signtest"
+
+
+@pytest.fixture(scope="module")
+def tiny_image() -> Iterator[tuple[PodmanEngine, str]]:
+    require_tool("podman")
+    state = images.test_state_dir()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        data = b'{"class": "signtest"}\n'
+        info = tarfile.TarInfo("usr/lib/kiln/release.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    archive = state.tmp_dir / "signtest.tar"
+    archive.write_bytes(buf.getvalue())
+    out = run(["podman", "import", archive, f"localhost/kiln/{CLS}:1.0.0"], env=state.engine_env(),
+              capture=True, quiet=True)
+    engine = PodmanEngine(state)
+    yield engine, out.stdout.decode().strip().splitlines()[-1]
+    archive.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_image: tuple[PodmanEngine, str]) -> Path:
+    """A project dir with a build record for the tiny image (push_signed reads it)."""
+    monkeypatch.setenv("KILN_PROJECT_DIR", str(tmp_path / "project"))
+    record = {"schemaVersion": build.RECORD_SCHEMA, "class": CLS, "version": "1.0.0",
+              "image": {"id": tiny_image[1], "ref": f"localhost/kiln/{CLS}:1.0.0"}, "pushed": []}
+    path = build.record_path(CLS, "1.0.0")
+    path.parent.mkdir(parents=True)
+    build.write_record(path, record)
+    return tmp_path / "project"
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[signing.SigningKey, signing.SigningKey]:
+    require_tool("gpg")
+    tmp = tmp_path_factory.mktemp("keys")
+    return signing.make_signing_key(tmp / "release"), signing.make_signing_key(tmp / "other")
+
+
+def pull(registry: str, ref: str, policy: Path, regd: Path, tmp: Path, state: StateDir) -> bool:
+    """Whether a device-style pull of `ref` passes the policy."""
+    dest = tmp / "pulled"
+    shutil.rmtree(dest, ignore_errors=True)
+    try:
+        run(["skopeo", "--policy", policy, "--registries.d", regd, "copy", "--quiet", "--remove-signatures",
+             "--src-tls-verify=false", f"docker://{registry}/kiln/{CLS}:{ref}", f"oci:{dest}:x"],
+            env=state.engine_env(), capture=True)
+    except CommandFailed as exc:
+        assert "rejected" in str(exc) or "signature" in str(exc).lower(), exc
+        return False
+    return True
+
+
+def device_trust(tmp: Path, key: signing.SigningKey, lookaside_url: str) -> tuple[Path, Path]:
+    files = signing.finalize_device_files(CLS, key)
+    policy = json.loads(files["usr/lib/kiln/policy.json"])
+    (tmp / "release-key.asc").write_bytes(files["usr/lib/kiln/release-key.asc"])
+    policy["transports"]["docker"][""][0]["keyPath"] = str(tmp / "release-key.asc")
+    (tmp / "policy.json").write_text(json.dumps(policy))
+    regd = tmp / "registries.d"
+    regd.mkdir(exist_ok=True)
+    (regd / "kiln.yaml").write_text(signing.render_registries_d(lookaside_url))
+    return tmp / "policy.json", regd
+
+
+def test_signed_release_verifies_on_every_tag_and_nothing_else_does(
+    project: Path, tiny_image: tuple[PodmanEngine, str], keys: tuple[signing.SigningKey, signing.SigningKey],
+    registry: str, tmp_path: Path,
+) -> None:
+    engine, _ = tiny_image
+    key, other = keys
+    lookaside = tmp_path / "sigs"
+    record = signing.push_signed(CLS, "1.0.0", registry, key=key, lookaside_dir=lookaside, channel="stable",
+                                 engine=engine, state=engine.state)
+    digest = record["signatures"][-1]["digest"]
+    assert {p["ref"].rsplit(":", 1)[1] for p in record["pushed"]} == {"1.0.0", "stable"}
+    assert signing.signature_path(lookaside, f"kiln/{CLS}", digest).is_file()
+    state = engine.state
+    with signing.serving_lookaside(lookaside) as url:
+        policy, regd = device_trust(tmp_path, key, url)
+        assert pull(registry, "stable", policy, regd, tmp_path, state)
+        assert pull(registry, "1.0.0", policy, regd, tmp_path, state)
+        # The staging tag points at the same digest: it verifies too, but devices never look there.
+        # An unsigned image in the same repository does not.
+        run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci-archive:{build_unsigned(tmp_path)}:x",
+             f"docker://{registry}/kiln/{CLS}:unsigned"], env=state.engine_env(), capture=True)
+        assert not pull(registry, "unsigned", policy, regd, tmp_path, state)
+        # Another key's policy refuses our signature.
+        (tmp_path / "other").mkdir()
+        other_policy, _ = device_trust(tmp_path / "other", other, url)
+        assert not pull(registry, "stable", other_policy, regd, tmp_path, state)
+        # A signature moved next to another digest is refused (it names the manifest it signed).
+        unsigned = json.loads(run(["skopeo", "inspect", "--tls-verify=false",
+                                   f"docker://{registry}/kiln/{CLS}:unsigned"], capture=True).stdout)["Digest"]
+        moved = signing.signature_path(lookaside, f"kiln/{CLS}", unsigned)
+        moved.parent.mkdir(parents=True)
+        shutil.copy(signing.signature_path(lookaside, f"kiln/{CLS}", digest), moved)
+        assert not pull(registry, "unsigned", policy, regd, tmp_path, state)
+
+
+def test_failed_signing_leaves_no_tag_devices_take(
+    project: Path, tiny_image: tuple[PodmanEngine, str], registry: str, tmp_path: Path,
+    keys: tuple[signing.SigningKey, signing.SigningKey],
+) -> None:
+    engine, _ = tiny_image
+    broken = signing.SigningKey(keys[0].directory, "0" * 40)  # no such secret key
+    with pytest.raises(RegistryError, match="signing"):
+        signing.push_signed(CLS, "1.0.0", registry, key=broken, lookaside_dir=tmp_path / "sigs",
+                            channel="never", engine=engine, state=engine.state)
+    for tag in ("never",):
+        proc = run(["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{registry}/kiln/{CLS}:{tag}"],
+                   capture=True, check=False, quiet=True)
+        assert proc.returncode != 0  # the channel tag was never created
+    staged = run(["skopeo", "inspect", "--raw", "--tls-verify=false",
+                  f"docker://{registry}/kiln/{CLS}:staging-1.0.0"], capture=True, check=False, quiet=True)
+    assert staged.returncode == 0
+
+
+def build_unsigned(tmp: Path) -> Path:
+    """A second tiny image as an OCI archive (different bytes, so a different digest)."""
+    from tests.ota import make_oci_image
+
+    layout = tmp / "unsigned-layout"
+    make_oci_image(layout, "x", {"etc/unsigned": b"not signed\n"}, {})
+    archive = tmp / "unsigned.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(layout, arcname=".")
+    return archive

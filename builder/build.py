@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from builder import models as model_glue
-from builder import paths, render
+from builder import paths, render, signing
 from builder.base import make_base_for_class
 from builder.capability import why_not_buildable
 from builder.engine import Engine, ImageInfo, select_engine
@@ -39,7 +39,6 @@ from builder.progress import Steps
 from builder.render import DEFAULT_EPOCH
 from builder.run import run
 from builder.safe import version as check_version
-from builder.signing import SigningKey, finalize_device_files, make_signing_key, read_signing_key
 from builder.spec import BaseSource, HardwareClass
 from builder.state import StateDir, make_state_dir
 from builder.wheels import make_wheelhouse
@@ -174,7 +173,7 @@ def dev_signing_key_dir(cls: str) -> Path:
     return paths.build_dir() / cls / "dev-release-key"
 
 
-def resolve_signing_key(hc: HardwareClass, key_dir: Path | None) -> SigningKey:
+def resolve_signing_key(hc: HardwareClass, key_dir: Path | None) -> signing.SigningKey:
     """The release key whose public half the image trusts.
 
     `--sign-key DIR` or $KILN_SIGNING_KEY (made with `kiln keys init DIR`, outside
@@ -183,14 +182,14 @@ def resolve_signing_key(hc: HardwareClass, key_dir: Path | None) -> SigningKey:
     """
     raw = key_dir or (Path(os.environ[SIGNING_KEY_ENV]) if os.environ.get(SIGNING_KEY_ENV) else None)
     if raw is not None:
-        return read_signing_key(raw)
+        return signing.read_signing_key(raw)
     if not hc.spec.development:
         raise UsageError(f"{hc.name} is a production class: its images must trust a release key; "
                          f"pass --sign-key DIR or set {SIGNING_KEY_ENV}", hint="make one with: kiln keys init DIR")
     dev = dev_signing_key_dir(hc.name)
     if (dev / "key.json").is_file():
-        return read_signing_key(dev)
-    return make_signing_key(dev, uid=f"Kiln development key for {hc.name} <dev@kiln.invalid>", development=True)
+        return signing.read_signing_key(dev)
+    return signing.make_signing_key(dev, uid=f"Kiln development key for {hc.name} <dev@kiln.invalid>", development=True)
 
 
 # -- the build ------------------------------------------------------------------------
@@ -240,7 +239,7 @@ def build_class(
             key = resolve_signing_key(hc, sign_key)
             plan = render.finalize_plan(hc, source=source, version=version, revision=revision,
                                         models=artifacts, ssh_public_key=make_dev_ssh_key(hc), epoch=epoch,
-                                        device_files=finalize_device_files(hc.name, key))
+                                        device_files=signing.finalize_device_files(hc.name, key))
             context = render.make_context(plan, out / "context", make_wheelhouse(hc, state))
             containerfile = (context / "Containerfile").read_text()
         created = datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

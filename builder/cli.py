@@ -421,11 +421,15 @@ def registry_stop() -> None:
 
 @main.command()
 @click.option("--class", "cls", default="qemu-x86_64", show_default=True, help="The class to run.")
-def demo(cls: str) -> None:
-    """The main job: validate, optimize + gate the model, render and lint CLASS."""
-    from builder import models
+@click.option("--version", "version", default="1.0.0", show_default=True, help="Version to build and boot.")
+@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True,
+              help="QEMU accelerator (auto: KVM when it can boot OVMF here, else TCG).")
+@click.option("--timeout", type=float, default=900, show_default=True,
+              help="Seconds to wait for the booted device to pass its health check.")
+def demo(cls: str, version: str, accel: str, timeout: float) -> None:
+    """The main job: validate, build CLASS (model gated), make its A/B disk, boot it, show it healthy."""
+    from builder import build, disk, vm
     from builder.progress import Steps
-    from builder.run import run as run_cmd
 
     steps = Steps()
     with steps.step("validate every class"):
@@ -433,27 +437,54 @@ def demo(cls: str) -> None:
             load(name)
             click.echo(f"ok  {name}")
     hc = load(cls)
-    with steps.step(f"optimize and gate the models of {cls}"):
-        from builder import model as mdl
+    record = build.build_class(hc, source=source_of(cls), version=version, steps=steps)
+    click.echo(build.describe(record))
+    made = disk.make_disk(record["image"]["ref"], version=version, steps=steps)
+    click.echo(f"disk: {made.output}")
+    key = vm.finalize_ssh_key(hc.name)
+    config = vm.VMConfig(disk=Path(made.output), accel=vm.Accel(accel), snapshot=True,
+                         ssh_key=key if key.is_file() else None)
+    with steps.step(f"boot {cls} {version} in QEMU and wait for its health check"), vm.start_vm(config) as machine:
+        healthy = machine.wait_for_healthy(timeout)
+        click.echo(f"healthy {healthy:.1f} s after QEMU started ({machine.accel.value})")
+        report = machine.guest_exec(
+            "cat /usr/lib/kiln/release.json /var/lib/kiln/health/inference.json; echo; "
+            "tr ' ' '\\n' < /proc/cmdline | grep '^kiln.slot='; findmnt -no FSTYPE,OPTIONS /",
+            check=False).stdout
+        click.echo(summarize_device(report))
+        machine.poweroff()
+    click.echo(f"demo: {cls} {version} built, gated, flashed and booted healthy; durations "
+               + ", ".join(f"{k} {v:.1f} s" for k, v in steps.summary().items()))
 
-        for report in models.make_optimized_models(hc):
-            console.print(mdl.render_table(report))
-    with steps.step(f"render {cls}"):
-        artifacts = models.finalize_model_artifacts(hc, require_optimized=True)
-        plan = render.finalize_plan(hc, source=source_of(cls), models=artifacts)
-        out = render.make_context(plan, paths.build_dir() / hc.name / "context")
-        click.echo(f"build context: {out}")
-    with steps.step("lint the Containerfile (hadolint)"):
-        config = paths.project_root() / ".hadolint.yaml"
-        run_cmd(["hadolint", "--config", config, out / "Containerfile"])
-    click.echo(f"demo: {cls} validated, model gated "
-               f"({', '.join(f'{a.name}={a.precision}' for a in artifacts)}), rendered and linted; "
-               f"durations {steps.summary()}")
 
+def summarize_device(text: str) -> str:
+    """A few lines from release.json, the health result, the slot and the root mount, as the VM reported them."""
+    decoder = json.JSONDecoder()
+    docs: list[Any] = []
+    rest = text.strip()
+    while rest.startswith("{"):
+        try:
+            doc, end = decoder.raw_decode(rest)
+        except ValueError:
+            break
+        docs.append(doc)
+        rest = rest[end:].strip()
+    lines = []
+    if docs:
+        rel = docs[0]
+        lines.append(f"device: {rel.get('class')} {rel.get('version')} (compatible {rel.get('compatible')})")
+    if len(docs) > 1:
+        health = docs[1]
+        lines.append(f"golden inference check: {health.get('status')} "
+                     f"(exit {health.get('exit_code')}, {len(health.get('models', []))} model(s))")
+    lines += [f"device: {line.strip()}" for line in rest.splitlines() if line.strip()]
+    return "\n".join(lines)
 
 from builder import cli_device  # noqa: E402,F401  (registers disk and vm commands)
 
 from builder import cli_release  # noqa: E402,F401  # isort: skip
 
 if __name__ == "__main__":
-    main()
+    from builder.cli import main as _main  # the module cli_device and cli_release registered on
+
+    _main()

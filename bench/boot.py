@@ -1,0 +1,123 @@
+"""Benchmark disk assembly and boot: image -> disk -> QEMU -> first passing health check.
+
+    python bench/boot.py [--image REF | --class qemu-x86_64 --version V] [--boots N] [--json PATH]
+
+Figures: disk build time (and each step), image, root filesystem and disk sizes,
+then per accelerator (KVM when OVMF runs under it here, and TCG) and per boot:
+QEMU start -> SSH answers (when the disk has a key) and QEMU start ->
+kiln-health-inference.service active (the golden inference check passed, asked
+through the guest agent). A failing check is reported as such, with its time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from builder import disk, vm  # noqa: E402
+from builder.errors import KilnError  # noqa: E402
+from builder.progress import Steps  # noqa: E402
+from builder.run import find_tool  # noqa: E402
+from builder.state import make_state_dir  # noqa: E402
+
+
+def image_size(ref: str) -> int | None:
+    state = make_state_dir()
+    out = subprocess.run(["podman", "image", "inspect", "--format", "{{.Size}}", ref], capture_output=True,
+                         text=True, env={**os.environ, **state.engine_env()}, check=False)
+    return int(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip().isdigit() else None
+
+
+def boot_once(image: Path, accel: vm.Accel, key: Path | None, timeout: float) -> dict[str, Any]:
+    cfg = vm.VMConfig(disk=image, accel=accel, snapshot=True, ssh_key=key if key and key.is_file() else None)
+    row: dict[str, Any] = {"accel": accel.value}
+    with vm.start_vm(cfg) as machine:
+        row["accel"] = machine.accel.value
+        try:
+            row["healthy_s"] = round(machine.wait_for_healthy(timeout), 1)
+            row["result"] = "healthy"
+        except KilnError as exc:
+            row["result"] = str(exc).splitlines()[0][:160]
+            row["failed_after_s"] = round(time.monotonic() - machine.started, 1)
+        if cfg.ssh_key is not None:
+            try:
+                row["ssh_s"] = round(machine.wait_for_ssh(30), 1)
+            except KilnError:
+                row["ssh_s"] = None
+        machine.kill()
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="disk build time, sizes, QEMU start -> healthy (KVM and TCG)")
+    ap.add_argument("--image", help="an image ref in Kiln's store (default: the class's newest build)")
+    ap.add_argument("--class", dest="cls", default="qemu-x86_64")
+    ap.add_argument("--version", help="with --class: which build")
+    ap.add_argument("--boots", type=int, default=1, help="boots per accelerator (default 1)")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per boot (default 900)")
+    ap.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    args = ap.parse_args(argv)
+
+    try:
+        ref, version = (args.image, args.version) if args.image else disk.resolve_source(args.cls, args.version)
+        with tempfile.TemporaryDirectory(prefix="kiln-bench-boot-", dir=ROOT / "build") as tmp:
+            out = Path(tmp) / "disk.raw"
+            start = time.perf_counter()
+            record = disk.make_disk(ref, output=out, version=version, steps=Steps(quiet=True))
+            disk_s = time.perf_counter() - start
+            key = vm.finalize_ssh_key(record.class_name)
+            fw = vm.find_firmware()
+            kvm_why = vm.probe_kvm(find_tool("qemu-system-x86_64"), fw.code, fw.vars_template)
+            boots: list[dict[str, Any]] = []
+            for accel in (vm.Accel.kvm, vm.Accel.tcg):
+                if accel is vm.Accel.kvm and kvm_why:
+                    boots.append({"accel": "kvm", "result": f"not available: {kvm_why}"})
+                    continue
+                for _ in range(args.boots):
+                    boots.append(boot_once(out, accel, key, args.timeout))
+    except KilnError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+    figures = {
+        "image": ref, "class": record.class_name, "version": record.version,
+        "image_size": image_size(ref),
+        "disk_build_s": round(disk_s, 1), "disk_steps_s": record.durations,
+        "root_erofs_size": record.root_image_size, "disk_size": record.size, "disk_allocated": record.file_size,
+        "boots": boots,
+        "machine": {"cpus": os.cpu_count(), "machine": platform.machine(), "kernel": platform.release()},
+    }
+    mib = 1024**2
+    print(f"{'image':<28} {figures['image']}")
+    if figures["image_size"]:
+        print(f"{'image size':<28} {figures['image_size'] / mib:.0f} MiB")
+    print(f"{'disk build':<28} {disk_s:.1f} s")
+    for step, seconds in record.durations.items():
+        print(f"  {step:<46} {seconds:.1f} s")
+    print(f"{'root-a (erofs)':<28} {record.root_image_size / mib:.0f} MiB")
+    print(f"{'disk (raw, sparse)':<28} {record.size / mib:.0f} MiB, {record.file_size / mib:.0f} MiB allocated")
+    print(f"\n{'accel':<6} {'QEMU start -> ssh':>18} {'-> healthy':>12}  result")
+    for b in boots:
+        ssh = f"{b['ssh_s']:.1f} s" if b.get("ssh_s") else "-"
+        healthy = f"{b['healthy_s']:.1f} s" if "healthy_s" in b else (
+            f"({b['failed_after_s']:.1f} s)" if "failed_after_s" in b else "-")
+        print(f"{b['accel']:<6} {ssh:>18} {healthy:>12}  {b['result']}")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Read-only claims about a device, shown on one booted VM (shared boot)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from builder import vm
+from tests.vm.conftest import BOOT_TIMEOUT, BuiltDisk
+
+LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
+
+
+def efi_var(host: Any, name: str) -> str:
+    """A systemd-boot EFI variable as text (4 attribute bytes, then UTF-16LE)."""
+    out = host.check_output(f"base64 -w0 /sys/firmware/efi/efivars/{name}-{LOADER_GUID}")
+    import base64
+
+    return base64.b64decode(out)[4:].decode("utf-16-le").rstrip("\0")
+
+
+def test_root_is_erofs_and_read_only(host: Any) -> None:
+    root = host.mount_point("/")
+    assert root.filesystem == "erofs"
+    assert "ro" in root.options
+
+
+def test_etc_and_var_are_overlays_on_data(host: Any) -> None:
+    for d in ("etc", "var"):
+        m = host.mount_point(f"/{d}")
+        assert m.filesystem == "overlay", m
+        assert f"upperdir=/run/kiln/data/overlay/{d}/upper" in ",".join(m.options)
+    source = host.check_output("findmnt -n -o SOURCE /run/kiln/data")
+    assert host.check_output(f"lsblk -n -o PARTLABEL {source}").strip() == "data"
+    assert host.mount_point("/run/kiln/data").filesystem == "ext4"
+
+
+def test_writing_under_usr_fails(host: Any) -> None:
+    r = host.run("touch /usr/kiln-test")
+    assert r.rc != 0 and "Read-only file system" in r.stderr
+
+
+def test_tmp_and_etc_are_writable(host: Any) -> None:
+    assert host.run("touch /tmp/kiln-test /etc/kiln-test-ro-check && rm /etc/kiln-test-ro-check").rc == 0
+    assert host.mount_point("/tmp").filesystem == "tmpfs"
+
+
+def test_release_json_shows_the_build(host: Any, qemu_disk: BuiltDisk) -> None:
+    release = json.loads(host.file("/usr/lib/kiln/release.json").content_string)
+    assert release["class"] == qemu_disk.class_name
+    assert release["version"] == qemu_disk.version
+
+
+def test_machine_id_is_made_on_first_boot(host: Any) -> None:
+    machine_id = host.file("/etc/machine-id").content_string.strip()
+    assert len(machine_id) == 32  # the image ships it empty
+
+
+def test_inference_service_is_active(host: Any) -> None:
+    assert host.service("kiln-inference.service").is_running
+
+
+def test_golden_health_check_passes(booted: vm.VM, host: Any) -> None:
+    booted.wait_for_healthy(BOOT_TIMEOUT)  # the boot's own run of the check
+    r = host.run("/usr/libexec/kiln/kiln-health-inference --service http://127.0.0.1:8470 --wait 60 "
+                 "--output /tmp/health.json")
+    assert r.rc == 0, r.stdout + r.stderr
+
+
+def test_booted_entry_is_slot_a(host: Any, qemu_disk: BuiltDisk) -> None:
+    cmdline = host.file("/proc/cmdline").content_string.split()
+    assert "kiln.slot=a" in cmdline
+    assert f"root=PARTUUID={qemu_disk.partition_uuid('root-a')}" in cmdline
+    assert efi_var(host, "LoaderEntrySelected") == f"kiln-{qemu_disk.version}-a.conf"
+    status = host.check_output("bootctl status --no-pager")
+    assert f"kiln-{qemu_disk.version}-a.conf" in status
+
+
+def test_kernel_command_line_has_the_class_kargs(host: Any, qemu_class_args: tuple[str, ...]) -> None:
+    cmdline = host.file("/proc/cmdline").content_string.split()
+    for arg in qemu_class_args:
+        assert arg in cmdline
+    assert {"ro", "rootfstype=erofs"} <= set(cmdline)
+
+
+def test_esp_is_mounted_from_the_booted_disk(host: Any) -> None:
+    """systemd-gpt-auto-generator automounts the booted ESP (on /efi if the image has it, else /boot)."""
+    host.run("ls /efi/loader /boot/loader")  # trigger the automount
+    esp = host.check_output("bootctl --print-esp-path").strip()
+    assert "kiln" in host.check_output("bootctl list --no-pager")
+    assert host.file(f"{esp}/loader/loader.conf").contains("^default kiln-\\*$")
+
+
+@pytest.mark.parametrize("unit", ["kiln-inference.service", "ssh.service"])
+def test_no_unit_needs_a_writable_usr(host: Any, unit: str) -> None:
+    journal = host.check_output(f"journalctl -b -u {unit} --no-pager")
+    assert "Read-only file system" not in journal

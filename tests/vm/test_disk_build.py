@@ -1,0 +1,105 @@
+"""The disk itself, read from the host without mounting: GPT, ESP, erofs, data; reproducible; bad inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from builder import disk
+from tests.conftest import ROOT
+from tests.vm.conftest import BuiltDisk
+
+KILN = [sys.executable, "-c", "from builder.cli import main; main()"]
+
+
+def kiln(*args: str) -> subprocess.CompletedProcess[str]:
+    from tests.images import TEST_STATE
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "KILN_STATE_DIR": str(TEST_STATE)}
+    return subprocess.run([*KILN, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+
+
+def test_partition_table(qemu_disk: BuiltDisk) -> None:
+    parts = disk.read_partition_table(qemu_disk.path)
+    assert [p["name"] for p in parts] == ["esp", "root-a", "root-b", "data"]
+    for p, planned in zip(parts, qemu_disk.record.partitions, strict=True):
+        assert p["uuid"].lower() == planned["uuid"]
+        assert int(p["start"]) * 512 == planned["start"]
+
+
+def esp_file(image: Path, path: str) -> str:
+    offset = disk.partition_offset(image, "esp")
+    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+    return subprocess.run(["mtype", "-i", f"{image}@@{offset}", f"::{path}"], capture_output=True, text=True,
+                          env=env, check=True).stdout
+
+
+def test_esp_has_the_loader_and_slot_a(qemu_disk: BuiltDisk) -> None:
+    conf = esp_file(qemu_disk.path, "/loader/loader.conf")
+    assert "timeout 0" in conf and "default kiln-*" in conf
+    entry = esp_file(qemu_disk.path, f"/loader/entries/kiln-{qemu_disk.version}-a.conf")
+    assert f"root=PARTUUID={qemu_disk.partition_uuid('root-a')}" in entry
+    assert "linux /kiln/a/vmlinuz" in entry
+    offset = disk.partition_offset(qemu_disk.path, "esp")
+    listing = subprocess.run(["mdir", "-/", "-b", "-i", f"{qemu_disk.path}@@{offset}", "::/"],
+                             capture_output=True, text=True, check=True,
+                             env={**os.environ, "MTOOLS_SKIP_CHECK": "1"}).stdout
+    for f in ("::/EFI/BOOT/BOOTX64.EFI", "::/EFI/systemd/systemd-bootx64.efi", "::/kiln/a/vmlinuz",
+              "::/kiln/a/initramfs.img"):
+        assert f in listing
+
+
+def test_same_image_and_version_give_the_same_disk(qemu_disk: BuiltDisk, tmp_path: Path) -> None:
+    """Principle 1, for disks: identifiers and timestamps are fixed."""
+    again = disk.make_disk(qemu_disk.record.source, output=tmp_path / "again.raw", version=qemu_disk.version,
+                           state=_state())
+    assert again.partitions == qemu_disk.record.partitions
+    assert _sha(tmp_path / "again.raw") == _sha(qemu_disk.path)
+
+
+def _state():  # type: ignore[no-untyped-def]
+    from tests.images import test_state_dir
+
+    return test_state_dir()
+
+
+def _sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def test_cli_disk_size_smaller_than_the_image(qemu_disk: BuiltDisk, tmp_path: Path) -> None:
+    out = tmp_path / "small.raw"
+    r = kiln("disk", qemu_disk.record.source, "--size", "1GiB", "-o", str(out))
+    assert r.returncode == 9, r.stderr
+    assert "disk size 1 GiB is smaller than the image's layout needs" in r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
+
+
+def test_cli_disk_not_a_kiln_image(tmp_path: Path) -> None:
+    """The offline base is an image with a kernel, but not a Kiln one (no release.json, no initramfs).
+
+    An image without a kernel: tests/unit/test_disk.py (a rootfs directory, the same code path).
+    """
+    from tests.images import test_state_dir
+
+    test_state_dir()
+    r = kiln("disk", "localhost/kiln/base/debian:bookworm", "-o", str(tmp_path / "d.raw"))
+    assert r.returncode == 9, r.stderr
+    assert "is not a Kiln image" in r.stderr and not (tmp_path / "d.raw").exists()
+
+
+def test_cli_disk_json(qemu_disk: BuiltDisk, tmp_path: Path) -> None:
+    r = kiln("disk", qemu_disk.record.source, "--version", qemu_disk.version, "--format", "qcow2",
+             "-o", str(tmp_path / "d.qcow2"), "--json")
+    assert r.returncode == 0, r.stderr
+    record = json.loads(r.stdout)
+    assert record["format"] == "qcow2" and (tmp_path / "d.qcow2").read_bytes()[:4] == b"QFI\xfb"
+    assert json.loads((tmp_path / "d.qcow2.json").read_text())["class_name"] == "qemu-x86_64"

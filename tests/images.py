@@ -43,7 +43,7 @@ def qemu_image(state: StateDir | None = None, version: str = QEMU_VERSION) -> di
 
 
 def make_retrained_project(dest: Path, note: str = "retrained: new weights, same graph") -> Path:
-    """A copy of the project (specs, models, overlays, the dev SSH key) whose digits model
+    """A copy of the project (specs, models, overlays, the dev SSH and release keys) whose digits model
     has new bytes but the same behaviour: a model-only release. Use it as KILN_PROJECT_DIR."""
     import shutil
 
@@ -51,9 +51,9 @@ def make_retrained_project(dest: Path, note: str = "retrained: new weights, same
 
     for name in ("images", "models", "overlays"):
         shutil.copytree(ROOT / name, dest / name)
-    ssh = ROOT / "build" / QEMU_CLASS / "ssh"
-    if ssh.is_dir():
-        shutil.copytree(ssh, dest / "build" / QEMU_CLASS / "ssh")
+    for keys in ("ssh", "dev-release-key"):  # the same per-checkout keys: a release of the same device
+        if (ROOT / "build" / QEMU_CLASS / keys).is_dir():
+            shutil.copytree(ROOT / "build" / QEMU_CLASS / keys, dest / "build" / QEMU_CLASS / keys)
     model_file = dest / "models/digits/digits.onnx"
     proto = onnx.load(model_file)
     proto.doc_string = note

@@ -247,20 +247,7 @@ def ship(report: Report, inputs: Inputs, policy: OptimizationPolicy, outdir: Pat
     labels = inputs.validation.y[:count] if inputs.validation.y is not None else np.zeros(0)
     sess = val.open_session(outdir / "chosen.onnx", policy.graph_level, policy.execution_provider)
     outputs = val.predict(sess, inputs.sig, x)
-    val.write_golden(outdir / "golden.npz", inputs.sig, x, outputs, labels,
-                     finalize_golden_tolerance(policy, chosen.precision, outputs))
-
-
-# INT8 kernels differ between CPUs (VNNI, AVX2, NEON requantize and round differently), so a
-# device's INT8 outputs match the build machine's within a few quantization steps, not to
-# 1e-3: measured 0.1-0.3 on digits between an AVX512-VNNI host and an AVX2 QEMU guest once
-# reduce_range removed the AVX2 saturation. The golden check still requires the same class
-# on every sample, which is what catches a wrong model.
-INT8_GOLDEN_FRACTION = 0.05
-
-
-def finalize_golden_tolerance(policy: OptimizationPolicy, precision: str, outputs: np.ndarray) -> float:
-    if precision != "int8" or outputs.size == 0:
-        return policy.golden_tolerance
-    span = float(np.max(outputs) - np.min(outputs))
-    return max(policy.golden_tolerance, round(INT8_GOLDEN_FRACTION * span, 6))
+    # The device replays these within policy.golden_tolerance. INT8 outputs agree across x86
+    # CPUs only because the weights are quantized with reduce_range (see optimize.py): measured
+    # max |diff| 0.0 between this AVX512-VNNI host and an AVX2 QEMU guest, 3.82 without it.
+    val.write_golden(outdir / "golden.npz", inputs.sig, x, outputs, labels, policy.golden_tolerance)

@@ -396,7 +396,8 @@ def make_disk(source: str, *, output: Path | None = None, fmt: str = "raw", size
             info = read_image_info(rootfs, source, version=version)
             plan = finalize_disk_plan(info, output=output, fmt=fmt, size=size)
             check_tools(fmt)
-        record = make_disk_from_rootfs(plan, info, rootfs, steps)
+        seed = None if Path(source).is_dir() else (source, state)
+        record = make_disk_from_rootfs(plan, info, rootfs, steps, seed=seed)
     record.durations = steps.summary()
     write_disk_record(plan.output, record)
     return record
@@ -456,8 +457,13 @@ def open_rootfs(source: str, engine_env: dict[str, str]) -> Iterator[Path]:
         run(["podman", "image", "unmount", source], env=engine_env, check=False, capture=True)
 
 
-def make_disk_from_rootfs(plan: DiskPlan, info: ImageInfo, rootfs: Path, steps: Steps) -> DiskRecord:
-    """Build each partition's filesystem in a scratch dir, check they fit, then write the disk."""
+def make_disk_from_rootfs(plan: DiskPlan, info: ImageInfo, rootfs: Path, steps: Steps,
+                          seed: tuple[str, StateDir] | None = None) -> DiskRecord:
+    """Build each partition's filesystem in a scratch dir, check they fit, then write the disk.
+
+    `seed` (image ref, state dir): also put the image itself, as an OCI layout, where the
+    device agent keeps it (see `make_oci_seed`), so the first update moves only new layers.
+    """
     plan.output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=plan.output.parent, prefix=".kiln-disk-") as tmp_name:
         tmp = Path(tmp_name)
@@ -466,6 +472,9 @@ def make_disk_from_rootfs(plan: DiskPlan, info: ImageInfo, rootfs: Path, steps: 
             make_root_image(plan, rootfs, images["root-a"])
         with steps.step("esp: systemd-boot, slot A kernel and boot entry"):
             make_esp_image(plan, info, rootfs, images["esp"], tmp / "esp")
+        if seed is not None:
+            with steps.step("data: the image as the agent's OCI layout (delta updates)"):
+                make_oci_seed(seed[0], seed[1], plan.version, tmp / "data")
         with steps.step("data: ext4 with the /etc and /var overlay dirs"):
             make_data_image(plan, images["data"], tmp / "data")
         with steps.step(f"assemble the GPT disk ({format_size(plan.size)})"):
@@ -560,6 +569,27 @@ def find_systemd_boot(rootfs: Path, arch: Architecture) -> Path:
                     hint="install it with: apt-get install systemd-boot-efi (or add systemd-boot to the image)")
 
 
+# Where the agent keeps images (its ociDir, /var/lib/kiln/oci) inside the data partition:
+# the /var overlay's upper dir. Ref names are versions with anything but [A-Za-z0-9._-] as _.
+OCI_SEED_DIR = "overlay/var/upper/lib/kiln/oci"
+
+
+def make_oci_seed(ref: str, state: StateDir, version: str, tree: Path) -> None:
+    """`podman push` the image into an OCI layout under the data tree.
+
+    podman compresses the layers exactly as it does for a registry push (same manifest
+    digest, checked in tests/vm), so the agent's `skopeo copy` of the next release
+    finds every unchanged blob already there and fetches only the new ones.
+    """
+    layout = tree / OCI_SEED_DIR
+    layout.parent.mkdir(parents=True, exist_ok=True)
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", version)
+    try:
+        run(["podman", "push", "--quiet", ref, f"oci:{layout}:{name}"], env=state.engine_env(), capture=True)
+    except CommandFailed as exc:
+        raise DiskError(f"seeding the agent's OCI layout with {ref}: {exc}") from exc
+
+
 def make_data_image(plan: DiskPlan, out: Path, tree: Path) -> None:
     for rel in DATA_DIRS:
         (tree / rel).mkdir(parents=True, exist_ok=True)
@@ -568,16 +598,19 @@ def make_data_image(plan: DiskPlan, out: Path, tree: Path) -> None:
     try:
         run(finalize_data_argv(plan, tree, out), env=env, capture=True)  # it says "Creating regular file" on stdout
         # `mkfs.ext4 -d` copies each directory's ctime, which utime cannot fix: set it in the image.
-        run(["debugfs", "-w", "-f", "-", out], env=env, input=finalize_ctime_script().encode(), capture=True)
+        run(["debugfs", "-w", "-f", "-", out], env=env, input=finalize_ctime_script(tree).encode(), capture=True)
     except CommandFailed as exc:
         raise DiskError(f"writing the data partition: {exc}") from exc
 
 
-def finalize_ctime_script() -> str:
+def finalize_ctime_script(tree: Path | None = None) -> str:
+    """debugfs commands setting every inode's ctime (mkfs.ext4 -d copies the host's) to EPOCH."""
     dirs = {"/", "/lost+found"}
     for rel in DATA_DIRS:
         parts = rel.split("/")
         dirs.update("/" + "/".join(parts[: i + 1]) for i in range(len(parts)))
+    if tree is not None:
+        dirs.update("/" + str(p.relative_to(tree)) for p in tree.rglob("*"))
     return "".join(f"set_inode_field {d} ctime {EPOCH}\n" for d in sorted(dirs))
 
 

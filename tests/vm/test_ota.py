@@ -1,0 +1,235 @@
+"""End to end on one device: signed A/B updates from a registry, boot assessment, rollback.
+
+One disk copy plays one device through a release history, as a device in the field
+would live it (each step needs the previous one, so they run in order):
+
+1. refusals: an image for another class, an older version, an unsigned image and one
+   signed by another key are refused before anything is written (slot B unchanged);
+2. v1 -> v2 (only the model changed): the agent updates, reboots into slot B, the
+   entry is blessed, `status` shows v2, and the registry served only the changed blobs;
+3. v3 whose golden inference fails: three trial boots, then systemd-boot falls back
+   to v2 on its own; the agent records the rollback and never takes v3 again.
+
+The registry and the signature server run on the host's loopback; the guest reaches
+them at 10.0.2.2 (QEMU user-mode networking). The release key is the one the image
+trusts (the development class's per-checkout key, build/qemu-x86_64/dev-release-key).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from builder import vm
+from builder.build import build_class, resolve_signing_key
+from builder.engine import PodmanEngine
+from builder.loader import load_class
+from builder.registry import RegistryInfo, running_registry
+from builder.run import run
+from builder.signing import SigningKey, make_signing_key, push_signed
+from builder.state import StateDir
+from tests.conftest import ROOT
+from tests.images import QEMU_CLASS, make_retrained_project, test_state_dir
+from tests.ota import make_oci_image, publish, push_unsigned, release_files, release_labels
+from tests.vm.conftest import BOOT_TIMEOUT, BuiltDisk, copy_disk
+
+REPO = f"kiln/{QEMU_CLASS}"
+GET_BLOB = re.compile(r'http\.request\.method=GET .*http\.request\.uri="/v2/[^"]*/blobs/(sha256:[0-9a-f]{64})"')
+
+
+@dataclass
+class Releases:
+    registry: RegistryInfo
+    key: SigningKey
+    signatures: Path
+    state: StateDir
+    tmp: Path
+
+    @property
+    def guest_config(self) -> dict[str, Any]:
+        """/etc/kiln/agent.json on the device: this test's registry, as the guest sees it."""
+        port = self.registry.address.rsplit(":", 1)[1]
+        assert self.registry.lookaside is not None
+        sig_port = self.registry.lookaside.rsplit(":", 1)[1]
+        return {"registry": f"{vm.HOST_FROM_GUEST}:{port}", "lookaside": f"http://{vm.HOST_FROM_GUEST}:{sig_port}",
+                "insecure": True}
+
+    def release(self, version: str, project: Path | None = None, channel: str = "stable") -> dict[str, Any]:
+        """Build VERSION (from a project copy when given), sign it, push it, move the channel."""
+        saved = os.environ.get("KILN_PROJECT_DIR")
+        if project is not None:
+            os.environ["KILN_PROJECT_DIR"] = str(project)
+        try:
+            hc = load_class(QEMU_CLASS, (project or ROOT) / "images")
+            engine = PodmanEngine(self.state)
+            build_class(hc, source=f"images/{QEMU_CLASS}.yaml", version=version, state=self.state, engine=engine)
+            return push_signed(QEMU_CLASS, version, self.registry.address, key=self.key,
+                               lookaside_dir=self.signatures, channel=channel, engine=engine, state=self.state,
+                               tls_verify=False)
+        finally:
+            if saved is None:
+                os.environ.pop("KILN_PROJECT_DIR", None)
+            else:
+                os.environ["KILN_PROJECT_DIR"] = saved
+
+    def log_mark(self) -> int:
+        return len((self.registry.root / "registry.log").read_text(errors="replace"))
+
+    def blobs_fetched_since(self, mark: int) -> set[str]:
+        text = (self.registry.root / "registry.log").read_text(errors="replace")[mark:]
+        return {m.group(1) for m in GET_BLOB.finditer(text)}
+
+
+@pytest.fixture(scope="module")
+def releases(qemu_disk: BuiltDisk, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Releases]:
+    state = test_state_dir()
+    hc = load_class(QEMU_CLASS, ROOT / "images")
+    key = resolve_signing_key(hc, None)  # the key the built image trusts
+    tmp = tmp_path_factory.mktemp("ota")
+    with running_registry(tmp / "registry", lookaside_dir=tmp / "signatures") as info:
+        rel = Releases(info, key, tmp / "signatures", state, tmp)
+        rel.release(qemu_disk.version)  # v1, what the disk runs, on the channel
+        yield rel
+
+
+@pytest.fixture(scope="module")
+def device(qemu_disk: BuiltDisk, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, vm.VMConfig]:
+    """One device: its own disk copy and EFI variables for the whole module."""
+    tmp = tmp_path_factory.mktemp("device")
+    image = copy_disk(qemu_disk.path, tmp / "disk.raw")
+    return image, vm.VMConfig(disk=image, ssh_key=qemu_disk.ssh_key, workdir=tmp / "vm", no_reboot=True)
+
+
+def configure(machine: vm.VM, releases: Releases) -> None:
+    config = json.dumps(releases.guest_config)
+    machine.ssh(f"mkdir -p /etc/kiln && echo '{config}' > /etc/kiln/agent.json")
+
+
+def agent(machine: vm.VM, *args: str) -> vm.SSHResult:
+    return machine.ssh("kiln-agent " + " ".join(args) + " 2>&1", check=False, timeout=600)
+
+
+def status(machine: vm.VM) -> dict[str, Any]:
+    return dict(json.loads(machine.ssh("kiln-agent status --json").stdout))
+
+
+def slot_b_digest(machine: vm.VM) -> str:
+    return machine.ssh("head -c 64M /dev/disk/by-partlabel/root-b | sha256sum").stdout.split()[0]
+
+
+def tiny(releases: Releases, tag: str, *, compatible: str = "kiln,qemu-x86_64", version: str = "9.0.0",
+         key: SigningKey | None = None, signed: bool = True) -> None:
+    """A small image under the class's repository at TAG (never the channel)."""
+    layout = releases.tmp / f"tiny-{tag}"
+    files = release_files(cls=QEMU_CLASS, compatible=compatible, version=version)
+    make_oci_image(layout, tag, files, release_labels(cls=QEMU_CLASS, compatible=compatible, version=version))
+    if signed:
+        publish(releases.registry.address, REPO, layout, tag, key=key or releases.key,
+                lookaside=releases.signatures, cls=QEMU_CLASS, tags=[tag], state=releases.state)
+    else:
+        push_unsigned(releases.registry.address, REPO, layout, tag, tag, releases.state)
+
+
+def test_refusals_write_nothing(releases: Releases, device: tuple[Path, vm.VMConfig]) -> None:
+    other_key = make_signing_key(releases.tmp / "other-key", uid="Someone else <x@example.invalid>")
+    tiny(releases, "wrong-class", compatible="acme,other-box")
+    tiny(releases, "older", version="0.9.0")
+    tiny(releases, "unsigned", signed=False)
+    tiny(releases, "other-key", key=other_key)
+    _, cfg = device
+    with vm.start_vm(cfg) as machine:
+        machine.wait_for_ssh(BOOT_TIMEOUT)
+        configure(machine, releases)
+        before = slot_b_digest(machine)
+        entries = machine.ssh("ls /efi/loader/entries").stdout
+        expected = {"wrong-class": (3, "compatible"), "older": (4, "not newer"),
+                    "unsigned": (6, "signature"), "other-key": (6, "signature")}
+        for tag, (code, words) in expected.items():
+            r = machine.ssh(f"echo '{{\"channel\": \"{tag}\"}}' > /tmp/ch.json && "
+                            f"kiln-agent --config /tmp/ch.json update --no-reboot 2>&1", check=False, timeout=600)
+            assert r.exit_status == code, (tag, r.stdout)
+            assert words in r.stdout.lower(), (tag, r.stdout)
+        assert slot_b_digest(machine) == before
+        assert machine.ssh("ls /efi/loader/entries").stdout == entries
+        machine.poweroff()
+
+
+def test_model_only_update_boots_slot_b_and_is_blessed(releases: Releases, qemu_disk: BuiltDisk,
+                                                       device: tuple[Path, vm.VMConfig]) -> None:
+    v1 = json.loads((ROOT / "build" / QEMU_CLASS / qemu_disk.version / "build.json").read_text())
+    project = make_retrained_project(releases.tmp / "v2-project")
+    v2 = releases.release("1.0.1", project)
+    changed = {b["diffId"] for a, b in zip(v1["layers"], v2["layers"], strict=True) if a["diffId"] != b["diffId"]}
+    assert len(changed) == 2  # model and release
+    _, cfg = device
+    with vm.start_vm(cfg) as machine:
+        machine.wait_for_ssh(BOOT_TIMEOUT)
+        configure(machine, releases)
+        assert agent(machine, "check").exit_status == 0
+        mark = releases.log_mark()
+        # the agent reboots at the end: QEMU (-no-reboot) exits then
+        machine.ssh("systemd-run --unit kiln-test-update --collect kiln-agent update")
+        machine.wait_exit(900)
+    fetched = releases.blobs_fetched_since(mark)
+    pushed = v2["pushed"][-1]["digest"]
+    manifest = json.loads(run(["skopeo", "inspect", "--raw", "--tls-verify=false",
+                               f"docker://{releases.registry.address}/{REPO}@{pushed}"], capture=True).stdout)
+    new_blobs = {manifest["config"]["digest"]} | {
+        layer["digest"] for layer, rec in zip(manifest["layers"], v2["layers"], strict=True)
+        if rec["diffId"] in changed}
+    assert fetched == new_blobs, "the agent fetched more than the changed blobs"
+    with vm.start_vm(cfg) as machine:
+        machine.wait_for_healthy(BOOT_TIMEOUT)
+        machine.wait_for_ssh(BOOT_TIMEOUT)
+        machine.ssh("systemctl is-active --wait systemd-bless-boot.service || true", timeout=120)
+        st = status(machine)
+        assert (st["version"], st["bootedSlot"]) == ("1.0.1", "b")
+        assert "kiln.slot=b" in machine.ssh("cat /proc/cmdline").stdout
+        entries = machine.ssh("ls /efi/loader/entries").stdout.split()
+        assert "kiln-1.0.1-b.conf" in entries, entries  # blessed: the +N counter is gone
+        assert st["lastResult"]["result"] == "success", st
+        machine.poweroff()
+
+
+def test_failed_golden_check_rolls_back_and_blocklists(releases: Releases, device: tuple[Path, vm.VMConfig]) -> None:
+    project = make_retrained_project(releases.tmp / "v3-project", note="v3: broken golden set")
+    os.environ["KILN_PROJECT_DIR"] = str(project)
+    try:  # optimize, then replace the golden outputs with wrong ones: the device check must fail
+        from builder.models import make_optimized_models
+
+        make_optimized_models(load_class(QEMU_CLASS, project / "images"))
+        golden = project / "build" / QEMU_CLASS / "models/digits/1.0.0/golden.npz"
+        data = dict(np.load(golden))
+        data["outputs"] = data["outputs"][:, ::-1].copy()
+        np.savez(golden, **data)
+    finally:
+        del os.environ["KILN_PROJECT_DIR"]
+    releases.release("1.0.2", project)
+    image, cfg = device
+    with vm.start_vm(cfg) as machine:
+        machine.wait_for_ssh(BOOT_TIMEOUT)
+        assert status(machine)["version"] == "1.0.1"
+        machine.ssh("systemd-run --unit kiln-test-update --collect kiln-agent update")
+        machine.wait_exit(900)
+    # Trial boots of v3 fail their health check and reboot (FailureAction=reboot on trial
+    # boots); with its tries used up, systemd-boot picks the good v2 entry by itself.
+    back = vm.VMConfig(disk=image, ssh_key=cfg.ssh_key, workdir=cfg.workdir, no_reboot=False)
+    with vm.start_vm(back) as machine:
+        machine.wait_for_healthy(BOOT_TIMEOUT * 3)
+        machine.wait_for_ssh(BOOT_TIMEOUT)
+        st = status(machine)
+        assert (st["version"], st["bootedSlot"]) == ("1.0.1", "b"), st
+        assert [rb["version"] for rb in st["rollbacks"]] == ["1.0.2"], st
+        assert "1.0.2" in st["blocklist"]
+        assert agent(machine, "check").exit_status == 5  # never retried
+        boots = machine.ssh("journalctl --list-boots --no-pager | wc -l").stdout.strip()
+        assert int(boots) >= 5, boots  # v2, three v3 trials, this one at least (a persistent journal)
+        machine.poweroff()

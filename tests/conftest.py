@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,3 +53,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         parts = Path(str(item.fspath)).relative_to(ROOT / "tests").parts
         if parts and parts[0] in TIERS and not any(item.get_closest_marker(t) for t in TIERS):
             item.add_marker(getattr(pytest.mark, parts[0]))
+
+
+def _gpg_agents() -> dict[int, str]:
+    """pid -> homedir of the gpg-agent daemons running now."""
+    agents = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"gpg-agent") and b"--homedir" in argv:
+            agents[int(proc.name)] = argv[argv.index(b"--homedir") + 1].decode(errors="replace")
+    return agents
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stop_gpg_agents() -> Iterator[None]:
+    """gpg starts an agent per key directory and leaves it running: stop the ones the tests started."""
+    before = set(_gpg_agents())
+    yield
+    gpgconf = shutil.which("gpgconf")
+    for pid, home in _gpg_agents().items():
+        if pid in before:
+            continue
+        if gpgconf and Path(home).is_dir():
+            subprocess.run([gpgconf, "--kill", "gpg-agent"], env={**os.environ, "GNUPGHOME": home},
+                           capture_output=True, check=False)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)

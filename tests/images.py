@@ -25,7 +25,7 @@ TEST_STATE = Path(os.environ.get("KILN_TEST_STATE_DIR") or ROOT / ".kiln" / "tes
 _built: dict[tuple[str, str], dict[str, Any]] = {}
 
 
-def test_state_dir() -> StateDir:
+def kiln_test_state() -> StateDir:
     return make_state_dir(root=TEST_STATE)
 
 
@@ -33,7 +33,7 @@ def qemu_image(state: StateDir | None = None, version: str = QEMU_VERSION) -> di
     """The build record of qemu-x86_64 VERSION, built into the test store (once per session)."""
     for tool in ("podman", "runc", "mmdebstrap"):
         require_tool(tool)
-    state = state or test_state_dir()
+    state = state or kiln_test_state()
     key = (str(state.root), version)
     if key not in _built:
         hc = load_class(QEMU_CLASS, ROOT / "images")

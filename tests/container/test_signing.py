@@ -31,7 +31,7 @@ CLS = "signtest"
 @pytest.fixture(scope="module")
 def tiny_image() -> Iterator[tuple[PodmanEngine, str]]:
     require_tool("podman")
-    state = images.test_state_dir()
+    state = images.kiln_test_state()
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         data = b'{"class": "signtest"}\n'

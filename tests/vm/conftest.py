@@ -51,9 +51,9 @@ def require_vm_tools() -> None:
 def qemu_disk(tmp_path_factory: pytest.TempPathFactory) -> BuiltDisk:
     """qemu-x86_64 built into the test store, and its raw disk (made once per session)."""
     require_vm_tools()
-    from tests.images import QEMU_CLASS, qemu_image, test_state_dir
+    from tests.images import QEMU_CLASS, kiln_test_state, qemu_image
 
-    state = test_state_dir()
+    state = kiln_test_state()
     ref = os.environ.get("KILN_VM_TEST_IMAGE")
     version = None
     if not ref:

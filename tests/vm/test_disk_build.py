@@ -62,9 +62,9 @@ def test_same_image_and_version_give_the_same_disk(qemu_disk: BuiltDisk, tmp_pat
 
 
 def _state():  # type: ignore[no-untyped-def]
-    from tests.images import test_state_dir
+    from tests.images import kiln_test_state
 
-    return test_state_dir()
+    return kiln_test_state()
 
 
 def _sha(path: Path) -> str:
@@ -88,9 +88,9 @@ def test_cli_disk_not_a_kiln_image(tmp_path: Path) -> None:
 
     An image without a kernel: tests/unit/test_disk.py (a rootfs directory, the same code path).
     """
-    from tests.images import test_state_dir
+    from tests.images import kiln_test_state
 
-    test_state_dir()
+    kiln_test_state()
     r = kiln("disk", "localhost/kiln/base/debian:bookworm", "-o", str(tmp_path / "d.raw"))
     assert r.returncode == 9, r.stderr
     assert "is not a Kiln image" in r.stderr and not (tmp_path / "d.raw").exists()

@@ -37,7 +37,7 @@ from builder.run import run
 from builder.signing import SigningKey, make_signing_key, push_signed
 from builder.state import StateDir
 from tests.conftest import ROOT
-from tests.images import QEMU_CLASS, make_retrained_project, test_state_dir
+from tests.images import QEMU_CLASS, kiln_test_state, make_retrained_project
 from tests.ota import make_oci_image, publish, push_unsigned, release_files, release_labels
 from tests.vm.conftest import BOOT_TIMEOUT, BuiltDisk, copy_disk
 
@@ -90,7 +90,7 @@ class Releases:
 
 @pytest.fixture(scope="module")
 def releases(qemu_disk: BuiltDisk, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Releases]:
-    state = test_state_dir()
+    state = kiln_test_state()
     hc = load_class(QEMU_CLASS, ROOT / "images")
     key = resolve_signing_key(hc, None)  # the key the built image trusts
     tmp = tmp_path_factory.mktemp("ota")

@@ -50,10 +50,11 @@ def make_retrained_project(dest: Path, note: str = "retrained: new weights, same
     import onnx
 
     for name in ("images", "models", "overlays"):
-        shutil.copytree(ROOT / name, dest / name)
+        shutil.copytree(ROOT / name, dest / name, symlinks=True)
     for keys in ("ssh", "dev-release-key"):  # the same per-checkout keys: a release of the same device
         if (ROOT / "build" / QEMU_CLASS / keys).is_dir():
-            shutil.copytree(ROOT / "build" / QEMU_CLASS / keys, dest / "build" / QEMU_CLASS / keys)
+            shutil.copytree(ROOT / "build" / QEMU_CLASS / keys, dest / "build" / QEMU_CLASS / keys,
+                            ignore=shutil.ignore_patterns("S.*"))  # gpg-agent sockets
     model_file = dest / "models/digits/digits.onnx"
     proto = onnx.load(model_file)
     proto.doc_string = note

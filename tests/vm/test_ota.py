@@ -150,7 +150,7 @@ def test_refusals_write_nothing(releases: Releases, device: tuple[Path, vm.VMCon
         configure(machine, releases)
         before = slot_b_digest(machine)
         entries = machine.ssh("ls /efi/loader/entries").stdout
-        expected = {"wrong-class": (3, "compatible"), "older": (4, "not newer"),
+        expected = {"wrong-class": (3, "compatible"), "older": (4, "older than the running"),
                     "unsigned": (6, "signature"), "other-key": (6, "signature")}
         for tag, (code, words) in expected.items():
             r = machine.ssh(f"echo '{{\"channel\": \"{tag}\"}}' > /tmp/ch.json && "

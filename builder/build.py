@@ -218,7 +218,6 @@ def build_class(
     out = release_dir(hc.name, version)
     out.mkdir(parents=True, exist_ok=True)
     record_file = out / "build.json"
-    record_file.unlink(missing_ok=True)  # a failed build must not leave the last one's record looking current
     epoch = finalize_epoch()
     revision = revision or finalize_revision(paths.project_root())
     try:
@@ -243,6 +242,9 @@ def build_class(
             context = render.make_context(plan, out / "context", make_wheelhouse(hc, state))
             containerfile = (context / "Containerfile").read_text()
         created = datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        # From here the tag may move: a failed build must not leave the last record looking current.
+        # (Refusals before this point, such as a missing tool or a failed gate, leave it as it was.)
+        record_file.unlink(missing_ok=True)
         with steps.step(f"build {ref} with {eng.name}"):
             image_id = eng.build(context, context / "Containerfile", ref,
                                  {"VERSION": version, "REVISION": revision, "CREATED": created},

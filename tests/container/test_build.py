@@ -289,15 +289,19 @@ def test_docker_sdk_builds_the_class(docker_engine: DockerEngine, record: dict[s
 @pytest.mark.container
 def test_engine_missing(path_only: Callable[..., None]) -> None:
     path_only("git")
-    r = CliRunner().invoke(main, ["build", QEMU_CLASS, "--version", "1.0.0"])
+    recorded = build_mod.record_path(QEMU_CLASS, QEMU_VERSION)
+    before = recorded.read_bytes() if recorded.exists() else None
+    r = CliRunner().invoke(main, ["build", QEMU_CLASS, "--version", QEMU_VERSION])
     assert r.exit_code == 3, r.output
     assert "podman not found" in r.output and "apt-get install podman" in r.output
+    # refused before anything was built: the last good record is still there, untouched
+    assert (recorded.read_bytes() if recorded.exists() else None) == before
 
 
 @pytest.mark.container
 def test_base_and_mmdebstrap_missing(scratch_state: StateDir, path_only: Callable[..., None]) -> None:
     path_only("podman", "runc", "git", "ssh-keygen")
-    r = CliRunner().invoke(main, ["build", QEMU_CLASS, "--version", "1.0.0"],
+    r = CliRunner().invoke(main, ["build", QEMU_CLASS, "--version", "1.0.0-nobase"],
                            env={"KILN_STATE_DIR": str(scratch_state.root)})
     assert r.exit_code == 3, r.output
     assert "mmdebstrap not found" in r.output

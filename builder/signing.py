@@ -113,7 +113,14 @@ def make_signing_key(directory: Path, *, uid: str = "Kiln release signing <relea
     record = {"fingerprint": fingerprint, "uid": uid, "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
               "publicKey": PUBLIC_KEY}
     (directory / KEY_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    stop_agent(key)
     return SigningKey(directory, fingerprint)
+
+
+def stop_agent(key: SigningKey) -> None:
+    """gpg starts an agent per key directory and leaves it running: stop it when Kiln is done."""
+    if key.gnupghome.is_dir():
+        run(["gpgconf", "--kill", "gpg-agent"], env=key.env(), check=False, capture=True, quiet=True)
 
 
 def finalize_fingerprint(key: SigningKey) -> str:
@@ -333,6 +340,8 @@ def push_signed(
                 promote(repo, digest, t, verifier, access=access, state=state)
     except KilnError as exc:
         raise exc.with_context(f"releasing {cls} {version} to {registry}") from exc.__cause__
+    finally:
+        stop_agent(key)
     record["pushed"] = [p for p in record.get("pushed", []) if p.get("ref") not in {f"{repo}:{t}" for t in tags}]
     record["pushed"] += [{"ref": f"{repo}:{t}", "digest": digest, "byDigest": f"{repo}@{digest}", "signed": True}
                          for t in tags]

@@ -317,6 +317,20 @@ def finalize_destination(registry: str, cls: str, version: str) -> str:
     return f"{registry}/kiln/{cls}:{finalize_tag(version)}"
 
 
+def finalize_tls_verify(registry: str, tls_verify: bool | None) -> bool:
+    """Verify TLS unless told otherwise, except for a registry on the loopback (a test or dev one)."""
+    return (not is_loopback(registry)) if tls_verify is None else tls_verify
+
+
+def find_built_image(record: dict[str, Any], eng: Engine) -> str:
+    """The recorded image id, checked to be still in the engine's store."""
+    image_id = str(record["image"]["id"])
+    if not eng.exists(image_id):
+        raise BuildError(f"image {image_id[:19]} of {record['class']} {record['version']} is not in "
+                         f"{eng.name}'s store any more; rebuild it")
+    return image_id
+
+
 def push_build(
     cls: str,
     version: str,
@@ -335,10 +349,8 @@ def push_build(
     steps = steps or Steps()
     eng = engine if isinstance(engine, Engine) else select_engine(engine, state)
     dest = finalize_destination(registry, cls, version)
-    verify = (not is_loopback(registry)) if tls_verify is None else tls_verify
-    image_id = record["image"]["id"]
-    if not eng.exists(image_id):
-        raise BuildError(f"image {image_id[:19]} of {cls} {version} is not in {eng.name}'s store any more; rebuild it")
+    verify = finalize_tls_verify(registry, tls_verify)
+    image_id = find_built_image(record, eng)
     with steps.step(f"push {dest}"):
         digest = eng.push(image_id, dest, tls_verify=verify, creds=creds, cert_dir=cert_dir)
     record["pushed"] = [p for p in record.get("pushed", []) if p.get("ref") != dest]

@@ -45,7 +45,7 @@ from typing import Any
 
 from builder import build, paths
 from builder.engine import Engine, select_engine
-from builder.errors import BuildError, CommandFailed, KilnError, RegistryError, UsageError
+from builder.errors import CommandFailed, KilnError, RegistryError, UsageError
 from builder.progress import Steps
 from builder.run import run
 from builder.state import StateDir, make_state_dir, write_if_changed
@@ -317,15 +317,12 @@ def push_signed(
     steps = steps or Steps()
     lookaside_dir = (lookaside_dir or finalize_lookaside_dir(state)).absolute()
     eng = engine if isinstance(engine, Engine) else select_engine(engine, state)
-    verify = (not build.is_loopback(registry)) if tls_verify is None else tls_verify
+    verify = build.finalize_tls_verify(registry, tls_verify)
     access = Access(verify, creds, cert_dir)
     tag = build.finalize_tag(version)
     dest = build.finalize_destination(registry, cls, version)
     repo = dest.rsplit(":", 1)[0]
-    image_id = record["image"]["id"]
-    if not eng.exists(image_id):
-        raise BuildError(f"image {image_id[:19]} of {cls} {version} is not in {eng.name}'s store any more; "
-                               "rebuild it")
+    image_id = build.find_built_image(record, eng)
     verifier = make_verifier(state, cls, key, lookaside_dir, registry.removeprefix("docker://"))
     try:
         with steps.step(f"push {repo}:{STAGING_PREFIX}{tag}"):

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +26,7 @@ from builder.registry import running_registry
 from builder.signing import SigningKey, make_signing_key, serving_lookaside
 from builder.state import StateDir, make_state_dir
 from tests.conftest import require_tool
-from tests.ota import FakeDevice, make_oci_image, publish, push_unsigned, release_files, release_labels
+from tests.ota import AGENT, FakeDevice, make_oci_image, publish, push_unsigned, release_files, release_labels
 
 pytestmark = pytest.mark.integration
 
@@ -247,3 +251,81 @@ def test_status_and_self_test(world: World) -> None:
     assert text.returncode == 0 and "tiny 1.0.0 from slot a (entry kiln-1.0.0-a.conf" in text.stdout
     assert dev.agent("self-test").returncode == 0
     assert dev.agent("bogus").returncode == 64
+
+
+def test_power_cut_mid_slot_write(world: World) -> None:
+    """Stopped half way through writing slot B and killed: slot A and the entries are untouched,
+    the torn slot is never trusted, and the next run writes it again and completes."""
+    world.release("7.0.0", ("ch-torn",))
+    dev = world.device("torn")
+    config = json.loads((dev.root / "usr/lib/kiln/agent.json").read_text())
+    config["channel"] = "ch-torn"
+    (dev.root / "usr/lib/kiln/agent.json").write_text(json.dumps(config))
+    active, entries = sha(dev.slot("a")), sorted(p.name for p in dev.entries.iterdir())
+    empty_b = sha(dev.slot("b"))
+    mark = dev.root / "fault"
+    env = {**os.environ, "KILN_AGENT_ROOT": str(dev.root), "KILN_AGENT_FAULT": "stop:writing",
+           "KILN_AGENT_FAULT_MARK": str(mark)}
+    proc = subprocess.Popen([sys.executable, "-I", str(AGENT), "update", "--no-reboot"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not mark.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert mark.read_text() == "writing\n", proc.stderr.read().decode() if proc.stderr else ""
+    proc.kill()
+    proc.wait()
+    assert sha(dev.slot("b")) != empty_b  # half of the new filesystem reached the slot
+    assert sha(dev.slot("a")) == active
+    assert sorted(p.name for p in dev.entries.iterdir()) == entries  # nothing boots slot B
+    state = dev.state()
+    assert state["pending"]["phase"] == "built" and state["slots"]["b"] is None
+    dev.boot("a", "kiln-1.0.0-a.conf")
+    again = dev.agent("update", "--no-reboot")
+    assert again.returncode == 0, again.stderr
+    assert "resuming the update to 7.0.0 after phase built" in again.stderr
+    trust = dev.state()["slots"]["b"]
+    assert hashlib.sha256(dev.slot("b").read_bytes()[:trust["size"]]).hexdigest() == trust["sha256"]
+    assert (dev.entries / "kiln-7.0.0-b+3.conf").is_file()
+
+
+def test_full_data_partition_fails_cleanly_and_retry_works(world: World) -> None:
+    """/var/lib/kiln on a nearly full 4 MiB tmpfs: the update stops with exit 8 and says how much is
+    free, removes its half-unpacked tree, keeps the downloaded blobs; with space back, it completes
+    without downloading them again."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    world.release("8.0.0", ("ch-full",))
+    dev = world.device("full")
+    config = json.loads((dev.root / "usr/lib/kiln/agent.json").read_text())
+    config["channel"] = "ch-full"
+    (dev.root / "usr/lib/kiln/agent.json").write_text(json.dumps(config))
+    data = dev.root / "var/lib/kiln"
+    data.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "kiln-test-data", str(data)], check=True)
+    try:
+        filler = data / "filler"
+        with filler.open("wb") as f:
+            f.truncate(0)
+            f.write(b"\0" * (shutil.disk_usage(data).free - 160 * 1024))
+        active = sha(dev.slot("a"))
+        proc = dev.agent("update", "--no-reboot")
+        assert proc.returncode == 8, proc.stderr
+        assert "MiB free after removing the unpacked update" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert not (data / "work/rootfs").exists() and not (data / "work/root.erofs").exists()
+        status = dev.status()
+        assert status["lastResult"]["result"] == "failed" and status["lastResult"]["code"] == 8
+        assert status["pending"]["phase"] == "invalidated"  # fetched, then the slot was no longer trusted
+        assert sha(dev.slot("a")) == active
+        filler.unlink()
+        mark = world.registry_log.stat().st_size
+        again = dev.agent("update", "--no-reboot")
+        assert again.returncode == 0, again.stderr
+        log = world.registry_log.read_text()[mark:]
+        fetched = set(re.findall(r'"GET /v2/kiln/tiny/blobs/(sha256:[0-9a-f]{64})', log))
+        index = json.loads((data / "oci/index.json").read_text())
+        manifest = json.loads((data / "oci/blobs/sha256" / index["manifests"][-1]["digest"][7:]).read_text())
+        assert fetched <= {manifest["config"]["digest"]}, fetched  # `check` reads the labels; no layer again
+        assert (dev.entries / "kiln-8.0.0-b+3.conf").is_file()
+    finally:
+        subprocess.run(["umount", "-l", str(data)], check=False)

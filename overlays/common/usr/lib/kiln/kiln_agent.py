@@ -47,8 +47,10 @@ Exit codes:
 
 Testing hooks: KILN_AGENT_ROOT=DIR reads the two config files under DIR instead of /
 (a fake device in a temp directory). KILN_AGENT_FAULT=after:<phase> exits with 137 right after <phase> is
-journaled (a power cut at a known point). Phases: fetched, invalidated, built, written,
-verified, kernel, entry.
+journaled (a crash at a known point). KILN_AGENT_FAULT=stop:<point> stops there instead: it writes
+<point> to /run/kiln-agent.fault (KILN_AGENT_FAULT_MARK) and sleeps, so a test can cut the power
+(kill the VM) at that point. Phases: fetched, invalidated, built, written, verified, kernel, entry;
+stop: also takes `writing` (half of the slot written, not yet fsynced as a whole).
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ OVERRIDE_FILE = "/etc/kiln/agent.json"
 CONFIG_ENV = "KILN_AGENT_CONFIG"
 ROOT_ENV = "KILN_AGENT_ROOT"
 FAULT_ENV = "KILN_AGENT_FAULT"
+FAULT_MARK_ENV = "KILN_AGENT_FAULT_MARK"
 STATE_SCHEMA = 1
 SLOTS = ("a", "b")
 EFI_LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
@@ -486,10 +489,7 @@ class State:
         pending.setdefault("phases", {})[phase] = now()
         self.save()
         log(f"journal: {phase}")
-        fault = os.environ.get(FAULT_ENV, "")
-        if fault == f"after:{phase}":
-            log(f"{FAULT_ENV}={fault}: exiting as if the power went out")
-            os._exit(137)
+        fault_point(phase)
 
     def phase_done(self, phase: str) -> bool:
         pending = self.pending or {}
@@ -504,6 +504,20 @@ class State:
     def finish(self, result: str, **fields: Any) -> None:
         self.data["lastResult"] = {"result": result, "time": now(), **fields}
         self.save()
+
+
+def fault_point(point: str) -> None:
+    """The testing hook (KILN_AGENT_FAULT): crash or stop at a named point."""
+    fault = os.environ.get(FAULT_ENV, "")
+    if fault == f"after:{point}":
+        log(f"{FAULT_ENV}={fault}: exiting as if the power went out")
+        os._exit(137)
+    if fault == f"stop:{point}":
+        mark = Path(os.environ.get(FAULT_MARK_ENV) or "/run/kiln-agent.fault")
+        log(f"{FAULT_ENV}={fault}: stopped at {point} (told {mark}); waiting for the power to go out")
+        write_atomic(mark, f"{point}\n".encode())
+        while True:
+            time.sleep(3600)
 
 
 def read_boot_id(config: Config) -> str | None:
@@ -848,11 +862,16 @@ def write_slot(image: Path, device: Path) -> int:
     flags = os.O_WRONLY | (0 if device.exists() else os.O_CREAT)
     out = os.open(device, flags, 0o600)
     try:
+        written, half = 0, (size // 2 if os.environ.get(FAULT_ENV) == "stop:writing" else -1)
         with open(image, "rb") as fin:
-            while chunk := fin.read(CHUNK):
+            while chunk := fin.read(min(CHUNK, half - written) if written < half else CHUNK):
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(out, view):]
+                written += len(chunk)
+                if written == half:  # the testing hook: the power goes out half way through
+                    os.fdatasync(out)  # what the page cache had written back by then
+                    fault_point("writing")
         os.fsync(out)
     finally:
         os.close(out)
@@ -888,8 +907,12 @@ def cmd_update(config: Config, release: Release, state: State, boot: BootControl
         state.save()
     try:
         install(config, release, state, boot, cand, target)
+    except OSError as exc:
+        error = AgentError(NO_SPACE if exc.errno == errno.ENOSPC else WRITE_FAILED, f"installing {cand.version}: {exc}")
+        failed(config, state, cand, error)
+        raise error from None
     except AgentError as exc:
-        state.finish("failed", version=cand.version, code=exc.code, reason=exc.message)
+        failed(config, state, cand, exc)
         raise
     return finish_install(config, state, reboot)
 
@@ -952,6 +975,23 @@ def install(config: Config, release: Release, state: State, boot: BootControl, c
     shutil.rmtree(paths.tree, ignore_errors=True)
     paths.image.unlink(missing_ok=True)
     gc_layout(paths.layout, [oci_ref_name(release.version), ref])
+
+
+def failed(config: Config, state: State, cand: Candidate, exc: AgentError) -> None:
+    """Record a failed update. Out of space, the unpacked tree and the erofs image go first
+    (the device needs its data partition more than a half-done update; the downloaded blobs
+    stay, so a retry fetches only what is missing) and the message says how much is free."""
+    if exc.code == NO_SPACE:
+        paths = work_paths(config)
+        shutil.rmtree(paths.tree, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            paths.image.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            free = shutil.disk_usage(config.work_dir if config.work_dir.exists() else config.state_dir).free
+            exc.message += (f" ({config.work_dir} is on a full filesystem; {free / 2**20:.0f} MiB free after "
+                            "removing the unpacked update; free space there and run `kiln-agent update` again)")
+            exc.args = (exc.message,)
+    state.finish("failed", version=cand.version, code=exc.code, reason=exc.message)
 
 
 def finish_install(config: Config, state: State, reboot: bool) -> int:

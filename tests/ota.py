@@ -106,7 +106,8 @@ def make_oci_image(layout: Path, ref: str, files: Mapping[str, bytes], labels: M
                 "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **cfg}, "layers": layers}
     man = _blob(layout, json.dumps(manifest, sort_keys=True).encode())
     index_path = layout / "index.json"
-    index = json.loads(index_path.read_text()) if index_path.exists() else {"schemaVersion": 2, "manifests": []}
+    empty = {"schemaVersion": 2, "manifests": []}
+    index: dict[str, Any] = json.loads(index_path.read_text()) if index_path.exists() else empty
     index["manifests"] = [m for m in index["manifests"]
                           if m.get("annotations", {}).get("org.opencontainers.image.ref.name") != ref]
     index["manifests"].append({"mediaType": "application/vnd.oci.image.manifest.v1+json", **man,

@@ -8,97 +8,49 @@ would live it (each step needs the previous one, so they run in order):
 2. v1 -> v2 (only the model changed): the agent updates, reboots into slot B, the
    entry is blessed, `status` shows v2, and the registry served only the changed blobs;
 3. v3 whose golden inference fails: three trial boots, then systemd-boot falls back
-   to v2 on its own; the agent records the rollback and never takes v3 again.
+   to v2 on its own; the agent records the rollback and never takes v3 again;
+4. v4 whose initramfs cannot start (the kernel panics, panic=10 reboots): boot counting
+   brings the device back to v2 without any userspace help; the agent says so.
 
-The registry and the signature server run on the host's loopback; the guest reaches
-them at 10.0.2.2 (QEMU user-mode networking). The release key is the one the image
-trusts (the development class's per-checkout key, build/qemu-x86_64/dev-release-key).
+Power cuts, a full data partition and a registry lost mid-download: test_ota_faults.py.
+
+Helpers (the registry as the guest sees it, derived images): tests/vm/otakit.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
 from builder import vm
-from builder.build import build_class, resolve_signing_key
-from builder.engine import PodmanEngine
-from builder.errors import VMError
 from builder.loader import load_class
-from builder.registry import RegistryInfo, running_registry
 from builder.run import run
-from builder.signing import SigningKey, make_signing_key, push_signed
-from builder.state import StateDir
+from builder.signing import SigningKey, make_signing_key
 from tests.conftest import ROOT
-from tests.images import QEMU_CLASS, kiln_test_state, make_retrained_project
+from tests.images import QEMU_CLASS, make_retrained_project
 from tests.ota import make_oci_image, publish, push_unsigned, release_files, release_labels
 from tests.vm.conftest import BOOT_TIMEOUT, BuiltDisk, copy_disk
-
-REPO = f"kiln/{QEMU_CLASS}"
-GET_BLOB = re.compile(r'http\.request\.method=GET .*http\.request\.uri="/v2/[^"]*/blobs/(sha256:[0-9a-f]{64})"')
-
-
-@dataclass
-class Releases:
-    registry: RegistryInfo
-    key: SigningKey
-    signatures: Path
-    state: StateDir
-    tmp: Path
-
-    @property
-    def guest_config(self) -> dict[str, Any]:
-        """/etc/kiln/agent.json on the device: this test's registry, as the guest sees it."""
-        port = self.registry.address.rsplit(":", 1)[1]
-        assert self.registry.lookaside is not None
-        sig_port = self.registry.lookaside.rsplit(":", 1)[1]
-        return {"registry": f"{vm.HOST_FROM_GUEST}:{port}", "lookaside": f"http://{vm.HOST_FROM_GUEST}:{sig_port}",
-                "insecure": True}
-
-    def release(self, version: str, project: Path | None = None, channel: str = "stable") -> dict[str, Any]:
-        """Build VERSION (from a project copy when given), sign it, push it, move the channel."""
-        saved = os.environ.get("KILN_PROJECT_DIR")
-        if project is not None:
-            os.environ["KILN_PROJECT_DIR"] = str(project)
-        try:
-            hc = load_class(QEMU_CLASS, (project or ROOT) / "images")
-            engine = PodmanEngine(self.state)
-            build_class(hc, source=f"images/{QEMU_CLASS}.yaml", version=version, state=self.state, engine=engine)
-            return push_signed(QEMU_CLASS, version, self.registry.address, key=self.key,
-                               lookaside_dir=self.signatures, channel=channel, engine=engine, state=self.state,
-                               tls_verify=False)
-        finally:
-            if saved is None:
-                os.environ.pop("KILN_PROJECT_DIR", None)
-            else:
-                os.environ["KILN_PROJECT_DIR"] = saved
-
-    def log_mark(self) -> int:
-        return len((self.registry.root / "registry.log").read_text(errors="replace"))
-
-    def blobs_fetched_since(self, mark: int) -> set[str]:
-        text = (self.registry.root / "registry.log").read_text(errors="replace")[mark:]
-        return {m.group(1) for m in GET_BLOB.finditer(text)}
+from tests.vm.otakit import (
+    REPO,
+    Releases,
+    agent,
+    configure,
+    serving_releases,
+    slot_digest,
+    status,
+    unbootable_initramfs,
+    wait_until_healthy_on,
+)
 
 
 @pytest.fixture(scope="module")
 def releases(qemu_disk: BuiltDisk, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Releases]:
-    state = kiln_test_state()
-    hc = load_class(QEMU_CLASS, ROOT / "images")
-    key = resolve_signing_key(hc, None)  # the key the built image trusts
-    tmp = tmp_path_factory.mktemp("ota")
-    with running_registry(tmp / "registry", lookaside_dir=tmp / "signatures") as info:
-        rel = Releases(info, key, tmp / "signatures", state, tmp)
+    with serving_releases(tmp_path_factory.mktemp("ota")) as rel:
         rel.release(qemu_disk.version)  # v1, what the disk runs, on the channel
         yield rel
 
@@ -109,23 +61,6 @@ def device(qemu_disk: BuiltDisk, tmp_path_factory: pytest.TempPathFactory) -> tu
     tmp = tmp_path_factory.mktemp("device")
     image = copy_disk(qemu_disk.path, tmp / "disk.raw")
     return image, vm.VMConfig(disk=image, ssh_key=qemu_disk.ssh_key, workdir=tmp / "vm", no_reboot=True)
-
-
-def configure(machine: vm.VM, releases: Releases) -> None:
-    config = json.dumps(releases.guest_config)
-    machine.ssh(f"mkdir -p /etc/kiln && echo '{config}' > /etc/kiln/agent.json")
-
-
-def agent(machine: vm.VM, *args: str) -> vm.SSHResult:
-    return machine.ssh("kiln-agent " + " ".join(args) + " 2>&1", check=False, timeout=600)
-
-
-def status(machine: vm.VM) -> dict[str, Any]:
-    return dict(json.loads(machine.ssh("kiln-agent status --json").stdout))
-
-
-def slot_b_digest(machine: vm.VM) -> str:
-    return machine.ssh("head -c 64M /dev/disk/by-partlabel/root-b | sha256sum").stdout.split()[0]
 
 
 def tiny(releases: Releases, tag: str, *, compatible: str = "kiln,qemu-x86_64", version: str = "9.0.0",
@@ -141,22 +76,6 @@ def tiny(releases: Releases, tag: str, *, compatible: str = "kiln,qemu-x86_64", 
         push_unsigned(releases.registry.address, REPO, layout, tag, tag, releases.state)
 
 
-def wait_until_healthy_on(machine: vm.VM, slot: str, timeout: float) -> None:
-    """Through failing trial boots (each reboots the guest): wait for a healthy boot of SLOT."""
-    deadline = time.monotonic() + timeout
-    seen = "no answer yet"
-    while time.monotonic() < deadline:
-        if not machine.running:
-            raise machine.error("QEMU exited while waiting for the fallback boot")
-        with contextlib.suppress(OSError, ValueError, VMError):
-            seen = machine.guest_exec("systemctl is-active kiln-health-inference.service; "
-                                      "grep -o 'kiln.slot=[ab]' /proc/cmdline", check=False, timeout=30).stdout
-            if seen.split() == ["active", f"kiln.slot={slot}"]:
-                return
-        time.sleep(3)
-    raise machine.error(f"no healthy boot of slot {slot} within {timeout:.0f} s (last: {seen.split()})")
-
-
 def test_refusals_write_nothing(releases: Releases, device: tuple[Path, vm.VMConfig]) -> None:
     other_key = make_signing_key(releases.tmp / "other-key", uid="Someone else <x@example.invalid>")
     tiny(releases, "wrong-class", compatible="acme,other-box")
@@ -167,7 +86,7 @@ def test_refusals_write_nothing(releases: Releases, device: tuple[Path, vm.VMCon
     with vm.start_vm(cfg) as machine:
         machine.wait_for_ssh(BOOT_TIMEOUT)
         configure(machine, releases)
-        before = slot_b_digest(machine)
+        before = slot_digest(machine, "b")
         entries = machine.ssh("ls /efi/loader/entries").stdout
         expected = {"wrong-class": (3, "compatible"), "older": (4, "older than the running"),
                     "unsigned": (6, "signature"), "other-key": (6, "signature")}
@@ -176,7 +95,7 @@ def test_refusals_write_nothing(releases: Releases, device: tuple[Path, vm.VMCon
                             f"kiln-agent --config /tmp/ch.json update --no-reboot 2>&1", check=False, timeout=600)
             assert r.exit_status == code, (tag, r.stdout)
             assert words in r.stdout.lower(), (tag, r.stdout)
-        assert slot_b_digest(machine) == before
+        assert slot_digest(machine, "b") == before
         assert machine.ssh("ls /efi/loader/entries").stdout == entries
         machine.poweroff()
 
@@ -252,4 +171,30 @@ def test_failed_golden_check_rolls_back_and_blocklists(releases: Releases, devic
         assert agent(machine, "check").exit_status == 5  # never retried
         boots = machine.ssh("journalctl --list-boots --no-pager | wc -l").stdout.strip()
         assert int(boots) >= 5, boots  # v2, three v3 trials, this one at least (a persistent journal)
+        machine.poweroff()
+
+
+def test_unbootable_initramfs_falls_back_by_boot_counting(releases: Releases, device: tuple[Path, vm.VMConfig]) -> None:
+    v2 = json.loads((ROOT / "build" / QEMU_CLASS / "1.0.1" / "build.json").read_text())
+    releases.release_derived(v2["image"]["ref"], "1.0.3", "stable", initramfs=unbootable_initramfs())
+    image, cfg = device
+    with vm.start_vm(cfg) as machine:
+        machine.wait_for_ssh(BOOT_TIMEOUT)
+        assert status(machine)["version"] == "1.0.1"
+        good = slot_digest(machine, "b")
+        machine.ssh("systemd-run --unit kiln-test-update --collect kiln-agent update")
+        machine.wait_exit(900)
+    back = vm.VMConfig(disk=image, ssh_key=cfg.ssh_key, workdir=cfg.workdir, no_reboot=False)
+    with vm.start_vm(back) as machine:
+        wait_until_healthy_on(machine, "b", 1200)
+        console = machine.console_text()
+        assert console.count("No working init found") == 3, console[-3000:]  # each try, then v2 on its own
+        machine.wait_for_ssh(BOOT_TIMEOUT)
+        st = status(machine)
+        assert (st["version"], st["bootedSlot"]) == ("1.0.1", "b"), st
+        assert [rb["version"] for rb in st["rollbacks"]] == ["1.0.2", "1.0.3"], st
+        assert "never got as far as writing a journal" in st["rollbacks"][-1]["reason"], st
+        assert not [e for e in st["entries"] if e.startswith("kiln-1.0.3")], st  # removed after the fallback
+        assert slot_digest(machine, "b") == good
+        assert agent(machine, "check").exit_status == 5
         machine.poweroff()

@@ -1009,11 +1009,30 @@ def finish_install(config: Config, state: State, reboot: bool) -> int:
 # --- boot reconciliation -------------------------------------------------------------------
 
 
-def failed_boot_reason() -> str:
-    """What the journal of the previous boot says about why it did not stick."""
+NO_TRIAL_JOURNAL = ("the new slot never got as far as writing a journal (its kernel or initramfs failed: "
+                    "boot counting used up its tries)")
+
+
+def previous_journal_boot(tool: str) -> str | None:
+    """The boot id (32 hex digits) of the boot before this one in the journal, if any."""
+    try:
+        proc = subprocess.run([tool, "-b", "-1", "--no-pager", "-o", "json", "-n", "1", "--output-fields=_BOOT_ID"],
+                              stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=False)
+        return str(json.loads(proc.stdout.decode().splitlines()[-1])["_BOOT_ID"]) if proc.returncode == 0 else None
+    except (subprocess.TimeoutExpired, ValueError, IndexError, KeyError, TypeError):
+        return None
+
+
+def failed_boot_reason(installed_in: str | None = None) -> str:
+    """What the journal of the previous boot says about why it did not stick. `installed_in` is
+    the boot id of the boot that installed the update: when that is still the previous boot in
+    the journal, the trial boots never reached userspace."""
     tool = shutil.which("journalctl")
     if tool is None:
         return "unknown (no journalctl)"
+    previous = previous_journal_boot(tool)
+    if installed_in and previous and previous == installed_in.replace("-", ""):
+        return NO_TRIAL_JOURNAL
     # The health checks' own words first, then any error of that boot. Needs a persistent
     # journal (/var/log/journal on the data partition).
     queries = (["-u", "kiln-health-*", "-p", "warning"], ["-p", "err"])
@@ -1058,7 +1077,7 @@ def cmd_boot(config: Config, release: Release, state: State, boot: BootControl) 
             return f"{version} booted from slot {slot} and was blessed: update complete"
         return f"trial boot of {version} in slot {slot} (entry {entry.name if entry else '?'}): " \
                "waiting for the health checks to bless it"
-    reason = failed_boot_reason()
+    reason = failed_boot_reason(pending.get("bootId"))
     event = {"version": version, "digest": pending.get("digest"), "slot": slot, "time": now(),
              "backTo": release.version, "bootedSlot": booted, "reason": reason}
     state.data["rollbacks"] = ([*state.data.get("rollbacks", []), event])[-MAX_ROLLBACKS:]

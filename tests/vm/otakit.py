@@ -1,0 +1,184 @@
+"""What the OTA tests in QEMU share: releases to a registry on the host, the device's side of it
+(configure, agent, status), and images derived from a built one for failure cases.
+
+The registry and the signature server run on the host's loopback; the guest reaches them at
+10.0.2.2 (QEMU user-mode networking). The release key is the one the image trusts (the
+development class's per-checkout key, build/qemu-x86_64/dev-release-key).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from builder import vm
+from builder.build import build_class, resolve_signing_key
+from builder.engine import PodmanEngine
+from builder.errors import VMError
+from builder.loader import load_class
+from builder.registry import RegistryInfo, running_registry
+from builder.run import run
+from builder.signing import SigningKey, push_signed
+from builder.state import StateDir
+from tests.conftest import ROOT
+from tests.images import QEMU_CLASS, kiln_test_state
+from tests.ota import publish
+
+REPO = f"kiln/{QEMU_CLASS}"
+GET_BLOB = re.compile(r'http\.request\.method=GET .*http\.request\.uri="/v2/[^"]*/blobs/(sha256:[0-9a-f]{64})"')
+
+
+@dataclass
+class Releases:
+    registry: RegistryInfo
+    key: SigningKey
+    signatures: Path
+    state: StateDir
+    tmp: Path
+
+    def guest_config(self, *, port: int | None = None, channel: str | None = None) -> dict[str, Any]:
+        """/etc/kiln/agent.json on the device: this test's registry (or a link in front of it on
+        `port`), as the guest sees it."""
+        port = port or int(self.registry.address.rsplit(":", 1)[1])
+        assert self.registry.lookaside is not None
+        sig_port = self.registry.lookaside.rsplit(":", 1)[1]
+        config = {"registry": f"{vm.HOST_FROM_GUEST}:{port}", "lookaside": f"http://{vm.HOST_FROM_GUEST}:{sig_port}",
+                  "insecure": True}
+        return {**config, "channel": channel} if channel else config
+
+    def release(self, version: str, project: Path | None = None, channel: str = "stable") -> dict[str, Any]:
+        """Build VERSION (from a project copy when given), sign it, push it, move the channel."""
+        saved = os.environ.get("KILN_PROJECT_DIR")
+        if project is not None:
+            os.environ["KILN_PROJECT_DIR"] = str(project)
+        try:
+            hc = load_class(QEMU_CLASS, (project or ROOT) / "images")
+            engine = PodmanEngine(self.state)
+            build_class(hc, source=f"images/{QEMU_CLASS}.yaml", version=version, state=self.state, engine=engine)
+            return push_signed(QEMU_CLASS, version, self.registry.address, key=self.key,
+                               lookaside_dir=self.signatures, channel=channel, engine=engine, state=self.state,
+                               tls_verify=False)
+        finally:
+            if saved is None:
+                os.environ.pop("KILN_PROJECT_DIR", None)
+            else:
+                os.environ["KILN_PROJECT_DIR"] = saved
+
+    def release_derived(self, base_ref: str, version: str, channel: str, *, payload_mib: int = 0,
+                        initramfs: bytes | None = None) -> str:
+        """Sign and push an image made from BASE_REF (see derive_image) as VERSION and CHANNEL."""
+        layout = self.tmp / f"derived-{version}"
+        derive_image(self.state, base_ref, version, layout, payload_mib=payload_mib, initramfs=initramfs)
+        return publish(self.registry.address, REPO, layout, version, key=self.key, lookaside=self.signatures,
+                       cls=QEMU_CLASS, tags=[version, channel], state=self.state)
+
+    def log_mark(self) -> int:
+        return len((self.registry.root / "registry.log").read_text(errors="replace"))
+
+    def blobs_fetched_since(self, mark: int) -> set[str]:
+        text = (self.registry.root / "registry.log").read_text(errors="replace")[mark:]
+        return {m.group(1) for m in GET_BLOB.finditer(text)}
+
+
+@contextlib.contextmanager
+def serving_releases(tmp: Path) -> Iterator[Releases]:
+    """A registry and signature server on the host's loopback, and the key the image trusts."""
+    state = kiln_test_state()
+    key = resolve_signing_key(load_class(QEMU_CLASS, ROOT / "images"), None)
+    with running_registry(tmp / "registry", lookaside_dir=tmp / "signatures") as info:
+        yield Releases(info, key, tmp / "signatures", state, tmp)
+
+
+def derive_image(state: StateDir, base_ref: str, version: str, layout: Path, *, payload_mib: int = 0,
+                 initramfs: bytes | None = None) -> None:
+    """An image FROM BASE_REF that says it is VERSION (release.json and the version label), in an
+    OCI layout under the name VERSION. `payload_mib` adds a layer of that many MiB of incompressible
+    bytes (a big download); `initramfs` replaces every kernel's initramfs.img (a release that
+    cannot boot). The base's layers stay as they are: a device that runs it fetches only the rest."""
+    ctx = layout.parent / f"{layout.name}-context"
+    (ctx / "payload/usr/share/kiln-test").mkdir(parents=True, exist_ok=True)
+    lines = [f"FROM {base_ref}"]
+    if payload_mib:
+        blob = random.Random(version).randbytes(payload_mib * 2**20)  # test data, the same for a version
+        (ctx / "payload/usr/share/kiln-test/payload.bin").write_bytes(blob)
+        lines.append("COPY payload/ /")
+    (ctx / "initramfs.img").write_bytes(initramfs or b"")
+    (ctx / "derive.py").write_text(
+        "import json, pathlib, shutil, sys\n"
+        "p = pathlib.Path('/usr/lib/kiln/release.json')\n"
+        "d = json.loads(p.read_text()); d['version'] = sys.argv[1]; p.write_text(json.dumps(d))\n"
+        "new = pathlib.Path('/ctx/initramfs.img')\n"
+        "for old in pathlib.Path('/usr/lib/modules').glob('*/initramfs.img') if new.stat().st_size else []:\n"
+        "    shutil.copyfile(new, old)\n")
+    lines += [f"RUN --mount=type=bind,source=.,target=/ctx python3 -B /ctx/derive.py {version}",
+              f'LABEL org.opencontainers.image.version="{version}"']
+    (ctx / "Containerfile").write_text("\n".join(lines) + "\n")
+    tag = f"localhost/kiln-test-derived:{version}"
+    env = state.engine_env()
+    run(["podman", "build", "--quiet", "--layers", "-t", tag, "-f", ctx / "Containerfile", ctx], env=env,
+        capture=True)
+    run(["podman", "push", "--quiet", tag, f"oci:{layout}:{version}"], env=env, capture=True)
+
+
+def newc_archive(files: dict[str, tuple[int, bytes]]) -> bytes:
+    """A cpio archive in the kernel's initramfs format (newc): {name: (mode, data)}."""
+    out = bytearray()
+
+    def member(ino: int, name: str, mode: int, data: bytes) -> None:
+        fields = (ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name) + 1, 0)
+        out.extend(b"070701" + "".join(f"{f:08X}" for f in fields).encode() + name.encode() + b"\0")
+        out.extend(b"\0" * (-len(out) % 4))
+        out.extend(data)
+        out.extend(b"\0" * (-len(out) % 4))
+
+    for ino, (name, (mode, data)) in enumerate(sorted(files.items()), start=1):
+        member(ino, name, mode, data)
+    member(0, "TRAILER!!!", 0, b"")
+    return bytes(out) + b"\0" * (-len(out) % 512)
+
+
+def unbootable_initramfs() -> bytes:
+    """An initramfs whose /init cannot run (its interpreter is missing): the kernel finds no working
+    init and panics; with panic=10 on the command line it reboots, and boot counting takes over."""
+    return newc_archive({"init": (0o100755, b"#!/bin/kiln-test-missing-shell\n")})
+
+
+def configure(machine: vm.VM, releases: Releases, *, port: int | None = None, channel: str | None = None) -> None:
+    config = json.dumps(releases.guest_config(port=port, channel=channel))
+    machine.ssh(f"mkdir -p /etc/kiln && echo '{config}' > /etc/kiln/agent.json")
+
+
+def agent(machine: vm.VM, *args: str) -> vm.SSHResult:
+    return machine.ssh("kiln-agent " + " ".join(args) + " 2>&1", check=False, timeout=900)
+
+
+def status(machine: vm.VM) -> dict[str, Any]:
+    return dict(json.loads(machine.ssh("kiln-agent status --json").stdout))
+
+
+def slot_digest(machine: vm.VM, slot: str) -> str:
+    return machine.ssh(f"head -c 64M /dev/disk/by-partlabel/root-{slot} | sha256sum").stdout.split()[0]
+
+
+def wait_until_healthy_on(machine: vm.VM, slot: str, timeout: float) -> None:
+    """Through failing trial boots (each reboots the guest): wait for a healthy boot of SLOT."""
+    deadline = time.monotonic() + timeout
+    seen = "no answer yet"
+    while time.monotonic() < deadline:
+        if not machine.running:
+            raise machine.error("QEMU exited while waiting for the fallback boot")
+        with contextlib.suppress(OSError, ValueError, VMError):
+            seen = machine.guest_exec("systemctl is-active kiln-health-inference.service; "
+                                      "grep -o 'kiln.slot=[ab]' /proc/cmdline", check=False, timeout=30).stdout
+            if seen.split() == ["active", f"kiln.slot={slot}"]:
+                return
+        time.sleep(3)
+    raise machine.error(f"no healthy boot of slot {slot} within {timeout:.0f} s (last: {seen.split()})")

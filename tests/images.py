@@ -42,12 +42,11 @@ def qemu_image(state: StateDir | None = None, version: str = QEMU_VERSION) -> di
     return _built[key]
 
 
-def make_retrained_project(dest: Path, note: str = "retrained: new weights, same graph") -> Path:
-    """A copy of the project (specs, models, overlays, the dev SSH and release keys) whose digits model
-    has new bytes but the same behaviour: a model-only release. Use it as KILN_PROJECT_DIR."""
+def copy_project(dest: Path, *, models_from: Path | None = None) -> Path:
+    """A copy of the project (specs, models, overlays, the dev SSH and release keys) to change and use
+    as KILN_PROJECT_DIR: a later release of the same device. `models_from` (a project) also copies
+    its optimized models and gate reports, so an unchanged model is reused byte for byte."""
     import shutil
-
-    import onnx
 
     for name in ("images", "models", "overlays"):
         shutil.copytree(ROOT / name, dest / name, symlinks=True)
@@ -55,8 +54,53 @@ def make_retrained_project(dest: Path, note: str = "retrained: new weights, same
         if (ROOT / "build" / QEMU_CLASS / keys).is_dir():
             shutil.copytree(ROOT / "build" / QEMU_CLASS / keys, dest / "build" / QEMU_CLASS / keys,
                             ignore=shutil.ignore_patterns("S.*"))  # gpg-agent sockets
+    if models_from is not None and (models_from / "build" / QEMU_CLASS / "models").is_dir():
+        shutil.copytree(models_from / "build" / QEMU_CLASS / "models", dest / "build" / QEMU_CLASS / "models")
+    return dest
+
+
+def make_retrained_project(dest: Path, note: str = "retrained: new weights, same graph") -> Path:
+    """A project copy whose digits model has new bytes but the same behaviour: a model-only release."""
+    import onnx
+
+    copy_project(dest)
     model_file = dest / "models/digits/digits.onnx"
     proto = onnx.load(model_file)
     proto.doc_string = note
     onnx.save(proto, model_file)
+    return dest
+
+
+def make_package_project(dest: Path, package: str = "jq") -> Path:
+    """A project copy whose class installs one more Debian package, model unchanged: an OS update."""
+    import yaml
+
+    copy_project(dest, models_from=ROOT)
+    spec_file = dest / "images" / f"{QEMU_CLASS}.yaml"
+    doc = yaml.safe_load(spec_file.read_text())
+    doc["spec"]["packages"].append(package)
+    spec_file.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return dest
+
+
+def make_broken_golden_project(dest: Path) -> Path:
+    """A project copy whose model ships with wrong golden outputs: the device's golden check fails."""
+    import numpy as np
+
+    from builder.models import make_optimized_models
+
+    make_retrained_project(dest, note="broken golden set")
+    saved = os.environ.get("KILN_PROJECT_DIR")
+    os.environ["KILN_PROJECT_DIR"] = str(dest)
+    try:  # optimize, then replace the golden outputs with wrong ones
+        make_optimized_models(load_class(QEMU_CLASS, dest / "images"))
+    finally:
+        if saved is None:
+            del os.environ["KILN_PROJECT_DIR"]
+        else:
+            os.environ["KILN_PROJECT_DIR"] = saved
+    for golden in (dest / "build" / QEMU_CLASS / "models").glob("*/*/golden.npz"):
+        data = dict(np.load(golden))
+        data["outputs"] = data["outputs"][:, ::-1].copy()
+        np.savez(golden, **data)
     return dest

@@ -20,19 +20,16 @@ Helpers (the registry as the guest sees it, derived images): tests/vm/otakit.py.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from builder import vm
-from builder.loader import load_class
 from builder.run import run
 from builder.signing import SigningKey, make_signing_key
 from tests.conftest import ROOT
-from tests.images import QEMU_CLASS, make_retrained_project
+from tests.images import QEMU_CLASS, make_broken_golden_project, make_retrained_project
 from tests.ota import make_oci_image, publish, push_unsigned, release_files, release_labels
 from tests.vm.conftest import BOOT_TIMEOUT, BuiltDisk, copy_disk
 from tests.vm.otakit import (
@@ -138,18 +135,7 @@ def test_model_only_update_boots_slot_b_and_is_blessed(releases: Releases, qemu_
 
 
 def test_failed_golden_check_rolls_back_and_blocklists(releases: Releases, device: tuple[Path, vm.VMConfig]) -> None:
-    project = make_retrained_project(releases.tmp / "v3-project", note="v3: broken golden set")
-    os.environ["KILN_PROJECT_DIR"] = str(project)
-    try:  # optimize, then replace the golden outputs with wrong ones: the device check must fail
-        from builder.models import make_optimized_models
-
-        make_optimized_models(load_class(QEMU_CLASS, project / "images"))
-        golden = project / "build" / QEMU_CLASS / "models/digits/1.0.0/golden.npz"
-        data = dict(np.load(golden))
-        data["outputs"] = data["outputs"][:, ::-1].copy()
-        np.savez(golden, **data)
-    finally:
-        del os.environ["KILN_PROJECT_DIR"]
+    project = make_broken_golden_project(releases.tmp / "v3-project")
     releases.release("1.0.2", project)
     image, cfg = device
     with vm.start_vm(cfg) as machine:

@@ -271,8 +271,20 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write a temp file next to `path`, fsync it, rename over `path`, fsync the directory."""
+    """Write a temp file next to `path`, fsync it, rename over `path`, fsync it and the directory.
+
+    The second fsync is for vfat (the ESP): its rename makes a new directory entry with size 0
+    and the real size lands only when the inode is written back. Without it, a power cut right
+    after the rename leaves an empty boot entry (found by the power-cut test in QEMU)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
@@ -284,11 +296,13 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+    fsync_file(path)
     fsync_dir(path.parent)
 
 
 def copy_atomic(src: Path, dest: Path) -> str:
-    """Copy `src` to `dest` atomically (tmp, fsync, rename, fsync dir); the sha256 of the bytes."""
+    """Copy `src` to `dest` atomically (tmp, fsync, rename, fsync again, fsync dir: see write_atomic);
+    the sha256 of the bytes."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp")
     digest = hashlib.sha256()
@@ -299,6 +313,7 @@ def copy_atomic(src: Path, dest: Path) -> str:
         fout.flush()
         os.fsync(fout.fileno())
     os.replace(tmp, dest)
+    fsync_file(dest)
     fsync_dir(dest.parent)
     return digest.hexdigest()
 
@@ -716,7 +731,7 @@ def tls_flag(config: Config, side: str) -> list[str]:
 
 def inspect_channel(config: Config) -> Candidate:
     ref = f"{config.source}:{config.channel}"
-    out = skopeo(config, "inspect", *tls_flag(config, ""), "--retry-times", "2", ref,
+    out = skopeo(config, "inspect", "--no-tags", *tls_flag(config, ""), "--retry-times", "2", ref,
                  what=f"reading {ref}", code=UNREACHABLE, timeout=120)
     try:
         data = json.loads(out)

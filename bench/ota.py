@@ -1,0 +1,228 @@
+"""Benchmark over-the-air updates of the embedded default class on a QEMU device.
+
+    python bench/ota.py [--json PATH] [--timeout S]
+
+Real builds (podman, Kiln's state dir), a registry and signature server on 127.0.0.1
+(`running_registry`), the release key the image trusts, one disk made from v1 and one
+QEMU device (TCG here) that lives through three releases:
+
+1. a model-only release (new model bytes, same graph),
+2. an OS package release (one more Debian package in the class, model unchanged),
+3. a bad release (its golden inference check fails on the device).
+
+Figures:
+- bytes over the wire per update, from the registry's own log (`http.response.written` of
+  every GET: manifests, configs, layers), against the full image a fresh device would pull
+  and against the layers that changed (the floor);
+- time from `kiln-agent update` starting to the new slot blessed (healthy, its boot
+  entry without a tries counter), split at the reboot;
+- time from the bad update starting to the device back on the good slot and healthy,
+  after its trial boots failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.build import manifest, mb, registry_bytes  # noqa: E402
+from builder import disk, vm  # noqa: E402
+from builder.build import build_class, resolve_signing_key  # noqa: E402
+from builder.engine import PodmanEngine  # noqa: E402
+from builder.errors import KilnError, VMError  # noqa: E402
+from builder.loader import load_class  # noqa: E402
+from builder.registry import RegistryInfo, running_registry  # noqa: E402
+from builder.signing import SigningKey, push_signed  # noqa: E402
+from builder.state import StateDir, make_state_dir  # noqa: E402
+from tests.images import make_broken_golden_project, make_package_project, make_retrained_project  # noqa: E402
+
+CLS = "qemu-x86_64"
+REPO = f"kiln/{CLS}"
+V1, MODEL, PACKAGE, BAD = "2.0.0", "2.0.1", "2.1.0", "2.1.1"
+
+
+@contextlib.contextmanager
+def project_dir(path: Path | None) -> Iterator[Path]:
+    saved = os.environ.get("KILN_PROJECT_DIR")
+    if path is not None:
+        os.environ["KILN_PROJECT_DIR"] = str(path)
+    try:
+        yield path or ROOT
+    finally:
+        if saved is None:
+            os.environ.pop("KILN_PROJECT_DIR", None)
+        else:
+            os.environ["KILN_PROJECT_DIR"] = saved
+
+
+def build(state: StateDir, version: str, project: Path | None) -> dict[str, Any]:
+    with project_dir(project) as proj:
+        hc = load_class(CLS, proj / "images")
+        return build_class(hc, source=f"images/{CLS}.yaml", version=version, state=state, engine=PodmanEngine(state))
+
+
+def release(state: StateDir, info: RegistryInfo, key: SigningKey, signatures: Path, version: str,
+            project: Path | None) -> dict[str, Any]:
+    with project_dir(project):
+        return push_signed(CLS, version, info.address, key=key, lookaside_dir=signatures, channel="stable",
+                           engine=PodmanEngine(state), state=state, tls_verify=False)
+
+
+def image_bytes(mf: dict[str, Any]) -> int:
+    return sum(layer["size"] for layer in mf["layers"]) + mf["config"]["size"] + len(json.dumps(mf).encode())
+
+
+def changed_bytes(old: dict[str, Any], new: dict[str, Any]) -> int:
+    """The floor of an update: the new image's layers the old one lacks, its config and manifest."""
+    have = {layer["digest"] for layer in old["layers"]}
+    return sum(layer["size"] for layer in new["layers"] if layer["digest"] not in have) + new["config"]["size"] \
+        + len(json.dumps(new).encode())
+
+
+def changed_groups(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return sorted({b["group"] for a, b in zip(old["layers"], new["layers"], strict=True) if a["diffId"] != b["diffId"]})
+
+
+def guest(machine: vm.VM, command: str, timeout: float = 60) -> str:
+    """A shell line through the guest agent; '' while the guest is rebooting."""
+    with contextlib.suppress(OSError, ValueError, VMError):
+        return machine.guest_exec(command, check=False, timeout=timeout).stdout
+    return ""
+
+
+def wait(what: str, probe: Callable[[], bool], timeout: float, machine: vm.VM) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if not machine.running:
+            raise machine.error(f"QEMU exited while waiting for {what}")
+        if probe():
+            return time.monotonic() - start
+        time.sleep(2)
+    raise machine.error(f"no {what} within {timeout:.0f} s")
+
+
+def on_slot(machine: vm.VM, slot: str, entry: str | None = None) -> bool:
+    """Healthy (golden check passed) on SLOT, and ENTRY (the blessed name) present when given."""
+    out = guest(machine, "systemctl is-active kiln-health-inference.service; grep -o 'kiln.slot=[ab]' /proc/cmdline; "
+                         "ls /efi/loader/entries")
+    words = out.split()
+    return words[:2] == ["active", f"kiln.slot={slot}"] and (entry is None or entry in words[2:])
+
+
+def update(machine: vm.VM, info: RegistryInfo, version: str, slot: str, *, bad: bool, timeout: float,
+           good_slot: str) -> dict[str, Any]:
+    mark = registry_bytes(info)
+    boot_id = guest(machine, "cat /proc/sys/kernel/random/boot_id").strip()
+    boots = machine.console_text().count("Linux version")
+    start = time.monotonic()
+    guest(machine, "systemd-run --unit kiln-bench-update --collect kiln-agent update")
+    row: dict[str, Any] = {}
+    row["install_s"] = round(wait("the reboot into the new slot", lambda: (
+        (b := guest(machine, "cat /proc/sys/kernel/random/boot_id", timeout=10).strip()) != "" and b != boot_id),
+        timeout, machine), 1)
+    if bad:
+        row["back_on_good_slot_s"] = round(time.monotonic() - start + wait(
+            "a healthy boot of the good slot", lambda: on_slot(machine, good_slot), timeout, machine), 1)
+        st = json.loads(guest(machine, "kiln-agent status --json") or "{}")
+        row["rolled_back"] = [rb["version"] for rb in st.get("rollbacks", [])]
+        row["boots"] = machine.console_text().count("Linux version") - boots  # trials, then the good slot
+    else:
+        row["blessed_s"] = round(time.monotonic() - start + wait(
+            "the new slot blessed", lambda: on_slot(machine, slot, f"kiln-{version}-{slot}.conf"), timeout, machine), 1)
+    time.sleep(3)  # the agent's boot reconciliation has nothing more to fetch; let the log settle
+    row["wire_bytes"] = registry_bytes(info) - mark
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="OTA bytes over the wire and update/rollback times in QEMU")
+    ap.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per wait (TCG on 2 cores is slow)")
+    args = ap.parse_args(argv)
+    state = make_state_dir(ROOT)
+    hc = load_class(CLS, ROOT / "images")
+    key = resolve_signing_key(hc, None)
+    figures: dict[str, Any] = {"class": CLS, "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
+    try:
+        with tempfile.TemporaryDirectory(dir=state.tmp_dir) as tmp_name:
+            tmp = Path(tmp_name)
+            print("building v1 and three releases ...", flush=True)
+            projects = {V1: None, MODEL: make_retrained_project(tmp / "model"),
+                        PACKAGE: make_package_project(tmp / "package"), BAD: make_broken_golden_project(tmp / "bad")}
+            records = {v: build(state, v, p) for v, p in projects.items()}
+            with running_registry(tmp / "registry", lookaside_dir=tmp / "signatures") as info:
+                release(state, info, key, tmp / "signatures", V1, None)
+                m1 = manifest(info, REPO, V1)
+                figures["full_image_bytes"] = image_bytes(m1)
+                print("making v1's disk ...", flush=True)
+                image = tmp / "disk.raw"
+                disk.make_disk(records[V1]["image"]["ref"], output=image, state=state, version=V1)
+                port = info.address.rsplit(":", 1)[1]
+                assert info.lookaside is not None
+                config = json.dumps({"registry": f"{vm.HOST_FROM_GUEST}:{port}", "insecure": True,
+                                     "lookaside": f"http://{vm.HOST_FROM_GUEST}:{info.lookaside.rsplit(':', 1)[1]}"})
+                cfg = vm.VMConfig(disk=image, workdir=tmp / "vm")
+                with vm.start_vm(cfg) as machine:
+                    figures["accel"] = machine.accel.value
+                    figures["first_boot_healthy_s"] = round(machine.wait_for_healthy(args.timeout), 1)
+                    guest(machine, f"mkdir -p /etc/kiln && echo '{config}' > /etc/kiln/agent.json")
+                    previous, prev_record, slot, good = m1, records[V1], "b", "a"
+                    for name, version in (("model-only", MODEL), ("os-package", PACKAGE), ("bad-golden", BAD)):
+                        release(state, info, key, tmp / "signatures", version, projects[version])
+                        mf = manifest(info, REPO, version)
+                        print(f"updating to {version} ({name}) into slot {slot} ...", flush=True)
+                        row = update(machine, info, version, slot, bad=name == "bad-golden", timeout=args.timeout,
+                                     good_slot=good)
+                        row.update(version=version, floor_bytes=changed_bytes(previous, mf),
+                                   changed_groups=changed_groups(prev_record, records[version]))
+                        row["vs_full_image"] = row["wire_bytes"] / figures["full_image_bytes"]
+                        row["vs_floor"] = row["wire_bytes"] / row["floor_bytes"]
+                        figures[name] = row
+                        print(f"  {row}", flush=True)
+                        if name != "bad-golden":
+                            previous, prev_record, slot, good = mf, records[version], good, slot
+                    machine.kill()
+    except KilnError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print_table(figures)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def print_table(f: dict[str, Any]) -> None:
+    rows = [("full image (fresh device)", mb(f["full_image_bytes"]), "compressed layers + config + manifest"),
+            (f"first boot to healthy ({f['accel']})", f"{f['first_boot_healthy_s']:.1f} s", "")]
+    for name in ("model-only", "os-package"):
+        r = f[name]
+        rows.append((f"{name} update {r['version']}: over the wire", mb(r["wire_bytes"]),
+                     f"{r['vs_full_image']:.2%} of the full image; {r['vs_floor']:.3f}x of the changed layers "
+                     f"({mb(r['floor_bytes'])}: {', '.join(r['changed_groups'])})"))
+        rows.append((f"{name} update: start to blessed", f"{r['blessed_s']:.1f} s",
+                     f"{r['install_s']:.1f} s until the new boot answers, then health checks and blessing"))
+    r = f["bad-golden"]
+    rows.append((f"bad update {r['version']}: over the wire", mb(r["wire_bytes"]), ""))
+    rows.append(("bad update: start to back on the good slot", f"{r['back_on_good_slot_s']:.1f} s",
+                 f"{r['boots']} boots (trials, then the good slot); rolled back: {', '.join(r['rolled_back']) or 'NONE'}"))
+    width = max(len(r[0]) for r in rows)
+    print(f"{'figure'.ljust(width)}  {'value':>12}  note")
+    for name, value, note in rows:
+        print(f"{name.ljust(width)}  {value:>12}  {note}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -263,6 +263,9 @@ def test_power_cut_mid_slot_write(world: World) -> None:
     (dev.root / "usr/lib/kiln/agent.json").write_text(json.dumps(config))
     active, entries = sha(dev.slot("a")), sorted(p.name for p in dev.entries.iterdir())
     empty_b = sha(dev.slot("b"))
+    leftover = dev.root / "var/lib/kiln/oci/oci-put-blob123456"  # skopeo's temp file from a download cut short
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"partial layer" * 1000)
     mark = dev.root / "fault"
     env = {**os.environ, "KILN_AGENT_ROOT": str(dev.root), "KILN_AGENT_FAULT": "stop:writing",
            "KILN_AGENT_FAULT_MARK": str(mark)}
@@ -274,6 +277,7 @@ def test_power_cut_mid_slot_write(world: World) -> None:
     assert mark.read_text() == "writing\n", proc.stderr.read().decode() if proc.stderr else ""
     proc.kill()
     proc.wait()
+    assert not leftover.exists()
     assert sha(dev.slot("b")) != empty_b  # half of the new filesystem reached the slot
     assert sha(dev.slot("a")) == active
     assert sorted(p.name for p in dev.entries.iterdir()) == entries  # nothing boots slot B

@@ -114,6 +114,7 @@ def test_update_survives_lost_registry_full_disk_and_power_cuts(
         assert "MiB free after removing the unpacked update" in full.stdout, full.stdout
         assert "Traceback" not in full.stdout
         assert machine.ssh("ls /var/lib/kiln/work").stdout.split() == []
+        assert "oci-put-blob" not in machine.ssh("ls /var/lib/kiln/oci").stdout  # the cut download's temp file
         st = status(machine)
         assert (st["lastResult"]["result"], st["lastResult"]["code"]) == ("failed", 8), st
         machine.ssh("rm /var/lib/kiln/filler")

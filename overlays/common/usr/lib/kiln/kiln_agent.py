@@ -773,6 +773,9 @@ def fetch(config: Config, cand: Candidate, paths: Paths) -> None:
     """skopeo copy by digest into the OCI layout: the signature is verified with the baked
     policy, blobs already in the layout are not downloaded again."""
     paths.layout.mkdir(parents=True, exist_ok=True)
+    for leftover in paths.layout.glob("oci-put-blob*"):  # skopeo's temp blobs from a run that died mid-download
+        log(f"removing {leftover.name} ({leftover.stat().st_size} bytes) left by an interrupted download")
+        leftover.unlink()
     skopeo(config, "copy", *tls_flag(config, "src-"), "--retry-times", "3", "--remove-signatures",
            f"{config.source}@{cand.digest}", f"oci:{paths.layout}:{oci_ref_name(cand.version)}",
            what=f"pulling {config.source}@{cand.digest[:19]}", code=UNREACHABLE)

@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                 with vm.start_vm(cfg) as machine:
                     figures["accel"] = machine.accel.value
                     figures["first_boot_healthy_s"] = round(machine.wait_for_healthy(args.timeout), 1)
-                    guest(machine, f"mkdir -p /etc/kiln && echo '{config}' > /etc/kiln/agent.json")
+                    guest(machine, f"systemctl mask --now kiln-agent.timer; mkdir -p /etc/kiln && "
+                                   f"echo '{config}' > /etc/kiln/agent.json")
                     previous, prev_record, slot, good = m1, records[V1], "b", "a"
                     for name, version in (("model-only", MODEL), ("os-package", PACKAGE), ("bad-golden", BAD)):
                         release(state, info, key, tmp / "signatures", version, projects[version])

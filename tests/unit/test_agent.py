@@ -202,7 +202,8 @@ def test_trial_boot_waits_then_blessed_boot_succeeds(tmp_path: Path) -> None:
 
 
 def test_booting_the_other_slot_is_a_rollback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ka, "failed_boot_reason", lambda installed_in=None: "kiln-health-inference.service: outputs wrong")
+    monkeypatch.setattr(ka, "failed_boot_reason",
+                        lambda installed_in=None: "kiln-health-inference.service: outputs wrong")
     state = installed_state(tmp_path)
     boot = FakeBoot("a", ["kiln-2.0.0-a.conf", "kiln-2.1.0-b+0-3.conf"])
     ka.cmd_boot(config(tmp_path), RUNNING, state, boot)

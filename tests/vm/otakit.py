@@ -152,8 +152,10 @@ def unbootable_initramfs() -> bytes:
 
 
 def configure(machine: vm.VM, releases: Releases, *, port: int | None = None, channel: str | None = None) -> None:
+    """Point the device at this test's registry. The test drives the agent itself: the periodic
+    kiln-agent.timer (first run 5-15 min after each boot) is masked so it cannot race it."""
     config = json.dumps(releases.guest_config(port=port, channel=channel))
-    machine.ssh(f"mkdir -p /etc/kiln && echo '{config}' > /etc/kiln/agent.json")
+    machine.ssh(f"systemctl mask --now kiln-agent.timer; mkdir -p /etc/kiln && echo '{config}' > /etc/kiln/agent.json")
 
 
 def agent(machine: vm.VM, *args: str) -> vm.SSHResult:

@@ -161,8 +161,10 @@ def test_failed_golden_check_rolls_back_and_blocklists(releases: Releases, devic
 
 
 def test_unbootable_initramfs_falls_back_by_boot_counting(releases: Releases, device: tuple[Path, vm.VMConfig]) -> None:
-    v2 = json.loads((ROOT / "build" / QEMU_CLASS / "1.0.1" / "build.json").read_text())
-    releases.release_derived(v2["image"]["ref"], "1.0.3", "stable", initramfs=unbootable_initramfs())
+    from tests.images import qemu_image
+
+    v1 = qemu_image(releases.state)  # any base will do: only its initramfs and version change
+    releases.release_derived(v1["image"]["ref"], "1.0.3", "stable", initramfs=unbootable_initramfs())
     image, cfg = device
     with vm.start_vm(cfg) as machine:
         machine.wait_for_ssh(BOOT_TIMEOUT)

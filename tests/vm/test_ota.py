@@ -8,9 +8,11 @@ would live it (each step needs the previous one, so they run in order):
 2. v1 -> v2 (only the model changed): the agent updates, reboots into slot B, the
    entry is blessed, `status` shows v2, and the registry served only the changed blobs;
 3. v3 whose golden inference fails: three trial boots, then systemd-boot falls back
-   to v2 on its own; the agent records the rollback and never takes v3 again;
-4. v4 whose initramfs cannot start (the kernel panics, panic=10 reboots): boot counting
-   brings the device back to v2 without any userspace help; the agent says so.
+   to v2 on its own; the agent records the rollback and never takes v3 again.
+
+On a fresh copy of the disk: a release whose initramfs cannot start (the kernel panics,
+panic=10 reboots): boot counting brings the device back to slot A without any userspace
+help, and the agent says so.
 
 Power cuts, a full data partition and a registry lost mid-download: test_ota_faults.py.
 
@@ -160,29 +162,34 @@ def test_failed_golden_check_rolls_back_and_blocklists(releases: Releases, devic
         machine.poweroff()
 
 
-def test_unbootable_initramfs_falls_back_by_boot_counting(releases: Releases, device: tuple[Path, vm.VMConfig]) -> None:
+def test_unbootable_initramfs_falls_back_by_boot_counting(releases: Releases, qemu_disk: BuiltDisk,
+                                                          tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A fresh device (v1, slot A) takes a release whose initramfs cannot start: every trial boot
+    panics (panic=10 reboots), and boot counting alone brings it back to slot A."""
     from tests.images import qemu_image
 
-    v1 = qemu_image(releases.state)  # any base will do: only its initramfs and version change
-    releases.release_derived(v1["image"]["ref"], "1.0.3", "stable", initramfs=unbootable_initramfs())
-    image, cfg = device
+    v1 = qemu_image(releases.state)  # the base: only the initramfs and the version change
+    releases.release_derived(v1["image"]["ref"], "1.0.3", "unbootable", initramfs=unbootable_initramfs())
+    tmp = tmp_path_factory.mktemp("unbootable")
+    image = copy_disk(qemu_disk.path, tmp / "disk.raw")
+    cfg = vm.VMConfig(disk=image, ssh_key=qemu_disk.ssh_key, workdir=tmp / "vm", no_reboot=True)
     with vm.start_vm(cfg) as machine:
         machine.wait_for_ssh(BOOT_TIMEOUT)
-        assert status(machine)["version"] == "1.0.1"
-        good = slot_digest(machine, "b")
+        configure(machine, releases, channel="unbootable")
+        good = slot_digest(machine, "a")
         machine.ssh("systemd-run --unit kiln-test-update --collect kiln-agent update")
         machine.wait_exit(900)
     back = vm.VMConfig(disk=image, ssh_key=cfg.ssh_key, workdir=cfg.workdir, no_reboot=False)
     with vm.start_vm(back) as machine:
-        wait_until_healthy_on(machine, "b", 1200)
+        wait_until_healthy_on(machine, "a", 1200)
         console = machine.console_text()
-        assert console.count("No working init found") == 3, console[-3000:]  # each try, then v2 on its own
+        assert console.count("No working init found") == 3, console[-3000:]  # each try, then slot A on its own
         machine.wait_for_ssh(BOOT_TIMEOUT)
         st = status(machine)
-        assert (st["version"], st["bootedSlot"]) == ("1.0.1", "b"), st
-        assert [rb["version"] for rb in st["rollbacks"]] == ["1.0.2", "1.0.3"], st
+        assert (st["version"], st["bootedSlot"]) == (qemu_disk.version, "a"), st
+        assert [rb["version"] for rb in st["rollbacks"]] == ["1.0.3"], st
         assert "never got as far as writing a journal" in st["rollbacks"][-1]["reason"], st
         assert not [e for e in st["entries"] if e.startswith("kiln-1.0.3")], st  # removed after the fallback
-        assert slot_digest(machine, "b") == good
+        assert slot_digest(machine, "a") == good
         assert agent(machine, "check").exit_status == 5
         machine.poweroff()

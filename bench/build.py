@@ -155,6 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def print_rows(rows: list[tuple[str, str, str]]) -> None:
+    """A benchmark's table: figure, value (right-aligned), note."""
+    width = max(len(r[0]) for r in rows)
+    print(f"{'figure'.ljust(width)}  {'value':>12}  note")
+    for name, value, note in rows:
+        print(f"{name.ljust(width)}  {value:>12}  {note}")
+
+
 def print_table(f: dict[str, Any]) -> None:
     rows = []
     if "cold_build_s" in f:
@@ -172,10 +180,7 @@ def print_table(f: dict[str, Any]) -> None:
     rows.append(("model-only pull v2", mb(f["update_pull_bytes"]),
                  f"{f['update_vs_floor']:.3f}x of model+release layers+config+manifest "
                  f"({mb(f['update_floor_bytes'])}; target <= 1.05x)"))
-    width = max(len(r[0]) for r in rows)
-    print(f"{'figure'.ljust(width)}  {'value':>12}  note")
-    for name, value, note in rows:
-        print(f"{name.ljust(width)}  {value:>12}  {note}")
+    print_rows(rows)
 
 
 if __name__ == "__main__":

@@ -30,14 +30,14 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.build import manifest, mb, registry_bytes  # noqa: E402
+from bench.build import manifest, mb, print_rows, registry_bytes  # noqa: E402
 from builder import disk, vm  # noqa: E402
 from builder.build import build_class, resolve_signing_key  # noqa: E402
 from builder.engine import PodmanEngine  # noqa: E402
@@ -46,25 +46,16 @@ from builder.loader import load_class  # noqa: E402
 from builder.registry import RegistryInfo, running_registry  # noqa: E402
 from builder.signing import SigningKey, push_signed  # noqa: E402
 from builder.state import StateDir, make_state_dir  # noqa: E402
-from tests.images import make_broken_golden_project, make_package_project, make_retrained_project  # noqa: E402
+from tests.images import (  # noqa: E402
+    make_broken_golden_project,
+    make_package_project,
+    make_retrained_project,
+    project_dir,
+)
 
 CLS = "qemu-x86_64"
 REPO = f"kiln/{CLS}"
 V1, MODEL, PACKAGE, BAD = "2.0.0", "2.0.1", "2.1.0", "2.1.1"
-
-
-@contextlib.contextmanager
-def project_dir(path: Path | None) -> Iterator[Path]:
-    saved = os.environ.get("KILN_PROJECT_DIR")
-    if path is not None:
-        os.environ["KILN_PROJECT_DIR"] = str(path)
-    try:
-        yield path or ROOT
-    finally:
-        if saved is None:
-            os.environ.pop("KILN_PROJECT_DIR", None)
-        else:
-            os.environ["KILN_PROJECT_DIR"] = saved
 
 
 def build(state: StateDir, version: str, project: Path | None) -> dict[str, Any]:
@@ -221,10 +212,7 @@ def print_table(f: dict[str, Any]) -> None:
     rows.append(("bad update: start to back on the good slot", f"{r['back_on_good_slot_s']:.1f} s",
                  f"{r['boots']} boots (trials, then the good slot); "
                  f"rolled back: {', '.join(r['rolled_back']) or 'NONE'}"))
-    width = max(len(r[0]) for r in rows)
-    print(f"{'figure'.ljust(width)}  {'value':>12}  note")
-    for name, value, note in rows:
-        print(f"{name.ljust(width)}  {value:>12}  {note}")
+    print_rows(rows)
 
 
 if __name__ == "__main__":

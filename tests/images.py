@@ -8,7 +8,9 @@ the image once.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,21 @@ def qemu_image(state: StateDir | None = None, version: str = QEMU_VERSION) -> di
         _built[key] = build_class(hc, source=f"images/{QEMU_CLASS}.yaml", version=version, state=state,
                                   engine=PodmanEngine(state))
     return _built[key]
+
+
+@contextlib.contextmanager
+def project_dir(path: Path | None) -> Iterator[Path]:
+    """KILN_PROJECT_DIR=PATH for the block (None: the checkout itself); the old value comes back."""
+    saved = os.environ.get("KILN_PROJECT_DIR")
+    if path is not None:
+        os.environ["KILN_PROJECT_DIR"] = str(path)
+    try:
+        yield path or ROOT
+    finally:
+        if saved is None:
+            os.environ.pop("KILN_PROJECT_DIR", None)
+        else:
+            os.environ["KILN_PROJECT_DIR"] = saved
 
 
 def copy_project(dest: Path, *, models_from: Path | None = None) -> Path:
@@ -90,15 +107,8 @@ def make_broken_golden_project(dest: Path) -> Path:
     from builder.models import make_optimized_models
 
     make_retrained_project(dest, note="broken golden set")
-    saved = os.environ.get("KILN_PROJECT_DIR")
-    os.environ["KILN_PROJECT_DIR"] = str(dest)
-    try:  # optimize, then replace the golden outputs with wrong ones
+    with project_dir(dest):  # optimize, then replace the golden outputs with wrong ones
         make_optimized_models(load_class(QEMU_CLASS, dest / "images"))
-    finally:
-        if saved is None:
-            del os.environ["KILN_PROJECT_DIR"]
-        else:
-            os.environ["KILN_PROJECT_DIR"] = saved
     for golden in (dest / "build" / QEMU_CLASS / "models").glob("*/*/golden.npz"):
         data = dict(np.load(golden))
         data["outputs"] = data["outputs"][:, ::-1].copy()

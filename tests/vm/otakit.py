@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import re
 import time
@@ -29,7 +28,7 @@ from builder.run import run
 from builder.signing import SigningKey, push_signed
 from builder.state import StateDir
 from tests.conftest import ROOT
-from tests.images import QEMU_CLASS, kiln_test_state
+from tests.images import QEMU_CLASS, kiln_test_state, project_dir
 from tests.ota import publish
 
 REPO = f"kiln/{QEMU_CLASS}"
@@ -56,21 +55,13 @@ class Releases:
 
     def release(self, version: str, project: Path | None = None, channel: str = "stable") -> dict[str, Any]:
         """Build VERSION (from a project copy when given), sign it, push it, move the channel."""
-        saved = os.environ.get("KILN_PROJECT_DIR")
-        if project is not None:
-            os.environ["KILN_PROJECT_DIR"] = str(project)
-        try:
-            hc = load_class(QEMU_CLASS, (project or ROOT) / "images")
+        with project_dir(project) as proj:
+            hc = load_class(QEMU_CLASS, proj / "images")
             engine = PodmanEngine(self.state)
             build_class(hc, source=f"images/{QEMU_CLASS}.yaml", version=version, state=self.state, engine=engine)
             return push_signed(QEMU_CLASS, version, self.registry.address, key=self.key,
                                lookaside_dir=self.signatures, channel=channel, engine=engine, state=self.state,
                                tls_verify=False)
-        finally:
-            if saved is None:
-                os.environ.pop("KILN_PROJECT_DIR", None)
-            else:
-                os.environ["KILN_PROJECT_DIR"] = saved
 
     def release_derived(self, base_ref: str, version: str, channel: str, *, payload_mib: int = 0,
                         initramfs: bytes | None = None) -> str:

@@ -348,9 +348,15 @@ class VM:
             sock.connect(str(self.paths.qga))
             reader = sock.makefile("rb")
 
+            def readline() -> bytes:
+                line = reader.readline()
+                if not line:  # QEMU closes the channel when the guest's agent goes (a shutdown, a reboot)
+                    raise VMError("guest agent: the channel closed (is the guest shutting down?)")
+                return bytes(line)
+
             def call(execute: str, **arguments: Any) -> Any:
                 sock.sendall(json.dumps({"execute": execute, "arguments": arguments}).encode() + b"\n")
-                reply = json.loads(reader.readline() or b"{}")
+                reply = json.loads(readline())
                 if "error" in reply:
                     raise VMError(f"guest agent {execute}: {reply['error'].get('desc', reply['error'])}")
                 return reply.get("return")
@@ -359,12 +365,14 @@ class VM:
             sock.sendall(b"\xff")  # guest-sync-delimited: flush whatever a previous client left
             sock.sendall(json.dumps({"execute": "guest-sync-delimited", "arguments": {"id": token}}).encode())
             while True:  # skip to the reply that carries our token
-                line = reader.readline().lstrip(b"\xff")
-                if line and json.loads(line).get("return") == token:
+                line = readline().lstrip(b"\xff")
+                if line.strip() and json.loads(line).get("return") == token:
                     break
             pid = call("guest-exec", path="/bin/sh", arg=["-c", command], **{"capture-output": True})["pid"]
             while True:
                 status = call("guest-exec-status", pid=pid)
+                if not isinstance(status, dict):
+                    raise VMError(f"guest agent guest-exec-status: unexpected reply {status!r}")
                 if status.get("exited"):
                     break
                 if time.monotonic() > deadline:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -234,6 +239,67 @@ def test_qemu_argv(tmp_path: Path) -> None:
     assert f"if=none,id=disk0,format=raw,file={image},cache=writeback,snapshot=on" in argv
     assert "user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22" in argv
     assert f"file,id=console,path={vp.console}" in argv and "-no-reboot" in argv
+
+
+def fake_guest_agent(path: Path, *, close_on_status: bool) -> threading.Thread:
+    """A QEMU guest agent on a Unix socket, for one client: sync, guest-exec, then guest-exec-status
+    answered with output, or the channel closed there as when the guest shuts down."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def requests(conn: socket.socket) -> Iterator[dict[str, Any]]:
+        """The agent reads a JSON stream (the sync request has no newline); 0xff resets it."""
+        buf, decoder = "", json.JSONDecoder()
+        while chunk := conn.recv(4096):
+            buf += chunk.replace(b"\xff", b"").decode()
+            while buf.strip():
+                try:
+                    request, end = decoder.raw_decode(buf.lstrip())
+                except json.JSONDecodeError:
+                    break
+                buf = buf.lstrip()[end:]
+                yield request
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn, server:
+            for request in requests(conn):
+                if request["execute"] == "guest-sync-delimited":
+                    conn.sendall(b"\xff" + json.dumps({"return": request["arguments"]["id"]}).encode() + b"\n")
+                    continue
+                if request["execute"] == "guest-exec":
+                    reply: dict[str, object] = {"pid": 7}
+                elif close_on_status:
+                    return
+                else:
+                    reply = {"exited": True, "exitcode": 0, "out-data": base64.b64encode(b"active\n").decode()}
+                conn.sendall(json.dumps({"return": reply}).encode() + b"\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("close_on_status", [False, True])
+def test_guest_exec_through_the_guest_agent(tmp_path: Path, close_on_status: bool) -> None:
+    vp = vm.finalize_vm_paths(tmp_path)
+    thread = fake_guest_agent(vp.qga, close_on_status=close_on_status)
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        machine = vm.VM(config=vm.VMConfig(disk=tmp_path / "d.raw"), paths=vp, proc=proc, argv=[],
+                        accel=vm.Accel.tcg, ssh_port=0)
+        if close_on_status:  # a clear VMError (callers retry on it), never a hang or an AttributeError
+            with pytest.raises(VMError, match="the channel closed"):
+                machine.guest_exec("systemctl is-active x", timeout=10)
+        else:
+            r = machine.guest_exec("systemctl is-active x", timeout=10)
+            assert (r.exit_status, r.stdout) == (0, "active\n")
+    finally:
+        proc.kill()
+        proc.wait()
+    thread.join(10)
+    assert not thread.is_alive()
 
 
 def test_qcow2_is_detected(tmp_path: Path) -> None:

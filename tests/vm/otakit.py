@@ -20,6 +20,7 @@ from typing import Any
 
 from builder import vm
 from builder.build import build_class, resolve_signing_key
+from builder.disk import partition_offset
 from builder.engine import PodmanEngine
 from builder.errors import VMError
 from builder.loader import load_class
@@ -161,17 +162,70 @@ def slot_digest(machine: vm.VM, slot: str) -> str:
     return machine.ssh(f"head -c 64M /dev/disk/by-partlabel/root-{slot} | sha256sum").stdout.split()[0]
 
 
-def wait_until_healthy_on(machine: vm.VM, slot: str, timeout: float) -> None:
-    """Through failing trial boots (each reboots the guest): wait for a healthy boot of SLOT."""
+@dataclass(frozen=True)
+class Boot:
+    """One power-on of the device in `boot_until_healthy_on`."""
+
+    slot: str | None  # from the kernel command line on the console; None: no kernel started
+    seconds: float  # from QEMU's start to its exit (a guest reboot) or to the healthy check
+    console: str  # this boot's console
+
+    def __repr__(self) -> str:
+        return f"slot {self.slot or '?'} for {self.seconds:.0f} s"
+
+
+KERNEL_SLOT = re.compile(r"Kernel command line: .*\bkiln\.slot=([ab])\b")
+
+
+@contextlib.contextmanager
+def boot_until_healthy_on(cfg: vm.VMConfig, slot: str, *, max_boots: int = 6,
+                          boot_timeout: float = 900) -> Iterator[tuple[vm.VM, list[Boot]]]:
+    """Power the device on until a boot of SLOT passes its health checks; yield that running VM
+    and every boot so far (the healthy one last).
+
+    Each boot is a fresh QEMU with -no-reboot: a failing trial boot (FailureAction=reboot, or a
+    kernel panic with panic=10) ends QEMU and the next power-on follows, which is what the
+    firmware's reset does on a device. In-QEMU resets under TCG were seen to hang the
+    firmware on a slower machine; a fresh QEMU per boot is steadier (design.md).
+    """
+    if not cfg.no_reboot:
+        raise ValueError("boot_until_healthy_on needs a VMConfig with no_reboot=True")
+    boots: list[Boot] = []
+    for n in range(1, max_boots + 1):
+        with vm.start_vm(cfg) as machine:
+            healthy = _healthy_or_rebooted(machine, slot, boot_timeout, boots)
+            console = machine.console_text()
+            (machine.paths.workdir / f"console-boot{n}.log").write_text(console)
+            found = KERNEL_SLOT.search(console)
+            boots.append(Boot(found.group(1) if found else None, time.monotonic() - machine.started, console))
+            if healthy:
+                yield machine, boots
+                return
+    raise VMError(f"no healthy boot of slot {slot} in {max_boots} power-ons: "
+                  f"{boots}; ESP entries: {esp_entries(cfg.disk)}")
+
+
+def _healthy_or_rebooted(machine: vm.VM, slot: str, timeout: float, boots: list[Boot]) -> bool:
+    """True once SLOT is healthy; False when the guest rebooted (QEMU exited)."""
     deadline = time.monotonic() + timeout
     seen = "no answer yet"
     while time.monotonic() < deadline:
         if not machine.running:
-            raise machine.error("QEMU exited while waiting for the fallback boot")
+            return False
         with contextlib.suppress(OSError, ValueError, VMError):
             seen = machine.guest_exec("systemctl is-active kiln-health-inference.service; "
                                       "grep -o 'kiln.slot=[ab]' /proc/cmdline", check=False, timeout=30).stdout
             if seen.split() == ["active", f"kiln.slot={slot}"]:
-                return
+                return True
         time.sleep(3)
-    raise machine.error(f"no healthy boot of slot {slot} within {timeout:.0f} s (last: {seen.split()})")
+    history = boots or "none"
+    raise machine.error(f"boot {len(boots) + 1} neither rebooted nor became healthy on slot {slot} within "
+                        f"{timeout:.0f} s (last: {seen.split()}); earlier boots: {history}")
+
+
+def esp_entries(disk: Path) -> list[str]:
+    """The boot entries on a powered-off disk's ESP (read with mtools, nothing mounted)."""
+    offset = partition_offset(disk, "esp")
+    out = run(["mdir", "-b", "-i", f"{disk}@@{offset}", "::/loader/entries"], capture=True, check=False,
+              quiet=True, env={"MTOOLS_SKIP_CHECK": "1"}).stdout.decode(errors="replace")
+    return sorted(line.rsplit("/", 1)[-1] for line in out.split() if line.endswith(".conf"))

@@ -38,12 +38,12 @@ from tests.vm.otakit import (
     REPO,
     Releases,
     agent,
+    boot_until_healthy_on,
     configure,
     serving_releases,
     slot_digest,
     status,
     unbootable_initramfs,
-    wait_until_healthy_on,
 )
 
 
@@ -139,7 +139,7 @@ def test_model_only_update_boots_slot_b_and_is_blessed(releases: Releases, qemu_
 def test_failed_golden_check_rolls_back_and_blocklists(releases: Releases, device: tuple[Path, vm.VMConfig]) -> None:
     project = make_broken_golden_project(releases.tmp / "v3-project")
     releases.release("1.0.2", project)
-    image, cfg = device
+    _, cfg = device
     with vm.start_vm(cfg) as machine:
         machine.wait_for_ssh(BOOT_TIMEOUT)
         assert status(machine)["version"] == "1.0.1"
@@ -147,18 +147,17 @@ def test_failed_golden_check_rolls_back_and_blocklists(releases: Releases, devic
         machine.wait_exit(900)
     # Trial boots of v3 fail their health check and reboot (FailureAction=reboot on trial
     # boots); with its tries used up, systemd-boot picks the good v2 entry by itself.
-    back = vm.VMConfig(disk=image, ssh_key=cfg.ssh_key, workdir=cfg.workdir, no_reboot=False)
-    with vm.start_vm(back) as machine:
-        wait_until_healthy_on(machine, "b", 1200)
-        assert machine.console_text().count("Linux version") >= 4  # three trials of v3, then v2
+    with boot_until_healthy_on(cfg, "b") as (machine, boots):
+        assert [b.slot for b in boots] == ["a", "a", "a", "b"], boots  # three trials of v3, then v2
+        assert all("reboot: Restarting system" in b.console for b in boots[:3])  # systemd rebooted each
         machine.wait_for_ssh(BOOT_TIMEOUT)
         st = status(machine)
         assert (st["version"], st["bootedSlot"]) == ("1.0.1", "b"), st
         assert [rb["version"] for rb in st["rollbacks"]] == ["1.0.2"], st
         assert "1.0.2" in st["blocklist"]
         assert agent(machine, "check").exit_status == 5  # never retried
-        boots = machine.ssh("journalctl --list-boots --no-pager | wc -l").stdout.strip()
-        assert int(boots) >= 5, boots  # v2, three v3 trials, this one at least (a persistent journal)
+        journal_boots = machine.ssh("journalctl --list-boots --no-pager | wc -l").stdout.strip()
+        assert int(journal_boots) >= 5, journal_boots  # v2, three v3 trials, this one at least (a persistent journal)
         machine.poweroff()
 
 
@@ -179,11 +178,10 @@ def test_unbootable_initramfs_falls_back_by_boot_counting(releases: Releases, qe
         good = slot_digest(machine, "a")
         machine.ssh("systemd-run --unit kiln-test-update --collect kiln-agent update")
         machine.wait_exit(900)
-    back = vm.VMConfig(disk=image, ssh_key=cfg.ssh_key, workdir=cfg.workdir, no_reboot=False)
-    with vm.start_vm(back) as machine:
-        wait_until_healthy_on(machine, "a", 1200)
-        console = machine.console_text()
-        assert console.count("No working init found") == 3, console[-3000:]  # each try, then slot A on its own
+    with boot_until_healthy_on(cfg, "a") as (machine, boots):
+        # each try of slot B panics before any userspace; then slot A, with no help from the agent
+        assert [b.console.count("No working init found") for b in boots] == [1, 1, 1, 0], boots
+        assert [b.slot for b in boots] == ["b", "b", "b", "a"], boots
         machine.wait_for_ssh(BOOT_TIMEOUT)
         st = status(machine)
         assert (st["version"], st["bootedSlot"]) == (qemu_disk.version, "a"), st

@@ -129,6 +129,8 @@ def finalize_qemu_argv(cfg: VMConfig, fw: Firmware, vp: VMPaths, accel: Accel, s
         cfg.architecture.qemu_binary,
         "-name", "kiln,debug-threads=on",
         "-machine", "q35",
+        # the ICH9 TCO watchdog may reset the board, as on real ones (QEMU 7.2 strap: never)
+        "-global", "ICH9-LPC.noreboot=off",
         "-accel", accel.value,
         "-cpu", "host" if accel is Accel.kvm else "max",
         "-smp", str(cfg.cpus),

@@ -234,6 +234,7 @@ def test_qemu_argv(tmp_path: Path) -> None:
     joined = " ".join(argv)
     assert argv[0] == "qemu-system-x86_64"
     assert "-accel tcg -cpu max -smp 2 -m 1024" in joined
+    assert "-global ICH9-LPC.noreboot=off" in joined  # the TCO watchdog can reset the guest
     assert "if=pflash,format=raw,unit=0,readonly=on,file=/fw/CODE.fd" in argv
     assert f"if=pflash,format=raw,unit=1,file={vp.vars}" in argv  # the private copy, never the template
     assert f"if=none,id=disk0,format=raw,file={image},cache=writeback,snapshot=on" in argv

@@ -1,0 +1,46 @@
+"""Destructive: a device whose system hangs is reset by its hardware watchdog and boots again.
+
+The hang: with real-time throttling off, one SCHED_FIFO busy loop per CPU starves
+everything else, systemd included, so nothing pings the watchdog (iTCO on QEMU's q35,
+armed by systemd with RuntimeWatchdogSec, overlays/common/.../60-kiln-watchdog.conf).
+Nothing in the guest shuts down or panics: only the watchdog can end that boot, and with
+-no-reboot its reset ends QEMU.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from builder import vm
+from tests.vm.conftest import BOOT_TIMEOUT, BuiltDisk, copy_disk
+
+HANG = ("sysctl -q kernel.sched_rt_runtime_us=-1; "
+        "for i in $(seq $(nproc)); do chrt -f 99 sh -c 'while :; do :; done' & done; wait")
+
+
+def test_hung_device_is_reset_by_the_watchdog(qemu_disk: BuiltDisk, tmp_path: Path) -> None:
+    image = copy_disk(qemu_disk.path, tmp_path / "disk.raw")
+    cfg = vm.VMConfig(disk=image, ssh_key=qemu_disk.ssh_key, workdir=tmp_path / "vm", no_reboot=True)
+    with vm.start_vm(cfg) as machine:
+        machine.wait_for_healthy(BOOT_TIMEOUT)
+        wd = machine.ssh("cd /sys/class/watchdog/watchdog0 && cat identity state timeout").stdout.split()
+        assert wd == ["iTCO_wdt", "active", "60"], wd
+        machine.ssh("echo 'before the hang' > /var/lib/kiln-test-mark && sync")
+        before = len(machine.console_text())
+        machine.ssh(f"cat > /run/kiln-test-hang <<'EOF'\n{HANG}\nEOF")
+        # a timer, so the command returns before the CPUs are taken
+        machine.ssh("systemd-run --quiet --on-active=2 --unit kiln-test-hang sh /run/kiln-test-hang")
+        machine.close_ssh()
+        hung = time.monotonic()
+        assert machine.wait_exit(600) == 0  # the watchdog's reset; -no-reboot turns it into an exit
+        after = machine.console_text()[before:]
+        seconds = time.monotonic() - hung
+    for orderly in ("reboot: ", "Kernel panic", "systemd-shutdown"):
+        assert orderly not in after, (orderly, seconds, after[-2000:])
+    assert seconds > 25, seconds  # 60 s without a ping (the last one up to 30 s before the hang)
+    with vm.start_vm(cfg) as machine:
+        machine.wait_for_healthy(BOOT_TIMEOUT)
+        assert "kiln.slot=a" in machine.ssh("cat /proc/cmdline").stdout
+        assert machine.ssh("cat /var/lib/kiln-test-mark").stdout == "before the hang\n"  # the same device
+        machine.poweroff()

@@ -58,7 +58,10 @@ def test_machine_id_is_made_on_first_boot(host: Any) -> None:
     assert len(machine_id) == 32  # the image ships it empty
 
 
-def test_inference_service_is_active(host: Any) -> None:
+def test_inference_service_is_active(booted: vm.VM, host: Any) -> None:
+    # SSH comes up before the service has finished starting (a busy TCG guest): wait for the
+    # golden check, which needs the service, then ask
+    booted.wait_for_healthy(BOOT_TIMEOUT)
     assert host.service("kiln-inference.service").is_running
 
 

@@ -259,3 +259,7 @@ def rollout(hc: HardwareClass) -> Iterator[Problem]:
 def access(hc: HardwareClass) -> Iterator[Problem]:
     if hc.spec.development and not hc.spec.access.ssh:
         yield (("spec", "access", "ssh"), "development classes are driven over SSH by tests; set true")
+    if not hc.spec.development and hc.spec.access.ssh:
+        yield (("spec", "access", "ssh"), "production classes (development: false) ship without an SSH server: "
+                                          "a field device is reached through its agent; use a development class "
+                                          "for lab access")

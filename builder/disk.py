@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from builder import paths
-from builder.errors import CommandFailed, DiskError, KilnError
+from builder import paths, safe
+from builder.errors import CommandFailed, DiskError, KilnError, UsageError
 from builder.progress import Steps
 from builder.run import find_tool, run
 from builder.spec import Architecture, Disk, RootFilesystem
@@ -103,10 +103,18 @@ def read_image_info(rootfs: Path, source: str, *, version: str | None = None) ->
         raise DiskError(f"{source}: /{CLASS_JSON} has no valid spec.disk: {exc}") from None
     kver, kernel, initrd = find_kernel(rootfs, source)
     storage = (spec.get("envelope") or {}).get("storage")
+    class_name = str(release.get("class") or (klass.get("metadata") or {}).get("name") or "unknown")
+    image_version = str(release.get("version") or "0.0.0-dev")
+    # Both name files under build/ and the disk's identifiers: an image must not steer them outside.
+    for what, value, check in (("class", class_name, safe.name), ("version", image_version, safe.version)):
+        try:
+            check(value)
+        except ValueError as exc:
+            raise DiskError(f"{source}: /{RELEASE_JSON}: {what}: {exc}") from None
     return ImageInfo(
         source=source,
-        class_name=str(release.get("class") or (klass.get("metadata") or {}).get("name") or "unknown"),
-        version=version or str(release.get("version") or "0.0.0-dev"),
+        class_name=class_name,
+        version=version or image_version,
         architecture=arch,
         kernel_version=kver,
         kernel=kernel,
@@ -387,6 +395,11 @@ def make_disk(source: str, *, output: Path | None = None, fmt: str = "raw", size
     `version` overrides the image's release.json version (it names the disk's identifiers).
     """
     steps = steps or Steps()
+    if version is not None:
+        try:
+            safe.version(version)
+        except ValueError as exc:
+            raise UsageError(f"--version: {exc}") from None
     if fmt not in FORMATS:
         raise DiskError(f"unknown disk format {fmt!r}; expected one of {', '.join(FORMATS)}")
     state = state or make_state_dir()

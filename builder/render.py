@@ -27,7 +27,10 @@ KARGS_FILE = "usr/lib/bootc/kargs.d/10-kiln.toml"
 # What every image of an apt family needs on top of its base to boot as Kiln expects.
 APT_ESSENTIALS = ("systemd-sysv", "udev", "dbus", "kmod", "initramfs-tools", "python3", "systemd-boot",
                   # the device agent: pull + verify (skopeo, gnupg), unpack (umoci), write a slot (erofs)
-                  "skopeo", "gnupg", "umoci", "erofs-utils")
+                  "skopeo", "gnupg", "umoci", "erofs-utils",
+                  # the agent verifies the registry's TLS certificate against the system's CA bundle
+                  "ca-certificates")
+SSHD_DROP_IN = "etc/ssh/sshd_config.d/40-kiln.conf"
 PYTHON = {Family.debian: "python3", Family.l4t: "python3", Family.fedora_bootc: "python3",
           Family.centos_bootc: "python3.11"}
 
@@ -140,7 +143,9 @@ def finalize_release(hc: HardwareClass, version: str, revision: str,
 
 def finalize_labels(hc: HardwareClass, models: tuple[ModelArtifact, ...]) -> tuple[tuple[str, str], ...]:
     spec = hc.spec
-    labels = {
+    # The spec's own labels first: Kiln's (which devices and the agent trust) always win.
+    labels = {**hc.metadata.labels}
+    labels |= {
         "org.opencontainers.image.title": hc.name,
         "org.opencontainers.image.description": hc.metadata.description or hc.name,
         "org.opencontainers.image.version": "${VERSION}",
@@ -159,7 +164,6 @@ def finalize_labels(hc: HardwareClass, models: tuple[ModelArtifact, ...]) -> tup
         labels[f"dev.kiln.model.{m.name}.digest"] = f"sha256:{m.sha256}"
         labels[f"dev.kiln.model.{m.name}.precision"] = m.precision
         labels[f"dev.kiln.model.{m.name}.version"] = m.version
-    labels.update(hc.metadata.labels)
     return tuple(sorted(labels.items()))
 
 
@@ -269,6 +273,14 @@ def make_class_tree(plan: RenderPlan, dest: Path) -> None:
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
+    if spec.access.ssh:
+        # Never the distribution's defaults: keys only, no passwords, nothing forwarded.
+        conf = dest / SSHD_DROP_IN
+        conf.parent.mkdir(parents=True, exist_ok=True)
+        conf.write_text("# Kiln: sshd on a Kiln image takes keys only (spec.access.ssh; development classes only)\n"
+                        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitEmptyPasswords no\n"
+                        "PermitRootLogin prohibit-password\nX11Forwarding no\nAllowAgentForwarding no\n"
+                        "MaxAuthTries 3\nLoginGraceTime 30\n")
     if plan.ssh_public_key:
         # Development only (finalize_plan refuses it otherwise): root logs in with the
         # per-build key; the image stays free of passwords and of any fixed key.
@@ -276,7 +288,7 @@ def make_class_tree(plan: RenderPlan, dest: Path) -> None:
         keys.parent.mkdir(parents=True)
         keys.write_text(plan.ssh_public_key.strip() + "\n")
         conf = dest / "etc/ssh/sshd_config.d/50-kiln-dev.conf"
-        conf.parent.mkdir(parents=True)
+        conf.parent.mkdir(parents=True, exist_ok=True)
         conf.write_text("# Kiln development class: the per-build test key (build/<class>/ssh/), never shipped\n"
                         "AuthorizedKeysFile .ssh/authorized_keys /usr/lib/kiln/ssh/authorized_keys\n"
                         "PermitRootLogin prohibit-password\nPasswordAuthentication no\n")

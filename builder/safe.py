@@ -82,6 +82,19 @@ def label_key(value: str) -> str:
     return _match(_LABEL_KEY, value, "label key", "lowercase letters, digits and . _ / -")
 
 
+RESERVED_LABEL_PREFIXES = ("dev.kiln.", "org.opencontainers.image.", "containers.bootc")
+
+
+def user_label_key(value: str) -> str:
+    """A label a spec may set: Kiln's own and the OCI annotations Kiln derives are not overridable."""
+    label_key(value)
+    reserved = next((p for p in RESERVED_LABEL_PREFIXES if value.startswith(p)), None)
+    if reserved is not None:
+        raise ValueError(f"{_shown(value)} is reserved: Kiln sets the {reserved}* labels itself "
+                         "(devices and the agent read them); choose another key")
+    return value
+
+
 def label_value(value: str) -> str:
     if not isinstance(value, str) or any(ord(c) < 32 or c in '"\\$`' for c in value):
         raise ValueError(

@@ -37,7 +37,7 @@ Version = Annotated[str, AfterValidator(safe.version)]
 Url = Annotated[str, AfterValidator(safe.url)]
 Registry = Annotated[str, AfterValidator(safe.registry)]
 Name = Annotated[str, AfterValidator(safe.name)]
-LabelKey = Annotated[str, AfterValidator(safe.label_key)]
+LabelKey = Annotated[str, AfterValidator(safe.user_label_key)]
 LabelValue = Annotated[str, AfterValidator(safe.label_value)]
 Bytes = Annotated[
     int,

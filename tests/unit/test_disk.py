@@ -351,3 +351,24 @@ def test_cli_vm_missing_ovmf(tmp_path: Path) -> None:
 def test_cli_vm_missing_disk(tmp_path: Path) -> None:
     r = kiln("vm", "run", str(tmp_path / "nope.raw"))
     assert r.returncode == 10 and "nope.raw not found" in r.stderr
+
+
+# --- paths from outside never leave build/ (finding: `--version ../../x` wrote outside it) ---------------
+
+
+def test_cli_disk_version_cannot_escape_the_build_dir(tmp_path: Path) -> None:
+    root = make_rootfs(tmp_path / "rootfs")
+    r = kiln("disk", str(root), "--version", "../../../escaped")
+    assert r.returncode == 2, r.stderr
+    assert "--version: '../../../escaped' is not a valid version" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not list(ROOT.parent.glob("escaped*")) and not (ROOT / "escaped").exists()
+
+
+@pytest.mark.parametrize(("field", "value"), [("class", "../.."), ("class", "a/b"), ("version", "../../x")])
+def test_release_json_cannot_name_paths_outside_build(tmp_path: Path, field: str, value: str) -> None:
+    root = make_rootfs(tmp_path / "rootfs")
+    release = root / "usr/lib/kiln/release.json"
+    release.write_text(json.dumps({**json.loads(release.read_text()), field: value}))
+    with pytest.raises(DiskError, match=f"release.json: {field}: '.*' is not a valid"):
+        disk.read_image_info(root, "test-image")

@@ -133,3 +133,39 @@ def test_ssh_key_only_for_development_classes(tmp_path: Path) -> None:
     assert not (plain / "class/usr/lib/kiln/ssh").exists()
     with pytest.raises(ValueError, match="production class"):
         finalize_plan(load_class("medical-cart-cpu", ROOT / "images"), source="x", ssh_public_key=key)
+
+
+def test_sshd_is_hardened_whenever_it_is_installed(tmp_path: Path) -> None:
+    """Finding: the enabled sshd ran with the distribution's defaults (passwords, keyboard-interactive)
+    whenever no per-build key was baked, e.g. `kiln render`."""
+    hc = load_class("qemu-x86_64", ROOT / "images")
+    plain = make_context(finalize_plan(hc, source="images/qemu-x86_64.yaml"), tmp_path / "plain")
+    conf = (plain / "class/etc/ssh/sshd_config.d/40-kiln.conf").read_text()
+    for line in ("PasswordAuthentication no", "KbdInteractiveAuthentication no", "PermitEmptyPasswords no",
+                 "PermitRootLogin prohibit-password"):
+        assert line in conf.splitlines()
+    # A class without SSH gets no sshd configuration at all.
+    cart = make_context(plan("medical-cart-cpu"), tmp_path / "cart")
+    assert not (cart / "class/etc/ssh").exists()
+
+
+def test_debian_images_carry_the_ca_bundle_the_agent_verifies_tls_with() -> None:
+    """Finding: a Debian production class without ca-certificates in its packages made an image whose
+    agent could not verify any registry's TLS certificate."""
+    from builder.render import finalize_os_packages
+
+    hc = load_class("factory-gateway-gpu", ROOT / "images")
+    assert "ca-certificates" not in hc.spec.packages
+    assert "ca-certificates" in finalize_os_packages(hc)
+
+
+def test_spec_labels_never_override_kilns_own() -> None:
+    """Finding: metadata.labels could set dev.kiln.compatible (or the version) of an image."""
+    from builder.render import finalize_labels
+
+    hc = load_class("qemu-x86_64", ROOT / "images")
+    forged = hc.model_copy(update={"metadata": hc.metadata.model_copy(
+        update={"labels": {"dev.kiln.compatible": "evil,other", "team": "vision"}})})
+    labels = dict(finalize_labels(forged, ()))
+    assert labels["dev.kiln.compatible"] == hc.spec.compatible
+    assert labels["team"] == "vision"

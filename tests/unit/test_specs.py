@@ -155,6 +155,12 @@ BAD = [
         ("spec.runtime.name: NVIDIA classes use onnxruntime-gpu", "spec.rollout.healthChecks",
          "spec.architecture: Jetson classes are aarch64", "spec.base.family: Jetson classes use the l4t family",
          "spec.bootControl: Jetson classes use the nvbootctrl")),
+    Bad("reserved-label", "metadata.labels", {"dev.kiln.compatible": "evil,other"},
+        ("metadata.labels.dev.kiln.compatible.[key]: ", "is reserved: Kiln sets the dev.kiln.* labels itself")),
+    Bad("reserved-oci-label", "metadata.labels", {"org.opencontainers.image.version": "9.9.9"},
+        ("is reserved: Kiln sets the org.opencontainers.image.* labels itself",)),
+    Bad("production-ssh", "spec.access", {"ssh": True},
+        ("spec.access.ssh: production classes (development: false) ship without an SSH server",)),
     Bad("pinned-precision-without-candidate", "spec.models.0.precision", "fp16",
         ("spec.models[0].precision: pinned to fp16 but no fp16 candidate",)),
 ]

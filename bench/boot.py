@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from builder import disk, vm  # noqa: E402
+from builder.context import make_context  # noqa: E402
 from builder.errors import KilnError  # noqa: E402
 from builder.progress import Steps  # noqa: E402
 from builder.run import find_tool  # noqa: E402
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="kiln-bench-boot-", dir=ROOT / "build") as tmp:
             out = Path(tmp) / "disk.raw"
             start = time.perf_counter()
-            record = disk.make_disk(ref, output=out, version=version, steps=Steps(quiet=True))
+            ctx = make_context(steps=Steps(quiet=True))
+            record = disk.make_disk(ctx, ref, output=out, version=version)
             disk_s = time.perf_counter() - start
             key = vm.finalize_ssh_key(record.class_name)
             fw = vm.find_firmware()

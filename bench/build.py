@@ -32,10 +32,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from builder.build import build_class, push_build  # noqa: E402
+from builder.build import build_class  # noqa: E402
+from builder.context import make_context  # noqa: E402
 from builder.engine import PodmanEngine  # noqa: E402
 from builder.errors import KilnError  # noqa: E402
 from builder.loader import load_class  # noqa: E402
+from builder.publish import push_build  # noqa: E402
 from builder.registry import RegistryInfo, running_registry  # noqa: E402
 from builder.run import run  # noqa: E402
 from builder.state import StateDir, make_state_dir  # noqa: E402
@@ -91,28 +93,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-cold", action="store_true", help="skip the cold (--no-cache) build")
     args = ap.parse_args(argv)
     state: StateDir = make_state_dir(ROOT)
-    engine = PodmanEngine(state)
+    ctx = make_context(PodmanEngine(state), state=state)
     source = f"images/{args.cls}.yaml"
     hc = load_class(args.cls, ROOT / "images")
     figures: dict[str, Any] = {"class": args.cls, "machine": {"cpus": os.cpu_count(),
                                                              "python": platform.python_version()}}
     try:
         # warm-up: base, wheelhouse, models and (if missing) every layer
-        v1 = build_class(hc, source=source, version="1.0.0", state=state, engine=engine)
+        v1 = build_class(ctx, hc, source=source, version="1.0.0")
         build_step = f"build {v1['image']['ref']} with podman"
         if not args.skip_cold:
-            cold = build_class(hc, source=source, version="1.0.0", state=state, engine=engine, no_cache=True)
+            cold = build_class(ctx, hc, source=source, version="1.0.0", no_cache=True)
             figures["cold_build_s"] = cold["durations"][build_step]
             figures["cold_same_digest"] = cold["image"]["id"] == v1["image"]["id"]
-        cached = build_class(hc, source=source, version="1.0.0", state=state, engine=engine)
+        cached = build_class(ctx, hc, source=source, version="1.0.0")
         figures["cached_build_s"] = cached["durations"][build_step]
         figures["cached_total_s"] = round(sum(cached["durations"].values()), 3)
         with tempfile.TemporaryDirectory(dir=state.tmp_dir) as tmp:
             proj = make_retrained_project(Path(tmp) / "project")
             os.environ["KILN_PROJECT_DIR"] = str(proj)
             try:
-                v2 = build_class(load_class(args.cls, proj / "images"), source=source, version="1.0.1",
-                                 revision=v1["revision"], state=state, engine=engine)
+                v2 = build_class(ctx, load_class(args.cls, proj / "images"), source=source, version="1.0.1",
+                                 revision=v1["revision"])
             finally:
                 del os.environ["KILN_PROJECT_DIR"]
             figures["model_only_build_s"] = v2["durations"][f"build {v2['image']['ref']} with podman"]
@@ -121,10 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             with running_registry(Path(tmp) / "registry") as info:
                 os.environ["KILN_PROJECT_DIR"] = str(proj)
                 try:
-                    push_build(args.cls, "1.0.1", info.address, state=state, engine=engine)
+                    push_build(ctx, args.cls, "1.0.1", info.address)
                 finally:
                     del os.environ["KILN_PROJECT_DIR"]
-                push_build(args.cls, "1.0.0", info.address, state=state, engine=engine)
+                push_build(ctx, args.cls, "1.0.0", info.address)
                 repo = f"kiln/{args.cls}"
                 m1, m2 = manifest(info, repo, "1.0.0"), manifest(info, repo, "1.0.1")
                 figures["groups"] = group_sizes(v1, m1)

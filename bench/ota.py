@@ -39,12 +39,14 @@ sys.path.insert(0, str(ROOT))
 
 from bench.build import manifest, mb, print_rows, registry_bytes  # noqa: E402
 from builder import disk, vm  # noqa: E402
-from builder.build import build_class, resolve_signing_key  # noqa: E402
+from builder.build import build_class  # noqa: E402
+from builder.context import Context, make_context  # noqa: E402
 from builder.engine import PodmanEngine  # noqa: E402
 from builder.errors import KilnError, VMError  # noqa: E402
 from builder.loader import load_class  # noqa: E402
+from builder.publish import push_signed  # noqa: E402
 from builder.registry import RegistryInfo, running_registry  # noqa: E402
-from builder.signing import SigningKey, push_signed  # noqa: E402
+from builder.signing import SigningKey, resolve_signing_key  # noqa: E402
 from builder.state import StateDir, make_state_dir  # noqa: E402
 from tests.images import (  # noqa: E402
     make_broken_golden_project,
@@ -58,17 +60,21 @@ REPO = f"kiln/{CLS}"
 V1, MODEL, PACKAGE, BAD = "2.0.0", "2.0.1", "2.1.0", "2.1.1"
 
 
+def context(state: StateDir) -> Context:
+    return make_context(PodmanEngine(state), state=state)
+
+
 def build(state: StateDir, version: str, project: Path | None) -> dict[str, Any]:
     with project_dir(project) as proj:
         hc = load_class(CLS, proj / "images")
-        return build_class(hc, source=f"images/{CLS}.yaml", version=version, state=state, engine=PodmanEngine(state))
+        return build_class(context(state), hc, source=f"images/{CLS}.yaml", version=version)
 
 
 def release(state: StateDir, info: RegistryInfo, key: SigningKey, signatures: Path, version: str,
             project: Path | None) -> dict[str, Any]:
     with project_dir(project):
-        return push_signed(CLS, version, info.address, key=key, lookaside_dir=signatures, channel="stable",
-                           engine=PodmanEngine(state), state=state, tls_verify=False)
+        return push_signed(context(state), CLS, version, info.address, key=key, lookaside_dir=signatures,
+                           channel="stable", tls_verify=False)
 
 
 def image_bytes(mf: dict[str, Any]) -> int:
@@ -160,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                 figures["full_image_bytes"] = image_bytes(m1)
                 print("making v1's disk ...", flush=True)
                 image = tmp / "disk.raw"
-                disk.make_disk(records[V1]["image"]["ref"], output=image, state=state, version=V1)
+                disk.make_disk(context(state), records[V1]["image"]["ref"], output=image, version=V1)
                 port = info.address.rsplit(":", 1)[1]
                 assert info.lookaside is not None
                 config = json.dumps({"registry": f"{vm.HOST_FROM_GUEST}:{port}", "insecure": True,

@@ -32,7 +32,6 @@ import platform
 import shlex
 import sys
 import tarfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,12 +39,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from builder.engine import Engine, PodmanEngine
+from builder.context import Context
+from builder.engine import Engine
 from builder.errors import BuildError, CommandFailed, KilnError, ToolMissing
+from builder.files import sha256_file, write_json_atomic
 from builder.render import DEFAULT_EPOCH
 from builder.run import VERBOSE, run, run_streaming
 from builder.spec import Architecture, BaseSource, Family, HardwareClass
-from builder.state import StateDir, make_state_dir
+from builder.state import StateDir
 
 RECIPE_VERSION = 1  # bump when hooks or the image config change meaningfully
 DEFAULT_RELEASE = "bookworm"
@@ -194,7 +195,7 @@ def finalize_mirrors(mirror: str | None, snapshot: str | None) -> tuple[str, str
     return mirror, mirror + "-security" if mirror.endswith("/debian") else None
 
 
-def make_base_for_class(hc: HardwareClass, *, state: StateDir | None = None, engine: Engine | None = None) -> BaseImage:
+def make_base_for_class(ctx: Context, hc: HardwareClass) -> BaseImage:
     """The offline base a class builds FROM (`kiln build` calls this when it is missing)."""
     base = hc.spec.base
     if base.source is not BaseSource.bootstrap or base.family is not Family.debian:
@@ -203,10 +204,9 @@ def make_base_for_class(hc: HardwareClass, *, state: StateDir | None = None, eng
             f"{base.family.value} {base.source.value} base ({base.image or base.release})"
         )
     return make_base(
+        ctx,
         base.release or DEFAULT_RELEASE,
         hc.spec.architecture.value,
-        state=state,
-        engine=engine,
         mirror=base.mirror,
         components=tuple(base.components),
         snapshot=base.snapshot,
@@ -214,11 +214,10 @@ def make_base_for_class(hc: HardwareClass, *, state: StateDir | None = None, eng
 
 
 def make_base(
+    ctx: Context,
     release: str = DEFAULT_RELEASE,
     arch: str = "x86_64",
     *,
-    state: StateDir | None = None,
-    engine: Engine | None = None,
     mirror: str | None = None,
     components: tuple[str, ...] = ("main",),
     snapshot: str | None = None,
@@ -237,23 +236,22 @@ def make_base(
     except ValueError:
         known = ", ".join(a.value for a in Architecture)
         raise BuildError(f"no Debian base for architecture {arch!r}; known: {known}") from None
-    state = state or make_state_dir()
-    engine = engine or PodmanEngine(state)
     main_mirror, security_mirror = finalize_mirrors(mirror, snapshot)
     recipe = BaseRecipe(
         release=release, arch=architecture, mirror=main_mirror, security_mirror=security_mirror,
         components=tuple(components), snapshot=snapshot, packages=tuple(packages), epoch=epoch,
     )  # fmt: skip
-    paths = BasePaths(state.base_dir / recipe.name)
+    paths = BasePaths(ctx.state.base_dir / recipe.name)
     paths.root.mkdir(parents=True, exist_ok=True)
     try:
         with _locked(paths.lock):
-            return _make_base_locked(recipe, paths, state, engine, force)
+            return _make_base_locked(ctx, recipe, paths, force)
     except KilnError as exc:
         raise exc.with_context(f"making base {recipe.ref}") from exc.__cause__
 
 
-def _make_base_locked(recipe: BaseRecipe, paths: BasePaths, state: StateDir, engine: Engine, force: bool) -> BaseImage:
+def _make_base_locked(ctx: Context, recipe: BaseRecipe, paths: BasePaths, force: bool) -> BaseImage:
+    engine = ctx.engine
     tool_version = finalize_mmdebstrap_version()
     stamp = read_stamp(paths.stamp)
     fresh = not force and stamp is not None and _stamp_matches(stamp, recipe, tool_version)
@@ -261,25 +259,26 @@ def _make_base_locked(recipe: BaseRecipe, paths: BasePaths, state: StateDir, eng
         _say(f"base {recipe.ref} is up to date ({stamp['image_id'][:19]})")
         return _base_image(recipe, paths, stamp, built=False)
     engine.version()
-    if not (fresh and stamp is not None and _tarball_intact(paths, stamp)):
+    if not (fresh and stamp is not None and _tarball_intact(ctx, paths, stamp)):
         if tool_version is None:
             raise ToolMissing("mmdebstrap not found; install it with: apt-get install mmdebstrap")
         check_arch_runnable(recipe.arch.value)
-        stamp = build_base_tarball(recipe, paths, state, tool_version)
+        stamp = build_base_tarball(ctx, recipe, paths, tool_version)
     assert stamp is not None
-    stamp = import_base(recipe, paths, engine, stamp)
+    stamp = import_base(ctx, recipe, paths, stamp)
     return _base_image(recipe, paths, stamp, built=True)
 
 
-def build_base_tarball(recipe: BaseRecipe, paths: BasePaths, state: StateDir, tool_version: str) -> dict[str, Any]:
+def build_base_tarball(ctx: Context, recipe: BaseRecipe, paths: BasePaths, tool_version: str) -> dict[str, Any]:
     """Run mmdebstrap into a temporary file; rename and stamp it only when all went well."""
     paths.stamp.unlink(missing_ok=True)
     tmp_tar = paths.tarball.with_name("rootfs.tar.tmp")
     tmp_pkgs = paths.packages.with_name("packages.txt.tmp")
     try:
-        with _step(f"mmdebstrap {recipe.release}/{recipe.debian_arch} ({len(recipe.all_packages)} packages + deps)"):
-            run_streaming(mmdebstrap_argv(recipe, tmp_tar, tmp_pkgs), env=mmdebstrap_env(recipe, state))
-        with _step("checking the tarball"):
+        title = f"mmdebstrap {recipe.release}/{recipe.debian_arch} ({len(recipe.all_packages)} packages + deps)"
+        with ctx.steps.step(title):
+            run_streaming(mmdebstrap_argv(recipe, tmp_tar, tmp_pkgs), env=mmdebstrap_env(recipe, ctx.state))
+        with ctx.steps.step("checking the tarball"):
             sha = sha256_file(tmp_tar)
             kernel = find_kernel_version(tmp_tar)
         tmp_pkgs.replace(paths.packages)
@@ -328,13 +327,14 @@ def mmdebstrap_env(recipe: BaseRecipe, state: StateDir) -> dict[str, str]:
     }
 
 
-def import_base(recipe: BaseRecipe, paths: BasePaths, engine: Engine, stamp: dict[str, Any]) -> dict[str, Any]:
+def import_base(ctx: Context, recipe: BaseRecipe, paths: BasePaths, stamp: dict[str, Any]) -> dict[str, Any]:
+    engine = ctx.engine
     """Wrap the tarball as a one-layer image with a config written here, and load it."""
     config = finalize_image_config(recipe, stamp)
     config_bytes = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
     image_id = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
     try:
-        with _step(f"loading {recipe.ref} into {engine.name}"):
+        with ctx.steps.step(f"loading {recipe.ref} into {engine.name}"):
             write_docker_archive(paths.archive, recipe.ref, config_bytes, paths.tarball, recipe.epoch)
             engine.load(paths.archive)
     finally:
@@ -423,17 +423,7 @@ def read_stamp(path: Path) -> dict[str, Any] | None:
 
 
 def write_stamp(path: Path, stamp: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    write_json_atomic(path, stamp)
 
 
 def _stamp_matches(stamp: dict[str, Any], recipe: BaseRecipe, tool_version: str | None) -> bool:
@@ -447,10 +437,10 @@ def _engine_has(engine: Engine, ref: str, stamp: dict[str, Any]) -> bool:
     return engine.exists(ref) and engine.inspect(ref)["id"] == stamp["image_id"]
 
 
-def _tarball_intact(paths: BasePaths, stamp: dict[str, Any]) -> bool:
+def _tarball_intact(ctx: Context, paths: BasePaths, stamp: dict[str, Any]) -> bool:
     if not paths.tarball.exists() or not paths.packages.exists():
         return False
-    with _step("verifying the cached rootfs.tar"):
+    with ctx.steps.step("verifying the cached rootfs.tar"):
         return sha256_file(paths.tarball) == stamp.get("tarball_sha256")
 
 
@@ -469,14 +459,6 @@ def _base_image(recipe: BaseRecipe, paths: BasePaths, stamp: dict[str, Any], bui
 def _say(message: str) -> None:
     if VERBOSE:
         print(message, file=sys.stderr, flush=True)
-
-
-@contextmanager
-def _step(title: str) -> Iterator[None]:
-    _say(f"==> {title}")
-    start = time.monotonic()
-    yield
-    _say(f"    done in {time.monotonic() - start:.1f} s")
 
 
 @contextmanager

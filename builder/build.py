@@ -1,8 +1,8 @@
 """`kiln build`: spec -> optimized model -> build context -> OCI image -> build record.
 
-    record = build_class(hc, source="images/qemu-x86_64.yaml", version="1.0.0")
+    record = build_class(make_context(), hc, source="images/qemu-x86_64.yaml", version="1.0.0")
     record["image"]["id"]            # sha256 of the image config: same inputs, same id
-    push_build(hc.name, "1.0.0", "127.0.0.1:5000")
+    builder.publish.push_build(hc.name, "1.0.0", "127.0.0.1:5000")
 
 Steps, each timed (builder.progress.Steps) and stored in the record:
 
@@ -22,7 +22,6 @@ Steps, each timed (builder.progress.Steps) and stored in the record:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from datetime import UTC, datetime
@@ -30,45 +29,20 @@ from pathlib import Path
 from typing import Any
 
 from builder import models as model_glue
-from builder import paths, render, signing
+from builder import paths, records, render, signing
 from builder.base import make_base_for_class
 from builder.capability import why_not_buildable
-from builder.engine import Engine, ImageInfo, select_engine
+from builder.context import Context
+from builder.engine import ImageInfo
 from builder.errors import BuildError, KilnError, UsageError
-from builder.progress import Steps
+from builder.names import image_ref
 from builder.render import DEFAULT_EPOCH
 from builder.run import run
 from builder.safe import version as check_version
 from builder.spec import BaseSource, HardwareClass
-from builder.state import StateDir, make_state_dir
 from builder.wheels import make_wheelhouse
 
-RECORD_SCHEMA = 1
-IMAGE_REPO = "localhost/kiln"
-_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-
-
-# -- names ----------------------------------------------------------------------------
-
-
-def finalize_tag(version: str) -> str:
-    """An OCI tag for a version: `+` (semver build metadata) becomes `_`."""
-    tag = version.replace("+", "_")
-    if not _TAG.fullmatch(tag):
-        raise UsageError(f"version {version!r} cannot be an image tag (letters, digits, _ . - and +)")
-    return tag
-
-
-def image_ref(cls: str, version: str) -> str:
-    return f"{IMAGE_REPO}/{cls}:{finalize_tag(version)}"
-
-
-def release_dir(cls: str, version: str) -> Path:
-    return paths.build_dir() / cls / finalize_tag(version)
-
-
-def record_path(cls: str, version: str) -> Path:
-    return release_dir(cls, version) / "build.json"
+# -- inputs ---------------------------------------------------------------------------
 
 
 def finalize_epoch() -> int:
@@ -97,7 +71,7 @@ def finalize_revision(root: Path) -> str:
 # What each layer-creating instruction of a rendered Containerfile is, by content.
 # Order matters: the first pattern that matches wins.
 LAYER_GROUPS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("lint", re.compile(r"kiln_lint\.py|bootc container lint")),
+    ("lint", re.compile(r"launch\.py kiln-lint|bootc container lint")),
     ("release", re.compile(r"^COPY release/")),
     ("model", re.compile(r"^COPY models/")),
     ("agent", re.compile(r"^COPY (overlays|class)/|systemctl preset-all")),
@@ -154,7 +128,7 @@ def make_dev_ssh_key(hc: HardwareClass) -> str | None:
     """build/<class>/ssh/id_ed25519 for development classes (made once, kept); its public key."""
     if not hc.spec.development or not hc.spec.access.ssh:
         return None
-    key = paths.build_dir() / hc.name / "ssh" / "id_ed25519"
+    key = paths.ssh_key_path(hc.name)
     pub = key.with_name("id_ed25519.pub")
     if not (key.is_file() and pub.is_file()):
         key.parent.mkdir(parents=True, exist_ok=True)
@@ -164,48 +138,18 @@ def make_dev_ssh_key(hc: HardwareClass) -> str | None:
     return pub.read_text().strip()
 
 
-# -- the release key ----------------------------------------------------------------------
-
-SIGNING_KEY_ENV = "KILN_SIGNING_KEY"
-
-
-def dev_signing_key_dir(cls: str) -> Path:
-    return paths.build_dir() / cls / "dev-release-key"
-
-
-def resolve_signing_key(hc: HardwareClass, key_dir: Path | None) -> signing.SigningKey:
-    """The release key whose public half the image trusts.
-
-    `--sign-key DIR` or $KILN_SIGNING_KEY (made with `kiln keys init DIR`, outside
-    the project); development classes fall back to a per-checkout key in
-    build/<class>/dev-release-key/ (made once, like their SSH test key).
-    """
-    raw = key_dir or (Path(os.environ[SIGNING_KEY_ENV]) if os.environ.get(SIGNING_KEY_ENV) else None)
-    if raw is not None:
-        return signing.read_signing_key(raw)
-    if not hc.spec.development:
-        raise UsageError(f"{hc.name} is a production class: its images must trust a release key; "
-                         f"pass --sign-key DIR or set {SIGNING_KEY_ENV}", hint="make one with: kiln keys init DIR")
-    dev = dev_signing_key_dir(hc.name)
-    if (dev / "key.json").is_file():
-        return signing.read_signing_key(dev)
-    return signing.make_signing_key(dev, uid=f"Kiln development key for {hc.name} <dev@kiln.invalid>", development=True)
-
-
 # -- the build ------------------------------------------------------------------------
 
 
 def build_class(
+    ctx: Context,
     hc: HardwareClass,
     *,
     source: str,
     version: str = render.DEFAULT_VERSION,
     revision: str | None = None,
-    engine: str | Engine = "auto",
-    state: StateDir | None = None,
     no_cache: bool = False,
     sign_key: Path | None = None,
-    steps: Steps | None = None,
 ) -> dict[str, Any]:
     """Build one class into the engine's store; return (and write) its build record."""
     try:
@@ -213,16 +157,14 @@ def build_class(
     except ValueError as exc:
         raise UsageError(f"--version: {exc}") from None
     ref = image_ref(hc.name, version)
-    steps = steps or Steps()
-    state = state or make_state_dir()
-    out = release_dir(hc.name, version)
-    out.mkdir(parents=True, exist_ok=True)
-    record_file = out / "build.json"
+    state, steps, eng = ctx.state, ctx.steps, ctx.engine
+    mark = steps.mark()
+    record_file = paths.record_path(hc.name, version)
+    record_file.parent.mkdir(parents=True, exist_ok=True)
     epoch = finalize_epoch()
     revision = revision or finalize_revision(paths.project_root())
     try:
         with steps.step("check the engine and the class"):
-            eng = engine if isinstance(engine, Engine) else select_engine(engine, state, check=False)
             engine_version = eng.version()
             reasons = why_not_buildable(hc, tools=False)
             if reasons:
@@ -230,16 +172,16 @@ def build_class(
         base_id = None
         if hc.spec.base.source is BaseSource.bootstrap:
             with steps.step("offline base"):
-                base_id = make_base_for_class(hc, state=state, engine=eng).image_id
+                base_id = make_base_for_class(ctx, hc).image_id
         with steps.step("optimize and gate the models"):
             model_glue.make_optimized_models(hc, steps.say, reuse=True)
             artifacts = model_glue.finalize_model_artifacts(hc, require_optimized=True)
         with steps.step("render the build context"):
-            key = resolve_signing_key(hc, sign_key)
+            key = signing.resolve_signing_key(hc, sign_key)
             plan = render.finalize_plan(hc, source=source, version=version, revision=revision,
                                         models=artifacts, ssh_public_key=make_dev_ssh_key(hc), epoch=epoch,
                                         device_files=signing.finalize_device_files(hc.name, key))
-            context = render.make_context(plan, out / "context", make_wheelhouse(hc, state))
+            context = render.make_context(plan, paths.context_dir(hc.name, version), make_wheelhouse(hc, state))
             containerfile = (context / "Containerfile").read_text()
         created = datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         # From here the tag may move: a failed build must not leave the last record looking current.
@@ -258,7 +200,7 @@ def build_class(
         raise exc.with_context(f"building {hc.name} {version}") from exc.__cause__
     model_layers = [layer["diffId"] for layer in layers if layer["group"] == "model"]
     record: dict[str, Any] = {
-        "schemaVersion": RECORD_SCHEMA,
+        "schemaVersion": records.RECORD_SCHEMA,
         "class": hc.name,
         "compatible": hc.spec.compatible,
         "version": version,
@@ -275,100 +217,8 @@ def build_class(
         "labels": info["labels"],
         "context": str(context),
         "releaseKey": {"fingerprint": key.fingerprint, "directory": str(key.directory)},
-        "durations": steps.summary(),
+        "durations": steps.summary(since=mark),
         "pushed": [],
     }
-    write_record(record_file, record)
+    records.write_record(record)
     return record
-
-
-def write_record(path: Path, record: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-
-
-def read_record(cls: str, version: str) -> dict[str, Any]:
-    path = record_path(cls, version)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BuildError(f"{cls} {version} has not been built here ({path} is missing); "
-                         f"run `kiln build {cls} --version {version}` first") from None
-    except ValueError as exc:
-        raise BuildError(f"{path}: not a build record ({exc}); rebuild it") from None
-    if not isinstance(data, dict) or data.get("schemaVersion") != RECORD_SCHEMA:
-        raise BuildError(f"{path}: unknown build record format; rebuild it")
-    return data
-
-
-# -- push -------------------------------------------------------------------------------
-
-
-def is_loopback(registry: str) -> bool:
-    host = registry.split("/", 1)[0].rsplit(":", 1)[0]
-    return host == "localhost" or host.startswith("127.")
-
-
-def finalize_destination(registry: str, cls: str, version: str) -> str:
-    registry = registry.removeprefix("docker://").rstrip("/")
-    if not registry or any(c in registry for c in " \t\n@"):
-        raise UsageError(f"registry {registry!r} should look like host:port or host:port/path")
-    return f"{registry}/kiln/{cls}:{finalize_tag(version)}"
-
-
-def finalize_tls_verify(registry: str, tls_verify: bool | None) -> bool:
-    """Verify TLS unless told otherwise, except for a registry on the loopback (a test or dev one)."""
-    return (not is_loopback(registry)) if tls_verify is None else tls_verify
-
-
-def find_built_image(record: dict[str, Any], eng: Engine) -> str:
-    """The recorded image id, checked to be still in the engine's store."""
-    image_id = str(record["image"]["id"])
-    if not eng.exists(image_id):
-        raise BuildError(f"image {image_id[:19]} of {record['class']} {record['version']} is not in "
-                         f"{eng.name}'s store any more; rebuild it")
-    return image_id
-
-
-def push_build(
-    cls: str,
-    version: str,
-    registry: str,
-    *,
-    engine: str | Engine = "auto",
-    state: StateDir | None = None,
-    tls_verify: bool | None = None,
-    creds: str | None = None,
-    cert_dir: Path | None = None,
-    steps: Steps | None = None,
-) -> dict[str, Any]:
-    """Push a built image by its id; record `{ref, digest}` in build.json. Returns the record."""
-    record = read_record(cls, version)
-    state = state or make_state_dir()
-    steps = steps or Steps()
-    eng = engine if isinstance(engine, Engine) else select_engine(engine, state)
-    dest = finalize_destination(registry, cls, version)
-    verify = finalize_tls_verify(registry, tls_verify)
-    image_id = find_built_image(record, eng)
-    with steps.step(f"push {dest}"):
-        digest = eng.push(image_id, dest, tls_verify=verify, creds=creds, cert_dir=cert_dir)
-    record["pushed"] = [p for p in record.get("pushed", []) if p.get("ref") != dest]
-    record["pushed"].append({"ref": dest, "digest": digest, "byDigest": f"{dest.rsplit(':', 1)[0]}@{digest}"})
-    record.setdefault("durations", {})[f"push {dest}"] = steps.summary().get(f"push {dest}")
-    write_record(record_path(cls, version), record)
-    return record
-
-
-def describe(record: dict[str, Any]) -> str:
-    """A few lines for humans after a build."""
-    img = record["image"]
-    lines = [f"built {img['ref']}  {img['id'][:19]}  {img['size'] / 1e6:.0f} MB"]
-    groups: dict[str, int] = {}
-    for layer in record["layers"]:
-        groups[layer["group"]] = groups.get(layer["group"], 0) + (layer["size"] or 0)
-    lines.append("layers: " + ", ".join(f"{g} {n / 1e6:.1f} MB" for g, n in groups.items()))
-    lines += [f"model {m['name']} {m['version']}: {m['precision']} {m['sha256'][:19]}" for m in record["models"]]
-    lines += [f"pushed {p['byDigest']}" for p in record.get("pushed", [])]
-    lines.append(f"record: {record_path(record['class'], record['version'])}")
-    return "\n".join(lines)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from builder.loader import Loc, format_loc, where
+from builder.locations import Loc, format_loc, where
 from builder.paths import project_root
 from builder.safe import format_size
 from builder.spec import (

@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import tempfile
-import tomllib
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -30,11 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from builder import paths, safe
+from builder.context import Context
 from builder.errors import CommandFailed, DiskError, KilnError, UsageError
+from builder.image import ImageInfo, read_image_info
 from builder.progress import Steps
 from builder.run import find_tool, run
-from builder.spec import Architecture, Disk, RootFilesystem
-from builder.state import StateDir, make_state_dir
+from builder.spec import Architecture, RootFilesystem
+from builder.state import StateDir
+from kiln_device import contract
 
 MiB = 1024**2
 SECTOR = 512
@@ -57,123 +59,14 @@ ROOT_TYPES = {
 # and systemd-gpt-auto-generator must not mount it on /var.
 LINUX_DATA_TYPE = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 
-SLOTS = ("a", "b")
-RELEASE_JSON = "usr/lib/kiln/release.json"
-CLASS_JSON = "usr/lib/kiln/class.json"
-KARGS_DIR = "usr/lib/bootc/kargs.d"
-MODULES_DIR = "usr/lib/modules"
+SLOTS = contract.SLOTS
 SYSTEMD_BOOT_DIR = "usr/lib/systemd/boot/efi"
 HOST_SYSTEMD_BOOT_DIR = Path("/usr/lib/systemd/boot/efi")
 # What the data partition starts with: the overlay directories the initramfs mounts.
 DATA_DIRS = ("overlay/etc/upper", "overlay/etc/work", "overlay/var/upper", "overlay/var/work")
 # Touch this on the data partition and the initramfs wipes the overlays on the next boot.
 FACTORY_RESET_FLAG = "factory-reset"
-EROFS_COMPRESSORS = {"none": None, "lz4": "lz4", "lz4hc": "lz4hc,12", "zstd": "zstd"}
-
-
-# --- what the image brings ---------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ImageInfo:
-    """What `kiln disk` needs from an unpacked image (read by `read_image_info`)."""
-
-    source: str
-    class_name: str
-    version: str
-    architecture: Architecture
-    kernel_version: str
-    kernel: Path  # inside the rootfs
-    initrd: Path
-    kargs: tuple[str, ...]
-    disk: Disk
-    storage: int | None  # spec.envelope.storage: the device's whole disk
-    development: bool = False
-
-
-def read_image_info(rootfs: Path, source: str, *, version: str | None = None) -> ImageInfo:
-    """Read release.json, class.json, the kernel arguments and the kernel of an unpacked image."""
-    release = _read_json(rootfs, RELEASE_JSON, source)
-    klass = _read_json(rootfs, CLASS_JSON, source)
-    spec = klass.get("spec") or {}
-    try:
-        disk = Disk.model_validate(spec.get("disk") or {})
-        arch = Architecture(spec.get("architecture", "x86_64"))
-    except ValueError as exc:
-        raise DiskError(f"{source}: /{CLASS_JSON} has no valid spec.disk: {exc}") from None
-    kver, kernel, initrd = find_kernel(rootfs, source)
-    storage = (spec.get("envelope") or {}).get("storage")
-    class_name = str(release.get("class") or (klass.get("metadata") or {}).get("name") or "unknown")
-    image_version = str(release.get("version") or "0.0.0-dev")
-    # Both name files under build/ and the disk's identifiers: an image must not steer them outside.
-    for what, value, check in (("class", class_name, safe.name), ("version", image_version, safe.version)):
-        try:
-            check(value)
-        except ValueError as exc:
-            raise DiskError(f"{source}: /{RELEASE_JSON}: {what}: {exc}") from None
-    return ImageInfo(
-        source=source,
-        class_name=class_name,
-        version=version or image_version,
-        architecture=arch,
-        kernel_version=kver,
-        kernel=kernel,
-        initrd=initrd,
-        kargs=read_kargs(rootfs),
-        disk=disk,
-        storage=int(storage) if storage is not None else None,
-        development=bool(spec.get("development", False)),
-    )
-
-
-def _read_json(rootfs: Path, rel: str, source: str) -> dict[str, Any]:
-    path = rootfs / rel
-    rel = "/" + rel
-    if not path.is_file():
-        raise DiskError(f"{source} is not a Kiln image: {rel} is missing",
-                        hint="build it with `kiln build CLASS` (it bakes release.json and class.json)")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DiskError(f"{source}: cannot read {rel}: {exc}") from None
-    if not isinstance(data, dict):
-        raise DiskError(f"{source}: {rel} is not a JSON object")
-    return data
-
-
-def find_kernel(rootfs: Path, source: str) -> tuple[str, Path, Path]:
-    """The newest /usr/lib/modules/$kver with a vmlinuz; its initramfs.img is required too."""
-    modules = rootfs / MODULES_DIR
-    kvers = sorted((p.parent.name for p in modules.glob("*/vmlinuz")), key=_version_key)
-    if not kvers:
-        raise DiskError(f"{source} has no kernel: no /{MODULES_DIR}/<kver>/vmlinuz",
-                        hint="a Kiln image keeps its kernel in /usr/lib/modules/$kver/vmlinuz "
-                             "(the class's kernel.package, moved there by the Containerfile)")
-    kver = kvers[-1]
-    initrd = modules / kver / "initramfs.img"
-    if not initrd.is_file():
-        raise DiskError(f"{source} has a kernel but no initramfs: /{MODULES_DIR}/{kver}/initramfs.img is missing",
-                        hint="the image must run update-initramfs with Kiln's hook (overlays/initramfs)")
-    return kver, modules / kver / "vmlinuz", initrd
-
-
-def _version_key(text: str) -> list[tuple[int, str]]:
-    return [(int(p), "") if p.isdigit() else (-1, p) for p in re.split(r"[.\-+~]", text)]
-
-
-def read_kargs(rootfs: Path) -> tuple[str, ...]:
-    """Kernel arguments from /usr/lib/bootc/kargs.d/*.toml, in file-name order (bootc's rule)."""
-    args: list[str] = []
-    for path in sorted((rootfs / KARGS_DIR).glob("*.toml")):
-        try:
-            data = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise DiskError(f"/{KARGS_DIR}/{path.name}: {exc}") from None
-        kargs = data.get("kargs", [])
-        if not isinstance(kargs, list) or not all(isinstance(a, str) for a in kargs):
-            raise DiskError(f"/{KARGS_DIR}/{path.name}: kargs must be a list of strings")
-        args.extend(kargs)
-    return tuple(args)
+EROFS_COMPRESSORS = contract.EROFS_COMPRESSORS
 
 
 # --- the plan ----------------------------------------------------------------
@@ -272,35 +165,25 @@ def finalize_loader_conf() -> str:
     """`timeout 0` and a pattern default: never pin one entry (a pinned trial entry boots
     even after its tries are used up, so the device reboot-loops with no rollback)."""
     return "# Written by kiln disk. Never pin `default` to one entry (see docs/disk-and-vm.md).\n" \
-           "timeout 0\ndefault kiln-*\nconsole-mode keep\neditor no\n"
+           f"timeout 0\ndefault {contract.ENTRY_PATTERN}\nconsole-mode keep\neditor no\n"
 
 
 def finalize_entry_name(version: str, slot: str, tries: int | None = None) -> str:
     """`kiln-<version>-<slot>.conf`; with tries, systemd's boot counter `+N` (a trial entry)."""
-    counter = f"+{tries}" if tries is not None else ""
-    return f"kiln-{version}-{slot}{counter}.conf"
+    return contract.entry_name(version, slot, tries)
 
 
 def finalize_entry(*, class_name: str, version: str, slot: str, root_partuuid: str,
                    kargs: tuple[str, ...], filesystem: RootFilesystem = RootFilesystem.erofs) -> str:
-    """A Boot Loader Specification type #1 entry for one slot."""
-    options = ["root=PARTUUID=" + root_partuuid, "ro", f"rootfstype={filesystem.value}",
-               f"kiln.slot={slot}", *kargs]
-    return (
-        f"title Kiln {class_name} {version} (slot {slot})\n"
-        f"version {version}\n"
-        "sort-key kiln\n"
-        f"linux /kiln/{slot}/vmlinuz\n"
-        f"initrd /kiln/{slot}/initramfs.img\n"
-        f"options {' '.join(options)}\n"
-    )
+    """A Boot Loader Specification type #1 entry for one slot (the agent writes the other slot's alike)."""
+    return contract.render_entry(cls=class_name, version=version, slot=slot, partuuid=root_partuuid, kargs=kargs,
+                                 rootfstype=filesystem.value)
 
 
 def finalize_output(info: ImageInfo, output: Path | None, fmt: str) -> Path:
     if output is not None:
         return output
-    tag = info.version.replace("+", "_")  # as builder.build.release_dir names it
-    return paths.build_dir() / info.class_name / tag / f"disk.{fmt}"
+    return paths.disk_path(info.class_name, info.version, fmt)
 
 
 def finalize_disk_plan(info: ImageInfo, *, output: Path | None = None, fmt: str = "raw",
@@ -387,14 +270,14 @@ class DiskRecord:
         return asdict(self)
 
 
-def make_disk(source: str, *, output: Path | None = None, fmt: str = "raw", size: int | None = None,
-              version: str | None = None, state: StateDir | None = None,
-              steps: Steps | None = None) -> DiskRecord:
+def make_disk(ctx: Context, source: str, *, output: Path | None = None, fmt: str = "raw",
+              size: int | None = None, version: str | None = None) -> DiskRecord:
     """Unpack `source` (an image ref in Kiln's store, or a rootfs directory) and write its disk.
 
     `version` overrides the image's release.json version (it names the disk's identifiers).
     """
-    steps = steps or Steps()
+    state, steps = ctx.state, ctx.steps
+    mark = steps.mark()
     if version is not None:
         try:
             safe.version(version)
@@ -402,7 +285,6 @@ def make_disk(source: str, *, output: Path | None = None, fmt: str = "raw", size
             raise UsageError(f"--version: {exc}") from None
     if fmt not in FORMATS:
         raise DiskError(f"unknown disk format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    state = state or make_state_dir()
     with contextlib.ExitStack() as stack:
         with steps.step(f"unpack {source}"):
             rootfs = stack.enter_context(open_rootfs(source, state.engine_env()))
@@ -411,26 +293,27 @@ def make_disk(source: str, *, output: Path | None = None, fmt: str = "raw", size
             check_tools(fmt)
         seed = None if Path(source).is_dir() else (source, state)
         record = make_disk_from_rootfs(plan, info, rootfs, steps, seed=seed)
-    record.durations = steps.summary()
+    record.durations = steps.summary(since=mark)
     write_disk_record(plan.output, record)
     return record
 
 
 def resolve_source(source: str, version: str | None) -> tuple[str, str | None]:
     """CLASS (its newest build, or --version's), an image ref, or a rootfs directory -> (source, version)."""
-    from builder import build, loader
+    from builder import loader
+    from builder.names import image_ref
 
     if Path(source).is_dir():
         return source, version
     if source in loader.known_classes():
         if version is None:
-            records = sorted(paths.build_dir().glob(f"{source}/*/build.json"), key=lambda p: p.stat().st_mtime)
+            records = paths.find_record_paths(source)
             if not records:
                 raise DiskError(f"{source} has not been built here (no build/{source}/*/build.json)",
                                 hint=f"run `kiln build {source} --version V` first")
             record = json.loads(records[-1].read_text())
             return str(record["image"]["ref"]), str(record["version"])
-        return build.image_ref(source, version), version
+        return image_ref(source, version), version
     return source, version
 
 
@@ -584,7 +467,7 @@ def find_systemd_boot(rootfs: Path, arch: Architecture) -> Path:
 
 # Where the agent keeps images (its ociDir, /var/lib/kiln/oci) inside the data partition:
 # the /var overlay's upper dir. Ref names are versions with anything but [A-Za-z0-9._-] as _.
-OCI_SEED_DIR = "overlay/var/upper/lib/kiln/oci"
+OCI_SEED_DIR = "overlay/var/upper/" + contract.OCI_DIR.removeprefix("/var/")
 
 
 def make_oci_seed(ref: str, state: StateDir, version: str, tree: Path) -> None:
@@ -596,7 +479,7 @@ def make_oci_seed(ref: str, state: StateDir, version: str, tree: Path) -> None:
     """
     layout = tree / OCI_SEED_DIR
     layout.parent.mkdir(parents=True, exist_ok=True)
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", version)
+    name = contract.oci_ref_name(version)
     try:
         run(["podman", "push", "--quiet", ref, f"oci:{layout}:{name}"], env=state.engine_env(), capture=True)
     except CommandFailed as exc:

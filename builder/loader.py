@@ -15,11 +15,10 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from builder import paths
+from builder import contracts, paths
 from builder.errors import SpecError
+from builder.locations import Loc, format_loc, where
 from builder.spec import API_VERSION, HardwareClass
-
-Loc = tuple[str | int, ...]
 
 
 @dataclass
@@ -35,16 +34,6 @@ class _Problem(Exception):
         super().__init__(message)
         self.where = where
         self.message = message
-
-
-def format_loc(loc: Loc) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "(top level)"
 
 
 # --- YAML with line numbers and no duplicate keys -------------------------
@@ -213,8 +202,6 @@ def load_class(ref: str | Path, images_dir: Path | None = None) -> HardwareClass
 
 
 def validate_document(doc: Document, source: str, path: Path | None = None) -> HardwareClass:
-    from builder import contracts  # contracts imports this module's helpers
-
     try:
         hc = HardwareClass.model_validate(doc.data)
     except ValidationError as exc:
@@ -233,14 +220,6 @@ def _drop_consequential(errors: list[Any]) -> list[Any]:
     """Drop "too short" on a list whose items already failed: one cause, one message."""
     nested = {tuple(e["loc"][:n]) for e in errors for n in range(len(e["loc"]))}
     return [e for e in errors if not (e["type"] == "too_short" and tuple(e["loc"]) in nested)]
-
-
-def where(lines: dict[Loc, str], loc: Loc, source: str) -> str:
-    """The file:line of loc, or of its closest ancestor that has one."""
-    for n in range(len(loc), -1, -1):
-        if loc[:n] in lines:
-            return lines[loc[:n]]
-    return source
 
 
 def format_error(err: Any, lines: dict[Loc, str], source: str) -> str:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from builder import paths
 from builder.errors import GateFailed, ModelError
+from builder.files import sha256_file
 from builder.model import Gates, OptimizationPolicy, Report, optimize_model, read_report
-from builder.paths import sha256_file
 from builder.render import ModelArtifact
 from builder.spec import HardwareClass, Model
 

@@ -1,4 +1,9 @@
-"""Step timing that stays readable in CI logs: `==> step` ... `<== step (1.2 s)`."""
+"""Step timing that stays readable in CI logs: `==> step` ... `<== step (1.2 s)`.
+
+One timer per run (it lives in the Context). A step inside a step is printed
+indented and not recorded: durations add up to the time spent. `mark()` and
+`summary(since=...)` give one piece of work (one build of several) its own steps.
+"""
 
 from __future__ import annotations
 
@@ -13,23 +18,36 @@ from dataclasses import dataclass, field
 class Steps:
     """Times named steps; `summary()` is what a build record stores."""
 
-    durations: dict[str, float] = field(default_factory=dict)
+    log: list[tuple[str, float]] = field(default_factory=list)
     quiet: bool = False
+    depth: int = 0
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
-        self.say(f"==> {name}")
+        indent = "  " * self.depth
+        self.say(f"{indent}==> {name}")
         start = time.monotonic()
+        self.depth += 1
         try:
             yield
         finally:
+            self.depth -= 1
             elapsed = time.monotonic() - start
-            self.durations[name] = round(elapsed, 3)
-            self.say(f"<== {name} ({elapsed:.1f} s)")
+            if not self.depth:
+                self.log.append((name, round(elapsed, 3)))
+            self.say(f"{indent}<== {name} ({elapsed:.1f} s)")
 
     def say(self, message: str) -> None:
         if not self.quiet:
             print(message, file=sys.stderr, flush=True)
 
-    def summary(self) -> dict[str, float]:
-        return dict(self.durations)
+    def mark(self) -> int:
+        return len(self.log)
+
+    def summary(self, since: int = 0) -> dict[str, float]:
+        """Top-level step -> seconds, for the steps taken since `mark()` returned `since`."""
+        return dict(self.log[since:])
+
+    @property
+    def durations(self) -> dict[str, float]:
+        return self.summary()

@@ -16,13 +16,16 @@ from pathlib import Path
 import jinja2
 
 from builder import paths
-from builder.paths import sha256_file
+from builder.files import sha256_file
 from builder.spec import AcceleratorKind, BaseSource, Family, HardwareClass
+from kiln_device import contract
 
 TEMPLATES = paths.PACKAGE_DIR / "templates"
 DEFAULT_VERSION = "0.0.0-dev"
 DEFAULT_EPOCH = 1735689600  # 2025-01-01T00:00:00Z: file times and created dates in every image
-KARGS_FILE = "usr/lib/bootc/kargs.d/10-kiln.toml"
+KARGS_FILE = contract.KARGS_FILE.lstrip("/")
+# The device package (kiln_device), copied into every image under contract.PYTHON_DIR.
+DEVICE_PACKAGE = Path(contract.__file__).resolve().parent
 
 # What every image of an apt family needs on top of its base to boot as Kiln expects.
 APT_ESSENTIALS = ("systemd-sysv", "udev", "dbus", "kmod", "initramfs-tools", "python3", "systemd-boot",
@@ -133,6 +136,8 @@ def finalize_release(hc: HardwareClass, version: str, revision: str,
                     "sha256": m.sha256, "path": f"{m.image_dir}/model.onnx"} for m in models],
         "bootControl": spec.boot_control.value,
         "bootTries": spec.rollout.boot_tries,
+        "rootCompression": spec.disk.compression,
+        "kernelArgs": list(spec.kernel.args),
         "healthChecks": [c.value for c in spec.rollout.health_checks],
         "minVersion": spec.rollout.min_version,
         "channel": spec.rollout.channel,
@@ -148,22 +153,22 @@ def finalize_labels(hc: HardwareClass, models: tuple[ModelArtifact, ...]) -> tup
     labels |= {
         "org.opencontainers.image.title": hc.name,
         "org.opencontainers.image.description": hc.metadata.description or hc.name,
-        "org.opencontainers.image.version": "${VERSION}",
+        contract.LABEL_VERSION: "${VERSION}",
         "org.opencontainers.image.revision": "${REVISION}",
         "org.opencontainers.image.created": "${CREATED}",
         "org.opencontainers.image.source": f"images/{hc.name}.yaml",
         "org.opencontainers.image.vendor": hc.metadata.vendor,
-        "dev.kiln.class": hc.name,
-        "dev.kiln.compatible": spec.compatible,
-        "dev.kiln.architecture": spec.architecture.value,
-        "dev.kiln.accelerator": spec.accelerator.kind.value,
-        "dev.kiln.runtime": f"{spec.runtime.name.value}=={spec.runtime.version}",
-        "dev.kiln.min-version": spec.rollout.min_version or "",
+        contract.LABEL_CLASS: hc.name,
+        contract.LABEL_COMPATIBLE: spec.compatible,
+        contract.LABEL_ARCHITECTURE: spec.architecture.value,
+        contract.LABEL_ACCELERATOR: spec.accelerator.kind.value,
+        contract.LABEL_RUNTIME: f"{spec.runtime.name.value}=={spec.runtime.version}",
+        contract.LABEL_MIN_VERSION: spec.rollout.min_version or "",
     }
     for m in models:
-        labels[f"dev.kiln.model.{m.name}.digest"] = f"sha256:{m.sha256}"
-        labels[f"dev.kiln.model.{m.name}.precision"] = m.precision
-        labels[f"dev.kiln.model.{m.name}.version"] = m.version
+        labels[contract.model_label(m.name, "digest")] = f"sha256:{m.sha256}"
+        labels[contract.model_label(m.name, "precision")] = m.precision
+        labels[contract.model_label(m.name, "version")] = m.version
     return tuple(sorted(labels.items()))
 
 
@@ -194,7 +199,7 @@ def finalize_plan(hc: HardwareClass, *, source: str, version: str = DEFAULT_VERS
 def finalize_agent_config(hc: HardwareClass) -> dict[str, object]:
     """/usr/lib/kiln/agent.json: where the device agent looks for updates (from spec.rollout)."""
     r = hc.spec.rollout
-    config: dict[str, object] = {"repository": f"kiln/{hc.name}", "channel": r.channel}
+    config: dict[str, object] = {"repository": contract.default_repository(hc.name), "channel": r.channel}
     if r.registry:
         config.update(registry=r.registry, lookaside=r.lookaside or "", insecure=r.insecure_registry)
     return config
@@ -260,6 +265,12 @@ def make_overlay_tree(plan: RenderPlan, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for src in overlay_sources(plan):
         _copy_tree(src, dest)
+    make_device_package(contract.under(dest, contract.PYTHON_DIR) / "kiln_device")
+
+
+def make_device_package(dest: Path) -> None:
+    """The kiln_device package's sources (no __pycache__): what /usr/lib/kiln/launch.py runs."""
+    shutil.copytree(DEVICE_PACKAGE, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
 
 
 def make_class_tree(plan: RenderPlan, dest: Path) -> None:
@@ -268,7 +279,7 @@ def make_class_tree(plan: RenderPlan, dest: Path) -> None:
     kargs.parent.mkdir(parents=True)
     kargs.write_text("# Kernel arguments of class {} (from its spec)\nkargs = [{}]\n".format(
         plan.hc.name, ", ".join(json.dumps(a) for a in spec.kernel.args)))
-    _write_json(dest / "usr/lib/kiln/agent.json", plan.agent_config)
+    _write_json(contract.under(dest, contract.AGENT_JSON), plan.agent_config)
     for rel, data in plan.device_files:
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -284,13 +295,13 @@ def make_class_tree(plan: RenderPlan, dest: Path) -> None:
     if plan.ssh_public_key:
         # Development only (finalize_plan refuses it otherwise): root logs in with the
         # per-build key; the image stays free of passwords and of any fixed key.
-        keys = dest / "usr/lib/kiln/ssh/authorized_keys"
+        keys = contract.under(dest, contract.DEV_AUTHORIZED_KEYS)
         keys.parent.mkdir(parents=True)
         keys.write_text(plan.ssh_public_key.strip() + "\n")
         conf = dest / "etc/ssh/sshd_config.d/50-kiln-dev.conf"
         conf.parent.mkdir(parents=True, exist_ok=True)
         conf.write_text("# Kiln development class: the per-build test key (build/<class>/ssh/), never shipped\n"
-                        "AuthorizedKeysFile .ssh/authorized_keys /usr/lib/kiln/ssh/authorized_keys\n"
+                        f"AuthorizedKeysFile .ssh/authorized_keys {contract.DEV_AUTHORIZED_KEYS}\n"
                         "PermitRootLogin prohibit-password\nPasswordAuthentication no\n")
     if spec.accelerator.kind is AcceleratorKind.nvidia_dgpu:
         sharing = spec.accelerator.sharing

@@ -1,7 +1,8 @@
 """Release signing: containers "simple signing" with GPG, signatures in a lookaside directory.
 
     key = make_signing_key(Path("~/kiln-release-key").expanduser())   # kiln keys init DIR
-    record = push_signed("qemu-x86_64", "1.1.0", "127.0.0.1:5000", key=key, channel="stable")
+    key = resolve_signing_key(hc, None)       # --sign-key, $KILN_SIGNING_KEY, or a dev class's own
+    # builder.publish.push_signed("qemu-x86_64", "1.1.0", "127.0.0.1:5000", key=key, channel="stable")
     files = finalize_device_files("qemu-x86_64", key)   # baked under /usr/lib/kiln/
 
 Debian's skopeo and podman have sigstore compiled out; simple signing works. How a
@@ -34,6 +35,7 @@ import functools
 import hashlib
 import http.server
 import json
+import os
 import socketserver
 import tempfile
 import threading
@@ -43,21 +45,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from builder import build, paths
-from builder.engine import Engine, select_engine
-from builder.errors import CommandFailed, KilnError, RegistryError, UsageError
-from builder.progress import Steps
+from builder import paths
+from builder.errors import CommandFailed, RegistryError, UsageError
+from builder.files import write_if_changed
 from builder.run import run
-from builder.state import StateDir, make_state_dir, write_if_changed
+from builder.spec import HardwareClass
+from builder.state import StateDir
+from kiln_device import contract
 
 GNUPG_DIR = "gnupg"
 PUBLIC_KEY = "release-key.asc"
 KEY_RECORD = "key.json"
 IDENTITY_PREFIX = "release.kiln.invalid/kiln"
-STAGING_PREFIX = "staging-"
 # Where images carry the verification material (read-only /usr).
-DEVICE_KEY_PATH = "/usr/lib/kiln/release-key.asc"
-DEVICE_POLICY_PATH = "/usr/lib/kiln/policy.json"
+DEVICE_KEY_PATH = contract.RELEASE_KEY
+DEVICE_POLICY_PATH = contract.POLICY_JSON
 
 
 # -- keys ---------------------------------------------------------------------------------
@@ -147,6 +149,28 @@ def read_signing_key(directory: Path) -> SigningKey:
     return key
 
 
+SIGNING_KEY_ENV = "KILN_SIGNING_KEY"
+
+
+def resolve_signing_key(hc: HardwareClass, key_dir: Path | None) -> SigningKey:
+    """The release key whose public half the image trusts.
+
+    `--sign-key DIR` or $KILN_SIGNING_KEY (made with `kiln keys init DIR`, outside
+    the project); development classes fall back to a per-checkout key in
+    build/<class>/dev-release-key/ (made once, like their SSH test key).
+    """
+    raw = key_dir or (Path(os.environ[SIGNING_KEY_ENV]) if os.environ.get(SIGNING_KEY_ENV) else None)
+    if raw is not None:
+        return read_signing_key(raw)
+    if not hc.spec.development:
+        raise UsageError(f"{hc.name} is a production class: its images must trust a release key; "
+                         f"pass --sign-key DIR or set {SIGNING_KEY_ENV}", hint="make one with: kiln keys init DIR")
+    dev = paths.dev_signing_key_dir(hc.name)
+    if (dev / KEY_RECORD).is_file():
+        return read_signing_key(dev)
+    return make_signing_key(dev, uid=f"Kiln development key for {hc.name} <dev@kiln.invalid>", development=True)
+
+
 # -- policy and registries.d ----------------------------------------------------------------
 
 
@@ -228,7 +252,7 @@ def make_verifier(state: StateDir, cls: str, key: SigningKey, lookaside_dir: Pat
     return Verifier(policy, d / "registries.d")
 
 
-# -- signing and promotion ---------------------------------------------------------------------
+# -- signing ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -282,72 +306,6 @@ def make_signature(repo: str, digest: str, tag: str, *, cls: str, key: SigningKe
         staged.write_bytes(sig.read_bytes())
         staged.replace(dest)
     return dest
-
-
-def promote(repo: str, digest: str, tag: str, verifier: Verifier, *, access: Access, state: StateDir) -> None:
-    """Point repo:tag at repo@digest, only if its published signature passes the device policy."""
-    try:
-        run(["skopeo", *verifier.args(), "copy", "--preserve-digests", "--remove-signatures", "--quiet",
-             *access.args("src-", "dest-"), f"docker://{repo}@{digest}", f"docker://{repo}:{tag}"],
-            env=state.engine_env(), capture=True)
-    except CommandFailed as exc:
-        raise RegistryError(f"promoting {repo}@{digest[:19]} to :{tag}: {exc}") from exc
-
-
-def push_signed(
-    cls: str,
-    version: str,
-    registry: str,
-    *,
-    key: SigningKey,
-    lookaside_dir: Path | None = None,
-    channel: str | None = None,
-    engine: str | Engine = "auto",
-    state: StateDir | None = None,
-    tls_verify: bool | None = None,
-    creds: str | None = None,
-    cert_dir: Path | None = None,
-    steps: Steps | None = None,
-) -> dict[str, Any]:
-    """Push a built CLASS VERSION signed: staging tag, sign, promote to :VERSION (and :CHANNEL).
-
-    Returns the build record with `pushed` and `signatures` updated (also written)."""
-    record = build.read_record(cls, version)
-    state = state or make_state_dir()
-    steps = steps or Steps()
-    lookaside_dir = (lookaside_dir or finalize_lookaside_dir(state)).absolute()
-    eng = engine if isinstance(engine, Engine) else select_engine(engine, state)
-    verify = build.finalize_tls_verify(registry, tls_verify)
-    access = Access(verify, creds, cert_dir)
-    tag = build.finalize_tag(version)
-    dest = build.finalize_destination(registry, cls, version)
-    repo = dest.rsplit(":", 1)[0]
-    image_id = build.find_built_image(record, eng)
-    verifier = make_verifier(state, cls, key, lookaside_dir, registry.removeprefix("docker://"))
-    try:
-        with steps.step(f"push {repo}:{STAGING_PREFIX}{tag}"):
-            digest = eng.push(image_id, f"{repo}:{STAGING_PREFIX}{tag}", tls_verify=verify, creds=creds,
-                              cert_dir=cert_dir)
-        with steps.step(f"sign {digest[:19]} with {key.fingerprint[-16:]}"):
-            sig = make_signature(repo, digest, tag, cls=cls, key=key, lookaside_dir=lookaside_dir,
-                                 access=access, state=state)
-        tags = [tag] + ([channel] if channel else [])
-        for t in tags:
-            with steps.step(f"promote to :{t}"):
-                promote(repo, digest, t, verifier, access=access, state=state)
-    except KilnError as exc:
-        raise exc.with_context(f"releasing {cls} {version} to {registry}") from exc.__cause__
-    finally:
-        stop_agent(key)
-    record["pushed"] = [p for p in record.get("pushed", []) if p.get("ref") not in {f"{repo}:{t}" for t in tags}]
-    record["pushed"] += [{"ref": f"{repo}:{t}", "digest": digest, "byDigest": f"{repo}@{digest}", "signed": True}
-                         for t in tags]
-    record["signatures"] = [s for s in record.get("signatures", []) if s.get("digest") != digest] + [{
-        "digest": digest, "fingerprint": key.fingerprint, "identity": f"{signed_identity(cls)}:{tag}",
-        "path": str(sig), "lookaside": str(lookaside_dir)}]
-    record.setdefault("durations", {}).update(steps.summary())
-    build.write_record(build.record_path(cls, version), record)
-    return record
 
 
 # -- serving signatures ---------------------------------------------------------------------------

@@ -26,6 +26,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from builder.files import write_if_changed
+
 STATE_ENV = "KILN_STATE_DIR"
 DEFAULT_STATE_NAME = ".kiln"
 
@@ -67,6 +69,11 @@ class StateDir:
     @property
     def base_dir(self) -> Path:
         return self.root / "base"
+
+    @property
+    def registry_dir(self) -> Path:
+        """`kiln registry`'s data, certificates and pid file."""
+        return self.root / "registry"
 
     @property
     def tmp_dir(self) -> Path:
@@ -123,15 +130,6 @@ def render_storage_conf(state: StateDir) -> str:
         f'graphroot = "{state.graphroot}"\n'
         f'runroot = "{state.runroot / "storage"}"\n'
     )
-
-
-def write_if_changed(path: Path, text: str) -> None:
-    """Atomically replace `path` with `text`, leaving it alone when it already matches."""
-    if path.exists() and path.read_text() == text:
-        return
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def make_state_dir(project_root: Path | None = None, root: Path | None = None) -> StateDir:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.errors import BuildError, CommandFailed
-from builder.paths import sha256_file
+from builder.files import sha256_file
 from builder.run import run
 from builder.spec import Architecture, Family, HardwareClass
 from builder.state import StateDir

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.build import build_class
+from builder.context import Context, make_context
 from builder.engine import PodmanEngine
 from builder.loader import load_class
 from builder.state import StateDir, make_state_dir
@@ -31,6 +32,12 @@ def kiln_test_state() -> StateDir:
     return make_state_dir(root=TEST_STATE)
 
 
+def test_context(state: StateDir | None = None) -> Context:
+    """A Context on the test store (or STATE) with podman, quiet about nothing."""
+    state = state or kiln_test_state()
+    return make_context(PodmanEngine(state), state=state)
+
+
 def qemu_image(state: StateDir | None = None, version: str = QEMU_VERSION) -> dict[str, Any]:
     """The build record of qemu-x86_64 VERSION, built into the test store (once per session)."""
     for tool in ("podman", "runc", "mmdebstrap"):
@@ -39,8 +46,7 @@ def qemu_image(state: StateDir | None = None, version: str = QEMU_VERSION) -> di
     key = (str(state.root), version)
     if key not in _built:
         hc = load_class(QEMU_CLASS, ROOT / "images")
-        _built[key] = build_class(hc, source=f"images/{QEMU_CLASS}.yaml", version=version, state=state,
-                                  engine=PodmanEngine(state))
+        _built[key] = build_class(test_context(state), hc, source=f"images/{QEMU_CLASS}.yaml", version=version)
     return _built[key]
 
 

@@ -9,7 +9,9 @@
 
 A FakeDevice is a directory standing in for a device: its ESP, /var/lib/kiln, two slot
 image FILES in place of the root partitions, /proc/cmdline and the boot id. The agent
-runs for real (a subprocess, as its unit runs it) against it through KILN_AGENT_ROOT.
+runs for real against it through KILN_AGENT_ROOT: a subprocess, as its unit runs it
+(`python -I /usr/lib/kiln/launch.py kiln-agent`), from the launcher and the kiln_device
+package copied into the fake device's /usr/lib/kiln.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -27,26 +30,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from builder.publish import promote
+from builder.render import make_device_package
 from builder.run import run
-from builder.signing import Access, SigningKey, make_signature, make_verifier, promote, render_policy
+from builder.signing import Access, SigningKey, make_signature, make_verifier, render_policy
 from builder.state import StateDir
+from kiln_device import contract
 from tests.conftest import ROOT
 
-AGENT = ROOT / "overlays/common/usr/lib/kiln/kiln_agent.py"
+LAUNCHER = ROOT / "overlays/common" / contract.LAUNCHER.lstrip("/")
 KVER = "6.1.0-test-amd64"
 SLOT_SIZE = 4 * 1024 * 1024
 
 
 def release_files(*, cls: str = "tiny", compatible: str = "kiln,tiny", version: str = "1.0.0",
-                  min_version: str | None = None, kernel: bytes | None = None,
+                  min_version: str | None = None, kernel: bytes | None = None, compression: str = "lz4",
                   extra: Mapping[str, bytes] | None = None) -> dict[str, bytes]:
     """The files of a Kiln image that the agent reads, and little else."""
     release = {"class": cls, "compatible": compatible, "version": version, "minVersion": min_version,
-               "channel": "stable", "bootTries": 3, "bootControl": "systemd-boot"}
-    files = {
-        "usr/lib/kiln/release.json": json.dumps(release).encode(),
-        "usr/lib/kiln/class.json": json.dumps({"spec": {"disk": {"compression": "lz4"}}}).encode(),
-        "usr/lib/bootc/kargs.d/10-kiln.toml": b'kargs = ["console=ttyS0,115200n8", "panic=10"]\n',
+               "channel": "stable", "bootTries": 3, "bootControl": "systemd-boot", "rootCompression": compression,
+               "kernelArgs": ["console=ttyS0,115200n8", "panic=10"]}
+    files = {  # release.json says all the agent needs: no class.json, no kargs.d
+        contract.RELEASE_JSON.lstrip("/"): json.dumps(release).encode(),
         f"usr/lib/modules/{KVER}/vmlinuz": kernel or f"kernel of {version}\n".encode(),
         f"usr/lib/modules/{KVER}/initramfs.img": f"initramfs of {version}\n".encode(),
         "usr/share/kiln/payload.bin": hashlib.sha256(version.encode()).digest() * 2048,  # 64 KiB
@@ -58,8 +63,8 @@ def release_files(*, cls: str = "tiny", compatible: str = "kiln,tiny", version: 
 
 def release_labels(*, compatible: str = "kiln,tiny", version: str = "1.0.0", cls: str = "tiny",
                    min_version: str | None = None) -> dict[str, str]:
-    return {"org.opencontainers.image.version": version, "dev.kiln.compatible": compatible,
-            "dev.kiln.class": cls, "dev.kiln.min-version": min_version or ""}
+    return {contract.LABEL_VERSION: version, contract.LABEL_COMPATIBLE: compatible,
+            contract.LABEL_CLASS: cls, contract.LABEL_MIN_VERSION: min_version or ""}
 
 
 def _blob(layout: Path, data: bytes) -> dict[str, Any]:
@@ -159,8 +164,10 @@ class FakeDevice:
     def create(cls, root: Path, *, registry: str, lookaside: str, key: SigningKey, klass: str = "tiny",
                compatible: str = "kiln,tiny", version: str = "1.0.0", booted: str = "a") -> FakeDevice:
         dev = cls(root)
-        kiln = root / "usr/lib/kiln"
+        kiln = contract.under(root, contract.LIB_DIR)
         kiln.mkdir(parents=True)
+        shutil.copyfile(LAUNCHER, contract.under(root, contract.LAUNCHER))
+        make_device_package(contract.under(root, contract.PYTHON_DIR) / "kiln_device")
         (kiln / "release-key.asc").write_bytes(key.public_key.read_bytes())
         (kiln / "policy.json").write_text(render_policy(klass, kiln / "release-key.asc"))
         dev.set_release(version, compatible=compatible, cls=klass)
@@ -175,7 +182,7 @@ class FakeDevice:
             "cmdline": str(root / "proc/cmdline"), "efivars": str(root / "efivars"),
             "bootId": str(root / "proc/boot_id"), "rebootCommand": ["true"],
         }
-        (kiln / "agent.json").write_text(json.dumps(config, indent=2))
+        contract.under(root, contract.AGENT_JSON).write_text(json.dumps(config, indent=2))
         (root / "dev").mkdir()
         dev.slot("a").write_bytes(os.urandom(SLOT_SIZE))  # the running system: must never change
         dev.slot("b").write_bytes(b"\0" * SLOT_SIZE)
@@ -188,7 +195,7 @@ class FakeDevice:
     def set_release(self, version: str, *, compatible: str = "kiln,tiny", cls: str = "tiny") -> None:
         release = {"class": cls, "compatible": compatible, "version": version, "channel": "stable",
                    "bootTries": 3, "bootControl": "systemd-boot"}
-        (self.root / "usr/lib/kiln/release.json").write_text(json.dumps(release))
+        contract.under(self.root, contract.RELEASE_JSON).write_text(json.dumps(release))
 
     def boot(self, slot: str, entry: str, version: str | None = None) -> None:
         """Simulate a (re)boot into `slot` via `entry`: new boot id, cmdline, selected entry."""
@@ -201,9 +208,13 @@ class FakeDevice:
         if version:
             self.set_release(version)
 
+    def agent_argv(self) -> list[str]:
+        """kiln-agent as /usr/bin/kiln-agent runs it, from this device's copy of the package."""
+        return [sys.executable, "-I", str(contract.under(self.root, contract.LAUNCHER)), "kiln-agent"]
+
     def agent(self, *args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         full_env = {**os.environ, "KILN_AGENT_ROOT": str(self.root), **(env or {})}
-        return subprocess.run([sys.executable, "-I", str(AGENT), *args], env=full_env, capture_output=True,
+        return subprocess.run([*self.agent_argv(), *args], env=full_env, capture_output=True,
                               text=True, timeout=300, check=False)
 
     def state(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import onnx
 import onnxruntime as ort
 
 from builder.errors import GateFailed, ModelError
+from builder.files import sha256_file
 from builder.model import optimize as opt
 from builder.model import validate as val
 from builder.model.data import (
@@ -26,7 +27,6 @@ from builder.model.data import (
 from builder.model.gates import Metrics, decide, evaluate, speedup
 from builder.model.policy import CANDIDATE_PRECISION, Gates, OptimizationPolicy
 from builder.model.report import CandidateResult, Report, write_report
-from builder.paths import sha256_file
 
 Progress = Callable[[str], None]
 OUTPUTS = ("report.json", "chosen.onnx", "golden.npz")

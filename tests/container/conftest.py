@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from builder.base import BaseImage, make_base
+from builder.context import make_context
 from builder.engine import DockerEngine, PodmanEngine, start_podman_service
 from builder.registry import RegistryInfo, running_registry
 from builder.state import StateDir, make_state_dir
@@ -40,7 +41,7 @@ def test_state() -> StateDir:
 def base_image(test_state: StateDir) -> BaseImage:
     require_tool("mmdebstrap")
     require_tool("podman")
-    return make_base(state=test_state)
+    return make_base(make_context(PodmanEngine(test_state), state=test_state))
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,7 @@ from builder.base import (
     mmdebstrap_argv,
     read_stamp,
 )
+from builder.context import Context, make_context
 from builder.engine import PodmanEngine
 from builder.errors import BuildError, ToolMissing
 from builder.loader import load_class
@@ -31,6 +32,10 @@ from builder.render import finalize_base_ref
 from builder.run import run
 from builder.state import StateDir, make_state_dir
 from tests.conftest import ROOT, require_tool
+
+
+def state_context(state: StateDir) -> Context:
+    return make_context(PodmanEngine(state), state=state)
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +65,7 @@ def test_base_ref_is_what_the_rendered_containerfile_uses() -> None:
 def test_classes_without_a_debian_bootstrap_base_are_refused(tmp_path: Path) -> None:
     hc = load_class("jetson-vision-standard", ROOT / "images")
     with pytest.raises(BuildError, match="Kiln bootstraps Debian bases only; this class needs a l4t bootstrap base"):
-        make_base_for_class(hc, state=make_state_dir(root=tmp_path))
+        make_base_for_class(state_context(make_state_dir(root=tmp_path)), hc)
 
 
 @pytest.mark.unit
@@ -97,7 +102,7 @@ def test_mmdebstrap_argv_is_minimal_and_reproducible(tmp_path: Path) -> None:
 @pytest.mark.unit
 def test_unknown_arch_is_refused(tmp_path: Path) -> None:
     with pytest.raises(BuildError, match="no Debian base for architecture 'riscv64'"):
-        make_base(arch="riscv64", state=make_state_dir(root=tmp_path))
+        make_base(state_context(make_state_dir(root=tmp_path)), arch="riscv64")
 
 
 # --- real mmdebstrap + podman -----------------------------------------------
@@ -117,7 +122,7 @@ def test_base_is_loaded_under_its_stable_name(base_image: BaseImage, test_state:
 @pytest.mark.container
 def test_second_call_is_a_noop(base_image: BaseImage, test_state: StateDir) -> None:
     before = base_image.tarball.stat().st_mtime_ns
-    again = make_base(state=test_state)
+    again = make_base(state_context(test_state))
     assert again.built is False
     assert again.image_id == base_image.image_id
     assert base_image.tarball.stat().st_mtime_ns == before
@@ -175,8 +180,8 @@ def test_tarball_and_image_id_are_identical_on_a_second_build(
 
     Both run in this session: a cached base may predate a mirror update.
     """
-    first = base_image if base_image.built else make_base(state=test_state, force=True)
-    second = make_base(state=scratch_state)
+    first = base_image if base_image.built else make_base(state_context(test_state), force=True)
+    second = make_base(state_context(scratch_state))
     assert second.built is True
     assert second.tarball_sha256 == first.tarball_sha256
     assert second.image_id == first.image_id
@@ -191,7 +196,7 @@ def test_missing_image_is_reloaded_from_the_cached_tarball(base_image: BaseImage
     target.mkdir(parents=True)
     for name in ("rootfs.tar", "packages.txt", "stamp.json"):
         os.link(cached / name, target / name)
-    again = make_base(state=state)
+    again = make_base(state_context(state))
     assert again.built is True
     assert again.image_id == base_image.image_id
     assert PodmanEngine(state).exists(base_image.ref)
@@ -201,7 +206,7 @@ def test_missing_image_is_reloaded_from_the_cached_tarball(base_image: BaseImage
 def test_mmdebstrap_missing_fails_clearly(scratch_state: StateDir, path_only: Callable[..., None]) -> None:
     path_only("podman", "runc")
     with pytest.raises(ToolMissing, match=r"mmdebstrap not found; install it with: apt-get install mmdebstrap"):
-        make_base(state=scratch_state)
+        make_base(state_context(scratch_state))
 
 
 @pytest.mark.container
@@ -211,7 +216,7 @@ def test_mmdebstrap_missing_but_base_cached_is_fine(
     path_only: Callable[..., None],
 ) -> None:
     path_only("podman", "runc")
-    assert make_base(state=test_state).built is False
+    assert make_base(state_context(test_state)).built is False
 
 
 @pytest.mark.container
@@ -220,7 +225,7 @@ def test_failed_bootstrap_leaves_nothing_to_trust(scratch_state: StateDir) -> No
     require_tool("podman")
     state = scratch_state
     with pytest.raises(BuildError, match="mmdebstrap failed"):
-        make_base(state=state, mirror="http://127.0.0.1:9/debian")
+        make_base(state_context(state), mirror="http://127.0.0.1:9/debian")
     base_dir = state.base_dir / "debian-bookworm-x86_64"
     assert read_stamp(base_dir / "stamp.json") is None
     assert sorted(p.name for p in base_dir.iterdir()) == ["lock"]

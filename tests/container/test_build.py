@@ -19,17 +19,19 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from builder import build as build_mod
-from builder.build import build_class, finalize_layer_groups, push_build
+from builder import names, paths, publish
+from builder.build import build_class, finalize_layer_groups
 from builder.cli import main
+from builder.context import make_context
 from builder.engine import DockerEngine, PodmanEngine
 from builder.errors import GateFailed, RegistryError
 from builder.loader import load_class
+from builder.publish import push_build
 from builder.registry import free_port
 from builder.run import run
 from builder.state import StateDir
 from tests.conftest import ROOT, require_tool
-from tests.images import QEMU_CLASS, QEMU_VERSION, make_retrained_project, qemu_image
+from tests.images import QEMU_CLASS, QEMU_VERSION, make_retrained_project, qemu_image, test_context
 
 SOURCE = f"images/{QEMU_CLASS}.yaml"
 
@@ -75,10 +77,10 @@ def test_layer_groups_follow_the_rendered_containerfile() -> None:
 
 @pytest.mark.unit
 def test_tags_and_destinations() -> None:
-    assert build_mod.image_ref("qemu-x86_64", "1.2.3+build.4") == "localhost/kiln/qemu-x86_64:1.2.3_build.4"
-    assert build_mod.finalize_destination("127.0.0.1:5000/", "c", "1") == "127.0.0.1:5000/kiln/c:1"
-    assert build_mod.is_loopback("127.0.0.1:5000") and build_mod.is_loopback("localhost:5000/x")
-    assert not build_mod.is_loopback("registry.example.com:5000")
+    assert names.image_ref("qemu-x86_64", "1.2.3+build.4") == "localhost/kiln/qemu-x86_64:1.2.3_build.4"
+    assert names.finalize_destination("127.0.0.1:5000/", "c", "1") == "127.0.0.1:5000/kiln/c:1"
+    assert publish.is_loopback("127.0.0.1:5000") and publish.is_loopback("localhost:5000/x")
+    assert not publish.is_loopback("registry.example.com:5000")
 
 
 # --- the image ----------------------------------------------------------------
@@ -90,7 +92,7 @@ def test_build_record(record: dict[str, Any], test_state: StateDir) -> None:
     assert record["image"]["ref"] == f"localhost/kiln/{QEMU_CLASS}:{QEMU_VERSION}"
     assert record["image"]["id"].startswith("sha256:")
     assert PodmanEngine(test_state).inspect(record["image"]["ref"])["id"] == record["image"]["id"]
-    on_disk = json.loads(build_mod.record_path(QEMU_CLASS, QEMU_VERSION).read_text())
+    on_disk = json.loads(paths.record_path(QEMU_CLASS, QEMU_VERSION).read_text())
     assert on_disk["image"]["id"] == record["image"]["id"]
     g = groups(record)
     assert g[0] == "base" and g[-1] == "lint" and "unknown" not in g
@@ -161,8 +163,8 @@ def test_image_lints_pass_on_the_exported_rootfs(rootfs: Path) -> None:
 
 @pytest.mark.container
 def test_cached_rebuild_gives_the_same_image(record: dict[str, Any], test_state: StateDir) -> None:
-    again = build_class(load_class(QEMU_CLASS, ROOT / "images"), source=SOURCE, version=QEMU_VERSION,
-                        state=test_state, engine=PodmanEngine(test_state))
+    again = build_class(test_context(test_state), load_class(QEMU_CLASS, ROOT / "images"), source=SOURCE,
+                        version=QEMU_VERSION)
     assert again["image"]["id"] == record["image"]["id"]
     assert again["durations"][f"build {record['image']['ref']} with podman"] < 60
 
@@ -170,8 +172,8 @@ def test_cached_rebuild_gives_the_same_image(record: dict[str, Any], test_state:
 @pytest.mark.container
 def test_cold_build_gives_the_same_digest(record: dict[str, Any], test_state: StateDir) -> None:
     """No cached layers at all: every RUN runs again, and the image id is the same."""
-    cold = build_class(load_class(QEMU_CLASS, ROOT / "images"), source=SOURCE, version=QEMU_VERSION,
-                       state=test_state, engine=PodmanEngine(test_state), no_cache=True)
+    cold = build_class(test_context(test_state), load_class(QEMU_CLASS, ROOT / "images"), source=SOURCE,
+                       version=QEMU_VERSION, no_cache=True)
     assert cold["image"]["id"] == record["image"]["id"]
     assert [layer["diffId"] for layer in cold["layers"]] == [layer["diffId"] for layer in record["layers"]]
 
@@ -197,8 +199,7 @@ def test_model_only_release_changes_only_model_and_release_layers(
     record: dict[str, Any], test_state: StateDir, project_copy: Path
 ) -> None:
     hc = load_class(QEMU_CLASS, project_copy / "images")
-    new = build_class(hc, source=SOURCE, version="1.0.1", revision=record["revision"], state=test_state,
-                      engine=PodmanEngine(test_state))
+    new = build_class(test_context(test_state), hc, source=SOURCE, version="1.0.1", revision=record["revision"])
     assert new["models"][0]["sha256"] != record["models"][0]["sha256"]
     changed = {old["group"] for old, cur in zip(record["layers"], new["layers"], strict=True)
                if old["diffId"] != cur["diffId"]}
@@ -218,7 +219,7 @@ def test_refused_model_is_never_built(test_state: StateDir, project_copy: Path) 
     spec.write_text(spec.read_text().replace("precision: auto", "precision: int8"))
     hc = load_class(QEMU_CLASS, project_copy / "images")
     with pytest.raises(GateFailed) as exc:
-        build_class(hc, source=SOURCE, version="9.9.9", state=test_state, engine=PodmanEngine(test_state))
+        build_class(test_context(test_state), hc, source=SOURCE, version="9.9.9")
     assert exc.value.exit_code == 5
     assert not (project_copy / "build" / QEMU_CLASS / "9.9.9" / "build.json").exists()
     assert not PodmanEngine(test_state).exists(f"localhost/kiln/{QEMU_CLASS}:9.9.9")
@@ -231,11 +232,11 @@ def test_refused_model_is_never_built(test_state: StateDir, project_copy: Path) 
 def test_push_and_pull_back_by_digest(record: dict[str, Any], registry: str, test_state: StateDir,
                                       tmp_path: Path) -> None:
     skopeo = require_tool("skopeo")
-    pushed = push_build(QEMU_CLASS, QEMU_VERSION, registry, state=test_state, engine=PodmanEngine(test_state))
+    pushed = push_build(test_context(test_state), QEMU_CLASS, QEMU_VERSION, registry)
     entry = pushed["pushed"][-1]
     assert entry["ref"] == f"{registry}/kiln/{QEMU_CLASS}:{QEMU_VERSION}"
     assert entry["digest"] != record["image"]["digest"]  # compressed for the registry: a new manifest
-    saved = json.loads(build_mod.record_path(QEMU_CLASS, QEMU_VERSION).read_text())
+    saved = json.loads(paths.record_path(QEMU_CLASS, QEMU_VERSION).read_text())
     assert saved["pushed"][-1]["digest"] == entry["digest"]
     # pull by digest into an OCI layout: the same config (image id) and layers come back
     layout = tmp_path / "layout"
@@ -254,7 +255,7 @@ def test_push_and_pull_back_by_digest(record: dict[str, Any], registry: str, tes
 def test_cli_push_to_an_unreachable_registry(record: dict[str, Any], test_state: StateDir) -> None:
     port = free_port()
     with pytest.raises(RegistryError, match=f"127.0.0.1:{port}"):
-        push_build(QEMU_CLASS, QEMU_VERSION, f"127.0.0.1:{port}", state=test_state, engine=PodmanEngine(test_state))
+        push_build(test_context(test_state), QEMU_CLASS, QEMU_VERSION, f"127.0.0.1:{port}")
     r = CliRunner().invoke(main, ["push", QEMU_CLASS, f"127.0.0.1:{port}", "--version", QEMU_VERSION],
                            env={"KILN_STATE_DIR": str(test_state.root)})
     assert r.exit_code == 8, r.output
@@ -274,8 +275,8 @@ def test_push_of_an_unbuilt_version_is_a_clear_error(registry: str) -> None:
 @pytest.mark.container
 def test_docker_sdk_builds_the_class(docker_engine: DockerEngine, record: dict[str, Any]) -> None:
     """The same class through the Docker API (a podman service started by the test)."""
-    rec = build_class(load_class(QEMU_CLASS, ROOT / "images"), source=SOURCE, version="1.0.0-docker",
-                      engine=docker_engine)
+    rec = build_class(make_context(docker_engine), load_class(QEMU_CLASS, ROOT / "images"), source=SOURCE,
+                      version="1.0.0-docker")
     assert rec["engine"]["name"] == "docker" and rec["engine"]["reproducible"] is False
     assert groups(rec) == groups(record)
     assert rec["labels"]["dev.kiln.class"] == QEMU_CLASS
@@ -289,7 +290,7 @@ def test_docker_sdk_builds_the_class(docker_engine: DockerEngine, record: dict[s
 @pytest.mark.container
 def test_engine_missing(path_only: Callable[..., None]) -> None:
     path_only("git")
-    recorded = build_mod.record_path(QEMU_CLASS, QEMU_VERSION)
+    recorded = paths.record_path(QEMU_CLASS, QEMU_VERSION)
     before = recorded.read_bytes() if recorded.exists() else None
     r = CliRunner().invoke(main, ["build", QEMU_CLASS, "--version", QEMU_VERSION])
     assert r.exit_code == 3, r.output
@@ -357,10 +358,9 @@ def test_push_to_a_tls_registry_with_auth(record: dict[str, Any], test_state: St
         certs = tmp_path / "certs"
         certs.mkdir()
         shutil.copyfile(info.root / "tls/cert.pem", certs / "ca.crt")
-        engine = PodmanEngine(test_state)
+        ctx = test_context(test_state)
         with pytest.raises(RegistryError, match=r"authentication required|unauthorized"):
-            push_build(QEMU_CLASS, QEMU_VERSION, info.address, state=test_state, engine=engine, tls_verify=True,
-                       cert_dir=certs)
-        rec = push_build(QEMU_CLASS, QEMU_VERSION, info.address, state=test_state, engine=engine, tls_verify=True,
-                         cert_dir=certs, creds="kiln:s3cret")
+            push_build(ctx, QEMU_CLASS, QEMU_VERSION, info.address, tls_verify=True, cert_dir=certs)
+        rec = push_build(ctx, QEMU_CLASS, QEMU_VERSION, info.address, tls_verify=True, cert_dir=certs,
+                         creds="kiln:s3cret")
         assert rec["pushed"][-1]["digest"].startswith("sha256:")

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from builder import build, signing
+from builder import paths, records, signing
+from builder.context import make_context
 from builder.engine import PodmanEngine
 from builder.errors import CommandFailed, RegistryError
+from builder.publish import push_signed
 from builder.run import run
 from builder.state import StateDir
 from tests import images
@@ -51,11 +53,11 @@ def tiny_image() -> Iterator[tuple[PodmanEngine, str]]:
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_image: tuple[PodmanEngine, str]) -> Path:
     """A project dir with a build record for the tiny image (push_signed reads it)."""
     monkeypatch.setenv("KILN_PROJECT_DIR", str(tmp_path / "project"))
-    record = {"schemaVersion": build.RECORD_SCHEMA, "class": CLS, "version": "1.0.0",
+    record = {"schemaVersion": records.RECORD_SCHEMA, "class": CLS, "version": "1.0.0",
               "image": {"id": tiny_image[1], "ref": f"localhost/kiln/{CLS}:1.0.0"}, "pushed": []}
-    path = build.record_path(CLS, "1.0.0")
+    path = paths.record_path(CLS, "1.0.0")
     path.parent.mkdir(parents=True)
-    build.write_record(path, record)
+    records.write_record(record)
     return tmp_path / "project"
 
 
@@ -99,8 +101,8 @@ def test_signed_release_verifies_on_every_tag_and_nothing_else_does(
     engine, _ = tiny_image
     key, other = keys
     lookaside = tmp_path / "sigs"
-    record = signing.push_signed(CLS, "1.0.0", registry, key=key, lookaside_dir=lookaside, channel="stable",
-                                 engine=engine, state=engine.state)
+    ctx = make_context(engine, state=engine.state)
+    record = push_signed(ctx, CLS, "1.0.0", registry, key=key, lookaside_dir=lookaside, channel="stable")
     digest = record["signatures"][-1]["digest"]
     assert {p["ref"].rsplit(":", 1)[1] for p in record["pushed"]} == {"1.0.0", "stable"}
     assert signing.signature_path(lookaside, f"kiln/{CLS}", digest).is_file()
@@ -134,8 +136,8 @@ def test_failed_signing_leaves_no_tag_devices_take(
     engine, _ = tiny_image
     broken = signing.SigningKey(keys[0].directory, "0" * 40)  # no such secret key
     with pytest.raises(RegistryError, match="signing"):
-        signing.push_signed(CLS, "1.0.0", registry, key=broken, lookaside_dir=tmp_path / "sigs",
-                            channel="never", engine=engine, state=engine.state)
+        push_signed(make_context(engine, state=engine.state), CLS, "1.0.0", registry, key=broken,
+                    lookaside_dir=tmp_path / "sigs", channel="never")
     for tag in ("never",):
         proc = run(["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{registry}/kiln/{CLS}:{tag}"],
                    capture=True, check=False, quiet=True)

@@ -2,8 +2,9 @@
 
 The tree is laid out like an image: /usr/lib/kiln/release.json, the digits model
 optimized by builder.model.optimize_model with its report and golden set under
-/usr/share/kiln/models/digits/1.0.0/, the common overlay, and a venv shim at
-/usr/lib/kiln/venv/bin/python that runs this interpreter (onnxruntime, numpy).
+/usr/share/kiln/models/digits/1.0.0/, the common overlay with the kiln_device package
+copied in as images carry it, and a venv shim at /usr/lib/kiln/venv/bin/python that
+runs this interpreter (onnxruntime, numpy).
 The device code runs as subprocesses, the way its units start it.
 """
 
@@ -29,15 +30,17 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from builder.files import sha256_file
 from builder.model import Gates, OptimizationPolicy, optimize_model
-from builder.paths import sha256_file
+from builder.render import make_device_package
+from kiln_device import contract
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "models/digits"
 MODEL_DIR = "usr/share/kiln/models/digits/1.0.0"
-SERVICE = "usr/lib/kiln/kiln_inference.py"
+LAUNCHER = contract.LAUNCHER.lstrip("/")
 HEALTH = "usr/libexec/kiln/kiln-health-inference"
 STATUS = "var/lib/kiln/inference/status.json"
 RESULT = "var/lib/kiln/health/inference.json"
@@ -55,6 +58,7 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def make_rootfs(root: Path, artifacts: Path, *, model: Path | None = None, envelope: float = 50.0) -> Path:
     shutil.copytree(ROOT / "overlays/common/usr", root / "usr", symlinks=True)
+    make_device_package(contract.under(root, contract.PYTHON_DIR) / "kiln_device")
     shim = root / "usr/lib/kiln/venv/bin/python"
     shim.parent.mkdir(parents=True)
     shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
@@ -126,7 +130,7 @@ class Service:
 @contextmanager
 def start_service(root: Path) -> Iterator[Service]:
     status = root / STATUS
-    proc = subprocess.Popen([str(root / "usr/lib/kiln/venv/bin/python"), "-I", str(root / SERVICE),
+    proc = subprocess.Popen([str(root / "usr/lib/kiln/venv/bin/python"), "-I", str(root / LAUNCHER), "kiln-inference",
                              "--root", str(root), "--port", "0", "--status-interval", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -220,7 +224,7 @@ def test_service_serves_the_model_and_records_status(rootfs: Path) -> None:
 def test_service_refuses_a_tampered_model(rootfs: Path) -> None:
     with (rootfs / MODEL_DIR / "model.onnx").open("ab") as f:
         f.write(b"\0")
-    r = subprocess.run([str(rootfs / "usr/lib/kiln/venv/bin/python"), "-I", str(rootfs / SERVICE),
+    r = subprocess.run([str(rootfs / "usr/lib/kiln/venv/bin/python"), "-I", str(rootfs / LAUNCHER), "kiln-inference",
                         "--root", str(rootfs), "--port", "0"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 3, r.stderr
     assert "sha256" in r.stderr and "refusing a modified model" in r.stderr and "Traceback" not in r.stderr
@@ -297,9 +301,3 @@ def test_health_check_usage_and_help(rootfs: Path) -> None:
     for line in ("0   healthy", "1   outputs wrong", "2   too slow", "3   model or golden set missing",
                  "4   service unreachable", "64  usage"):
         assert line in r.stdout
-
-
-def test_device_code_does_not_import_the_builder() -> None:
-    for name in ("kiln_inference.py", "kiln_health_inference.py"):
-        text = (ROOT / "overlays/common/usr/lib/kiln" / name).read_text()
-        assert "import builder" not in text and "from builder" not in text

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from builder import disk, vm
+from builder import disk, image, vm
 from builder.errors import DiskError, ToolMissing, VMError
 from builder.loader import load_class
 from tests.conftest import ROOT
@@ -53,8 +53,8 @@ def make_rootfs(root: Path, *, kernel: bool = True, initrd: bool = True, version
     return root
 
 
-def info(tmp_path: Path, **kwargs: object) -> disk.ImageInfo:
-    return disk.read_image_info(make_rootfs(tmp_path / "rootfs", **kwargs), "test-image")  # type: ignore[arg-type]
+def info(tmp_path: Path, **kwargs: object) -> image.ImageInfo:
+    return image.read_image_info(make_rootfs(tmp_path / "rootfs", **kwargs), "test-image")  # type: ignore[arg-type]
 
 
 def kiln(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -79,7 +79,7 @@ def test_newest_kernel_wins(tmp_path: Path) -> None:
         (root / "usr/lib/modules" / kver).mkdir()
         (root / "usr/lib/modules" / kver / "vmlinuz").write_bytes(b"k")
         (root / "usr/lib/modules" / kver / "initramfs.img").write_bytes(b"i")
-    assert disk.read_image_info(root, "x").kernel_version == "6.10.0-1-amd64"
+    assert image.read_image_info(root, "x").kernel_version == "6.10.0-1-amd64"
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -96,7 +96,7 @@ def test_not_a_kiln_image(tmp_path: Path) -> None:
     root = make_rootfs(tmp_path / "r")
     (root / "usr/lib/kiln/release.json").unlink()
     with pytest.raises(DiskError, match=r"x is not a Kiln image: /usr/lib/kiln/release.json is missing"):
-        disk.read_image_info(root, "x")
+        image.read_image_info(root, "x")
 
 
 # --- layout ----------------------------------------------------------------------------
@@ -371,4 +371,4 @@ def test_release_json_cannot_name_paths_outside_build(tmp_path: Path, field: str
     release = root / "usr/lib/kiln/release.json"
     release.write_text(json.dumps({**json.loads(release.read_text()), field: value}))
     with pytest.raises(DiskError, match=f"release.json: {field}: '.*' is not a valid"):
-        disk.read_image_info(root, "test-image")
+        image.read_image_info(root, "test-image")

@@ -19,17 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from builder import vm
-from builder.build import build_class, resolve_signing_key
+from builder.build import build_class
 from builder.disk import partition_offset
-from builder.engine import PodmanEngine
 from builder.errors import VMError
 from builder.loader import load_class
+from builder.publish import push_signed
 from builder.registry import RegistryInfo, running_registry
 from builder.run import run
-from builder.signing import SigningKey, push_signed
+from builder.signing import SigningKey, resolve_signing_key
 from builder.state import StateDir
 from tests.conftest import ROOT
-from tests.images import QEMU_CLASS, kiln_test_state, project_dir
+from tests.images import QEMU_CLASS, kiln_test_state, project_dir, test_context
 from tests.ota import publish
 
 REPO = f"kiln/{QEMU_CLASS}"
@@ -58,11 +58,10 @@ class Releases:
         """Build VERSION (from a project copy when given), sign it, push it, move the channel."""
         with project_dir(project) as proj:
             hc = load_class(QEMU_CLASS, proj / "images")
-            engine = PodmanEngine(self.state)
-            build_class(hc, source=f"images/{QEMU_CLASS}.yaml", version=version, state=self.state, engine=engine)
-            return push_signed(QEMU_CLASS, version, self.registry.address, key=self.key,
-                               lookaside_dir=self.signatures, channel=channel, engine=engine, state=self.state,
-                               tls_verify=False)
+            ctx = test_context(self.state)
+            build_class(ctx, hc, source=f"images/{QEMU_CLASS}.yaml", version=version)
+            return push_signed(ctx, QEMU_CLASS, version, self.registry.address, key=self.key,
+                               lookaside_dir=self.signatures, channel=channel, tls_verify=False)
 
     def release_derived(self, base_ref: str, version: str, channel: str, *, payload_mib: int = 0,
                         initramfs: bytes | None = None) -> str:

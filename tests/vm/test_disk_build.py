@@ -55,16 +55,16 @@ def test_esp_has_the_loader_and_slot_a(qemu_disk: BuiltDisk) -> None:
 
 def test_same_image_and_version_give_the_same_disk(qemu_disk: BuiltDisk, tmp_path: Path) -> None:
     """Principle 1, for disks: identifiers and timestamps are fixed."""
-    again = disk.make_disk(qemu_disk.record.source, output=tmp_path / "again.raw", version=qemu_disk.version,
-                           state=_state())
+    again = disk.make_disk(_context(), qemu_disk.record.source, output=tmp_path / "again.raw",
+                           version=qemu_disk.version)
     assert again.partitions == qemu_disk.record.partitions
     assert _sha(tmp_path / "again.raw") == _sha(qemu_disk.path)
 
 
-def _state():  # type: ignore[no-untyped-def]
-    from tests.images import kiln_test_state
+def _context():  # type: ignore[no-untyped-def]
+    from tests.images import test_context
 
-    return kiln_test_state()
+    return test_context()
 
 
 def _sha(path: Path) -> str:

@@ -1,7 +1,4 @@
-"""`kiln keys`, `kiln release`, `kiln policy`: signing keys, signed releases, device trust files.
-
-Registered on builder.cli.main (imported at the end of cli.py).
-"""
+"""`kiln keys`, `kiln release`, `kiln policy`: signing keys, signed releases, device trust files."""
 
 from __future__ import annotations
 
@@ -10,11 +7,10 @@ from pathlib import Path
 
 import click
 
-from builder.cli import ENGINE_OPTION, load, main, source_of
-from builder.errors import UsageError
+from builder.cli.common import ENGINE_OPTION, TLS_VERIFY_OPTION, cli_context, load, source_of
 
 
-@main.group("keys")
+@click.group("keys")
 def keys_group() -> None:
     """Release signing keys (GPG, containers simple signing)."""
 
@@ -43,7 +39,7 @@ def keys_show(directory: Path) -> None:
     click.echo(describe_key(read_signing_key(directory)))
 
 
-@main.command("policy")
+@click.command("policy")
 @click.argument("cls", metavar="CLASS")
 @click.option("--key", "key_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Signing key directory (kiln keys init).")
@@ -65,7 +61,7 @@ def policy_cmd(cls: str, key_dir: Path, output: Path | None) -> None:
         click.echo(f"wrote {dest}")
 
 
-@main.command("release")
+@click.command("release")
 @click.argument("cls", metavar="CLASS")
 @click.option("--version", "version", required=True, help="Release version (built now unless built already).")
 @click.option("--channel", default=None, help="Channel tag to move (default: the class's rollout.channel).")
@@ -77,8 +73,7 @@ def policy_cmd(cls: str, key_dir: Path, output: Path | None) -> None:
               help="Signature directory that devices read over HTTP (default .kiln/signatures).")
 @click.option("--rebuild", is_flag=True, help="Build even when VERSION was built already.")
 @ENGINE_OPTION
-@click.option("--tls-verify/--no-tls-verify", default=None,
-              help="Verify the registry's TLS certificate (default: on, off for 127.0.0.1/localhost).")
+@TLS_VERIFY_OPTION
 @click.option("--creds", metavar="USER:PASSWORD", help="Registry credentials.")
 @click.option("--cert-dir", type=click.Path(path_type=Path, file_okay=False),
               help="Directory with the registry's CA certificate (*.crt) and client certificates.")
@@ -92,36 +87,14 @@ def release_cmd(cls: str, version: str, channel: str | None, registry: str, key_
     signature is stored and verifies under the device policy do :VERSION and then
     :CHANNEL point at it. A failed signing leaves no tag that devices take.
     """
-    from builder import build
-    from builder.engine import select_engine
-    from builder.errors import BuildError
-    from builder.progress import Steps
-    from builder.signing import push_signed
-    from builder.state import make_state_dir
+    from builder.release import make_release
+    from builder.signing import resolve_signing_key
 
     hc = load(cls)
-    key = build.resolve_signing_key(hc, key_dir)  # fail before a long build
-    state = make_state_dir()
-    steps = Steps()
-    eng = select_engine(engine, state)
-    try:
-        record = build.read_record(hc.name, version)
-        built = eng.exists(record["image"]["id"])
-    except BuildError:
-        built = False
-    if rebuild or not built:
-        record = build.build_class(hc, source=source_of(cls), version=version, engine=eng, state=state,
-                                   sign_key=key.directory, steps=steps)
-    trusted = (record.get("releaseKey") or {}).get("fingerprint")
-    if trusted != key.fingerprint:
-        raise UsageError(f"{hc.name} {version} was built trusting release key {trusted}, not {key.fingerprint}: "
-                         "devices running it would refuse this signature's successors; rebuild with "
-                         "--rebuild, or sign with the key it trusts")
-    if channel is not None and not channel.strip():
-        raise UsageError("--channel must not be empty")
-    record = push_signed(hc.name, version, registry, key=key, lookaside_dir=lookaside,
-                         channel=channel or hc.spec.rollout.channel, engine=eng, state=state,
-                         tls_verify=tls_verify, creds=creds, cert_dir=cert_dir, steps=steps)
+    key = resolve_signing_key(hc, key_dir)  # fail before a long build
+    record = make_release(cli_context(engine), hc, source=source_of(cls), version=version, registry=registry,
+                          key=key, channel=channel, lookaside_dir=lookaside, rebuild=rebuild,
+                          tls_verify=tls_verify, creds=creds, cert_dir=cert_dir)
     if as_json:
         click.echo(json.dumps(record, indent=2, sort_keys=True))
         return

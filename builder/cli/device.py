@@ -1,4 +1,4 @@
-"""`kiln disk` and `kiln vm run`: from an image to a booted device (registered on builder.cli.main)."""
+"""`kiln disk` and `kiln vm run`: from an image to a booted device."""
 
 from __future__ import annotations
 
@@ -10,22 +10,10 @@ from pathlib import Path
 import click
 
 from builder import vm
-from builder.cli import console, err_console, main
-from builder.errors import UsageError
+from builder.cli.common import checked, cli_context, console, err_console
 
 
-def _size(value: str | None) -> int | None:
-    from builder.safe import byte_size
-
-    if value is None:
-        return None
-    try:
-        return byte_size(value)
-    except ValueError as exc:
-        raise UsageError(f"--size: {exc}") from None
-
-
-@main.command("disk")
+@click.command("disk")
 @click.argument("source", metavar="CLASS|IMAGE|ROOTFS")
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False),
               help="Disk file (default build/<class>/<version>/disk.<format>).")
@@ -43,11 +31,12 @@ def disk_cmd(source: str, output: Path | None, fmt: str, size: str | None, versi
     store (localhost/kiln/CLASS:VERSION) or an unpacked rootfs directory.
     Nothing is mounted; nothing is written when the image does not fit.
     """
-    from builder.disk import format_size, make_disk, resolve_source
+    from builder.disk import make_disk, resolve_source
+    from builder.safe import byte_size, format_size
 
-    size_bytes = _size(size)
+    size_bytes = checked("--size", byte_size, size) if size is not None else None
     ref, version = resolve_source(source, version)
-    record = make_disk(ref, output=output, fmt=fmt, size=size_bytes, version=version)
+    record = make_disk(cli_context(), ref, output=output, fmt=fmt, size=size_bytes, version=version)
     if as_json:
         click.echo(json.dumps(record.to_dict(), indent=2))
         return
@@ -57,7 +46,7 @@ def disk_cmd(source: str, output: Path | None, fmt: str, size: str | None, versi
     click.echo(f"boot it: kiln vm run {record.output}")
 
 
-@main.group("vm")
+@click.group("vm")
 def vm_group() -> None:
     """Boot disks in QEMU (OVMF, KVM when it works, else TCG)."""
 

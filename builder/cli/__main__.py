@@ -1,0 +1,5 @@
+"""`python -m builder.cli`, the same as `kiln`."""
+
+from builder.cli import main
+
+main()

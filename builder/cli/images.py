@@ -1,0 +1,165 @@
+"""`kiln base|build|push|demo`: images into Kiln's store and out to registries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from builder import loader, render
+from builder.cli.common import ENGINE_OPTION, TLS_VERIFY_OPTION, checked, cli_context, load, source_of
+
+
+@click.command("base")
+@click.option("--release", default="bookworm", show_default=True, help="Debian release.")
+@click.option("--arch", default="x86_64", show_default=True, help="Architecture (x86_64, aarch64).")
+@click.option("--mirror", help="Debian mirror (default deb.debian.org).")
+@click.option("--snapshot", help="snapshot.debian.org timestamp (YYYYMMDDTHHMMSSZ) for a pinned base.")
+@click.option("--force", is_flag=True, help="Rebuild even when the cached base is current.")
+@ENGINE_OPTION
+def base_cmd(release: str, arch: str, mirror: str | None, snapshot: str | None, force: bool,
+             engine: str) -> None:
+    """Bootstrap the offline Debian base (mmdebstrap) into Kiln's container store; cached."""
+    from builder.base import make_base
+    from builder.safe import snapshot as check_snapshot
+
+    if snapshot:
+        checked("--snapshot", check_snapshot, snapshot)
+    image = make_base(cli_context(engine), release, arch, mirror=mirror, snapshot=snapshot, force=force)
+    click.echo(f"{image.ref} {image.image_id} (kernel {image.kernel}; "
+               f"{'built' if image.built else 'cached'}; tarball {image.tarball})")
+
+
+@click.command("build")
+@click.argument("cls", metavar="CLASS")
+@click.option("--version", "version", default=render.DEFAULT_VERSION, show_default=True,
+              help="Release version (image tag, release.json, labels).")
+@click.option("--revision", help="Source revision (default: the git commit of the project).")
+@ENGINE_OPTION
+@click.option("--push", "push_to", metavar="REGISTRY", help="Push after building (host:port[/path]).")
+@TLS_VERIFY_OPTION
+@click.option("--no-cache", is_flag=True, help="Ignore cached layers (a cold build).")
+@click.option("--sign-key", type=click.Path(path_type=Path, file_okay=False),
+              help="Release key the image trusts for updates (kiln keys init; default $KILN_SIGNING_KEY, or a "
+                   "development class's per-checkout key). With --push, also signs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the build record as JSON.")
+def build_cmd(cls: str, version: str, revision: str | None, engine: str, push_to: str | None,
+              tls_verify: bool | None, no_cache: bool, sign_key: Path | None, as_json: bool) -> None:
+    """Build CLASS into an OCI image tagged localhost/kiln/CLASS:VERSION; record it in build.json.
+
+    Optimizes and gates the models first (a refused model stops the build, exit 5),
+    bootstraps the offline base when it is missing, lints the image as its last step.
+    """
+    from builder.build import build_class
+    from builder.publish import push_signed
+    from builder.records import describe
+    from builder.signing import read_signing_key
+
+    hc = load(cls)
+    ctx = cli_context(engine)
+    record = build_class(ctx, hc, source=source_of(cls), version=version, revision=revision, no_cache=no_cache,
+                         sign_key=sign_key)
+    if push_to:
+        key = read_signing_key(Path(record["releaseKey"]["directory"]))
+        record = push_signed(ctx, hc.name, version, push_to, key=key, tls_verify=tls_verify)
+    click.echo(json.dumps(record, indent=2, sort_keys=True) if as_json else describe(record))
+
+
+@click.command("push")
+@click.argument("cls", metavar="CLASS")
+@click.argument("registry")
+@click.option("--version", "version", default=render.DEFAULT_VERSION, show_default=True,
+              help="The built version to push.")
+@ENGINE_OPTION
+@TLS_VERIFY_OPTION
+@click.option("--creds", metavar="USER:PASSWORD", envvar="KILN_REGISTRY_CREDS",
+              help="Registry credentials (or KILN_REGISTRY_CREDS).")
+@click.option("--cert-dir", type=click.Path(path_type=Path, file_okay=False, exists=True),
+              help="Directory with the ca.crt of a registry with its own CA (podman).")
+@click.option("--sign-by", type=click.Path(path_type=Path, file_okay=False),
+              help="Sign with this release key (kiln keys init) and publish the signature in the lookaside dir.")
+@click.option("--json", "as_json", is_flag=True, help="Print the build record as JSON.")
+def push_cmd(cls: str, registry: str, version: str, engine: str, tls_verify: bool | None,
+             creds: str | None, cert_dir: Path | None, sign_by: Path | None, as_json: bool) -> None:
+    """Push a built CLASS VERSION to REGISTRY/kiln/CLASS:VERSION; records the pushed digest.
+
+    With --sign-by, the image goes to a staging tag first and :VERSION moves only
+    after its signature is stored (see `kiln release`)."""
+    from builder.publish import push_build, push_signed
+    from builder.signing import read_signing_key
+
+    ctx = cli_context(engine)
+    if sign_by is not None:
+        record = push_signed(ctx, cls, version, registry, key=read_signing_key(sign_by), tls_verify=tls_verify,
+                             creds=creds, cert_dir=cert_dir)
+    else:
+        record = push_build(ctx, cls, version, registry, tls_verify=tls_verify, creds=creds, cert_dir=cert_dir)
+    pushed = record["pushed"][-1]
+    click.echo(json.dumps(record, indent=2, sort_keys=True) if as_json else
+               f"pushed {pushed['byDigest']} (local image {record['image']['id'][:19]})")
+
+
+@click.command()
+@click.option("--class", "cls", default="qemu-x86_64", show_default=True, help="The class to run.")
+@click.option("--version", "version", default="1.0.0", show_default=True, help="Version to build and boot.")
+@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True,
+              help="QEMU accelerator (auto: KVM when it can boot OVMF here, else TCG).")
+@click.option("--timeout", type=float, default=900, show_default=True,
+              help="Seconds to wait for the booted device to pass its health check.")
+def demo(cls: str, version: str, accel: str, timeout: float) -> None:
+    """The main job: validate, build CLASS (model gated), make its A/B disk, boot it, show it healthy."""
+    from builder import disk, vm
+    from builder.build import build_class
+    from builder.records import describe
+
+    ctx = cli_context()
+    steps = ctx.steps
+    with steps.step("validate every class"):
+        for name in loader.known_classes():
+            load(name)
+            click.echo(f"ok  {name}")
+    hc = load(cls)
+    record = build_class(ctx, hc, source=source_of(cls), version=version)
+    click.echo(describe(record))
+    made = disk.make_disk(ctx, record["image"]["ref"], version=version)
+    click.echo(f"disk: {made.output}")
+    key = vm.finalize_ssh_key(hc.name)
+    config = vm.VMConfig(disk=Path(made.output), accel=vm.Accel(accel), snapshot=True,
+                         ssh_key=key if key.is_file() else None)
+    with steps.step(f"boot {cls} {version} in QEMU and wait for its health check"), vm.start_vm(config) as machine:
+        healthy = machine.wait_for_healthy(timeout)
+        click.echo(f"healthy {healthy:.1f} s after QEMU started ({machine.accel.value})")
+        report = machine.guest_exec(
+            "cat /usr/lib/kiln/release.json /var/lib/kiln/health/inference.json; echo; "
+            "tr ' ' '\\n' < /proc/cmdline | grep '^kiln.slot='; findmnt -no FSTYPE,OPTIONS /",
+            check=False).stdout
+        click.echo(summarize_device(report))
+        machine.poweroff()
+    click.echo(f"demo: {cls} {version} built, gated, flashed and booted healthy; durations "
+               + ", ".join(f"{k} {v:.1f} s" for k, v in steps.summary().items()))
+
+
+def summarize_device(text: str) -> str:
+    """A few lines from release.json, the health result, the slot and the root mount, as the VM reported them."""
+    decoder = json.JSONDecoder()
+    docs: list[Any] = []
+    rest = text.strip()
+    while rest.startswith("{"):
+        try:
+            doc, end = decoder.raw_decode(rest)
+        except ValueError:
+            break
+        docs.append(doc)
+        rest = rest[end:].strip()
+    lines = []
+    if docs:
+        rel = docs[0]
+        lines.append(f"device: {rel.get('class')} {rel.get('version')} (compatible {rel.get('compatible')})")
+    if len(docs) > 1:
+        health = docs[1]
+        lines.append(f"golden inference check: {health.get('status')} "
+                     f"(exit {health.get('exit_code')}, {len(health.get('models', []))} model(s))")
+    lines += [f"device: {line.strip()}" for line in rest.splitlines() if line.strip()]
+    return "\n".join(lines)

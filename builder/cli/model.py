@@ -1,0 +1,66 @@
+"""`kiln model optimize`: optimize and validate models against their release gates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from builder import paths
+from builder.cli.common import console, err_console, load
+from builder.errors import UsageError
+
+
+@click.group()
+def model() -> None:
+    """Optimize and validate models against their release gates."""
+
+
+@model.command("optimize")
+@click.argument("cls", metavar="[CLASS]", required=False)
+@click.option("--model", "model_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="Ad-hoc: an ONNX model (instead of CLASS).")
+@click.option("--calibration", type=click.Path(path_type=Path, dir_okay=False),
+              help="Ad-hoc: calibration inputs (.npz with x).")
+@click.option("--validation", type=click.Path(path_type=Path, dir_okay=False),
+              help="Ad-hoc: validation inputs and labels (.npz with x, y).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8"]), default="auto",
+              show_default=True, help="Ad-hoc: pin a precision.")
+@click.option("--candidates", default="int8-static", show_default=True,
+              help="Ad-hoc: comma-separated candidates (int8-static, int8-dynamic, fp16).")
+@click.option("--max-accuracy-drop", type=float, default=0.01, show_default=True, help="Ad-hoc gate.")
+@click.option("-o", "--output", type=click.Path(path_type=Path, file_okay=False),
+              help="Output directory (default build/<class>/models/<name>/<version>/).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report(s) as JSON.")
+def model_optimize(cls: str | None, model_path: Path | None, calibration: Path | None,
+                   validation: Path | None, precision: str, candidates: str, max_accuracy_drop: float,
+                   output: Path | None, as_json: bool) -> None:
+    """Optimize CLASS's models (or one ad-hoc --model), validate on real inputs, apply gates.
+
+    Exit code 5 when no candidate passes the gates (report.json says why).
+    """
+    from builder import model as mdl
+    from builder import models
+
+    say = err_console.print
+    if cls and model_path:
+        raise UsageError("give CLASS or --model, not both")
+    if cls:
+        reports = models.make_optimized_models(load(cls), progress=lambda m: say(m, markup=False))
+    else:
+        if not (model_path and calibration and validation):
+            raise UsageError("ad-hoc use needs --model, --calibration and --validation (or give a CLASS)")
+        policy = mdl.OptimizationPolicy(precision=precision,
+                                        candidates=tuple(c for c in candidates.split(",") if c))
+        gates = mdl.Gates(max_accuracy_drop=max_accuracy_drop)
+        out = output or paths.adhoc_model_dir(model_path.stem)
+        reports = [mdl.optimize_model(model_path, calibration, validation, policy, gates, out,
+                                      lambda m: say(m, markup=False))]
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in reports], indent=2))
+        return
+    for report in reports:
+        console.print(mdl.render_table(report))
+        for reason in report.reasons:
+            console.print(f"  {reason}", markup=False)

@@ -1,0 +1,143 @@
+"""Publishing built images: push, signed push (staging tag, sign, promote), and the record of it.
+
+    ctx = make_context()
+    record = push_build(ctx, "qemu-x86_64", "1.0.0", "127.0.0.1:5000")
+    record = push_signed(ctx, "qemu-x86_64", "1.1.0", "127.0.0.1:5000", key=key, channel="stable")
+
+Both take the image by the id build.json recorded (checked to be still in the engine's
+store) and add what they pushed to the record. How a signed push never leaves a pullable
+unsigned tag is told in builder.signing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from builder import records
+from builder.context import Context
+from builder.engine import Engine
+from builder.errors import BuildError, CommandFailed, KilnError, RegistryError
+from builder.names import finalize_destination, finalize_tag
+from builder.run import run
+from builder.signing import (
+    Access,
+    SigningKey,
+    Verifier,
+    finalize_lookaside_dir,
+    make_signature,
+    make_verifier,
+    signed_identity,
+    stop_agent,
+)
+from builder.state import StateDir
+
+STAGING_PREFIX = "staging-"
+
+
+def is_loopback(registry: str) -> bool:
+    host = registry.split("/", 1)[0].rsplit(":", 1)[0]
+    return host == "localhost" or host.startswith("127.")
+
+
+def finalize_tls_verify(registry: str, tls_verify: bool | None) -> bool:
+    """Verify TLS unless told otherwise, except for a registry on the loopback (a test or dev one)."""
+    return (not is_loopback(registry)) if tls_verify is None else tls_verify
+
+
+def find_built_image(record: dict[str, Any], eng: Engine) -> str:
+    """The recorded image id, checked to be still in the engine's store."""
+    image_id = str(record["image"]["id"])
+    if not eng.exists(image_id):
+        raise BuildError(f"image {image_id[:19]} of {record['class']} {record['version']} is not in "
+                         f"{eng.name}'s store any more; rebuild it")
+    return image_id
+
+
+def push_build(
+    ctx: Context,
+    cls: str,
+    version: str,
+    registry: str,
+    *,
+    tls_verify: bool | None = None,
+    creds: str | None = None,
+    cert_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Push a built image by its id; record `{ref, digest}` in build.json. Returns the record."""
+    record = records.read_record(cls, version)
+    steps, eng = ctx.steps, ctx.engine
+    eng.version()
+    dest = finalize_destination(registry, cls, version)
+    verify = finalize_tls_verify(registry, tls_verify)
+    image_id = find_built_image(record, eng)
+    with steps.step(f"push {dest}"):
+        digest = eng.push(image_id, dest, tls_verify=verify, creds=creds, cert_dir=cert_dir)
+    record["pushed"] = [p for p in record.get("pushed", []) if p.get("ref") != dest]
+    record["pushed"].append({"ref": dest, "digest": digest, "byDigest": f"{dest.rsplit(':', 1)[0]}@{digest}"})
+    record.setdefault("durations", {})[f"push {dest}"] = steps.summary().get(f"push {dest}")
+    records.write_record(record)
+    return record
+
+
+def promote(repo: str, digest: str, tag: str, verifier: Verifier, *, access: Access, state: StateDir) -> None:
+    """Point repo:tag at repo@digest, only if its published signature passes the device policy."""
+    try:
+        run(["skopeo", *verifier.args(), "copy", "--preserve-digests", "--remove-signatures", "--quiet",
+             *access.args("src-", "dest-"), f"docker://{repo}@{digest}", f"docker://{repo}:{tag}"],
+            env=state.engine_env(), capture=True)
+    except CommandFailed as exc:
+        raise RegistryError(f"promoting {repo}@{digest[:19]} to :{tag}: {exc}") from exc
+
+
+def push_signed(
+    ctx: Context,
+    cls: str,
+    version: str,
+    registry: str,
+    *,
+    key: SigningKey,
+    lookaside_dir: Path | None = None,
+    channel: str | None = None,
+    tls_verify: bool | None = None,
+    creds: str | None = None,
+    cert_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Push a built CLASS VERSION signed: staging tag, sign, promote to :VERSION (and :CHANNEL).
+
+    Returns the build record with `pushed` and `signatures` updated (also written)."""
+    record = records.read_record(cls, version)
+    state, steps, eng = ctx.state, ctx.steps, ctx.engine
+    eng.version()
+    lookaside_dir = (lookaside_dir or finalize_lookaside_dir(state)).absolute()
+    verify = finalize_tls_verify(registry, tls_verify)
+    access = Access(verify, creds, cert_dir)
+    tag = finalize_tag(version)
+    dest = finalize_destination(registry, cls, version)
+    repo = dest.rsplit(":", 1)[0]
+    image_id = find_built_image(record, eng)
+    verifier = make_verifier(state, cls, key, lookaside_dir, registry.removeprefix("docker://"))
+    try:
+        with steps.step(f"push {repo}:{STAGING_PREFIX}{tag}"):
+            digest = eng.push(image_id, f"{repo}:{STAGING_PREFIX}{tag}", tls_verify=verify, creds=creds,
+                              cert_dir=cert_dir)
+        with steps.step(f"sign {digest[:19]} with {key.fingerprint[-16:]}"):
+            sig = make_signature(repo, digest, tag, cls=cls, key=key, lookaside_dir=lookaside_dir,
+                                 access=access, state=state)
+        tags = [tag] + ([channel] if channel else [])
+        for t in tags:
+            with steps.step(f"promote to :{t}"):
+                promote(repo, digest, t, verifier, access=access, state=state)
+    except KilnError as exc:
+        raise exc.with_context(f"releasing {cls} {version} to {registry}") from exc.__cause__
+    finally:
+        stop_agent(key)
+    record["pushed"] = [p for p in record.get("pushed", []) if p.get("ref") not in {f"{repo}:{t}" for t in tags}]
+    record["pushed"] += [{"ref": f"{repo}:{t}", "digest": digest, "byDigest": f"{repo}@{digest}", "signed": True}
+                         for t in tags]
+    record["signatures"] = [s for s in record.get("signatures", []) if s.get("digest") != digest] + [{
+        "digest": digest, "fingerprint": key.fingerprint, "identity": f"{signed_identity(cls)}:{tag}",
+        "path": str(sig), "lookaside": str(lookaside_dir)}]
+    record.setdefault("durations", {}).update(steps.summary())
+    records.write_record(record)
+    return record

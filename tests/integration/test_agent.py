@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from builder.registry import running_registry
 from builder.signing import SigningKey, make_signing_key, serving_lookaside
 from builder.state import StateDir, make_state_dir
 from tests.conftest import require_tool
-from tests.ota import AGENT, FakeDevice, make_oci_image, publish, push_unsigned, release_files, release_labels
+from tests.ota import FakeDevice, make_oci_image, publish, push_unsigned, release_files, release_labels
 
 pytestmark = pytest.mark.integration
 
@@ -269,7 +268,7 @@ def test_power_cut_mid_slot_write(world: World) -> None:
     mark = dev.root / "fault"
     env = {**os.environ, "KILN_AGENT_ROOT": str(dev.root), "KILN_AGENT_FAULT": "stop:writing",
            "KILN_AGENT_FAULT_MARK": str(mark)}
-    proc = subprocess.Popen([sys.executable, "-I", str(AGENT), "update", "--no-reboot"], env=env,
+    proc = subprocess.Popen([*dev.agent_argv(), "update", "--no-reboot"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while not mark.exists() and proc.poll() is None and time.monotonic() < deadline:

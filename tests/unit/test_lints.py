@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from builder.errors import GateFailed
-from builder.lint import lint_rootfs, load_lint_module
+from builder.lint import lint_rootfs
+from kiln_device import lint as lint_mod
 
 ROOT = Path(__file__).resolve().parents[2]
 KVER = "6.1.0-28-amd64"
-lint_mod = load_lint_module()
 
 
 def make_rootfs(root: Path, *, accelerator: str = "none", development: bool = False) -> Path:
@@ -140,15 +140,18 @@ def test_warnings_do_not_fail_errors_do(tmp_path: Path) -> None:
 
 
 def test_lint_script_runs_standalone_with_exit_codes(tmp_path: Path) -> None:
-    script = ROOT / "overlays/common/usr/lib/kiln/kiln_lint.py"
+    """As the image build's last step runs it: python3 -I /usr/lib/kiln/launch.py kiln-lint ROOT."""
+    lint = [sys.executable, "-I", str(ROOT / "overlays/common/usr/lib/kiln/launch.py"), "kiln-lint"]
     root = make_rootfs(tmp_path)
-    ok = subprocess.run([sys.executable, "-I", str(script), str(root)], capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stdout
+    ok = subprocess.run([*lint, str(root)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
     (root / "boot/vmlinuz").write_text("k")
-    bad = subprocess.run([sys.executable, "-I", str(script), str(root)], capture_output=True, text=True)
+    bad = subprocess.run([*lint, str(root)], capture_output=True, text=True)
     assert bad.returncode == 1 and "error: boot-empty" in bad.stdout
-    missing = subprocess.run([sys.executable, "-I", str(script), str(tmp_path / "nope")], capture_output=True)
+    missing = subprocess.run([*lint, str(tmp_path / "nope")], capture_output=True)
     assert missing.returncode == 2
+    usage = subprocess.run([*lint, "--bogus"], capture_output=True)
+    assert usage.returncode == 2
 
 
 def test_kiln_lint_cli(tmp_path: Path) -> None:

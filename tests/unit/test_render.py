@@ -81,7 +81,7 @@ def test_layer_order_slow_first_model_and_release_last(name: str) -> None:
              "COPY release/", "LABEL containers.bootc"]
     positions = [text.index(marker) for marker in order]
     assert positions == sorted(positions)
-    assert lines[-1].startswith("RUN ") and "kiln_lint.py" in lines[-1]
+    assert lines[-1].startswith("RUN ") and "launch.py kiln-lint /" in lines[-1]
     if plan(name).hc.spec.base.family.has_bootc:
         assert "bootc container lint" in lines[-1]
 

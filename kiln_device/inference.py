@@ -1,12 +1,11 @@
-#!/usr/bin/env python3
 """Kiln inference service: every model in release.json, served over HTTP on 127.0.0.1.
 
 Runs on the device as kiln-inference.service:
 
-    /usr/lib/kiln/venv/bin/python -I /usr/lib/kiln/kiln_inference.py [--port 8470]
+    /usr/lib/kiln/venv/bin/python -I /usr/lib/kiln/launch.py kiln-inference [--port 8470]
 
 Standard library plus the runtime venv (onnxruntime, numpy); nothing from the
-builder. kiln_health_inference.py imports the loading half of this file, so
+builder. kiln_device.health imports the loading half of this module, so
 the health check verifies and opens models exactly as the service does.
 
 API (JSON in and out):
@@ -29,7 +28,6 @@ mismatch, does not load, no usable execution provider), 64 usage.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -49,11 +47,14 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from kiln_device.common import Parser, first_line, make_logger, sha256_file, write_json_atomic
+from kiln_device.contract import INFERENCE_STATUS, RELEASE_JSON, under
+
 HOST = "127.0.0.1"  # never reachable from the network
 DEFAULT_PORT = 8470
 PORT_ENV = "KILN_INFERENCE_PORT"
-RELEASE = "usr/lib/kiln/release.json"
-STATUS = "var/lib/kiln/inference/status.json"
+RELEASE = RELEASE_JSON.lstrip("/")
+STATUS = INFERENCE_STATUS.lstrip("/")
 CPU = "CPUExecutionProvider"
 GRAPH_LEVELS = {
     "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -81,30 +82,11 @@ class BadRequest(Exception):
         self.status = status
 
 
-def log(message: str) -> None:
-    print(f"kiln-inference: {message}", file=sys.stderr, flush=True)
+log = make_logger("kiln-inference")
 
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def under(root: Path, device_path: str) -> Path:
-    """A device path (/usr/...) inside the tree at `root`."""
-    return root / device_path.lstrip("/")
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def plain(value: object) -> object:
@@ -112,26 +94,6 @@ def plain(value: object) -> object:
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-def write_json_atomic(path: Path, data: object) -> None:
-    """Write, fsync, rename, fsync the directory: readers see the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with tmp.open("w") as f:
-            json.dump(data, f, indent=2, sort_keys=True, default=plain)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- release.json and model files ----------------------------------------------------------
@@ -362,7 +324,7 @@ class Status:
         at = now_iso()
         with self.lock:
             d = self.data
-            fresh = {"requests": 0, "errors": 0, "last_success_at": None}
+            fresh: dict[str, Any] = {"requests": 0, "errors": 0, "last_success_at": None}
             per = d["by_model"].setdefault(model, fresh) if model else fresh  # unknown model: no entry
             d["requests"] += 1
             per["requests"] += 1
@@ -381,7 +343,7 @@ class Status:
 
     def flush(self) -> None:
         try:
-            write_json_atomic(self.path, self.snapshot())
+            write_json_atomic(self.path, self.snapshot(), default=plain)
         except OSError as exc:
             if not self.write_failed:
                 log(f"error: cannot write status file {self.path}: {first_line(exc)}")
@@ -519,16 +481,9 @@ def notify(message: str) -> None:
         log(f"warning: sd_notify failed: {first_line(exc)}")
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:
-        self.print_usage(sys.stderr)
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = Parser(prog="kiln-inference", description=__doc__,
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
+                    formatter_class=argparse.RawDescriptionHelpFormatter, usage_code=EXIT_USAGE)
     parser.add_argument("--root", type=Path, default=Path("/"),
                         help="tree holding usr/lib/kiln/release.json and the models (default /)")
     parser.add_argument("--port", type=int, default=None,

@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Kiln's image lints: a registry of named checks with severities, over a rootfs.
 
-Runs as the last step of every image build (`python3 kiln_lint.py /`) and on an
-unpacked rootfs from the build machine. Standard library only: it runs inside
+Runs as the last step of every image build (`python3 /usr/lib/kiln/launch.py kiln-lint /`)
+and on an unpacked rootfs from the build machine (`kiln lint ROOTFS`). Standard library only: it runs inside
 images and must not import anything from the builder.
 
 Exit codes: 0 no errors (warnings allowed), 1 at least one error, 2 bad usage.
@@ -10,7 +9,7 @@ Exit codes: 0 no errors (warnings allowed), 1 at least one error, 2 bad usage.
 
 from __future__ import annotations
 
-import argparse
+import hashlib
 import json
 import lzma
 import re
@@ -19,6 +18,9 @@ import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from kiln_device.common import Parser
+from kiln_device.contract import DEV_AUTHORIZED_KEYS, KARGS_DIR, MODULES_DIR, RELEASE_JSON, under
 
 ERROR = "error"
 WARNING = "warning"
@@ -53,12 +55,12 @@ def lint(name: str, severity: str, description: str):  # type: ignore[no-untyped
 
 
 def kernel_dirs(root: Path) -> list[Path]:
-    mods = root / "usr/lib/modules"
+    mods = under(root, MODULES_DIR)
     return sorted(d for d in mods.iterdir() if d.is_dir()) if mods.is_dir() else []
 
 
 def release_of(root: Path) -> dict:
-    path = root / "usr/lib/kiln/release.json"
+    path = under(root, RELEASE_JSON)
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -139,19 +141,19 @@ def check_var_tmpfiles(root: Path, release: dict) -> Iterator[str]:
         yield f"not in tmpfiles.d: {', '.join(undeclared[:RUN_MAX_SHOWN])}"
 
 
-@lint("release", ERROR, "/usr/lib/kiln/release.json names class, compatible and version")
+@lint("release", ERROR, f"{RELEASE_JSON} names class, compatible and version")
 def check_release(root: Path, release: dict) -> Iterator[str]:
-    if not (root / "usr/lib/kiln/release.json").is_file():
-        yield "/usr/lib/kiln/release.json is missing"
+    if not under(root, RELEASE_JSON).is_file():
+        yield f"{RELEASE_JSON} is missing"
         return
     for key in ("class", "compatible", "version", "models"):
         if not release.get(key):
-            yield f"/usr/lib/kiln/release.json has no {key!r}"
+            yield f"{RELEASE_JSON} has no {key!r}"
 
 
-@lint("kargs", ERROR, "kernel arguments in /usr/lib/bootc/kargs.d/*.toml parse as a list of strings")
+@lint("kargs", ERROR, f"kernel arguments in {KARGS_DIR}/*.toml parse as a list of strings")
 def check_kargs(root: Path, release: dict) -> Iterator[str]:
-    d = root / "usr/lib/bootc/kargs.d"
+    d = under(root, KARGS_DIR)
     for path in sorted(d.glob("*.toml")) if d.is_dir() else []:
         try:
             data = tomllib.loads(path.read_text())
@@ -165,8 +167,6 @@ def check_kargs(root: Path, release: dict) -> Iterator[str]:
 
 @lint("models", ERROR, "every model in release.json is present with its digest")
 def check_models(root: Path, release: dict) -> Iterator[str]:
-    import hashlib
-
     for m in release.get("models", []) if isinstance(release.get("models"), list) else []:
         path = root / str(m.get("path", "")).lstrip("/")
         if not path.is_file():
@@ -193,7 +193,7 @@ def check_machine_id(root: Path, release: dict) -> Iterator[str]:
 def check_production_access(root: Path, release: dict) -> Iterator[str]:
     if release.get("development"):
         return
-    keys = [root / "root/.ssh/authorized_keys", root / "usr/lib/kiln/ssh/authorized_keys"]
+    keys = [root / "root/.ssh/authorized_keys", under(root, DEV_AUTHORIZED_KEYS)]
     for p in [*keys, *sorted((root / "home").glob("*/.ssh/authorized_keys"))]:
         if p.exists():
             yield f"{p.relative_to(root)} exists in a production image"
@@ -245,7 +245,7 @@ def run_lints(root: Path, only: set[str] | None = None) -> list[Finding]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Lint a Kiln image rootfs.")
+    parser = Parser(prog="kiln-lint", description="Lint a Kiln image rootfs.", usage_code=2)
     parser.add_argument("root", type=Path, nargs="?", default=Path("/"),
                         help="the rootfs directory (default /, inside an image build)")
     parser.add_argument("--json", action="store_true", help="print findings as JSON")

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Golden-set health check of the device's inference models (kiln-health-inference).
 
 For every model in /usr/lib/kiln/release.json: verify the model file's sha256,
@@ -37,17 +36,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-sys.dont_write_bytecode = True  # /usr is read-only on the device
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # `python -I` leaves the script's directory out
+import numpy as np
 
-import kiln_inference as ki  # noqa: E402
-import numpy as np  # noqa: E402
+from kiln_device import inference as ki
+from kiln_device.common import Parser, first_line, make_logger, write_json_atomic
+from kiln_device.contract import HEALTH_RESULT, RELEASE_JSON, under
 
 HEALTHY, WRONG, SLOW, BROKEN, SERVICE, USAGE = 0, 1, 2, 3, 4, 64
 PRECEDENCE = (BROKEN, WRONG, SERVICE, SLOW)
 NAMES = {HEALTHY: "healthy", WRONG: "outputs-wrong", SLOW: "too-slow", BROKEN: "model-broken",
          SERVICE: "service-failed", USAGE: "usage"}
-HEALTH = "var/lib/kiln/health/inference.json"
+HEALTH = HEALTH_RESULT.lstrip("/")
 GOLDEN = "golden.npz"
 GOLDEN_KEYS = ("x", "outputs", "labels", "tolerance", "input_name", "output_name")
 DEFAULT_RUNS = 200
@@ -78,8 +77,7 @@ class ServiceError(Exception):
     pass
 
 
-def say(message: str) -> None:
-    print(f"kiln-health-inference: {message}", file=sys.stderr, flush=True)
+say = make_logger("kiln-health-inference")
 
 
 # -- golden set ---------------------------------------------------------------------------------
@@ -96,7 +94,7 @@ def load_golden(entry: ki.ModelEntry) -> Golden:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise ki.ModelProblem(f"{where} is unreadable: {ki.first_line(exc)}") from None
+        raise ki.ModelProblem(f"{where} is unreadable: {first_line(exc)}") from None
     missing = [k for k in GOLDEN_KEYS if k not in arrays]
     if missing:
         raise ki.ModelProblem(f"{where} lacks {', '.join(missing)}")
@@ -190,7 +188,7 @@ def envelope_ms(release: dict[str, Any]) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ki.ModelProblem(f"/{ki.RELEASE}: p95LatencyMs must be a positive number, got {value!r}")
+        raise ki.ModelProblem(f"{RELEASE_JSON}: p95LatencyMs must be a positive number, got {value!r}")
     return float(value)
 
 
@@ -218,7 +216,7 @@ def check_model(entry: ki.ModelEntry, providers: list[str], envelope: float | No
         problems.append(Problem(BROKEN, entry.name, str(exc)))
         return info, None
     except Exception as exc:  # onnxruntime failing at run time on a model that loaded
-        problems.append(Problem(BROKEN, entry.name, f"model {entry.name}: inference failed: {ki.first_line(exc)}"))
+        problems.append(Problem(BROKEN, entry.name, f"model {entry.name}: inference failed: {first_line(exc)}"))
         return info, None
     info.update(golden=golden.path, providers=model.session.get_providers(), load_ms=round(model.load_ms, 3))
     info["local"] = compare(got, golden)
@@ -334,16 +332,9 @@ def run_checks(args: argparse.Namespace) -> dict[str, Any]:
             "models": list(infos.values()), "problems": [asdict(p) for p in problems]}
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:
-        self.print_usage(sys.stderr)
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(USAGE)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = Parser(prog="kiln-health-inference", description=__doc__,
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
+                    formatter_class=argparse.RawDescriptionHelpFormatter, usage_code=USAGE)
     parser.add_argument("--root", type=Path, default=Path("/"),
                         help="tree holding usr/lib/kiln/release.json and the models (default /)")
     parser.add_argument("--service", metavar="URL",
@@ -367,7 +358,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not args.service.startswith(("http://", "https://")):
             parser.error(f"--service {args.service!r}: expected an http:// URL")
         args.service = args.service.rstrip("/")
-    args.output = args.output or ki.under(args.root, HEALTH)
+    args.output = args.output or under(args.root, HEALTH)
     return args
 
 
@@ -398,9 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     result = run_checks(args)
     result["duration_s"] = round(time.perf_counter() - start, 3)
     try:
-        ki.write_json_atomic(args.output, result)
+        write_json_atomic(args.output, result, default=ki.plain)
     except OSError as exc:
-        say(f"warning: cannot write {args.output}: {ki.first_line(exc)}")
+        say(f"warning: cannot write {args.output}: {first_line(exc)}")
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True, default=ki.plain))
     report(result)

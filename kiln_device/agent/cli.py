@@ -1,0 +1,206 @@
+"""kiln-agent: signed A/B updates from an OCI registry, for a Kiln device.
+
+Subcommands:
+  check              look up the channel tag, read the candidate's manifest and labels
+                     (no layers), decide whether to take it
+  update [--no-reboot]
+                     check, then: pull by digest into the OCI layout on the data
+                     partition (skopeo, with the baked policy.json: the signature is
+                     verified; only missing blobs move), decide again from the verified
+                     config, unpack (umoci), write the INACTIVE slot (mkfs.erofs), read it
+                     back and compare hashes, install kernel + initramfs on the ESP, write
+                     the boot entry kiln-<version>-<slot>+<tries>.conf atomically, reboot
+  status [--json]    booted slot and version, pending update, last result, rollbacks
+  boot               on-boot reconciliation (kiln-agent-boot.service): a trial boot of the
+                     slot we installed that got blessed is a success; a boot of the other
+                     slot means the new one was rolled back: record why, blocklist it
+  self-test          the agent can run: config, policy, key and tools present, state
+                     writable (kiln-health-agent.service, gates boot-complete.target)
+
+Configuration: /usr/lib/kiln/agent.json (baked defaults), overridden key by key by
+/etc/kiln/agent.json, then by --config FILE (or $KILN_AGENT_CONFIG). Keys: registry
+(host:port[/path]), repository (default kiln/<class>), channel (default: the image's),
+lookaside (signature server URL), insecure (plain HTTP / no TLS verification), policy,
+release, stateDir, ociDir, workDir, esp, slots {a, b: block devices}, partuuids {a, b}
+(default: found under /dev/disk/by-partuuid), cmdline, efivars, rebootCommand.
+
+State: <stateDir>/state.json, replaced atomically after every step (a journal), so an
+interrupted run resumes or starts over; a slot is trusted only once its verification
+record (digest, sha256 of what was read back) is in the state.
+
+Exit codes:
+  0   ok (check: an update is available; update: installed, or rebooting into it)
+  1   unexpected failure (a bug: please report it with the output)
+  2   up to date: the channel carries the running version
+  3   refused: the candidate's compatible string is not this device's
+  4   refused: not newer than the running version, below the running image's
+      minVersion, or the candidate needs a newer running version (its minVersion)
+  5   refused: this version failed on this device before (blocklisted)
+  6   refused: signature or policy check failed (nothing was written)
+  7   registry or signature server unreachable, or the channel tag is missing
+  8   not enough space on the data partition or the slot
+  9   writing or verifying the slot, the kernel or the boot entry failed
+  10  another kiln-agent run holds the lock
+  11  configuration missing or invalid
+  64  usage
+
+Testing hooks: KILN_AGENT_ROOT=DIR reads the two config files under DIR instead of /
+(a fake device in a temp directory). KILN_AGENT_FAULT=after:<phase> exits with 137 right after <phase> is
+journaled (a crash at a known point). KILN_AGENT_FAULT=stop:<point> stops there instead: it writes
+<point> to /run/kiln-agent.fault (KILN_AGENT_FAULT_MARK) and sleeps, so a test can cut the power
+(kill the VM) at that point. Phases: fetched, invalidated, built, written, verified, kernel, entry;
+stop: also takes `writing` (half of the slot written, not yet fsynced as a whole).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kiln_device.agent.bootctl import BootControl, make_boot_control
+from kiln_device.agent.config import CONFIG_ENV, Config, load_config
+from kiln_device.agent.errors import AgentError, log
+from kiln_device.agent.install import cmd_check, cmd_update
+from kiln_device.agent.journal import State, blocklist, locked
+from kiln_device.agent.reconcile import cmd_boot
+from kiln_device.common import TOOL_PATH, Parser, read_json, write_atomic
+from kiln_device.contract import CONFIG, NO_SPACE, OK, USAGE, WRITE_FAILED, Release
+
+sys.dont_write_bytecode = True  # /usr is read-only on the device
+
+
+# --- status, self-test --------------------------------------------------------------------------
+
+
+def status_data(config: Config, release: Release, state: State, boot: BootControl) -> dict[str, Any]:
+    return {
+        "class": release.cls, "compatible": release.compatible, "version": release.version,
+        "bootedSlot": boot.booted_slot(), "selectedEntry": boot.selected_entry(), "bootControl": boot.name,
+        "channel": config.channel, "source": config.source if config.registry else None,
+        "pending": state.pending, "lastResult": state.data.get("lastResult"),
+        "rollbacks": state.data.get("rollbacks", []), "blocklist": blocklist(state),
+        "slots": state.data.get("slots", {}), "entries": [e.name for e in boot.entries()],
+    }
+
+
+def render_status(data: dict[str, Any]) -> str:
+    lines = [f"{data['class']} {data['version']} from slot {data['bootedSlot'] or '?'} "
+             f"(entry {data['selectedEntry'] or '?'}, {data['bootControl']})",
+             f"channel {data['channel']} at {data['source'] or '(no registry configured)'}"]
+    pending = data["pending"]
+    if pending:
+        lines.append(f"pending: {pending['version']} -> slot {pending['slot']}, phase {pending['phase']}")
+    last = data["lastResult"]
+    if last:
+        lines.append(f"last result: {last['result']} {last.get('version') or ''} at {last['time']}"
+                     + (f": {last['reason']}" if last.get("reason") else ""))
+    for rb in data["rollbacks"][-5:]:
+        lines.append(f"rollback: {rb['version']} (slot {rb['slot']}) at {rb['time']}: {rb['reason']}")
+    if data["blocklist"]:
+        lines.append("blocklisted: " + ", ".join(v for v in data["blocklist"] if not v.startswith("sha256:")))
+    return "\n".join(lines)
+
+
+def cmd_self_test(config: Config, release: Release) -> list[str]:
+    problems = []
+    for tool in ("skopeo", "umoci", "mkfs.erofs"):
+        if shutil.which(tool, path=os.environ.get("PATH", "") + TOOL_PATH) is None:
+            problems.append(f"{tool} is not installed")
+    if not config.policy.is_file():
+        problems.append(f"{config.policy} is missing")
+    else:
+        try:
+            policy = read_json(config.policy)
+            for req in (policy.get("transports", {}).get("docker", {}) or {}).values():
+                for rule in req:
+                    key = rule.get("keyPath")
+                    if key and not Path(key).is_file():
+                        problems.append(f"policy key {key} is missing")
+        except (OSError, ValueError, AttributeError) as exc:
+            problems.append(f"{config.policy}: {exc}")
+    try:
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(config.state_dir / ".self-test", b"ok\n")
+        (config.state_dir / ".self-test").unlink()
+    except OSError as exc:
+        problems.append(f"state directory {config.state_dir} is not writable: {exc}")
+    if not (config.esp / "loader").is_dir():
+        problems.append(f"the ESP is not mounted at {config.esp} (no loader/ directory)")
+    return problems
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="kiln-agent", description=__doc__.split("\n\n")[0] if __doc__ else None,
+                    epilog=__doc__.split("Exit codes:", 1)[1].join(["Exit codes:", ""]) if __doc__ else None,
+                    formatter_class=argparse.RawDescriptionHelpFormatter, usage_code=USAGE)
+    parser.add_argument("--config", default=os.environ.get(CONFIG_ENV), help="extra config file (highest priority)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    check = sub.add_parser("check", help="decide whether the channel's release should be taken")
+    check.add_argument("--json", action="store_true")
+    update = sub.add_parser("update", help="download, verify and install the channel's release")
+    update.add_argument("--no-reboot", action="store_true", help="install, but do not reboot")
+    status = sub.add_parser("status", help="booted slot, version, pending update, rollbacks")
+    status.add_argument("--json", action="store_true")
+    sub.add_parser("boot", help="on-boot reconciliation (run by kiln-agent-boot.service)")
+    sub.add_parser("self-test", help="health check: the agent can run (kiln-health-agent.service)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return dispatch(args)
+    except AgentError as exc:
+        log(f"error: {exc.message}")
+        return exc.code
+    except NotImplementedError as exc:
+        log(f"error: {exc}")
+        return CONFIG
+    except OSError as exc:
+        log(f"error: {exc}")
+        return NO_SPACE if exc.errno == errno.ENOSPC else WRITE_FAILED
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    config, release = load_config(args.config)
+    if args.command == "self-test":
+        problems = cmd_self_test(config, release)
+        for p in problems:
+            log(f"self-test: {p}")
+        return CONFIG if problems else OK
+    state_path = config.state_dir / "state.json"
+    if args.command == "status":
+        boot = make_boot_control(config, release.boot_control)
+        data = status_data(config, release, State(state_path), boot)
+        print(json.dumps(data, indent=2, sort_keys=True) if args.json else render_status(data))
+        return OK
+    with locked(config.state_dir):
+        state = State(state_path)
+        boot = make_boot_control(config, release.boot_control)
+        if args.command == "boot":
+            log(cmd_boot(config, release, state, boot))
+            return OK
+        cmd_boot(config, release, state, boot)  # a check or update first settles the last boot
+        if args.command == "check":
+            decision, cand = cmd_check(config, release, state)
+            if args.json:
+                print(json.dumps({"code": decision.code, "take": decision.take, "reason": decision.reason,
+                                  "candidate": cand.__dict__}, indent=2, sort_keys=True))
+            else:
+                print(f"{'update available' if decision.take else 'no update'}: {decision.reason}")
+            return decision.code
+        return cmd_update(config, release, state, boot, reboot=not args.no_reboot)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

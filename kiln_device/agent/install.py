@@ -1,0 +1,164 @@
+"""check and update: decide on the channel's release, then install it into the inactive slot,
+one journaled phase at a time (an interrupted run resumes or starts over)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import shutil
+
+from kiln_device.agent.bootctl import BootControl
+from kiln_device.agent.config import Config, read_boot_id, require_registry
+from kiln_device.agent.errors import AgentError, log
+from kiln_device.agent.journal import State, blocklist, now
+from kiln_device.agent.oci import fetch, gc_layout, inspect_channel, verified_labels
+from kiln_device.agent.slot import build_erofs, check_tree, unpack, work_paths, write_slot
+from kiln_device.agent.tools import run
+from kiln_device.agent.versions import Candidate, Decision, candidate_from_labels, decide
+from kiln_device.common import sha256_file
+from kiln_device.contract import (
+    CONFIG,
+    INTERNAL,
+    NO_SPACE,
+    OK,
+    UP_TO_DATE,
+    WRITE_FAILED,
+    Release,
+    oci_ref_name,
+    other_slot,
+)
+
+
+def cmd_check(config: Config, release: Release, state: State) -> tuple[Decision, Candidate]:
+    require_registry(config)
+    cand = inspect_channel(config)
+    decision = decide(release, cand, blocklist(state))
+    return decision, cand
+
+
+def cmd_update(config: Config, release: Release, state: State, boot: BootControl, *, reboot: bool) -> int:
+    require_registry(config)
+    booted = boot.booted_slot()
+    if booted is None:
+        raise AgentError(CONFIG, f"cannot tell the booted slot: no kiln.slot= in {config.cmdline}")
+    target = other_slot(booted)
+    decision, cand = cmd_check(config, release, state)
+    pending = state.pending
+    if pending and pending.get("phase") == "entry" and pending.get("digest") == cand.digest:
+        log(f"{cand.version} is installed in slot {pending['slot']} and waits for a reboot")
+        return finish_install(config, state, reboot)
+    if decision.code == UP_TO_DATE:
+        log(f"up to date: {decision.reason}")
+        return UP_TO_DATE
+    if not decision.take:
+        raise AgentError(decision.code, f"not updating: {decision.reason}")
+    if pending and (pending.get("digest") != cand.digest or pending.get("slot") != target):
+        log(f"dropping the interrupted update to {pending.get('version')} (slot {pending.get('slot')}, "
+            f"phase {pending.get('phase')}): the channel now has {cand.version}")
+        pending = None
+    if pending:
+        log(f"resuming the update to {cand.version} after phase {pending.get('phase')}")
+    else:
+        state.data["pending"] = {"version": cand.version, "digest": cand.digest, "slot": target,
+                                 "from": release.version, "fromSlot": booted, "started": now(),
+                                 "phase": "started", "phases": {}}
+        state.save()
+    try:
+        install(config, release, state, boot, cand, target)
+    except OSError as exc:
+        error = AgentError(NO_SPACE if exc.errno == errno.ENOSPC else WRITE_FAILED, f"installing {cand.version}: {exc}")
+        failed(config, state, cand, error)
+        raise error from None
+    except AgentError as exc:
+        failed(config, state, cand, exc)
+        raise
+    return finish_install(config, state, reboot)
+
+
+def install(config: Config, release: Release, state: State, boot: BootControl, cand: Candidate,
+            slot: str) -> None:
+    paths = work_paths(config)
+    ref = oci_ref_name(cand.version)
+    device = config.slots[slot]
+    # 1. Pull and verify (idempotent: a resumed pull fetches only what is missing).
+    if not state.phase_done("fetched"):
+        fetch(config, cand, paths.layout)
+        state.journal("fetched")
+    verified = candidate_from_labels(verified_labels(paths.layout, ref), cand.digest)
+    again = decide(release, verified, blocklist(state))
+    if not again.take:  # the labels we decided on were not verified; these are
+        raise AgentError(again.code, f"not updating (verified image): {again.reason}")
+    # 2. Stop trusting the target slot before touching it: no entry may point at it.
+    if not state.phase_done("invalidated"):
+        state.set_trust(slot, None)
+        removed = boot.remove_slot_entries(slot)
+        state.journal("invalidated", removedEntries=removed)
+    # 3. Build the filesystem (redone on resume unless its image survived with the same hash).
+    pending = state.pending or {}
+    tree = None  # a tree is used only if unpacked completely by this run
+    image_ok = state.phase_done("built") and paths.image.exists() and \
+        sha256_file(paths.image) == pending.get("imageSha256")
+    if not image_ok:
+        tree = unpack(paths.layout, ref, paths.tree)
+        new = check_tree(tree, verified)
+        sha = build_erofs(tree, paths.image, new.compressor)
+        state.journal("built", imageSha256=sha, imageSize=paths.image.stat().st_size,
+                      bootTries=new.release.boot_tries)
+    # 4. Write the slot and read it back.
+    if not (state.phase_done("verified") and (state.trust(slot) or {}).get("digest") == cand.digest):
+        size = write_slot(paths.image, device)
+        state.journal("written")
+        readback = sha256_file(device, size)
+        expected = (state.pending or {})["imageSha256"]
+        if readback != expected:
+            raise AgentError(WRITE_FAILED, f"slot {slot} ({device}) reads back {readback[:16]}, "
+                                           f"wrote {expected[:16]}: the medium is failing")
+        state.set_trust(slot, {"version": cand.version, "digest": cand.digest, "sha256": readback,
+                               "size": size, "verified": now()})
+        state.journal("verified")
+    # 5. Kernel and initramfs, from a tree unpacked completely by this run (never a leftover).
+    if tree is None:
+        tree = unpack(paths.layout, ref, paths.tree)
+    new = check_tree(tree, verified)
+    hashes = boot.install_kernel(slot, new.kernel, new.initrd)
+    state.journal("kernel", kernel=hashes)
+    # 6. The trial entry, last: before it exists nothing boots the new slot.
+    trust = state.trust(slot) or {}
+    if trust.get("digest") != cand.digest or sha256_file(device, trust["size"]) != trust["sha256"]:
+        raise AgentError(WRITE_FAILED, f"slot {slot} no longer matches its verification record")
+    name = boot.add_trial_entry(cls=new.release.cls, version=cand.version, slot=slot,
+                                tries=new.release.boot_tries, kargs=new.kargs)
+    state.journal("entry", entry=name, bootId=read_boot_id(config))
+    # Space: the unpacked tree and the erofs image go; the layout keeps the running and new images.
+    shutil.rmtree(paths.tree, ignore_errors=True)
+    paths.image.unlink(missing_ok=True)
+    gc_layout(paths.layout, [oci_ref_name(release.version), ref])
+
+
+def failed(config: Config, state: State, cand: Candidate, exc: AgentError) -> None:
+    """Record a failed update. Out of space, the unpacked tree and the erofs image go first
+    (the device needs its data partition more than a half-done update; the downloaded blobs
+    stay, so a retry fetches only what is missing) and the message says how much is free."""
+    if exc.code == NO_SPACE:
+        paths = work_paths(config)
+        shutil.rmtree(paths.tree, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            paths.image.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            free = shutil.disk_usage(config.work_dir if config.work_dir.exists() else config.state_dir).free
+            exc.message += (f" ({config.work_dir} is on a full filesystem; {free / 2**20:.0f} MiB free after "
+                            "removing the unpacked update; free space there and run `kiln-agent update` again)")
+            exc.args = (exc.message,)
+    state.finish("failed", version=cand.version, code=exc.code, reason=exc.message)
+
+
+def finish_install(config: Config, state: State, reboot: bool) -> int:
+    pending = state.pending or {}
+    state.finish("installed", version=pending.get("version"), slot=pending.get("slot"), entry=pending.get("entry"))
+    log(f"installed {pending.get('version')} in slot {pending.get('slot')} as {pending.get('entry')}")
+    if reboot:
+        log("rebooting into it")
+        run(list(config.reboot_command), what="rebooting", code=INTERNAL, capture=False)
+    else:
+        log("not rebooting (--no-reboot): the new slot boots on the next reboot")
+    return OK

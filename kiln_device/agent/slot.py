@@ -1,0 +1,135 @@
+"""The new root filesystem: unpack the verified image, check it against its labels, build
+the erofs image, write it onto the inactive slot."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from kiln_device.agent.config import Config, load_release
+from kiln_device.agent.errors import AgentError
+from kiln_device.agent.journal import FAULT_ENV, fault_point
+from kiln_device.agent.tools import run
+from kiln_device.agent.versions import Candidate
+from kiln_device.common import CHUNK, sha256_file
+from kiln_device.contract import (
+    EROFS_COMPRESSORS,
+    INCOMPATIBLE,
+    MODULES_DIR,
+    NO_SPACE,
+    RELEASE_JSON,
+    WRITE_FAILED,
+    Release,
+    under,
+)
+
+EROFS_MAGIC = 0xE0F5E1E2
+
+
+@dataclass(frozen=True)
+class Paths:
+    layout: Path
+    tree: Path
+    image: Path
+
+
+def work_paths(config: Config) -> Paths:
+    return Paths(layout=config.oci_dir, tree=config.work_dir / "rootfs", image=config.work_dir / "root.erofs")
+
+
+@dataclass(frozen=True)
+class NewRoot:
+    """What the unpacked image brings for its slot: its release, kernel, initramfs, arguments, compressor."""
+
+    release: Release
+    kernel: Path
+    initrd: Path
+    kargs: tuple[str, ...]
+    compressor: str | None  # mkfs.erofs -z argument; None: uncompressed
+
+
+def unpack(layout: Path, ref: str, tree: Path) -> Path:
+    """umoci raw unpack into `tree` (removed first); returns the rootfs."""
+    if tree.exists():
+        shutil.rmtree(tree)
+    tree.parent.mkdir(parents=True, exist_ok=True)
+    argv = ["umoci", "raw", "unpack", *([] if os.geteuid() == 0 else ["--rootless"]),
+            "--image", f"{layout}:{ref}", str(tree)]
+    run(argv, what=f"unpacking {ref}", code=WRITE_FAILED)
+    return tree
+
+
+def check_tree(tree: Path, cand: Candidate) -> NewRoot:
+    """The unpacked image must agree with its labels; its release.json names everything else."""
+    path = under(tree, RELEASE_JSON)
+    release = load_release(path)
+    if release.compatible != cand.compatible or release.version != cand.version:
+        raise AgentError(INCOMPATIBLE, f"the image's release.json ({release.compatible} {release.version}) "
+                                       f"does not match its labels ({cand.compatible} {cand.version})")
+    if release.kernel_args is None or release.compression is None:
+        raise AgentError(INCOMPATIBLE, f"{RELEASE_JSON} of {cand.version} has no kernelArgs or rootCompression "
+                                       "(an image from an older Kiln); this agent cannot install it")
+    modules = under(tree, MODULES_DIR)
+    kernels = sorted(p for p in modules.glob("*/vmlinuz") if (p.parent / "initramfs.img").is_file()) \
+        if modules.is_dir() else []
+    if not kernels:
+        raise AgentError(WRITE_FAILED, f"the image has no {MODULES_DIR}/<kver>/vmlinuz + initramfs.img")
+    kernel = kernels[-1]
+    return NewRoot(release, kernel, kernel.parent / "initramfs.img", release.kernel_args,
+                   EROFS_COMPRESSORS[release.compression])
+
+
+def build_erofs(tree: Path, image: Path, compressor: str | None) -> str:
+    image.unlink(missing_ok=True)
+    argv = ["mkfs.erofs", "--quiet", "-T0", *([f"-z{compressor}"] if compressor else []), str(image), str(tree)]
+    run(argv, what="building the root filesystem", code=WRITE_FAILED)
+    return sha256_file(image)
+
+
+def erofs_size(path: Path) -> int:
+    """The size of the erofs filesystem at the start of `path` (from its superblock)."""
+    with open(path, "rb") as f:
+        f.seek(1024)
+        sb = f.read(40)
+    if len(sb) < 40 or int.from_bytes(sb[0:4], "little") != EROFS_MAGIC:
+        raise AgentError(WRITE_FAILED, f"{path}: no erofs superblock")
+    return int.from_bytes(sb[36:40], "little") << sb[12]
+
+
+def device_size(path: Path) -> int | None:
+    """The size of a block device, None for a regular file (a test's stand-in slot)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if not stat.S_ISBLK(os.fstat(fd).st_mode):
+            return None
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def write_slot(image: Path, device: Path) -> int:
+    """Copy the erofs image onto the slot from offset 0, fsync. Never truncates a device."""
+    size = image.stat().st_size
+    limit = device_size(device) if device.exists() else None
+    if limit is not None and size > limit:
+        raise AgentError(NO_SPACE, f"the new root filesystem ({size} bytes) does not fit {device} ({limit} bytes)")
+    flags = os.O_WRONLY | (0 if device.exists() else os.O_CREAT)
+    out = os.open(device, flags, 0o600)
+    try:
+        written, half = 0, (size // 2 if os.environ.get(FAULT_ENV) == "stop:writing" else -1)
+        with open(image, "rb") as fin:
+            while chunk := fin.read(min(CHUNK, half - written) if written < half else CHUNK):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(out, view):]
+                written += len(chunk)
+                if written == half:  # the testing hook: the power goes out half way through
+                    os.fdatasync(out)  # what the page cache had written back by then
+                    fault_point("writing")
+        os.fsync(out)
+    finally:
+        os.close(out)
+    return size

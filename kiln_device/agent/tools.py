@@ -1,0 +1,38 @@
+"""External tools for the agent: kiln_device.common.run, with failures as exit codes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from kiln_device import common
+from kiln_device.agent.errors import AgentError, log
+from kiln_device.contract import CONFIG, NO_SPACE, SIGNATURE, UNREACHABLE
+
+
+def run(argv: Sequence[str], *, what: str, code: int, capture: bool = True, timeout: float | None = None,
+        env: dict[str, str] | None = None) -> str:
+    """Run a tool (printed as `+ argv`); its stdout. A failure is an AgentError: `code`, or
+    what the tool's stderr says (classify), with the stderr's tail."""
+    try:
+        done = common.run(argv, timeout=timeout, env=env, log=log)
+    except common.ToolMissing:
+        raise AgentError(CONFIG, f"{what}: {argv[0]} is not installed") from None
+    except common.CommandTimeout:
+        raise AgentError(code, f"{what}: {argv[0]} timed out after {timeout} s") from None
+    except common.CommandFailed as exc:
+        raise AgentError(classify(exc.stderr, code), f"{what}: {exc}") from None
+    return done.stdout if capture else ""
+
+
+def classify(stderr: str, default: int) -> int:
+    """Map skopeo/umoci/mkfs messages to exit codes."""
+    low = stderr.lower()
+    if "no space left" in low:
+        return NO_SPACE
+    if "signature" in low or "source image rejected" in low or "policy" in low:
+        return SIGNATURE
+    if any(s in low for s in ("connection refused", "no such host", "i/o timeout", "manifest unknown",
+                              "connection reset", "network is unreachable", "eof", "name unknown",
+                              "reading manifest")):
+        return UNREACHABLE
+    return default

@@ -1,0 +1,225 @@
+"""What the builder and the device agree on, spelled out once.
+
+Paths on the device, the files the builder bakes for the device (release.json,
+class.json, agent.json) and their fields, the boot entry names and text, the erofs
+compressors, the OCI labels and the agent's exit codes. The builder imports this
+module; the device code reads nothing from the builder but these names.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# --- paths on the device ---------------------------------------------------------------
+
+LIB_DIR = "/usr/lib/kiln"  # read-only: what the image brings
+DATA_DIR = "/var/lib/kiln"  # the data partition's /var overlay: what the device keeps
+RELEASE_JSON = f"{LIB_DIR}/release.json"
+CLASS_JSON = f"{LIB_DIR}/class.json"  # the whole class spec, for people and `kiln disk`; the agent never reads it
+AGENT_JSON = f"{LIB_DIR}/agent.json"  # the agent's baked defaults
+AGENT_OVERRIDE_JSON = "/etc/kiln/agent.json"
+POLICY_JSON = f"{LIB_DIR}/policy.json"
+RELEASE_KEY = f"{LIB_DIR}/release-key.asc"
+PYTHON_DIR = f"{LIB_DIR}/python"  # holds this package: kiln_device/
+LAUNCHER = f"{LIB_DIR}/launch.py"  # python3 -I LAUNCHER PROGRAM [ARGS]
+VENV_PYTHON = f"{LIB_DIR}/venv/bin/python"  # the runtime venv (numpy, onnxruntime)
+DEV_AUTHORIZED_KEYS = f"{LIB_DIR}/ssh/authorized_keys"  # development classes only: the per-build test key
+KARGS_DIR = "/usr/lib/bootc/kargs.d"
+KARGS_FILE = f"{KARGS_DIR}/10-kiln.toml"
+MODULES_DIR = "/usr/lib/modules"
+MODELS_DIR = "/usr/share/kiln/models"
+AGENT_STATE_DIR = f"{DATA_DIR}/agent"
+OCI_DIR = f"{DATA_DIR}/oci"
+WORK_DIR = f"{DATA_DIR}/work"
+INFERENCE_STATUS = f"{DATA_DIR}/inference/status.json"
+HEALTH_RESULT = f"{DATA_DIR}/health/inference.json"
+ESP_MOUNT = "/efi"
+SLOT_DEVICES = {"a": "/dev/disk/by-partlabel/root-a", "b": "/dev/disk/by-partlabel/root-b"}
+
+# Programs the launcher runs (name -> module with a main(argv) -> int).
+PROGRAMS = {
+    "kiln-agent": "kiln_device.agent.cli",
+    "kiln-inference": "kiln_device.inference",
+    "kiln-health-inference": "kiln_device.health",
+    "kiln-lint": "kiln_device.lint",
+}
+
+
+def under(root: Path, device_path: str) -> Path:
+    """A device path (/usr/...) inside the tree at `root`."""
+    return root / device_path.lstrip("/")
+
+
+def model_path(name: str, version: str) -> str:
+    return f"{MODELS_DIR}/{name}/{version}/model.onnx"
+
+
+# --- release.json: everything the device needs to know about its image -------------------
+
+RELEASE_FIELDS = (
+    "class", "compatible", "version", "revision", "architecture", "accelerator", "driverVersion",
+    "runtime", "models", "bootControl", "bootTries", "healthChecks", "minVersion", "channel",
+    "p95LatencyMs", "development", "rootCompression", "kernelArgs",
+)
+BOOT_CONTROLS = ("systemd-boot", "nvbootctrl")
+DEFAULT_BOOT_CONTROL = "systemd-boot"
+DEFAULT_BOOT_TRIES = 3
+DEFAULT_CHANNEL = "stable"
+
+
+@dataclass(frozen=True)
+class Release:
+    """What an image says about itself (release.json), as the agent uses it.
+
+    `compression` and `kernel_args` are None in a release.json written before they were
+    part of it; the agent refuses to install such an image rather than guess."""
+
+    cls: str
+    compatible: str
+    version: str
+    min_version: str | None = None
+    channel: str = DEFAULT_CHANNEL
+    boot_tries: int = DEFAULT_BOOT_TRIES
+    boot_control: str = DEFAULT_BOOT_CONTROL
+    compression: str | None = None
+    kernel_args: tuple[str, ...] | None = None
+
+
+def parse_release(data: Mapping[str, Any]) -> Release:
+    """release.json's fields; KeyError, TypeError or ValueError when it is malformed."""
+    kargs = data.get("kernelArgs")
+    if kargs is not None and (not isinstance(kargs, list) or not all(isinstance(a, str) for a in kargs)):
+        raise ValueError("kernelArgs must be a list of strings")
+    compression = data.get("rootCompression")
+    if compression is not None and compression not in EROFS_COMPRESSORS:
+        raise ValueError(f"rootCompression {compression!r} is not one of {', '.join(EROFS_COMPRESSORS)}")
+    return Release(cls=str(data["class"]), compatible=str(data["compatible"]), version=str(data["version"]),
+                   min_version=data.get("minVersion") or None, channel=str(data.get("channel") or DEFAULT_CHANNEL),
+                   boot_tries=int(data.get("bootTries") or DEFAULT_BOOT_TRIES),
+                   boot_control=str(data.get("bootControl") or DEFAULT_BOOT_CONTROL),
+                   compression=compression, kernel_args=tuple(kargs) if kargs is not None else None)
+
+
+# --- agent.json: the agent's configuration (baked defaults; /etc overrides key by key) -------
+
+AGENT_DEFAULTS: dict[str, Any] = {
+    "registry": "", "repository": "", "channel": "", "lookaside": "", "insecure": False,
+    "policy": POLICY_JSON, "release": RELEASE_JSON,
+    "stateDir": AGENT_STATE_DIR, "ociDir": OCI_DIR, "workDir": WORK_DIR,
+    "esp": ESP_MOUNT, "slots": dict(SLOT_DEVICES),
+    "partuuids": {}, "cmdline": "/proc/cmdline", "efivars": "/sys/firmware/efi/efivars",
+    "bootId": "/proc/sys/kernel/random/boot_id",
+    "rebootCommand": ["systemctl", "reboot"],
+}
+AGENT_CONFIG_KEYS = tuple(AGENT_DEFAULTS)
+
+
+def default_repository(cls: str) -> str:
+    return f"kiln/{cls}"
+
+
+# --- the agent's exit codes --------------------------------------------------------------
+
+OK, INTERNAL, UP_TO_DATE, INCOMPATIBLE, NOT_NEWER, BLOCKLISTED = 0, 1, 2, 3, 4, 5
+SIGNATURE, UNREACHABLE, NO_SPACE, WRITE_FAILED, LOCKED, CONFIG, USAGE = 6, 7, 8, 9, 10, 11, 64
+AGENT_EXIT_CODES = {
+    "ok": OK, "internal": INTERNAL, "up-to-date": UP_TO_DATE, "incompatible": INCOMPATIBLE,
+    "not-newer": NOT_NEWER, "blocklisted": BLOCKLISTED, "signature": SIGNATURE, "unreachable": UNREACHABLE,
+    "no-space": NO_SPACE, "write-failed": WRITE_FAILED, "locked": LOCKED, "config": CONFIG, "usage": USAGE,
+}
+
+# --- boot: slots, entries, the ESP -----------------------------------------------------------
+
+SLOTS = ("a", "b")
+SLOT_KARG = "kiln.slot"
+ENTRY_RE = re.compile(r"^kiln-(?P<version>.+)-(?P<slot>[ab])(?:\+(?P<left>\d+)(?:-(?P<done>\d+))?)?\.conf$")
+ENTRY_PATTERN = "kiln-*"  # loader.conf's default: never one pinned entry
+
+
+def other_slot(slot: str) -> str:
+    return "b" if slot == "a" else "a"
+
+
+def entry_name(version: str, slot: str, tries: int | None = None) -> str:
+    """`kiln-<version>-<slot>.conf`; with tries, systemd's boot counter `+N` (a trial entry)."""
+    return f"kiln-{version}-{slot}" + (f"+{tries}" if tries is not None else "") + ".conf"
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    version: str
+    slot: str
+    tries_left: int | None  # None: blessed (or never counted)
+    tries_done: int | None
+
+    @property
+    def blessed(self) -> bool:
+        return self.tries_left is None
+
+    @property
+    def exhausted(self) -> bool:
+        return self.tries_left == 0
+
+
+def parse_entry_name(name: str) -> Entry | None:
+    m = ENTRY_RE.match(name)
+    if not m:
+        return None
+    left, done = m.group("left"), m.group("done")
+    return Entry(name, m.group("version"), m.group("slot"), int(left) if left is not None else None,
+                 int(done) if done is not None else None)
+
+
+def esp_kernel_dir(slot: str) -> str:
+    """Where a slot's kernel and initramfs live on the ESP (vmlinuz, initramfs.img)."""
+    return f"/kiln/{slot}"
+
+
+def render_entry(*, cls: str, version: str, slot: str, partuuid: str, kargs: Sequence[str],
+                 rootfstype: str = "erofs") -> str:
+    """A Boot Loader Specification type #1 entry for one slot (`kiln disk` and the agent)."""
+    options = [f"root=PARTUUID={partuuid}", "ro", f"rootfstype={rootfstype}", f"{SLOT_KARG}={slot}", *kargs]
+    kdir = esp_kernel_dir(slot)
+    return (f"title Kiln {cls} {version} (slot {slot})\nversion {version}\nsort-key kiln\n"
+            f"linux {kdir}/vmlinuz\ninitrd {kdir}/initramfs.img\noptions {' '.join(options)}\n")
+
+
+def read_cmdline_slot(cmdline: str) -> str | None:
+    for word in cmdline.split():
+        if word.startswith(f"{SLOT_KARG}="):
+            slot = word.split("=", 1)[1]
+            return slot if slot in SLOTS else None
+    return None
+
+
+# --- the root filesystem -------------------------------------------------------------------
+
+# spec.disk.compression -> mkfs.erofs -z argument (None: uncompressed).
+EROFS_COMPRESSORS: dict[str, str | None] = {"none": None, "lz4": "lz4", "lz4hc": "lz4hc,12", "zstd": "zstd"}
+
+# --- OCI ------------------------------------------------------------------------------------
+
+LABEL_VERSION = "org.opencontainers.image.version"
+LABEL_PREFIX = "dev.kiln."
+LABEL_CLASS = "dev.kiln.class"
+LABEL_COMPATIBLE = "dev.kiln.compatible"
+LABEL_MIN_VERSION = "dev.kiln.min-version"
+LABEL_ARCHITECTURE = "dev.kiln.architecture"
+LABEL_ACCELERATOR = "dev.kiln.accelerator"
+LABEL_RUNTIME = "dev.kiln.runtime"
+ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
+
+
+def model_label(model: str, key: str) -> str:
+    """dev.kiln.model.<name>.<digest|precision|version>."""
+    return f"{LABEL_PREFIX}model.{model}.{key}"
+
+
+def oci_ref_name(version: str) -> str:
+    """A version as an image name in an OCI layout (the agent's ociDir, `kiln disk`'s seed)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", version)

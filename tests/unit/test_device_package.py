@@ -1,0 +1,185 @@
+"""kiln_device: standard library only, never the builder; the contract both sides read; what images carry."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+
+import kiln_device
+from builder.loader import load_class
+from builder.render import finalize_plan, make_context
+from builder.spec import Disk
+from kiln_device import contract
+from kiln_device.agent.cli import make_parser
+from kiln_device.agent.slot import check_tree
+from kiln_device.agent.versions import Candidate
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = Path(kiln_device.__file__).resolve().parent
+RUNTIME_ONLY = {"inference.py", "health.py"}  # run with the runtime venv's python
+RUNTIME_PACKAGES = {"numpy", "onnxruntime"}
+
+
+def modules() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+def imported_packages(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_standard_library_only_and_never_the_builder(path: Path) -> None:
+    allowed = set(sys.stdlib_module_names) | {"kiln_device"}
+    if path.name in RUNTIME_ONLY:
+        allowed |= RUNTIME_PACKAGES
+    foreign = imported_packages(path) - allowed
+    assert not foreign, f"{path.relative_to(ROOT)} imports {', '.join(sorted(foreign))}"
+
+
+def test_found_the_modules() -> None:
+    names = {str(p.relative_to(PACKAGE)) for p in modules()}
+    assert {"contract.py", "common.py", "agent/cli.py", "inference.py", "health.py", "lint.py"} <= names
+
+
+@pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_module_is_a_monolith(path: Path) -> None:
+    assert len(path.read_text().splitlines()) <= 600  # as the builder (tests/unit/test_architecture.py)
+
+
+# --- the contract -----------------------------------------------------------------------------
+
+
+def plan(name: str = "qemu-x86_64"):  # type: ignore[no-untyped-def]
+    return finalize_plan(load_class(name, ROOT / "images"), source=f"images/{name}.yaml",
+                         version="1.2.3", revision="0123abc")
+
+
+def test_release_json_carries_every_field_the_device_reads() -> None:
+    release = plan().release
+    assert set(release) == set(contract.RELEASE_FIELDS)
+    parsed = contract.parse_release(json.loads(json.dumps(release)))
+    assert parsed.version == "1.2.3" and parsed.boot_control in contract.BOOT_CONTROLS
+    assert parsed.compression in contract.EROFS_COMPRESSORS
+    assert parsed.kernel_args is not None and "console=ttyS0,115200n8" in parsed.kernel_args
+
+
+def test_agent_json_only_has_keys_the_agent_knows() -> None:
+    for name in ("qemu-x86_64", "medical-cart-cpu", "factory-gateway-gpu"):
+        assert set(plan(name).agent_config) <= set(contract.AGENT_CONFIG_KEYS)
+
+
+def test_labels_the_agent_reads_are_set() -> None:
+    labels = dict(plan().labels)
+    for key in (contract.LABEL_VERSION, contract.LABEL_COMPATIBLE, contract.LABEL_MIN_VERSION, contract.LABEL_CLASS):
+        assert key in labels
+
+
+def test_every_compression_the_spec_allows_has_an_erofs_compressor() -> None:
+    allowed = typing.get_args(Disk.model_fields["compression"].annotation)
+    assert set(allowed) == set(contract.EROFS_COMPRESSORS)
+
+
+@pytest.mark.parametrize(("compression", "compressor"), [("zstd", "zstd"), ("lz4hc", "lz4hc,12"), ("none", None)])
+def test_an_update_writes_the_root_with_the_images_compression(tmp_path: Path, compression: str,
+                                                               compressor: str | None) -> None:
+    """The agent once had no zstd: an OTA update of a zstd class wrote an uncompressed root."""
+    from tests.ota import release_files
+
+    for rel, data in release_files(version="2.0.0", compression=compression).items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+    new = check_tree(tmp_path, Candidate(version="2.0.0", compatible="kiln,tiny", digest="sha256:" + "a" * 64))
+    assert new.compressor == compressor
+    assert new.kargs == ("console=ttyS0,115200n8", "panic=10")
+
+
+def test_help_lists_every_exit_code() -> None:
+    text = make_parser().format_help()
+    for code in contract.AGENT_EXIT_CODES.values():
+        assert f"\n  {code} " in text
+
+
+# --- what images carry -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_context(plan(), tmp_path_factory.mktemp("render") / "ctx")
+
+
+def test_the_context_carries_the_package(rendered: Path) -> None:
+    copied = contract.under(rendered / "overlays", contract.PYTHON_DIR) / "kiln_device"
+    ours = {p.relative_to(PACKAGE) for p in modules()}
+    theirs = {p.relative_to(copied) for p in copied.rglob("*") if p.is_file()}
+    assert theirs == ours  # sources only: no __pycache__
+    for rel in ours:
+        assert (copied / rel).read_bytes() == (PACKAGE / rel).read_bytes()
+        assert (copied / rel).stat().st_mtime == 0
+    assert contract.under(rendered / "overlays", contract.LAUNCHER).is_file()
+
+
+def system_python() -> str:
+    """The device's agent and lints run with the system python3, not the venv: no third-party packages."""
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    if python is None:
+        pytest.skip("no system python3")
+    return python
+
+
+@pytest.mark.parametrize(("program", "needs_venv", "expected"), [
+    ("kiln-agent", False, ["Exit codes:", "  0   ok", "  11  configuration missing or invalid", "  64  usage"]),
+    ("kiln-lint", False, ["Lint a Kiln image rootfs."]),
+    ("kiln-inference", True, ["Exit codes: 0 stopped"]),
+    ("kiln-health-inference", True, ["64  usage", "4   service unreachable"]),
+])
+def test_launchers_run_from_the_rendered_tree(rendered: Path, program: str, needs_venv: bool,
+                                              expected: list[str], tmp_path: Path) -> None:
+    python = sys.executable if needs_venv else system_python()
+    launcher = contract.under(rendered / "overlays", contract.LAUNCHER)
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)}
+    r = subprocess.run([python, "-I", str(launcher), program, "--help"], capture_output=True, text=True,
+                       timeout=60, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    for line in expected:
+        assert line in r.stdout
+    # Nothing written into the tree: /usr is read-only on the device.
+    assert not list(launcher.parent.rglob("__pycache__"))
+
+
+def test_launcher_refuses_an_unknown_program(rendered: Path) -> None:
+    launcher = contract.under(rendered / "overlays", contract.LAUNCHER)
+    r = subprocess.run([system_python(), "-I", str(launcher), "kiln-bogus"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 64 and "kiln-agent" in r.stderr
+
+
+def test_units_and_wrappers_name_the_launcher() -> None:
+    common = ROOT / "overlays/common/usr"
+    for wrapper in ("bin/kiln-agent", "libexec/kiln/kiln-agent"):
+        assert f"/usr/bin/python3 -I {contract.LAUNCHER} kiln-agent" in (common / wrapper).read_text()
+    assert f'{contract.LAUNCHER.lstrip("/")}" kiln-health-inference' in \
+        (common / "libexec/kiln/kiln-health-inference").read_text()
+    units = common / "lib/systemd/system"
+    assert f"{contract.VENV_PYTHON} -I {contract.LAUNCHER} kiln-inference" in \
+        (units / "kiln-inference.service").read_text()
+    for unit in units.iterdir():
+        for line in unit.read_text().splitlines():
+            if line.startswith("Documentation=file://"):
+                assert (PACKAGE.parent / "overlays/common").exists()
+                rel = line.removeprefix("Documentation=file://").removeprefix(contract.PYTHON_DIR + "/")
+                assert (PACKAGE.parent / rel).is_file(), line

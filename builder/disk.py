@@ -34,6 +34,7 @@ from builder.errors import CommandFailed, DiskError, KilnError, UsageError
 from builder.image import ImageInfo, read_image_info
 from builder.progress import Steps
 from builder.run import find_tool, run
+from builder.safe import format_size
 from builder.spec import Architecture, RootFilesystem
 from builder.state import StateDir
 from kiln_device import contract
@@ -121,14 +122,6 @@ def finalize_uuid(class_name: str, version: str, what: str) -> str:
 
 def align_up(value: int, to: int = ALIGN) -> int:
     return -(-value // to) * to
-
-
-def format_size(n: int) -> str:
-    for unit, scale in (("GiB", 1024**3), ("MiB", MiB), ("KiB", 1024)):
-        if n >= scale:
-            value = n / scale
-            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.2f} {unit}"
-    return f"{n} B"
 
 
 def finalize_layout(info: ImageInfo, size: int | None = None) -> tuple[Partition, ...]:

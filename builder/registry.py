@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.errors import KilnError, RegistryError, ToolMissing, UsageError
+from builder.net import free_port
 from builder.run import find_tool, run, spawn
 
 DEFAULT_PORT = 5000
@@ -98,12 +99,6 @@ def render_config(paths: RegistryPaths, address: str, *, tls: bool, auth: bool) 
     if auth:
         lines += ["auth:", "  htpasswd:", "    realm: kiln", f"    path: {json.dumps(str(paths.htpasswd))}"]
     return "\n".join(lines) + "\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def port_in_use(port: int) -> bool:

@@ -141,8 +141,8 @@ def compatible(value: str) -> str:
 
 
 def format_size(n: int) -> str:
-    """268435456 -> '256 MiB'."""
+    """268435456 -> '256 MiB'; at most two decimals, no trailing zeros (5.25 GiB, 1.5 KiB)."""
     for unit in ("TiB", "GiB", "MiB", "KiB"):
         if n >= UNITS[unit]:
-            return f"{n / UNITS[unit]:.1f}".removesuffix(".0") + f" {unit}"
+            return f"{n / UNITS[unit]:.2f}".rstrip("0").rstrip(".") + f" {unit}"
     return f"{n} B"

@@ -36,6 +36,7 @@ from typing import Any
 
 from builder import paths
 from builder.errors import ToolMissing, VMError
+from builder.net import free_port
 from builder.run import find_tool, spawn
 from builder.spec import Architecture
 
@@ -153,12 +154,6 @@ def finalize_qemu_argv(cfg: VMConfig, fw: Firmware, vp: VMPaths, accel: Accel, s
     if cfg.no_reboot:
         argv.append("-no-reboot")
     return [*argv, *cfg.extra_args]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- KVM or TCG ---------------------------------------------------------------

@@ -26,8 +26,8 @@ from builder.context import make_context
 from builder.engine import DockerEngine, PodmanEngine
 from builder.errors import GateFailed, RegistryError
 from builder.loader import load_class
+from builder.net import free_port
 from builder.publish import push_build
-from builder.registry import free_port
 from builder.run import run
 from builder.state import StateDir
 from tests.conftest import ROOT, require_tool

@@ -125,3 +125,10 @@ def test_no_module_over_600_lines() -> None:
     long = {str(p.relative_to(ROOT)): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines (split them by job): {long}"
+
+
+def test_format_size_is_one_function_with_one_rounding() -> None:
+    from builder.safe import format_size
+
+    assert [format_size(n) for n in (0, 1023, 1024, 1536, 256 * 2**20, int(5.25 * 2**30), 2**40, 2**30 + 1)] == [
+        "0 B", "1023 B", "1 KiB", "1.5 KiB", "256 MiB", "5.25 GiB", "1 TiB", "1 GiB"]

@@ -133,7 +133,7 @@ BAD = [
     Bad("model-larger-than-storage", "spec.envelope.storage", 1000,
         ("spec.disk: esp + 2 x root + data", "spec.models[0].source: model is")),
     Bad("disk-does-not-fit", "spec.disk.root", "4GiB",
-        ("spec.disk: esp + 2 x root + data = 9.2 GiB does not fit the storage envelope (8 GiB)",)),
+        ("spec.disk: esp + 2 x root + data = 9.25 GiB does not fit the storage envelope (8 GiB)",)),
     Bad("bad-size", "spec.envelope.ram", "lots",
         ("spec.envelope.ram: 'lots' is not a size",)),
     Bad("missing-model-file", "spec.models.0.source", "models/nope.onnx",

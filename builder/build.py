@@ -23,7 +23,6 @@ Steps, each timed (builder.progress.Steps) and stored in the record:
 from __future__ import annotations
 
 import os
-import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -68,52 +67,10 @@ def finalize_revision(root: Path) -> str:
 
 # -- layers ---------------------------------------------------------------------------
 
-# What each layer-creating instruction of a rendered Containerfile is, by content.
-# Order matters: the first pattern that matches wins.
-LAYER_GROUPS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("lint", re.compile(r"launch\.py kiln-lint|bootc container lint")),
-    ("release", re.compile(r"^COPY release/")),
-    ("model", re.compile(r"^COPY models/")),
-    ("agent", re.compile(r"^COPY (overlays|class)/|systemctl preset-all")),
-    ("runtime", re.compile(r"^COPY runtime/|-m venv")),
-    ("kernel", re.compile(r"^COPY initramfs/|update-initramfs|dracut")),
-    ("repositories", re.compile(r"^(ADD|COPY repos/)")),
-    ("packages", re.compile(r"(apt-get|dnf) .*install")),
-)
 
-
-def finalize_instructions(containerfile: str) -> list[str]:
-    """The layer-creating instructions (RUN, COPY, ADD) after FROM, continuation lines joined."""
-    out: list[str] = []
-    current = ""
-    for line in containerfile.splitlines():
-        if not current and (not line.strip() or line.lstrip().startswith("#")):
-            continue
-        current += line.rstrip("\\").strip() + " "
-        if line.rstrip().endswith("\\"):
-            continue
-        word = current.split(" ", 1)[0].upper()
-        if word in ("RUN", "COPY", "ADD"):
-            out.append(current.strip())
-        current = ""
-    return out
-
-
-def finalize_layer_groups(containerfile: str) -> list[str]:
-    """A group per instruction; the first install is the OS, a second one the drivers."""
-    groups = []
-    installs = 0
-    for instr in finalize_instructions(containerfile):
-        group = next((g for g, pat in LAYER_GROUPS if pat.search(instr)), "other")
-        if group == "packages":
-            installs += 1
-            group = "os" if installs == 1 else "drivers"
-        groups.append(group)
-    return groups
-
-
-def finalize_layers(info: ImageInfo, base_layers: int, containerfile: str) -> list[dict[str, Any]]:
-    groups = ["base"] * base_layers + finalize_layer_groups(containerfile)
+def finalize_layers(info: ImageInfo, base_layers: int, layer_groups: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Each layer of the built image with its group: the base's own, then the rendered plan's."""
+    groups = ["base"] * base_layers + list(layer_groups)
     if len(groups) != len(info["layers"]):  # an engine that squashed or skipped layers: say so, do not guess
         groups = ["unknown"] * len(info["layers"])
     return [{"diffId": layer["diff_id"], "size": layer["size"], "group": group,
@@ -182,7 +139,7 @@ def build_class(
                                         models=artifacts, ssh_public_key=make_dev_ssh_key(hc), epoch=epoch,
                                         device_files=signing.finalize_device_files(hc.name, key))
             context = render.make_context(plan, paths.context_dir(hc.name, version), make_wheelhouse(hc, state))
-            containerfile = (context / "Containerfile").read_text()
+            layer_groups = render.finalize_containerfile(plan).layer_groups
         created = datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         # From here the tag may move: a failed build must not leave the last record looking current.
         # (Refusals before this point, such as a missing tool or a failed gate, leave it as it was.)
@@ -195,7 +152,7 @@ def build_class(
             info = eng.inspect(image_id)
             base_info = eng.inspect(plan.base_ref) if eng.exists(plan.base_ref) else None
             base_layers = len(base_info["layers"]) if base_info else 0
-            layers = finalize_layers(info, base_layers, containerfile)
+            layers = finalize_layers(info, base_layers, layer_groups)
     except KilnError as exc:
         raise exc.with_context(f"building {hc.name} {version}") from exc.__cause__
     model_layers = [layer["diffId"] for layer in layers if layer["group"] == "model"]

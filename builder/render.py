@@ -34,6 +34,9 @@ APT_ESSENTIALS = ("systemd-sysv", "udev", "dbus", "kmod", "initramfs-tools", "py
                   # the agent verifies the registry's TLS certificate against the system's CA bundle
                   "ca-certificates")
 SSHD_DROP_IN = "etc/ssh/sshd_config.d/40-kiln.conf"
+# What each layer of an image is, slowest-changing first: the base image's own layers, then one
+# group per layer-creating instruction of the templates (each marked there with `layer("group")`).
+LAYER_GROUPS = ("base", "repositories", "os", "drivers", "kernel", "runtime", "agent", "model", "release", "lint")
 PYTHON = {Family.debian: "python3", Family.l4t: "python3", Family.fedora_bootc: "python3",
           Family.centos_bootc: "python3.11"}
 
@@ -214,11 +217,32 @@ def _environment() -> jinja2.Environment:
     )
 
 
-def render_containerfile(plan: RenderPlan) -> str:
+@dataclass(frozen=True)
+class RenderedContainerfile:
+    """The Containerfile's text and the group of each layer it creates (RUN, COPY, ADD), in order."""
+
+    text: str
+    layer_groups: tuple[str, ...]
+
+
+def finalize_containerfile(plan: RenderPlan) -> RenderedContainerfile:
+    """Render the class's template; each layer-creating instruction is preceded by `layer("group")`."""
+    groups: list[str] = []
+
+    def layer(group: str) -> str:
+        if group not in LAYER_GROUPS:
+            raise ValueError(f"layer group {group!r} is not one of {', '.join(LAYER_GROUPS)}")
+        groups.append(group)
+        return ""
+
     template = _environment().get_template(plan.hc.spec.base.family.template)
-    text = template.render(plan=plan, hc=plan.hc, spec=plan.hc.spec, source=plan.source)
+    text = template.render(plan=plan, hc=plan.hc, spec=plan.hc.spec, source=plan.source, layer=layer)
     text = "\n".join(line.rstrip() for line in text.splitlines()).strip() + "\n"
-    return re.sub(r"\n{3,}", "\n\n", text)
+    return RenderedContainerfile(re.sub(r"\n{3,}", "\n\n", text), tuple(groups))
+
+
+def render_containerfile(plan: RenderPlan) -> str:
+    return finalize_containerfile(plan).text
 
 
 # --- the build context -------------------------------------------------------

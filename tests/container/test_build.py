@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from builder import names, paths, publish
-from builder.build import build_class, finalize_layer_groups
+from builder import names, paths, publish, render
+from builder.build import build_class
 from builder.cli import main
 from builder.context import make_context
 from builder.engine import DockerEngine, PodmanEngine
@@ -67,12 +67,14 @@ def groups(rec: dict[str, Any]) -> list[str]:
 
 @pytest.mark.unit
 def test_layer_groups_follow_the_rendered_containerfile() -> None:
-    text = (ROOT / "tests/golden/qemu-x86_64.Containerfile").read_text()
-    assert finalize_layer_groups(text) == [
+    def layer_groups(name: str) -> tuple[str, ...]:
+        hc = load_class(name, ROOT / "images")
+        return render.finalize_containerfile(render.finalize_plan(hc, source=f"images/{name}.yaml")).layer_groups
+
+    assert layer_groups("qemu-x86_64") == (
         "os", "kernel", "kernel", "runtime", "runtime", "agent", "agent", "agent", "model", "release", "lint",
-    ]
-    gpu = finalize_layer_groups((ROOT / "tests/golden/factory-gateway-gpu.Containerfile").read_text())
-    assert gpu[:5] == ["repositories", "repositories", "os", "drivers", "kernel"]
+    )
+    assert layer_groups("factory-gateway-gpu")[:5] == ("repositories", "repositories", "os", "drivers", "kernel")
 
 
 @pytest.mark.unit

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from builder.loader import load_class
-from builder.render import finalize_plan, make_context, render_containerfile
+from builder.render import LAYER_GROUPS, finalize_containerfile, finalize_plan, make_context, render_containerfile
 from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,6 +84,33 @@ def test_layer_order_slow_first_model_and_release_last(name: str) -> None:
     assert lines[-1].startswith("RUN ") and "launch.py kiln-lint /" in lines[-1]
     if plan(name).hc.spec.base.family.has_bootc:
         assert "bootc container lint" in lines[-1]
+
+
+def _layer_instructions(text: str) -> list[str]:
+    """The rendered RUN, COPY and ADD instructions, continuation lines joined (each makes a layer)."""
+    out, current = [], ""
+    for line in text.splitlines():
+        if not current and (not line.strip() or line.startswith("#")):
+            continue
+        current += line.rstrip("\\").strip() + " "
+        if not line.rstrip().endswith("\\"):
+            if current.split(" ", 1)[0] in ("RUN", "COPY", "ADD"):
+                out.append(current.strip())
+            current = ""
+    return out
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_every_layer_has_a_group_slow_to_fast(name: str) -> None:
+    rendered = finalize_containerfile(plan(name))
+    instructions = _layer_instructions(rendered.text)
+    assert len(rendered.layer_groups) == len(instructions), "a RUN/COPY/ADD in the templates lacks layer(...)"
+    ranks = [LAYER_GROUPS.index(g) for g in rendered.layer_groups]
+    assert ranks == sorted(ranks), list(zip(rendered.layer_groups, instructions, strict=True))
+    by_group = dict(zip(instructions, rendered.layer_groups, strict=True))
+    assert by_group["COPY models/ /usr/share/kiln/models/"] == "model"
+    assert by_group["COPY release/ /usr/lib/kiln/"] == "release"
+    assert rendered.layer_groups[-1] == "lint" and "kiln-lint" in instructions[-1]
 
 
 def test_registry_base_is_pinned_by_digest() -> None:

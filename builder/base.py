@@ -2,7 +2,8 @@
 
 No registry is reachable on the embedded build machine, so `FROM debian` cannot
 be pulled. `make_base()` bootstraps a minimal bootable Debian with mmdebstrap
-(the Debian mirror is reachable) and loads it as `localhost/kiln/base/debian:<release>`.
+(the Debian mirror is reachable) and loads it as `localhost/kiln/base/debian:<release>`
+(builder.names.offline_base_ref).
 
 Reproducible: with SOURCE_DATE_EPOCH fixed, the same inputs and mirror content
 give a byte-identical tarball; the image config is written here (not by
@@ -39,6 +40,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from builder import names
 from builder.context import Context
 from builder.engine import Engine
 from builder.errors import BuildError, CommandFailed, KilnError, ToolMissing
@@ -52,7 +54,6 @@ RECIPE_VERSION = 1  # bump when hooks or the image config change meaningfully
 DEFAULT_RELEASE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 SNAPSHOT_MIRROR = "http://snapshot.debian.org/archive"
-BASE_REPO = "localhost/kiln/base/debian"
 
 BASE_PACKAGES = (
     "systemd",
@@ -113,7 +114,7 @@ class BaseRecipe:
 
     @property
     def ref(self) -> str:
-        return base_ref(self.release, self.arch, self.snapshot)
+        return names.offline_base_ref(self.release, self.arch, self.snapshot)
 
     @property
     def name(self) -> str:
@@ -176,15 +177,6 @@ class BasePaths:
     @property
     def lock(self) -> Path:
         return self.root / "lock"
-
-
-def base_ref(release: str = DEFAULT_RELEASE, arch: str = "x86_64", snapshot: str | None = None) -> str:
-    """`localhost/kiln/base/debian:bookworm[-<snapshot>]` (as render.finalize_base_ref names it).
-
-    A non-x86_64 base gets `-<arch>` appended so the two never share a tag.
-    """
-    tag = release + (f"-{snapshot}" if snapshot else "")
-    return f"{BASE_REPO}:{tag}" if arch == "x86_64" else f"{BASE_REPO}:{tag}-{arch}"
 
 
 def finalize_mirrors(mirror: str | None, snapshot: str | None) -> tuple[str, str | None]:

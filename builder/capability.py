@@ -7,6 +7,7 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
+from builder import names
 from builder.run import have_tool, run
 from builder.spec import BaseSource, HardwareClass
 
@@ -56,8 +57,6 @@ def why_not_buildable(hc: HardwareClass, *, probe_network: bool = True, tools: b
 
 
 def _image_present(hc: HardwareClass) -> bool:
-    base = hc.spec.base
-    if not have_tool("podman") or base.image is None:
+    if not have_tool("podman") or hc.spec.base.image is None:
         return False
-    ref = f"{base.image}@{base.digest}" if base.digest else base.image
-    return run(["podman", "image", "exists", ref], check=False, quiet=True).returncode == 0
+    return run(["podman", "image", "exists", names.base_ref(hc)], check=False, quiet=True).returncode == 0

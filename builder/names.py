@@ -1,12 +1,15 @@
-"""The names Kiln gives what it builds: image tags, local image references, registry destinations."""
+"""The names Kiln gives what it builds: image tags, local image references, registry destinations,
+and the base image a class builds FROM."""
 
 from __future__ import annotations
 
 import re
 
 from builder.errors import UsageError
+from builder.spec import BaseSource, Family, HardwareClass
 
 IMAGE_REPO = "localhost/kiln"
+BASE_REPO = f"{IMAGE_REPO}/base"
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
@@ -29,3 +32,24 @@ def finalize_destination(registry: str, cls: str, version: str) -> str:
     if not registry or any(c in registry for c in " \t\n@"):
         raise UsageError(f"registry {registry!r} should look like host:port or host:port/path")
     return f"{registry}/kiln/{cls}:{finalize_tag(version)}"
+
+
+def offline_base_ref(release: str, arch: str, snapshot: str | None = None, *, distro: str = "debian") -> str:
+    """localhost/kiln/base/DISTRO:RELEASE[-SNAPSHOT][-ARCH], the base `kiln base` bootstraps.
+
+    x86_64 keeps the bare tag; any other architecture appends `-ARCH`, so the two never share a tag.
+    """
+    tag = release + (f"-{snapshot}" if snapshot else "") + ("" if arch == "x86_64" else f"-{arch}")
+    return f"{BASE_REPO}/{distro}:{tag}"
+
+
+def base_ref(hc: HardwareClass) -> str:
+    """What the class builds FROM: its registry image (pinned by digest when the spec gives one)
+    or the offline base (offline_base_ref)."""
+    base = hc.spec.base
+    if base.source is BaseSource.registry:
+        assert base.image is not None
+        return f"{base.image}@{base.digest}" if base.digest else base.image
+    assert base.release is not None  # builder.contracts.base_source: a bootstrap base names its release
+    distro = "ubuntu" if base.family is Family.l4t else "debian"
+    return offline_base_ref(base.release, hc.spec.architecture.value, base.snapshot, distro=distro)

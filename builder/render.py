@@ -15,9 +15,9 @@ from pathlib import Path
 
 import jinja2
 
-from builder import paths
+from builder import names, paths
 from builder.files import sha256_file
-from builder.spec import AcceleratorKind, BaseSource, Family, HardwareClass
+from builder.spec import AcceleratorKind, Family, HardwareClass
 from kiln_device import contract
 
 TEMPLATES = paths.PACKAGE_DIR / "templates"
@@ -76,18 +76,6 @@ class RenderPlan:
     # path under / -> bytes. Empty: the image can verify no update (`kiln render` without a key).
     device_files: tuple[tuple[str, bytes], ...] = ()
     agent_config: dict[str, object] = field(default_factory=dict)
-
-
-def finalize_base_ref(hc: HardwareClass) -> str:
-    base = hc.spec.base
-    if base.source is BaseSource.registry:
-        assert base.image is not None
-        return f"{base.image}@{base.digest}" if base.digest else base.image
-    tag = base.release or "latest"
-    if base.snapshot:
-        tag += f"-{base.snapshot}"
-    distro = "ubuntu" if base.family is Family.l4t else "debian"
-    return f"localhost/kiln/base/{distro}:{tag}"
 
 
 def finalize_source_models(hc: HardwareClass) -> tuple[ModelArtifact, ...]:
@@ -167,6 +155,7 @@ def finalize_labels(hc: HardwareClass, models: tuple[ModelArtifact, ...]) -> tup
         contract.LABEL_ACCELERATOR: spec.accelerator.kind.value,
         contract.LABEL_RUNTIME: f"{spec.runtime.name.value}=={spec.runtime.version}",
         contract.LABEL_MIN_VERSION: spec.rollout.min_version or "",
+        contract.LABEL_DEVELOPMENT: "true" if spec.development else "false",
     }
     for m in models:
         labels[contract.model_label(m.name, "digest")] = f"sha256:{m.sha256}"
@@ -185,7 +174,7 @@ def finalize_plan(hc: HardwareClass, *, source: str, version: str = DEFAULT_VERS
         raise ValueError(f"{hc.name} is a production class: it never gets a test SSH key")
     return RenderPlan(
         hc=hc, source=source, version=version, revision=revision,
-        base_ref=finalize_base_ref(hc),
+        base_ref=names.base_ref(hc),
         python=PYTHON[hc.spec.base.family],
         os_packages=finalize_os_packages(hc),
         driver_packages=finalize_driver_packages(hc),

@@ -11,7 +11,7 @@ import click
 import yaml
 from rich.table import Table
 
-from builder import loader, paths, render
+from builder import loader, names, paths, render
 from builder.cli.common import checked, cli_context, console, err_console, load, source_of
 from builder.errors import SpecError
 
@@ -35,7 +35,7 @@ def list_classes(as_json: bool, no_probe: bool) -> None:
             "class": name, "architecture": s.architecture.value,
             "accelerator": s.accelerator.kind.value,
             "runtime": f"{s.runtime.name.value} {s.runtime.version}",
-            "base": render.finalize_base_ref(hc),
+            "base": names.base_ref(hc),
             "whyNotBuildable": why_not_buildable(hc, probe_network=not no_probe),
         })
     if as_json:

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from builder import base as base_mod
+from builder import names
 from builder.base import (
     BaseImage,
-    base_ref,
     finalize_mirrors,
     make_base,
     make_base_for_class,
@@ -28,7 +28,6 @@ from builder.context import Context, make_context
 from builder.engine import PodmanEngine
 from builder.errors import BuildError, ToolMissing
 from builder.loader import load_class
-from builder.render import finalize_base_ref
 from builder.run import run
 from builder.state import StateDir, make_state_dir
 from tests.conftest import ROOT, require_tool
@@ -48,17 +47,13 @@ def rootfs_members(base_image: BaseImage) -> dict[str, tarfile.TarInfo]:
 
 
 @pytest.mark.unit
-def test_base_ref_matches_render_naming() -> None:
-    assert base_ref() == "localhost/kiln/base/debian:bookworm"
-    assert base_ref("bookworm", "x86_64", "20250520T000000Z") == "localhost/kiln/base/debian:bookworm-20250520T000000Z"
-    assert base_ref("bookworm", "aarch64") == "localhost/kiln/base/debian:bookworm-aarch64"
-
-
-@pytest.mark.unit
-def test_base_ref_is_what_the_rendered_containerfile_uses() -> None:
+def test_the_base_made_for_a_class_is_the_one_it_builds_from() -> None:
     hc = load_class("qemu-x86_64", ROOT / "images")
     base = hc.spec.base
-    assert base_ref(base.release or "", hc.spec.architecture.value, base.snapshot) == finalize_base_ref(hc)
+    recipe = base_mod.BaseRecipe(release=base.release or "", arch=hc.spec.architecture, mirror="m",
+                                 security_mirror=None, components=("main",), snapshot=base.snapshot,
+                                 packages=(), epoch=0)
+    assert recipe.ref == names.base_ref(hc) == "localhost/kiln/base/debian:bookworm"
 
 
 @pytest.mark.unit
@@ -230,4 +225,4 @@ def test_failed_bootstrap_leaves_nothing_to_trust(scratch_state: StateDir) -> No
     assert read_stamp(base_dir / "stamp.json") is None
     assert sorted(p.name for p in base_dir.iterdir()) == ["lock"]
     assert list(state.tmp_dir.iterdir()) == []
-    assert not PodmanEngine(state).exists(base_ref())
+    assert not PodmanEngine(state).exists(names.offline_base_ref("bookworm", "x86_64"))

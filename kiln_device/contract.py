@@ -114,6 +114,10 @@ AGENT_DEFAULTS: dict[str, Any] = {
     "partuuids": {}, "cmdline": "/proc/cmdline", "efivars": "/sys/firmware/efi/efivars",
     "bootId": "/proc/sys/kernel/random/boot_id",
     "rebootCommand": ["systemctl", "reboot"],
+    # Seconds each external step may run before the agent gives up and releases its lock: `check` reads the
+    # channel's manifest, `fetch` is the whole skopeo copy, `unpack` umoci, `build` mkfs.erofs. An override
+    # file may set some of them; the others keep their defaults.
+    "timeouts": {"check": 120, "fetch": 1800, "unpack": 900, "build": 900},
 }
 AGENT_CONFIG_KEYS = tuple(AGENT_DEFAULTS)
 

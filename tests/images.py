@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from builder import paths
 from builder.build import build_class
 from builder.context import Context, make_context
 from builder.engine import PodmanEngine
@@ -32,7 +33,7 @@ def kiln_test_state() -> StateDir:
     return make_state_dir(root=TEST_STATE)
 
 
-def test_context(state: StateDir | None = None) -> Context:
+def kiln_test_context(state: StateDir | None = None) -> Context:
     """A Context on the test store (or STATE) with podman, quiet about nothing."""
     state = state or kiln_test_state()
     return make_context(PodmanEngine(state), state=state)
@@ -46,7 +47,7 @@ def qemu_image(state: StateDir | None = None, version: str = QEMU_VERSION) -> di
     key = (str(state.root), version)
     if key not in _built:
         hc = load_class(QEMU_CLASS, ROOT / "images")
-        _built[key] = build_class(test_context(state), hc, source=f"images/{QEMU_CLASS}.yaml", version=version)
+        _built[key] = build_class(kiln_test_context(state), hc, source=f"images/{QEMU_CLASS}.yaml", version=version)
     return _built[key]
 
 
@@ -73,13 +74,22 @@ def copy_project(dest: Path, *, models_from: Path | None = None) -> Path:
 
     for name in ("images", "models", "overlays"):
         shutil.copytree(ROOT / name, dest / name, symlinks=True)
-    for keys in ("ssh", "dev-release-key"):  # the same per-checkout keys: a release of the same device
-        if (ROOT / "build" / QEMU_CLASS / keys).is_dir():
-            shutil.copytree(ROOT / "build" / QEMU_CLASS / keys, dest / "build" / QEMU_CLASS / keys,
-                            ignore=shutil.ignore_patterns("S.*"))  # gpg-agent sockets
-    if models_from is not None and (models_from / "build" / QEMU_CLASS / "models").is_dir():
-        shutil.copytree(models_from / "build" / QEMU_CLASS / "models", dest / "build" / QEMU_CLASS / "models")
+    # the same per-checkout keys: a release of the same device
+    for keys in (lambda: paths.ssh_key_path(QEMU_CLASS).parent, lambda: paths.dev_signing_key_dir(QEMU_CLASS)):
+        src, out = in_project(ROOT, keys), in_project(dest, keys)
+        if src.is_dir():
+            shutil.copytree(src, out, ignore=shutil.ignore_patterns("S.*"))  # gpg-agent sockets
+    if models_from is not None:
+        src, out = (in_project(p, lambda: paths.class_dir(QEMU_CLASS) / "models") for p in (models_from, dest))
+        if src.is_dir():
+            shutil.copytree(src, out)
     return dest
+
+
+def in_project(project: Path, where: Callable[[], Path]) -> Path:
+    """A builder.paths location (`where`) as it is in PROJECT (KILN_PROJECT_DIR for the call)."""
+    with project_dir(project):
+        return where()
 
 
 def make_retrained_project(dest: Path, note: str = "retrained: new weights, same graph") -> Path:
@@ -115,7 +125,7 @@ def make_broken_golden_project(dest: Path) -> Path:
     make_retrained_project(dest, note="broken golden set")
     with project_dir(dest):  # optimize, then replace the golden outputs with wrong ones
         make_optimized_models(load_class(QEMU_CLASS, dest / "images"))
-    for golden in (dest / "build" / QEMU_CLASS / "models").glob("*/*/golden.npz"):
+    for golden in in_project(dest, lambda: paths.class_dir(QEMU_CLASS) / "models").glob("*/*/golden.npz"):
         data = dict(np.load(golden))
         data["outputs"] = data["outputs"][:, ::-1].copy()
         np.savez(golden, **data)

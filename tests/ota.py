@@ -75,7 +75,14 @@ def _blob(layout: Path, data: bytes) -> dict[str, Any]:
     return {"digest": f"sha256:{digest}", "size": len(data)}
 
 
-def _layer(files: Mapping[str, bytes]) -> bytes:
+@dataclass(frozen=True)
+class Symlink:
+    """A symbolic link in an image layer (a value in make_oci_image's `files`)."""
+
+    target: str
+
+
+def _layer(files: Mapping[str, bytes | Symlink]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         dirs: set[str] = set()
@@ -89,13 +96,17 @@ def _layer(files: Mapping[str, bytes]) -> bytes:
                     info.type, info.mode = tarfile.DIRTYPE, 0o755
                     tar.addfile(info)
             info = tarfile.TarInfo(name)
+            if isinstance(data, Symlink):
+                info.type, info.linkname, info.mode = tarfile.SYMTYPE, data.target, 0o777
+                tar.addfile(info)
+                continue
             info.size, info.mode = len(data), 0o644
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
 
 
-def make_oci_image(layout: Path, ref: str, files: Mapping[str, bytes], labels: Mapping[str, str],
-                   base: Mapping[str, bytes] | None = None) -> str:
+def make_oci_image(layout: Path, ref: str, files: Mapping[str, bytes | Symlink], labels: Mapping[str, str],
+                   base: Mapping[str, bytes | Symlink] | None = None) -> str:
     """An OCI image (one base layer when `base` is given, then one layer of `files`) in an
     OCI layout under the name `ref`; returns the manifest digest. Deterministic."""
     layout.mkdir(parents=True, exist_ok=True)

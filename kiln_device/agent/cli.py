@@ -22,7 +22,9 @@ Configuration: /usr/lib/kiln/agent.json (baked defaults), overridden key by key 
 (host:port[/path]), repository (default kiln/<class>), channel (default: the image's),
 lookaside (signature server URL), insecure (plain HTTP / no TLS verification), policy,
 release, stateDir, ociDir, workDir, esp, slots {a, b: block devices}, partuuids {a, b}
-(default: found under /dev/disk/by-partuuid), cmdline, efivars, rebootCommand.
+(default: found under /dev/disk/by-partuuid), cmdline, efivars, rebootCommand, timeouts
+{check, fetch, unpack, build: seconds; defaults 120, 1800, 900, 900; a step that runs
+longer is killed and the update fails: exit 7 for check and fetch, 9 for the others}.
 
 State: <stateDir>/state.json, replaced atomically after every step (a journal), so an
 interrupted run resumes or starts over; a slot is trusted only once its verification

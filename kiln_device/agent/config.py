@@ -31,6 +31,16 @@ BUILTIN = AGENT_DEFAULTS
 
 
 @dataclass(frozen=True)
+class Timeouts:
+    """Seconds each external step may run (agent.json `timeouts`); past it the step fails and the lock goes."""
+
+    check: float
+    fetch: float
+    unpack: float
+    build: float
+
+
+@dataclass(frozen=True)
 class Config:
     registry: str
     repository: str
@@ -49,6 +59,7 @@ class Config:
     efivars: Path
     boot_id: Path
     reboot_command: tuple[str, ...]
+    timeouts: Timeouts = field(default_factory=lambda: Timeouts(**AGENT_DEFAULTS["timeouts"]))
     raw: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -76,7 +87,9 @@ def load_config(extra: str | None = None) -> tuple[Config, Release]:
         unknown = sorted(set(data) - set(AGENT_DEFAULTS) - {"$comment"})
         if unknown:
             raise AgentError(CONFIG, f"{path}: unknown keys {', '.join(unknown)} (known: {', '.join(AGENT_DEFAULTS)})")
-        merged.update(data)
+        for key, value in data.items():  # timeouts merge key by key too: an override may set only one
+            both = key == "timeouts" and isinstance(value, dict) and isinstance(merged.get(key), dict)
+            merged[key] = {**merged[key], **value} if both else value
     release = load_release(Path(merged["release"]))
     try:
         config = Config(
@@ -92,11 +105,25 @@ def load_config(extra: str | None = None) -> tuple[Config, Release]:
             partuuids={str(k): str(v) for k, v in dict(merged["partuuids"]).items()},
             cmdline=Path(merged["cmdline"]), efivars=Path(merged["efivars"]), boot_id=Path(merged["bootId"]),
             reboot_command=tuple(str(a) for a in merged["rebootCommand"]),
+            timeouts=finalize_timeouts(merged["timeouts"]),
             raw=merged,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise AgentError(CONFIG, f"agent configuration: bad value: {exc}") from None
     return config, release
+
+
+def finalize_timeouts(value: Any) -> Timeouts:
+    known = AGENT_DEFAULTS["timeouts"]
+    if not isinstance(value, dict):
+        raise AgentError(CONFIG, f"timeouts: expected an object with seconds for {', '.join(known)}")
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise AgentError(CONFIG, f"timeouts: unknown keys {', '.join(unknown)} (known: {', '.join(known)})")
+    for key, seconds in value.items():
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
+            raise AgentError(CONFIG, f"timeouts.{key}: expected a number of seconds above 0, got {seconds!r}")
+    return Timeouts(**{**known, **value})
 
 
 def load_release(path: Path) -> Release:

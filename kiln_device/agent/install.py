@@ -80,9 +80,10 @@ def install(config: Config, release: Release, state: State, boot: BootControl, c
     paths = work_paths(config)
     ref = oci_ref_name(cand.version)
     device = config.slots[slot]
-    # 1. Pull and verify (idempotent: a resumed pull fetches only what is missing).
+    # 1. Pull and verify, on a resumed run too (skopeo's index.json may not have survived a power
+    # cut; a copy fetches only what is missing and the blobs are hashed again).
+    fetch(config, cand, paths.layout)
     if not state.phase_done("fetched"):
-        fetch(config, cand, paths.layout)
         state.journal("fetched")
     verified = candidate_from_labels(verified_labels(paths.layout, ref), cand.digest)
     again = decide(release, verified, blocklist(state))

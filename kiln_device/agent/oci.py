@@ -13,7 +13,7 @@ from kiln_device.agent.config import Config
 from kiln_device.agent.errors import AgentError, log
 from kiln_device.agent.tools import run
 from kiln_device.agent.versions import Candidate, candidate_from_labels
-from kiln_device.common import read_json, write_atomic
+from kiln_device.common import fsync_dir, fsync_file, read_json, sha256_file, write_atomic
 from kiln_device.contract import ANNOTATION_REF_NAME, UNREACHABLE, WRITE_FAILED, oci_ref_name
 
 
@@ -26,10 +26,10 @@ def write_registries_d(config: Config) -> Path:
     return d
 
 
-def skopeo(config: Config, *args: str, what: str, code: int, timeout: float | None = None) -> str:
+def skopeo(config: Config, *args: str, what: str, code: int, timeout: float, timeout_key: str) -> str:
     regd = write_registries_d(config)
     return run(["skopeo", "--policy", str(config.policy), "--registries.d", str(regd), *args],
-               what=what, code=code, timeout=timeout)
+               what=what, code=code, timeout=timeout, timeout_key=timeout_key)
 
 
 def tls_flag(config: Config, side: str) -> list[str]:
@@ -39,7 +39,7 @@ def tls_flag(config: Config, side: str) -> list[str]:
 def inspect_channel(config: Config) -> Candidate:
     ref = f"{config.source}:{config.channel}"
     out = skopeo(config, "inspect", "--no-tags", *tls_flag(config, ""), "--retry-times", "2", ref,
-                 what=f"reading {ref}", code=UNREACHABLE, timeout=120)
+                 what=f"reading {ref}", code=UNREACHABLE, timeout=config.timeouts.check, timeout_key="check")
     try:
         data = json.loads(out)
         return candidate_from_labels(dict(data.get("Labels") or {}), str(data["Digest"]))
@@ -48,23 +48,92 @@ def inspect_channel(config: Config) -> Candidate:
 
 
 def fetch(config: Config, cand: Candidate, layout: Path) -> None:
-    """skopeo copy by digest into the OCI layout: the signature is verified with the baked
-    policy, blobs already in the layout are not downloaded again."""
+    """The candidate, complete and intact, in the OCI layout under its ref name. Run on every
+    attempt, a resumed one too: skopeo writes index.json without fsync (a power cut can leave it
+    empty or stale), and a copy downloads only the blobs the layout lacks. Every blob the
+    manifest names is hashed: skopeo reuses a blob that exists, corrupt or not, so corrupt ones
+    are removed and fetched once more."""
+    ref = oci_ref_name(cand.version)
+    prepare_layout(layout)
+    copy_image(config, cand, layout, ref)
+    corrupt = corrupt_blobs(layout, ref, cand.digest)
+    if corrupt:
+        log(f"{len(corrupt)} blob(s) of {cand.version} in {layout} do not match their digests "
+            f"({', '.join(p.name[:12] for p in corrupt)}); removing them and fetching them again")
+        for blob in corrupt:
+            blob.unlink(missing_ok=True)
+        copy_image(config, cand, layout, ref)
+        corrupt = corrupt_blobs(layout, ref, cand.digest)
+    if corrupt:
+        raise AgentError(WRITE_FAILED, f"{layout}: blob(s) {', '.join(p.name[:12] for p in corrupt)} of "
+                                       f"{cand.version} are still corrupt after fetching them again "
+                                       "(is the data partition failing?)")
+
+
+def prepare_layout(layout: Path) -> None:
+    """Remove what an interrupted copy leaves: skopeo's temp blobs, an index.json that does not parse."""
     layout.mkdir(parents=True, exist_ok=True)
     for leftover in layout.glob("oci-put-blob*"):  # skopeo's temp blobs from a run that died mid-download
         log(f"removing {leftover.name} ({leftover.stat().st_size} bytes) left by an interrupted download")
         leftover.unlink()
+    index = layout / "index.json"
+    if index.exists() and read_index(layout) is None:
+        log(f"{index} is unreadable (a power cut during a download?); keeping it as index.json.corrupt, "
+            "the blobs stay and the copy writes a new one")
+        index.replace(layout / "index.json.corrupt")
+
+
+def copy_image(config: Config, cand: Candidate, layout: Path, ref: str) -> None:
+    """skopeo copy by digest: the signature is verified with the baked policy."""
     skopeo(config, "copy", *tls_flag(config, "src-"), "--retry-times", "3", "--remove-signatures",
-           f"{config.source}@{cand.digest}", f"oci:{layout}:{oci_ref_name(cand.version)}",
-           what=f"pulling {config.source}@{cand.digest[:19]}", code=UNREACHABLE)
+           f"{config.source}@{cand.digest}", f"oci:{layout}:{ref}",
+           what=f"pulling {config.source}@{cand.digest[:19]}", code=UNREACHABLE,
+           timeout=config.timeouts.fetch, timeout_key="fetch")
+    fsync_file(layout / "index.json")  # skopeo does not: make what it wrote survive a power cut
+    fsync_dir(layout)
+
+
+def read_index(layout: Path) -> dict[str, Any] | None:
+    """The layout's index.json; None when it is missing or not an OCI index."""
+    try:
+        index = read_json(layout / "index.json")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(index, dict) or not isinstance(index.get("manifests", []), list):
+        return None
+    return index
+
+
+def layout_descriptor(layout: Path, ref: str) -> dict[str, Any]:
+    index = read_index(layout)
+    if index is None:
+        raise AgentError(WRITE_FAILED, f"{layout}: index.json is missing or unreadable")
+    for desc in index.get("manifests", []):
+        if isinstance(desc, dict) and (desc.get("annotations") or {}).get(ANNOTATION_REF_NAME) == ref:
+            return desc
+    raise AgentError(WRITE_FAILED, f"{layout}: no image named {ref}")
 
 
 def layout_manifest(layout: Path, ref: str) -> dict[str, Any]:
-    index = read_json(layout / "index.json")
-    for desc in index.get("manifests", []):
-        if (desc.get("annotations") or {}).get(ANNOTATION_REF_NAME) == ref:
-            return dict(read_json(blob_path(layout, desc["digest"])))
-    raise AgentError(WRITE_FAILED, f"{layout}: no image named {ref}")
+    return dict(read_json(blob_path(layout, layout_descriptor(layout, ref)["digest"])))
+
+
+def corrupt_blobs(layout: Path, ref: str, digest: str) -> list[Path]:
+    """The blobs of image `ref` (manifest, config, layers) that are missing or do not hash to their
+    digest. The layout must name `digest` as `ref`."""
+    named = layout_descriptor(layout, ref).get("digest")
+    if named != digest:
+        raise AgentError(WRITE_FAILED, f"{layout}: {ref} is {str(named)[:19]} after the copy, not {digest[:19]}")
+    if not blob_intact(layout, digest):
+        return [blob_path(layout, digest)]
+    manifest = read_json(blob_path(layout, digest))
+    wanted = [manifest["config"]["digest"], *(layer["digest"] for layer in manifest.get("layers", []))]
+    return [blob_path(layout, d) for d in dict.fromkeys(wanted) if not blob_intact(layout, d)]
+
+
+def blob_intact(layout: Path, digest: str) -> bool:
+    path = blob_path(layout, digest)
+    return path.is_file() and f"sha256:{sha256_file(path)}" == digest
 
 
 def blob_path(layout: Path, digest: str) -> Path:
@@ -83,18 +152,22 @@ def verified_labels(layout: Path, ref: str) -> dict[str, str]:
 def gc_layout(layout: Path, keep: Sequence[str]) -> int:
     """Drop images other than `keep` from the layout index and every blob they alone used."""
     index_path = layout / "index.json"
-    if not index_path.exists():
+    index = read_index(layout)
+    if index is None:
         return 0
-    index = read_json(index_path)
-    kept = [d for d in index.get("manifests", []) if (d.get("annotations") or {}).get(ANNOTATION_REF_NAME) in keep]
+    live, kept = set(), []
+    for desc in index.get("manifests", []):
+        if (desc.get("annotations") or {}).get(ANNOTATION_REF_NAME) not in keep:
+            continue
+        try:  # an entry whose manifest is gone (a stale index after a power cut) is dropped
+            manifest = read_json(blob_path(layout, desc["digest"]))
+            used = [desc["digest"], manifest["config"]["digest"], *(la["digest"] for la in manifest.get("layers", []))]
+        except (OSError, ValueError, KeyError, TypeError, AgentError):
+            continue
+        kept.append(desc)
+        live.update(used)
     index["manifests"] = kept
     write_atomic(index_path, json.dumps(index).encode())
-    live = set()
-    for desc in kept:
-        live.add(desc["digest"])
-        manifest = read_json(blob_path(layout, desc["digest"]))
-        live.add(manifest["config"]["digest"])
-        live.update(layer["digest"] for layer in manifest.get("layers", []))
     freed = 0
     blobs = layout / "blobs" / "sha256"
     for blob in blobs.iterdir() if blobs.is_dir() else []:

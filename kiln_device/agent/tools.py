@@ -10,15 +10,17 @@ from kiln_device.contract import CONFIG, NO_SPACE, SIGNATURE, UNREACHABLE
 
 
 def run(argv: Sequence[str], *, what: str, code: int, capture: bool = True, timeout: float | None = None,
-        env: dict[str, str] | None = None) -> str:
+        timeout_key: str | None = None, env: dict[str, str] | None = None) -> str:
     """Run a tool (printed as `+ argv`); its stdout. A failure is an AgentError: `code`, or
-    what the tool's stderr says (classify), with the stderr's tail."""
+    what the tool's stderr says (classify), with the stderr's tail. Past `timeout` seconds the tool
+    is killed and the error is `code`, naming the config key (`timeout_key`) that sets the limit."""
     try:
         done = common.run(argv, timeout=timeout, env=env, log=log)
     except common.ToolMissing:
         raise AgentError(CONFIG, f"{what}: {argv[0]} is not installed") from None
     except common.CommandTimeout:
-        raise AgentError(code, f"{what}: {argv[0]} timed out after {timeout} s") from None
+        setting = f" (timeouts.{timeout_key} in the agent config)" if timeout_key else ""
+        raise AgentError(code, f"{what}: {argv[0]} timed out after {timeout:g} s{setting}") from None
     except common.CommandFailed as exc:
         raise AgentError(classify(exc.stderr, code), f"{what}: {exc}") from None
     return done.stdout if capture else ""

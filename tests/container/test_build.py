@@ -31,7 +31,7 @@ from builder.publish import push_build
 from builder.run import run
 from builder.state import StateDir
 from tests.conftest import ROOT, require_tool
-from tests.images import QEMU_CLASS, QEMU_VERSION, make_retrained_project, qemu_image, test_context
+from tests.images import QEMU_CLASS, QEMU_VERSION, kiln_test_context, make_retrained_project, qemu_image
 
 SOURCE = f"images/{QEMU_CLASS}.yaml"
 
@@ -165,7 +165,7 @@ def test_image_lints_pass_on_the_exported_rootfs(rootfs: Path) -> None:
 
 @pytest.mark.container
 def test_cached_rebuild_gives_the_same_image(record: dict[str, Any], test_state: StateDir) -> None:
-    again = build_class(test_context(test_state), load_class(QEMU_CLASS, ROOT / "images"), source=SOURCE,
+    again = build_class(kiln_test_context(test_state), load_class(QEMU_CLASS, ROOT / "images"), source=SOURCE,
                         version=QEMU_VERSION)
     assert again["image"]["id"] == record["image"]["id"]
     assert again["durations"][f"build {record['image']['ref']} with podman"] < 60
@@ -174,7 +174,7 @@ def test_cached_rebuild_gives_the_same_image(record: dict[str, Any], test_state:
 @pytest.mark.container
 def test_cold_build_gives_the_same_digest(record: dict[str, Any], test_state: StateDir) -> None:
     """No cached layers at all: every RUN runs again, and the image id is the same."""
-    cold = build_class(test_context(test_state), load_class(QEMU_CLASS, ROOT / "images"), source=SOURCE,
+    cold = build_class(kiln_test_context(test_state), load_class(QEMU_CLASS, ROOT / "images"), source=SOURCE,
                        version=QEMU_VERSION, no_cache=True)
     assert cold["image"]["id"] == record["image"]["id"]
     assert [layer["diffId"] for layer in cold["layers"]] == [layer["diffId"] for layer in record["layers"]]
@@ -201,7 +201,7 @@ def test_model_only_release_changes_only_model_and_release_layers(
     record: dict[str, Any], test_state: StateDir, project_copy: Path
 ) -> None:
     hc = load_class(QEMU_CLASS, project_copy / "images")
-    new = build_class(test_context(test_state), hc, source=SOURCE, version="1.0.1", revision=record["revision"])
+    new = build_class(kiln_test_context(test_state), hc, source=SOURCE, version="1.0.1", revision=record["revision"])
     assert new["models"][0]["sha256"] != record["models"][0]["sha256"]
     changed = {old["group"] for old, cur in zip(record["layers"], new["layers"], strict=True)
                if old["diffId"] != cur["diffId"]}
@@ -221,7 +221,7 @@ def test_refused_model_is_never_built(test_state: StateDir, project_copy: Path) 
     spec.write_text(spec.read_text().replace("precision: auto", "precision: int8"))
     hc = load_class(QEMU_CLASS, project_copy / "images")
     with pytest.raises(GateFailed) as exc:
-        build_class(test_context(test_state), hc, source=SOURCE, version="9.9.9")
+        build_class(kiln_test_context(test_state), hc, source=SOURCE, version="9.9.9")
     assert exc.value.exit_code == 5
     assert not (project_copy / "build" / QEMU_CLASS / "9.9.9" / "build.json").exists()
     assert not PodmanEngine(test_state).exists(f"localhost/kiln/{QEMU_CLASS}:9.9.9")
@@ -234,7 +234,7 @@ def test_refused_model_is_never_built(test_state: StateDir, project_copy: Path) 
 def test_push_and_pull_back_by_digest(record: dict[str, Any], registry: str, test_state: StateDir,
                                       tmp_path: Path) -> None:
     skopeo = require_tool("skopeo")
-    pushed = push_build(test_context(test_state), QEMU_CLASS, QEMU_VERSION, registry)
+    pushed = push_build(kiln_test_context(test_state), QEMU_CLASS, QEMU_VERSION, registry)
     entry = pushed["pushed"][-1]
     assert entry["ref"] == f"{registry}/kiln/{QEMU_CLASS}:{QEMU_VERSION}"
     assert entry["digest"] != record["image"]["digest"]  # compressed for the registry: a new manifest
@@ -257,7 +257,7 @@ def test_push_and_pull_back_by_digest(record: dict[str, Any], registry: str, tes
 def test_cli_push_to_an_unreachable_registry(record: dict[str, Any], test_state: StateDir) -> None:
     port = free_port()
     with pytest.raises(RegistryError, match=f"127.0.0.1:{port}"):
-        push_build(test_context(test_state), QEMU_CLASS, QEMU_VERSION, f"127.0.0.1:{port}")
+        push_build(kiln_test_context(test_state), QEMU_CLASS, QEMU_VERSION, f"127.0.0.1:{port}")
     r = CliRunner().invoke(main, ["push", QEMU_CLASS, f"127.0.0.1:{port}", "--version", QEMU_VERSION],
                            env={"KILN_STATE_DIR": str(test_state.root)})
     assert r.exit_code == 8, r.output
@@ -360,7 +360,7 @@ def test_push_to_a_tls_registry_with_auth(record: dict[str, Any], test_state: St
         certs = tmp_path / "certs"
         certs.mkdir()
         shutil.copyfile(info.root / "tls/cert.pem", certs / "ca.crt")
-        ctx = test_context(test_state)
+        ctx = kiln_test_context(test_state)
         with pytest.raises(RegistryError, match=r"authentication required|unauthorized"):
             push_build(ctx, QEMU_CLASS, QEMU_VERSION, info.address, tls_verify=True, cert_dir=certs)
         rec = push_build(ctx, QEMU_CLASS, QEMU_VERSION, info.address, tls_verify=True, cert_dir=certs,

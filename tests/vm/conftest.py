@@ -51,7 +51,7 @@ def require_vm_tools() -> None:
 def qemu_disk(tmp_path_factory: pytest.TempPathFactory) -> BuiltDisk:
     """qemu-x86_64 built into the test store, and its raw disk (made once per session)."""
     require_vm_tools()
-    from tests.images import QEMU_CLASS, kiln_test_state, qemu_image, test_context
+    from tests.images import QEMU_CLASS, kiln_test_context, kiln_test_state, qemu_image
 
     state = kiln_test_state()
     ref = os.environ.get("KILN_VM_TEST_IMAGE")
@@ -60,7 +60,7 @@ def qemu_disk(tmp_path_factory: pytest.TempPathFactory) -> BuiltDisk:
         build: dict[str, Any] = qemu_image(state)
         ref, version = build["image"]["ref"], build["version"]
     out = tmp_path_factory.mktemp("disk") / "disk.raw"
-    record = disk.make_disk(test_context(state), ref, output=out, version=version)
+    record = disk.make_disk(kiln_test_context(state), ref, output=out, version=version)
     key = Path(os.environ.get("KILN_VM_TEST_SSH_KEY") or vm.finalize_ssh_key(QEMU_CLASS))
     return BuiltDisk(out, record, record.class_name, record.version, key)
 

@@ -29,7 +29,7 @@ from builder.run import run
 from builder.signing import SigningKey, resolve_signing_key
 from builder.state import StateDir
 from tests.conftest import ROOT
-from tests.images import QEMU_CLASS, kiln_test_state, project_dir, test_context
+from tests.images import QEMU_CLASS, kiln_test_context, kiln_test_state, project_dir
 from tests.ota import publish
 
 REPO = f"kiln/{QEMU_CLASS}"
@@ -58,7 +58,7 @@ class Releases:
         """Build VERSION (from a project copy when given), sign it, push it, move the channel."""
         with project_dir(project) as proj:
             hc = load_class(QEMU_CLASS, proj / "images")
-            ctx = test_context(self.state)
+            ctx = kiln_test_context(self.state)
             build_class(ctx, hc, source=f"images/{QEMU_CLASS}.yaml", version=version)
             return push_signed(ctx, QEMU_CLASS, version, self.registry.address, key=self.key,
                                lookaside_dir=self.signatures, channel=channel, tls_verify=False)

@@ -62,9 +62,9 @@ def test_same_image_and_version_give_the_same_disk(qemu_disk: BuiltDisk, tmp_pat
 
 
 def _context():  # type: ignore[no-untyped-def]
-    from tests.images import test_context
+    from tests.images import kiln_test_context
 
-    return test_context()
+    return kiln_test_context()
 
 
 def _sha(path: Path) -> str:

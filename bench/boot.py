@@ -25,7 +25,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from builder import disk, vm  # noqa: E402
+from builder import disk, paths, vm  # noqa: E402
 from builder.context import make_context  # noqa: E402
 from builder.errors import KilnError  # noqa: E402
 from builder.progress import Steps  # noqa: E402
@@ -72,13 +72,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         ref, version = (args.image, args.version) if args.image else disk.resolve_source(args.cls, args.version)
-        with tempfile.TemporaryDirectory(prefix="kiln-bench-boot-", dir=ROOT / "build") as tmp:
+        with tempfile.TemporaryDirectory(prefix="kiln-bench-boot-", dir=paths.build_dir()) as tmp:
             out = Path(tmp) / "disk.raw"
             start = time.perf_counter()
             ctx = make_context(steps=Steps(quiet=True))
             record = disk.make_disk(ctx, ref, output=out, version=version)
             disk_s = time.perf_counter() - start
-            key = vm.finalize_ssh_key(record.class_name)
+            key = paths.ssh_key_path(record.class_name)
             fw = vm.find_firmware()
             kvm_why = vm.probe_kvm(find_tool("qemu-system-x86_64"), fw.code, fw.vars_template)
             boots: list[dict[str, Any]] = []

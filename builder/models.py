@@ -41,10 +41,6 @@ def finalize_policy(hc: HardwareClass, m: Model) -> tuple[OptimizationPolicy, Ga
     return policy, gates
 
 
-def model_dir(hc: HardwareClass, m: Model) -> Path:
-    return paths.build_dir() / hc.name / "models" / m.name / m.version
-
-
 def make_optimized_models(hc: HardwareClass, progress: Progress | None = None, *,
                           reuse: bool = False) -> list[Report]:
     """Optimize and gate every model of the class. Raises GateFailed on the first refusal.
@@ -58,15 +54,16 @@ def make_optimized_models(hc: HardwareClass, progress: Progress | None = None, *
     for m in hc.spec.models:
         policy, gates = finalize_policy(hc, m)
         calibration = root / (m.optimization.calibration or m.validation.dataset)
-        cached = _current_report(model_dir(hc, m), root / m.source) if reuse else None
+        out = paths.model_dir(hc.name, m.name, m.version)
+        cached = _current_report(out, root / m.source) if reuse else None
         if cached is not None and _same_inputs(cached, policy, gates, calibration, root / m.validation.dataset):
             if progress:
-                progress(f"model {m.name} {m.version}: up to date ({cached.chosen}, {model_dir(hc, m)})")
+                progress(f"model {m.name} {m.version}: up to date ({cached.chosen}, {out})")
             reports.append(cached)
             continue
         try:
             reports.append(optimize_model(root / m.source, calibration, root / m.validation.dataset,
-                                          policy, gates, model_dir(hc, m), progress))
+                                          policy, gates, out, progress))
         except GateFailed as exc:
             raise exc.with_context(f"model {m.name} {m.version} of {hc.name}") from None
     return reports
@@ -78,7 +75,7 @@ def finalize_model_artifacts(hc: HardwareClass, *, require_optimized: bool = Fal
     out = []
     root = paths.project_root()
     for m in hc.spec.models:
-        d = model_dir(hc, m)
+        d = paths.model_dir(hc.name, m.name, m.version)
         report = _current_report(d, root / m.source)
         if report is None:
             if require_optimized:

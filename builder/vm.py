@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from builder import paths
 from builder.errors import ToolMissing, VMError
 from builder.net import free_port
 from builder.run import find_tool, spawn
@@ -526,11 +525,6 @@ def _indent(text: str) -> str:
 
 
 # --- where a disk's SSH key lives ----------------------------------------------
-
-
-def finalize_ssh_key(class_name: str) -> Path:
-    """The per-build development key of a class (written by `kiln build` for development classes)."""
-    return paths.build_dir() / class_name / "ssh" / "id_ed25519"
 
 
 def read_disk_record(disk: Path) -> dict[str, Any]:

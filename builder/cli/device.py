@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from builder import vm
+from builder import paths, vm
 from builder.cli.common import checked, cli_context, console, err_console
 
 
@@ -77,7 +77,7 @@ def vm_run(disk: Path, ssh_port: int | None, snapshot: bool, accel: str, memory_
     """Boot DISK in QEMU; follow its console until it powers off (Ctrl-C powers it off)."""
     record = vm.read_disk_record(disk)
     if ssh_key is None and record.get("class_name"):
-        candidate = vm.finalize_ssh_key(record["class_name"])
+        candidate = paths.ssh_key_path(record["class_name"])
         ssh_key = candidate if candidate.is_file() else None
     cfg = vm.VMConfig(disk=disk, accel=vm.Accel(accel), memory_mib=memory_mib, ssh_port=ssh_port,
                       ssh_key=ssh_key, snapshot=snapshot, workdir=workdir, ovmf_code=ovmf_code,

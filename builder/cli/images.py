@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from builder import loader, render
+from builder import loader, paths, render
 from builder.cli.common import ENGINE_OPTION, TLS_VERIFY_OPTION, checked, cli_context, load, source_of
 
 
@@ -125,7 +125,7 @@ def demo(cls: str, version: str, accel: str, timeout: float) -> None:
     click.echo(describe(record))
     made = disk.make_disk(ctx, record["image"]["ref"], version=version)
     click.echo(f"disk: {made.output}")
-    key = vm.finalize_ssh_key(hc.name)
+    key = paths.ssh_key_path(hc.name)
     config = vm.VMConfig(disk=Path(made.output), accel=vm.Accel(accel), snapshot=True,
                          ssh_key=key if key.is_file() else None)
     with steps.step(f"boot {cls} {version} in QEMU and wait for its health check"), vm.start_vm(config) as machine:

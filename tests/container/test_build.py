@@ -31,7 +31,14 @@ from builder.publish import push_build
 from builder.run import run
 from builder.state import StateDir
 from tests.conftest import ROOT, require_tool
-from tests.images import QEMU_CLASS, QEMU_VERSION, kiln_test_context, make_retrained_project, qemu_image
+from tests.images import (
+    QEMU_CLASS,
+    QEMU_VERSION,
+    kiln_test_context,
+    make_retrained_project,
+    project_dir,
+    qemu_image,
+)
 
 SOURCE = f"images/{QEMU_CLASS}.yaml"
 
@@ -131,7 +138,7 @@ def test_image_is_a_bootable_os(rootfs: Path, record: dict[str, Any], test_state
     assert (rootfs / "usr/lib/systemd/system/kiln-inference.service").is_file()
     assert (rootfs / "etc/systemd/system/multi-user.target.wants/kiln-inference.service").is_symlink()
     # the development key: the public half baked, the private half in build/<class>/ssh only
-    pub = (ROOT / "build" / QEMU_CLASS / "ssh/id_ed25519.pub").read_text().strip()
+    pub = paths.ssh_key_path(QEMU_CLASS).with_suffix(".pub").read_text().strip()
     assert (rootfs / "usr/lib/kiln/ssh/authorized_keys").read_text().strip() == pub
     assert not list((rootfs / "etc/ssh").glob("ssh_host_*"))
     assert (rootfs / "etc/machine-id").read_text() == ""
@@ -186,14 +193,8 @@ def test_cold_build_gives_the_same_digest(record: dict[str, Any], test_state: St
 @pytest.fixture
 def project_copy(tmp_path: Path) -> Iterator[Path]:
     """A model-only release of the project (tests/images.py), as KILN_PROJECT_DIR."""
-    proj = make_retrained_project(tmp_path / "project")
-    saved = os.environ.get("KILN_PROJECT_DIR")
-    os.environ["KILN_PROJECT_DIR"] = str(proj)
-    yield proj
-    if saved is None:
-        os.environ.pop("KILN_PROJECT_DIR")
-    else:
-        os.environ["KILN_PROJECT_DIR"] = saved
+    with project_dir(make_retrained_project(tmp_path / "project")) as proj:
+        yield proj
 
 
 @pytest.mark.container
@@ -223,7 +224,7 @@ def test_refused_model_is_never_built(test_state: StateDir, project_copy: Path) 
     with pytest.raises(GateFailed) as exc:
         build_class(kiln_test_context(test_state), hc, source=SOURCE, version="9.9.9")
     assert exc.value.exit_code == 5
-    assert not (project_copy / "build" / QEMU_CLASS / "9.9.9" / "build.json").exists()
+    assert not paths.record_path(QEMU_CLASS, "9.9.9").exists()  # KILN_PROJECT_DIR is project_copy
     assert not PodmanEngine(test_state).exists(f"localhost/kiln/{QEMU_CLASS}:9.9.9")
 
 

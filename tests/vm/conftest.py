@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from builder import disk, vm
+from builder import disk, paths, vm
 from builder.loader import load_class
 from tests.conftest import ROOT, require_tool
 
@@ -61,7 +61,7 @@ def qemu_disk(tmp_path_factory: pytest.TempPathFactory) -> BuiltDisk:
         ref, version = build["image"]["ref"], build["version"]
     out = tmp_path_factory.mktemp("disk") / "disk.raw"
     record = disk.make_disk(kiln_test_context(state), ref, output=out, version=version)
-    key = Path(os.environ.get("KILN_VM_TEST_SSH_KEY") or vm.finalize_ssh_key(QEMU_CLASS))
+    key = Path(os.environ.get("KILN_VM_TEST_SSH_KEY") or paths.ssh_key_path(QEMU_CLASS))
     return BuiltDisk(out, record, record.class_name, record.version, key)
 
 

@@ -27,10 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from builder import vm
+from builder import paths, vm
 from builder.run import run
 from builder.signing import SigningKey, make_signing_key
-from tests.conftest import ROOT
 from tests.images import QEMU_CLASS, make_broken_golden_project, make_retrained_project
 from tests.ota import make_oci_image, publish, push_unsigned, release_files, release_labels
 from tests.vm.conftest import BOOT_TIMEOUT, BuiltDisk, copy_disk
@@ -101,7 +100,7 @@ def test_refusals_write_nothing(releases: Releases, device: tuple[Path, vm.VMCon
 
 def test_model_only_update_boots_slot_b_and_is_blessed(releases: Releases, qemu_disk: BuiltDisk,
                                                        device: tuple[Path, vm.VMConfig]) -> None:
-    v1 = json.loads((ROOT / "build" / QEMU_CLASS / qemu_disk.version / "build.json").read_text())
+    v1 = json.loads(paths.record_path(QEMU_CLASS, qemu_disk.version).read_text())
     project = make_retrained_project(releases.tmp / "v2-project")
     v2 = releases.release("1.0.1", project)
     changed = {b["diffId"] for a, b in zip(v1["layers"], v2["layers"], strict=True) if a["diffId"] != b["diffId"]}

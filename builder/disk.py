@@ -31,6 +31,7 @@ from typing import Any
 from builder import paths, safe
 from builder.context import Context
 from builder.errors import CommandFailed, DiskError, KilnError, UsageError
+from builder.files import write_json_atomic
 from builder.image import ImageInfo, read_image_info
 from builder.progress import Steps
 from builder.run import find_tool, run
@@ -319,9 +320,7 @@ def check_tools(fmt: str = "raw") -> None:
 def write_disk_record(disk: Path, record: DiskRecord) -> Path:
     """`<disk>.json` next to the disk: what `kiln vm run` reads (class -> SSH key) and bench reports."""
     path = disk.with_name(disk.name + ".json")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record.to_dict(), indent=2) + "\n")
-    tmp.replace(path)
+    write_json_atomic(path, record.to_dict())
     return path
 
 

@@ -26,10 +26,11 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from builder.errors import KilnError, RegistryError, ToolMissing, UsageError
+from builder.files import write_json_atomic
 from builder.net import free_port
 from builder.run import find_tool, run, spawn
 
@@ -189,20 +190,26 @@ def start_registry(root: Path, *, port: int | None = None, tls: bool = False,
     except KilnError:
         _terminate(proc.pid)
         raise
-    tmp = paths.pidfile.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"address": address, "pid": proc.pid, "tls": tls, "auth": bool(htpasswd),
-                               "lookaside": info.lookaside, "lookasidePid": info.lookaside_pid}) + "\n")
-    tmp.replace(paths.pidfile)
+    write_json_atomic(paths.pidfile, {"address": address, "pid": proc.pid, "tls": tls, "auth": bool(htpasswd),
+                                      "lookaside": info.lookaside, "lookasidePid": info.lookaside_pid})
     return info
 
 
 def start_lookaside(info: RegistryInfo, directory: Path, port: int) -> RegistryInfo:
-    """python3 -m http.server over the signature directory, on 127.0.0.1 only."""
+    """The registry's signature server (start_signature_server), logging next to the registry."""
+    url, pid = start_signature_server(directory, port, log=info.root / "lookaside.log")
+    return replace(info, lookaside=url, lookaside_pid=pid)
+
+
+def start_signature_server(directory: Path, port: int, *, log: Path | None = None) -> tuple[str, int]:
+    """python3 -m http.server over a signature (lookaside) directory, on 127.0.0.1 only, in a session of
+    its own (it outlives this process until stopped); its URL and pid. Kiln's one signature server:
+    `kiln registry start`, running_registry and serving_lookaside all start it."""
     if port_in_use(port):
         raise RegistryError(f"127.0.0.1:{port} (the signature server) is already in use; pick another port")
     directory.mkdir(parents=True, exist_ok=True)
     proc = spawn([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", directory, str(port)],
-                 log=info.root / "lookaside.log", detach=True)
+                 log=log, detach=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + START_TIMEOUT
     while True:
@@ -214,11 +221,21 @@ def start_lookaside(info: RegistryInfo, directory: Path, port: int) -> RegistryI
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 _terminate(proc.pid)
-                raise RegistryError(
-                    f"the signature server on {url} did not start; see {info.root / 'lookaside.log'}") from None
+                raise RegistryError(f"the signature server on {url} did not start"
+                                    + (f"; see {log}" if log else "")) from None
             time.sleep(0.1)
-    return RegistryInfo(address=info.address, pid=info.pid, tls=info.tls, auth=info.auth, root=info.root,
-                        lookaside=url, lookaside_pid=proc.pid)
+    return url, proc.pid
+
+
+@contextmanager
+def serving_lookaside(directory: Path, *, port: int | None = None) -> Iterator[str]:
+    """The signature server over `directory` for a `with` block, without a registry; yields its URL.
+    (Tests use it; in production any static web server will do.)"""
+    url, pid = start_signature_server(directory, port if port is not None else free_port())
+    try:
+        yield url
+    finally:
+        _terminate(pid)
 
 
 def stop_registry(root: Path) -> RegistryInfo | None:

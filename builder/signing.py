@@ -30,20 +30,13 @@ never in the project tree; only `release-key.asc` (the public key) goes into ima
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
-import http.server
 import json
 import os
-import socketserver
 import tempfile
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from builder import paths
 from builder.errors import CommandFailed, RegistryError, UsageError
@@ -306,32 +299,6 @@ def make_signature(repo: str, digest: str, tag: str, *, cls: str, key: SigningKe
         staged.write_bytes(sig.read_bytes())
         staged.replace(dest)
     return dest
-
-
-# -- serving signatures ---------------------------------------------------------------------------
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def serving_lookaside(directory: Path, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
-    """Serve a lookaside directory over HTTP for the length of a `with` block; yields the URL.
-
-    Tests and `kiln release` demos use it; in production any static web server will do."""
-    handler = functools.partial(_QuietHandler, directory=str(directory))
-    server = socketserver.ThreadingTCPServer((host, port), handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, name="kiln-lookaside", daemon=True)
-    thread.start()
-    try:
-        yield f"http://{host}:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 def describe_key(key: SigningKey) -> str:

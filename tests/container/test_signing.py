@@ -21,6 +21,7 @@ from builder.context import make_context
 from builder.engine import PodmanEngine
 from builder.errors import CommandFailed, RegistryError
 from builder.publish import push_signed
+from builder.registry import serving_lookaside
 from builder.run import run
 from builder.state import StateDir
 from tests import images
@@ -107,7 +108,7 @@ def test_signed_release_verifies_on_every_tag_and_nothing_else_does(
     assert {p["ref"].rsplit(":", 1)[1] for p in record["pushed"]} == {"1.0.0", "stable"}
     assert signing.signature_path(lookaside, f"kiln/{CLS}", digest).is_file()
     state = engine.state
-    with signing.serving_lookaside(lookaside) as url:
+    with serving_lookaside(lookaside) as url:
         policy, regd = device_trust(tmp_path, key, url)
         assert pull(registry, "stable", policy, regd, tmp_path, state)
         assert pull(registry, "1.0.0", policy, regd, tmp_path, state)

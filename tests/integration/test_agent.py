@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from builder.registry import running_registry
-from builder.signing import SigningKey, make_signing_key, serving_lookaside
+from builder.registry import running_registry, serving_lookaside
+from builder.signing import SigningKey, make_signing_key
 from builder.state import StateDir, make_state_dir
 from tests.conftest import require_tool
 from tests.ota import FakeDevice, make_oci_image, publish, push_unsigned, release_files, release_labels

@@ -16,13 +16,14 @@ from kiln_device.agent.tools import run
 from kiln_device.agent.versions import Candidate
 from kiln_device.common import CHUNK, sha256_file
 from kiln_device.contract import (
+    BAD_IMAGE,
     EROFS_COMPRESSORS,
-    INCOMPATIBLE,
     MODULES_DIR,
     NO_SPACE,
     RELEASE_JSON,
     WRITE_FAILED,
     Release,
+    bad_kernel_args,
     under,
 )
 
@@ -63,20 +64,29 @@ def unpack(layout: Path, ref: str, tree: Path) -> Path:
 
 
 def check_tree(tree: Path, cand: Candidate) -> NewRoot:
-    """The unpacked image must agree with its labels; its release.json names everything else."""
+    """The unpacked image must agree with its labels; its release.json names everything else.
+    Every refusal here is the image's fault (BAD_IMAGE): the agent runs this before it writes anything."""
     path = under(tree, RELEASE_JSON)
-    release = load_release(path)
-    if release.compatible != cand.compatible or release.version != cand.version:
-        raise AgentError(INCOMPATIBLE, f"the image's release.json ({release.compatible} {release.version}) "
-                                       f"does not match its labels ({cand.compatible} {cand.version})")
+    try:
+        release = load_release(path)
+    except AgentError as exc:
+        raise AgentError(BAD_IMAGE, f"the image {cand.version}: {exc.message}") from None
+    if release.compatible != cand.compatible or release.version != cand.version or \
+            (cand.development is not None and release.development != cand.development):
+        raise AgentError(BAD_IMAGE, f"the image's release.json ({release.compatible} {release.version}, development "
+                                    f"{release.development}) does not match its labels ({cand.compatible} "
+                                    f"{cand.version}, development {cand.development})")
     if release.kernel_args is None or release.compression is None:
-        raise AgentError(INCOMPATIBLE, f"{RELEASE_JSON} of {cand.version} has no kernelArgs or rootCompression "
-                                       "(an image from an older Kiln); this agent cannot install it")
+        raise AgentError(BAD_IMAGE, f"{RELEASE_JSON} of {cand.version} has no kernelArgs or rootCompression "
+                                    "(an image from an older Kiln); this agent cannot install it")
+    bad = bad_kernel_args(release.kernel_args)
+    if bad:
+        raise AgentError(BAD_IMAGE, f"{RELEASE_JSON} of {cand.version} has bad kernelArgs: {'; '.join(bad[:3])}")
     modules = under(tree, MODULES_DIR)
     kernels = sorted(p for p in modules.glob("*/vmlinuz") if (p.parent / "initramfs.img").is_file()) \
         if modules.is_dir() else []
     if not kernels:
-        raise AgentError(WRITE_FAILED, f"the image has no {MODULES_DIR}/<kver>/vmlinuz + initramfs.img")
+        raise AgentError(BAD_IMAGE, f"the image has no {MODULES_DIR}/<kver>/vmlinuz + initramfs.img")
     kernel = kernels[-1]
     return NewRoot(release, kernel, kernel.parent / "initramfs.img", release.kernel_args,
                    EROFS_COMPRESSORS[release.compression])

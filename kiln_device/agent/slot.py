@@ -13,18 +13,17 @@ from kiln_device.agent.config import Config, load_release
 from kiln_device.agent.errors import AgentError
 from kiln_device.agent.journal import FAULT_ENV, fault_point
 from kiln_device.agent.tools import run
+from kiln_device.agent.tree import resolve_in_tree
 from kiln_device.agent.versions import Candidate
 from kiln_device.common import CHUNK, sha256_file
 from kiln_device.contract import (
-    BAD_IMAGE,
     EROFS_COMPRESSORS,
+    INCOMPATIBLE,
     MODULES_DIR,
     NO_SPACE,
     RELEASE_JSON,
     WRITE_FAILED,
     Release,
-    bad_kernel_args,
-    under,
 )
 
 EROFS_MAGIC = 0xE0F5E1E2
@@ -52,50 +51,59 @@ class NewRoot:
     compressor: str | None  # mkfs.erofs -z argument; None: uncompressed
 
 
-def unpack(layout: Path, ref: str, tree: Path) -> Path:
-    """umoci raw unpack into `tree` (removed first); returns the rootfs."""
+def unpack(layout: Path, ref: str, tree: Path, timeout: float | None = None) -> Path:
+    """umoci raw unpack into `tree` (removed first); returns the rootfs. The work directory
+    above it is made private (0700): the tree holds the image's setuid files and device nodes,
+    and the data partition is not mounted nosuid,nodev."""
     if tree.exists():
         shutil.rmtree(tree)
-    tree.parent.mkdir(parents=True, exist_ok=True)
+    tree.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tree.parent.chmod(0o700)  # one made 0755 by an older agent or tmpfiles.d
     argv = ["umoci", "raw", "unpack", *([] if os.geteuid() == 0 else ["--rootless"]),
             "--image", f"{layout}:{ref}", str(tree)]
-    run(argv, what=f"unpacking {ref}", code=WRITE_FAILED)
+    run(argv, what=f"unpacking {ref}", code=WRITE_FAILED, timeout=timeout, timeout_key="unpack")
     return tree
 
 
 def check_tree(tree: Path, cand: Candidate) -> NewRoot:
-    """The unpacked image must agree with its labels; its release.json names everything else.
-    Every refusal here is the image's fault (BAD_IMAGE): the agent runs this before it writes anything."""
-    path = under(tree, RELEASE_JSON)
-    try:
-        release = load_release(path)
-    except AgentError as exc:
-        raise AgentError(BAD_IMAGE, f"the image {cand.version}: {exc.message}") from None
-    if release.compatible != cand.compatible or release.version != cand.version or \
-            (cand.development is not None and release.development != cand.development):
-        raise AgentError(BAD_IMAGE, f"the image's release.json ({release.compatible} {release.version}, development "
-                                    f"{release.development}) does not match its labels ({cand.compatible} "
-                                    f"{cand.version}, development {cand.development})")
+    """The unpacked image must agree with its labels; its release.json names everything else."""
+    path = resolve_in_tree(tree, RELEASE_JSON)
+    release = load_release(path)
+    if release.compatible != cand.compatible or release.version != cand.version:
+        raise AgentError(INCOMPATIBLE, f"the image's release.json ({release.compatible} {release.version}) "
+                                       f"does not match its labels ({cand.compatible} {cand.version})")
     if release.kernel_args is None or release.compression is None:
-        raise AgentError(BAD_IMAGE, f"{RELEASE_JSON} of {cand.version} has no kernelArgs or rootCompression "
-                                    "(an image from an older Kiln); this agent cannot install it")
-    bad = bad_kernel_args(release.kernel_args)
-    if bad:
-        raise AgentError(BAD_IMAGE, f"{RELEASE_JSON} of {cand.version} has bad kernelArgs: {'; '.join(bad[:3])}")
-    modules = under(tree, MODULES_DIR)
-    kernels = sorted(p for p in modules.glob("*/vmlinuz") if (p.parent / "initramfs.img").is_file()) \
-        if modules.is_dir() else []
+        raise AgentError(INCOMPATIBLE, f"{RELEASE_JSON} of {cand.version} has no kernelArgs or rootCompression "
+                                       "(an image from an older Kiln); this agent cannot install it")
+    kernels = find_kernels(tree)
     if not kernels:
-        raise AgentError(BAD_IMAGE, f"the image has no {MODULES_DIR}/<kver>/vmlinuz + initramfs.img")
-    kernel = kernels[-1]
-    return NewRoot(release, kernel, kernel.parent / "initramfs.img", release.kernel_args,
-                   EROFS_COMPRESSORS[release.compression])
+        raise AgentError(WRITE_FAILED, f"the image has no {MODULES_DIR}/<kver>/vmlinuz + initramfs.img")
+    kver, kernel, initrd = kernels[-1]
+    for name, file in (("vmlinuz", kernel), ("initramfs.img", initrd)):
+        if not stat.S_ISREG(file.lstat().st_mode):
+            raise AgentError(WRITE_FAILED, f"{MODULES_DIR}/{kver}/{name} is not a regular file in the image "
+                                           f"{cand.version} (its links resolved inside the image)")
+    return NewRoot(release, kernel, initrd, release.kernel_args, EROFS_COMPRESSORS[release.compression])
 
 
-def build_erofs(tree: Path, image: Path, compressor: str | None) -> str:
+def find_kernels(tree: Path) -> list[tuple[str, Path, Path]]:
+    """(kver, vmlinuz, initramfs.img) of every <kver> in the image that has both, oldest first, each
+    resolved inside the tree (a link to /etc/hostname is the image's /etc/hostname, never the
+    device's)."""
+    modules = resolve_in_tree(tree, MODULES_DIR)
+    found = []
+    for kver in sorted(os.listdir(modules)) if modules.is_dir() else []:
+        kernel = resolve_in_tree(tree, f"{MODULES_DIR}/{kver}/vmlinuz")
+        initrd = resolve_in_tree(tree, f"{MODULES_DIR}/{kver}/initramfs.img")
+        if kernel.exists() and initrd.exists():
+            found.append((kver, kernel, initrd))
+    return found
+
+
+def build_erofs(tree: Path, image: Path, compressor: str | None, timeout: float | None = None) -> str:
     image.unlink(missing_ok=True)
     argv = ["mkfs.erofs", "--quiet", "-T0", *([f"-z{compressor}"] if compressor else []), str(image), str(tree)]
-    run(argv, what="building the root filesystem", code=WRITE_FAILED)
+    run(argv, what="building the root filesystem", code=WRITE_FAILED, timeout=timeout, timeout_key="build")
     return sha256_file(image)
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,7 +17,7 @@ import pytest
 
 from tests.integration import test_agent as base
 from tests.netfault import FaultyLink
-from tests.ota import FakeDevice, Symlink, make_oci_image, publish, release_files, release_labels
+from tests.ota import KVER, FakeDevice, Symlink, make_oci_image, publish, release_files, release_labels
 
 pytestmark = pytest.mark.integration
 
@@ -149,6 +151,24 @@ def test_a_stalled_registry_times_out_and_releases_the_lock(world: World) -> Non
         assert_installed(dev, "6.0.0", digest)
 
 
+@pytest.mark.parametrize(("step", "tool", "version"), [("unpack", "umoci", "6.1.0"), ("build", "mkfs.erofs", "6.2.0")])
+def test_unpack_and_build_time_out(world: World, step: str, tool: str, version: str) -> None:
+    """Finding 3 (and 5): umoci and mkfs.erofs run under timeouts.unpack and timeouts.build; past
+    them the update fails with exit 9, the tree is removed, and the next run (with time) completes."""
+    digest = release(world, version, f"ch-slow-{step}")
+    dev = device(world, f"slow-{step}", f"ch-slow-{step}")
+    configure(dev, timeouts={step: 0.001})
+    proc = dev.agent("update", "--no-reboot")
+    assert proc.returncode == 9, proc.stderr
+    assert f"{tool} timed out after 0.001 s (timeouts.{step} in the agent config)" in proc.stderr, proc.stderr
+    assert dev.status()["lastResult"]["code"] == 9
+    assert not (dev.root / "var/lib/kiln/work/rootfs").exists()
+    configure(dev, timeouts={})
+    again = dev.agent("update", "--no-reboot")
+    assert again.returncode == 0, again.stderr
+    assert_installed(dev, version, digest)
+
+
 def test_bad_timeouts_are_a_config_error(world: World) -> None:
     """Finding 3: timeouts are checked when the config is read; an override sets one key and the
     others keep their defaults."""
@@ -159,3 +179,72 @@ def test_bad_timeouts_are_a_config_error(world: World) -> None:
     configure(dev, timeouts={"fecth": 10})
     proc = dev.agent("check")
     assert proc.returncode == 11 and "unknown keys fecth" in proc.stderr, proc.stderr
+
+
+# --- finding 4: links in the image resolve inside the image -----------------------------------------
+
+
+@pytest.mark.parametrize(("name", "target"), [
+    ("vmlinuz", "/etc/hostname"),
+    ("vmlinuz", "../" * 40 + "etc/hostname"),
+    ("initramfs.img", "/etc/hostname"),
+])
+def test_kernel_links_resolve_inside_the_image(world: World, name: str, target: str) -> None:
+    """Finding 4: check_tree followed an absolute link into the live root; an image whose vmlinuz
+    linked to /etc/hostname installed the device's own /etc/hostname as its kernel. Links resolve
+    as in a chroot: absolute targets start at the tree, `..` stops at its root."""
+    version = {("vmlinuz", "/etc/hostname"): "7.1.0", ("initramfs.img", "/etc/hostname"): "7.3.0"}.get(
+        (name, target), "7.2.0")
+    channel = f"ch-link-{version}"
+    inside = f"the image's own hostname file, {version}\n".encode()
+    digest = release(world, version, channel, {f"usr/lib/modules/{KVER}/{name}": Symlink(target),
+                                               "etc/hostname": inside})
+    dev = device(world, f"link-{version}", channel)
+    proc = dev.agent("update", "--no-reboot")
+    assert proc.returncode == 0, proc.stderr
+    assert (dev.esp / "kiln/b" / name).read_bytes() == inside
+    assert dev.state()["slots"]["b"]["digest"] == digest
+
+
+def test_a_kernel_that_is_not_a_regular_file_is_refused(world: World) -> None:
+    """Finding 4 (and 5 on a failure path): a vmlinuz that resolves to a directory is refused
+    before anything is installed, and the unpacked tree is removed."""
+    release(world, "7.9.0", "ch-link-dir", {f"usr/lib/modules/{KVER}/vmlinuz": Symlink("/usr/share")})
+    dev = device(world, "link-dir", "ch-link-dir")
+    proc = dev.agent("update", "--no-reboot")
+    assert proc.returncode not in (0, 1), proc.stderr
+    assert "vmlinuz is not a regular file" in proc.stderr, proc.stderr
+    assert not (dev.esp / "kiln").exists()
+    assert sorted(p.name for p in dev.entries.iterdir()) == ["kiln-1.0.0-a.conf"]
+    assert_private_and_empty(dev.root / "var/lib/kiln/work")
+
+
+# --- finding 5: the work directory ------------------------------------------------------------------
+
+
+def assert_private_and_empty(work: Path) -> None:
+    assert stat.S_IMODE(work.stat().st_mode) == 0o700, oct(work.stat().st_mode)
+    assert not (work / "rootfs").exists(), list((work / "rootfs").iterdir())
+
+
+def test_the_work_dir_is_private_and_keeps_no_tree(world: World) -> None:
+    """Finding 5: /var/lib/kiln/work was 0755 on a data partition without nosuid,nodev, holding
+    the image's unpacked tree (setuid files, device nodes) during and after updates. The agent
+    makes it 0700 (an existing 0755 one too) and removes the tree, after a success and a failure."""
+    release(world, "8.0.0", "ch-work")
+    dev = device(world, "work", "ch-work")
+    work = dev.root / "var/lib/kiln/work"
+    work.mkdir(parents=True, mode=0o755)
+    os.chmod(work, 0o755)  # as an older agent and tmpfiles.d made it
+    proc = dev.agent("update", "--no-reboot")
+    assert proc.returncode == 0, proc.stderr
+    assert_private_and_empty(work)
+    # A failure after the unpack: the slot cannot be opened for writing.
+    os.chmod(work, 0o755)
+    release(world, "8.1.0", "ch-work")
+    dev.slot("b").unlink()
+    dev.slot("b").mkdir()
+    failed = dev.agent("update", "--no-reboot")
+    assert failed.returncode == 9, failed.stderr
+    assert dev.status()["lastResult"]["result"] == "failed"
+    assert_private_and_empty(work)

@@ -1,6 +1,6 @@
 """Benchmark disk assembly and boot: image -> disk -> QEMU -> first passing health check.
 
-    python bench/boot.py [--image REF | --class qemu-x86_64 --version V] [--boots N] [--json PATH]
+    .venv/bin/python -m bench.boot [--image REF | --class qemu-x86_64 --version V] [--boots N] [--json PATH]
 
 Figures: disk build time (and each step), image, root filesystem and disk sizes,
 then per accelerator (KVM when OVMF runs under it here, and TCG) and per boot:
@@ -11,33 +11,24 @@ through the guest agent). A failing check is reported as such, with its time.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from builder import disk, paths, vm  # noqa: E402
-from builder.context import make_context  # noqa: E402
-from builder.errors import KilnError  # noqa: E402
-from builder.progress import Steps  # noqa: E402
-from builder.run import find_tool  # noqa: E402
-from builder.state import make_state_dir  # noqa: E402
+from bench.common import describe_machine, failed, make_parser, write_figures
+from builder import disk, paths, vm
+from builder.context import make_context
+from builder.engine import PodmanEngine
+from builder.errors import KilnError
+from builder.progress import Steps
+from builder.run import find_tool
+from builder.state import make_state_dir
 
 
 def image_size(ref: str) -> int | None:
-    state = make_state_dir()
-    out = subprocess.run(["podman", "image", "inspect", "--format", "{{.Size}}", ref], capture_output=True,
-                         text=True, env={**os.environ, **state.engine_env()}, check=False)
-    return int(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip().isdigit() else None
+    engine = PodmanEngine(make_state_dir())
+    return engine.inspect(ref)["size"] if engine.exists(ref) else None
 
 
 def boot_once(image: Path, accel: vm.Accel, key: Path | None, timeout: float) -> dict[str, Any]:
@@ -61,13 +52,12 @@ def boot_once(image: Path, accel: vm.Accel, key: Path | None, timeout: float) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="disk build time, sizes, QEMU start -> healthy (KVM and TCG)")
+    ap = make_parser("bench.boot", "disk build time, sizes, QEMU start -> healthy (KVM and TCG)")
     ap.add_argument("--image", help="an image ref in Kiln's store (default: the class's newest build)")
     ap.add_argument("--class", dest="cls", default="qemu-x86_64")
     ap.add_argument("--version", help="with --class: which build")
     ap.add_argument("--boots", type=int, default=1, help="boots per accelerator (default 1)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per boot (default 900)")
-    ap.add_argument("--json", type=Path, help="also write the figures as JSON here")
     args = ap.parse_args(argv)
 
     try:
@@ -89,21 +79,20 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(args.boots):
                     boots.append(boot_once(out, accel, key, args.timeout))
     except KilnError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return failed(exc)
 
-    figures = {
+    figures: dict[str, Any] = {
         "image": ref, "class": record.class_name, "version": record.version,
         "image_size": image_size(ref),
         "disk_build_s": round(disk_s, 1), "disk_steps_s": record.durations,
         "root_erofs_size": record.root_image_size, "disk_size": record.size, "disk_allocated": record.file_size,
         "boots": boots,
-        "machine": {"cpus": os.cpu_count(), "machine": platform.machine(), "kernel": platform.release()},
+        "machine": describe_machine(),
     }
     mib = 1024**2
     print(f"{'image':<28} {figures['image']}")
     if figures["image_size"]:
-        print(f"{'image size':<28} {figures['image_size'] / mib:.0f} MiB")
+        print(f"{'image size':<28} {int(figures['image_size']) / mib:.0f} MiB")
     print(f"{'disk build':<28} {disk_s:.1f} s")
     for step, seconds in record.durations.items():
         print(f"  {step:<46} {seconds:.1f} s")
@@ -115,11 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         healthy = f"{b['healthy_s']:.1f} s" if "healthy_s" in b else (
             f"({b['failed_after_s']:.1f} s)" if "failed_after_s" in b else "-")
         print(f"{b['accel']:<6} {ssh:>18} {healthy:>12}  {b['result']}")
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
+    write_figures(args.json, figures)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

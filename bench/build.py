@@ -1,6 +1,6 @@
 """Benchmark image builds and registry pulls for the embedded default class.
 
-    python bench/build.py [--json PATH] [--class qemu-x86_64] [--skip-cold]
+    .venv/bin/python -m bench.build [--json PATH] [--class qemu-x86_64] [--skip-cold]
 
 Real builds with podman into Kiln's state dir (.kiln, or $KILN_STATE_DIR):
 
@@ -18,50 +18,33 @@ Real builds with podman into Kiln's state dir (.kiln, or $KILN_STATE_DIR):
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
-import re
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from builder.build import build_class  # noqa: E402
-from builder.context import make_context  # noqa: E402
-from builder.engine import PodmanEngine  # noqa: E402
-from builder.errors import KilnError  # noqa: E402
-from builder.loader import load_class  # noqa: E402
-from builder.publish import push_build  # noqa: E402
-from builder.registry import RegistryInfo, running_registry  # noqa: E402
-from builder.run import run  # noqa: E402
-from builder.state import StateDir, make_state_dir  # noqa: E402
-from tests.images import make_retrained_project  # noqa: E402
-
-# distribution's "response completed" line (its access log repeats each request: not counted)
-WRITTEN = re.compile(r"http\.request\.method=GET .*http\.response\.written=(\d+)")
-
-
-def registry_bytes(info: RegistryInfo) -> int:
-    """Bytes the registry has sent for GET requests so far (from its log)."""
-    log = info.root / "registry.log"
-    total = 0
-    for line in log.read_text(errors="replace").splitlines():
-        found = WRITTEN.search(line)
-        if found:
-            total += int(found.group(1))
-    return total
-
-
-def manifest(info: RegistryInfo, repo: str, ref: str) -> dict[str, Any]:
-    proc = run(["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{info.address}/{repo}:{ref}"],
-               capture=True, quiet=True)
-    return dict(json.loads(proc.stdout))
+from bench.common import (
+    ROOT,
+    describe_machine,
+    failed,
+    make_parser,
+    manifest,
+    mb,
+    print_rows,
+    registry_bytes,
+    write_figures,
+)
+from bench.projects import make_retrained_project, project_dir
+from builder.build import build_class
+from builder.context import make_context
+from builder.engine import PodmanEngine
+from builder.errors import KilnError
+from builder.loader import load_class
+from builder.publish import push_build
+from builder.registry import RegistryInfo, running_registry
+from builder.run import run
+from builder.state import StateDir, make_state_dir
 
 
 def pull(info: RegistryInfo, ref: str, layout: Path, tag: str) -> tuple[int, float]:
@@ -82,13 +65,8 @@ def group_sizes(record: dict[str, Any], mf: dict[str, Any]) -> dict[str, dict[st
     return out
 
 
-def mb(n: float) -> str:
-    return f"{n / 1e6:,.1f} MB" if n >= 1e5 else f"{n:,.0f} B"
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="cold/cached/model-only builds and registry pull bytes")
-    ap.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    ap = make_parser("bench.build", "cold/cached/model-only builds and registry pull bytes")
     ap.add_argument("--class", dest="cls", default="qemu-x86_64")
     ap.add_argument("--skip-cold", action="store_true", help="skip the cold (--no-cache) build")
     args = ap.parse_args(argv)
@@ -96,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = make_context(PodmanEngine(state), state=state)
     source = f"images/{args.cls}.yaml"
     hc = load_class(args.cls, ROOT / "images")
-    figures: dict[str, Any] = {"class": args.cls, "machine": {"cpus": os.cpu_count(),
-                                                             "python": platform.python_version()}}
+    figures: dict[str, Any] = {"class": args.cls, "machine": describe_machine()}
     try:
         # warm-up: base, wheelhouse, models and (if missing) every layer
         v1 = build_class(ctx, hc, source=source, version="1.0.0")
@@ -111,21 +88,15 @@ def main(argv: list[str] | None = None) -> int:
         figures["cached_total_s"] = round(sum(cached["durations"].values()), 3)
         with tempfile.TemporaryDirectory(dir=state.tmp_dir) as tmp:
             proj = make_retrained_project(Path(tmp) / "project")
-            os.environ["KILN_PROJECT_DIR"] = str(proj)
-            try:
+            with project_dir(proj):
                 v2 = build_class(ctx, load_class(args.cls, proj / "images"), source=source, version="1.0.1",
                                  revision=v1["revision"])
-            finally:
-                del os.environ["KILN_PROJECT_DIR"]
             figures["model_only_build_s"] = v2["durations"][f"build {v2['image']['ref']} with podman"]
             figures["model_only_changed_groups"] = sorted(
                 {a["group"] for a, b in zip(v1["layers"], v2["layers"], strict=True) if a["diffId"] != b["diffId"]})
             with running_registry(Path(tmp) / "registry") as info:
-                os.environ["KILN_PROJECT_DIR"] = str(proj)
-                try:
+                with project_dir(proj):
                     push_build(ctx, args.cls, "1.0.1", info.address)
-                finally:
-                    del os.environ["KILN_PROJECT_DIR"]
                 push_build(ctx, args.cls, "1.0.0", info.address)
                 repo = f"kiln/{args.cls}"
                 m1, m2 = manifest(info, repo, "1.0.0"), manifest(info, repo, "1.0.1")
@@ -145,24 +116,13 @@ def main(argv: list[str] | None = None) -> int:
                 m2_bytes = len(json.dumps(m2).encode())
                 figures["update_floor_bytes"] = sum(b["size"] for b in changed) + m2["config"]["size"] + m2_bytes
     except KilnError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return failed(exc)
     figures["cached_vs_cold"] = (figures["cached_build_s"] / figures["cold_build_s"]) if "cold_build_s" in figures \
         else None
     figures["update_vs_floor"] = figures["update_pull_bytes"] / figures["update_floor_bytes"]
     print_table(figures)
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
-        print(f"wrote {args.json}")
+    write_figures(args.json, figures)
     return 0
-
-
-def print_rows(rows: list[tuple[str, str, str]]) -> None:
-    """A benchmark's table: figure, value (right-aligned), note."""
-    width = max(len(r[0]) for r in rows)
-    print(f"{'figure'.ljust(width)}  {'value':>12}  note")
-    for name, value, note in rows:
-        print(f"{name.ljust(width)}  {value:>12}  {note}")
 
 
 def print_table(f: dict[str, Any]) -> None:
@@ -186,4 +146,4 @@ def print_table(f: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,6 +1,6 @@
 """Benchmark model optimization: FP32 vs every candidate, per example model.
 
-    python bench/model.py [--json PATH] [--runs N] [--min-int8-speedup X] [--models digits,cancer]
+    .venv/bin/python -m bench.model [--json PATH] [--runs N] [--min-int8-speedup X] [--models digits,cancer]
 
 Runs the real pipeline (builder.model.optimize_model) on the committed models
 and data with all candidates (int8-static, int8-dynamic, fp16) and prints a
@@ -10,21 +10,15 @@ single-inference latency on 1 thread; '*' marks the chosen candidate.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from builder.errors import GateFailed, KilnError  # noqa: E402
-from builder.model import (  # noqa: E402
+from bench.common import ROOT, describe_machine, make_parser, write_figures
+from builder.errors import GateFailed, KilnError
+from builder.model import (
     CANDIDATES,
     Gates,
     OptimizationPolicy,
@@ -48,15 +42,15 @@ def bench_one(name: str, policy: OptimizationPolicy, gates: Gates, out: Path) ->
 
 
 def machine() -> dict[str, Any]:
+    import platform
+
     import onnxruntime
 
-    return {"python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
-            "machine": platform.machine(), "cpus": os.cpu_count(), "processor": platform.processor()}
+    return describe_machine(onnxruntime=onnxruntime.__version__, processor=platform.processor())
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="FP32 vs INT8/FP16 candidates on the example models")
-    ap.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    ap = make_parser("bench.model", "FP32 vs INT8/FP16 candidates on the example models")
     ap.add_argument("--runs", type=int, default=500, help="latency runs per candidate (default 500)")
     ap.add_argument("--min-int8-speedup", type=float, default=Gates().min_int8_speedup)
     ap.add_argument("--models", default="digits,cancer")
@@ -74,10 +68,9 @@ def main(argv: list[str] | None = None) -> int:
             print(format_table(report))
             print(f"  ({seconds:.1f} s; {'; '.join(report.reasons)})\n")
             figures["models"][name] = {**report.to_dict(), "optimize_seconds": seconds}
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
+    write_figures(args.json, figures)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

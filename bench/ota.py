@@ -1,6 +1,6 @@
 """Benchmark over-the-air updates of the embedded default class on a QEMU device.
 
-    python bench/ota.py [--json PATH] [--timeout S]
+    .venv/bin/python -m bench.ota [--json PATH] [--timeout S]
 
 Real builds (podman, Kiln's state dir), a registry and signature server on 127.0.0.1
 (`running_registry`), the release key the image trusts, one disk made from v1 and one
@@ -22,38 +22,36 @@ Figures:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
-import os
-import platform
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.build import manifest, mb, print_rows, registry_bytes  # noqa: E402
-from builder import disk, vm  # noqa: E402
-from builder.build import build_class  # noqa: E402
-from builder.context import Context, make_context  # noqa: E402
-from builder.engine import PodmanEngine  # noqa: E402
-from builder.errors import KilnError, VMError  # noqa: E402
-from builder.loader import load_class  # noqa: E402
-from builder.publish import push_signed  # noqa: E402
-from builder.registry import RegistryInfo, running_registry  # noqa: E402
-from builder.signing import SigningKey, resolve_signing_key  # noqa: E402
-from builder.state import StateDir, make_state_dir  # noqa: E402
-from tests.images import (  # noqa: E402
-    make_broken_golden_project,
-    make_package_project,
-    make_retrained_project,
-    project_dir,
+from bench.common import (
+    ROOT,
+    describe_machine,
+    failed,
+    make_parser,
+    manifest,
+    mb,
+    print_rows,
+    registry_bytes,
+    write_figures,
 )
+from bench.projects import make_broken_golden_project, make_package_project, make_retrained_project, project_dir
+from builder import disk, vm
+from builder.build import build_class
+from builder.context import Context, make_context
+from builder.engine import PodmanEngine
+from builder.errors import KilnError, VMError
+from builder.loader import load_class
+from builder.publish import push_signed
+from builder.registry import RegistryInfo, running_registry
+from builder.signing import SigningKey, resolve_signing_key
+from builder.state import StateDir, make_state_dir
 
 CLS = "qemu-x86_64"
 REPO = f"kiln/{CLS}"
@@ -112,10 +110,9 @@ def wait(what: str, probe: Callable[[], bool], timeout: float, machine: vm.VM) -
 
 def on_slot(machine: vm.VM, slot: str, entry: str | None = None) -> bool:
     """Healthy (golden check passed) on SLOT, and ENTRY (the blessed name) present when given."""
-    out = guest(machine, "systemctl is-active kiln-health-inference.service; grep -o 'kiln.slot=[ab]' /proc/cmdline; "
-                         "ls /efi/loader/entries")
-    words = out.split()
-    return words[:2] == ["active", f"kiln.slot={slot}"] and (entry is None or entry in words[2:])
+    if machine.healthy_slot() != slot:
+        return False
+    return entry is None or entry in guest(machine, "ls /efi/loader/entries").split()
 
 
 def update(machine: vm.VM, info: RegistryInfo, version: str, slot: str, *, bad: bool, timeout: float,
@@ -144,14 +141,13 @@ def update(machine: vm.VM, info: RegistryInfo, version: str, slot: str, *, bad: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="OTA bytes over the wire and update/rollback times in QEMU")
-    ap.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    ap = make_parser("bench.ota", "OTA bytes over the wire and update/rollback times in QEMU")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per wait (TCG on 2 cores is slow)")
     args = ap.parse_args(argv)
     state = make_state_dir(ROOT)
     hc = load_class(CLS, ROOT / "images")
     key = resolve_signing_key(hc, None)
-    figures: dict[str, Any] = {"class": CLS, "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
+    figures: dict[str, Any] = {"class": CLS, "machine": describe_machine()}
     try:
         with tempfile.TemporaryDirectory(dir=state.tmp_dir) as tmp_name:
             tmp = Path(tmp_name)
@@ -194,12 +190,9 @@ def main(argv: list[str] | None = None) -> int:
                             previous, prev_record, slot, good = mf, records[version], good, slot
                     machine.kill()
     except KilnError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return failed(exc)
     print_table(figures)
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
-        print(f"wrote {args.json}")
+    write_figures(args.json, figures)
     return 0
 
 
@@ -222,4 +215,4 @@ def print_table(f: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

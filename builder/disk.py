@@ -246,7 +246,7 @@ def finalize_data_argv(plan: DiskPlan, tree: Path, out: Path) -> list[str | os.P
 
 @dataclass
 class DiskRecord:
-    """What `kiln disk` made (`--json` prints it; bench/boot.py reads it)."""
+    """What `kiln disk` made (`--json` prints it; bench.boot reads it)."""
 
     class_name: str
     version: str

@@ -283,6 +283,17 @@ class VM:
             time.sleep(1)
         raise self.error(f"timed out after {timeout:.0f} s waiting for {unit} to pass (last: {last})")
 
+    def healthy_slot(self, unit: str = HEALTH_UNIT) -> str | None:
+        """The slot ("a" or "b", from kiln.slot= on the kernel command line) this boot runs when `unit`
+        (the golden inference check) has passed; None while it has not, or while the guest agent cannot
+        answer (the guest is starting, rebooting or gone)."""
+        try:
+            out = self.guest_exec(f"systemctl is-active {unit}; grep -o 'kiln.slot=[ab]' /proc/cmdline",
+                                  check=False, timeout=30).stdout.split()
+        except (OSError, ValueError, VMError):
+            return None
+        return out[1].removeprefix("kiln.slot=") if len(out) == 2 and out[0] == "active" else None
+
     def wait_for_boot(self, timeout: float = 600) -> float:
         """Up with SSH when the config has a key, else a login prompt; seconds since QEMU started."""
         if self.config.ssh_key is None:

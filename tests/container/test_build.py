@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from bench.projects import make_retrained_project, project_dir
 from builder import names, paths, publish, render
 from builder.build import build_class
 from builder.cli import main
@@ -31,14 +32,7 @@ from builder.publish import push_build
 from builder.run import run
 from builder.state import StateDir
 from tests.conftest import ROOT, require_tool
-from tests.images import (
-    QEMU_CLASS,
-    QEMU_VERSION,
-    kiln_test_context,
-    make_retrained_project,
-    project_dir,
-    qemu_image,
-)
+from tests.images import QEMU_CLASS, QEMU_VERSION, kiln_test_context, qemu_image
 
 SOURCE = f"images/{QEMU_CLASS}.yaml"
 

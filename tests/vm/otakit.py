@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.projects import project_dir
 from builder import vm
 from builder.build import build_class
 from builder.disk import partition_offset
@@ -29,7 +30,7 @@ from builder.run import run
 from builder.signing import SigningKey, resolve_signing_key
 from builder.state import StateDir
 from tests.conftest import ROOT
-from tests.images import QEMU_CLASS, kiln_test_context, kiln_test_state, project_dir
+from tests.images import QEMU_CLASS, kiln_test_context, kiln_test_state
 from tests.ota import publish
 
 REPO = f"kiln/{QEMU_CLASS}"
@@ -207,19 +208,18 @@ def boot_until_healthy_on(cfg: vm.VMConfig, slot: str, *, max_boots: int = 6,
 def _healthy_or_rebooted(machine: vm.VM, slot: str, timeout: float, boots: list[Boot]) -> bool:
     """True once SLOT is healthy; False when the guest rebooted (QEMU exited)."""
     deadline = time.monotonic() + timeout
-    seen = "no answer yet"
+    seen = None
     while time.monotonic() < deadline:
         if not machine.running:
             return False
-        with contextlib.suppress(OSError, ValueError, VMError):
-            seen = machine.guest_exec("systemctl is-active kiln-health-inference.service; "
-                                      "grep -o 'kiln.slot=[ab]' /proc/cmdline", check=False, timeout=30).stdout
-            if seen.split() == ["active", f"kiln.slot={slot}"]:
-                return True
+        seen = machine.healthy_slot()
+        if seen == slot:
+            return True
         time.sleep(3)
     history = boots or "none"
+    last = f"healthy on slot {seen}" if seen else "not healthy"
     raise machine.error(f"boot {len(boots) + 1} neither rebooted nor became healthy on slot {slot} within "
-                        f"{timeout:.0f} s (last: {seen.split()}); earlier boots: {history}")
+                        f"{timeout:.0f} s (last: {last}); earlier boots: {history}")
 
 
 def esp_entries(disk: Path) -> list[str]:

@@ -27,10 +27,11 @@ from pathlib import Path
 
 import pytest
 
+from bench.projects import make_broken_golden_project, make_retrained_project
 from builder import paths, vm
 from builder.run import run
 from builder.signing import SigningKey, make_signing_key
-from tests.images import QEMU_CLASS, make_broken_golden_project, make_retrained_project
+from tests.images import QEMU_CLASS
 from tests.ota import make_oci_image, publish, push_unsigned, release_files, release_labels
 from tests.vm.conftest import BOOT_TIMEOUT, BuiltDisk, copy_disk
 from tests.vm.otakit import (

@@ -1,0 +1,100 @@
+"""Project copies for later releases of the same device: what the benchmarks and the tests build.
+
+Each `make_*_project(dest)` copies the project (specs, models, overlays, and the
+checkout's per-class keys, so the copy is a release of the same device) and
+changes one thing; point Kiln at it with `project_dir(dest)` (KILN_PROJECT_DIR).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from bench.common import ROOT
+from builder import paths
+from builder.loader import load_class
+
+QEMU_CLASS = "qemu-x86_64"
+
+
+@contextlib.contextmanager
+def project_dir(path: Path | None) -> Iterator[Path]:
+    """KILN_PROJECT_DIR=PATH for the block (None: the checkout itself); the old value comes back."""
+    saved = os.environ.get("KILN_PROJECT_DIR")
+    if path is not None:
+        os.environ["KILN_PROJECT_DIR"] = str(path)
+    try:
+        yield path or ROOT
+    finally:
+        if saved is None:
+            os.environ.pop("KILN_PROJECT_DIR", None)
+        else:
+            os.environ["KILN_PROJECT_DIR"] = saved
+
+
+def copy_project(dest: Path, *, models_from: Path | None = None) -> Path:
+    """A copy of the project (specs, models, overlays, the dev SSH and release keys) to change and use
+    as KILN_PROJECT_DIR: a later release of the same device. `models_from` (a project) also copies
+    its optimized models and gate reports, so an unchanged model is reused byte for byte."""
+    import shutil
+
+    for name in ("images", "models", "overlays"):
+        shutil.copytree(ROOT / name, dest / name, symlinks=True)
+    # the same per-checkout keys: a release of the same device
+    for keys in (lambda: paths.ssh_key_path(QEMU_CLASS).parent, lambda: paths.dev_signing_key_dir(QEMU_CLASS)):
+        src, out = in_project(ROOT, keys), in_project(dest, keys)
+        if src.is_dir():
+            shutil.copytree(src, out, ignore=shutil.ignore_patterns("S.*"))  # gpg-agent sockets
+    if models_from is not None:
+        src, out = (in_project(p, lambda: paths.class_dir(QEMU_CLASS) / "models") for p in (models_from, dest))
+        if src.is_dir():
+            shutil.copytree(src, out)
+    return dest
+
+
+def in_project(project: Path, where: Callable[[], Path]) -> Path:
+    """A builder.paths location (`where`) as it is in PROJECT (KILN_PROJECT_DIR for the call)."""
+    with project_dir(project):
+        return where()
+
+
+def make_retrained_project(dest: Path, note: str = "retrained: new weights, same graph") -> Path:
+    """A project copy whose digits model has new bytes but the same behaviour: a model-only release."""
+    import onnx
+
+    copy_project(dest)
+    model_file = dest / "models/digits/digits.onnx"
+    proto = onnx.load(model_file)
+    proto.doc_string = note
+    onnx.save(proto, model_file)
+    return dest
+
+
+def make_package_project(dest: Path, package: str = "jq") -> Path:
+    """A project copy whose class installs one more Debian package, model unchanged: an OS update."""
+    import yaml
+
+    copy_project(dest, models_from=ROOT)
+    spec_file = dest / "images" / f"{QEMU_CLASS}.yaml"
+    doc = yaml.safe_load(spec_file.read_text())
+    doc["spec"]["packages"].append(package)
+    spec_file.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return dest
+
+
+def make_broken_golden_project(dest: Path) -> Path:
+    """A project copy whose model ships with wrong golden outputs: the device's golden check fails."""
+    import numpy as np
+
+    from builder.models import make_optimized_models
+
+    make_retrained_project(dest, note="broken golden set")
+    with project_dir(dest):  # optimize, then replace the golden outputs with wrong ones
+        make_optimized_models(load_class(QEMU_CLASS, dest / "images"))
+    for golden in in_project(dest, lambda: paths.class_dir(QEMU_CLASS) / "models").glob("*/*/golden.npz"):
+        data = dict(np.load(golden))
+        data["outputs"] = data["outputs"][:, ::-1].copy()
+        np.savez(golden, **data)
+    return dest

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from builder import models as model_glue
-from builder import paths, records, render, signing
+from builder import paths, pins, records, render, signing
 from builder.base import make_base_for_class
 from builder.capability import why_not_buildable
 from builder.context import Context
@@ -39,7 +39,6 @@ from builder.render import DEFAULT_EPOCH
 from builder.run import run
 from builder.safe import version as check_version
 from builder.spec import BaseSource, HardwareClass
-from builder.wheels import make_wheelhouse
 
 # -- inputs ---------------------------------------------------------------------------
 
@@ -126,6 +125,10 @@ def build_class(
             reasons = why_not_buildable(hc, tools=False)
             if reasons:
                 raise BuildError(f"{hc.name} cannot be built on this machine: " + "; ".join(reasons))
+        # The runtime's wheels first: a pin the index does not publish is refused in seconds
+        # (pins.check_pins), not after the base and the models.
+        with steps.step("the runtime's wheels"):
+            wheelhouse = pins.make_checked_wheelhouse(hc, state, source)
         base_id = None
         if hc.spec.base.source is BaseSource.bootstrap:
             with steps.step("offline base"):
@@ -138,7 +141,7 @@ def build_class(
             plan = render.finalize_plan(hc, source=source, version=version, revision=revision,
                                         models=artifacts, ssh_public_key=make_dev_ssh_key(hc), epoch=epoch,
                                         device_files=signing.finalize_device_files(hc.name, key))
-            context = render.make_context(plan, paths.context_dir(hc.name, version), make_wheelhouse(hc, state))
+            context = render.make_context(plan, paths.context_dir(hc.name, version), wheelhouse)
             layer_groups = render.finalize_containerfile(plan).layer_groups
         created = datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         # From here the tag may move: a failed build must not leave the last record looking current.

@@ -84,7 +84,7 @@ def pip_download_argv(target: WheelTarget, dest: Path) -> list[str]:
 def make_wheelhouse(hc: HardwareClass, state: StateDir) -> Path:
     """Download (once) the runtime's wheels for the class's image; return their directory."""
     target = finalize_target(hc)
-    dest = state.root / "wheels" / target.key()
+    dest = wheelhouse_dir(target, state)
     if (dest / "complete").is_file():
         return dest
     tmp = dest.with_name(dest.name + ".tmp")
@@ -100,6 +100,15 @@ def make_wheelhouse(hc: HardwareClass, state: StateDir) -> Path:
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest
+
+
+def wheelhouse_dir(target: WheelTarget, state: StateDir) -> Path:
+    return state.root / "wheels" / target.key()
+
+
+def want_download(hc: HardwareClass, state: StateDir) -> bool:
+    """The class's wheel set is not in the store yet (make_wheelhouse would download it)."""
+    return not (wheelhouse_dir(finalize_target(hc), state) / "complete").is_file()
 
 
 def wheel_files(wheelhouse: Path) -> list[Path]:

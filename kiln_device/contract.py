@@ -87,6 +87,7 @@ class Release:
     boot_control: str = DEFAULT_BOOT_CONTROL
     compression: str | None = None
     kernel_args: tuple[str, ...] | None = None
+    development: bool = False  # absent in an older release.json: a production image
 
 
 def parse_release(data: Mapping[str, Any]) -> Release:
@@ -97,11 +98,38 @@ def parse_release(data: Mapping[str, Any]) -> Release:
     compression = data.get("rootCompression")
     if compression is not None and compression not in EROFS_COMPRESSORS:
         raise ValueError(f"rootCompression {compression!r} is not one of {', '.join(EROFS_COMPRESSORS)}")
+    development = data.get("development")
+    if development is not None and not isinstance(development, bool):
+        raise ValueError("development must be true or false")
     return Release(cls=str(data["class"]), compatible=str(data["compatible"]), version=str(data["version"]),
                    min_version=data.get("minVersion") or None, channel=str(data.get("channel") or DEFAULT_CHANNEL),
                    boot_tries=int(data.get("bootTries") or DEFAULT_BOOT_TRIES),
                    boot_control=str(data.get("bootControl") or DEFAULT_BOOT_CONTROL),
-                   compression=compression, kernel_args=tuple(kargs) if kargs is not None else None)
+                   compression=compression, kernel_args=tuple(kargs) if kargs is not None else None,
+                   development=bool(development))
+
+
+# What the agent accepts from an image it has not installed yet (labels, release.json): the
+# builder's own rules (builder/safe.py), with a length cap. Anything else is refused, never parsed.
+MAX_LABEL_LENGTH = 128
+VERSION_RE = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+~_-]*")
+COMPATIBLE_RE = re.compile(r"[a-z0-9][a-z0-9-]*,[a-z0-9][a-z0-9_.,/-]*")
+CLASS_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+KERNEL_ARG_RE = re.compile(r"[A-Za-z0-9_.,:/=+@-]+")
+MAX_KERNEL_ARGS = 64
+# The agent writes these itself (render_entry); an image must not choose the root or the slot.
+RESERVED_KERNEL_ARGS = ("root", "ro", "rw", "rootfstype", "kiln.slot")  # SLOT_KARG
+
+
+def bad_kernel_args(kargs: Sequence[str]) -> list[str]:
+    """Why these kernel arguments may not go into a boot entry (empty: they may)."""
+    problems = [] if len(kargs) <= MAX_KERNEL_ARGS else [f"more than {MAX_KERNEL_ARGS} kernel arguments"]
+    for arg in kargs:
+        if len(arg) > 4 * MAX_LABEL_LENGTH or not KERNEL_ARG_RE.fullmatch(arg):
+            problems.append(f"{arg[:40]!r} is not one word of letters, digits and _ . , : / = + @ -")
+        elif arg.split("=", 1)[0] in RESERVED_KERNEL_ARGS:
+            problems.append(f"{arg!r} is set by the agent for the slot, not by the image")
+    return problems
 
 
 # --- agent.json: the agent's configuration (baked defaults; /etc overrides key by key) -------
@@ -130,10 +158,12 @@ def default_repository(cls: str) -> str:
 
 OK, INTERNAL, UP_TO_DATE, INCOMPATIBLE, NOT_NEWER, BLOCKLISTED = 0, 1, 2, 3, 4, 5
 SIGNATURE, UNREACHABLE, NO_SPACE, WRITE_FAILED, LOCKED, CONFIG, USAGE = 6, 7, 8, 9, 10, 11, 64
+BAD_IMAGE = 12  # the release is malformed (labels, release.json, kernel): refused, its digest blocklisted
 AGENT_EXIT_CODES = {
     "ok": OK, "internal": INTERNAL, "up-to-date": UP_TO_DATE, "incompatible": INCOMPATIBLE,
     "not-newer": NOT_NEWER, "blocklisted": BLOCKLISTED, "signature": SIGNATURE, "unreachable": UNREACHABLE,
     "no-space": NO_SPACE, "write-failed": WRITE_FAILED, "locked": LOCKED, "config": CONFIG, "usage": USAGE,
+    "bad-image": BAD_IMAGE,
 }
 
 # --- boot: slots, entries, the ESP -----------------------------------------------------------
@@ -216,6 +246,7 @@ LABEL_MIN_VERSION = "dev.kiln.min-version"
 LABEL_ARCHITECTURE = "dev.kiln.architecture"
 LABEL_ACCELERATOR = "dev.kiln.accelerator"
 LABEL_RUNTIME = "dev.kiln.runtime"
+LABEL_DEVELOPMENT = "dev.kiln.development"  # "true" or "false": a production device takes no development image
 ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
 
 

@@ -20,7 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiln_device.common import Parser
-from kiln_device.contract import DEV_AUTHORIZED_KEYS, KARGS_DIR, MODULES_DIR, RELEASE_JSON, under
+from kiln_device.contract import (
+    AGENT_JSON,
+    AGENT_OVERRIDE_JSON,
+    DEV_AUTHORIZED_KEYS,
+    KARGS_DIR,
+    MODULES_DIR,
+    RELEASE_JSON,
+    under,
+)
 
 ERROR = "error"
 WARNING = "warning"
@@ -197,6 +205,67 @@ def check_production_access(root: Path, release: dict) -> Iterator[str]:
     for p in [*keys, *sorted((root / "home").glob("*/.ssh/authorized_keys"))]:
         if p.exists():
             yield f"{p.relative_to(root)} exists in a production image"
+
+
+def shadow_entries(root: Path) -> Iterator[tuple[str, str]]:
+    """(account, password field) of each line of /etc/shadow."""
+    path = root / "etc/shadow"
+    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
+        if line.strip() and not line.startswith("#"):
+            fields = line.split(":")
+            yield fields[0], fields[1] if len(fields) > 1 else ""
+
+
+def locked_password(field: str) -> bool:
+    """`*`, `!`, `!!`, `!<hash>` (locked), `x`: no password logs in. Anything else is a hash."""
+    return field.startswith(("!", "*")) or field == "x"
+
+
+@lint("empty-passwords", ERROR, "no account in /etc/shadow has an empty password field (login without one)")
+def check_empty_passwords(root: Path, release: dict) -> Iterator[str]:
+    empty = [name for name, field in shadow_entries(root) if field == ""]
+    if empty:
+        yield f"/etc/shadow: empty password for {', '.join(empty[:RUN_MAX_SHOWN])} (lock it: passwd -l)"
+
+
+@lint("production-passwords", ERROR, "production images: no account in /etc/shadow has a usable password")
+def check_production_passwords(root: Path, release: dict) -> Iterator[str]:
+    if release.get("development"):
+        return
+    usable = [name for name, field in shadow_entries(root) if field and not locked_password(field)]
+    if usable:
+        yield f"/etc/shadow: a password hash for {', '.join(usable[:RUN_MAX_SHOWN])} in a production image"
+
+
+CA_BUNDLES = ("etc/ssl/certs/ca-certificates.crt", "etc/pki/tls/certs/ca-bundle.crt")
+
+
+def nonempty_file_in(root: Path, rel: str) -> bool:
+    """Whether root/rel is a non-empty file, following symlinks inside `root` (Fedora's ca-bundle.crt
+    links to /etc/pki/ca-trust/...: absolute, which must not resolve on the build host)."""
+    path = root / rel
+    for _ in range(16):
+        if not path.is_symlink():
+            return path.is_file() and path.stat().st_size > 0
+        target = path.readlink()
+        path = root / str(target).lstrip("/") if target.is_absolute() else path.parent / target
+    return False
+
+
+@lint("ca-bundle", ERROR, "an image that updates over TLS (agent.json registry, not insecure) has a CA bundle")
+def check_ca_bundle(root: Path, release: dict) -> Iterator[str]:
+    config: dict = {}
+    for device_path in (AGENT_JSON, AGENT_OVERRIDE_JSON):  # the agent's own order: /etc overrides key by key
+        try:
+            data = json.loads(under(root, device_path).read_text())
+        except (OSError, ValueError):
+            continue
+        config |= data if isinstance(data, dict) else {}
+    if not config.get("registry") or config.get("insecure"):
+        return
+    if not any(nonempty_file_in(root, p) for p in CA_BUNDLES):
+        yield (f"agent.json names registry {config['registry']} over TLS, but the image has no CA bundle "
+               f"(/{' or /'.join(CA_BUNDLES)}): install ca-certificates")
 
 
 MODINFO_VERSION = re.compile(rb"(?:^|\x00)version=([0-9][0-9A-Za-z.+~-]*)\x00")

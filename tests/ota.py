@@ -45,11 +45,14 @@ SLOT_SIZE = 4 * 1024 * 1024
 
 def release_files(*, cls: str = "tiny", compatible: str = "kiln,tiny", version: str = "1.0.0",
                   min_version: str | None = None, kernel: bytes | None = None, compression: str = "lz4",
-                  extra: Mapping[str, bytes] | None = None) -> dict[str, bytes]:
+                  extra: Mapping[str, bytes] | None = None, development: bool | None = None,
+                  kernel_args: Any = ("console=ttyS0,115200n8", "panic=10")) -> dict[str, bytes]:
     """The files of a Kiln image that the agent reads, and little else."""
     release = {"class": cls, "compatible": compatible, "version": version, "minVersion": min_version,
                "channel": "stable", "bootTries": 3, "bootControl": "systemd-boot", "rootCompression": compression,
-               "kernelArgs": ["console=ttyS0,115200n8", "panic=10"]}
+               "kernelArgs": list(kernel_args) if isinstance(kernel_args, tuple) else kernel_args}
+    if development is not None:
+        release["development"] = development
     files = {  # release.json says all the agent needs: no class.json, no kargs.d
         contract.RELEASE_JSON.lstrip("/"): json.dumps(release).encode(),
         f"usr/lib/modules/{KVER}/vmlinuz": kernel or f"kernel of {version}\n".encode(),
@@ -62,9 +65,12 @@ def release_files(*, cls: str = "tiny", compatible: str = "kiln,tiny", version: 
 
 
 def release_labels(*, compatible: str = "kiln,tiny", version: str = "1.0.0", cls: str = "tiny",
-                   min_version: str | None = None) -> dict[str, str]:
-    return {contract.LABEL_VERSION: version, contract.LABEL_COMPATIBLE: compatible,
-            contract.LABEL_CLASS: cls, contract.LABEL_MIN_VERSION: min_version or ""}
+                   min_version: str | None = None, development: bool | None = None) -> dict[str, str]:
+    labels = {contract.LABEL_VERSION: version, contract.LABEL_COMPATIBLE: compatible,
+              contract.LABEL_CLASS: cls, contract.LABEL_MIN_VERSION: min_version or ""}
+    if development is not None:
+        labels[contract.LABEL_DEVELOPMENT] = "true" if development else "false"
+    return labels
 
 
 def _blob(layout: Path, data: bytes) -> dict[str, Any]:

@@ -118,9 +118,9 @@ def render_cmd(cls: str, output: Path | None, version: str, revision: str, no_wh
                               f"run `kiln model optimize {hc.name}`", markup=False, soft_wrap=True)
     plan = render.finalize_plan(hc, source=source_of(cls), version=version, revision=revision,
                                 models=artifacts)
-    from builder.wheels import make_wheelhouse
+    from builder.pins import make_checked_wheelhouse
 
-    wheelhouse = None if no_wheels else make_wheelhouse(hc, cli_context().state)
+    wheelhouse = None if no_wheels else make_checked_wheelhouse(hc, cli_context().state, source_of(cls))
     out = render.make_context(plan, output or paths.render_dir(hc.name), wheelhouse)
     click.echo(f"rendered {hc.name} {version} -> {out}/Containerfile")
 

@@ -48,6 +48,10 @@ class BootControl:
     def add_trial_entry(self, *, cls: str, version: str, slot: str, tries: int, kargs: Sequence[str]) -> str:
         raise NotImplementedError
 
+    def entry_complete(self, name: str) -> bool:
+        """Whether an entry was written in full (a power cut may leave a renamed, empty file)."""
+        return True
+
 
 class SystemdBoot(BootControl):
     """systemd-boot with Automatic Boot Assessment: BLS entries on the ESP, `+N` counters.
@@ -107,6 +111,13 @@ class SystemdBoot(BootControl):
         text = render_entry(cls=cls, version=version, slot=slot, partuuid=self.partuuid(slot), kargs=kargs)
         write_atomic(self.entries_dir / name, text.encode())
         return name
+
+    def entry_complete(self, name: str) -> bool:
+        try:
+            text = (self.entries_dir / name).read_text()
+        except (OSError, UnicodeDecodeError):
+            return False
+        return text.endswith("\n") and "\noptions " in text
 
     def partuuid(self, slot: str) -> str:
         if slot in self.config.partuuids:

@@ -34,7 +34,8 @@ Exit codes:
   0   ok (check: an update is available; update: installed, or rebooting into it)
   1   unexpected failure (a bug: please report it with the output)
   2   up to date: the channel carries the running version
-  3   refused: the candidate's compatible string is not this device's
+  3   refused: the candidate's compatible string is not this device's, or it is a
+      development image and this device runs a production one
   4   refused: not newer than the running version, below the running image's
       minVersion, or the candidate needs a newer running version (its minVersion)
   5   refused: this version failed on this device before (blocklisted)
@@ -44,6 +45,9 @@ Exit codes:
   9   writing or verifying the slot, the kernel or the boot entry failed
   10  another kiln-agent run holds the lock
   11  configuration missing or invalid
+  12  refused: the release is malformed (a label, its release.json, no kernel, bad kernel
+      arguments); found before anything is written, its digest is blocklisted. Not a
+      success status of kiln-agent.service (2-5 are)
   64  usage
 
 Testing hooks: KILN_AGENT_ROOT=DIR reads the two config files under DIR instead of /
@@ -51,7 +55,8 @@ Testing hooks: KILN_AGENT_ROOT=DIR reads the two config files under DIR instead 
 journaled (a crash at a known point). KILN_AGENT_FAULT=stop:<point> stops there instead: it writes
 <point> to /run/kiln-agent.fault (KILN_AGENT_FAULT_MARK) and sleeps, so a test can cut the power
 (kill the VM) at that point. Phases: fetched, invalidated, built, written, verified, kernel, entry;
-stop: also takes `writing` (half of the slot written, not yet fsynced as a whole).
+both also take `entry-written` (the trial entry is on the ESP, not yet journaled); stop: also takes
+`writing` (half of the slot written, not yet fsynced as a whole).
 """
 
 from __future__ import annotations

@@ -6,21 +6,25 @@ from __future__ import annotations
 import contextlib
 import errno
 import shutil
+from pathlib import Path
 
 from kiln_device.agent.bootctl import BootControl
 from kiln_device.agent.config import Config, read_boot_id, require_registry
 from kiln_device.agent.errors import AgentError, log
-from kiln_device.agent.journal import State, blocklist, now
+from kiln_device.agent.journal import State, blocklist, fault_point, now
 from kiln_device.agent.oci import fetch, gc_layout, inspect_channel, verified_labels
-from kiln_device.agent.slot import build_erofs, check_tree, unpack, work_paths, write_slot
+from kiln_device.agent.slot import NewRoot, Paths, build_erofs, check_tree, unpack, work_paths, write_slot
 from kiln_device.agent.tools import run
 from kiln_device.agent.versions import Candidate, Decision, candidate_from_labels, decide
 from kiln_device.common import sha256_file
 from kiln_device.contract import (
+    BAD_IMAGE,
     CONFIG,
+    INCOMPATIBLE,
     INTERNAL,
     NO_SPACE,
     OK,
+    SIGNATURE,
     UP_TO_DATE,
     WRITE_FAILED,
     Release,
@@ -80,35 +84,31 @@ def cmd_update(config: Config, release: Release, state: State, boot: BootControl
 def install(config: Config, release: Release, state: State, boot: BootControl, cand: Candidate,
             slot: str) -> None:
     paths = work_paths(config)
-    ref = oci_ref_name(cand.version)
     device = config.slots[slot]
     # 1. Pull and verify, on a resumed run too (skopeo's index.json may not have survived a power
     # cut; a copy fetches only what is missing and the blobs are hashed again).
     fetch(config, cand, paths.layout)
     if not state.phase_done("fetched"):
         state.journal("fetched")
-    verified = candidate_from_labels(verified_labels(paths.layout, ref), cand.digest)
-    again = decide(release, verified, blocklist(state))
-    if not again.take:  # the labels we decided on were not verified; these are
-        raise AgentError(again.code, f"not updating (verified image): {again.reason}")
-    # 2. Stop trusting the target slot before touching it: no entry may point at it.
+    # 2. Everything the image's content can refuse, before anything is written (again on every
+    # resumed run): from here on the verified image names everything.
+    verified, tree, new = check_image(config, release, state, cand, paths)
+    ref = oci_ref_name(verified.version)
+    # 3. Stop trusting the target slot before touching it: no entry may point at it.
     if not state.phase_done("invalidated"):
         state.set_trust(slot, None)
         removed = boot.remove_slot_entries(slot)
         state.journal("invalidated", removedEntries=removed)
-    # 3. Build the filesystem (redone on resume unless its image survived with the same hash).
+    # 4. Build the filesystem (redone on resume unless its image survived with the same hash).
     pending = state.pending or {}
-    tree = None  # a tree is used only if unpacked completely by this run
     image_ok = state.phase_done("built") and paths.image.exists() and \
         sha256_file(paths.image) == pending.get("imageSha256")
     if not image_ok:
-        tree = unpack(paths.layout, ref, paths.tree, config.timeouts.unpack)
-        new = check_tree(tree, verified)
         sha = build_erofs(tree, paths.image, new.compressor, config.timeouts.build)
         state.journal("built", imageSha256=sha, imageSize=paths.image.stat().st_size,
                       bootTries=new.release.boot_tries)
-    # 4. Write the slot and read it back.
-    if not (state.phase_done("verified") and (state.trust(slot) or {}).get("digest") == cand.digest):
+    # 5. Write the slot and read it back.
+    if not (state.phase_done("verified") and (state.trust(slot) or {}).get("digest") == verified.digest):
         size = write_slot(paths.image, device)
         state.journal("written")
         readback = sha256_file(device, size)
@@ -116,26 +116,49 @@ def install(config: Config, release: Release, state: State, boot: BootControl, c
         if readback != expected:
             raise AgentError(WRITE_FAILED, f"slot {slot} ({device}) reads back {readback[:16]}, "
                                            f"wrote {expected[:16]}: the medium is failing")
-        state.set_trust(slot, {"version": cand.version, "digest": cand.digest, "sha256": readback,
+        state.set_trust(slot, {"version": verified.version, "digest": verified.digest, "sha256": readback,
                                "size": size, "verified": now()})
         state.journal("verified")
-    # 5. Kernel and initramfs, from a tree unpacked completely by this run (never a leftover).
-    if tree is None:
-        tree = unpack(paths.layout, ref, paths.tree, config.timeouts.unpack)
-    new = check_tree(tree, verified)
+    # 6. Kernel and initramfs, from the tree this run unpacked and checked (never a leftover). The
+    # boot id goes in now: a trial entry found after a power cut is then settled like a journaled one.
     hashes = boot.install_kernel(slot, new.kernel, new.initrd)
-    state.journal("kernel", kernel=hashes)
-    # 6. The trial entry, last: before it exists nothing boots the new slot.
+    state.journal("kernel", kernel=hashes, bootId=read_boot_id(config))
+    # 7. The trial entry, last: before it exists nothing boots the new slot.
     trust = state.trust(slot) or {}
-    if trust.get("digest") != cand.digest or sha256_file(device, trust["size"]) != trust["sha256"]:
+    if trust.get("digest") != verified.digest or sha256_file(device, trust["size"]) != trust["sha256"]:
         raise AgentError(WRITE_FAILED, f"slot {slot} no longer matches its verification record")
-    name = boot.add_trial_entry(cls=new.release.cls, version=cand.version, slot=slot,
+    name = boot.add_trial_entry(cls=new.release.cls, version=verified.version, slot=slot,
                                 tries=new.release.boot_tries, kargs=new.kargs)
+    fault_point("entry-written")
     state.journal("entry", entry=name, bootId=read_boot_id(config))
     # Space: the unpacked tree and the erofs image go; the layout keeps the running and new images.
     shutil.rmtree(paths.tree, ignore_errors=True)
     paths.image.unlink(missing_ok=True)
     gc_layout(paths.layout, [oci_ref_name(release.version), ref])
+
+
+def check_image(config: Config, release: Release, state: State, cand: Candidate,
+                paths: Paths) -> tuple[Candidate, Path, NewRoot]:
+    """The signed image's labels decided on again, then its tree unpacked and checked against them.
+    A refusal the signed content causes is final for that digest (blocklisted by `failed`)."""
+    try:
+        verified = candidate_from_labels(verified_labels(paths.layout, oci_ref_name(cand.version)), cand.digest)
+        if (verified.version, verified.compatible) != (cand.version, cand.compatible):
+            raise AgentError(SIGNATURE, f"the registry showed {cand.compatible} {cand.version} for {cand.digest[:19]}, "
+                                        f"its signed image says {verified.compatible} {verified.version}")
+        again = decide(release, verified, blocklist(state))
+        if not again.take:  # the labels we decided on were not verified; these are
+            raise AgentError(again.code, f"not updating (verified image): {again.reason}",
+                             blocklist=again.code == INCOMPATIBLE)
+        tree = unpack(paths.layout, oci_ref_name(verified.version), paths.tree, config.timeouts.unpack)
+        new = check_tree(tree, verified)
+        if new.release.development and not release.development:
+            raise AgentError(INCOMPATIBLE, f"{verified.version} is a development image (its release.json) and this "
+                                           f"device runs a production image ({release.version})", blocklist=True)
+    except AgentError as exc:
+        exc.blocklist = exc.blocklist or exc.code == BAD_IMAGE
+        raise
+    return verified, tree, new
 
 
 def failed(config: Config, state: State, cand: Candidate, exc: AgentError) -> None:
@@ -152,7 +175,14 @@ def failed(config: Config, state: State, cand: Candidate, exc: AgentError) -> No
             exc.message += (f" ({config.work_dir} is on a full filesystem; {free / 2**20:.0f} MiB free after "
                             "removing the unpacked update; free space there and run `kiln-agent update` again)")
             exc.args = (exc.message,)
-    state.finish("failed", version=cand.version, code=exc.code, reason=exc.message)
+    if exc.blocklist:  # the signed image itself is refused: never again, and nothing of it kept
+        if cand.digest not in state.data["blocklist"]:
+            state.data["blocklist"].append(cand.digest)
+        state.data["pending"] = None
+        shutil.rmtree(work_paths(config).tree, ignore_errors=True)
+        exc.message += f" (refused for good: {cand.digest[:19]} is blocklisted on this device)"
+        exc.args = (exc.message,)
+    state.finish("failed", version=cand.version, digest=cand.digest, code=exc.code, reason=exc.message)
 
 
 def finish_install(config: Config, state: State, reboot: bool) -> int:

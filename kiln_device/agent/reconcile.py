@@ -12,7 +12,7 @@ from kiln_device.agent.bootctl import BootControl
 from kiln_device.agent.config import Config, read_boot_id
 from kiln_device.agent.errors import log
 from kiln_device.agent.journal import MAX_ROLLBACKS, State, now
-from kiln_device.contract import Release
+from kiln_device.contract import Release, entry_name
 
 JOURNAL_TIMEOUT = 30
 NO_TRIAL_JOURNAL = ("the new slot never got as far as writing a journal (its kernel or initramfs failed: "
@@ -61,6 +61,26 @@ def failed_boot_reason(installed_in: str | None = None) -> str:
     return "the previous boot logged no errors (the health checks did not complete)"
 
 
+def recover_entry(state: State, boot: BootControl) -> None:
+    """The power went out after the trial entry was written and before it was journaled: the entry
+    is on the ESP, so the next boot may have been the trial. Journal it as if the run had (the boot id
+    that installed it was journaled with the kernel), so a failed trial is settled as a rollback."""
+    pending = state.pending or {}
+    slot, version = pending.get("slot"), pending.get("version")
+    if not pending.get("bootId"):
+        return  # journaled by an agent that did not record it there: the resumed run writes the entry again
+    # Entries of the target slot were removed before it was written: one of this version is ours.
+    entry = next((e for e in boot.entries() if e.slot == slot and e.version == version
+                  and boot.entry_complete(e.name)), None)
+    if entry is None:
+        return
+    log(f"the trial entry {entry.name} of {version} exists but was not journaled (power cut): journaling it")
+    pending.update(phase="entry", entry=entry_name(str(version), str(slot), pending.get("bootTries")),
+                   recovered=True)
+    pending.setdefault("phases", {})["entry"] = now()
+    state.save()
+
+
 def cmd_boot(config: Config, release: Release, state: State, boot: BootControl) -> str:
     """Reconcile the state with the slot we booted. Returns what happened (for the log)."""
     pending = state.pending
@@ -71,6 +91,8 @@ def cmd_boot(config: Config, release: Release, state: State, boot: BootControl) 
             # The running slot is known-good by definition (we booted it); record it so status has it.
             state.set_trust(booted, {"version": release.version, "running": True, "verified": now()})
             state.save()
+    if pending and pending.get("phase") == "kernel":
+        recover_entry(state, boot)
     if not pending or pending.get("phase") != "entry":
         if pending:
             return f"an update to {pending.get('version')} was interrupted after {pending.get('phase')}; " \

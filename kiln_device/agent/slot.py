@@ -17,13 +17,14 @@ from kiln_device.agent.tree import resolve_in_tree
 from kiln_device.agent.versions import Candidate
 from kiln_device.common import CHUNK, sha256_file
 from kiln_device.contract import (
+    BAD_IMAGE,
     EROFS_COMPRESSORS,
-    INCOMPATIBLE,
     MODULES_DIR,
     NO_SPACE,
     RELEASE_JSON,
     WRITE_FAILED,
     Release,
+    bad_kernel_args,
 )
 
 EROFS_MAGIC = 0xE0F5E1E2
@@ -66,23 +67,32 @@ def unpack(layout: Path, ref: str, tree: Path, timeout: float | None = None) -> 
 
 
 def check_tree(tree: Path, cand: Candidate) -> NewRoot:
-    """The unpacked image must agree with its labels; its release.json names everything else."""
+    """The unpacked image must agree with its labels; its release.json names everything else.
+    Every refusal here is the image's fault (BAD_IMAGE): the agent runs this before it writes anything."""
     path = resolve_in_tree(tree, RELEASE_JSON)
-    release = load_release(path)
-    if release.compatible != cand.compatible or release.version != cand.version:
-        raise AgentError(INCOMPATIBLE, f"the image's release.json ({release.compatible} {release.version}) "
-                                       f"does not match its labels ({cand.compatible} {cand.version})")
+    try:
+        release = load_release(path)
+    except AgentError as exc:
+        raise AgentError(BAD_IMAGE, f"the image {cand.version}: {exc.message}") from None
+    if release.compatible != cand.compatible or release.version != cand.version or \
+            (cand.development is not None and release.development != cand.development):
+        raise AgentError(BAD_IMAGE, f"the image's release.json ({release.compatible} {release.version}, development "
+                                    f"{release.development}) does not match its labels ({cand.compatible} "
+                                    f"{cand.version}, development {cand.development})")
     if release.kernel_args is None or release.compression is None:
-        raise AgentError(INCOMPATIBLE, f"{RELEASE_JSON} of {cand.version} has no kernelArgs or rootCompression "
-                                       "(an image from an older Kiln); this agent cannot install it")
+        raise AgentError(BAD_IMAGE, f"{RELEASE_JSON} of {cand.version} has no kernelArgs or rootCompression "
+                                    "(an image from an older Kiln); this agent cannot install it")
+    bad = bad_kernel_args(release.kernel_args)
+    if bad:
+        raise AgentError(BAD_IMAGE, f"{RELEASE_JSON} of {cand.version} has bad kernelArgs: {'; '.join(bad[:3])}")
     kernels = find_kernels(tree)
     if not kernels:
-        raise AgentError(WRITE_FAILED, f"the image has no {MODULES_DIR}/<kver>/vmlinuz + initramfs.img")
+        raise AgentError(BAD_IMAGE, f"the image has no {MODULES_DIR}/<kver>/vmlinuz + initramfs.img")
     kver, kernel, initrd = kernels[-1]
     for name, file in (("vmlinuz", kernel), ("initramfs.img", initrd)):
         if not stat.S_ISREG(file.lstat().st_mode):
-            raise AgentError(WRITE_FAILED, f"{MODULES_DIR}/{kver}/{name} is not a regular file in the image "
-                                           f"{cand.version} (its links resolved inside the image)")
+            raise AgentError(BAD_IMAGE, f"{MODULES_DIR}/{kver}/{name} is not a regular file in the image "
+                                        f"{cand.version} (its links resolved inside the image)")
     return NewRoot(release, kernel, initrd, release.kernel_args, EROFS_COMPRESSORS[release.compression])
 
 

@@ -9,15 +9,21 @@ from typing import Any
 
 from kiln_device.agent.errors import AgentError
 from kiln_device.contract import (
+    BAD_IMAGE,
     BLOCKLISTED,
+    CLASS_RE,
+    COMPATIBLE_RE,
     INCOMPATIBLE,
     LABEL_CLASS,
     LABEL_COMPATIBLE,
+    LABEL_DEVELOPMENT,
     LABEL_MIN_VERSION,
     LABEL_VERSION,
+    MAX_LABEL_LENGTH,
     NOT_NEWER,
     OK,
     UP_TO_DATE,
+    VERSION_RE,
     Release,
 )
 
@@ -26,14 +32,19 @@ def version_key(version: str) -> tuple[Any, ...]:
     """Order versions like SemVer 2.0: numeric dot parts compared as numbers (missing parts
     are 0), a pre-release (after '-' or '~') sorts before its release, build metadata
     (after '+', or '_' as in an image tag) is ignored. Non-numeric parts compare as text,
-    after numbers. 1.2 < 1.10, 1.0.0-rc.1 < 1.0.0 = 1.0.0+b2."""
+    after numbers. 1.2 < 1.10, 1.0.0-rc.1 < 1.0.0 = 1.0.0+b2. Total and safe for any string:
+    numbers are compared by their digits (no int(), so no digit limit)."""
     core = re.split(r"[+_]", version, maxsplit=1)[0]
     m = re.match(r"^([^-~]*)(?:[-~](.*))?$", core)
     assert m is not None
     release, pre = m.group(1), m.group(2)
 
+    def number(p: str) -> tuple[int, int, str]:
+        digits = p.lstrip("0")
+        return (0, len(digits), digits)  # longer is larger; same length compares digit by digit
+
     def parts(text: str) -> list[tuple[int, int, str]]:
-        return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in text.split(".") if p != ""]
+        return [number(p) if p.isascii() and p.isdigit() else (1, 0, p) for p in text.split(".") if p != ""]
 
     rel = parts(release)
     while rel and rel[-1] == (0, 0, ""):
@@ -57,6 +68,7 @@ class Candidate:
     digest: str
     min_version: str | None = None
     cls: str | None = None
+    development: bool | None = None  # None: the image does not say (built before the label existed)
 
 
 @dataclass(frozen=True)
@@ -73,6 +85,9 @@ def decide(running: Release, cand: Candidate, blocklist: Sequence[str] = ()) -> 
     """Whether to take `cand`; the first reason that applies wins (the table in the tests)."""
     if cand.compatible != running.compatible:
         return Decision(INCOMPATIBLE, f"compatible {cand.compatible!r} is not this device's {running.compatible!r}")
+    if cand.development and not running.development:
+        return Decision(INCOMPATIBLE, f"{cand.version} is a development image and this device runs a production "
+                                      f"image ({running.version}): development images never go to production devices")
     if cand.version in blocklist or cand.digest in blocklist:
         return Decision(BLOCKLISTED, f"{cand.version} ({cand.digest[:19]}) failed on this device before")
     order = compare_versions(cand.version, running.version)
@@ -89,10 +104,28 @@ def decide(running: Release, cand: Candidate, blocklist: Sequence[str] = ()) -> 
 
 
 def candidate_from_labels(labels: dict[str, str], digest: str) -> Candidate:
+    """The candidate an image's labels describe, each label checked before anything uses it
+    (they come from the registry: unverified at check time)."""
     version = labels.get(LABEL_VERSION) or ""
     compatible = labels.get(LABEL_COMPATIBLE) or ""
     if not version or not compatible:
         raise AgentError(INCOMPATIBLE, f"image {digest[:19]} is not a Kiln release: labels {LABEL_VERSION} "
                                        f"and {LABEL_COMPATIBLE} are required")
+    rules = ((LABEL_VERSION, VERSION_RE, "letters, digits and . + ~ _ -"),
+             (LABEL_MIN_VERSION, VERSION_RE, "letters, digits and . + ~ _ -"),
+             (LABEL_COMPATIBLE, COMPATIBLE_RE, "<vendor>,<class>: lowercase letters, digits and _ . , / -"),
+             (LABEL_CLASS, CLASS_RE, "letters, digits and _ . -"))
+    for key, pattern, allowed in rules:
+        value = labels.get(key) or ""
+        if value and not (isinstance(value, str) and len(value) <= MAX_LABEL_LENGTH and pattern.fullmatch(value)):
+            text = str(value)
+            shown = repr(text[:40] + "...") if len(text) > 40 else repr(text)
+            raise AgentError(BAD_IMAGE, f"image {digest[:19]} has a malformed label {key}={shown} ({len(text)} "
+                                        f"characters; allowed: {allowed}, at most {MAX_LABEL_LENGTH})")
+    development = labels.get(LABEL_DEVELOPMENT) or None
+    if development not in (None, "true", "false"):
+        raise AgentError(BAD_IMAGE, f"image {digest[:19]} has a malformed label {LABEL_DEVELOPMENT}="
+                                    f"{str(development)[:40]!r} (allowed: true, false)")
     return Candidate(version=version, compatible=compatible, digest=digest,
-                     min_version=labels.get(LABEL_MIN_VERSION) or None, cls=labels.get(LABEL_CLASS))
+                     min_version=labels.get(LABEL_MIN_VERSION) or None, cls=labels.get(LABEL_CLASS) or None,
+                     development=None if development is None else development == "true")

@@ -152,15 +152,22 @@ def test_a_stalled_registry_times_out_and_releases_the_lock(world: World) -> Non
 
 
 @pytest.mark.parametrize(("step", "tool", "version"), [("unpack", "umoci", "6.1.0"), ("build", "mkfs.erofs", "6.2.0")])
-def test_unpack_and_build_time_out(world: World, step: str, tool: str, version: str) -> None:
-    """Finding 3 (and 5): umoci and mkfs.erofs run under timeouts.unpack and timeouts.build; past
-    them the update fails with exit 9, the tree is removed, and the next run (with time) completes."""
+def test_unpack_and_build_time_out(world: World, tmp_path: Path, step: str, tool: str, version: str) -> None:
+    """Finding 3 (and 5): umoci and mkfs.erofs run under timeouts.unpack and timeouts.build; a tool
+    that hangs is killed there, the update fails with exit 9, the tree is removed, and the next run
+    (the real tool) completes."""
     digest = release(world, version, f"ch-slow-{step}")
     dev = device(world, f"slow-{step}", f"ch-slow-{step}")
-    configure(dev, timeouts={step: 0.001})
-    proc = dev.agent("update", "--no-reboot")
+    configure(dev, timeouts={step: 2})
+    hung = tmp_path / "bin" / tool
+    hung.parent.mkdir()
+    hung.write_text("#!/bin/sh\nexec sleep 120\n")  # exec: the process killed at the timeout is the sleep
+    hung.chmod(0o755)
+    start = time.monotonic()
+    proc = dev.agent("update", "--no-reboot", env={"PATH": f"{hung.parent}:{os.environ['PATH']}"})
     assert proc.returncode == 9, proc.stderr
-    assert f"{tool} timed out after 0.001 s (timeouts.{step} in the agent config)" in proc.stderr, proc.stderr
+    assert time.monotonic() - start < 60
+    assert f"{tool} timed out after 2 s (timeouts.{step} in the agent config)" in proc.stderr, proc.stderr
     assert dev.status()["lastResult"]["code"] == 9
     assert not (dev.root / "var/lib/kiln/work/rootfs").exists()
     configure(dev, timeouts={})

@@ -15,10 +15,16 @@ from kiln_device.agent.errors import AgentError
 from kiln_device.agent.journal import State
 from kiln_device.agent.oci import gc_layout, verified_labels
 from kiln_device.agent.reconcile import cmd_boot
-from kiln_device.agent.versions import Candidate, candidate_from_labels, compare_versions, decide
+from kiln_device.agent.versions import Candidate, candidate_from_labels, compare_versions, decide, version_key
 from kiln_device.contract import (
+    BAD_IMAGE,
     BLOCKLISTED,
     INCOMPATIBLE,
+    LABEL_CLASS,
+    LABEL_COMPATIBLE,
+    LABEL_DEVELOPMENT,
+    LABEL_MIN_VERSION,
+    LABEL_VERSION,
     NOT_NEWER,
     OK,
     UP_TO_DATE,
@@ -54,8 +60,10 @@ def test_compare_versions(a: str, b: str, order: int) -> None:
 RUNNING = Release(cls="c", compatible="kiln,c", version="2.0.0", min_version="1.5.0")
 
 
-def cand(version: str = "2.1.0", compatible: str = "kiln,c", min_version: str | None = None) -> Any:
-    return Candidate(version=version, compatible=compatible, digest="sha256:" + "a" * 64, min_version=min_version)
+def cand(version: str = "2.1.0", compatible: str = "kiln,c", min_version: str | None = None,
+         development: bool | None = None) -> Any:
+    return Candidate(version=version, compatible=compatible, digest="sha256:" + "a" * 64, min_version=min_version,
+                     development=development)
 
 
 @pytest.mark.parametrize(("candidate", "blocklist", "code", "reason"), [
@@ -69,6 +77,10 @@ def cand(version: str = "2.1.0", compatible: str = "kiln,c", min_version: str | 
     (cand(version="2.1.0"), ["sha256:" + "a" * 64], BLOCKLISTED, "failed on this device"),
     (cand(min_version="2.0.5"), [], NOT_NEWER, "needs 2.0.5 or newer running"),
     (cand(min_version="2.0.0"), [], OK, "newer"),
+    # Finding 4: a production device (RUNNING) never takes a development image.
+    (cand(development=True), [], INCOMPATIBLE, "development image"),
+    (cand(development=True, version="1.0.0"), ["1.0.0"], INCOMPATIBLE, "development image"),  # before the rest
+    (cand(development=False), [], OK, "newer"),
 ])
 def test_decision_table(candidate: Any, blocklist: list[str], code: int, reason: str) -> None:
     decision = decide(RUNNING, candidate, blocklist)
@@ -76,9 +88,72 @@ def test_decision_table(candidate: Any, blocklist: list[str], code: int, reason:
     assert reason in decision.reason
 
 
+@pytest.mark.parametrize("development", [True, False, None])
+def test_development_device_takes_either(development: bool | None) -> None:
+    """Finding 4: a development device may take a development or a production image."""
+    running = Release(cls="c", compatible="kiln,c", version="2.0.0", development=True)
+    assert decide(running, cand(development=development)).code == OK
+
+
 def test_below_running_min_version_is_refused() -> None:
     running = Release(cls="c", compatible="kiln,c", version="1.0.0", min_version="3.0.0")
     assert decide(running, cand(version="2.0.0")).code == NOT_NEWER
+
+
+def test_versions_of_any_length_order_totally() -> None:
+    """Finding 3: no int() on a version part (Python refuses > 4300 digits); numbers still order as numbers."""
+    huge = "1" * 5000
+    assert compare_versions(huge, "9" * 4999) == 1 and compare_versions(huge, "0" + huge) == 0
+    assert compare_versions(f"1.{huge}", f"1.{huge[:-1]}2") == -1
+    assert compare_versions("1.²", "1.0") == 1  # a non-ASCII digit is text, not a number
+    values = ["1.0", "1.0.0-rc.1", huge, "1.a", "1.10", "1.9", "1.0+x", "0"]
+    assert sorted(values, key=version_key) == sorted(sorted(values, key=version_key), key=version_key)
+
+
+HOSTILE = [
+    ({LABEL_VERSION: "1" * 5000}, "org.opencontainers.image.version='11111"),
+    ({LABEL_VERSION: "2.1.0\ninit=/bin/sh"}, "malformed label org.opencontainers.image.version"),
+    ({LABEL_VERSION: "../../etc/passwd"}, "malformed label org.opencontainers.image.version"),
+    ({LABEL_VERSION: "2.1.²"}, "malformed label org.opencontainers.image.version"),
+    ({LABEL_MIN_VERSION: "9" * 5000}, "malformed label dev.kiln.min-version"),
+    ({LABEL_COMPATIBLE: "kiln,c\x00"}, "malformed label dev.kiln.compatible"),
+    ({LABEL_COMPATIBLE: "kiln," + "c" * 200}, "malformed label dev.kiln.compatible"),
+    ({LABEL_CLASS: "c/../../x"}, "malformed label dev.kiln.class"),
+    ({LABEL_DEVELOPMENT: "yes"}, "malformed label dev.kiln.development"),
+]
+
+
+@pytest.mark.parametrize(("labels", "message"), HOSTILE, ids=[f"hostile-{i}" for i in range(len(HOSTILE))])
+def test_hostile_labels_are_refused_by_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str], labels: dict[str, str],
+                                             message: str) -> None:
+    """Finding 3: unverified labels from the registry go through `kiln-agent check` and are refused
+    with exit 12 and a message naming the label, never a traceback (a 5,000-digit version once hit
+    Python's int conversion limit)."""
+    from kiln_device.agent import cli, oci
+
+    good = {LABEL_VERSION: "2.1.0", LABEL_COMPATIBLE: "kiln,c", LABEL_CLASS: "c"}
+    inspect = json.dumps({"Digest": "sha256:" + "d" * 64, "Labels": {**good, **labels}})
+    monkeypatch.setattr(oci, "skopeo", lambda *a, **k: inspect)
+    monkeypatch.setenv("KILN_AGENT_ROOT", str(tmp_path))  # no agent.json of this machine's
+    code = cli.main(["--config", str(agent_config(tmp_path)), "check"])
+    err = capsys.readouterr().err
+    assert code == BAD_IMAGE, err
+    assert message in err and "Traceback" not in err and len(err) < 1000
+
+
+def agent_config(tmp_path: Path) -> Path:
+    """A device's agent.json and running release.json in tmp_path, for cli.main."""
+    (tmp_path / "policy.json").write_text("{}")
+    (tmp_path / "release.json").write_text(json.dumps({"class": "c", "compatible": "kiln,c", "version": "2.0.0"}))
+    (tmp_path / "cmdline").write_text("kiln.slot=a\n")
+    (tmp_path / "boot_id").write_text("boot-1\n")
+    path = tmp_path / "agent.json"
+    path.write_text(json.dumps({"registry": "r:5000", "lookaside": "http://l", "policy": str(tmp_path / "policy.json"),
+                                "release": str(tmp_path / "release.json"), "stateDir": str(tmp_path / "state"),
+                                "esp": str(tmp_path / "esp"), "cmdline": str(tmp_path / "cmdline"),
+                                "bootId": str(tmp_path / "boot_id")}))
+    return path
 
 
 def test_candidate_needs_kiln_labels() -> None:
@@ -216,6 +291,46 @@ def test_booting_the_other_slot_is_a_rollback(tmp_path: Path, monkeypatch: pytes
     assert saved["rollbacks"][0]["reason"] == "kiln-health-inference.service: outputs wrong"
     assert {"2.1.0", "sha256:" + "c" * 64} <= set(saved["blocklist"])
     assert boot.names == ["kiln-2.0.0-a.conf"] and saved["slots"]["b"] is None
+
+
+def kernel_phase_state(tmp_path: Path, boot_id: str | None = "boot-1") -> Any:
+    state = installed_state(tmp_path)
+    state.data["pending"].update(phase="kernel", bootTries=3)
+    state.data["pending"].pop("bootId")
+    if boot_id:
+        state.data["pending"]["bootId"] = boot_id
+    state.save()
+    return state
+
+
+def test_unjournaled_trial_entry_that_failed_is_a_rollback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding 2: the power went out between writing the trial entry and journaling it; the trial
+    boots failed and the device fell back. That is a rollback (blocklisted), not an interrupted update."""
+    monkeypatch.setattr(reconcile, "failed_boot_reason", lambda installed_in=None: "health check failed")
+    state = kernel_phase_state(tmp_path)
+    boot = FakeBoot("a", ["kiln-2.0.0-a.conf", "kiln-2.1.0-b+0-3.conf"])
+    out = cmd_boot(config(tmp_path, "boot-2"), RUNNING, state, boot)
+    assert "did not stick" in out
+    saved = json.loads((tmp_path / "state.json").read_text())
+    assert saved["lastResult"]["result"] == "rolled-back" and saved["pending"] is None
+    assert {"2.1.0", "sha256:" + "c" * 64} <= set(saved["blocklist"])
+    assert boot.names == ["kiln-2.0.0-a.conf"]
+
+
+def test_unjournaled_trial_entry_on_the_same_boot_waits_for_the_reboot(tmp_path: Path) -> None:
+    """Finding 2: on the boot that installed it, the found entry is journaled (phase entry, its name)."""
+    state = kernel_phase_state(tmp_path)
+    out = cmd_boot(config(tmp_path, "boot-1"), RUNNING, state, FakeBoot("a", ["kiln-2.1.0-b+3.conf"]))
+    assert "next reboot" in out
+    assert state.pending["phase"] == "entry" and state.pending["entry"] == "kiln-2.1.0-b+3.conf"
+
+
+def test_kernel_phase_without_an_entry_or_boot_id_resumes(tmp_path: Path) -> None:
+    """Finding 2: no entry on the ESP, or a journal without the installing boot id: the update resumes."""
+    for state, names in ((kernel_phase_state(tmp_path), []),
+                         (kernel_phase_state(tmp_path, None), ["kiln-2.1.0-b+3.conf"])):
+        out = cmd_boot(config(tmp_path, "boot-2"), RUNNING, state, FakeBoot("a", names))
+        assert "interrupted after kernel" in out and state.pending["phase"] == "kernel"
 
 
 def test_gc_keeps_shared_blobs(tmp_path: Path) -> None:

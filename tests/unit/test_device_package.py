@@ -85,8 +85,12 @@ def test_agent_json_only_has_keys_the_agent_knows() -> None:
 
 def test_labels_the_agent_reads_are_set() -> None:
     labels = dict(plan().labels)
-    for key in (contract.LABEL_VERSION, contract.LABEL_COMPATIBLE, contract.LABEL_MIN_VERSION, contract.LABEL_CLASS):
+    for key in (contract.LABEL_VERSION, contract.LABEL_COMPATIBLE, contract.LABEL_MIN_VERSION, contract.LABEL_CLASS,
+                contract.LABEL_DEVELOPMENT):
         assert key in labels
+    for name in ("qemu-x86_64", "medical-cart-cpu"):  # the label says what release.json says
+        p = plan(name)
+        assert dict(p.labels)[contract.LABEL_DEVELOPMENT] == ("true" if p.release["development"] else "false")
 
 
 def test_every_compression_the_spec_allows_has_an_erofs_compressor() -> None:

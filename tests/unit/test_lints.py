@@ -87,7 +87,28 @@ DEFECTS: list[tuple[str, str, Defect]] = [
     ("machine-id", "every device would share it", lambda r: (r / "etc/machine-id").write_text("0123abcd\n")),
     ("production-access", "root/.ssh/authorized_keys",
      lambda r: ((r / "root/.ssh").mkdir(parents=True), (r / "root/.ssh/authorized_keys").write_text("k"))),
+    # Finding 5: /etc/shadow and the CA bundle (no lint looked at either).
+    ("empty-passwords", "empty password for kiosk", lambda r: write_shadow(r, "kiosk::19000:0:99999:7:::")),
+    ("production-passwords", "a password hash for root",
+     lambda r: write_shadow(r, "root:$6$salt$0123456789abcdef:19000:0:99999:7:::")),
+    ("production-passwords", "a password hash for kiosk", lambda r: write_shadow(r, "kiosk:secret:19000::::::")),
+    ("ca-bundle", "no CA bundle", lambda r: write_agent_json(r, {"registry": "registry.example.com"})),
+    ("ca-bundle", "no CA bundle",
+     lambda r: (write_agent_json(r, {"registry": "registry.example.com"}),
+                (r / "etc/ssl/certs").mkdir(parents=True), (r / "etc/ssl/certs/ca-certificates.crt").write_text(""))),
 ]
+
+
+SHADOW_LOCKED = "root:*:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\nkiln:!:19000::::::\nold:!!:19000::::::\n"
+
+
+def write_shadow(root: Path, *extra: str) -> None:
+    (root / "etc/shadow").write_text(SHADOW_LOCKED + "".join(f"{line}\n" for line in extra))
+
+
+def write_agent_json(root: Path, config: dict[str, object], path: str = "usr/lib/kiln/agent.json") -> None:
+    (root / path).parent.mkdir(parents=True, exist_ok=True)
+    (root / path).write_text(json.dumps(config))
 
 
 @pytest.mark.parametrize("lint, message, defect", DEFECTS, ids=[f"{d[0]}-{i}" for i, d in enumerate(DEFECTS)])
@@ -111,6 +132,41 @@ def test_development_image_may_have_authorized_keys(tmp_path: Path) -> None:
     (root / "root/.ssh").mkdir(parents=True)
     (root / "root/.ssh/authorized_keys").write_text("ssh-ed25519 AAAA test")
     assert "production-access" not in names(root)
+
+
+def test_locked_accounts_pass_and_development_images_may_have_passwords(tmp_path: Path) -> None:
+    """Finding 5: locked (`*`, `!`, `!!`) accounts are fine anywhere; a development image may carry a
+    password hash, never an empty password."""
+    prod = make_rootfs(tmp_path / "prod")
+    write_shadow(prod, "kiosk:!$6$salt$hash:19000::::::")
+    assert not names(prod) & {"empty-passwords", "production-passwords"}
+    dev = make_rootfs(tmp_path / "dev", development=True)
+    write_shadow(dev, "root:$6$salt$0123456789abcdef:19000:0:99999:7:::")
+    assert not names(dev) & {"empty-passwords", "production-passwords"}
+    write_shadow(dev, "root::19000:0:99999:7:::")
+    assert "empty-passwords" in names(dev) and "production-passwords" not in names(dev)
+
+
+@pytest.mark.parametrize("setup", ["debian-bundle", "fedora-absolute-link", "insecure", "no-registry",
+                                   "etc-makes-insecure"])
+def test_ca_bundle_present_or_not_needed(tmp_path: Path, setup: str) -> None:
+    """Finding 5: a TLS registry with a CA bundle (Debian's file, Fedora's absolute link resolved inside
+    the rootfs), a plain-HTTP one, or none at all passes."""
+    root = make_rootfs(tmp_path)
+    write_agent_json(root, {"registry": "registry.example.com", "insecure": setup == "insecure"}
+                     if setup != "no-registry" else {"channel": "stable"})
+    if setup == "debian-bundle":
+        (root / "etc/ssl/certs").mkdir(parents=True)
+        (root / "etc/ssl/certs/ca-certificates.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    elif setup == "fedora-absolute-link":
+        pem = root / "etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem"
+        pem.parent.mkdir(parents=True)
+        pem.write_text("-----BEGIN CERTIFICATE-----\n")
+        (root / "etc/pki/tls/certs").mkdir(parents=True)
+        (root / "etc/pki/tls/certs/ca-bundle.crt").symlink_to("/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem")
+    elif setup == "etc-makes-insecure":
+        write_agent_json(root, {"insecure": True}, "etc/kiln/agent.json")
+    assert "ca-bundle" not in names(root)
 
 
 @pytest.mark.parametrize("kmod, lib, message", [

@@ -196,3 +196,26 @@ def test_spec_labels_never_override_kilns_own() -> None:
     labels = dict(finalize_labels(forged, ()))
     assert labels["dev.kiln.compatible"] == hc.spec.compatible
     assert labels["team"] == "vision"
+
+
+def test_nearest_versions_and_wheel_tags() -> None:
+    """The pin check's pure parts (builder.pins): which wheels an image can install, nearest versions."""
+    from packaging.version import Version
+
+    from builder import pins
+    from builder.wheels import finalize_target
+
+    tags = pins.finalize_tags(finalize_target(load_class("qemu-x86_64", ROOT / "images")))
+    files: list[dict[str, object]] = [
+        {"filename": "onnxruntime-1.31.1-cp311-cp311-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl"},
+        {"filename": "onnxruntime-1.31.0-cp312-cp312-manylinux_2_27_x86_64.whl"},  # another Python
+        {"filename": "onnxruntime-1.30.0-cp311-cp311-manylinux_2_39_x86_64.whl"},  # glibc newer than bookworm's
+        {"filename": "onnxruntime-1.29.0-cp311-cp311-manylinux_2_27_aarch64.whl"},  # another machine
+        {"filename": "onnxruntime-1.28.0-cp311-cp311-manylinux_2_27_x86_64.whl", "yanked": True},
+        {"filename": "onnxruntime-1.27.0-cp311-cp311-manylinux_2_27_x86_64.whl"},
+        {"filename": "onnxruntime-1.27.0.tar.gz"},
+    ]
+    assert pins.published_versions(files, tags) == [Version("1.27.0"), Version("1.31.1")]
+    versions = [Version(v) for v in ("1.20.0", "1.30.0", "1.31.0", "1.31.1", "1.33.0")]
+    assert pins.finalize_nearest("1.32.0", versions, 3) == ["1.33.0", "1.31.1", "1.31.0"]
+    assert pins.finalize_nearest("9.0", versions, 2) == ["1.33.0", "1.31.1"]

@@ -45,6 +45,7 @@ from builder.context import Context
 from builder.engine import Engine
 from builder.errors import BuildError, CommandFailed, KilnError, ToolMissing
 from builder.files import sha256_file, write_json_atomic
+from builder.mirrors import BaseMirror, finalize_base_mirror, finalize_mirrors
 from builder.render import DEFAULT_EPOCH
 from builder.run import VERBOSE, run, run_streaming
 from builder.spec import Architecture, BaseSource, Family, HardwareClass
@@ -52,8 +53,6 @@ from builder.state import StateDir
 
 RECIPE_VERSION = 1  # bump when hooks or the image config change meaningfully
 DEFAULT_RELEASE = "bookworm"
-DEFAULT_MIRROR = "http://deb.debian.org/debian"
-SNAPSHOT_MIRROR = "http://snapshot.debian.org/archive"
 
 BASE_PACKAGES = (
     "systemd",
@@ -103,6 +102,9 @@ class BaseRecipe:
     snapshot: str | None
     packages: tuple[str, ...]
     epoch: int
+    # Set when this base stands in for an unreachable snapshot (spec.base.fallbackMirror): the
+    # snapshot it replaces. The base is then named `<release>-unpinned-<id>`, never the snapshot.
+    stands_in_for: str | None = None
 
     @property
     def debian_arch(self) -> str:
@@ -113,12 +115,19 @@ class BaseRecipe:
         return (*self.packages, f"linux-image-{self.debian_arch}")
 
     @property
+    def unpinned_id(self) -> str | None:
+        return names.finalize_unpinned_id(self.mirror, self.components) if self.stands_in_for else None
+
+    @property
     def ref(self) -> str:
-        return names.offline_base_ref(self.release, self.arch, self.snapshot)
+        return names.offline_base_ref(self.release, self.arch, self.snapshot, unpinned=self.unpinned_id)
 
     @property
     def name(self) -> str:
-        return f"debian-{self.release}-{self.arch}"
+        """The cache directory: one per distinct base (a snapshot and its fallback never share one)."""
+        tag = self.release + (f"-{self.snapshot}" if self.snapshot else "")
+        tag += f"-unpinned-{self.unpinned_id}" if self.unpinned_id else ""
+        return f"debian-{tag}-{self.arch}"
 
     def sources(self) -> list[str]:
         comps = " ".join(self.components)
@@ -179,29 +188,26 @@ class BasePaths:
         return self.root / "lock"
 
 
-def finalize_mirrors(mirror: str | None, snapshot: str | None) -> tuple[str, str | None]:
-    """The main mirror and the security mirror (None where it cannot be derived)."""
-    if snapshot:
-        return f"{SNAPSHOT_MIRROR}/debian/{snapshot}", f"{SNAPSHOT_MIRROR}/debian-security/{snapshot}"
-    mirror = (mirror or DEFAULT_MIRROR).rstrip("/")
-    return mirror, mirror + "-security" if mirror.endswith("/debian") else None
-
-
-def make_base_for_class(ctx: Context, hc: HardwareClass) -> BaseImage:
-    """The offline base a class builds FROM (`kiln build` calls this when it is missing)."""
+def make_base_for_class(ctx: Context, hc: HardwareClass, mirror: BaseMirror | None = None) -> BaseImage:
+    """The offline base a class builds FROM (`kiln build` calls this when it is missing), from
+    `mirror` (default: finalize_base_mirror, which probes)."""
     base = hc.spec.base
     if base.source is not BaseSource.bootstrap or base.family is not Family.debian:
         raise BuildError(
             f"{hc.name}: Kiln bootstraps Debian bases only; this class needs a "
             f"{base.family.value} {base.source.value} base ({base.image or base.release})"
         )
+    mirror = mirror or finalize_base_mirror(hc)
+    if mirror.fallback:
+        _say(f"{hc.name}: {mirror.note}")
     return make_base(
         ctx,
         base.release or DEFAULT_RELEASE,
         hc.spec.architecture.value,
-        mirror=base.mirror,
+        mirror=mirror.url if mirror.fallback else base.mirror,
         components=tuple(base.components),
-        snapshot=base.snapshot,
+        snapshot=mirror.snapshot,
+        stands_in_for=base.snapshot if mirror.fallback else None,
     )
 
 
@@ -216,13 +222,18 @@ def make_base(
     packages: tuple[str, ...] = BASE_PACKAGES,
     epoch: int = DEFAULT_EPOCH,
     force: bool = False,
+    stands_in_for: str | None = None,
 ) -> BaseImage:
     """Bootstrap (or reuse) the offline base and make sure the engine has it.
 
     `mirror` defaults to deb.debian.org (its -security twin is derived);
     `snapshot` (YYYYMMDDTHHMMSSZ) pins snapshot.debian.org instead, for a
     tarball that stays byte-identical over time. `force` rebuilds regardless.
+    `stands_in_for` (a snapshot): this base from `mirror` replaces that unreachable snapshot and is
+    named `<release>-unpinned-<id>` (builder.names.offline_base_ref).
     """
+    if stands_in_for and snapshot:
+        raise BuildError("a fallback base is bootstrapped from its mirror, not from a snapshot")
     try:
         architecture = Architecture(arch)
     except ValueError:
@@ -232,6 +243,7 @@ def make_base(
     recipe = BaseRecipe(
         release=release, arch=architecture, mirror=main_mirror, security_mirror=security_mirror,
         components=tuple(components), snapshot=snapshot, packages=tuple(packages), epoch=epoch,
+        stands_in_for=stands_in_for,
     )  # fmt: skip
     paths = BasePaths(ctx.state.base_dir / recipe.name)
     paths.root.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ from builder.capability import why_not_buildable
 from builder.context import Context
 from builder.engine import ImageInfo
 from builder.errors import BuildError, KilnError, UsageError
+from builder.mirrors import BaseMirror, finalize_base_mirror
 from builder.names import image_ref
 from builder.render import DEFAULT_EPOCH
 from builder.run import run
@@ -75,6 +76,13 @@ def finalize_layers(info: ImageInfo, base_layers: int, layer_groups: tuple[str, 
     return [{"diffId": layer["diff_id"], "size": layer["size"], "group": group,
              "createdBy": layer["created_by"][:200]}
             for layer, group in zip(info["layers"], groups, strict=True)]
+
+
+def finalize_base_record(mirror: BaseMirror | None) -> dict[str, Any]:
+    """Where a bootstrap base actually came from (build.json `base`); nothing for a registry base."""
+    if mirror is None:
+        return {}
+    return {"mirror": mirror.url, "snapshot": mirror.snapshot, "fallback": mirror.fallback}
 
 
 # -- the development SSH key ------------------------------------------------------------
@@ -129,10 +137,13 @@ def build_class(
         # (pins.check_pins), not after the base and the models.
         with steps.step("the runtime's wheels"):
             wheelhouse = pins.make_checked_wheelhouse(hc, state, source)
-        base_id = None
+        base_id, mirror = None, None
         if hc.spec.base.source is BaseSource.bootstrap:
             with steps.step("offline base"):
-                base_id = make_base_for_class(ctx, hc).image_id
+                mirror = finalize_base_mirror(hc)  # the snapshot, or spec.base.fallbackMirror when out of reach
+                if mirror.fallback:
+                    steps.say(f"{hc.name}: {mirror.note}")
+                base_id = make_base_for_class(ctx, hc, mirror).image_id
         with steps.step("optimize and gate the models"):
             model_glue.make_optimized_models(hc, steps.say, reuse=True)
             artifacts = model_glue.finalize_model_artifacts(hc, require_optimized=True)
@@ -140,7 +151,7 @@ def build_class(
             key = signing.resolve_signing_key(hc, sign_key)
             plan = render.finalize_plan(hc, source=source, version=version, revision=revision,
                                         models=artifacts, ssh_public_key=make_dev_ssh_key(hc), epoch=epoch,
-                                        device_files=signing.finalize_device_files(hc.name, key))
+                                        device_files=signing.finalize_device_files(hc.name, key), base=mirror)
             context = render.make_context(plan, paths.context_dir(hc.name, version), wheelhouse)
             layer_groups = render.finalize_containerfile(plan).layer_groups
         created = datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -169,7 +180,8 @@ def build_class(
         "engine": {"name": eng.name, "version": engine_version, "reproducible": eng.reproducible},
         "image": {"ref": ref, "id": info["id"], "digest": info["digest"], "size": info["size"],
                   "architecture": info["architecture"]},
-        "base": {"ref": plan.base_ref, "id": base_id or (base_info["id"] if base_info else None)},
+        "base": {"ref": plan.base_ref, "id": base_id or (base_info["id"] if base_info else None),
+                 **finalize_base_record(mirror)},
         "models": [{"name": a.name, "version": a.version, "precision": a.precision,
                     "sha256": f"sha256:{a.sha256}", "layer": model_layers[0] if model_layers else None}
                    for a in artifacts],

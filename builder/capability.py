@@ -3,30 +3,18 @@
 from __future__ import annotations
 
 import platform
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 from builder import names
+from builder.net import reachable
 from builder.run import have_tool, run
 from builder.spec import BaseSource, HardwareClass
-
-PROBE_TIMEOUT = 2.0
 
 
 def host_architecture() -> str:
     machine = platform.machine()
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
-
-
-def reachable(url: str) -> bool:
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parts.hostname or "", port), timeout=PROBE_TIMEOUT):
-            return True
-    except OSError:
-        return False
 
 
 def why_not_buildable(hc: HardwareClass, *, probe_network: bool = True, tools: bool = True) -> list[str]:
@@ -44,16 +32,39 @@ def why_not_buildable(hc: HardwareClass, *, probe_network: bool = True, tools: b
     if spec.base.source is BaseSource.registry and not _image_present(hc):
         reasons.append(f"base {spec.base.image} is not in local storage and needs a registry to pull from")
     urls = [r.url for r in spec.repositories]
-    if spec.base.source is BaseSource.bootstrap and spec.base.mirror:
-        urls.insert(0, spec.base.mirror)
     if spec.runtime.index:
         urls.append(spec.runtime.index)
-    if probe_network and urls:
+    base_urls = finalize_base_urls(hc)
+    if probe_network and (urls or base_urls):
         with ThreadPoolExecutor(max_workers=8) as pool:
-            for url, ok in zip(urls, pool.map(reachable, urls), strict=True):
-                if not ok:
-                    reasons.append(f"needs {urlsplit(url).hostname} ({url}), unreachable from here")
+            ok = dict(zip(base_urls + urls, pool.map(reachable, base_urls + urls), strict=True))
+        if base_urls and not any(ok[u] for u in base_urls):
+            alternatives = " or ".join(f"{urlsplit(u).hostname} ({u})" for u in base_urls)
+            reasons.append(f"base mirror: needs {alternatives}, unreachable from here")
+        reasons.extend(f"needs {urlsplit(u).hostname} ({u}), unreachable from here" for u in urls if not ok[u])
     return reasons
+
+
+def finalize_base_urls(hc: HardwareClass) -> list[str]:
+    """The mirrors a bootstrap base may come from, preferred first: the snapshot's (or spec.base.mirror),
+    then spec.base.fallbackMirror. Empty: Debian's default mirror, not probed."""
+    from builder.mirrors import finalize_mirrors
+
+    base = hc.spec.base
+    if base.source is not BaseSource.bootstrap or not (base.mirror or base.snapshot):
+        return []
+    fallback = [base.fallback_mirror] if base.fallback_mirror else []
+    return [base.mirror or finalize_mirrors(None, base.snapshot)[0], *fallback]
+
+
+def finalize_notes(hc: HardwareClass, *, probe_network: bool = True) -> list[str]:
+    """What a build here would do differently from the spec's first choice (a fallback base mirror)."""
+    from builder.mirrors import finalize_base_mirror
+
+    if hc.spec.base.source is not BaseSource.bootstrap or not probe_network:
+        return []
+    note = finalize_base_mirror(hc).note
+    return [note] if note else []
 
 
 def _image_present(hc: HardwareClass) -> bool:

@@ -18,6 +18,7 @@ from builder.spec import (
     BootControl,
     Candidate,
     CdiMode,
+    FallbackPolicy,
     Family,
     HardwareClass,
     HealthCheck,
@@ -74,6 +75,10 @@ def base_source(hc: HardwareClass) -> Iterator[Problem]:
         for key in ("image", "digest"):
             if getattr(base, key) is not None:
                 yield (("spec", "base", key), "only applies to a registry base")
+    if base.fallback_mirror is not None and (base.source is not BaseSource.bootstrap or base.snapshot is None):
+        yield (("spec", "base", "fallbackMirror"),
+               "a fallback mirror stands in for an unreachable snapshot: it needs a bootstrap base "
+               "with spec.base.snapshot")
 
 
 @contract
@@ -90,7 +95,7 @@ def accelerator_none(hc: HardwareClass) -> Iterator[Problem]:
     acc = hc.spec.accelerator
     if acc.kind is not AcceleratorKind.none:
         return
-    for key in ("driver", "toolkit"):
+    for key in ("driver", "toolkit", "fallback"):
         if getattr(acc, key) is not None:
             yield (("spec", "accelerator", key), "a class without an accelerator has no " + key)
     if hc.spec.runtime.name is not RuntimeName.onnxruntime:
@@ -152,6 +157,33 @@ def sharing(hc: HardwareClass) -> Iterator[Problem]:
         yield (("spec", "accelerator", "sharing", "strategy"), "GPU sharing applies to NVIDIA dGPUs")
     if s.strategy is SharingStrategy.none and s.replicas != 1:
         yield (("spec", "accelerator", "sharing", "replicas"), "replicas need a sharing strategy")
+
+
+@contract
+def fallback(hc: HardwareClass) -> Iterator[Problem]:
+    """What a device does without its accelerator is declared, never left to chance (kiln_device.degraded)."""
+    acc, spec = hc.spec.accelerator, hc.spec
+    loc: Loc = ("spec", "accelerator", "fallback")
+    if acc.kind is AcceleratorKind.none:
+        return
+    if acc.fallback is None:
+        yield (loc, "a class with an accelerator declares what a device does without it: "
+                    "{policy: degrade, p95LatencyMs: N} (serve on the CPU) or {policy: fail} (roll back)")
+        return
+    envelope_p95 = spec.envelope.p95_latency_ms
+    if acc.fallback.policy is FallbackPolicy.fail:
+        if acc.fallback.p95_latency_ms is not None:
+            yield ((*loc, "p95LatencyMs"), "a degraded envelope applies to policy degrade only")
+        return
+    if acc.fallback.p95_latency_ms is None:
+        yield ((*loc, "p95LatencyMs"), "policy degrade needs the degraded latency envelope (p95 on the CPU)")
+    elif acc.fallback.p95_latency_ms < envelope_p95:
+        yield ((*loc, "p95LatencyMs"), f"{acc.fallback.p95_latency_ms} ms is tighter than the class envelope "
+                                       f"({envelope_p95} ms): the CPU fallback cannot be held to more than the "
+                                       "accelerator")
+    if "CPUExecutionProvider" not in spec.runtime.execution_providers:
+        yield (("spec", "runtime", "executionProviders"),
+               "policy degrade serves on the CPU: list CPUExecutionProvider (last)")
 
 
 @contract

@@ -3,6 +3,7 @@ and the base image a class builds FROM."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from builder.errors import UsageError
@@ -34,22 +35,37 @@ def finalize_destination(registry: str, cls: str, version: str) -> str:
     return f"{registry}/kiln/{cls}:{finalize_tag(version)}"
 
 
-def offline_base_ref(release: str, arch: str, snapshot: str | None = None, *, distro: str = "debian") -> str:
-    """localhost/kiln/base/DISTRO:RELEASE[-SNAPSHOT][-ARCH], the base `kiln base` bootstraps.
+def offline_base_ref(release: str, arch: str, snapshot: str | None = None, *, distro: str = "debian",
+                     unpinned: str | None = None) -> str:
+    """localhost/kiln/base/DISTRO:RELEASE[-SNAPSHOT|-unpinned-ID][-ARCH], the base `kiln base` bootstraps.
 
     x86_64 keeps the bare tag; any other architecture appends `-ARCH`, so the two never share a tag.
+    `unpinned` (finalize_unpinned_id) names a base bootstrapped from a moving mirror in place of an
+    unreachable snapshot (spec.base.fallbackMirror): it never carries the snapshot's name.
     """
-    tag = release + (f"-{snapshot}" if snapshot else "") + ("" if arch == "x86_64" else f"-{arch}")
+    if snapshot and unpinned:
+        raise ValueError("a base is either pinned to a snapshot or unpinned, not both")
+    tag = release + (f"-{snapshot}" if snapshot else "") + (f"-unpinned-{unpinned}" if unpinned else "")
+    tag += "" if arch == "x86_64" else f"-{arch}"
     return f"{BASE_REPO}/{distro}:{tag}"
 
 
-def base_ref(hc: HardwareClass) -> str:
+def finalize_unpinned_id(mirror: str, components: tuple[str, ...]) -> str:
+    """8 hex digits of the mirror and components an unpinned base came from (two never share a tag)."""
+    return hashlib.sha256(f"{mirror.rstrip('/')} {' '.join(components)}".encode()).hexdigest()[:8]
+
+
+def base_ref(hc: HardwareClass, *, fallback: bool = False) -> str:
     """What the class builds FROM: its registry image (pinned by digest when the spec gives one)
-    or the offline base (offline_base_ref)."""
+    or the offline base (offline_base_ref); `fallback`: the base from spec.base.fallbackMirror."""
     base = hc.spec.base
     if base.source is BaseSource.registry:
         assert base.image is not None
         return f"{base.image}@{base.digest}" if base.digest else base.image
     assert base.release is not None  # builder.contracts.base_source: a bootstrap base names its release
     distro = "ubuntu" if base.family is Family.l4t else "debian"
+    if fallback:
+        assert base.fallback_mirror is not None  # builder.contracts: only with a fallback mirror
+        unpinned = finalize_unpinned_id(base.fallback_mirror, tuple(base.components))
+        return offline_base_ref(base.release, hc.spec.architecture.value, distro=distro, unpinned=unpinned)
     return offline_base_ref(base.release, hc.spec.architecture.value, base.snapshot, distro=distro)

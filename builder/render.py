@@ -17,7 +17,8 @@ import jinja2
 
 from builder import names, paths
 from builder.files import sha256_file
-from builder.spec import AcceleratorKind, Family, HardwareClass
+from builder.mirrors import BaseMirror, finalize_base_mirror
+from builder.spec import AcceleratorKind, BaseSource, Family, HardwareClass, HealthCheck
 from kiln_device import contract
 
 TEMPLATES = paths.PACKAGE_DIR / "templates"
@@ -37,6 +38,9 @@ SSHD_DROP_IN = "etc/ssh/sshd_config.d/40-kiln.conf"
 # What each layer of an image is, slowest-changing first: the base image's own layers, then one
 # group per layer-creating instruction of the templates (each marked there with `layer("group")`).
 LAYER_GROUPS = ("base", "repositories", "os", "drivers", "kernel", "runtime", "agent", "model", "release", "lint")
+# What the image contains, beyond the contract's labels (informational: no device decides on them).
+LABEL_BASE_MIRROR = "dev.kiln.base.mirror"
+LABEL_BASE_SNAPSHOT = "dev.kiln.base.snapshot"  # the snapshot, or "unpinned" (a fallback mirror)
 PYTHON = {Family.debian: "python3", Family.l4t: "python3", Family.fedora_bootc: "python3",
           Family.centos_bootc: "python3.11"}
 
@@ -64,6 +68,7 @@ class RenderPlan:
     version: str
     revision: str
     base_ref: str
+    base_mirror: BaseMirror | None  # a bootstrap base: the mirror it comes from (None: a registry base)
     python: str
     os_packages: tuple[str, ...]
     driver_packages: tuple[str, ...]
@@ -122,7 +127,8 @@ def finalize_release(hc: HardwareClass, version: str, revision: str,
         "accelerator": spec.accelerator.kind.value,
         "driverVersion": spec.accelerator.driver.version if spec.accelerator.driver else None,
         "runtime": {"name": spec.runtime.name.value, "version": spec.runtime.version,
-                    "executionProviders": list(spec.runtime.execution_providers)},
+                    "executionProviders": list(spec.runtime.execution_providers),
+                    "device": spec.runtime.device},
         "models": [{"name": m.name, "version": m.version, "precision": m.precision,
                     "sha256": m.sha256, "path": f"{m.image_dir}/model.onnx"} for m in models],
         "bootControl": spec.boot_control.value,
@@ -134,10 +140,23 @@ def finalize_release(hc: HardwareClass, version: str, revision: str,
         "channel": spec.rollout.channel,
         "p95LatencyMs": spec.envelope.p95_latency_ms,
         "development": spec.development,
+        # What the device does without its accelerator (kiln_device.degraded), and how many inference
+        # workers share it (kiln_device.inference.worker_count).
+        "fallback": finalize_fallback(hc),
+        "sharing": {"strategy": spec.accelerator.sharing.strategy.value,
+                    "replicas": spec.accelerator.sharing.replicas},
     }
 
 
-def finalize_labels(hc: HardwareClass, models: tuple[ModelArtifact, ...]) -> tuple[tuple[str, str], ...]:
+def finalize_fallback(hc: HardwareClass) -> dict[str, object] | None:
+    fallback = hc.spec.accelerator.fallback
+    if fallback is None:
+        return None
+    return {"policy": fallback.policy.value, "p95LatencyMs": fallback.p95_latency_ms}
+
+
+def finalize_labels(hc: HardwareClass, models: tuple[ModelArtifact, ...],
+                    base: BaseMirror | None = None) -> tuple[tuple[str, str], ...]:
     spec = hc.spec
     # The spec's own labels first: Kiln's (which devices and the agent trust) always win.
     labels = {**hc.metadata.labels}
@@ -161,6 +180,9 @@ def finalize_labels(hc: HardwareClass, models: tuple[ModelArtifact, ...]) -> tup
         labels[contract.model_label(m.name, "digest")] = f"sha256:{m.sha256}"
         labels[contract.model_label(m.name, "precision")] = m.precision
         labels[contract.model_label(m.name, "version")] = m.version
+    if base is not None:  # a bootstrap base: which mirror it actually came from
+        labels[LABEL_BASE_MIRROR] = base.url
+        labels[LABEL_BASE_SNAPSHOT] = base.snapshot or "unpinned"
     return tuple(sorted(labels.items()))
 
 
@@ -168,18 +190,23 @@ def finalize_plan(hc: HardwareClass, *, source: str, version: str = DEFAULT_VERS
                   revision: str = "unknown",
                   models: tuple[ModelArtifact, ...] | None = None,
                   ssh_public_key: str | None = None, epoch: int = DEFAULT_EPOCH,
-                  device_files: dict[str, bytes] | None = None) -> RenderPlan:
+                  device_files: dict[str, bytes] | None = None, base: BaseMirror | None = None) -> RenderPlan:
+    """`base`: where the bootstrap base comes from (builder.mirrors.finalize_base_mirror; default: the
+    spec's first choice, not probed). The build passes the one it bootstrapped."""
     models = models if models is not None else finalize_source_models(hc)
+    if base is None and hc.spec.base.source is BaseSource.bootstrap:
+        base = finalize_base_mirror(hc, probe=False)
     if ssh_public_key is not None and not hc.spec.development:
         raise ValueError(f"{hc.name} is a production class: it never gets a test SSH key")
     return RenderPlan(
         hc=hc, source=source, version=version, revision=revision,
-        base_ref=names.base_ref(hc),
+        base_ref=base.ref if base else names.base_ref(hc),
+        base_mirror=base,
         python=PYTHON[hc.spec.base.family],
         os_packages=finalize_os_packages(hc),
         driver_packages=finalize_driver_packages(hc),
         models=models,
-        labels=finalize_labels(hc, models),
+        labels=finalize_labels(hc, models, base),
         release=finalize_release(hc, version, revision, models),
         ssh_public_key=ssh_public_key,
         epoch=epoch,
@@ -316,10 +343,12 @@ def make_class_tree(plan: RenderPlan, dest: Path) -> None:
         conf.write_text("# Kiln development class: the per-build test key (build/<class>/ssh/), never shipped\n"
                         f"AuthorizedKeysFile .ssh/authorized_keys {contract.DEV_AUTHORIZED_KEYS}\n"
                         "PermitRootLogin prohibit-password\nPasswordAuthentication no\n")
-    if spec.accelerator.kind is AcceleratorKind.nvidia_dgpu:
-        sharing = spec.accelerator.sharing
-        _write_json(dest / "usr/lib/kiln/gpu-sharing.json",
-                    {"strategy": sharing.strategy.value, "replicas": sharing.replicas})
+    # gpu-visible is checked only where the class asks for it (kiln-health-gpu.service, common overlay).
+    gpu = HealthCheck.gpu_visible in spec.rollout.health_checks
+    preset = dest / "usr/lib/systemd/system-preset/70-kiln-class.preset"
+    preset.parent.mkdir(parents=True, exist_ok=True)
+    preset.write_text(f"# Class {plan.hc.name}: health checks from spec.rollout.healthChecks (before 80-kiln.preset)\n"
+                      f"{'enable' if gpu else 'disable'} kiln-health-gpu.service\n")
 
 
 def make_model_tree(plan: RenderPlan, dest: Path) -> None:

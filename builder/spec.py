@@ -109,6 +109,10 @@ class Base(Strict):
     mirror: Url | None = None
     components: tuple[Name, ...] = ("main",)
     snapshot: Snapshot | None = None
+    # Where a bootstrap base comes from when the pinned snapshot's mirror is unreachable (only next
+    # to a snapshot): the base is then named `<release>-unpinned-<hash>` (builder.names), never the
+    # snapshot's name, and build.json and the image's labels record the mirror it actually came from.
+    fallback_mirror: Url | None = None
     image: ImageRef | None = None
     digest: Digest | None = None
 
@@ -182,11 +186,25 @@ class Sharing(Strict):
     replicas: int = Field(default=1, ge=1, le=64)
 
 
+class FallbackPolicy(enum.StrEnum):
+    """What a device does when its accelerator is missing or fails (kiln_device.degraded)."""
+
+    degrade = "degrade"  # serve on the CPU provider, healthy but "degraded", within fallback.p95LatencyMs
+    fail = "fail"  # the health checks fail: a trial boot is rolled back
+
+
+class Fallback(Strict):
+    policy: FallbackPolicy
+    # The degraded latency envelope: the p95 the golden check holds the CPU fallback to (degrade only).
+    p95_latency_ms: float | None = Field(default=None, gt=0)
+
+
 class Accelerator(Strict):
     kind: AcceleratorKind = AcceleratorKind.none
     driver: Driver | None = None
     toolkit: Toolkit | None = None
     sharing: Sharing = Sharing()
+    fallback: Fallback | None = None  # required for every kind but none (builder.contracts)
 
 
 class RuntimeName(enum.StrEnum):

@@ -18,13 +18,24 @@ from builder.cli.common import ENGINE_OPTION, TLS_VERIFY_OPTION, checked, cli_co
 @click.option("--mirror", help="Debian mirror (default deb.debian.org).")
 @click.option("--snapshot", help="snapshot.debian.org timestamp (YYYYMMDDTHHMMSSZ) for a pinned base.")
 @click.option("--force", is_flag=True, help="Rebuild even when the cached base is current.")
+@click.option("--class", "cls", metavar="CLASS", help="The base CLASS builds FROM (its release, components and "
+              "snapshot; its fallbackMirror when the snapshot is unreachable); overrides the other options.")
 @ENGINE_OPTION
 def base_cmd(release: str, arch: str, mirror: str | None, snapshot: str | None, force: bool,
-             engine: str) -> None:
+             cls: str | None, engine: str) -> None:
     """Bootstrap the offline Debian base (mmdebstrap) into Kiln's container store; cached."""
-    from builder.base import make_base
+    from builder.base import finalize_base_mirror, make_base, make_base_for_class
     from builder.safe import snapshot as check_snapshot
 
+    if cls:
+        hc = load(cls)
+        where = finalize_base_mirror(hc)
+        if where.fallback:
+            click.echo(f"note: {hc.name}: {where.note}", err=True)
+        image = make_base_for_class(cli_context(engine), hc, where)
+        click.echo(f"{image.ref} {image.image_id} (kernel {image.kernel}; {'built' if image.built else 'cached'}; "
+                   f"mirror {where.url}; tarball {image.tarball})")
+        return
     if snapshot:
         checked("--snapshot", check_snapshot, snapshot)
     image = make_base(cli_context(engine), release, arch, mirror=mirror, snapshot=snapshot, force=force)

@@ -21,7 +21,7 @@ from builder.errors import SpecError
 @click.option("--no-probe", is_flag=True, help="Do not probe mirrors and vendor repositories.")
 def list_classes(as_json: bool, no_probe: bool) -> None:
     """List hardware classes and whether this machine can build them."""
-    from builder.capability import why_not_buildable
+    from builder.capability import finalize_notes, why_not_buildable
 
     rows: list[dict[str, Any]] = []
     for name in loader.known_classes():
@@ -37,6 +37,7 @@ def list_classes(as_json: bool, no_probe: bool) -> None:
             "runtime": f"{s.runtime.name.value} {s.runtime.version}",
             "base": names.base_ref(hc),
             "whyNotBuildable": why_not_buildable(hc, probe_network=not no_probe),
+            "notes": finalize_notes(hc, probe_network=not no_probe),
         })
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -52,6 +53,8 @@ def list_classes(as_json: bool, no_probe: bool) -> None:
     for r in rows:
         for why in r.get("whyNotBuildable", []):
             console.print(f"{r['class']}: {why}", markup=False, soft_wrap=True)
+        for note in r.get("notes", []):
+            console.print(f"{r['class']}: note: {note}", markup=False, soft_wrap=True)
 
 
 @click.command()

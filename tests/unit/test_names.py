@@ -31,3 +31,19 @@ def test_offline_base_ref_format(args: tuple[str, ...], ref: str) -> None:
 ])
 def test_a_class_builds_from_its_base_ref(name: str, ref: str) -> None:
     assert names.base_ref(load_class(name, ROOT / "images")) == ref
+
+
+def test_an_unpinned_base_never_carries_a_snapshot_name() -> None:
+    ref = names.offline_base_ref("bookworm", "x86_64", unpinned="e08460d4")
+    assert ref == "localhost/kiln/base/debian:bookworm-unpinned-e08460d4"
+    with pytest.raises(ValueError, match="pinned to a snapshot or unpinned"):
+        names.offline_base_ref("bookworm", "x86_64", "20261101T000000Z", unpinned="e08460d4")
+    main = names.finalize_unpinned_id("http://deb.debian.org/debian/", ("main",))
+    assert main == names.finalize_unpinned_id("http://deb.debian.org/debian", ("main",))
+    assert main != names.finalize_unpinned_id("http://deb.debian.org/debian", ("main", "non-free"))
+
+
+def test_fallback_base_ref_of_a_class() -> None:
+    hc = load_class("factory-gateway-gpu", ROOT / "images")
+    unpinned = names.finalize_unpinned_id("http://deb.debian.org/debian", tuple(hc.spec.base.components))
+    assert names.base_ref(hc, fallback=True) == f"localhost/kiln/base/debian:bookworm-unpinned-{unpinned}"

@@ -34,7 +34,9 @@ def test_class_loads_and_is_frozen(name: str) -> None:
 
 def test_classes_are_distinct_targets() -> None:
     loaded = {n: load_class(n, ROOT / "images").spec for n in CLASSES}
-    assert {s.base.family for s in loaded.values()} == set(Family)
+    # fedora-bootc is the documented alternative base of intel-lowpower-detector (commented in its YAML)
+    assert {s.base.family for s in loaded.values()} == set(Family) - {Family.fedora_bootc}
+    assert {s.base.family.package_manager for s in loaded.values()} == {"apt", "dnf"}
     assert {s.accelerator.kind for s in loaded.values()} >= {
         AcceleratorKind.none, AcceleratorKind.nvidia_dgpu, AcceleratorKind.nvidia_jetson,
         AcceleratorKind.intel_igpu}
@@ -161,6 +163,10 @@ BAD = [
         ("is reserved: Kiln sets the org.opencontainers.image.* labels itself",)),
     Bad("production-ssh", "spec.access", {"ssh": True},
         ("spec.access.ssh: production classes (development: false) ship without an SSH server",)),
+    Bad("fallback-mirror-without-snapshot", "spec.base",
+        {"family": "debian", "source": "bootstrap", "release": "bookworm",
+         "fallbackMirror": "http://deb.debian.org/debian"},
+        ("spec.base.fallbackMirror: a fallback mirror stands in for an unreachable snapshot",)),
     Bad("pinned-precision-without-candidate", "spec.models.0.precision", "fp16",
         ("spec.models[0].precision: pinned to fp16 but no fp16 candidate",)),
 ]

@@ -14,8 +14,11 @@ from builder import paths
 from builder.errors import GateFailed, ModelError
 from builder.files import sha256_file
 from builder.model import Gates, OptimizationPolicy, Report, optimize_model, read_report
+from builder.model.runtimes import OPENVINO, ClassRuntime, Provider
 from builder.render import ModelArtifact
+from builder.runtime_venv import make_runtime_venv, want_runtime_venv, why_not_host_runtime
 from builder.spec import HardwareClass, Model
+from builder.state import StateDir, finalize_state_root
 
 Progress = Callable[[str], None]
 
@@ -41,29 +44,66 @@ def finalize_policy(hc: HardwareClass, m: Model) -> tuple[OptimizationPolicy, Ga
     return policy, gates
 
 
+def finalize_attempts(hc: HardwareClass) -> dict[str, tuple[tuple[Provider, ...], ...]]:
+    """Per model precision, the provider lists the gate tries in order: the class's OpenVINO
+    device, then OpenVINO's CPU device (this host has no iGPU); with the options the device
+    uses (kiln_device.inference.provider_options: device and pinned precision hint)."""
+    from kiln_device.inference import session_providers
+
+    rt = hc.spec.runtime
+    devices: list[str | None] = [rt.device, "CPU"] if rt.device and rt.device.upper() != "CPU" else ["CPU"]
+    if OPENVINO not in rt.execution_providers:
+        devices = [None]  # one try: onnxruntime says which of the class's providers it has
+    release = {"runtime": {"device": rt.device}}
+    return {precision: tuple(tuple(session_providers(release, list(rt.execution_providers), precision=precision,
+                                                     device=d)) for d in devices)
+            for precision in ("fp32", "fp16", "int8")}
+
+
+def finalize_class_runtime(hc: HardwareClass, state: StateDir, source: str) -> ClassRuntime | None:
+    """The class's runtime for the gate (None: it is the host's own); its venv is made here."""
+    import onnxruntime
+
+    if not want_runtime_venv(hc, "onnxruntime", onnxruntime.__version__):
+        return None
+    rt = hc.spec.runtime
+    why = why_not_host_runtime(hc)
+    if why is not None:
+        return ClassRuntime(name=rt.name.value, version=rt.version, providers=rt.execution_providers,
+                            unavailable=why)
+    return ClassRuntime(name=rt.name.value, version=rt.version, providers=rt.execution_providers,
+                        attempts=finalize_attempts(hc), python=make_runtime_venv(hc, state, source))
+
+
 def make_optimized_models(hc: HardwareClass, progress: Progress | None = None, *,
-                          reuse: bool = False) -> list[Report]:
+                          reuse: bool = False, state: StateDir | None = None,
+                          source: str | None = None) -> list[Report]:
     """Optimize and gate every model of the class. Raises GateFailed on the first refusal.
 
     With `reuse`, a passing report made from the same source model, datasets,
-    policy, gates and onnxruntime version is kept as it is: latency noise must
-    not flip the chosen precision between two builds of the same inputs.
+    policy, gates and onnxruntime versions is kept as it is: latency noise must
+    not flip the chosen precision between two builds of the same inputs. When the
+    class ships another runtime than the host's, the candidates are measured under
+    it too (a venv in `state`, from the class's wheelhouse) and gated on its figures.
     """
     root = paths.project_root()
+    state = state or StateDir(finalize_state_root(root))
+    runtime: ClassRuntime | None = None
     reports = []
     for m in hc.spec.models:
         policy, gates = finalize_policy(hc, m)
         calibration = root / (m.optimization.calibration or m.validation.dataset)
         out = paths.model_dir(hc.name, m.name, m.version)
         cached = _current_report(out, root / m.source) if reuse else None
-        if cached is not None and _same_inputs(cached, policy, gates, calibration, root / m.validation.dataset):
+        if cached is not None and _same_inputs(cached, hc, policy, gates, calibration, root / m.validation.dataset):
             if progress:
                 progress(f"model {m.name} {m.version}: up to date ({cached.chosen}, {out})")
             reports.append(cached)
             continue
+        runtime = runtime or finalize_class_runtime(hc, state, source or f"images/{hc.name}.yaml")
         try:
             reports.append(optimize_model(root / m.source, calibration, root / m.validation.dataset,
-                                          policy, gates, out, progress))
+                                          policy, gates, out, progress, runtime))
         except GateFailed as exc:
             raise exc.with_context(f"model {m.name} {m.version} of {hc.name}") from None
     return reports
@@ -103,12 +143,15 @@ def _current_report(d: Path, source: Path) -> Report | None:
     return report
 
 
-def _same_inputs(report: Report, policy: OptimizationPolicy, gates: Gates, calibration: Path,
-                 validation: Path) -> bool:
+def _same_inputs(report: Report, hc: HardwareClass, policy: OptimizationPolicy, gates: Gates,
+                 calibration: Path, validation: Path) -> bool:
     import onnxruntime
 
     ds = report.datasets
+    rt = hc.spec.runtime
+    measured = (report.runtime.get("name"), report.runtime.get("version")) if report.runtime else None
+    wanted = (rt.name.value, rt.version) if want_runtime_venv(hc, "onnxruntime", onnxruntime.__version__) else None
     return (report.policy == policy.to_dict() and report.gates == gates.to_dict()
-            and report.onnxruntime_version == onnxruntime.__version__
+            and report.onnxruntime_version == onnxruntime.__version__ and measured == wanted
             and ds.get("calibration_sha256") == sha256_file(calibration)
             and ds.get("validation_sha256") == sha256_file(validation))

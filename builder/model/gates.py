@@ -91,7 +91,14 @@ _WORDING = {
     "max_size_bytes": ("size {v:,.0f} B > {l:,.0f} B", "size"),
     "max_p95_latency_ms": ("p95 latency {v:.3f} ms > {l:.3f} ms", "latency"),
     "min_int8_speedup": ("speed-up over FP32 {v:.2f}x < {l:.2f}x", "speed-up"),
+    "golden_tolerance": ("outputs differ from the build host's by {v:.3g} > the golden tolerance {l:.3g}",
+                         "golden"),
 }
+
+
+def golden(max_abs_diff: float, tolerance: float) -> GateResult:
+    """The device replays the host's outputs within the tolerance: the class's runtime must too."""
+    return GateResult("golden_tolerance", max_abs_diff <= tolerance, max_abs_diff, tolerance)
 
 
 def describe(result: GateResult) -> str:

@@ -34,6 +34,19 @@ class CandidateResult:
     passed: bool = False
     error: str | None = None
     notes: tuple[str, ...] = ()
+    # Where it was measured: the execution provider (with the OpenVINO device), e.g.
+    # "OpenVINOExecutionProvider(CPU)"; None in reports from before per-runtime measurements.
+    runtime: str | None = None
+    # Largest |output - the build host's CPU output| of the same file on the validation set: what
+    # the device's golden check sees (the golden set is the host's outputs).
+    max_abs_diff: float | None = None
+    # False for a reference measurement (the host's CPU onnxruntime when the class ships another
+    # runtime): shown, never gated.
+    gated: bool = True
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} @ {self.runtime}" if self.runtime else self.name
 
     def to_dict(self) -> dict[str, Any]:
         data = {k: v for k, v in vars(self).items() if k not in ("gates", "notes")}
@@ -59,6 +72,10 @@ class Report:
     metric: str = "accuracy"
     datasets: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    # The class's runtime as measured (name, version, measured_with, provider options, note) and
+    # the host CPU measurements kept as a reference when the gates used that runtime's figures.
+    runtime: dict[str, Any] = field(default_factory=dict)
+    reference: tuple[CandidateResult, ...] = ()
 
     @property
     def passed(self) -> bool:
@@ -70,13 +87,21 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         data = dict(vars(self))
         data["candidates"] = [c.to_dict() for c in self.candidates]
+        data["reference"] = [c.to_dict() for c in self.reference]
         data["reasons"] = list(self.reasons)
         return data
+
+    @property
+    def note(self) -> str | None:
+        """Why the gated figures are not the class's runtime on its own device, if they are not."""
+        note = self.runtime.get("note")
+        return note if isinstance(note, str) else None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Report:
         cands = tuple(CandidateResult.from_dict(c) for c in data["candidates"])
-        return cls(**{**data, "candidates": cands, "reasons": tuple(data["reasons"])})
+        ref = tuple(CandidateResult.from_dict(c) for c in data.get("reference", []))
+        return cls(**{**data, "candidates": cands, "reference": ref, "reasons": tuple(data["reasons"])})
 
 
 def write_report(report: Report, path: Path) -> None:
@@ -95,7 +120,7 @@ def read_report(path: Path) -> Report:
 
 # -- tables -------------------------------------------------------------------
 
-COLUMNS = ("", "candidate", "precision", "accuracy", "agree", "size", "load ms",
+COLUMNS = ("", "candidate", "precision", "accuracy", "agree", "max |diff|", "size", "load ms",
            "p50 ms", "p95 ms", "speed-up", "gates")
 
 
@@ -104,15 +129,23 @@ def _num(value: float | None, fmt: str) -> str:
 
 
 def table_rows(report: Report) -> list[tuple[str, ...]]:
-    """One row of strings per candidate, the chosen one marked with '*'."""
-    return [_row(c, c.name == report.chosen) for c in report.candidates]
+    """One row of strings per candidate and runtime, the chosen one marked with '*'.
+
+    A candidate's reference measurement (the host's CPU onnxruntime) follows its gated row.
+    """
+    rows = []
+    for c in report.candidates:
+        rows.append(_row(c, c.name == report.chosen))
+        rows += [_row(r, False) for r in report.reference if r.name == c.name]
+    return rows
 
 
 def _row(c: CandidateResult, chosen: bool) -> tuple[str, ...]:
     size = "-" if c.size_bytes is None else f"{c.size_bytes / 1024:.1f} KiB"
-    verdict = "pass" if c.passed else f"FAIL: {failures(c)}"
-    return ("*" if chosen else "", c.name, c.precision, _num(c.accuracy, ".4f"),
-            _num(c.agreement, ".4f"), size, _num(c.load_ms, ".1f"), _num(c.p50_ms, ".3f"),
+    verdict = "reference (not gated)" if not c.gated else "pass" if c.passed else f"FAIL: {failures(c)}"
+    return ("*" if chosen else "", c.label, c.precision, _num(c.accuracy, ".4f"),
+            _num(c.agreement, ".4f"), _num(c.max_abs_diff, ".2g"), size, _num(c.load_ms, ".1f"),
+            _num(c.p50_ms, ".3f"),
             _num(c.p95_ms, ".3f"), _num(c.speedup, ".2f") + ("x" if c.speedup else ""), verdict)
 
 
@@ -122,11 +155,23 @@ def _title(report: Report) -> str:
            f"validation samples, chosen: {chosen}"
 
 
+def runtime_lines(report: Report) -> list[str]:
+    """Under the table: which runtime the gates used, and why not the class's own device."""
+    rt = report.runtime
+    if not rt:
+        return []
+    lines = [f"gated on {rt.get('measured_with', '?')} ({rt.get('name', '?')} {rt.get('version', '?')})"]
+    if report.reference:
+        lines[0] += f"; reference rows: the build host's onnxruntime {report.onnxruntime_version} CPU"
+    return [*lines, *([f"note: {report.note}"] if report.note else [])]
+
+
 def render_table(report: Report) -> Table:
     """A rich table of every candidate; '*' marks the chosen one."""
-    table = Table(title=_title(report))
+    table = Table(title=_title(report), caption="\n".join(runtime_lines(report)) or None)
     for col in COLUMNS:
-        table.add_column(col, justify="left" if col in ("candidate", "gates") else "right")
+        table.add_column(col, justify="left" if col in ("candidate", "gates") else "right",
+                         no_wrap=col == "candidate")
     for row in table_rows(report):
         table.add_row(*row)
     return table
@@ -140,4 +185,4 @@ def format_table(report: Report) -> str:
     for r in rows:
         cells = [r[i].ljust(w) if i == 1 else r[i].rjust(w) for i, w in enumerate(widths)]
         lines.append("  ".join([*cells, r[-1]]).rstrip())
-    return "\n".join(lines)
+    return "\n".join([*lines, *runtime_lines(report)])

@@ -23,9 +23,10 @@ from builder.model.report import (
 )
 
 TOP_KEYS = {"model", "source", "source_sha256", "candidates", "chosen", "reasons", "onnxruntime_version",
-            "policy", "gates", "metric", "datasets", "schema_version"}
+            "policy", "gates", "metric", "datasets", "schema_version", "runtime", "reference"}
 CANDIDATE_KEYS = {"name", "precision", "path", "sha256", "size_bytes", "accuracy", "agreement", "load_ms",
-                  "p50_ms", "p95_ms", "speedup", "gates", "passed", "error", "notes"}
+                  "p50_ms", "p95_ms", "speedup", "gates", "passed", "error", "notes", "runtime",
+                  "max_abs_diff", "gated"}
 
 
 def make_report(chosen: str | None = "int8-static") -> Report:
@@ -110,3 +111,66 @@ def test_rich_table() -> None:
     console = Console(width=200, record=True)
     console.print(table)
     assert "none (gate failed)" in console.export_text()
+
+
+# -- per-runtime measurements -----------------------------------------------------------
+
+OV = "OpenVINOExecutionProvider(CPU)"
+
+
+def runtime_report(note: str | None = None) -> Report:
+    """fp32/fp16 gated under onnxruntime-openvino, the host's CPU figures kept as reference rows."""
+    def cand(name: str, runtime: str, gated: bool, diff: float | None) -> CandidateResult:
+        gates = (GateResult("golden_tolerance", True, diff, 0.05),) if gated and diff is not None else ()
+        return CandidateResult(name=name, precision=name, path=f"digits-{name}.onnx", size_bytes=22_000,
+                               accuracy=0.9861, agreement=1.0, load_ms=40.0 if gated else 1.0, p50_ms=0.02,
+                               p95_ms=0.05 if gated else 0.013, speedup=1.0, gates=gates, passed=gated,
+                               runtime=runtime, max_abs_diff=diff, gated=gated)
+    return Report(
+        model="digits", source="models/digits/digits.onnx", source_sha256="c" * 64,
+        candidates=(cand("fp32", OV, True, 1.1e-05), cand("fp16", OV, True, 8.6e-06)), chosen="fp16",
+        reasons=("chose fp16: pinned",), onnxruntime_version="1.32.0", policy=OptimizationPolicy().to_dict(),
+        gates=Gates().to_dict(), datasets={"validation_samples": 360},
+        runtime={"name": "onnxruntime-openvino", "version": "1.24.1", "measured_with": OV, "note": note},
+        reference=(cand("fp32", "CPUExecutionProvider", False, None),
+                   cand("fp16", "CPUExecutionProvider", False, None)),
+    )
+
+
+def test_table_names_each_candidate_per_runtime_gated_row_first() -> None:
+    lines = format_table(runtime_report()).splitlines()
+    rows = [ln for ln in lines[2:] if "digits" not in ln and " @ " in ln]
+    assert len(rows) == 4
+    assert f"fp32 @ {OV}" in rows[0] and "fp32 @ CPUExecutionProvider" in rows[1]
+    assert rows[2].startswith("*") and f"fp16 @ {OV}" in rows[2] and "8.6e-06" in rows[2]
+    assert rows[2].rstrip().endswith("pass")
+    assert "fp16 @ CPUExecutionProvider" in rows[3] and rows[3].rstrip().endswith("reference (not gated)")
+    assert lines[-1] == (f"gated on {OV} (onnxruntime-openvino 1.24.1); reference rows: the build host's "
+                         "onnxruntime 1.32.0 CPU")
+
+
+def test_table_says_when_the_class_runtime_did_not_run_its_own_provider() -> None:
+    note = ("measured on CPUExecutionProvider: the class's CUDAExecutionProvider is not available on this "
+            "host (onnxruntime-gpu 1.31.1 offers: CPUExecutionProvider)")
+    text = format_table(runtime_report(note))
+    assert text.splitlines()[-1] == f"note: {note}"
+    console = Console(width=250, record=True)
+    console.print(render_table(runtime_report(note)))
+    shown = console.export_text()
+    assert "reference (not gated)" in shown and "not available on this host" in shown
+
+
+def test_runtime_report_round_trips_and_old_reports_still_read(tmp_path: Path) -> None:
+    report = runtime_report("n")
+    write_report(report, tmp_path / "report.json")
+    assert read_report(tmp_path / "report.json") == report
+    old = json.loads((tmp_path / "report.json").read_text())
+    for key in ("runtime", "reference"):
+        old.pop(key)
+    for cand in old["candidates"]:
+        for key in ("runtime", "max_abs_diff", "gated"):
+            cand.pop(key)
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    back = read_report(tmp_path / "old.json")
+    assert back.reference == () and back.note is None and back.candidates[0].label == "fp32"
+    assert "gated on" not in format_table(back)

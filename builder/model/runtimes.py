@@ -1,0 +1,136 @@
+"""The class's own runtime in the gate: candidates measured under it, in a subprocess.
+
+The host measures every candidate with its own CPU onnxruntime. When the class ships another
+runtime (onnxruntime-openvino, onnxruntime-gpu), the same candidates are measured again under
+that runtime, installed in a venv of its own (builder.runtime_venv), by runtime_worker.py run
+with that venv's python; the gates then apply to those figures. Nothing here knows about specs:
+the glue (builder.models) says what the runtime is and where its python is.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from builder.errors import CommandFailed, ModelError
+from builder.run import run
+
+WORKER = Path(__file__).with_name("runtime_worker.py")
+WARMUP_RUNS = 10
+TIMEOUT_S = 900
+CPU = "CPUExecutionProvider"
+OPENVINO = "OpenVINOExecutionProvider"
+
+Provider = str | tuple[str, dict[str, str]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClassRuntime:
+    """The class's runtime as the gate measures it; `python` None: it cannot run on this host."""
+
+    name: str  # the wheel, e.g. onnxruntime-openvino
+    version: str
+    providers: tuple[str, ...]  # the class's execution providers, in order
+    # Per model precision, the provider lists to try in order (e.g. OpenVINO's GPU device, then its
+    # CPU device), each with its provider options; every precision lists the same devices.
+    attempts: dict[str, tuple[tuple[Provider, ...], ...]] = field(default_factory=dict)
+    python: Path | None = None
+    unavailable: str | None = None  # why it is not measured here
+
+    @property
+    def title(self) -> str:
+        return f"{self.name} {self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "providers": list(self.providers)}
+
+
+@dataclass
+class Measurement:
+    """What the worker measured under the class's runtime."""
+
+    label: str  # e.g. OpenVINOExecutionProvider(CPU)
+    outputs: dict[str, np.ndarray]
+    figures: dict[str, dict[str, Any]]  # name -> load_ms, p50_ms, p95_ms (or error)
+    info: dict[str, Any] = field(default_factory=dict)  # for report.runtime
+    note: str | None = None  # the class's EP or device was not what ran
+
+
+def provider_label(providers: Sequence[str], options: dict[str, dict[str, str]]) -> str:
+    """The provider that ran, with the OpenVINO device it ran on: "OpenVINOExecutionProvider(CPU)"."""
+    first = providers[0] if providers else CPU
+    device = options.get(first, {}).get("device_type")
+    return f"{first}({device})" if first == OPENVINO and device else first
+
+
+def finalize_note(runtime: ClassRuntime, result: dict[str, Any]) -> str | None:
+    """Say so when what ran is not what the class runs on its device."""
+    ran = (result.get("providers") or [CPU])[0]
+    wanted = runtime.providers[0] if runtime.providers else CPU
+    if ran != wanted:
+        return (f"measured on {ran}: the class's {wanted} is not available on this host "
+                f"({runtime.title} offers: {', '.join(result.get('available', []))})")
+    tried = result.get("attempts", [])
+    failed = [a for a, error in tried if error]
+    if failed and wanted == OPENVINO:
+        first = _device(failed[0])
+        used = result.get("provider_options", {}).get(OPENVINO, {}).get("device_type", "?")
+        return f"OpenVINO device {first} is not available on this host: measured on its {used} device"
+    return None
+
+
+def _device(attempt: Sequence[Any]) -> str:
+    for p in attempt:
+        if isinstance(p, list | tuple) and p[0] == OPENVINO:
+            return str(p[1].get("device_type", "?"))
+    return "?"
+
+
+def measure_class_runtime(runtime: ClassRuntime, candidates: Sequence[tuple[str, str, Path]], x: np.ndarray, *,
+                          batch: int | None, input_name: str, output_name: str, graph_level: str,
+                          latency_runs: int) -> Measurement:
+    """Run the worker with the runtime's python over (name, precision, file) (FP32 first).
+
+    ModelError when the worker fails."""
+    assert runtime.python is not None
+    with tempfile.TemporaryDirectory(prefix="kiln-runtime-") as tmp:
+        work = Path(tmp)
+        np.savez(work / "inputs.npz", x=x)
+        request = {
+            "candidates": [{"name": n, "precision": pr, "path": str(p)} for n, pr, p in candidates],
+            "inputs": str(work / "inputs.npz"), "batch": batch, "input_name": input_name,
+            "output_name": output_name, "graph_level": graph_level, "latency_runs": latency_runs,
+            "warmup_runs": WARMUP_RUNS,
+            "attempts": {pr: [list(a) for a in tries] for pr, tries in runtime.attempts.items()},
+            "result": str(work / "result.json"), "outputs": str(work / "outputs.npz"),
+        }
+        (work / "request.json").write_text(json.dumps(request, indent=2))
+        try:
+            run([runtime.python, "-I", WORKER, work / "request.json"], capture=True, timeout=TIMEOUT_S)
+        except CommandFailed as exc:
+            raise ModelError(f"measuring the candidates under {runtime.title}: {exc}") from None
+        result = json.loads((work / "result.json").read_text())
+        with np.load(work / "outputs.npz") as npz:
+            outputs = {name: npz[name] for name in npz.files}
+    label = provider_label(result.get("providers", []), result.get("provider_options", {}))
+    info = {**runtime.to_dict(), "measured_with": label, "onnxruntime": result.get("onnxruntime"),
+            "session_providers": result.get("providers"),
+            "provider_options": _shown_options(result.get("provider_options", {})),
+            "attempts": result.get("attempts", [])}
+    return Measurement(label, outputs, result["candidates"], info, finalize_note(runtime, result))
+
+
+def _shown_options(options: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    """The options that matter (OpenVINO's device and precision hint), not every default."""
+    keep = ("device_type", "precision", "num_of_threads")
+    return {p: {k: o[k] for k in keep if k in o} for p, o in options.items() if p != CPU}
+
+
+def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))

@@ -13,6 +13,7 @@ import hashlib
 import json
 import lzma
 import re
+import struct
 import sys
 import tomllib
 from collections.abc import Callable, Iterator
@@ -268,38 +269,168 @@ def check_ca_bundle(root: Path, release: dict) -> Iterator[str]:
                f"(/{' or /'.join(CA_BUNDLES)}): install ca-certificates")
 
 
-MODINFO_VERSION = re.compile(rb"(?:^|\x00)version=([0-9][0-9A-Za-z.+~-]*)\x00")
+# --- NVIDIA coherence: proven on the built rootfs, from files only (no modinfo, no dpkg) -----------
+
+# The lowest driver branch that runs each CUDA major's runtime through CUDA minor-version
+# compatibility (NVIDIA's "CUDA Toolkit and Corresponding Driver Versions" table, CUDA release
+# notes, table 2/3: CUDA 11.x >= 450.80.02, CUDA 12.x >= 525.60.13, CUDA 13.x >= 580.65.06).
+# builder.contracts refuses a spec that breaks it; the cuda-driver-branch lint proves it on the image.
+CUDA_MIN_DRIVER = {11: 450, 12: 525, 13: 580}
+LIB_DIRS = ("usr/lib/x86_64-linux-gnu", "usr/lib/aarch64-linux-gnu", "usr/lib64", "usr/lib")
+VENV_SITE = "usr/lib/kiln/venv/lib"
+# What builds kernel modules and must stay in the throwaway build stage (kernelModules: image).
+BUILD_TOOLS = ("usr/bin/gcc", "usr/bin/cc", "usr/bin/x86_64-linux-gnu-gcc-12", "usr/bin/make", "usr/sbin/dkms",
+               "usr/lib/gcc", "var/lib/dkms")
+BUILD_TOOL_GLOBS = ("usr/bin/gcc-*", "usr/bin/*-linux-gnu-gcc*", "usr/src/linux-headers-*", "usr/src/nvidia-*")
 
 
-def module_version(path: Path) -> str | None:
+def elf_section(data: bytes, wanted: str) -> bytes | None:
+    """The bytes of section `wanted` of a little-endian ELF64 file (a kernel module), or None."""
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return None
+    try:
+        shoff = struct.unpack_from("<Q", data, 0x28)[0]
+        shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+        headers = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+        names_at = headers[shstrndx][4]
+        for h in headers:
+            name = data[names_at + h[0]:data.index(b"\0", names_at + h[0])].decode()
+            if name == wanted:
+                return data[h[4]:h[4] + h[5]]
+    except (struct.error, IndexError, ValueError, UnicodeDecodeError):
+        return None
+    return None
+
+
+def modinfo(path: Path) -> dict[str, str]:
+    """A module's .modinfo (key=value strings; the first of a repeated key), from .ko or .ko.xz."""
     data = path.read_bytes()
-    if path.suffix == ".xz":
+    if path.name.endswith(".xz"):
         data = lzma.decompress(data)
-    m = MODINFO_VERSION.search(data)
-    return m.group(1).decode() if m else None
+    section = elf_section(data, ".modinfo") or b""
+    info: dict[str, str] = {}
+    for item in section.split(b"\0"):
+        key, eq, value = item.decode(errors="replace").partition("=")
+        if eq:
+            info.setdefault(key, value)
+    return info
 
 
-@lint("gpu-driver", ERROR, "NVIDIA classes: kernel module built for the exact kernel, version = userspace driver")
-def check_gpu_driver(root: Path, release: dict) -> Iterator[str]:
-    if release.get("accelerator") != "nvidia-dgpu":
-        return
-    want = release.get("driverVersion")
+def nvidia_modules(kdir: Path) -> list[Path]:
+    return sorted(p for p in kdir.rglob("nvidia*.ko*") if re.fullmatch(r"nvidia[\w-]*\.ko(\.xz)?", p.name))
+
+
+def main_module(mods: list[Path]) -> Path | None:
+    """nvidia.ko (upstream name) or nvidia-current.ko (Debian's)."""
+    return next((p for p in mods if p.name.split(".ko")[0] in ("nvidia", "nvidia-current")), None)
+
+
+def resolve_in(root: Path, path: Path) -> Path | None:
+    """Follow symlinks inside `root` (Debian's /etc/alternatives links are absolute)."""
+    for _ in range(16):
+        if not path.is_symlink():
+            return path if path.is_file() else None
+        target = path.readlink()
+        path = root / str(target).lstrip("/") if target.is_absolute() else path.parent / target
+    return None
+
+
+def userspace_versions(root: Path, lib: str) -> set[str]:
+    """Versions of `lib` (libcuda, libnvidia-ml) the loader finds: what `<lib>.so.1` resolves to
+    inside the rootfs, else every `<lib>.so.<version>` file."""
+    found = set()
+    for d in LIB_DIRS:
+        link = root / d / f"{lib}.so.1"
+        real = resolve_in(root, link) if link.is_symlink() or link.exists() else None
+        if real is not None and ".so." in real.name and real.name.split(".so.", 1)[1].count(".") >= 1:
+            found.add(real.name.split(".so.", 1)[1])
+    if not found:
+        for d in LIB_DIRS:
+            base = root / d
+            if base.is_dir():
+                found |= {p.name.split(".so.", 1)[1] for p in base.rglob(f"{lib}.so.*.*") if p.is_file()}
+    return found
+
+
+def cuda_runtime_version(root: Path) -> str | None:
+    """The version of the venv's CUDA runtime wheel (nvidia-cuda-runtime-cu12, or -runtime for CUDA 13)."""
+    site = root / VENV_SITE
+    metas = sorted(site.glob("python*/site-packages/nvidia_cuda_runtime*.dist-info/METADATA")) if site.is_dir() else []
+    for meta in metas:
+        for line in meta.read_text(errors="replace").splitlines():
+            if line.startswith("Version:"):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
+def _nvidia(root: Path) -> tuple[Path, list[Path]] | None:
     dirs = kernel_dirs(root)
     if len(dirs) != 1:
-        return  # the kernel lint reports it
-    mods = [p for p in dirs[0].rglob("nvidia*.ko*") if re.fullmatch(r"nvidia(-current)?\.ko(\.xz)?", p.name)]
-    if not mods:
-        yield f"no nvidia kernel module for kernel {dirs[0].name}"
+        return None  # the kernel lint reports it
+    return dirs[0], nvidia_modules(dirs[0])
+
+
+@lint("nvidia-vermagic", ERROR, "every nvidia*.ko was built for the image's kernel (vermagic starts with it)")
+def check_nvidia_vermagic(root: Path, release: dict) -> Iterator[str]:
+    found = _nvidia(root)
+    if found is None:
         return
-    have = module_version(mods[0])
-    if have != want:
-        yield f"kernel module {mods[0].name} is version {have}, release.json says {want}"
-    libs = sorted(root.glob("usr/lib/*/libnvidia-ml.so.*.*")) + sorted(root.glob("usr/lib64/libnvidia-ml.so.*.*"))
-    user = {p.name.split(".so.", 1)[1] for p in libs}
-    if not user:
-        yield "no userspace driver (libnvidia-ml.so.<version>) found"
-    elif want not in user:
-        yield f"userspace driver is {', '.join(sorted(user))}, kernel module is {have}"
+    kdir, mods = found
+    if not mods:
+        if release.get("accelerator") == "nvidia-dgpu":
+            yield f"no nvidia kernel module for kernel {kdir.name}"
+        return
+    for mod in mods:
+        vermagic = modinfo(mod).get("vermagic", "")
+        if not vermagic.startswith(kdir.name + " "):
+            yield (f"{mod.relative_to(root)}: vermagic {vermagic.strip() or '(none)'!r}, "
+                   f"the image's kernel is {kdir.name}")
+
+
+@lint("nvidia-userspace-version", ERROR, "libcuda and libnvidia-ml are the kernel module's version")
+def check_nvidia_userspace(root: Path, release: dict) -> Iterator[str]:
+    found = _nvidia(root)
+    mod = main_module(found[1]) if found else None
+    if mod is None:
+        return
+    version = modinfo(mod).get("version")
+    for lib in ("libcuda", "libnvidia-ml"):
+        have = userspace_versions(root, lib)
+        if not have:
+            yield f"no {lib}.so.<version> in the image (kernel module {mod.name} is {version})"
+        elif have != {version}:
+            yield f"{lib} is {', '.join(sorted(have))}, kernel module {mod.name} is {version}"
+    want = str(release.get("driverVersion") or "")
+    upstream = want.split(":", 1)[-1].split("-", 1)[0]
+    if want and release.get("accelerator") == "nvidia-dgpu" and upstream != version:
+        yield f"kernel module {mod.name} is {version}, release.json driverVersion is {want}"
+
+
+@lint("cuda-driver-branch", ERROR, "the venv's CUDA runtime major is one the driver branch runs")
+def check_cuda_driver_branch(root: Path, release: dict) -> Iterator[str]:
+    cuda = cuda_runtime_version(root)
+    found = _nvidia(root)
+    mod = main_module(found[1]) if found else None
+    if cuda is None or mod is None:
+        return
+    driver = modinfo(mod).get("version", "")
+    major, branch = cuda.split(".", 1)[0], driver.split(".", 1)[0]
+    need = CUDA_MIN_DRIVER.get(int(major)) if major.isdigit() else None
+    if need is None:
+        yield f"CUDA runtime {cuda}: no known minimum driver for CUDA {major}"
+    elif not branch.isdigit() or int(branch) < need:
+        yield f"CUDA runtime {cuda} (CUDA {major}) needs an NVIDIA driver >= {need}; the image's is {driver}"
+
+
+@lint("no-build-tools", ERROR, "an image whose kernel modules were built by DKMS carries no compiler, headers or DKMS")
+def check_no_build_tools(root: Path, release: dict) -> Iterator[str]:
+    if not any((d / "updates/dkms").is_dir() for d in kernel_dirs(root)):
+        return
+    present = [rel for rel in BUILD_TOOLS if (root / rel).exists() or (root / rel).is_symlink()]
+    for pattern in BUILD_TOOL_GLOBS:
+        present += sorted(str(p.relative_to(root)) for p in root.glob(pattern))
+    if present:
+        yield f"build tools left in the image: /{', /'.join(present[:RUN_MAX_SHOWN])}"
 
 
 def run_lints(root: Path, only: set[str] | None = None) -> list[Finding]:

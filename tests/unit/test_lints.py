@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import lzma
+import struct
 import subprocess
 import sys
 from collections.abc import Callable
@@ -34,7 +35,7 @@ def make_rootfs(root: Path, *, accelerator: str = "none", development: bool = Fa
     model.parent.mkdir(parents=True)
     model.write_bytes(b"onnx-bytes")
     release = {"class": "fake", "compatible": "kiln,fake", "version": "1.0.0", "accelerator": accelerator,
-               "driverVersion": "535.247.01" if accelerator == "nvidia-dgpu" else None,
+               "driverVersion": "535.309.01-0+deb12u1" if accelerator == "nvidia-dgpu" else None,
                "development": development,
                "models": [{"name": "digits", "path": "/usr/share/kiln/models/digits/1.0.0/model.onnx",
                            "sha256": hashlib.sha256(b"onnx-bytes").hexdigest()}]}
@@ -43,13 +44,47 @@ def make_rootfs(root: Path, *, accelerator: str = "none", development: bool = Fa
     return root
 
 
-def add_nvidia(root: Path, kmod_version: str = "535.247.01", lib_version: str = "535.247.01") -> None:
-    mod = root / "usr/lib/modules" / KVER / "updates/dkms/nvidia-current.ko.xz"
-    mod.parent.mkdir(parents=True)
-    mod.write_bytes(lzma.compress(b"\x7fELF...\x00license=NVIDIA\x00version=" + kmod_version.encode() + b"\x00"))
-    lib = root / f"usr/lib/x86_64-linux-gnu/libnvidia-ml.so.{lib_version}"
-    lib.parent.mkdir(parents=True)
-    lib.write_bytes(b"lib")
+def make_ko(modinfo: dict[str, str]) -> bytes:
+    """A minimal little-endian ELF64 object with a .modinfo section (what a kernel module carries)."""
+    info = b"".join(f"{k}={v}".encode() + b"\0" for k, v in modinfo.items())
+    shstrtab = b"\0.modinfo\0.shstrtab\0"
+    info_at, strtab_at = 64, 64 + len(info)
+    shoff = strtab_at + len(shstrtab)
+    header = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)
+    header += struct.pack("<HHIQQQIHHHHHH", 1, 62, 1, 0, 0, shoff, 0, 64, 0, 0, 64, 3, 2)
+    sections = struct.pack("<IIQQQQIIQQ", 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    sections += struct.pack("<IIQQQQIIQQ", 1, 1, 2, 0, info_at, len(info), 0, 0, 1, 0)  # .modinfo, PROGBITS
+    sections += struct.pack("<IIQQQQIIQQ", 10, 3, 0, 0, strtab_at, len(shstrtab), 0, 0, 1, 0)  # .shstrtab
+    return header + info + shstrtab + sections
+
+
+NVIDIA = "535.309.01"
+MODULES = ("nvidia-current", "nvidia-current-uvm", "nvidia-current-modeset", "nvidia-current-drm")
+
+
+def add_nvidia(root: Path, kmod_version: str = NVIDIA, lib_version: str = NVIDIA, *, kver: str = KVER,
+               cuda: str | None = "12.9.79") -> None:
+    """Debian's layout: modules in updates/dkms, libraries under nvidia/current reached through
+    /etc/alternatives (absolute links), the CUDA runtime wheel's dist-info in the venv."""
+    dkms = root / "usr/lib/modules" / KVER / "updates/dkms"
+    dkms.mkdir(parents=True)
+    for name in MODULES:
+        (dkms / f"{name}.ko").write_bytes(make_ko({"version": kmod_version, "license": "NVIDIA",
+                                                   "name": name.replace("-", "_"),
+                                                   "vermagic": f"{kver} SMP preempt mod_unload modversions "}))
+    libdir = root / "usr/lib/x86_64-linux-gnu"
+    (libdir / "nvidia/current").mkdir(parents=True)
+    (root / "etc/alternatives").mkdir(parents=True, exist_ok=True)
+    for lib in ("libcuda", "libnvidia-ml"):
+        (libdir / f"nvidia/current/{lib}.so.{lib_version}").write_bytes(b"lib")
+        real = f"/usr/lib/x86_64-linux-gnu/nvidia/current/{lib}.so.{lib_version}"
+        (root / f"etc/alternatives/{lib}.so.1").symlink_to(real)
+        (libdir / f"{lib}.so.1").symlink_to(f"/etc/alternatives/{lib}.so.1")
+    if cuda:
+        site = root / "usr/lib/kiln/venv/lib/python3.11/site-packages"
+        meta = site / f"nvidia_cuda_runtime_cu12-{cuda}.dist-info/METADATA"
+        meta.parent.mkdir(parents=True)
+        meta.write_text(f"Metadata-Version: 2.1\nName: nvidia-cuda-runtime-cu12\nVersion: {cuda}\n")
 
 
 def names(root: Path) -> set[str]:
@@ -169,21 +204,58 @@ def test_ca_bundle_present_or_not_needed(tmp_path: Path, setup: str) -> None:
     assert "ca-bundle" not in names(root)
 
 
-@pytest.mark.parametrize("kmod, lib, message", [
-    (None, "535.247.01", "no nvidia kernel module for kernel"),
-    ("535.230.02", "535.247.01", "kernel module nvidia-current.ko.xz is version 535.230.02"),
-    ("535.247.01", "550.54.14", "userspace driver is 550.54.14"),
-])
-def test_gpu_contract(kmod: str | None, lib: str, message: str, tmp_path: Path) -> None:
+def test_modinfo_reads_the_elf_section(tmp_path: Path) -> None:
+    ko = tmp_path / "nvidia-current.ko"
+    ko.write_bytes(make_ko({"version": NVIDIA, "vermagic": f"{KVER} SMP "}))
+    assert lint_mod.modinfo(ko) == {"version": NVIDIA, "vermagic": f"{KVER} SMP "}
+    xz = tmp_path / "nvidia-current.ko.xz"
+    xz.write_bytes(lzma.compress(ko.read_bytes()))
+    assert lint_mod.modinfo(xz)["version"] == NVIDIA
+    (tmp_path / "junk.ko").write_bytes(b"not an ELF version=1\0")
+    assert lint_mod.modinfo(tmp_path / "junk.ko") == {}
+
+
+def _gpu_findings(root: Path, lint: str) -> list[str]:
+    return [f.message for f in lint_mod.run_lints(root) if f.lint == lint]
+
+
+@pytest.mark.parametrize("setup, lint, message", [
+    (lambda r: None, "nvidia-vermagic", "no nvidia kernel module for kernel 6.1.0-28-amd64"),
+    (lambda r: add_nvidia(r, kver="6.1.0-27-amd64"), "nvidia-vermagic",
+     "vermagic '6.1.0-27-amd64 SMP preempt mod_unload modversions', the image's kernel is 6.1.0-28-amd64"),
+    (lambda r: add_nvidia(r, lib_version="535.261.03"), "nvidia-userspace-version",
+     "libcuda is 535.261.03, kernel module nvidia-current.ko is 535.309.01"),
+    (lambda r: add_nvidia(r, kmod_version="535.261.03", lib_version="535.261.03"), "nvidia-userspace-version",
+     "kernel module nvidia-current.ko is 535.261.03, release.json driverVersion is 535.309.01-0+deb12u1"),
+    (lambda r: add_nvidia(r, cuda="13.0.48"), "cuda-driver-branch",
+     "CUDA runtime 13.0.48 (CUDA 13) needs an NVIDIA driver >= 580; the image's is 535.309.01"),
+    (lambda r: (add_nvidia(r), (r / "usr/bin").mkdir(parents=True), (r / "usr/bin/gcc-12").write_text("cc"),
+                (r / "usr/src/linux-headers-6.1.0-28-amd64").mkdir(parents=True)), "no-build-tools",
+     "build tools left in the image: /usr/bin/gcc-12, /usr/src/linux-headers-6.1.0-28-amd64"),
+    (lambda r: (add_nvidia(r), (r / "var/lib/dkms").mkdir(parents=True)), "no-build-tools", "/var/lib/dkms"),
+], ids=["no-module", "vermagic", "userspace", "release", "cuda13-on-535", "compiler-headers", "dkms-state"])
+def test_nvidia_coherence(setup: Defect, lint: str, message: str, tmp_path: Path) -> None:
     root = make_rootfs(tmp_path, accelerator="nvidia-dgpu")
-    if kmod is None:
-        lib_path = root / f"usr/lib/x86_64-linux-gnu/libnvidia-ml.so.{lib}"
-        lib_path.parent.mkdir(parents=True)
-        lib_path.write_bytes(b"lib")
-    else:
-        add_nvidia(root, kmod, lib)
-    found = [f.message for f in lint_mod.run_lints(root) if f.lint == "gpu-driver"]
+    setup(root)
+    found = _gpu_findings(root, lint)
     assert any(message in m for m in found), found
+
+
+def test_userspace_read_through_links_inside_the_rootfs(tmp_path: Path) -> None:
+    root = make_rootfs(tmp_path, accelerator="nvidia-dgpu")
+    add_nvidia(root)
+    stale = root / "usr/lib/x86_64-linux-gnu/nvidia/legacy/libcuda.so.470.256.02"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")  # not what libcuda.so.1 resolves to: not the loaded one
+    assert lint_mod.userspace_versions(root, "libcuda") == {NVIDIA}
+    assert _gpu_findings(root, "nvidia-userspace-version") == []
+
+
+def test_cpu_image_has_no_gpu_findings_and_may_have_a_compiler(tmp_path: Path) -> None:
+    root = make_rootfs(tmp_path)
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "usr/bin/gcc").write_text("cc")  # no DKMS-built modules: nothing forbids it
+    assert names(root) == set()
 
 
 def test_warnings_do_not_fail_errors_do(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from builder import models as model_glue
 from builder import paths, pins, records, render, signing
 from builder.base import make_base_for_class
 from builder.capability import why_not_buildable
+from builder.contents import finalize_contents
 from builder.context import Context
 from builder.engine import ImageInfo
 from builder.errors import BuildError, KilnError, UsageError
@@ -40,6 +41,8 @@ from builder.render import DEFAULT_EPOCH
 from builder.run import run
 from builder.safe import version as check_version
 from builder.spec import BaseSource, HardwareClass
+
+KERNEL_LABEL = "dev.kiln.base.kernel"  # set by `kiln base` (builder.base.finalize_image_config)
 
 # -- inputs ---------------------------------------------------------------------------
 
@@ -83,6 +86,18 @@ def finalize_base_record(mirror: BaseMirror | None) -> dict[str, Any]:
     if mirror is None:
         return {}
     return {"mirror": mirror.url, "snapshot": mirror.snapshot, "fallback": mirror.fallback}
+
+
+def finalize_built_contents(hc: HardwareClass, labels: dict[str, str]) -> dict[str, Any]:
+    """build.json `contents`: what the image holds (builder.contents), with the kernel release read
+    from the built image (its base's dev.kiln.base.kernel label: the kernel lint allows one kernel,
+    and the nvidia-vermagic lint proved, inside the build, that the modules were built for it)."""
+    contents = finalize_contents(hc)
+    kernel = labels.get(KERNEL_LABEL)
+    contents["kernel"] = kernel
+    if contents["driver"] is not None and contents["driver"]["kernelModules"] == "image":
+        contents["driver"]["builtFor"] = kernel
+    return contents
 
 
 # -- the development SSH key ------------------------------------------------------------
@@ -186,6 +201,7 @@ def build_class(
                     "sha256": f"sha256:{a.sha256}", "layer": model_layers[0] if model_layers else None}
                    for a in artifacts],
         "layers": layers,
+        "contents": finalize_built_contents(hc, info["labels"]),
         "labels": info["labels"],
         "context": str(context),
         "releaseKey": {"fingerprint": key.fingerprint, "directory": str(key.directory)},

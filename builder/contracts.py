@@ -26,7 +26,9 @@ from builder.spec import (
     Precision,
     RuntimeName,
     SharingStrategy,
+    ToolkitSource,
 )
+from kiln_device.lint import CUDA_MIN_DRIVER
 
 Problem = tuple[Loc, str]
 Check = Callable[[HardwareClass], Iterator[Problem]]
@@ -137,6 +139,70 @@ def _nvidia_kind(hc: HardwareClass) -> Iterator[Problem]:
         yield (("spec", "bootControl"), "Jetson classes use the nvbootctrl boot-control backend")
     if acc.toolkit is not None and acc.toolkit.cdi is not CdiMode.csv:
         yield (("spec", "accelerator", "toolkit", "cdi"), "Jetson uses CSV-mode CDI ('csv')")
+
+
+@contract
+def toolkit(hc: HardwareClass) -> Iterator[Problem]:
+    """Where the container toolkit comes from is said, and says the same thing everywhere."""
+    tk, loc = hc.spec.accelerator.toolkit, ("spec", "accelerator", "toolkit")
+    if tk is None:
+        return
+    if tk.source is ToolkitSource.none:
+        for key in ("repository", "name", "version"):
+            if getattr(tk, key) is not None:
+                yield ((*loc, key), "source: none installs no toolkit: drop it, or use source: repository")
+        if tk.cdi is CdiMode.csv:
+            yield ((*loc, "cdi"), "CSV-mode CDI is nvidia-ctk's: it needs the toolkit (source: repository)")
+        return
+    for key in ("name", "version", "repository"):
+        if getattr(tk, key) is None:
+            yield ((*loc, key), f"source: repository needs the toolkit's {key}")
+    names = [r.name for r in hc.spec.repositories]
+    if tk.repository is not None and tk.repository not in names:
+        yield ((*loc, "repository"), f"'{tk.repository}' is not in spec.repositories "
+                                     f"(it has: {', '.join(names) or 'none'})")
+
+
+@contract
+def driver_build(hc: HardwareClass) -> Iterator[Problem]:
+    """kernelModules: image builds in a throwaway stage from buildPackages; nothing else has one."""
+    driver, loc = hc.spec.accelerator.driver, ("spec", "accelerator", "driver")
+    if driver is None:
+        return
+    builds = driver.kernel_modules is ModuleBuild.image
+    if builds and hc.spec.base.family.package_manager == "apt" and not driver.build_packages:
+        yield ((*loc, "buildPackages"), "kernelModules: image needs the packages that build the modules "
+                                        "(e.g. nvidia-kernel-dkms)")
+    if driver.build_packages and not builds:
+        yield ((*loc, "buildPackages"), "only kernelModules: image builds modules")
+    if builds and not driver.modules:
+        yield ((*loc, "modules"), "name the modules the build must produce (checked with modinfo)")
+
+
+def finalize_cuda_major(hc: HardwareClass) -> int | None:
+    """The CUDA major the runtime's PyPI wheels are built for (None: not a CUDA runtime, or a custom index)."""
+    rt = hc.spec.runtime
+    if rt.name is not RuntimeName.onnxruntime_gpu or rt.index is not None:
+        return None
+    parts = [int(p) if p.isdigit() else 0 for p in rt.version.split(".")[:2]]
+    minor = [*parts, 0][:2]
+    if minor < [1, 19]:
+        return 11
+    return 12 if minor < [1, 27] else 13  # 1.19-1.26: CUDA 12.x; 1.27 on: CUDA 13
+
+
+@contract
+def cuda_driver_branch(hc: HardwareClass) -> Iterator[Problem]:
+    """A dGPU driver branch runs the runtime's CUDA major (kiln_device.lint.CUDA_MIN_DRIVER)."""
+    driver, cuda = hc.spec.accelerator.driver, finalize_cuda_major(hc)
+    if hc.spec.accelerator.kind is not AcceleratorKind.nvidia_dgpu or driver is None or cuda is None:
+        return
+    need = CUDA_MIN_DRIVER.get(cuda)
+    if driver.major is not None and need is not None and driver.major < need:
+        yield (("spec", "runtime", "version"),
+               f"{hc.spec.runtime.name.value} {hc.spec.runtime.version} is built for CUDA {cuda}, which needs an "
+               f"NVIDIA driver >= {need}; the class pins driver {driver.upstream_version} (onnxruntime-gpu "
+               f"1.19-1.26 are CUDA 12 builds: driver >= {CUDA_MIN_DRIVER[12]}; 1.27 and later CUDA 13)")
 
 
 @contract

@@ -16,9 +16,10 @@ from pathlib import Path
 import jinja2
 
 from builder import names, paths
+from builder.contents import finalize_content_labels
 from builder.files import sha256_file
 from builder.mirrors import BaseMirror, finalize_base_mirror
-from builder.spec import AcceleratorKind, BaseSource, Family, HardwareClass, HealthCheck
+from builder.spec import AcceleratorKind, BaseSource, Family, HardwareClass, HealthCheck, ModuleBuild
 from kiln_device import contract
 
 TEMPLATES = paths.PACKAGE_DIR / "templates"
@@ -72,6 +73,7 @@ class RenderPlan:
     python: str
     os_packages: tuple[str, ...]
     driver_packages: tuple[str, ...]
+    driver_build_packages: tuple[str, ...]  # the modules stage's (empty: no such stage)
     models: tuple[ModelArtifact, ...]
     labels: tuple[tuple[str, str], ...] = field(default=())
     release: dict[str, object] = field(default_factory=dict)
@@ -105,14 +107,34 @@ def finalize_os_packages(hc: HardwareClass) -> tuple[str, ...]:
     return tuple(sorted(set(pkgs)))
 
 
+def want_pinned_driver(hc: HardwareClass) -> bool:
+    """An NVIDIA dGPU driver on apt: every package pinned to driver.version, so the user space and the
+    kernel modules (built in their own stage) are one version, whatever the mirror's candidate."""
+    return hc.spec.accelerator.kind is AcceleratorKind.nvidia_dgpu and hc.spec.base.family.package_manager == "apt"
+
+
 def finalize_driver_packages(hc: HardwareClass) -> tuple[str, ...]:
-    """Driver packages, then the container toolkit pinned to its version."""
+    """The image's driver packages (pinned where want_pinned_driver), then the container toolkit
+    pinned to its version when the class installs one (toolkit.source: repository)."""
     acc = hc.spec.accelerator
     pkgs = list(acc.driver.packages) if acc.driver else []
-    if acc.toolkit is not None:
+    if acc.driver is not None and want_pinned_driver(hc):
+        pkgs = [f"{p}={acc.driver.version}" for p in pkgs]
+    if acc.toolkit is not None and acc.toolkit.installed:
         sep = "=" if hc.spec.base.family.package_manager == "apt" else "-"
         pkgs.append(f"{acc.toolkit.name}{sep}{acc.toolkit.version}" + ("-1" if sep == "=" else ""))
     return tuple(pkgs)
+
+
+def finalize_driver_build_packages(hc: HardwareClass) -> tuple[str, ...]:
+    """What the throwaway modules stage installs (kernelModules: image): driver.buildPackages, pinned;
+    the template adds linux-headers-<the image's kernel>. Empty: no modules stage."""
+    driver = hc.spec.accelerator.driver
+    if driver is None or driver.kernel_modules is not ModuleBuild.image or not driver.build_packages:
+        return ()
+    if want_pinned_driver(hc):
+        return tuple(f"{p}={driver.version}" for p in driver.build_packages)
+    return tuple(driver.build_packages)
 
 
 def finalize_release(hc: HardwareClass, version: str, revision: str,
@@ -141,7 +163,7 @@ def finalize_release(hc: HardwareClass, version: str, revision: str,
         "p95LatencyMs": spec.envelope.p95_latency_ms,
         "development": spec.development,
         # What the device does without its accelerator (kiln_device.degraded), and how many inference
-        # workers share it (kiln_device.inference.worker_count).
+        # workers share it (kiln_device.server.worker_count).
         "fallback": finalize_fallback(hc),
         "sharing": {"strategy": spec.accelerator.sharing.strategy.value,
                     "replicas": spec.accelerator.sharing.replicas},
@@ -153,6 +175,12 @@ def finalize_fallback(hc: HardwareClass) -> dict[str, object] | None:
     if fallback is None:
         return None
     return {"policy": fallback.policy.value, "p95LatencyMs": fallback.p95_latency_ms}
+
+
+def finalize_extras(hc: HardwareClass) -> str:
+    """`[cuda,cudnn]` (pip's extras syntax), or empty."""
+    extras = hc.spec.runtime.extras
+    return f"[{','.join(extras)}]" if extras else ""
 
 
 def finalize_labels(hc: HardwareClass, models: tuple[ModelArtifact, ...],
@@ -172,7 +200,7 @@ def finalize_labels(hc: HardwareClass, models: tuple[ModelArtifact, ...],
         contract.LABEL_COMPATIBLE: spec.compatible,
         contract.LABEL_ARCHITECTURE: spec.architecture.value,
         contract.LABEL_ACCELERATOR: spec.accelerator.kind.value,
-        contract.LABEL_RUNTIME: f"{spec.runtime.name.value}=={spec.runtime.version}",
+        contract.LABEL_RUNTIME: f"{spec.runtime.name.value}{finalize_extras(hc)}=={spec.runtime.version}",
         contract.LABEL_MIN_VERSION: spec.rollout.min_version or "",
         contract.LABEL_DEVELOPMENT: "true" if spec.development else "false",
     }
@@ -180,6 +208,7 @@ def finalize_labels(hc: HardwareClass, models: tuple[ModelArtifact, ...],
         labels[contract.model_label(m.name, "digest")] = f"sha256:{m.sha256}"
         labels[contract.model_label(m.name, "precision")] = m.precision
         labels[contract.model_label(m.name, "version")] = m.version
+    labels |= finalize_content_labels(hc)  # driver, kernel modules, toolkit, CDI, CUDA (builder.contents)
     if base is not None:  # a bootstrap base: which mirror it actually came from
         labels[LABEL_BASE_MIRROR] = base.url
         labels[LABEL_BASE_SNAPSHOT] = base.snapshot or "unpinned"
@@ -205,6 +234,7 @@ def finalize_plan(hc: HardwareClass, *, source: str, version: str = DEFAULT_VERS
         python=PYTHON[hc.spec.base.family],
         os_packages=finalize_os_packages(hc),
         driver_packages=finalize_driver_packages(hc),
+        driver_build_packages=finalize_driver_build_packages(hc),
         models=models,
         labels=finalize_labels(hc, models, base),
         release=finalize_release(hc, version, revision, models),

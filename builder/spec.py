@@ -157,22 +157,50 @@ class ModuleBuild(enum.StrEnum):
 class Driver(Strict):
     name: Name
     branch: Version | None = None
+    # The distribution's package version (apt: 535.309.01-0+deb12u1): every package of the driver is
+    # pinned to it, in the image and in the modules stage.
     version: Version
+    # What the final image installs: the driver's user space (and firmware).
     packages: tuple[PackageName, ...] = ()
+    # kernelModules: image only: what a throwaway build stage installs to build the kernel modules
+    # (e.g. nvidia-kernel-dkms; Kiln adds linux-headers-<the image's kernel>). Only the built modules
+    # leave that stage: no compiler, header or DKMS reaches the image.
+    build_packages: tuple[PackageName, ...] = ()
     kernel_modules: ModuleBuild = ModuleBuild.none
     modules: tuple[Name, ...] = ()
 
+    @property
+    def upstream_version(self) -> str:
+        """The vendor's version inside the package version: 535.309.01-0+deb12u1 -> 535.309.01."""
+        return self.version.split(":", 1)[-1].split("-", 1)[0]
+
+    @property
+    def major(self) -> int | None:
+        head = self.upstream_version.split(".", 1)[0]
+        return int(head) if head.isdigit() else None
+
 
 class CdiMode(enum.StrEnum):
-    boot = "boot"  # nvidia-ctk cdi generate at boot, never baked
+    boot = "boot"  # generated at boot, never baked (by nvidia-ctk, or by Kiln's kiln-cdi without a toolkit)
     csv = "csv"  # Jetson CSV mode
     none = "none"
 
 
+class ToolkitSource(enum.StrEnum):
+    repository = "repository"  # a package from a named spec.repositories entry (NVIDIA's, L4T's)
+    none = "none"  # no container toolkit in the image; CDI comes from Kiln's device package (kiln-cdi)
+
+
 class Toolkit(Strict):
-    name: Name
-    version: Version
+    source: ToolkitSource = ToolkitSource.repository
+    repository: Name | None = None  # source: repository: the spec.repositories entry it comes from
+    name: Name | None = None
+    version: Version | None = None
     cdi: CdiMode = CdiMode.boot
+
+    @property
+    def installed(self) -> bool:
+        return self.source is ToolkitSource.repository
 
 
 class SharingStrategy(enum.StrEnum):
@@ -229,6 +257,9 @@ class Runtime(Strict):
     index: Url | None = None
     execution_providers: tuple[Name, ...]
     device: Name | None = None  # OpenVINO device (CPU, GPU, NPU) when the EP takes one
+    # The runtime's pip extras, installed with it (onnxruntime-gpu: [cuda, cudnn] brings the CUDA 12
+    # user-space libraries as nvidia-*-cu12 wheels), all pinned by sha256 like the runtime.
+    extras: tuple[Name, ...] = ()
 
 
 class Precision(enum.StrEnum):

@@ -22,6 +22,7 @@ from builder.errors import SpecError
 def list_classes(as_json: bool, no_probe: bool) -> None:
     """List hardware classes and whether this machine can build them."""
     from builder.capability import finalize_notes, why_not_buildable
+    from builder.contents import finalize_contents, finalize_summary
 
     rows: list[dict[str, Any]] = []
     for name in loader.known_classes():
@@ -38,6 +39,7 @@ def list_classes(as_json: bool, no_probe: bool) -> None:
             "base": names.base_ref(hc),
             "whyNotBuildable": why_not_buildable(hc, probe_network=not no_probe),
             "notes": finalize_notes(hc, probe_network=not no_probe),
+            "contents": finalize_contents(hc),
         })
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -55,6 +57,10 @@ def list_classes(as_json: bool, no_probe: bool) -> None:
             console.print(f"{r['class']}: {why}", markup=False, soft_wrap=True)
         for note in r.get("notes", []):
             console.print(f"{r['class']}: note: {note}", markup=False, soft_wrap=True)
+    for name in [r["class"] for r in rows if "error" not in r]:
+        summary = finalize_summary(load(name))
+        if summary:
+            console.print(f"{name}: contains {summary}", markup=False, soft_wrap=True)
 
 
 @click.command()
@@ -62,12 +68,16 @@ def list_classes(as_json: bool, no_probe: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def show(cls: str, as_json: bool) -> None:
     """Show the resolved spec of CLASS (defaults merged) and what it derives."""
+    from builder.contents import finalize_contents
+
     hc = load(cls)
     plan = render.finalize_plan(hc, source=source_of(cls))
     data = {
         **hc.model_dump(mode="json", by_alias=True),
         "derived": {"baseRef": plan.base_ref, "osPackages": list(plan.os_packages),
                     "driverPackages": list(plan.driver_packages),
+                    "driverBuildPackages": list(plan.driver_build_packages),
+                    "contents": finalize_contents(hc),
                     "models": [{"name": m.name, "sha256": m.sha256, "precision": m.precision}
                                for m in plan.models]},
     }

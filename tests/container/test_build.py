@@ -75,7 +75,9 @@ def test_layer_groups_follow_the_rendered_containerfile() -> None:
     assert layer_groups("qemu-x86_64") == (
         "os", "kernel", "kernel", "runtime", "runtime", "agent", "agent", "agent", "model", "release", "lint",
     )
-    assert layer_groups("factory-gateway-gpu")[:5] == ("repositories", "repositories", "os", "drivers", "kernel")
+    # the kernel-modules stage's RUN is not a layer of the image: the COPY --from of its modules is
+    assert layer_groups("factory-gateway-gpu")[:5] == ("os", "drivers", "drivers", "kernel", "kernel")
+    assert layer_groups("jetson-vision-standard")[:4] == ("repositories", "repositories", "repositories", "os")
 
 
 @pytest.mark.unit

@@ -87,9 +87,12 @@ def test_layer_order_slow_first_model_and_release_last(name: str) -> None:
 
 
 def _layer_instructions(text: str) -> list[str]:
-    """The rendered RUN, COPY and ADD instructions, continuation lines joined (each makes a layer)."""
+    """The final stage's RUN, COPY and ADD instructions, continuation lines joined (each makes a layer of
+    the image; build-only stages such as kernel-modules come before the last FROM)."""
     out, current = [], ""
-    for line in text.splitlines():
+    lines = text.splitlines()
+    last_from = max(i for i, line in enumerate(lines) if line.startswith("FROM "))
+    for line in lines[last_from:]:
         if not current and (not line.strip() or line.startswith("#")):
             continue
         current += line.rstrip("\\").strip() + " "
@@ -135,16 +138,16 @@ def test_release_json_and_labels(tmp_path: Path) -> None:
     assert release["class"] == "factory-gateway-gpu"
     assert release["compatible"] == "acme-factory,factory-gateway-gpu"
     assert release["version"] == "1.2.3"
-    assert release["driverVersion"] == "535.247.01"
+    assert release["driverVersion"] == "535.309.01-0+deb12u1"
     digest = hashlib.sha256((ROOT / "models/digits/digits.onnx").read_bytes()).hexdigest()
     assert release["models"][0]["sha256"] == digest
     labels = dict(p.labels)
     assert labels["dev.kiln.model.digits.digest"] == f"sha256:{digest}"
     assert (ctx / "class/usr/lib/bootc/kargs.d/10-kiln.toml").read_text().count("nvidia-drm.modeset=1") == 1
-    assert json.loads((ctx / "class/usr/lib/kiln/gpu-sharing.json").read_text()) == {
-        "strategy": "time-slicing", "replicas": 4}
+    assert release["sharing"] == {"strategy": "time-slicing", "replicas": 4}  # the device's worker count
+    assert release["fallback"] == {"policy": "degrade", "p95LatencyMs": 50.0}
     assert (ctx / "overlays/usr/lib/systemd/system/kiln-nvidia-cdi.service").exists()
-    assert "nvidia-container-toolkit=1.17.8-1" in (ctx / "Containerfile").read_text()
+    assert "nvidia-container-toolkit" not in (ctx / "Containerfile").read_text()  # toolkit.source: none
 
 
 def test_ssh_key_only_for_development_classes(tmp_path: Path) -> None:
@@ -219,3 +222,33 @@ def test_nearest_versions_and_wheel_tags() -> None:
     versions = [Version(v) for v in ("1.20.0", "1.30.0", "1.31.0", "1.31.1", "1.33.0")]
     assert pins.finalize_nearest("1.32.0", versions, 3) == ["1.33.0", "1.31.1", "1.31.0"]
     assert pins.finalize_nearest("9.0", versions, 2) == ["1.33.0", "1.31.1"]
+
+
+def test_nvidia_modules_are_built_in_a_stage_the_image_does_not_keep() -> None:
+    rendered = finalize_containerfile(plan("factory-gateway-gpu"))
+    stages = rendered.text.split("\nFROM ")
+    assert len(stages) == 3 and stages[1].startswith("localhost/kiln/base/debian:bookworm-20261101T000000Z AS "
+                                                     "kernel-modules")
+    modules, image = stages[1], stages[2]
+    assert '"linux-headers-$kver"' in modules and "nvidia-kernel-dkms=535.309.01-0+deb12u1" in modules
+    assert "linux-headers" not in image and "dkms" not in image.replace("updates/dkms", "")
+    assert "COPY --from=kernel-modules /out/ /" in image
+    for pkg in ("libcuda1", "libnvidia-ml1", "nvidia-smi", "nvidia-kernel-support", "firmware-nvidia-gsp"):
+        assert f"{pkg}=535.309.01-0+deb12u1" in image
+    assert "modinfo -k \"$kver\" nvidia-current nvidia-current-uvm nvidia-current-modeset nvidia-current-drm" in image
+    assert "nvidia-container-toolkit" not in rendered.text  # toolkit.source: none
+    assert rendered.layer_groups[:3] == ("os", "drivers", "drivers")
+
+
+def test_labels_say_what_the_image_contains() -> None:
+    labels = dict(plan("factory-gateway-gpu").labels)
+    assert labels["dev.kiln.driver"] == "nvidia=535.309.01-0+deb12u1"
+    assert labels["dev.kiln.kernel-modules"].startswith("image:nvidia-current,")
+    assert labels["dev.kiln.toolkit"] == "absent" and labels["dev.kiln.cdi"] == "boot:kiln-cdi"
+    assert labels["dev.kiln.cuda"] == "12" and labels["dev.kiln.runtime"] == "onnxruntime-gpu[cuda,cudnn]==1.26.0"
+    jetson = dict(plan("jetson-vision-standard").labels)
+    assert jetson["dev.kiln.toolkit"] == "nvidia-container-toolkit=1.16.2"
+    assert jetson["dev.kiln.cdi"] == "csv:nvidia-ctk"
+    cpu = dict(plan("qemu-x86_64").labels)
+    assert (cpu["dev.kiln.driver"], cpu["dev.kiln.toolkit"], cpu["dev.kiln.cdi"]) == ("none", "absent", "none")
+    assert "dev.kiln.cuda" not in cpu

@@ -169,6 +169,20 @@ BAD = [
         ("spec.base.fallbackMirror: a fallback mirror stands in for an unreachable snapshot",)),
     Bad("pinned-precision-without-candidate", "spec.models.0.precision", "fp16",
         ("spec.models[0].precision: pinned to fp16 but no fp16 candidate",)),
+    Bad("accelerator-without-fallback", "spec.accelerator", {"kind": "intel-igpu"},
+        ("spec.accelerator.fallback: a class with an accelerator declares what a device does without it",)),
+    Bad("degrade-without-envelope", "spec.accelerator", {"kind": "intel-igpu", "fallback": {"policy": "degrade"}},
+        ("spec.accelerator.fallback.p95LatencyMs: policy degrade needs the degraded latency envelope",)),
+    Bad("degraded-envelope-tighter-than-the-class", "spec.accelerator",
+        {"kind": "intel-igpu", "fallback": {"policy": "degrade", "p95LatencyMs": 10}},
+        ("spec.accelerator.fallback.p95LatencyMs: 10.0 ms is tighter than the class envelope (50.0 ms)",)),
+    Bad("fail-with-degraded-envelope", "spec.accelerator",
+        {"kind": "intel-igpu", "fallback": {"policy": "fail", "p95LatencyMs": 80}},
+        ("spec.accelerator.fallback.p95LatencyMs: a degraded envelope applies to policy degrade only",)),
+    Bad("bad-fallback-policy", "spec.accelerator", {"kind": "intel-igpu", "fallback": {"policy": "ignore"}},
+        ("spec.accelerator.fallback.policy: expected one of degrade, fail",)),
+    Bad("fallback-on-a-cpu-class", "spec.accelerator", {"fallback": {"policy": "fail"}},
+        ("spec.accelerator.fallback: a class without an accelerator has no fallback",)),
 ]
 
 
@@ -247,3 +261,58 @@ def test_error_line_points_into_defaults_file(tmp_path: Path, monkeypatch: pytes
     with pytest.raises(SpecError) as info:
         load_class(write(tmp_path, doc))
     assert f"{tmp_path / '_d.yaml'}:5: spec.disk.esp: 'huge' is not a size" in str(info.value)
+
+
+def gpu_doc() -> dict[str, Any]:
+    """images/factory-gateway-gpu.yaml as a document (extends _defaults, copied next to it)."""
+    return yaml.safe_load((ROOT / "images/factory-gateway-gpu.yaml").read_text())
+
+
+GPU_BAD = [
+    Bad("toolkit-none-names-a-package", "spec.accelerator.toolkit",
+        {"source": "none", "name": "nvidia-container-toolkit", "version": "1.17.8", "cdi": "boot"},
+        ("spec.accelerator.toolkit.name: source: none installs no toolkit",
+         "spec.accelerator.toolkit.version: source: none installs no toolkit")),
+    Bad("toolkit-none-csv", "spec.accelerator.toolkit", {"source": "none", "cdi": "csv"},
+        ("spec.accelerator.toolkit.cdi: CSV-mode CDI is nvidia-ctk's: it needs the toolkit",)),
+    Bad("toolkit-repository-unnamed", "spec.accelerator.toolkit",
+        {"source": "repository", "name": "nvidia-container-toolkit", "version": "1.17.8"},
+        ("spec.accelerator.toolkit.repository: source: repository needs the toolkit's repository",)),
+    Bad("toolkit-repository-unknown", "spec.accelerator.toolkit",
+        {"source": "repository", "repository": "nvidia", "name": "nvidia-container-toolkit", "version": "1.17.8"},
+        ("spec.accelerator.toolkit.repository: 'nvidia' is not in spec.repositories (it has: none)",)),
+    Bad("toolkit-bad-source", "spec.accelerator.toolkit.source", "vendor",
+        ("spec.accelerator.toolkit.source: expected one of repository, none",)),
+    Bad("modules-without-build-packages", "spec.accelerator.driver.buildPackages", DELETE,
+        ("spec.accelerator.driver.buildPackages: kernelModules: image needs the packages that build the modules",)),
+    Bad("cuda13-runtime-on-535", "spec.runtime.version", "1.31.1",
+        ("factory-gateway-gpu.yaml:", "spec.runtime.version: onnxruntime-gpu 1.31.1 is built for CUDA 13, which needs "
+         "an NVIDIA driver >= 580; the class pins driver 535.309.01")),
+    Bad("cuda12-runtime-on-470", "spec.accelerator.driver.version", "470.256.02-1",
+        ("spec.runtime.version: onnxruntime-gpu 1.26.0 is built for CUDA 12, which needs an NVIDIA driver >= 525",)),
+]
+
+
+@pytest.mark.parametrize("bad", GPU_BAD, ids=[b.id for b in GPU_BAD])
+def test_bad_gpu_spec_reports_located_error(bad: Bad, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    (tmp_path / "_defaults.yaml").write_text((ROOT / "images/_defaults.yaml").read_text())
+    path = tmp_path / "factory-gateway-gpu.yaml"
+    path.write_text(yaml.safe_dump(set_in(gpu_doc(), bad.path, bad.value), sort_keys=False))
+    with pytest.raises(SpecError) as info:
+        load_class(path)
+    text = str(info.value)
+    for expected in bad.errors:
+        assert expected in text, f"expected {expected!r} in:\n{text}"
+    for problem in info.value.problems:
+        assert problem.startswith(f"{path}:"), problem
+
+
+def test_gpu_class_says_where_everything_comes_from() -> None:
+    spec = load_class("factory-gateway-gpu", ROOT / "images").spec
+    driver, toolkit = spec.accelerator.driver, spec.accelerator.toolkit
+    assert driver is not None and toolkit is not None
+    assert (driver.upstream_version, driver.major) == ("535.309.01", 535)
+    assert driver.build_packages == ("nvidia-kernel-dkms",) and "nvidia-driver" not in driver.packages
+    assert not toolkit.installed and toolkit.cdi.value == "boot"
+    assert spec.runtime.extras == ("cuda", "cudnn")

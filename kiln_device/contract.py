@@ -37,15 +37,26 @@ OCI_DIR = f"{DATA_DIR}/oci"
 WORK_DIR = f"{DATA_DIR}/work"
 INFERENCE_STATUS = f"{DATA_DIR}/inference/status.json"
 HEALTH_RESULT = f"{DATA_DIR}/health/inference.json"
+# Degraded modes (kiln_device.degraded): each writer records {"degraded", "degraded_reason", "boot_id"};
+# `kiln-agent status` reads them all (this boot's only).
+ACCELERATOR_STATE = f"{DATA_DIR}/inference/accelerator.json"  # kiln-inference: providers in use, degraded
+GPU_HEALTH_RESULT = f"{DATA_DIR}/health/gpu.json"  # kiln-health-gpu (gpu-visible)
+DEGRADED_SOURCES = (ACCELERATOR_STATE, HEALTH_RESULT, GPU_HEALTH_RESULT)
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+# CDI at boot (kiln_device.cdi, kiln-nvidia-cdi.service): the spec, or a record of why there is none.
+CDI_SPEC = "/run/cdi/nvidia.json"
+CDI_STATUS = "/run/kiln/cdi.json"
 ESP_MOUNT = "/efi"
 SLOT_DEVICES = {"a": "/dev/disk/by-partlabel/root-a", "b": "/dev/disk/by-partlabel/root-b"}
 
 # Programs the launcher runs (name -> module with a main(argv) -> int).
 PROGRAMS = {
     "kiln-agent": "kiln_device.agent.cli",
-    "kiln-inference": "kiln_device.inference",
+    "kiln-inference": "kiln_device.server",
     "kiln-health-inference": "kiln_device.health",
     "kiln-lint": "kiln_device.lint",
+    "kiln-health-gpu": "kiln_device.gpu",
+    "kiln-cdi": "kiln_device.cdi",
 }
 
 
@@ -63,7 +74,7 @@ def model_path(name: str, version: str) -> str:
 RELEASE_FIELDS = (
     "class", "compatible", "version", "revision", "architecture", "accelerator", "driverVersion",
     "runtime", "models", "bootControl", "bootTries", "healthChecks", "minVersion", "channel",
-    "p95LatencyMs", "development", "rootCompression", "kernelArgs",
+    "p95LatencyMs", "development", "rootCompression", "kernelArgs", "fallback", "sharing",
 )
 BOOT_CONTROLS = ("systemd-boot", "nvbootctrl")
 DEFAULT_BOOT_CONTROL = "systemd-boot"
@@ -140,7 +151,7 @@ AGENT_DEFAULTS: dict[str, Any] = {
     "stateDir": AGENT_STATE_DIR, "ociDir": OCI_DIR, "workDir": WORK_DIR,
     "esp": ESP_MOUNT, "slots": dict(SLOT_DEVICES),
     "partuuids": {}, "cmdline": "/proc/cmdline", "efivars": "/sys/firmware/efi/efivars",
-    "bootId": "/proc/sys/kernel/random/boot_id",
+    "bootId": BOOT_ID,
     "rebootCommand": ["systemctl", "reboot"],
     # Seconds each external step may run before the agent gives up and releases its lock: `check` reads the
     # channel's manifest, `fetch` is the whole skopeo copy, `unpack` umoci, `build` mkfs.erofs. An override

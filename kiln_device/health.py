@@ -19,8 +19,14 @@ exit codes:
   3   model or golden set missing or corrupt, sha256 mismatch, model does not load,
       release.json unreadable
   4   service unreachable or erroring (only with --service)
+  5   the accelerator is unavailable (the models run on the CPU) and the class's fallback
+      policy is fail
   64  usage
-When several apply, the first of 3, 1, 4, 2 wins; --json lists every problem.
+When several apply, the first of 3, 5, 1, 4, 2 wins; --json lists every problem.
+
+Degraded: when the accelerator is unavailable and the class's fallback policy is degrade,
+the check holds the CPU to the degraded envelope (release.json fallback.p95LatencyMs), passes
+with status "degraded" and records degraded and the reason (kiln_device.degraded).
 """
 
 from __future__ import annotations
@@ -38,14 +44,16 @@ from typing import Any
 
 import numpy as np
 
+from kiln_device import degraded as dm
 from kiln_device import inference as ki
 from kiln_device.common import Parser, first_line, make_logger, write_json_atomic
 from kiln_device.contract import HEALTH_RESULT, RELEASE_JSON, under
 
-HEALTHY, WRONG, SLOW, BROKEN, SERVICE, USAGE = 0, 1, 2, 3, 4, 64
-PRECEDENCE = (BROKEN, WRONG, SERVICE, SLOW)
+HEALTHY, WRONG, SLOW, BROKEN, SERVICE, ACCELERATOR, USAGE = 0, 1, 2, 3, 4, 5, 64
+PRECEDENCE = (BROKEN, ACCELERATOR, WRONG, SERVICE, SLOW)
 NAMES = {HEALTHY: "healthy", WRONG: "outputs-wrong", SLOW: "too-slow", BROKEN: "model-broken",
-         SERVICE: "service-failed", USAGE: "usage"}
+         SERVICE: "service-failed", ACCELERATOR: "accelerator-unavailable", USAGE: "usage"}
+DEGRADED = "degraded"  # the status of a passing check on the CPU fallback (policy degrade)
 HEALTH = HEALTH_RESULT.lstrip("/")
 GOLDEN = "golden.npz"
 GOLDEN_KEYS = ("x", "outputs", "labels", "tolerance", "input_name", "output_name")
@@ -204,12 +212,14 @@ class Checked:
 
 
 def check_model(entry: ki.ModelEntry, providers: list[str], envelope: float | None, runs: int,
-                problems: list[Problem]) -> tuple[dict[str, Any], Checked | None]:
+                problems: list[Problem],
+                release: dict[str, Any] | None = None,
+                fallback: dm.Fallback | None = None) -> tuple[dict[str, Any], Checked | None]:
     info: dict[str, Any] = entry.describe()
     try:
         ki.verify_digest(entry)
         golden = load_golden(entry)
-        model = ki.load_model(entry, providers, threads=1)
+        model = ki.load_model(entry, providers, threads=1, release=release)  # OpenVINO: device, precision
         x = check_fits(model, golden)
         got = model.run_all(x)
     except ki.ModelProblem as exc:
@@ -218,14 +228,23 @@ def check_model(entry: ki.ModelEntry, providers: list[str], envelope: float | No
     except Exception as exc:  # onnxruntime failing at run time on a model that loaded
         problems.append(Problem(BROKEN, entry.name, f"model {entry.name}: inference failed: {first_line(exc)}"))
         return info, None
-    info.update(golden=golden.path, providers=model.session.get_providers(), load_ms=round(model.load_ms, 3))
+    info.update(golden=golden.path, providers=model.session.get_providers(), **ki.openvino_device(model),
+                load_ms=round(model.load_ms, 3))
     info["local"] = compare(got, golden)
     if not info["local"]["ok"]:
         problems.append(Problem(WRONG, entry.name, wrong_outputs(f"{entry.name} {entry.version}", info["local"])))
-    info["latency"] = {**measure(model, x, runs), "envelope_p95_ms": envelope}
+    which = "class"
+    if model.degraded_reason is not None:
+        info["degraded_reason"] = model.degraded_reason
+        if fallback is not None and fallback.degrades:
+            envelope, which = fallback.p95_latency_ms or envelope, "degraded"
+        else:
+            problems.append(Problem(ACCELERATOR, entry.name, f"{entry.name} {entry.version}: "
+                                    f"{model.degraded_reason}; the class's fallback policy is fail"))
+    info["latency"] = {**measure(model, x, runs), "envelope_p95_ms": envelope, "envelope": which}
     if envelope is not None and info["latency"]["p95_ms"] > envelope:
         problems.append(Problem(SLOW, entry.name, f"{entry.name} {entry.version}: p95 latency "
-                                f"{info['latency']['p95_ms']:.4g} ms over the class envelope {envelope:g} ms "
+                                f"{info['latency']['p95_ms']:.4g} ms over the {which} envelope {envelope:g} ms "
                                 f"({runs} single-sample runs, 1 thread)"))
     return info, Checked(entry, golden, x, model.fixed_batch)
 
@@ -318,17 +337,24 @@ def run_checks(args: argparse.Namespace) -> dict[str, Any]:
         entries = ki.model_entries(release, args.root)
         providers = ki.choose_providers(release)
         envelope = envelope_ms(release)
+        fallback = ki.fallback_policy(release)
     except ki.ModelProblem as exc:
         problems.append(Problem(BROKEN, None, str(exc)))
-        entries, providers, envelope, release = [], [], None, {}
+        entries, providers, envelope, release, fallback = [], [], None, {}, None
     result.update({"class": release.get("class"), "version": release.get("version"), "envelope_p95_ms": envelope})
     for entry in entries:
-        infos[entry.name], ok = check_model(entry, providers, envelope, args.runs, problems)
+        infos[entry.name], ok = check_model(entry, providers, envelope, args.runs, problems, release, fallback)
         checked += [ok] if ok else []
+    reason = next((i["degraded_reason"] for i in infos.values() if i.get("degraded_reason")), None)
+    degrades = reason is not None and fallback is not None and fallback.degrades
+    result.update(dm.state(degrades, reason, args.root), policy=fallback.policy if fallback else None)
+    if degrades and fallback is not None:
+        result["envelope_p95_ms"] = fallback.p95_latency_ms or envelope
     if args.service:
         result["service"] = check_service(args.service, checked, infos, args.wait, args.timeout, problems)
     code = next((c for c in PRECEDENCE if any(p.code == c for p in problems)), HEALTHY)
-    return {**result, "exit_code": code, "status": NAMES[code], "healthy": code == HEALTHY,
+    status = DEGRADED if code == HEALTHY and result["degraded"] else NAMES[code]
+    return {**result, "exit_code": code, "status": status, "healthy": code == HEALTHY,
             "models": list(infos.values()), "problems": [asdict(p) for p in problems]}
 
 
@@ -372,12 +398,15 @@ def report(result: dict[str, Any]) -> None:
     for m in result["models"]:
         local, lat = m.get("local"), m.get("latency")
         if local and lat and "error" not in local:
-            envelope = result["envelope_p95_ms"]
-            limit = "no envelope" if envelope is None else f"envelope {envelope:g} ms"
+            envelope = lat.get("envelope_p95_ms")
+            which = "degraded envelope" if lat.get("envelope") == "degraded" else "envelope"
+            limit = "no envelope" if envelope is None else f"{which} {envelope:g} ms"
             say(f"{m['name']} {m['version']}: {summary(local)}; p95 {lat['p95_ms']:.3g} ms "
                 f"({limit}, {lat['runs']} runs, 1 thread)")
         if "error" not in m.get("service", {"error": None}):
             say(f"{m['name']} {m['version']} via {result['service']['url']}: {summary(m['service'])}")
+    if result.get("degraded"):
+        say(f"degraded: {result['degraded_reason']} (the class's fallback policy is degrade)")
     for p in result["problems"]:
         say(f"FAIL ({p['code']} {NAMES[p['code']]}): {p['message']}")
     say(f"{result['status']} (exit {result['exit_code']}, {result['duration_s']:.2f} s)")

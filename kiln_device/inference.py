@@ -1,61 +1,41 @@
-"""Kiln inference service: every model in release.json, served over HTTP on 127.0.0.1.
+"""The models as the device runs them: release.json, verified model files, execution providers.
 
-Runs on the device as kiln-inference.service:
+Standard library plus the runtime venv (onnxruntime, numpy); nothing from the builder.
+kiln_device.server (the inference service, kiln-inference) and kiln_device.health (the
+golden check) both load models through here, so the check verifies and opens models
+exactly as the service does.
 
-    /usr/lib/kiln/venv/bin/python -I /usr/lib/kiln/launch.py kiln-inference [--port 8470]
-
-Standard library plus the runtime venv (onnxruntime, numpy); nothing from the
-builder. kiln_device.health imports the loading half of this module, so
-the health check verifies and opens models exactly as the service does.
-
-API (JSON in and out):
-    GET  /healthz                      200 and the loaded models (only listening once all loaded)
-    GET  /v1/models                    the same list
-    POST /v1/models/<name>/infer       {"inputs": [[...]]} -> {"outputs": [...], "argmax": [...]}
-         `inputs` is the whole input tensor as nested lists, batch first, e.g. [N, 1, 8, 8].
-         400 bad JSON or shape, 404 unknown model, 411/413 missing or oversized body, 500 runtime failure.
-
-Status: /var/lib/kiln/inference/status.json (written atomically: temp file, fsync,
-rename), at most every --status-interval seconds while it changes: started_at,
-models (name, version, sha256), requests/errors (POSTs; GET probes are not counted),
-last_success_at, last_error. A model that cannot be served is recorded there too.
-
-Exit codes: 0 stopped (SIGTERM/SIGINT), 1 runtime failure (cannot listen),
-3 a model cannot be served (release.json unreadable, model missing, sha256
-mismatch, does not load, no usable execution provider), 64 usage.
+Accelerator: sessions get the class's execution providers in order (onnxruntime.preload_dlls()
+first, for onnxruntime-gpu's CUDA wheels). A session that ends up on CPUExecutionProvider although
+the class asks for an accelerator means the accelerator is unavailable (onnxruntime-gpu falls back
+silently; session.get_providers() tells): LoadedModel.degraded_reason says why, and the caller
+applies the class's fallback policy (release.json `fallback`, kiln_device.degraded).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import re
-import signal
-import socket
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from kiln_device.common import Parser, first_line, make_logger, sha256_file, write_json_atomic
-from kiln_device.contract import INFERENCE_STATUS, RELEASE_JSON, under
+from kiln_device import degraded as dm
+from kiln_device.common import first_line, make_logger, sha256_file
+from kiln_device.contract import RELEASE_JSON, under
+from kiln_device.gpu import probe_dgpu
 
 HOST = "127.0.0.1"  # never reachable from the network
 DEFAULT_PORT = 8470
-PORT_ENV = "KILN_INFERENCE_PORT"
 RELEASE = RELEASE_JSON.lstrip("/")
-STATUS = INFERENCE_STATUS.lstrip("/")
-CPU = "CPUExecutionProvider"
+CPU = dm.CPU
+CUDA_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")  # need onnxruntime.preload_dlls()
 GRAPH_LEVELS = {
     "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -66,10 +46,7 @@ DEFAULT_GRAPH_LEVEL = "extended"  # the builder's default policy
 DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
           "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
           "tensor(uint8)": np.uint8}
-MAX_BODY = 16 * 1024 * 1024
-INFER_PATH = re.compile(r"^/v1/models/([^/?#]+)/infer/?$")
 
-EXIT_OK, EXIT_FAILED, EXIT_MODEL, EXIT_USAGE = 0, 1, 3, 64
 
 
 class ModelProblem(Exception):
@@ -177,16 +154,119 @@ def choose_providers(release: dict[str, Any]) -> list[str]:
     available = ort.get_available_providers()
     missing = [p for p in wanted if p not in available]
     usable = [p for p in wanted if p in available]
-    if missing and CPU not in wanted:
-        raise ModelProblem(f"execution provider(s) {', '.join(missing)} not available in onnxruntime "
-                           f"{ort.__version__} (available: {', '.join(available)}) and the class "
-                           f"does not allow {CPU}")
-    if missing:
-        log(f"note: {', '.join(missing)} not available in onnxruntime {ort.__version__}; "
-            f"falling back to {', '.join(usable)} as the class allows")
-    if not usable:
+    if not wanted:
         raise ModelProblem("release.json names no execution provider")
+    if missing:
+        # The sessions then run on the CPU: accelerator_problem says so and the class's fallback decides.
+        usable = usable or [CPU]
+        log(f"note: {', '.join(missing)} not available in onnxruntime {ort.__version__}; "
+            f"trying {', '.join(usable)}")
+    preload_libraries(usable)
     return usable
+
+
+# -- the accelerator: is it there, and what when it is not (kiln_device.degraded) ------------
+
+_preloaded: list[bool] = []
+
+
+def preload_libraries(usable: list[str]) -> None:
+    """onnxruntime-gpu finds the CUDA/cuDNN libraries of its nvidia-* wheels only after preload_dlls()."""
+    if _preloaded or not any(p in CUDA_PROVIDERS for p in usable) or not hasattr(ort, "preload_dlls"):
+        return
+    _preloaded.append(True)
+    try:
+        ort.preload_dlls()
+    except Exception as exc:  # a missing library shows up again as the session falling back
+        log(f"note: onnxruntime.preload_dlls() failed: {first_line(exc)}")
+
+
+def accelerated_provider(release: dict[str, Any]) -> str | None:
+    """The first execution provider the class asks for that is not the CPU (None: a CPU class)."""
+    runtime = release.get("runtime") if isinstance(release.get("runtime"), dict) else {}
+    wanted = [p for p in (runtime or {}).get("executionProviders") or [CPU] if isinstance(p, str)]
+    return next((p for p in wanted if p != CPU), None)
+
+
+def fallback_policy(release: dict[str, Any]) -> dm.Fallback:
+    try:
+        return dm.parse_fallback(release)
+    except ValueError as exc:
+        raise ModelProblem(f"/{RELEASE}: {exc}") from None
+
+
+def accelerator_problem(release: dict[str, Any], sess: ort.InferenceSession, error: str | None) -> str | None:
+    """Why this session runs on the CPU although the class asks for an accelerator (None: it does not).
+    onnxruntime-gpu without a GPU falls back to the CPU silently: the session's providers tell."""
+    accelerated = accelerated_provider(release)
+    running = sess.get_providers()[0]
+    if accelerated is None or running != CPU:
+        return None
+    if error is None and accelerated not in ort.get_available_providers():
+        error = (f"not in this onnxruntime {ort.__version__} build (it has "
+                 f"{', '.join(p for p in ort.get_available_providers() if p != 'AzureExecutionProvider')})")
+    if error is None and accelerated in CUDA_PROVIDERS:
+        probe = probe_dgpu(Path("/"))  # onnxruntime logs why; the device nodes say it in one line
+        error = probe.reason() if not probe.visible else None
+    why = error or "onnxruntime fell back to the CPU (its log says why)"
+    return f"{accelerated} unavailable: {why}; running on {CPU}"
+
+
+
+
+OPENVINO = "OpenVINOExecutionProvider"
+OPENVINO_DEVICES = ("CPU", "GPU", "NPU")
+
+
+def provider_options(release: dict[str, Any], provider: str, *, precision: str = "fp32",
+                     device: str | None = None, threads: int = 1) -> dict[str, str]:
+    """The options a session gives `provider` for a model of `precision` ({} for the rest).
+
+    OpenVINO: `device_type` is `device` (a fallback's choice), else release.json's
+    runtime.device, else CPU; the precision hint is pinned, never OpenVINO's default:
+    FP16 for a non-FP32 model on a GPU or NPU (what they run natively), FP32 otherwise,
+    and always FP32 on the CPU (its plugin would run bf16 on AMX CPUs, and the golden
+    set is the build host's FP32 arithmetic). `num_of_threads` as the build measured.
+    """
+    if provider != OPENVINO:
+        return {}
+    runtime = release.get("runtime") if isinstance(release.get("runtime"), dict) else {}
+    wanted = device or (runtime or {}).get("device") or "CPU"
+    kind = str(wanted).split(".")[0].upper()  # "GPU.0" -> GPU
+    if kind not in OPENVINO_DEVICES:
+        raise ModelProblem(f"{OPENVINO}: unknown OpenVINO device {wanted!r} (one of {', '.join(OPENVINO_DEVICES)})")
+    hint = "FP16" if kind != "CPU" and precision != "fp32" else "FP32"
+    options = {"device_type": str(wanted), "precision": hint}
+    if kind == "CPU":
+        options["num_of_threads"] = str(threads)
+    return options
+
+
+def openvino_options(providers: list[Any]) -> dict[str, str] | None:
+    """The options given to OpenVINO in a session's provider list (None: none given)."""
+    return next((dict(p[1]) for p in providers if isinstance(p, tuple) and p[0] == OPENVINO), None)
+
+
+def openvino_device(model: LoadedModel) -> dict[str, Any]:
+    """{"openvino": {"device_type", "precision"}} when the session runs OpenVINO, else {}.
+
+    From the options the session was given: onnxruntime-openvino 1.24's get_provider_options()
+    returns none for OpenVINO. A device OpenVINO lacks never gets here: onnxruntime then falls
+    back to the CPU provider (measured: device GPU on a host without one).
+    """
+    if OPENVINO not in model.session.get_providers() or not model.openvino:
+        return {}
+    return {"openvino": {k: model.openvino.get(k) for k in ("device_type", "precision")}}
+
+
+def session_providers(release: dict[str, Any], providers: list[str], *, precision: str = "fp32",
+                      device: str | None = None, threads: int = 1) -> list[str | tuple[str, dict[str, str]]]:
+    """`providers` as InferenceSession takes them: (name, options) where provider_options has some."""
+    out: list[str | tuple[str, dict[str, str]]] = []
+    for p in providers:
+        options = provider_options(release, p, precision=precision, device=device, threads=threads)
+        out.append((p, options) if options else p)
+    return out
 
 
 def session_options(level: str, threads: int) -> ort.SessionOptions:
@@ -211,6 +291,8 @@ class LoadedModel:
     input_dtype: Any
     output_name: str
     load_ms: float
+    degraded_reason: str | None = None  # the accelerator is unavailable: runs on the CPU (accelerator_problem)
+    openvino: dict[str, str] | None = None  # the options OpenVINO was given (provider_options)
 
     @property
     def fixed_batch(self) -> int | None:
@@ -223,7 +305,8 @@ class LoadedModel:
     def describe(self) -> dict[str, Any]:
         return {**self.entry.describe(), "input": self.input_name, "input_shape": self.shape_text(),
                 "output": self.output_name, "providers": self.session.get_providers(),
-                "load_ms": round(self.load_ms, 3)}
+                **openvino_device(self), "load_ms": round(self.load_ms, 3),
+                "degraded_reason": self.degraded_reason}
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """The first output for `x`, which must already fit the input shape."""
@@ -262,15 +345,26 @@ def batches(x: np.ndarray, fixed: int | None) -> Iterator[tuple[np.ndarray, int]
         yield chunk, n
 
 
-def load_model(entry: ModelEntry, providers: list[str], threads: int) -> LoadedModel:
-    """Open a verified model file in onnxruntime; failure is a ModelProblem."""
+def load_model(entry: ModelEntry, providers: list[str], threads: int, *,
+               release: dict[str, Any] | None = None, device: str | None = None) -> LoadedModel:
+    """Open a verified model file in onnxruntime; failure is a ModelProblem.
+
+    With `release`, each provider gets its provider_options (OpenVINO: device and precision hint),
+    and an unavailable accelerator is no failure here: the session runs on the CPU, `degraded_reason`
+    says why and the caller applies the class's fallback policy.
+    """
     start = time.perf_counter()
+    with_options = session_providers(release, providers, precision=entry.precision, device=device,
+                                     threads=threads) if release is not None else list(providers)
+    error = None
     try:
         sess = ort.InferenceSession(str(entry.file), session_options(graph_level(entry), threads),
-                                    providers=providers)
+                                    providers=with_options)
     except Exception as exc:  # onnxruntime raises its own exception types
-        raise ModelProblem(f"model {entry.name} {entry.version}: {entry.path} does not load in "
-                           f"onnxruntime: {first_line(exc)}") from None
+        if release is None or accelerated_provider(release) is None:
+            raise ModelProblem(f"model {entry.name} {entry.version}: {entry.path} does not load in "
+                               f"onnxruntime: {first_line(exc)}") from None
+        sess, error = cpu_session(entry, threads, first_line(exc))
     load_ms = (time.perf_counter() - start) * 1e3
     inputs, outputs = sess.get_inputs(), sess.get_outputs()
     if len(inputs) != 1 or not outputs:
@@ -281,269 +375,16 @@ def load_model(entry: ModelEntry, providers: list[str], threads: int) -> LoadedM
         raise ModelProblem(f"model {entry.name}: unsupported input type {inputs[0].type}")
     if sess.get_providers()[0] != providers[0]:
         log(f"note: model {entry.name} runs on {sess.get_providers()[0]}, not {providers[0]}")
-    return LoadedModel(entry, sess, inputs[0].name, tuple(inputs[0].shape), dtype, outputs[0].name, load_ms)
+    reason = accelerator_problem(release, sess, error) if release is not None else None
+    return LoadedModel(entry, sess, inputs[0].name, tuple(inputs[0].shape), dtype, outputs[0].name, load_ms,
+                       reason, openvino_options(with_options))
 
 
-def load_models(root: Path, threads: int) -> list[LoadedModel]:
-    release = load_release(root)
-    entries = model_entries(release, root)
-    providers = choose_providers(release)
-    loaded = []
-    for entry in entries:
-        verify_digest(entry)
-        loaded.append(load_model(entry, providers, threads))
-    return loaded
-
-
-# -- status file ----------------------------------------------------------------------------
-
-
-class Status:
-    """Counters and the status file, written by one thread at most every `interval` seconds."""
-
-    def __init__(self, path: Path, interval: float) -> None:
-        self.path = path
-        self.interval = interval
-        self.lock = threading.Lock()
-        self.changed = threading.Event()
-        self.stopping = threading.Event()
-        self.thread: threading.Thread | None = None
-        self.write_failed = False
-        self.data: dict[str, Any] = {
-            "pid": os.getpid(), "started_at": now_iso(), "ready": False, "address": None,
-            "models": [], "requests": 0, "successes": 0, "errors": 0, "by_model": {},
-            "last_success_at": None, "last_error": None, "onnxruntime": ort.__version__,
-        }
-
-    def update(self, **fields: Any) -> None:
-        with self.lock:
-            self.data.update(fields)
-        self.changed.set()
-
-    def record(self, model: str | None, status: int, error: str | None) -> None:
-        at = now_iso()
-        with self.lock:
-            d = self.data
-            fresh: dict[str, Any] = {"requests": 0, "errors": 0, "last_success_at": None}
-            per = d["by_model"].setdefault(model, fresh) if model else fresh  # unknown model: no entry
-            d["requests"] += 1
-            per["requests"] += 1
-            if error is None:
-                d["successes"] += 1
-                d["last_success_at"] = per["last_success_at"] = at
-            else:
-                d["errors"] += 1
-                per["errors"] += 1
-                d["last_error"] = {"at": at, "model": model, "status": status, "message": error}
-        self.changed.set()
-
-    def snapshot(self) -> dict[str, Any]:
-        with self.lock:
-            return json.loads(json.dumps({**self.data, "updated_at": now_iso()}))
-
-    def flush(self) -> None:
-        try:
-            write_json_atomic(self.path, self.snapshot(), default=plain)
-        except OSError as exc:
-            if not self.write_failed:
-                log(f"error: cannot write status file {self.path}: {first_line(exc)}")
-            self.write_failed = True
-        else:
-            self.write_failed = False
-
-    def start(self) -> None:
-        self.flush()
-        self.thread = threading.Thread(target=self._loop, name="status", daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        while not self.stopping.is_set():
-            if self.changed.wait(timeout=1.0):
-                self.changed.clear()
-                self.flush()
-                self.stopping.wait(self.interval)
-
-    def stop(self) -> None:
-        self.stopping.set()
-        if self.thread is not None:
-            self.thread.join(timeout=5)
-        self.flush()
-
-
-# -- HTTP -------------------------------------------------------------------------------------
-
-
-class InferenceServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, port: int, models: list[LoadedModel], status: Status) -> None:
-        self.models = {m.entry.name: m for m in models}
-        self.status = status
-        super().__init__((HOST, port), Handler)
-
-    def listing(self) -> dict[str, Any]:
-        return {"ready": True, "models": [m.describe() for m in self.models.values()]}
-
-    def infer(self, name: str, body: bytes) -> dict[str, Any]:
-        model = self.models.get(name)
-        if model is None:
-            raise BadRequest(f"unknown model {name!r}; this device serves: {', '.join(self.models)}",
-                             HTTPStatus.NOT_FOUND)
-        try:
-            request = json.loads(body, parse_constant=_no_constants)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise BadRequest(f"request body is not valid JSON: {first_line(exc)}") from None
-        if not isinstance(request, dict) or "inputs" not in request:
-            raise BadRequest('expected a JSON object {"inputs": [[...]]}')
-        x = model.to_input(request["inputs"])
-        try:
-            out = model.run(x)
-        except Exception as exc:  # onnxruntime's own exception types
-            raise BadRequest(f"inference failed: {first_line(exc)}", HTTPStatus.INTERNAL_SERVER_ERROR) from None
-        return {"model": name, "version": model.entry.version, "outputs": out.tolist(),
-                "argmax": out.reshape(len(out), -1).argmax(axis=1).tolist()}
-
-
-def _no_constants(name: str) -> None:
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
-class Handler(BaseHTTPRequestHandler):
-    server: InferenceServer
-    server_version = "kiln-inference"
-    sys_version = ""
-
-    def do_GET(self) -> None:
-        if self.path in ("/healthz", "/v1/models"):
-            self._reply(HTTPStatus.OK, self.server.listing())
-        else:
-            self._reply(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: GET {self.path}"})
-
-    def do_POST(self) -> None:
-        match = INFER_PATH.match(self.path)
-        name = match.group(1) if match else None
-        try:
-            if name is None:
-                raise BadRequest(f"no such endpoint: POST {self.path}", HTTPStatus.NOT_FOUND)
-            result = self.server.infer(name, self._body())
-        except BadRequest as exc:
-            known = name if name in self.server.models else None
-            self.server.status.record(known, exc.status, str(exc))
-            if exc.status >= 500:
-                log(f"error: POST {self.path}: {exc}")
-            self._reply(exc.status, {"error": str(exc)})
-            return
-        self.server.status.record(name, HTTPStatus.OK, None)
-        self._reply(HTTPStatus.OK, result)
-
-    def _body(self) -> bytes:
-        length = self.headers.get("Content-Length")
-        if length is None:
-            raise BadRequest("Content-Length is required", HTTPStatus.LENGTH_REQUIRED)
-        try:
-            size = int(length)
-        except ValueError:
-            raise BadRequest(f"bad Content-Length {length!r}") from None
-        if size < 0 or size > MAX_BODY:
-            raise BadRequest(f"request body over {MAX_BODY} bytes", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-        return self.rfile.read(size)
-
-    def _reply(self, status: int, payload: dict[str, Any]) -> None:
-        body = json.dumps(payload).encode() + b"\n"
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-    def log_message(self, format: str, *args: Any) -> None:
-        return None  # per-request lines would flood the journal; errors are logged above
-
-
-# -- main -----------------------------------------------------------------------------------
-
-
-def notify(message: str) -> None:
-    """sd_notify(3) for Type=notify, without libsystemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
+def cpu_session(entry: ModelEntry, threads: int, error: str) -> tuple[ort.InferenceSession, str]:
+    """The model on the CPU alone, after its accelerator refused it: it is broken only when this fails too."""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.connect(address)
-            sock.sendall(message.encode())
-    except OSError as exc:
-        log(f"warning: sd_notify failed: {first_line(exc)}")
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = Parser(prog="kiln-inference", description=__doc__,
-                    formatter_class=argparse.RawDescriptionHelpFormatter, usage_code=EXIT_USAGE)
-    parser.add_argument("--root", type=Path, default=Path("/"),
-                        help="tree holding usr/lib/kiln/release.json and the models (default /)")
-    parser.add_argument("--port", type=int, default=None,
-                        help=f"TCP port on {HOST} (default ${PORT_ENV} or {DEFAULT_PORT}; 0 picks a free one)")
-    parser.add_argument("--status", type=Path, default=None,
-                        help=f"status file (default ROOT/{STATUS})")
-    parser.add_argument("--status-interval", type=float, default=1.0,
-                        help="minimum seconds between status file writes (default 1)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="intra-op threads per model (default 1, as the build measured latency)")
-    args = parser.parse_args(argv)
-    if not args.root.is_dir():
-        parser.error(f"--root {args.root}: not a directory")
-    if args.port is None:
-        env = os.environ.get(PORT_ENV, str(DEFAULT_PORT))
-        if not env.isdigit():
-            parser.error(f"${PORT_ENV}={env!r} is not a port number")
-        args.port = int(env)
-    if not 0 <= args.port <= 65535:
-        parser.error(f"--port {args.port} is not a port number")
-    if args.threads < 1 or args.status_interval < 0:
-        parser.error("--threads must be >= 1 and --status-interval >= 0")
-    args.status = args.status or under(args.root, STATUS)
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    status = Status(args.status, args.status_interval)
-    try:
-        models = load_models(args.root, args.threads)
-        server = InferenceServer(args.port, models, status)
-    except ModelProblem as exc:
-        return _fail(status, f"cannot serve: {exc}", EXIT_MODEL)
-    except OSError as exc:
-        return _fail(status, f"cannot listen on {HOST}:{args.port}: {first_line(exc)}", EXIT_FAILED)
-    port = server.server_address[1]
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
-    status.update(ready=True, address=f"http://{HOST}:{port}", port=port,
-                  models=[m.entry.describe() for m in models])
-    status.start()
-    names = ", ".join(f"{m.entry.name} {m.entry.version} ({m.session.get_providers()[0]})" for m in models)
-    log(f"serving {names} on http://{HOST}:{port}")
-    notify(f"READY=1\nSTATUS=serving {len(models)} model(s) on {HOST}:{port}")
-    server.serve_forever(poll_interval=0.5)
-    notify("STOPPING=1")
-    server.server_close()
-    status.update(ready=False, stopped_at=now_iso())
-    status.stop()
-    log("stopped")
-    return EXIT_OK
-
-
-def _fail(status: Status, message: str, code: int) -> int:
-    log(f"error: {message}")
-    status.update(ready=False, last_error={"at": now_iso(), "model": None, "status": None, "message": message})
-    status.flush()
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        sess = ort.InferenceSession(str(entry.file), session_options(graph_level(entry), threads), providers=[CPU])
+    except Exception as exc:
+        raise ModelProblem(f"model {entry.name} {entry.version}: {entry.path} does not load in "
+                           f"onnxruntime: {first_line(exc)}") from None
+    return sess, f"{error} (creating the session)"

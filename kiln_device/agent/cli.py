@@ -10,7 +10,9 @@ Subcommands:
                      config, unpack (umoci), write the INACTIVE slot (mkfs.erofs), read it
                      back and compare hashes, install kernel + initramfs on the ESP, write
                      the boot entry kiln-<version>-<slot>+<tries>.conf atomically, reboot
-  status [--json]    booted slot and version, pending update, last result, rollbacks
+  status [--json]    booted slot and version, pending update, last result, rollbacks, and
+                     "degraded: <reason>" when this boot runs without its accelerator
+                     (the class's fallback policy degrade; kiln_device.degraded)
   boot               on-boot reconciliation (kiln-agent-boot.service): a trial boot of the
                      slot we installed that got blessed is a success; a boot of the other
                      slot means the new one was rolled back: record why, blocklist it
@@ -72,13 +74,14 @@ from pathlib import Path
 from typing import Any
 
 from kiln_device.agent.bootctl import BootControl, make_boot_control
-from kiln_device.agent.config import CONFIG_ENV, Config, load_config
+from kiln_device.agent.config import CONFIG_ENV, ROOT_ENV, Config, load_config, read_boot_id
 from kiln_device.agent.errors import AgentError, log
 from kiln_device.agent.install import cmd_check, cmd_update
 from kiln_device.agent.journal import State, blocklist, locked
 from kiln_device.agent.reconcile import cmd_boot
 from kiln_device.common import TOOL_PATH, Parser, read_json, write_atomic
 from kiln_device.contract import CONFIG, NO_SPACE, OK, USAGE, WRITE_FAILED, Release
+from kiln_device.degraded import read_degraded, summary
 
 sys.dont_write_bytecode = True  # /usr is read-only on the device
 
@@ -87,7 +90,10 @@ sys.dont_write_bytecode = True  # /usr is read-only on the device
 
 
 def status_data(config: Config, release: Release, state: State, boot: BootControl) -> dict[str, Any]:
+    # Degraded modes (kiln_device.degraded): this boot's state files that say degraded, and why.
+    found = read_degraded(Path(os.environ.get(ROOT_ENV) or "/"), read_boot_id(config))
     return {
+        "degraded": summary(found), "degradedSources": [d.source for d in found],
         "class": release.cls, "compatible": release.compatible, "version": release.version,
         "bootedSlot": boot.booted_slot(), "selectedEntry": boot.selected_entry(), "bootControl": boot.name,
         "channel": config.channel, "source": config.source if config.registry else None,
@@ -101,6 +107,8 @@ def render_status(data: dict[str, Any]) -> str:
     lines = [f"{data['class']} {data['version']} from slot {data['bootedSlot'] or '?'} "
              f"(entry {data['selectedEntry'] or '?'}, {data['bootControl']})",
              f"channel {data['channel']} at {data['source'] or '(no registry configured)'}"]
+    if data.get("degraded"):
+        lines.append(f"degraded: {data['degraded']}")
     pending = data["pending"]
     if pending:
         lines.append(f"pending: {pending['version']} -> slot {pending['slot']}, phase {pending['phase']}")

@@ -24,7 +24,7 @@ from kiln_device.agent.versions import Candidate
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = Path(kiln_device.__file__).resolve().parent
-RUNTIME_ONLY = {"inference.py", "health.py"}  # run with the runtime venv's python
+RUNTIME_ONLY = {"inference.py", "server.py", "health.py"}  # run with the runtime venv's python
 RUNTIME_PACKAGES = {"numpy", "onnxruntime"}
 
 
@@ -53,7 +53,8 @@ def test_standard_library_only_and_never_the_builder(path: Path) -> None:
 
 def test_found_the_modules() -> None:
     names = {str(p.relative_to(PACKAGE)) for p in modules()}
-    assert {"contract.py", "common.py", "agent/cli.py", "inference.py", "health.py", "lint.py"} <= names
+    assert {"contract.py", "common.py", "agent/cli.py", "inference.py", "server.py", "health.py", "lint.py",
+            "degraded.py", "gpu.py", "cdi.py"} <= names
 
 
 @pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
@@ -178,7 +179,12 @@ def test_units_and_wrappers_name_the_launcher() -> None:
         assert f"/usr/bin/python3 -I {contract.LAUNCHER} kiln-agent" in (common / wrapper).read_text()
     assert f'{contract.LAUNCHER.lstrip("/")}" kiln-health-inference' in \
         (common / "libexec/kiln/kiln-health-inference").read_text()
+    assert f'{contract.LAUNCHER.lstrip("/")}" kiln-health-gpu' in (common / "libexec/kiln/kiln-health-gpu").read_text()
+    nvidia = ROOT / "overlays/nvidia/usr"
+    assert f"/usr/bin/python3 -I {contract.LAUNCHER} kiln-cdi" in (nvidia / "libexec/kiln/kiln-cdi").read_text()
+    assert "ExecStart=/usr/libexec/kiln/kiln-cdi" in (nvidia / "lib/systemd/system/kiln-nvidia-cdi.service").read_text()
     units = common / "lib/systemd/system"
+    assert "ExecStart=/usr/libexec/kiln/kiln-health-gpu" in (units / "kiln-health-gpu.service").read_text()
     assert f"{contract.VENV_PYTHON} -I {contract.LAUNCHER} kiln-inference" in \
         (units / "kiln-inference.service").read_text()
     for unit in units.iterdir():

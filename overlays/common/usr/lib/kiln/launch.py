@@ -2,8 +2,8 @@
 
     python3 -I /usr/lib/kiln/launch.py PROGRAM [ARGS...]
 
-PROGRAM is kiln-agent, kiln-inference, kiln-health-inference or kiln-lint
-(kiln_device.contract.PROGRAMS). `-I` keeps the environment and the user's site
+PROGRAM is kiln-agent, kiln-inference, kiln-health-inference, kiln-health-gpu,
+kiln-cdi or kiln-lint (kiln_device.contract.PROGRAMS). `-I` keeps the environment and the user's site
 packages out of the interpreter, and this file's directory out of sys.path; the
 package directory (python/, beside this file) is put there instead. Works from an
 unpacked rootfs too: everything is found relative to this file.

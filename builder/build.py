@@ -148,16 +148,20 @@ def build_class(
             reasons = why_not_buildable(hc, tools=False)
             if reasons:
                 raise BuildError(f"{hc.name} cannot be built on this machine: " + "; ".join(reasons))
-        # The runtime's wheels first: a pin the index does not publish is refused in seconds
-        # (pins.check_pins), not after the base and the models.
-        with steps.step("the runtime's wheels"):
-            wheelhouse = pins.make_checked_wheelhouse(hc, state, source)
         base_id, mirror = None, None
         if hc.spec.base.source is BaseSource.bootstrap:
+            mirror = finalize_base_mirror(hc)  # the snapshot, or spec.base.fallbackMirror when out of reach
+            if mirror.fallback:
+                steps.say(f"{hc.name}: {mirror.note}")
+        # Pins first: a driver version the base's mirror does not serve (pins.check_driver_pins) or a
+        # wheel the index does not publish (pins.check_pins) is refused in seconds, not after the
+        # base and the models.
+        with steps.step("the driver's pins"):
+            pins.check_driver_pins(hc, source, pins.spec_lines(source), mirror)
+        with steps.step("the runtime's wheels"):
+            wheelhouse = pins.make_checked_wheelhouse(hc, state, source)
+        if mirror is not None:
             with steps.step("offline base"):
-                mirror = finalize_base_mirror(hc)  # the snapshot, or spec.base.fallbackMirror when out of reach
-                if mirror.fallback:
-                    steps.say(f"{hc.name}: {mirror.note}")
                 base_id = make_base_for_class(ctx, hc, mirror).image_id
         with steps.step("optimize and gate the models"):
             model_glue.make_optimized_models(hc, steps.say, reuse=True)

@@ -4,9 +4,13 @@ mirror when the snapshot is out of reach) and what a mirror's Packages index ser
 
 from __future__ import annotations
 
+import lzma
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 
 from builder import names
+from builder.errors import BuildError
 from builder.net import reachable
 from builder.spec import HardwareClass
 
@@ -50,3 +54,51 @@ def finalize_base_mirror(hc: HardwareClass, *, probe: bool = True) -> BaseMirror
     return BaseMirror(url=main, snapshot=base.snapshot, fallback=False, ref=names.base_ref(hc))
 
 
+
+
+# --- what a mirror serves ---------------------------------------------------------------------
+
+INDEX_TIMEOUT = 30
+
+
+def finalize_suites(release: str, mirror: BaseMirror) -> list[tuple[str, str]]:
+    """(mirror URL, suite) pairs the base's apt sources name: release, -updates, and -security."""
+    main, security = (mirror.url, finalize_mirrors(mirror.url, None)[1]) if mirror.snapshot is None else \
+        finalize_mirrors(None, mirror.snapshot)
+    pairs = [(main, release), (main, f"{release}-updates")]
+    if security:
+        pairs.append((security, f"{release}-security"))
+    return pairs
+
+
+def served_versions(pairs: list[tuple[str, str]], components: tuple[str, ...], arch: str,
+                    wanted: set[str]) -> dict[str, set[str]]:
+    """The versions of each package in `wanted` that the suites' Packages indexes list."""
+    found: dict[str, set[str]] = {name: set() for name in wanted}
+    for url, suite in pairs:
+        for component in components:
+            index = f"{url.rstrip('/')}/dists/{suite}/{component}/binary-{arch}/Packages.xz"
+            _collect(fetch_index(index), wanted, found)
+    return found
+
+
+def fetch_index(url: str) -> str:
+    """A Packages.xz, decompressed; empty when the mirror has none (404: a suite without that component)."""
+    try:
+        with urllib.request.urlopen(url, timeout=INDEX_TIMEOUT) as response:  # noqa: S310 (the class's mirror)
+            return lzma.decompress(response.read()).decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return ""
+        raise BuildError(f"reading {url}: HTTP {exc.code}") from None
+    except (urllib.error.URLError, TimeoutError, OSError, lzma.LZMAError) as exc:
+        raise BuildError(f"reading {url}: {exc}", hint="the build needs this mirror for the driver") from None
+
+
+def _collect(text: str, wanted: set[str], found: dict[str, set[str]]) -> None:
+    name = None
+    for line in text.splitlines():
+        if line.startswith("Package: "):
+            name = line[9:].strip()
+        elif line.startswith("Version: ") and name in wanted:
+            found[name].add(line[9:].strip())

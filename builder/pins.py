@@ -11,6 +11,8 @@ versions the index does publish.
 from __future__ import annotations
 
 import json
+import re
+import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -23,6 +25,8 @@ from packaging.version import InvalidVersion, Version
 from builder import paths
 from builder.errors import BuildError, SpecError
 from builder.loader import load_merged
+from builder.mirrors import BaseMirror, finalize_base_mirror, finalize_suites, served_versions
+from builder.render import want_pinned_driver
 from builder.spec import HardwareClass
 from builder.state import StateDir
 from builder.wheels import WheelTarget, finalize_target, make_wheelhouse, want_download
@@ -44,6 +48,7 @@ def finalize_pins(hc: HardwareClass, target: WheelTarget) -> tuple[Pin, ...]:
     pins = []
     for requirement in target.requirements:
         name, _, version = requirement.partition("==")
+        name = name.split("[", 1)[0]  # onnxruntime-gpu[cuda,cudnn]: the extras' wheels are locked by hash
         own = canonicalize_name(name) == canonicalize_name(hc.spec.runtime.name.value)
         pins.append(Pin(name, version, ("spec", "runtime", "version") if own else None))
     return tuple(pins)
@@ -125,6 +130,39 @@ def check_pins(hc: HardwareClass, source: str, lines: dict[tuple[str, ...], str]
                         f"Python {target.python_version} {target.platform} ({seen})")
     if problems:
         raise SpecError(source, problems)
+
+
+def check_driver_pins(hc: HardwareClass, source: str, lines: dict[tuple[str, ...], str] | None = None,
+                      mirror: BaseMirror | None = None) -> None:
+    """Refuse (SpecError) a driver version the base's mirror does not serve for every package the class
+    pins to it (builder.render.want_pinned_driver), naming the versions it does serve."""
+    driver = hc.spec.accelerator.driver
+    if driver is None or not want_pinned_driver(hc) or hc.spec.base.release is None:
+        return
+    mirror = mirror or finalize_base_mirror(hc)
+    pairs = finalize_suites(hc.spec.base.release, mirror)
+    wanted = set(driver.packages) | set(driver.build_packages)
+    found = served_versions(pairs, tuple(hc.spec.base.components), hc.spec.architecture.debian_arch, wanted)
+    where = (lines or {}).get(("spec", "accelerator", "driver", "version"), source)
+    suites = ", ".join(suite for _, suite in pairs)
+    problems = []
+    for name in sorted(wanted):
+        versions = sorted(found[name], key=_debian_key, reverse=True)
+        if driver.version not in versions:
+            serves = f"it serves {', '.join(versions)}" if versions else "it has no such package"
+            problems.append(f"{where}: spec.accelerator.driver.version: {name}={driver.version} is not served by "
+                            f"{mirror.url} ({suites}; {' '.join(hc.spec.base.components)}): {serves}")
+        elif versions[0] != driver.version:
+            print(f"warning: {name}={driver.version} is served but apt's candidate is {versions[0]}: dependencies "
+                f"pinned to the same version (libnvidia-ptxjitcompiler1, nvidia-alternative) may not resolve",
+                  file=sys.stderr)
+    if problems:
+        raise SpecError(source, problems)
+
+
+def _debian_key(version: str) -> list[tuple[int, str]]:
+    """An approximate Debian version order (enough to say which pin is newest)."""
+    return [(int(p), "") if p.isdigit() else (-1, p) for p in re.split(r"[.+~:-]", version)]
 
 
 def spec_lines(source: str) -> dict[tuple[str, ...], str]:

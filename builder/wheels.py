@@ -63,7 +63,8 @@ def finalize_target(hc: HardwareClass) -> WheelTarget:
     rt = hc.spec.runtime
     python, glibc = TARGETS[hc.spec.base.family]
     machine = "aarch64" if hc.spec.architecture is Architecture.aarch64 else "x86_64"
-    return WheelTarget(requirements=(f"{rt.name.value}=={rt.version}", NUMPY), python_version=python,
+    extras = f"[{','.join(rt.extras)}]" if rt.extras else ""  # e.g. the CUDA 12 wheels of onnxruntime-gpu
+    return WheelTarget(requirements=(f"{rt.name.value}{extras}=={rt.version}", NUMPY), python_version=python,
                        platform=f"manylinux_{glibc}_{machine}", index=rt.index)
 
 

@@ -131,8 +131,10 @@ def render_cmd(cls: str, output: Path | None, version: str, revision: str, no_wh
                               f"run `kiln model optimize {hc.name}`", markup=False, soft_wrap=True)
     plan = render.finalize_plan(hc, source=source_of(cls), version=version, revision=revision,
                                 models=artifacts)
-    from builder.pins import make_checked_wheelhouse
+    from builder.pins import check_driver_pins, make_checked_wheelhouse, spec_lines
 
+    if not no_wheels:  # what a build would refuse first: the driver's pin on the base's mirror
+        check_driver_pins(hc, source_of(cls), spec_lines(source_of(cls)))
     wheelhouse = None if no_wheels else make_checked_wheelhouse(hc, cli_context().state, source_of(cls))
     out = render.make_context(plan, output or paths.render_dir(hc.name), wheelhouse)
     click.echo(f"rendered {hc.name} {version} -> {out}/Containerfile")

@@ -53,7 +53,7 @@ def test_an_unpublished_pin_names_file_line_and_the_nearest_versions() -> None:
         pins.check_pins(bad, source, pins.spec_lines(source))
     text = str(info.value)
     line = next(i for i, ln in enumerate((ROOT / source).read_text().splitlines(), 1)
-                if ln.strip().startswith("version:") and "1.31" in ln)
+                if ln.strip().startswith("version:") and "1.26" in ln)
     assert f"{source}:{line}: spec.runtime.version: onnxruntime-gpu==1.32.0 is not published on" in text
     assert "for Python 3.11 manylinux_2_36_x86_64 (nearest published: 1.31.1, 1.31.0" in text
 
@@ -76,3 +76,17 @@ def test_kiln_build_refuses_a_bad_pin_in_seconds(tmp_path: Path) -> None:
     assert elapsed < 60, f"refused after {elapsed:.0f} s"
     assert "==> the runtime's wheels" in r.stderr and "==> offline base" not in r.stderr  # nothing slow ran first
     assert not (ROOT / "build/qemu-x86_64/0.0.1-badpin/build.json").exists()
+
+
+def test_gpu_driver_pin_is_served_by_the_base_mirror() -> None:
+    """The Debian mirror (the fallback here: snapshot.debian.org is out of reach) serves the pinned driver
+    for every package of the image and of the modules stage; an unserved pin is a located spec error."""
+    hc = load_class("factory-gateway-gpu", ROOT / "images")
+    source = "images/factory-gateway-gpu.yaml"
+    pins.check_driver_pins(hc, source, pins.spec_lines(source))
+    bad = hc.model_copy(update={"spec": hc.spec.model_copy(update={"accelerator": hc.spec.accelerator.model_copy(
+        update={"driver": hc.spec.accelerator.driver.model_copy(update={"version": "535.247.01"})})})})  # type: ignore[union-attr]
+    with pytest.raises(SpecError) as info:
+        pins.check_driver_pins(bad, source, pins.spec_lines(source))
+    assert "spec.accelerator.driver.version: libcuda1=535.247.01 is not served by" in str(info.value)
+    assert "it serves 535.309.01-0+deb12u1" in str(info.value)

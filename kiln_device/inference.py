@@ -365,6 +365,15 @@ def load_model(entry: ModelEntry, providers: list[str], threads: int, *,
             raise ModelProblem(f"model {entry.name} {entry.version}: {entry.path} does not load in "
                                f"onnxruntime: {first_line(exc)}") from None
         sess, error = cpu_session(entry, threads, first_line(exc))
+    openvino_reason = None
+    if release is not None and device is None and sess.get_providers()[0] != providers[0] == OPENVINO:
+        # OpenVINO without its device (an iGPU box's image in QEMU): onnxruntime fell back to its
+        # plain CPU provider. OpenVINO's own CPU device still runs the model the class's way.
+        cpu = openvino_cpu_session(entry, providers, release, threads)
+        if cpu is not None:
+            wanted = provider_options(release, OPENVINO, precision=entry.precision)["device_type"]
+            sess, with_options = cpu
+            openvino_reason = f"{OPENVINO} device {wanted} unavailable; running on {OPENVINO} (CPU device)"
     load_ms = (time.perf_counter() - start) * 1e3
     inputs, outputs = sess.get_inputs(), sess.get_outputs()
     if len(inputs) != 1 or not outputs:
@@ -375,9 +384,20 @@ def load_model(entry: ModelEntry, providers: list[str], threads: int, *,
         raise ModelProblem(f"model {entry.name}: unsupported input type {inputs[0].type}")
     if sess.get_providers()[0] != providers[0]:
         log(f"note: model {entry.name} runs on {sess.get_providers()[0]}, not {providers[0]}")
-    reason = accelerator_problem(release, sess, error) if release is not None else None
+    reason = openvino_reason or (accelerator_problem(release, sess, error) if release is not None else None)
     return LoadedModel(entry, sess, inputs[0].name, tuple(inputs[0].shape), dtype, outputs[0].name, load_ms,
                        reason, openvino_options(with_options))
+
+
+def openvino_cpu_session(entry: ModelEntry, providers: list[str], release: dict[str, Any],
+                         threads: int) -> tuple[ort.InferenceSession, list[Any]] | None:
+    """The model on OpenVINO's CPU device (None: that does not run it either)."""
+    options = session_providers(release, providers, precision=entry.precision, device="CPU", threads=threads)
+    try:
+        sess = ort.InferenceSession(str(entry.file), session_options(graph_level(entry), threads), providers=options)
+    except Exception:
+        return None
+    return (sess, options) if sess.get_providers()[0] == OPENVINO else None
 
 
 def cpu_session(entry: ModelEntry, threads: int, error: str) -> tuple[ort.InferenceSession, str]:

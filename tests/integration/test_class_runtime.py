@@ -6,6 +6,7 @@ directory and makes the runtime venv there (.kiln/runtimes/<key>/); later runs r
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -57,3 +58,34 @@ def test_kiln_model_optimize_gates_on_the_openvino_ep() -> None:
     assert "reference (not gated)" in text
     golden = np.load(paths.model_dir(CLASS, m.name, m.version) / "golden.npz")
     assert float(golden["tolerance"]) == m.validation.golden_tolerance
+
+
+def test_the_device_runs_openvino_on_its_cpu_device_when_the_igpu_is_missing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """kiln_device.inference under the class's own runtime (onnxruntime-openvino, its venv) on a host
+    without an iGPU, as the image boots in QEMU: asked for OpenVINO's GPU device, onnxruntime falls
+    back to its plain CPU provider; the device retries OpenVINO's CPU device and says it is degraded."""
+    from builder.context import make_context
+    from builder.runtime_venv import make_runtime_venv
+
+    state = make_context().state
+    python = make_runtime_venv(load_class(CLASS, ROOT / "images"), state, f"images/{CLASS}.yaml")
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from kiln_device import inference as ki\n"
+        "release = {'runtime': {'name': 'onnxruntime-openvino', 'device': 'GPU',\n"
+        "           'executionProviders': ['OpenVINOExecutionProvider', 'CPUExecutionProvider']}}\n"
+        f"entry = ki.ModelEntry(name='digits', version='1.0.0', precision='fp16', sha256='', path='x',\n"
+        f"                      file=Path({str(ROOT / 'models/digits/digits.onnx')!r}))\n"
+        "m = ki.load_model(entry, ['OpenVINOExecutionProvider', 'CPUExecutionProvider'], 1, release=release)\n"
+        "print(json.dumps({'providers': m.session.get_providers(), 'reason': m.degraded_reason,\n"
+        "                  'openvino': m.openvino}))\n")
+    env = {"PYTHONPATH": str(ROOT), "PATH": os.environ.get("PATH", "")}
+    r = subprocess.run([str(python), str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["providers"][0] == "OpenVINOExecutionProvider"
+    assert out["openvino"]["device_type"] == "CPU" and out["openvino"]["precision"] == "FP32"
+    assert out["reason"] == ("OpenVINOExecutionProvider device GPU unavailable; "
+                             "running on OpenVINOExecutionProvider (CPU device)")

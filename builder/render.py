@@ -8,6 +8,7 @@ spec, version, revision and model files give byte-identical output.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -400,8 +401,17 @@ def make_runtime_files(plan: RenderPlan, dest: Path, wheelhouse: Path | None) ->
         (dest / "requirements.txt").write_text("\n".join(target.requirements) + "\n")
         return
     for wheel in wheels.wheel_files(wheelhouse):
-        shutil.copyfile(wheel, dest / "wheels" / wheel.name)
+        link_or_copy(wheel, dest / "wheels" / wheel.name)
     (dest / "requirements.txt").write_text(wheels.render_locked_requirements(wheelhouse))
+
+
+def link_or_copy(src: Path, dest: Path) -> None:
+    """A hard link to a wheel of the (immutable) wheelhouse, a copy across filesystems: the CUDA
+    wheels alone are 2 GB, and a copy per build context filled the disk by the version."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
 
 
 def make_repo_files(plan: RenderPlan, dest: Path) -> None:

@@ -252,3 +252,18 @@ def test_labels_say_what_the_image_contains() -> None:
     cpu = dict(plan("qemu-x86_64").labels)
     assert (cpu["dev.kiln.driver"], cpu["dev.kiln.toolkit"], cpu["dev.kiln.cdi"]) == ("none", "absent", "none")
     assert "dev.kiln.cuda" not in cpu
+
+
+def test_context_links_the_wheelhouse_instead_of_copying_it(tmp_path: Path) -> None:
+    """The GPU class's wheels are 2 GB: each build context hard-links them (a copy per version filled
+    the disk), and the context still renders the same locked requirements and bytes."""
+    house = tmp_path / "wheels"
+    house.mkdir()
+    wheel = house / "numpy-2.2.6-cp311-cp311-manylinux_2_17_x86_64.whl"
+    wheel.write_bytes(b"not really a wheel, but bytes to lock\n")
+    ctx = make_context(plan("qemu-x86_64"), tmp_path / "ctx", house)
+    linked = ctx / "runtime/wheels" / wheel.name
+    assert linked.read_bytes() == wheel.read_bytes()
+    assert linked.stat().st_ino == wheel.stat().st_ino and wheel.stat().st_nlink == 2
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    assert f"numpy==2.2.6 --hash=sha256:{digest}" in (ctx / "runtime/requirements.txt").read_text()

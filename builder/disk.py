@@ -23,7 +23,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from builder.errors import CommandFailed, DiskError, KilnError, UsageError
 from builder.files import write_json_atomic
 from builder.image import ImageInfo, read_image_info
 from builder.progress import Steps
+from builder.provision import EtcFile, place_etc_files
 from builder.run import find_tool, run
 from builder.safe import format_size
 from builder.spec import Architecture, RootFilesystem
@@ -259,16 +260,19 @@ class DiskRecord:
     development: bool
     partitions: list[dict[str, Any]]
     durations: dict[str, float] = field(default_factory=dict)
+    etc: list[dict[str, Any]] = field(default_factory=list)  # files placed in /etc at flash time (digests)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def make_disk(ctx: Context, source: str, *, output: Path | None = None, fmt: str = "raw",
-              size: int | None = None, version: str | None = None) -> DiskRecord:
+              size: int | None = None, version: str | None = None,
+              etc: Sequence[EtcFile] = ()) -> DiskRecord:
     """Unpack `source` (an image ref in Kiln's store, or a rootfs directory) and write its disk.
 
     `version` overrides the image's release.json version (it names the disk's identifiers).
+    `etc`: this device's own files for its /etc (builder.provision), in the data partition.
     """
     state, steps = ctx.state, ctx.steps
     mark = steps.mark()
@@ -286,7 +290,7 @@ def make_disk(ctx: Context, source: str, *, output: Path | None = None, fmt: str
             plan = finalize_disk_plan(info, output=output, fmt=fmt, size=size)
             check_tools(fmt)
         seed = None if Path(source).is_dir() else (source, state)
-        record = make_disk_from_rootfs(plan, info, rootfs, steps, seed=seed)
+        record = make_disk_from_rootfs(plan, info, rootfs, steps, seed=seed, etc=etc)
     record.durations = steps.summary(since=mark)
     write_disk_record(plan.output, record)
     return record
@@ -346,7 +350,7 @@ def open_rootfs(source: str, engine_env: dict[str, str]) -> Iterator[Path]:
 
 
 def make_disk_from_rootfs(plan: DiskPlan, info: ImageInfo, rootfs: Path, steps: Steps,
-                          seed: tuple[str, StateDir] | None = None) -> DiskRecord:
+                          seed: tuple[str, StateDir] | None = None, etc: Sequence[EtcFile] = ()) -> DiskRecord:
     """Build each partition's filesystem in a scratch dir, check they fit, then write the disk.
 
     `seed` (image ref, state dir): also put the image itself, as an OCI layout, where the
@@ -363,6 +367,9 @@ def make_disk_from_rootfs(plan: DiskPlan, info: ImageInfo, rootfs: Path, steps: 
         if seed is not None:
             with steps.step("data: the image as the agent's OCI layout (delta updates)"):
                 make_oci_seed(seed[0], seed[1], plan.version, tmp / "data")
+        if etc:
+            with steps.step(f"data: {len(etc)} file(s) for this device's /etc"):
+                place_etc_files(etc, tmp / "data")
         with steps.step("data: ext4 with the /etc and /var overlay dirs"):
             make_data_image(plan, images["data"], tmp / "data")
         with steps.step(f"assemble the GPT disk ({format_size(plan.size)})"):
@@ -379,6 +386,7 @@ def make_disk_from_rootfs(plan: DiskPlan, info: ImageInfo, rootfs: Path, steps: 
         format=plan.fmt, size=plan.size, file_size=plan.output.stat().st_blocks * 512,
         root_image_size=root_size, development=info.development,
         partitions=[{**asdict(p), "end": p.end} for p in plan.partitions],
+        etc=[f.record() for f in etc],
     )
 
 

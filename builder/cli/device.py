@@ -22,21 +22,30 @@ from builder.cli.common import checked, cli_context, console, err_console
               "esp and root partitions leave. Default: the sizes in spec.disk.")
 @click.option("--version", "version", help="With CLASS: which build (default: the newest). "
               "With IMAGE or ROOTFS: the version the disk is named for (default: release.json's).")
+@click.option("--etc", "etc", multiple=True, metavar="DEST=FILE",
+              help="Put FILE in this device's /etc as DEST (relative to /etc, e.g. kiln/agent.json=site.json), "
+              "in the data partition; repeatable. kiln/agent.json is checked as the agent reads it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the disk record as JSON.")
 def disk_cmd(source: str, output: Path | None, fmt: str, size: str | None, version: str | None,
-             as_json: bool) -> None:
+             etc: tuple[str, ...], as_json: bool) -> None:
     """Write a bootable A/B GPT disk (esp | root-a | root-b | data) from an image.
 
     SOURCE is a class (its newest build, or --version's), an image in Kiln's
     store (localhost/kiln/CLASS:VERSION) or an unpacked rootfs directory.
     Nothing is mounted; nothing is written when the image does not fit.
+    A device's own settings (its registry and channel, site drop-ins) go in with --etc:
+    the image stays the same for every device of the class.
     """
     from builder.disk import make_disk, resolve_source
+    from builder.provision import check_unique, parse_etc
     from builder.safe import byte_size, format_size
 
     size_bytes = checked("--size", byte_size, size) if size is not None else None
+    etc_files = [parse_etc(spec) for spec in etc]
+    check_unique(etc_files)
     ref, version = resolve_source(source, version)
-    record = make_disk(cli_context(), ref, output=output, fmt=fmt, size=size_bytes, version=version)
+    record = make_disk(cli_context(), ref, output=output, fmt=fmt, size=size_bytes, version=version,
+                       etc=etc_files)
     if as_json:
         click.echo(json.dumps(record.to_dict(), indent=2))
         return

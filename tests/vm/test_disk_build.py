@@ -96,10 +96,32 @@ def test_cli_disk_not_a_kiln_image(tmp_path: Path) -> None:
     assert "is not a Kiln image" in r.stderr and not (tmp_path / "d.raw").exists()
 
 
-def test_cli_disk_json(qemu_disk: BuiltDisk, tmp_path: Path) -> None:
+def test_cli_disk_json_and_etc_files(qemu_disk: BuiltDisk, tmp_path: Path) -> None:
+    """qcow2 and --json; --etc puts a device's own files in its data partition's /etc overlay."""
+    agent = tmp_path / "agent.json"
+    agent.write_text('{"registry": "10.0.2.2:5000", "channel": "beta"}\n')
+    token = tmp_path / "token"
+    token.write_text("per-device\n")
+    token.chmod(0o600)
     r = kiln("disk", qemu_disk.record.source, "--version", qemu_disk.version, "--format", "qcow2",
-             "-o", str(tmp_path / "d.qcow2"), "--json")
+             "-o", str(tmp_path / "d.qcow2"), "--json", "--etc", f"kiln/agent.json={agent}",
+             "--etc", f"kiln/token={token}")
     assert r.returncode == 0, r.stderr
     record = json.loads(r.stdout)
     assert record["format"] == "qcow2" and (tmp_path / "d.qcow2").read_bytes()[:4] == b"QFI\xfb"
     assert json.loads((tmp_path / "d.qcow2.json").read_text())["class_name"] == "qemu-x86_64"
+    assert [e["path"] for e in record["etc"]] == ["/etc/kiln/agent.json", "/etc/kiln/token"]
+    assert "per-device" not in r.stdout + r.stderr
+    raw = tmp_path / "d.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", tmp_path / "d.qcow2", raw], check=True)
+    (tmp_path / "d.qcow2").unlink()
+    target = f"{raw}?offset={disk.partition_offset(raw, 'data')}"
+    upper = "/overlay/etc/upper/kiln"
+    cat = subprocess.run(["debugfs", "-R", f"cat {upper}/agent.json", target], capture_output=True, text=True)
+    assert json.loads(cat.stdout) == {"registry": "10.0.2.2:5000", "channel": "beta"}
+    st = subprocess.run(["debugfs", "-R", f"stat {upper}/token", target], capture_output=True, text=True).stdout
+    assert "Mode:  0600" in st and "User:     0" in st, st
+    raw.unlink()
+    bad = kiln("disk", qemu_disk.record.source, "-o", str(tmp_path / "bad.raw"), "--etc", f"kiln/agent.json={token}")
+    assert bad.returncode == 2 and "not valid JSON" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "bad.raw").exists()

@@ -8,6 +8,7 @@ import re
 
 from builder.errors import UsageError
 from builder.spec import BaseSource, Family, HardwareClass
+from kiln_device import version as kv
 
 IMAGE_REPO = "localhost/kiln"
 BASE_REPO = f"{IMAGE_REPO}/base"
@@ -15,11 +16,13 @@ _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
 def finalize_tag(version: str) -> str:
-    """An OCI tag for a version: `+` (semver build metadata) becomes `_`."""
-    tag = version.replace("+", "_")
-    if not _TAG.fullmatch(tag):
-        raise UsageError(f"version {version!r} cannot be an image tag (letters, digits, _ . - and +)")
-    return tag
+    """An OCI tag for a version: the version itself (the grammar, kiln_device.version, is tag-safe)."""
+    try:
+        kv.check(version)
+    except ValueError as exc:
+        raise UsageError(f"version: {exc}") from None
+    assert _TAG.fullmatch(version), version
+    return version
 
 
 def image_ref(cls: str, version: str) -> str:

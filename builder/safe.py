@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+from kiln_device import version as kv
+
 UNITS = {"": 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4,
          "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4}
 
@@ -15,7 +17,7 @@ _PACKAGE = re.compile(r"[a-z0-9][a-z0-9+._-]*(?:[=<>]{1,2}[A-Za-z0-9.+~:_-]+)?")
 _KARG = re.compile(r"[A-Za-z0-9_.,:/=+@-]+")
 _RELPATH = re.compile(r"[A-Za-z0-9_.+-]+(?:/[A-Za-z0-9_.+-]+)*")
 _ABSPATH = re.compile(r"(?:/[A-Za-z0-9_.+-]+)+/?")
-_VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+~_-]*")
+_PACKAGE_VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+~_-]*")
 _URL = re.compile(r"https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?(?:/[A-Za-z0-9._~/%+-]*)?")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _DEFAULTS = re.compile(r"_?[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -63,7 +65,13 @@ def absolute_path(value: str) -> str:
 
 
 def version(value: str) -> str:
-    return _match(_VERSION, value, "version", "letters, digits and . + ~ _ -")
+    """A Kiln version: the one grammar the builder, the agent and systemd-boot order alike (kiln_device.version)."""
+    return kv.check(value)
+
+
+def package_version(value: str) -> str:
+    """A version someone else gives (a driver package, a wheel, a model): theirs, only made safe to use."""
+    return _match(_PACKAGE_VERSION, value, "version", "letters, digits and . + ~ _ -")
 
 
 def url(value: str) -> str:

@@ -33,7 +33,8 @@ PackageName = Annotated[str, AfterValidator(safe.package_name)]
 KernelArg = Annotated[str, AfterValidator(safe.kernel_arg)]
 RelPath = Annotated[str, AfterValidator(safe.relative_path)]
 AbsPath = Annotated[str, AfterValidator(safe.absolute_path)]
-Version = Annotated[str, AfterValidator(safe.version)]
+Version = Annotated[str, AfterValidator(safe.version)]  # a Kiln release: the one grammar (kiln_device.version)
+PackageVersion = Annotated[str, AfterValidator(safe.package_version)]  # a driver's, a runtime's, a model's
 Url = Annotated[str, AfterValidator(safe.url)]
 Registry = Annotated[str, AfterValidator(safe.registry)]
 Name = Annotated[str, AfterValidator(safe.name)]
@@ -156,10 +157,10 @@ class ModuleBuild(enum.StrEnum):
 
 class Driver(Strict):
     name: Name
-    branch: Version | None = None
+    branch: PackageVersion | None = None
     # The distribution's package version (apt: 535.309.01-0+deb12u1): every package of the driver is
     # pinned to it, in the image and in the modules stage.
-    version: Version
+    version: PackageVersion
     # What the final image installs: the driver's user space (and firmware).
     packages: tuple[PackageName, ...] = ()
     # kernelModules: image only: what a throwaway build stage installs to build the kernel modules
@@ -195,7 +196,7 @@ class Toolkit(Strict):
     source: ToolkitSource = ToolkitSource.repository
     repository: Name | None = None  # source: repository: the spec.repositories entry it comes from
     name: Name | None = None
-    version: Version | None = None
+    version: PackageVersion | None = None
     cdi: CdiMode = CdiMode.boot
 
     @property
@@ -253,7 +254,7 @@ class RuntimeName(enum.StrEnum):
 
 class Runtime(Strict):
     name: RuntimeName
-    version: Version
+    version: PackageVersion
     index: Url | None = None
     execution_providers: tuple[Name, ...]
     device: Name | None = None  # OpenVINO device (CPU, GPU, NPU) when the EP takes one
@@ -301,7 +302,7 @@ class Gates(Strict):
 
 class Model(Strict):
     name: Name
-    version: Version
+    version: PackageVersion
     source: RelPath
     task: Literal["classification"] = "classification"
     precision: Precision = Precision.auto

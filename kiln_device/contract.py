@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kiln_device import version as kv
+
 # --- paths on the device ---------------------------------------------------------------
 
 LIB_DIR = "/usr/lib/kiln"  # read-only: what the image brings
@@ -123,7 +125,7 @@ def parse_release(data: Mapping[str, Any]) -> Release:
 # What the agent accepts from an image it has not installed yet (labels, release.json): the
 # builder's own rules (builder/safe.py), with a length cap. Anything else is refused, never parsed.
 MAX_LABEL_LENGTH = 128
-VERSION_RE = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+~_-]*")
+VERSION_RE = kv.VERSION_RE  # one grammar (kiln_device.version): MAJOR.MINOR.PATCH[-word.N...]
 COMPATIBLE_RE = re.compile(r"[a-z0-9][a-z0-9-]*,[a-z0-9][a-z0-9_.,/-]*")
 CLASS_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 KERNEL_ARG_RE = re.compile(r"[A-Za-z0-9_.,:/=+@-]+")
@@ -189,9 +191,15 @@ def other_slot(slot: str) -> str:
     return "b" if slot == "a" else "a"
 
 
+def entry_text(version: str) -> str:
+    """A version as a boot entry carries it (file name, `version` line): a Kiln version with `~` before its
+    pre-release, which systemd-boot sorts below the release; a version of an older grammar as it is."""
+    return kv.entry_version(version) if kv.is_valid(version) else version
+
+
 def entry_name(version: str, slot: str, tries: int | None = None) -> str:
     """`kiln-<version>-<slot>.conf`; with tries, systemd's boot counter `+N` (a trial entry)."""
-    return f"kiln-{version}-{slot}" + (f"+{tries}" if tries is not None else "") + ".conf"
+    return f"kiln-{entry_text(version)}-{slot}" + (f"+{tries}" if tries is not None else "") + ".conf"
 
 
 @dataclass(frozen=True)
@@ -216,8 +224,8 @@ def parse_entry_name(name: str) -> Entry | None:
     if not m:
         return None
     left, done = m.group("left"), m.group("done")
-    return Entry(name, m.group("version"), m.group("slot"), int(left) if left is not None else None,
-                 int(done) if done is not None else None)
+    return Entry(name, kv.from_entry_version(m.group("version")), m.group("slot"),
+                 int(left) if left is not None else None, int(done) if done is not None else None)
 
 
 def esp_kernel_dir(slot: str) -> str:
@@ -230,7 +238,7 @@ def render_entry(*, cls: str, version: str, slot: str, partuuid: str, kargs: Seq
     """A Boot Loader Specification type #1 entry for one slot (`kiln disk` and the agent)."""
     options = [f"root=PARTUUID={partuuid}", "ro", f"rootfstype={rootfstype}", f"{SLOT_KARG}={slot}", *kargs]
     kdir = esp_kernel_dir(slot)
-    return (f"title Kiln {cls} {version} (slot {slot})\nversion {version}\nsort-key kiln\n"
+    return (f"title Kiln {cls} {version} (slot {slot})\nversion {entry_text(version)}\nsort-key kiln\n"
             f"linux {kdir}/vmlinuz\ninitrd {kdir}/initramfs.img\noptions {' '.join(options)}\n")
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import re
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
+from kiln_device import version as kv
 from kiln_device.agent.errors import AgentError
 from kiln_device.contract import (
     BAD_IMAGE,
@@ -25,38 +25,22 @@ from kiln_device.contract import (
     UP_TO_DATE,
     VERSION_RE,
     Release,
+    entry_text,
 )
 
 
-def version_key(version: str) -> tuple[Any, ...]:
-    """Order versions like SemVer 2.0: numeric dot parts compared as numbers (missing parts
-    are 0), a pre-release (after '-' or '~') sorts before its release, build metadata
-    (after '+', or '_' as in an image tag) is ignored. Non-numeric parts compare as text,
-    after numbers. 1.2 < 1.10, 1.0.0-rc.1 < 1.0.0 = 1.0.0+b2. Total and safe for any string:
-    numbers are compared by their digits (no int(), so no digit limit)."""
-    core = re.split(r"[+_]", version, maxsplit=1)[0]
-    m = re.match(r"^([^-~]*)(?:[-~](.*))?$", core)
-    assert m is not None
-    release, pre = m.group(1), m.group(2)
-
-    def number(p: str) -> tuple[int, int, str]:
-        digits = p.lstrip("0")
-        return (0, len(digits), digits)  # longer is larger; same length compares digit by digit
-
-    def parts(text: str) -> list[tuple[int, int, str]]:
-        return [number(p) if p.isascii() and p.isdigit() else (1, 0, p) for p in text.split(".") if p != ""]
-
-    rel = parts(release)
-    while rel and rel[-1] == (0, 0, ""):
-        rel.pop()
-    # A release sorts after any of its pre-releases: (1,) > (0, ...).
-    pre_key: tuple[Any, ...] = (1,) if pre is None else (0, tuple(parts(pre)))
-    return (tuple(rel), pre_key)
-
-
 def compare_versions(a: str, b: str) -> int:
-    ka, kb = version_key(a), version_key(b)
-    return (ka > kb) - (ka < kb)
+    """-1, 0 or 1: Kiln's one order (SemVer on the one grammar, kiln_device.version), which is
+    systemd-boot's order of the boot entries (proven in tests/unit/test_version.py). A version of
+    an older grammar (the running image of a device built before it) is ordered as systemd-boot
+    orders its entry, so the agent never expects the boot loader to prefer another entry than
+    it will."""
+    if kv.is_valid(a) and kv.is_valid(b):
+        return kv.compare(a, b)
+    return kv.strverscmp_improved(entry_text(a), entry_text(b))
+
+
+version_key = functools.cmp_to_key(compare_versions)
 
 
 @dataclass(frozen=True)
@@ -111,8 +95,8 @@ def candidate_from_labels(labels: dict[str, str], digest: str) -> Candidate:
     if not version or not compatible:
         raise AgentError(INCOMPATIBLE, f"image {digest[:19]} is not a Kiln release: labels {LABEL_VERSION} "
                                        f"and {LABEL_COMPATIBLE} are required")
-    rules = ((LABEL_VERSION, VERSION_RE, "letters, digits and . + ~ _ -"),
-             (LABEL_MIN_VERSION, VERSION_RE, "letters, digits and . + ~ _ -"),
+    rules = ((LABEL_VERSION, VERSION_RE, kv.GRAMMAR),
+             (LABEL_MIN_VERSION, VERSION_RE, kv.GRAMMAR),
              (LABEL_COMPATIBLE, COMPATIBLE_RE, "<vendor>,<class>: lowercase letters, digits and _ . , / -"),
              (LABEL_CLASS, CLASS_RE, "letters, digits and _ . -"))
     for key, pattern, allowed in rules:

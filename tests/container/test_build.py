@@ -25,7 +25,7 @@ from builder.build import build_class
 from builder.cli import main
 from builder.context import make_context
 from builder.engine import DockerEngine, PodmanEngine
-from builder.errors import GateFailed, RegistryError
+from builder.errors import GateFailed, RegistryError, UsageError
 from builder.loader import load_class
 from builder.net import free_port
 from builder.publish import push_build
@@ -82,8 +82,11 @@ def test_layer_groups_follow_the_rendered_containerfile() -> None:
 
 @pytest.mark.unit
 def test_tags_and_destinations() -> None:
-    assert names.image_ref("qemu-x86_64", "1.2.3+build.4") == "localhost/kiln/qemu-x86_64:1.2.3_build.4"
-    assert names.finalize_destination("127.0.0.1:5000/", "c", "1") == "127.0.0.1:5000/kiln/c:1"
+    assert names.image_ref("qemu-x86_64", "1.2.3-rc.4") == "localhost/kiln/qemu-x86_64:1.2.3-rc.4"
+    assert names.finalize_destination("127.0.0.1:5000/", "c", "1.0.0") == "127.0.0.1:5000/kiln/c:1.0.0"
+    for bad in ("1.2.3+build.4", "1", "v1.0"):  # no version outside the grammar becomes a tag
+        with pytest.raises(UsageError, match="is not a Kiln version"):
+            names.finalize_tag(bad)
     assert publish.is_loopback("127.0.0.1:5000") and publish.is_loopback("localhost:5000/x")
     assert not publish.is_loopback("registry.example.com:5000")
 

@@ -142,8 +142,8 @@ def test_only_erofs_roots(tmp_path: Path) -> None:
 
 
 def test_default_output_is_the_release_dir(tmp_path: Path) -> None:
-    plan = disk.finalize_disk_plan(info(tmp_path, version="1.0.0+b7"), fmt="qcow2")
-    assert plan.output.parts[-3:] == ("qemu-x86_64", "1.0.0_b7", "disk.qcow2")
+    plan = disk.finalize_disk_plan(info(tmp_path, version="1.0.0-b.7"), fmt="qcow2")
+    assert plan.output.parts[-3:] == ("qemu-x86_64", "1.0.0-b.7", "disk.qcow2")
 
 
 # --- identifiers -------------------------------------------------------------------------
@@ -360,7 +360,7 @@ def test_cli_disk_version_cannot_escape_the_build_dir(tmp_path: Path) -> None:
     root = make_rootfs(tmp_path / "rootfs")
     r = kiln("disk", str(root), "--version", "../../../escaped")
     assert r.returncode == 2, r.stderr
-    assert "--version: '../../../escaped' is not a valid version" in r.stderr
+    assert "--version: '../../../escaped' is not a Kiln version" in r.stderr
     assert "Traceback" not in r.stderr
     assert not list(ROOT.parent.glob("escaped*")) and not (ROOT / "escaped").exists()
 
@@ -370,5 +370,5 @@ def test_release_json_cannot_name_paths_outside_build(tmp_path: Path, field: str
     root = make_rootfs(tmp_path / "rootfs")
     release = root / "usr/lib/kiln/release.json"
     release.write_text(json.dumps({**json.loads(release.read_text()), field: value}))
-    with pytest.raises(DiskError, match=f"release.json: {field}: '.*' is not a valid"):
+    with pytest.raises(DiskError, match=f"release.json: {field}: '.*' is not a (valid|Kiln)"):
         image.read_image_info(root, "test-image")

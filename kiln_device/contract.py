@@ -37,6 +37,8 @@ MODELS_DIR = "/usr/share/kiln/models"
 AGENT_STATE_DIR = f"{DATA_DIR}/agent"
 OCI_DIR = f"{DATA_DIR}/oci"
 WORK_DIR = f"{DATA_DIR}/work"
+TRUST_DIR = f"{DATA_DIR}/tuf"  # the TUF client's trusted metadata (survives updates)
+TRUST_ROOT = f"{LIB_DIR}/tuf/root.json"  # the image's TUF trust anchor: present = channels are TUF-verified
 INFERENCE_STATUS = f"{DATA_DIR}/inference/status.json"
 HEALTH_RESULT = f"{DATA_DIR}/health/inference.json"
 # Degraded modes (kiln_device.degraded): each writer records {"degraded", "degraded_reason", "boot_id"};
@@ -151,6 +153,7 @@ AGENT_DEFAULTS: dict[str, Any] = {
     "registry": "", "repository": "", "channel": "", "lookaside": "", "insecure": False,
     "policy": POLICY_JSON, "release": RELEASE_JSON,
     "stateDir": AGENT_STATE_DIR, "ociDir": OCI_DIR, "workDir": WORK_DIR,
+    "trustRoot": TRUST_ROOT, "trustDir": TRUST_DIR,
     "esp": ESP_MOUNT, "slots": dict(SLOT_DEVICES),
     "partuuids": {}, "cmdline": "/proc/cmdline", "efivars": "/sys/firmware/efi/efivars",
     "bootId": BOOT_ID,
@@ -172,11 +175,12 @@ def default_repository(cls: str) -> str:
 OK, INTERNAL, UP_TO_DATE, INCOMPATIBLE, NOT_NEWER, BLOCKLISTED = 0, 1, 2, 3, 4, 5
 SIGNATURE, UNREACHABLE, NO_SPACE, WRITE_FAILED, LOCKED, CONFIG, USAGE = 6, 7, 8, 9, 10, 11, 64
 BAD_IMAGE = 12  # the release is malformed (labels, release.json, kernel): refused, its digest blocklisted
+STALE = 13  # the channel's TUF metadata expired: nothing is installed until fresh metadata verifies
 AGENT_EXIT_CODES = {
     "ok": OK, "internal": INTERNAL, "up-to-date": UP_TO_DATE, "incompatible": INCOMPATIBLE,
     "not-newer": NOT_NEWER, "blocklisted": BLOCKLISTED, "signature": SIGNATURE, "unreachable": UNREACHABLE,
     "no-space": NO_SPACE, "write-failed": WRITE_FAILED, "locked": LOCKED, "config": CONFIG, "usage": USAGE,
-    "bad-image": BAD_IMAGE,
+    "bad-image": BAD_IMAGE, "stale": STALE,
 }
 
 # --- boot: slots, entries, the ESP -----------------------------------------------------------

@@ -179,7 +179,10 @@ class FakeDevice:
 
     @classmethod
     def create(cls, root: Path, *, registry: str, lookaside: str, key: SigningKey, klass: str = "tiny",
-               compatible: str = "kiln,tiny", version: str = "1.0.0", booted: str = "a") -> FakeDevice:
+               compatible: str = "kiln,tiny", version: str = "1.0.0", booted: str = "a",
+               trust_root: bytes | None = None) -> FakeDevice:
+        """A device of KLASS running VERSION from slot BOOTED; with TRUST_ROOT (a TUF root.json) its image
+        trusts its channel through TUF, as images with a root do."""
         dev = cls(root)
         kiln = contract.under(root, contract.LIB_DIR)
         kiln.mkdir(parents=True)
@@ -198,7 +201,11 @@ class FakeDevice:
                           "b": "22222222-2222-2222-2222-222222222222"},
             "cmdline": str(root / "proc/cmdline"), "efivars": str(root / "efivars"),
             "bootId": str(root / "proc/boot_id"), "rebootCommand": ["true"],
+            "trustRoot": str(contract.under(root, contract.TRUST_ROOT)), "trustDir": str(root / "var/lib/kiln/tuf"),
         }
+        if trust_root is not None:
+            contract.under(root, contract.TRUST_ROOT).parent.mkdir(parents=True)
+            contract.under(root, contract.TRUST_ROOT).write_bytes(trust_root)
         contract.under(root, contract.AGENT_JSON).write_text(json.dumps(config, indent=2))
         (root / "dev").mkdir()
         dev.slot("a").write_bytes(os.urandom(SLOT_SIZE))  # the running system: must never change

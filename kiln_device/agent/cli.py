@@ -100,6 +100,8 @@ def status_data(config: Config, release: Release, state: State, boot: BootContro
         "pending": state.pending, "lastResult": state.data.get("lastResult"),
         "rollbacks": state.data.get("rollbacks", []), "blocklist": blocklist(state),
         "slots": state.data.get("slots", {}), "entries": [e.name for e in boot.entries()],
+        # TUF: fresh, stale (expired metadata: nothing installs) or unverified; null without a TUF root.
+        "trust": state.data.get("trust"),
     }
 
 
@@ -109,6 +111,13 @@ def render_status(data: dict[str, Any]) -> str:
              f"channel {data['channel']} at {data['source'] or '(no registry configured)'}"]
     if data.get("degraded"):
         lines.append(f"degraded: {data['degraded']}")
+    trust = data.get("trust")
+    if trust:
+        lines.append(f"channel metadata: {trust['status']} (checked {trust['checked']})"
+                     + (f", stale since {trust['staleSince']}" if trust.get("staleSince") else "")
+                     + (f": {trust['reason']}" if trust.get("reason") else ""))
+        if trust.get("runningWithdrawn"):
+            lines.append(f"the running release was withdrawn: {trust['runningWithdrawn'].get('reason')}")
     pending = data["pending"]
     if pending:
         lines.append(f"pending: {pending['version']} -> slot {pending['slot']}, phase {pending['phase']}")

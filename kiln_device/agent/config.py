@@ -52,6 +52,8 @@ class Config:
     state_dir: Path
     oci_dir: Path
     work_dir: Path
+    trust_root: Path  # the image's TUF root; absent: an image from before trusted channels (tags + signatures)
+    trust_dir: Path
     esp: Path
     slots: dict[str, Path]
     partuuids: dict[str, str]
@@ -100,6 +102,7 @@ def load_config(extra: str | None = None) -> tuple[Config, Release]:
             insecure=bool(merged["insecure"]),
             policy=Path(merged["policy"]), release=Path(merged["release"]),
             state_dir=Path(merged["stateDir"]), oci_dir=Path(merged["ociDir"]), work_dir=Path(merged["workDir"]),
+            trust_root=Path(merged["trustRoot"]), trust_dir=Path(merged["trustDir"]),
             esp=Path(merged["esp"]),
             slots={s: Path(merged["slots"][s]) for s in SLOTS},
             partuuids={str(k): str(v) for k, v in dict(merged["partuuids"]).items()},

@@ -8,11 +8,12 @@ import errno
 import shutil
 from pathlib import Path
 
+from kiln_device.agent import trust
 from kiln_device.agent.bootctl import BootControl
 from kiln_device.agent.config import Config, read_boot_id, require_registry
 from kiln_device.agent.errors import AgentError, log
 from kiln_device.agent.journal import State, blocklist, fault_point, now
-from kiln_device.agent.oci import fetch, gc_layout, inspect_channel, verified_labels
+from kiln_device.agent.oci import fetch, gc_layout, inspect_channel, inspect_ref, verified_labels
 from kiln_device.agent.slot import NewRoot, Paths, build_erofs, check_tree, unpack, work_paths, write_slot
 from kiln_device.agent.tools import run
 from kiln_device.agent.versions import Candidate, Decision, candidate_from_labels, decide
@@ -25,6 +26,7 @@ from kiln_device.contract import (
     NO_SPACE,
     OK,
     SIGNATURE,
+    STALE,
     UP_TO_DATE,
     WRITE_FAILED,
     Release,
@@ -35,9 +37,40 @@ from kiln_device.contract import (
 
 def cmd_check(config: Config, release: Release, state: State) -> tuple[Decision, Candidate]:
     require_registry(config)
-    cand = inspect_channel(config)
+    cand = trusted_candidate(config, release, state) if trust.enabled(config) else inspect_channel(config)
     decision = decide(release, cand, blocklist(state))
     return decision, cand
+
+
+def trusted_candidate(config: Config, release: Release, state: State) -> Candidate:
+    """The release fresh, verified TUF metadata names for this class and channel, read by digest.
+    The channel's state (fresh or stale, and whether the running release was withdrawn) is kept
+    for `status`, on a refusal too."""
+    try:
+        channel = trust.read_channel(config, release)
+    except AgentError as exc:
+        previous = state.data.get("trust") or {}
+        stale_since = previous.get("staleSince") if previous.get("status") == "stale" else None
+        state.data["trust"] = {**previous, "status": "stale" if exc.code == STALE else "unverified",
+                                 "checked": now(), "reason": exc.message,
+                                 "staleSince": (stale_since or now()) if exc.code == STALE else None}
+        state.save()
+        raise
+    running = channel.find(release.version)
+    withdrawn = running.withdrawn if running else None
+    if withdrawn:
+        log(f"the running release {release.version} was withdrawn ({withdrawn.get('reason')}): "
+            "moving on to the newest release of the channel that is not")
+    chosen = trust.choose(channel, release)
+    state.data["trust"] = {"status": "fresh", "checked": now(), "expires": channel.expires,
+                             "rootVersion": channel.root_version, "newest": chosen.version,
+                             "runningWithdrawn": withdrawn}
+    state.save()
+    cand = inspect_ref(config, f"{config.source}@{chosen.digest}")
+    if (cand.version, cand.compatible, cand.digest) != (chosen.version, chosen.compatible, chosen.digest):
+        raise AgentError(BAD_IMAGE, f"image {chosen.digest[:19]} says {cand.version} for {cand.compatible}; the "
+                                    f"signed channel says {chosen.version} for {chosen.compatible}", blocklist=True)
+    return cand
 
 
 def cmd_update(config: Config, release: Release, state: State, boot: BootControl, *, reboot: bool) -> int:

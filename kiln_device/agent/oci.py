@@ -37,7 +37,12 @@ def tls_flag(config: Config, side: str) -> list[str]:
 
 
 def inspect_channel(config: Config) -> Candidate:
-    ref = f"{config.source}:{config.channel}"
+    """The release the channel's tag names (an image without a TUF root: tags and signatures only)."""
+    return inspect_ref(config, f"{config.source}:{config.channel}")
+
+
+def inspect_ref(config: Config, ref: str) -> Candidate:
+    """An image's labels and digest (REF by tag or @digest), checked before anything uses them."""
     out = skopeo(config, "inspect", "--no-tags", *tls_flag(config, ""), "--retry-times", "2", ref,
                  what=f"reading {ref}", code=UNREACHABLE, timeout=config.timeouts.check, timeout_key="check")
     try:

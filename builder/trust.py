@@ -1,0 +1,322 @@
+"""Trusted release channels: a TUF repository (python-tuf, the reference implementation) that
+names, per class and channel, every release a device may install.
+
+    keys = make_trust_keys(key_dir)                       # kiln keys init: root, targets, online
+    repo = Repository(lookaside_dir / "tuf", keys)        # served beside the signatures
+    repo.publish(Release(cls, channel, version, digest, length, compatible, min_version))
+    repo.withdraw(cls, channel, version, reason)          # kiln channel withdraw
+    repo.refresh()                                        # kiln channel refresh: new timestamp/snapshot
+    repo.rotate("targets", new_key_dir)                   # kiln channel rotate: root N+1
+
+Roles (docs/ota.md has the table): root (kept offline: signs which keys hold every role),
+targets (the release key's TUF half: signs the releases), snapshot and timestamp (the online
+key: short expiry, re-signed by `kiln channel refresh` from CI or a timer). A target's path is
+`<class>/<channel>/<version>`; its length and sha256 are those of the image's OCI manifest, so
+the digest a device pulls by is the one targets signed; `custom` carries the version,
+`compatible`, `minVersion` and, once withdrawn, `withdrawn: {reason, time}`.
+
+The repository is a directory of static files (consistent snapshots: N.root.json,
+N.targets.json, N.snapshot.json, timestamp.json) under the lookaside directory, so the HTTP
+server that already serves image signatures to devices serves it too: a device needs one
+more URL path, not one more service, and TUF's guarantees do not depend on that server
+(everything it serves is signed, versioned and expiring). OCI artifacts in the registry were
+the alternative; Debian's registry (distribution 2.8) has no referrers API, and a device
+would need a second client for them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from securesystemslib.signer import CryptoSigner, Signer
+from tuf.api.metadata import (
+    SPECIFICATION_VERSION,
+    TOP_LEVEL_ROLE_NAMES,
+    Metadata,
+    MetaFile,
+    Root,
+    Snapshot,
+    TargetFile,
+    Targets,
+    Timestamp,
+)
+from tuf.api.serialization.json import JSONSerializer
+
+from builder.errors import UsageError
+from builder.files import write_json_atomic
+
+TUF_DIR = "tuf"  # in a key directory: the private keys; in the lookaside directory: the repository
+KEY_FILES = {"root": "root.pem", "targets": "targets.pem", "online": "online.pem"}
+ROLE_KEY = {"root": "root", "targets": "targets", "snapshot": "online", "timestamp": "online"}
+DEFAULT_EXPIRY = {"root": timedelta(days=365), "targets": timedelta(days=90),
+                  "snapshot": timedelta(days=7), "timestamp": timedelta(days=1)}
+EXPIRY_ENV = "KILN_TUF_EXPIRY"  # role=seconds,...: shorter lives (tests, a drill)
+DEVICE_ROOT = "/usr/lib/kiln/tuf/root.json"  # the image's trust anchor (kiln_device.contract.TUF_ROOT)
+
+
+# --- keys -------------------------------------------------------------------------------------
+
+
+def make_trust_keys(key_dir: Path) -> dict[str, Path]:
+    """Create the three ed25519 keys under KEY_DIR/tuf/ (mode 0600) unless they exist; their paths."""
+    d = key_dir / TUF_DIR
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    made = {}
+    for name, file in KEY_FILES.items():
+        path = d / file
+        if not path.exists():
+            pem = Ed25519PrivateKey.generate().private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(pem)
+        made[name] = path
+    return made
+
+
+def load_signer(path: Path) -> CryptoSigner:
+    try:
+        private = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such key; run `kiln keys init {path.parent.parent}` first") from None
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"{path}: not an unencrypted PEM private key: {exc}") from None
+    return CryptoSigner(private)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class TrustKeys:
+    """Signers for the roles this run may sign (root only when the offline key is at hand)."""
+
+    signers: dict[str, Signer]
+
+    @classmethod
+    def load(cls, key_dir: Path, *, with_root: bool = True) -> TrustKeys:
+        names = KEY_FILES if with_root else {k: v for k, v in KEY_FILES.items() if k != "root"}
+        return cls({name: load_signer(key_dir / TUF_DIR / file) for name, file in names.items()})
+
+    def for_role(self, role: str) -> Signer:
+        key = ROLE_KEY[role]
+        if key not in self.signers:
+            raise UsageError(f"signing {role} metadata needs the {key} key, which this run was not given")
+        return self.signers[key]
+
+
+# --- releases ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Release:
+    cls: str
+    channel: str
+    version: str
+    digest: str  # sha256:<hex> of the OCI manifest
+    length: int  # the manifest's size in bytes
+    compatible: str
+    min_version: str | None = None
+    repository: str | None = None
+
+    @property
+    def path(self) -> str:
+        return target_path(self.cls, self.channel, self.version)
+
+
+def target_path(cls: str, channel: str, version: str) -> str:
+    return f"{cls}/{channel}/{version}"
+
+
+def expiry(role: str, now: datetime | None = None) -> datetime:
+    lives = dict(DEFAULT_EXPIRY)
+    for item in filter(None, os.environ.get(EXPIRY_ENV, "").split(",")):
+        name, _, seconds = item.partition("=")
+        if name not in lives or not seconds.isdigit():
+            raise UsageError(f"${EXPIRY_ENV}: {item!r}: expected ROLE=SECONDS with ROLE one of {', '.join(lives)}")
+        lives[name] = timedelta(seconds=int(seconds))
+    return ((now or datetime.now(UTC)) + lives[role]).replace(microsecond=0)
+
+
+# --- the repository ---------------------------------------------------------------------------
+
+
+class Repository:
+    """The TUF repository in DIR/metadata (consistent snapshots), signed with KEYS."""
+
+    def __init__(self, directory: Path, keys: TrustKeys) -> None:
+        self.dir = directory
+        self.meta_dir = directory / "metadata"
+        self.keys = keys
+        self.serializer = JSONSerializer(compact=False)
+
+    # reading
+
+    def exists(self) -> bool:
+        return (self.meta_dir / "1.root.json").is_file()
+
+    def latest(self, role: str) -> Metadata[Any]:
+        if role == "timestamp":
+            return Metadata.from_file(str(self.meta_dir / "timestamp.json"))
+        versions = sorted(int(p.name.split(".", 1)[0]) for p in self.meta_dir.glob(f"*.{role}.json"))
+        if not versions:
+            raise UsageError(f"{self.dir}: no {role} metadata; run `kiln channel init` first")
+        return Metadata.from_file(str(self.meta_dir / f"{versions[-1]}.{role}.json"))
+
+    def root_bytes(self, version: int | None = None) -> bytes:
+        """A root (the newest by default): what an image bakes as its trust anchor."""
+        n = version or self.latest("root").signed.version
+        return (self.meta_dir / f"{n}.root.json").read_bytes()
+
+    # writing
+
+    def _write(self, md: Metadata[Any], role: str) -> None:
+        self.meta_dir.mkdir(parents=True, exist_ok=True)
+        name = "timestamp.json" if role == "timestamp" else f"{md.signed.version}.{role}.json"
+        path = self.meta_dir / name
+        if role != "timestamp" and path.exists():
+            raise UsageError(f"{path} exists: metadata versions, once published, never change")
+        tmp = path.with_name(f".{name}.tmp")
+        tmp.write_bytes(md.to_bytes(self.serializer))
+        os.replace(tmp, path)
+
+    def _sign(self, md: Metadata[Any], role: str) -> Metadata[Any]:
+        md.signatures.clear()
+        md.sign(self.keys.for_role(role), append=False)
+        return md
+
+    def init(self) -> None:
+        """Root v1 (one key per role, threshold 1), an empty targets, snapshot and timestamp."""
+        if self.exists():
+            raise UsageError(f"{self.meta_dir} already holds a TUF repository")
+        root = Root(expires=expiry("root"), consistent_snapshot=True)
+        for role in TOP_LEVEL_ROLE_NAMES:
+            root.add_key(self.keys.for_role(role).public_key, role)
+        self._write(self._sign(Metadata(root), "root"), "root")
+        self._write(self._sign(Metadata(Targets(expires=expiry("targets"))), "targets"), "targets")
+        self._snapshot_and_timestamp()
+
+    def _snapshot_and_timestamp(self) -> None:
+        targets = self.latest("targets").signed
+        snap: Metadata[Snapshot]
+        try:
+            snap = self.latest("snapshot")
+            snap.signed.version += 1
+        except UsageError:
+            snap = Metadata(Snapshot(expires=expiry("snapshot")))
+        snap.signed.meta["targets.json"] = MetaFile(version=targets.version)
+        snap.signed.expires = expiry("snapshot")
+        self._write(self._sign(snap, "snapshot"), "snapshot")
+        ts: Metadata[Timestamp]
+        if (self.meta_dir / "timestamp.json").exists():
+            ts = self.latest("timestamp")
+            ts.signed.version += 1
+        else:
+            ts = Metadata(Timestamp(expires=expiry("timestamp")))
+        ts.signed.snapshot_meta = MetaFile(version=snap.signed.version)
+        ts.signed.expires = expiry("timestamp")
+        self._write(self._sign(ts, "timestamp"), "timestamp")
+
+    def _update_targets(self, change: Any) -> Metadata[Targets]:
+        md: Metadata[Targets] = self.latest("targets")
+        change(md.signed)
+        md.signed.version += 1
+        md.signed.expires = expiry("targets")
+        self._write(self._sign(md, "targets"), "targets")
+        self._snapshot_and_timestamp()
+        return md
+
+    def publish(self, release: Release) -> None:
+        def add(targets: Targets) -> None:
+            old = targets.targets.get(release.path)
+            if old is not None and old.hashes.get("sha256") != release.digest.removeprefix("sha256:"):
+                raise UsageError(f"{release.cls} {release.version} is already released on {release.channel} as "
+                                 f"sha256:{old.hashes.get('sha256')}; a released version never changes digest",
+                                 hint="release the fix under a new version")
+            custom = {"version": release.version, "compatible": release.compatible,
+                      "minVersion": release.min_version or "", "repository": release.repository or ""}
+            targets.targets[release.path] = TargetFile(
+                length=release.length, hashes={"sha256": release.digest.removeprefix("sha256:")},
+                path=release.path, unrecognized_fields={"custom": custom})
+
+        self._update_targets(add)
+
+    def withdraw(self, cls: str, channel: str, version: str, reason: str) -> None:
+        path = target_path(cls, channel, version)
+
+        def mark(targets: Targets) -> None:
+            target = targets.targets.get(path)
+            if target is None:
+                raise UsageError(f"{cls} {version} was never released on {channel}",
+                                 hint=f"`kiln channel status {cls}` lists the releases")
+            custom = dict(target.unrecognized_fields.get("custom") or {})
+            if custom.get("withdrawn"):
+                raise UsageError(f"{cls} {version} on {channel} is already withdrawn ({custom['withdrawn']['reason']})")
+            custom["withdrawn"] = {"reason": reason, "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+            target.unrecognized_fields["custom"] = custom
+
+        self._update_targets(mark)
+
+    def refresh(self, *, targets: bool = False) -> None:
+        """New snapshot and timestamp (and targets, re-signed, with --targets) with fresh expiry dates."""
+        if targets:
+            self._update_targets(lambda _t: None)
+        else:
+            self._snapshot_and_timestamp()
+
+    def rotate(self, role: str, new_keys: TrustKeys) -> int:
+        """Root N+1 naming NEW_KEYS' key for ROLE ('root', 'targets' or 'online'); signed by the old root key
+        and, for a root rotation, the new one too. Returns the new root version."""
+        roles = {"root": ("root",), "targets": ("targets",), "online": ("snapshot", "timestamp")}[role]
+        new_signer = new_keys.signers[role]
+        md: Metadata[Root] = self.latest("root")
+        root = md.signed
+        for name in roles:
+            for keyid in list(root.roles[name].keyids):
+                root.revoke_key(keyid, name)
+            root.add_key(new_signer.public_key, name)
+        root.version += 1
+        root.expires = expiry("root")
+        md.signatures.clear()
+        md.sign(self.keys.for_role("root"), append=True)
+        if role == "root":
+            md.sign(new_signer, append=True)
+        self._write(md, "root")
+        self.keys = TrustKeys({**self.keys.signers, role: new_signer})
+        if role == "targets":
+            self._update_targets(lambda _t: None)
+        elif role == "online":
+            self._snapshot_and_timestamp()
+        return root.version
+
+    # reporting
+
+    def status(self, cls: str | None = None) -> dict[str, Any]:
+        targets = self.latest("targets").signed
+        releases = []
+        for path, target in sorted(targets.targets.items()):
+            c, channel, version = path.split("/", 2)
+            if cls and c != cls:
+                continue
+            custom = target.unrecognized_fields.get("custom") or {}
+            releases.append({"class": c, "channel": channel, "version": version,
+                             "digest": "sha256:" + target.hashes["sha256"], "compatible": custom.get("compatible"),
+                             "withdrawn": custom.get("withdrawn")})
+        roles = {role: {"version": self.latest(role).signed.version,
+                        "expires": self.latest(role).signed.expires.strftime("%Y-%m-%dT%H:%M:%SZ")}
+                 for role in TOP_LEVEL_ROLE_NAMES}
+        return {"repository": str(self.dir), "spec": SPECIFICATION_VERSION, "roles": roles, "releases": releases}
+
+
+def write_status(path: Path, status: dict[str, Any]) -> None:
+    write_json_atomic(path, status)
+
+
+def root_fingerprint(root_bytes: bytes) -> str:
+    """Which root an image trusts, for build.json: version and key ids of the root role."""
+    signed = json.loads(root_bytes)["signed"]
+    return f"root v{signed['version']} ({', '.join(k[:12] for k in signed['roles']['root']['keyids'])})"

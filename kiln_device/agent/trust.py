@@ -1,0 +1,167 @@
+"""The channel as fresh, verified TUF metadata says it is (python-tuf's ngclient).
+
+An image that carries a TUF root (`/usr/lib/kiln/tuf/root.json`, agent.json `trustRoot`)
+installs only a digest that the targets role names under `<class>/<channel>/`, from metadata
+that verified and has not expired; the tag in the registry is not consulted. The client's
+state (the trusted metadata, the root history) lives in `trustDir` on the data partition: it
+survives updates, and ngclient replaces each file atomically, so a power cut in a refresh
+leaves the last trusted metadata in force. A root rotation is followed from the server
+(N.root.json, each signed by the old and the new root keys): no reflash.
+
+What TUF refuses (ngclient's errors) becomes an exit code: expired metadata is STALE (13,
+never "up to date"), a bad signature, a replayed or mixed version or a wrong hash is
+SIGNATURE (6), an unreachable server is UNREACHABLE (7). This module imports python-tuf,
+which the agent's venv carries; nothing else in kiln_device needs more than the stdlib.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kiln_device import version as kv
+from kiln_device.agent.config import Config
+from kiln_device.agent.errors import AgentError, log
+from kiln_device.common import fsync_dir
+from kiln_device.contract import CONFIG, INCOMPATIBLE, SIGNATURE, STALE, UNREACHABLE, Release
+
+METADATA_PATH = "tuf/metadata/"  # under the lookaside URL (builder.trust)
+
+
+@dataclass(frozen=True)
+class ChannelRelease:
+    version: str
+    digest: str
+    compatible: str
+    min_version: str | None
+    withdrawn: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Channel:
+    """What verified metadata says about this device's class and channel."""
+
+    cls: str
+    channel: str
+    releases: tuple[ChannelRelease, ...]
+    expires: dict[str, str] = field(default_factory=dict)
+    root_version: int = 0
+
+    def find(self, version: str) -> ChannelRelease | None:
+        return next((r for r in self.releases if r.version == version), None)
+
+    def newest(self, compatible: str) -> ChannelRelease | None:
+        """The newest release for COMPATIBLE that is not withdrawn."""
+        good = [r for r in self.releases if r.withdrawn is None and r.compatible == compatible]
+        return max(good, key=lambda r: kv.parse(r.version)) if good else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"class": self.cls, "channel": self.channel, "expires": self.expires, "rootVersion": self.root_version,
+                "releases": [{"version": r.version, "digest": r.digest, "withdrawn": r.withdrawn}
+                             for r in self.releases]}
+
+
+def enabled(config: Config) -> bool:
+    return config.trust_root.is_file()
+
+
+def read_channel(config: Config, release: Release) -> Channel:
+    """Refresh the TUF metadata and return this class's channel; AgentError when it cannot be trusted."""
+    try:
+        from tuf.api import exceptions as tuf_errors
+        from tuf.api.metadata import Metadata, Targets
+        from tuf.ngclient import Updater
+    except ImportError as exc:
+        raise AgentError(CONFIG, f"this image trusts its channel through TUF ({config.trust_root}) but python-tuf "
+                                 f"cannot be imported: {exc}") from None
+    if not config.lookaside:
+        raise AgentError(CONFIG, "no lookaside URL configured: the TUF metadata is served there")
+    meta_dir = config.trust_dir / "metadata"
+    meta_dir.mkdir(parents=True, exist_ok=True)
+    url = f"{config.lookaside.rstrip('/')}/{METADATA_PATH}"
+    # The newest root this device trusted (kept here across updates) unless there is none yet,
+    # then the image's own. A cached root that does not load (a torn write) falls back to the image's.
+    bootstrap = None if (meta_dir / "root.json").exists() else config.trust_root.read_bytes()
+    try:
+        try:
+            updater = Updater(str(meta_dir), url, bootstrap=bootstrap)
+        except (tuf_errors.RepositoryError, ValueError, OSError) as exc:
+            if bootstrap is not None:
+                raise
+            log(f"{meta_dir}/root.json does not load ({exc}); starting again from the image's root")
+            updater = Updater(str(meta_dir), url, bootstrap=config.trust_root.read_bytes())
+        updater.refresh()
+    except tuf_errors.ExpiredMetadataError as exc:
+        raise AgentError(STALE, f"the channel's metadata from {url} has expired ({exc}): a frozen or stale "
+                                "channel is never up to date; nothing is installed until fresh metadata verifies") \
+            from None
+    except tuf_errors.DownloadLengthMismatchError as exc:  # oversized: what the server sends is refused
+        raise AgentError(SIGNATURE, f"the channel's TUF metadata from {url} is refused: {exc}") from None
+    except tuf_errors.DownloadError as exc:
+        raise AgentError(UNREACHABLE, f"fetching TUF metadata from {url}: {exc}") from None
+    except (tuf_errors.RepositoryError, ValueError) as exc:
+        raise AgentError(SIGNATURE, f"the channel's TUF metadata from {url} is refused: "
+                                    f"{type(exc).__name__}: {exc}") from None
+    finally:
+        sync(meta_dir)
+    # refresh() verified and persisted the top-level targets; read that trusted copy.
+    targets: Metadata[Targets] = Metadata.from_file(str(meta_dir / "targets.json"))
+    prefix = f"{release.cls}/{config.channel}/"
+    releases = []
+    for path, target in targets.signed.targets.items():
+        if not path.startswith(prefix):
+            continue
+        custom = target.unrecognized_fields.get("custom") or {}
+        version = path[len(prefix):]
+        if not kv.is_valid(version) or custom.get("version") != version or "sha256" not in target.hashes:
+            log(f"ignoring target {path}: not a Kiln release entry")
+            continue
+        releases.append(ChannelRelease(version=version, digest="sha256:" + target.hashes["sha256"],
+                                       compatible=str(custom.get("compatible") or ""),
+                                       min_version=str(custom.get("minVersion") or "") or None,
+                                       withdrawn=custom.get("withdrawn") or None))
+    expires = {}
+    for role in ("root", "timestamp", "snapshot", "targets"):
+        try:
+            md = Metadata.from_file(str(meta_dir / f"{role}.json"))
+            expires[role] = md.signed.expires.strftime("%Y-%m-%dT%H:%M:%SZ")
+        except (OSError, ValueError):
+            pass
+    root_version = Metadata.from_file(str(meta_dir / "root.json")).signed.version
+    return Channel(release.cls, config.channel, tuple(releases), expires, root_version)
+
+
+def choose(channel: Channel, release: Release) -> ChannelRelease:
+    """The release this device should run: the newest in its channel for its `compatible` that is not
+    withdrawn. (decide() then says whether it is newer, allowed by minVersion, not blocklisted.)"""
+    best = channel.newest(release.compatible)
+    if best is None:
+        others = sorted({r.compatible for r in channel.releases} - {release.compatible})
+        what = f"only for {', '.join(others)}" if others else "none"
+        raise AgentError(INCOMPATIBLE, f"channel {channel.cls}/{channel.channel} names no release for "
+                                       f"{release.compatible} that is not withdrawn ({what})")
+    return best
+
+
+def sync(directory: Path) -> None:
+    """Make the metadata ngclient wrote survive a power cut (it replaces files, but does not fsync)."""
+    if not directory.is_dir():
+        return
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            try:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass
+    fsync_dir(directory)
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

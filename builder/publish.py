@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from builder import records
+from builder import records, trust
 from builder.context import Context
 from builder.engine import Engine
 from builder.errors import BuildError, CommandFailed, KilnError, RegistryError
@@ -27,10 +27,13 @@ from builder.signing import (
     finalize_lookaside_dir,
     make_signature,
     make_verifier,
+    read_manifest,
     signed_identity,
     stop_agent,
 )
 from builder.state import StateDir
+from builder.trust import has_trust_keys
+from kiln_device.contract import LABEL_MIN_VERSION
 
 STAGING_PREFIX = "staging-"
 
@@ -138,6 +141,16 @@ def push_signed(
     record["signatures"] = [s for s in record.get("signatures", []) if s.get("digest") != digest] + [{
         "digest": digest, "fingerprint": key.fingerprint, "identity": f"{signed_identity(cls)}:{tag}",
         "path": str(sig), "lookaside": str(lookaside_dir)}]
+    if channel and has_trust_keys(key.directory):
+        with steps.step(f"name {version} in the {channel} channel's TUF targets"):
+            manifest = read_manifest(repo, digest, access=access, state=state)
+            release = trust.Release(cls, channel, version, digest, len(manifest), record["compatible"],
+                                    (record.get("labels") or {}).get(LABEL_MIN_VERSION) or None,
+                                    repo.split("/", 1)[1])
+            tuf_repo = trust.publish_release(lookaside_dir, key.directory, release)
+        record["channels"] = [c for c in record.get("channels", []) if c.get("channel") != channel] + [{
+            "channel": channel, "target": release.path, "digest": digest,
+            "targetsVersion": tuf_repo.latest("targets").signed.version, "repository": str(tuf_repo.dir)}]
     record.setdefault("durations", {}).update(steps.summary())
     records.write_record(record)
     return record

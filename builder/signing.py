@@ -109,6 +109,9 @@ def make_signing_key(directory: Path, *, uid: str = "Kiln release signing <relea
               "publicKey": PUBLIC_KEY}
     (directory / KEY_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     stop_agent(key)
+    from builder.trust import make_trust_keys  # the TUF half: root, targets and online keys, root v1
+
+    make_trust_keys(directory)
     return SigningKey(directory, fingerprint)
 
 

@@ -50,7 +50,6 @@ from tuf.api.metadata import (
 from tuf.api.serialization.json import JSONSerializer
 
 from builder.errors import UsageError
-from builder.files import write_json_atomic
 
 TUF_DIR = "tuf"  # in a key directory: the private keys; in the lookaside directory: the repository
 KEY_FILES = {"root": "root.pem", "targets": "targets.pem", "online": "online.pem"}
@@ -64,8 +63,23 @@ DEVICE_ROOT = "/usr/lib/kiln/tuf/root.json"  # the image's trust anchor (kiln_de
 # --- keys -------------------------------------------------------------------------------------
 
 
+ROOT_FILE = "root.json"  # in KEY_DIR/tuf: the newest root, what images bake as their trust anchor
+
+
+def has_trust_keys(key_dir: Path) -> bool:
+    """The keys a release needs (targets, online) and the root images bake; the root key may be offline."""
+    return all((key_dir / TUF_DIR / f).is_file() for f in (KEY_FILES["targets"], KEY_FILES["online"], ROOT_FILE))
+
+
+def trust_root(key_dir: Path) -> bytes | None:
+    """The root an image built with KEY_DIR trusts (None: a key directory from before trusted channels)."""
+    path = key_dir / TUF_DIR / ROOT_FILE
+    return path.read_bytes() if path.is_file() else None
+
+
 def make_trust_keys(key_dir: Path) -> dict[str, Path]:
-    """Create the three ed25519 keys under KEY_DIR/tuf/ (mode 0600) unless they exist; their paths."""
+    """Create the three ed25519 keys under KEY_DIR/tuf/ (mode 0600) and root v1 (KEY_DIR/tuf/root.json),
+    signed by the root key, unless they exist; the key paths."""
     d = key_dir / TUF_DIR
     d.mkdir(mode=0o700, parents=True, exist_ok=True)
     made = {}
@@ -78,7 +92,22 @@ def make_trust_keys(key_dir: Path) -> dict[str, Path]:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(pem)
         made[name] = path
+    root_file = d / ROOT_FILE
+    if not root_file.exists():
+        keys = TrustKeys.load(key_dir)
+        root = Root(expires=expiry("root"), consistent_snapshot=True)
+        for role in TOP_LEVEL_ROLE_NAMES:
+            root.add_key(keys.for_role(role).public_key, role)
+        md = Metadata(root)
+        md.sign(keys.for_role("root"))
+        write_bytes_atomic(root_file, md.to_bytes(JSONSerializer(compact=False)))
     return made
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def load_signer(path: Path) -> CryptoSigner:
@@ -189,14 +218,15 @@ class Repository:
         md.sign(self.keys.for_role(role), append=False)
         return md
 
-    def init(self) -> None:
-        """Root v1 (one key per role, threshold 1), an empty targets, snapshot and timestamp."""
+    def init(self, root: bytes) -> None:
+        """Root v1 (ROOT: the key directory's, which images bake), an empty targets, snapshot and timestamp."""
         if self.exists():
             raise UsageError(f"{self.meta_dir} already holds a TUF repository")
-        root = Root(expires=expiry("root"), consistent_snapshot=True)
-        for role in TOP_LEVEL_ROLE_NAMES:
-            root.add_key(self.keys.for_role(role).public_key, role)
-        self._write(self._sign(Metadata(root), "root"), "root")
+        md: Metadata[Root] = Metadata.from_bytes(root)
+        if md.signed.version != 1:
+            raise UsageError(f"a new repository starts from root version 1, not {md.signed.version}")
+        md.signed.verify_delegate("root", md.signed_bytes, md.signatures)
+        self._write(md, "root")
         self._write(self._sign(Metadata(Targets(expires=expiry("targets"))), "targets"), "targets")
         self._snapshot_and_timestamp()
 
@@ -287,6 +317,7 @@ class Repository:
             md.sign(new_signer, append=True)
         self._write(md, "root")
         self.keys = TrustKeys({**self.keys.signers, role: new_signer})
+        self.rotated_root = self.meta_dir / f"{root.version}.root.json"
         if role == "targets":
             self._update_targets(lambda _t: None)
         elif role == "online":
@@ -312,8 +343,21 @@ class Repository:
         return {"repository": str(self.dir), "spec": SPECIFICATION_VERSION, "roles": roles, "releases": releases}
 
 
-def write_status(path: Path, status: dict[str, Any]) -> None:
-    write_json_atomic(path, status)
+def open_repository(lookaside_dir: Path, key_dir: Path | None, *, with_root: bool = False) -> Repository:
+    """The repository under LOOKASIDE_DIR/tuf, signing with KEY_DIR's keys (none: read only)."""
+    keys = TrustKeys.load(key_dir, with_root=with_root) if key_dir is not None else TrustKeys({})
+    return Repository(lookaside_dir / TUF_DIR, keys)
+
+
+def publish_release(lookaside_dir: Path, key_dir: Path, release: Release) -> Repository:
+    """Name RELEASE in the channel (`kiln release`), making the repository on the first release."""
+    repo = open_repository(lookaside_dir, key_dir)
+    if not repo.exists():
+        root = trust_root(key_dir)
+        assert root is not None
+        repo.init(root)
+    repo.publish(release)
+    return repo
 
 
 def root_fingerprint(root_bytes: bytes) -> str:

@@ -8,6 +8,7 @@ Each command group lives in a module of its own and is registered here, explicit
     registry  registry start|status|stop
     device    disk, vm run
     release   keys init|show, policy, release
+    channel   channel init|status|withdraw|refresh|rotate (TUF)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import click
 from rich.markup import escape
 
 from builder import __version__
-from builder.cli import device, images, model, registry, release, specs
+from builder.cli import channel, device, images, model, registry, release, specs
 from builder.cli.common import err_console
 from builder.errors import KilnError
 
@@ -63,7 +64,7 @@ COMMANDS: tuple[click.Command, ...] = (
     images.base_cmd, images.build_cmd, images.push_cmd,
     registry.registry_group,
     device.disk_cmd, device.vm_group,
-    release.keys_group, release.policy_cmd, release.release_cmd,
+    release.keys_group, release.policy_cmd, release.release_cmd, channel.channel_group,
     images.demo,
 )
 for _command in COMMANDS:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from builder import models as model_glue
-from builder import paths, pins, records, render, signing
+from builder import paths, pins, records, render, signing, wheels
 from builder.base import make_base_for_class
 from builder.capability import why_not_buildable
 from builder.contents import finalize_contents
@@ -160,6 +160,7 @@ def build_class(
             pins.check_driver_pins(hc, source, pins.spec_lines(source), mirror)
         with steps.step("the runtime's wheels"):
             wheelhouse = pins.make_checked_wheelhouse(hc, state, source)
+            agent_wheelhouse = wheels.make_agent_wheelhouse(hc, state)
         if mirror is not None:
             with steps.step("offline base"):
                 base_id = make_base_for_class(ctx, hc, mirror).image_id
@@ -171,7 +172,7 @@ def build_class(
             plan = render.finalize_plan(hc, source=source, version=version, revision=revision,
                                         models=artifacts, ssh_public_key=make_dev_ssh_key(hc), epoch=epoch,
                                         device_files=signing.finalize_device_files(hc.name, key), base=mirror)
-            context = render.make_context(plan, paths.context_dir(hc.name, version), wheelhouse)
+            context = render.make_context(plan, paths.context_dir(hc.name, version), wheelhouse, agent_wheelhouse)
             layer_groups = render.finalize_containerfile(plan).layer_groups
         created = datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         # From here the tag may move: a failed build must not leave the last record looking current.

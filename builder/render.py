@@ -295,12 +295,14 @@ def render_containerfile(plan: RenderPlan) -> str:
 # --- the build context -------------------------------------------------------
 
 
-def make_context(plan: RenderPlan, outdir: Path, wheelhouse: Path | None = None) -> Path:
+def make_context(plan: RenderPlan, outdir: Path, wheelhouse: Path | None = None,
+                 agent_wheelhouse: Path | None = None) -> Path:
     """Write DIR/Containerfile and everything it COPYs. Replaces DIR atomically.
 
     `wheelhouse` (builder.wheels.make_wheelhouse) fills runtime/wheels/ and pins
     runtime/requirements.txt by hash; without it the requirements are plain
-    pins and the context cannot be built offline (the unit tests' case).
+    pins and the context cannot be built offline (the unit tests' case). `agent_wheelhouse`
+    does the same for agent/ (the agent venv: python-tuf).
     """
     outdir = outdir.resolve()
     tmp = outdir.with_name(outdir.name + ".tmp")
@@ -311,6 +313,7 @@ def make_context(plan: RenderPlan, outdir: Path, wheelhouse: Path | None = None)
     make_class_tree(plan, tmp / "class")
     make_model_tree(plan, tmp / "models")
     make_runtime_files(plan, tmp / "runtime", wheelhouse)
+    make_runtime_files(plan, tmp / "agent", agent_wheelhouse, agent=True)
     make_repo_files(plan, tmp / "repos")
     if plan.hc.spec.base.family.package_manager == "apt":
         _copy_tree(paths.overlays_dir() / "initramfs", tmp / "initramfs")
@@ -392,12 +395,13 @@ def make_model_tree(plan: RenderPlan, dest: Path) -> None:
             shutil.copyfile(extra, d / extra.name)
 
 
-def make_runtime_files(plan: RenderPlan, dest: Path, wheelhouse: Path | None) -> None:
+def make_runtime_files(plan: RenderPlan, dest: Path, wheelhouse: Path | None, *, agent: bool = False) -> None:
+    """DEST/wheels and DEST/requirements.txt for the runtime venv (or, with `agent`, the agent venv)."""
     from builder import wheels
 
     (dest / "wheels").mkdir(parents=True)
     if wheelhouse is None:
-        target = wheels.finalize_target(plan.hc)
+        target = wheels.finalize_agent_target(plan.hc) if agent else wheels.finalize_target(plan.hc)
         (dest / "requirements.txt").write_text("\n".join(target.requirements) + "\n")
         return
     for wheel in wheels.wheel_files(wheelhouse):

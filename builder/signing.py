@@ -163,6 +163,9 @@ def resolve_signing_key(hc: HardwareClass, key_dir: Path | None) -> SigningKey:
                          f"pass --sign-key DIR or set {SIGNING_KEY_ENV}", hint="make one with: kiln keys init DIR")
     dev = paths.dev_signing_key_dir(hc.name)
     if (dev / KEY_RECORD).is_file():
+        from builder.trust import make_trust_keys
+
+        make_trust_keys(dev)  # a checkout's key from before trusted channels gains its TUF half
         return read_signing_key(dev)
     return make_signing_key(dev, uid=f"Kiln development key for {hc.name} <dev@kiln.invalid>", development=True)
 
@@ -208,11 +211,19 @@ def render_registries_d(lookaside: str, *, scope: str | None = None, staging: st
 
 
 def finalize_device_files(cls: str, key: SigningKey) -> dict[str, bytes]:
-    """What an image of CLASS bakes under /usr (path relative to / -> bytes)."""
-    return {
+    """What an image of CLASS bakes under /usr (path relative to / -> bytes): the release key and the
+    policy that checks image signatures, and the TUF root its channel is verified with (builder.trust)
+    when the key directory has one."""
+    from builder.trust import trust_root
+
+    files = {
         DEVICE_KEY_PATH.lstrip("/"): key.public_key.read_bytes(),
         DEVICE_POLICY_PATH.lstrip("/"): render_policy(cls).encode(),
     }
+    root = trust_root(key.directory)
+    if root is not None:
+        files[contract.TRUST_ROOT.lstrip("/")] = root
+    return files
 
 
 def finalize_lookaside_dir(state: StateDir) -> Path:

@@ -29,6 +29,10 @@ from builder.spec import Architecture, Family, HardwareClass
 from builder.state import StateDir
 
 NUMPY = "numpy==2.2.6"
+# The device agent's own venv (/usr/lib/kiln/agent-venv): python-tuf for trusted channels, the
+# versions the builder's own venv uses (pyproject.toml). Apart from the runtime venv, so that a
+# broken runtime never takes the updater down with it.
+AGENT_REQUIREMENTS = ("tuf==7.0.1", "securesystemslib[crypto]==1.6.0")
 
 # The image's Python and glibc per family (what `pip download` must target).
 TARGETS: dict[Family, tuple[str, str]] = {
@@ -68,6 +72,13 @@ def finalize_target(hc: HardwareClass) -> WheelTarget:
                        platform=f"manylinux_{glibc}_{machine}", index=rt.index)
 
 
+def finalize_agent_target(hc: HardwareClass) -> WheelTarget:
+    """The agent's wheels for the class's image (its Python and platform), from PyPI."""
+    runtime = finalize_target(hc)
+    return WheelTarget(requirements=AGENT_REQUIREMENTS, python_version=runtime.python_version,
+                       platform=runtime.platform, index=None)
+
+
 def pip_download_argv(target: WheelTarget, dest: Path) -> list[str]:
     argv = [
         sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
@@ -84,7 +95,15 @@ def pip_download_argv(target: WheelTarget, dest: Path) -> list[str]:
 
 def make_wheelhouse(hc: HardwareClass, state: StateDir) -> Path:
     """Download (once) the runtime's wheels for the class's image; return their directory."""
-    target = finalize_target(hc)
+    return make_target_wheelhouse(finalize_target(hc), state, "the inference runtime")
+
+
+def make_agent_wheelhouse(hc: HardwareClass, state: StateDir) -> Path:
+    """Download (once) the agent venv's wheels (python-tuf) for the class's image."""
+    return make_target_wheelhouse(finalize_agent_target(hc), state, "the device agent's trust libraries")
+
+
+def make_target_wheelhouse(target: WheelTarget, state: StateDir, what: str) -> Path:
     dest = wheelhouse_dir(target, state)
     if (dest / "complete").is_file():
         return dest
@@ -95,7 +114,7 @@ def make_wheelhouse(hc: HardwareClass, state: StateDir) -> Path:
         run(pip_download_argv(target, tmp))
     except CommandFailed as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise BuildError(f"downloading the inference runtime ({', '.join(target.requirements)}) for "
+        raise BuildError(f"downloading {what} ({', '.join(target.requirements)}) for "
                          f"Python {target.python_version} {target.platform}: {exc}") from exc
     (tmp / "complete").write_text(json.dumps(target.requirements) + "\n")
     shutil.rmtree(dest, ignore_errors=True)

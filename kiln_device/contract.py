@@ -29,6 +29,7 @@ RELEASE_KEY = f"{LIB_DIR}/release-key.asc"
 PYTHON_DIR = f"{LIB_DIR}/python"  # holds this package: kiln_device/
 LAUNCHER = f"{LIB_DIR}/launch.py"  # python3 -I LAUNCHER PROGRAM [ARGS]
 VENV_PYTHON = f"{LIB_DIR}/venv/bin/python"  # the runtime venv (numpy, onnxruntime)
+AGENT_VENV_PYTHON = f"{LIB_DIR}/agent-venv/bin/python"  # the agent's venv (python-tuf): kiln-agent runs here
 DEV_AUTHORIZED_KEYS = f"{LIB_DIR}/ssh/authorized_keys"  # development classes only: the per-build test key
 KARGS_DIR = "/usr/lib/bootc/kargs.d"
 KARGS_FILE = f"{KARGS_DIR}/10-kiln.toml"

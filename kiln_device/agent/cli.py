@@ -41,8 +41,9 @@ Exit codes:
   4   refused: not newer than the running version, below the running image's
       minVersion, or the candidate needs a newer running version (its minVersion)
   5   refused: this version failed on this device before (blocklisted)
-  6   refused: signature or policy check failed (nothing was written)
-  7   registry or signature server unreachable, or the channel tag is missing
+  6   refused: signature or policy check failed, or the channel's TUF metadata does not verify
+      (badly signed, replayed, mixed versions, damaged, oversized); nothing was written
+  7   registry, signature or TUF metadata server unreachable, or the channel tag is missing
   8   not enough space on the data partition or the slot
   9   writing or verifying the slot, the kernel or the boot entry failed
   10  another kiln-agent run holds the lock
@@ -50,6 +51,8 @@ Exit codes:
   12  refused: the release is malformed (a label, its release.json, no kernel, bad kernel
       arguments); found before anything is written, its digest is blocklisted. Not a
       success status of kiln-agent.service (2-5 are)
+  13  the channel's TUF metadata has expired (a frozen or stale channel): nothing is
+      installed; `status` says stale since when; the timer keeps retrying
   64  usage
 
 Testing hooks: KILN_AGENT_ROOT=DIR reads the two config files under DIR instead of /

@@ -16,6 +16,8 @@ from kiln_device.contract import (
     AGENT_OVERRIDE_JSON,
     CONFIG,
     SLOTS,
+    TRUST_DIR,
+    TRUST_ROOT,
     Release,
     default_repository,
     parse_release,
@@ -52,8 +54,6 @@ class Config:
     state_dir: Path
     oci_dir: Path
     work_dir: Path
-    trust_root: Path  # the image's TUF root; absent: an image from before trusted channels (tags + signatures)
-    trust_dir: Path
     esp: Path
     slots: dict[str, Path]
     partuuids: dict[str, str]
@@ -63,6 +63,10 @@ class Config:
     reboot_command: tuple[str, ...]
     timeouts: Timeouts = field(default_factory=lambda: Timeouts(**AGENT_DEFAULTS["timeouts"]))
     raw: dict[str, Any] = field(default_factory=dict)
+    # The image's TUF root (absent: an image from before trusted channels: tags and signatures only),
+    # and the TUF client's trusted metadata on the data partition.
+    trust_root: Path = Path(TRUST_ROOT)
+    trust_dir: Path = Path(TRUST_DIR)
 
     @property
     def source(self) -> str:

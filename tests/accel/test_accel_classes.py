@@ -10,8 +10,6 @@ the powered-off disk's data partition (debugfs, no mount).
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,49 +19,13 @@ from typing import Any
 import pytest
 
 from builder import disk, vm
-from builder.build import build_class
-from builder.disk import open_rootfs, partition_offset
-from builder.loader import load_class
-from builder.run import run
-from builder.signing import make_signing_key
+from builder.disk import open_rootfs
 from kiln_device import lint
-from tests.conftest import ROOT, require_tool
+from tests.accel.conftest import BOOT_TIMEOUT, HEALTHY, UNHEALTHY, read_var
+from tests.conftest import require_tool
 from tests.images import kiln_test_context, kiln_test_state
 
 pytestmark = pytest.mark.accel
-
-VERSION = "0.9.0-accel"
-GPU, INTEL = "factory-gateway-gpu", "intel-lowpower-detector"
-BOOT_TIMEOUT = float(os.environ.get("KILN_ACCEL_BOOT_TIMEOUT", "1800"))  # 4 GB of CUDA libraries under TCG
-HEALTHY = r"kiln-health-inference: (healthy|degraded) \(exit 0"
-UNHEALTHY = r"kiln-health-inference: [a-z-]+ \(exit [1-9]"
-VAR = "/overlay/var/upper"  # /var on the data partition (the initramfs's overlay)
-
-
-@pytest.fixture(scope="session")
-def release_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    require_tool("gpg")
-    directory = tmp_path_factory.mktemp("release-key")
-    make_signing_key(directory)
-    return directory
-
-
-def build(name: str, key: Path) -> dict[str, Any]:
-    for tool in ("podman", "runc", "mmdebstrap"):
-        require_tool(tool)
-    hc = load_class(name, ROOT / "images")
-    return build_class(kiln_test_context(), hc, source=f"images/{name}.yaml", version=VERSION, sign_key=key)
-
-
-@pytest.fixture(scope="session")
-def gpu_build(release_key: Path) -> dict[str, Any]:
-    return build(GPU, release_key)
-
-
-@pytest.fixture(scope="session")
-def intel_build(release_key: Path) -> dict[str, Any]:
-    return build(INTEL, release_key)
-
 
 @pytest.fixture(scope="session")
 def gpu_rootfs(gpu_build: dict[str, Any]) -> Iterator[Path]:
@@ -112,14 +74,6 @@ def test_gpu_modules_match_the_image_kernel_and_no_build_tools_remain(gpu_build:
 class Booted:
     console: str
     files: dict[str, Any]
-
-
-def read_var(image: Path, rel: str) -> Any:
-    """A JSON file under /var of the powered-off disk (its data partition), or None."""
-    offset = partition_offset(image, "data")
-    out = run(["debugfs", "-R", f"cat {VAR}/{rel}", f"{image}?offset={offset}"], capture=True, check=False)
-    text = out.stdout.decode(errors="replace")
-    return json.loads(text) if text.strip().startswith("{") else None
 
 
 def boot(build: dict[str, Any], tmp: Path, *, memory_mib: int, files: tuple[str, ...]) -> Booted:

@@ -25,7 +25,7 @@ from tuf.api.metadata import Metadata, MetaFile, TargetFile, Timestamp
 from builder.registry import running_registry, serving_lookaside
 from builder.signing import SigningKey, make_signing_key
 from builder.state import StateDir, make_state_dir
-from builder.trust import Release, Repository, TrustKeys, make_trust_keys
+from builder.trust import Release, Repository, TrustKeys, make_trust_keys, trust_root
 from tests.conftest import require_tool
 from tests.ota import FakeDevice, make_oci_image, publish, release_files, release_labels
 
@@ -95,7 +95,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     state = make_state_dir(root=tmp / "state")
     lookaside = tmp / "signatures"
     lookaside.mkdir()
-    Repository(lookaside / "tuf", TrustKeys.load(tmp / "key")).init()
+    Repository(lookaside / "tuf", TrustKeys.load(tmp / "key")).init(trust_root(tmp / "key") or b"")
     with running_registry(tmp / "registry") as reg, serving_lookaside(lookaside) as url:
         yield World(reg.address, lookaside, url, key, tmp / "key", state, tmp / "oci", tmp)
 

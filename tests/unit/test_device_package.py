@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = Path(kiln_device.__file__).resolve().parent
 RUNTIME_ONLY = {"inference.py", "server.py", "health.py"}  # run with the runtime venv's python
 RUNTIME_PACKAGES = {"numpy", "onnxruntime"}
+AGENT_VENV_ONLY = {"trust.py"}  # kiln-agent runs with its own venv's python: python-tuf (trusted channels)
+AGENT_VENV_PACKAGES = {"tuf"}
 
 
 def modules() -> list[Path]:
@@ -47,6 +49,8 @@ def test_standard_library_only_and_never_the_builder(path: Path) -> None:
     allowed = set(sys.stdlib_module_names) | {"kiln_device"}
     if path.name in RUNTIME_ONLY:
         allowed |= RUNTIME_PACKAGES
+    if path.name in AGENT_VENV_ONLY:
+        allowed |= AGENT_VENV_PACKAGES
     foreign = imported_packages(path) - allowed
     assert not foreign, f"{path.relative_to(ROOT)} imports {', '.join(sorted(foreign))}"
 
@@ -176,7 +180,7 @@ def test_launcher_refuses_an_unknown_program(rendered: Path) -> None:
 def test_units_and_wrappers_name_the_launcher() -> None:
     common = ROOT / "overlays/common/usr"
     for wrapper in ("bin/kiln-agent", "libexec/kiln/kiln-agent"):
-        assert f"/usr/bin/python3 -I {contract.LAUNCHER} kiln-agent" in (common / wrapper).read_text()
+        assert f"{contract.AGENT_VENV_PYTHON} -I {contract.LAUNCHER} kiln-agent" in (common / wrapper).read_text()
     assert f'{contract.LAUNCHER.lstrip("/")}" kiln-health-inference' in \
         (common / "libexec/kiln/kiln-health-inference").read_text()
     assert f'{contract.LAUNCHER.lstrip("/")}" kiln-health-gpu' in (common / "libexec/kiln/kiln-health-gpu").read_text()

@@ -59,7 +59,7 @@ ROOT_TYPES = {
     Architecture.aarch64: "B921B045-1DF0-41C3-AF44-4C6F280D3FAE",
 }
 # Generic Linux data, not the /var type: the initramfs sets up the overlays itself,
-# and systemd-gpt-auto-generator must not mount it on /var.
+# and systemd-gpt-auto-generator (masked in images anyway) must not mount it on /var.
 LINUX_DATA_TYPE = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 
 SLOTS = contract.SLOTS

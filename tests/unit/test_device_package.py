@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import typing
 from pathlib import Path
 
@@ -197,3 +198,15 @@ def test_units_and_wrappers_name_the_launcher() -> None:
                 assert (PACKAGE.parent / "overlays/common").exists()
                 rel = line.removeprefix("Documentation=file://").removeprefix(contract.PYTHON_DIR + "/")
                 assert (PACKAGE.parent / rel).is_file(), line
+
+
+def test_images_mask_the_gpt_auto_generator() -> None:
+    """Its efi.automount idled the ESP out after two minutes and stopped kiln-agent.service mid-update."""
+    mask = ROOT / "overlays/common/etc/systemd/system-generators/systemd-gpt-auto-generator"
+    assert mask.is_symlink() and os.readlink(mask) == "/dev/null"
+    rendered = make_context(plan(), Path(tempfile.mkdtemp(prefix="kiln-mask-")) / "ctx")
+    try:
+        copied = rendered / "overlays/etc/systemd/system-generators/systemd-gpt-auto-generator"
+        assert copied.is_symlink() and os.readlink(copied) == "/dev/null"
+    finally:
+        shutil.rmtree(rendered.parent)

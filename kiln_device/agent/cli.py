@@ -152,6 +152,11 @@ def cmd_self_test(config: Config, release: Release) -> list[str]:
                         problems.append(f"policy key {key} is missing")
         except (OSError, ValueError, AttributeError) as exc:
             problems.append(f"{config.policy}: {exc}")
+    if config.trust_root.is_file():  # the channel is verified with TUF: the agent's venv must have it
+        try:
+            import tuf.ngclient  # noqa: F401
+        except ImportError as exc:
+            problems.append(f"{config.trust_root} asks for TUF but python-tuf does not import: {exc}")
     try:
         config.state_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(config.state_dir / ".self-test", b"ok\n")

@@ -141,8 +141,8 @@ def choose(channel: Channel, release: Release) -> ChannelRelease:
     if best is None:
         others = sorted({r.compatible for r in channel.releases} - {release.compatible})
         what = f"only for {', '.join(others)}" if others else "none"
-        raise AgentError(INCOMPATIBLE, f"channel {channel.cls}/{channel.channel} names no release for "
-                                       f"{release.compatible} that is not withdrawn ({what})")
+        raise AgentError(INCOMPATIBLE, f"channel {channel.cls}/{channel.channel} names no release compatible "
+                                       f"with {release.compatible} that is not withdrawn ({what})")
     return best
 
 

@@ -29,6 +29,8 @@ from builder.registry import RegistryInfo, running_registry
 from builder.run import run
 from builder.signing import SigningKey, resolve_signing_key
 from builder.state import StateDir
+from builder.trust import Release as TufRelease
+from builder.trust import publish_release
 from tests.conftest import ROOT
 from tests.images import QEMU_CLASS, kiln_test_context, kiln_test_state
 from tests.ota import publish
@@ -69,8 +71,19 @@ class Releases:
         """Sign and push an image made from BASE_REF (see derive_image) as VERSION and CHANNEL."""
         layout = self.tmp / f"derived-{version}"
         derive_image(self.state, base_ref, version, layout, payload_mib=payload_mib, initramfs=initramfs)
-        return publish(self.registry.address, REPO, layout, version, key=self.key, lookaside=self.signatures,
-                       cls=QEMU_CLASS, tags=[version, channel], state=self.state)
+        digest = publish(self.registry.address, REPO, layout, version, key=self.key, lookaside=self.signatures,
+                         cls=QEMU_CLASS, tags=[version, channel], state=self.state)
+        self.name_in_channel(version, channel, digest)
+        return digest
+
+    def name_in_channel(self, version: str, channel: str, digest: str, compatible: str | None = None) -> None:
+        """What `kiln release` does after the push: name VERSION (DIGEST) in CHANNEL's TUF targets, which
+        the image's agent reads (the image trusts the dev key's TUF root)."""
+        compatible = compatible or load_class(QEMU_CLASS, ROOT / "images").spec.compatible
+        raw = run(["skopeo", "inspect", "--raw", "--tls-verify=false",
+                   f"docker://{self.registry.address}/{REPO}@{digest}"], capture=True, quiet=True).stdout
+        publish_release(self.signatures, self.key.directory,
+                        TufRelease(QEMU_CLASS, channel, version, digest, len(raw), compatible, None, REPO))
 
     def log_mark(self) -> int:
         return len((self.registry.root / "registry.log").read_text(errors="replace"))

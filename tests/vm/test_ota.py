@@ -63,16 +63,19 @@ def device(qemu_disk: BuiltDisk, tmp_path_factory: pytest.TempPathFactory) -> tu
 
 
 def tiny(releases: Releases, tag: str, *, compatible: str = "kiln,qemu-x86_64", version: str = "9.0.0",
-         key: SigningKey | None = None, signed: bool = True) -> None:
-    """A small image under the class's repository at TAG (never the channel)."""
+         key: SigningKey | None = None, signed: bool = True, listed: bool = True) -> None:
+    """A small image under the class's repository at TAG (never the channel); named in the TUF channel TAG
+    unless not `listed` (a tag the registry's owner moved, which no device reads)."""
     layout = releases.tmp / f"tiny-{tag}"
     files = release_files(cls=QEMU_CLASS, compatible=compatible, version=version)
     make_oci_image(layout, tag, files, release_labels(cls=QEMU_CLASS, compatible=compatible, version=version))
     if signed:
-        publish(releases.registry.address, REPO, layout, tag, key=key or releases.key,
-                lookaside=releases.signatures, cls=QEMU_CLASS, tags=[tag], state=releases.state)
+        digest = publish(releases.registry.address, REPO, layout, tag, key=key or releases.key,
+                         lookaside=releases.signatures, cls=QEMU_CLASS, tags=[tag], state=releases.state)
     else:
-        push_unsigned(releases.registry.address, REPO, layout, tag, tag, releases.state)
+        digest = push_unsigned(releases.registry.address, REPO, layout, tag, tag, releases.state)
+    if listed:
+        releases.name_in_channel(version, tag, digest, compatible)
 
 
 def test_refusals_write_nothing(releases: Releases, device: tuple[Path, vm.VMConfig]) -> None:
@@ -81,6 +84,7 @@ def test_refusals_write_nothing(releases: Releases, device: tuple[Path, vm.VMCon
     tiny(releases, "older", version="0.9.0")
     tiny(releases, "unsigned", signed=False)
     tiny(releases, "other-key", key=other_key)
+    tiny(releases, "unlisted", listed=False)  # signed and tagged, never released: the tag is not read
     _, cfg = device
     with vm.start_vm(cfg) as machine:
         machine.wait_for_ssh(BOOT_TIMEOUT)
@@ -88,12 +92,22 @@ def test_refusals_write_nothing(releases: Releases, device: tuple[Path, vm.VMCon
         before = slot_digest(machine, "b")
         entries = machine.ssh("ls /efi/loader/entries").stdout
         expected = {"wrong-class": (3, "compatible"), "older": (4, "older than the running"),
-                    "unsigned": (6, "signature"), "other-key": (6, "signature")}
+                    "unsigned": (6, "signature"), "other-key": (6, "signature"),
+                    "unlisted": (3, "names no release")}
         for tag, (code, words) in expected.items():
             r = machine.ssh(f"echo '{{\"channel\": \"{tag}\"}}' > /tmp/ch.json && "
                             f"kiln-agent --config /tmp/ch.json update --no-reboot 2>&1", check=False, timeout=600)
             assert r.exit_status == code, (tag, r.stdout)
             assert words in r.stdout.lower(), (tag, r.stdout)
+        # Tampered channel metadata (the timestamp a server in between rewrote): refused, nothing written.
+        timestamp = releases.signatures / "tuf/metadata/timestamp.json"
+        good = timestamp.read_bytes()
+        timestamp.write_bytes(good.replace(b'"version":', b'"version": 1000000, "x":', 1))
+        try:
+            r = machine.ssh("kiln-agent update --no-reboot 2>&1", check=False, timeout=600)
+        finally:
+            timestamp.write_bytes(good)
+        assert r.exit_status == 6 and "tuf metadata" in r.stdout.lower(), r.stdout
         assert slot_digest(machine, "b") == before
         assert machine.ssh("ls /efi/loader/entries").stdout == entries
         machine.poweroff()

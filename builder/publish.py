@@ -33,7 +33,7 @@ from builder.signing import (
 )
 from builder.state import StateDir
 from builder.trust import has_trust_keys
-from kiln_device.contract import LABEL_MIN_VERSION
+from kiln_device.contract import LABEL_COMPATIBLE, LABEL_MIN_VERSION
 
 STAGING_PREFIX = "staging-"
 
@@ -144,9 +144,13 @@ def push_signed(
     if channel and has_trust_keys(key.directory):
         with steps.step(f"name {version} in the {channel} channel's TUF targets"):
             manifest = read_manifest(repo, digest, access=access, state=state)
-            release = trust.Release(cls, channel, version, digest, len(manifest), record["compatible"],
-                                    (record.get("labels") or {}).get(LABEL_MIN_VERSION) or None,
-                                    repo.split("/", 1)[1])
+            labels = record.get("labels") or {}
+            compatible = record.get("compatible") or labels.get(LABEL_COMPATIBLE)
+            if not compatible:
+                raise RegistryError(f"the build record of {cls} {version} does not say what it is compatible with "
+                                    f"(no compatible, no {LABEL_COMPATIBLE} label): rebuild it")
+            release = trust.Release(cls, channel, version, digest, len(manifest), compatible,
+                                    labels.get(LABEL_MIN_VERSION) or None, repo.split("/", 1)[1])
             tuf_repo = trust.publish_release(lookaside_dir, key.directory, release)
         record["channels"] = [c for c in record.get("channels", []) if c.get("channel") != channel] + [{
             "channel": channel, "target": release.path, "digest": digest,

@@ -54,7 +54,7 @@ def tiny_image() -> Iterator[tuple[PodmanEngine, str]]:
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_image: tuple[PodmanEngine, str]) -> Path:
     """A project dir with a build record for the tiny image (push_signed reads it)."""
     monkeypatch.setenv("KILN_PROJECT_DIR", str(tmp_path / "project"))
-    record = {"schemaVersion": records.RECORD_SCHEMA, "class": CLS, "version": "1.0.0",
+    record = {"schemaVersion": records.RECORD_SCHEMA, "class": CLS, "version": "1.0.0", "compatible": "kiln,signtest",
               "image": {"id": tiny_image[1], "ref": f"localhost/kiln/{CLS}:1.0.0"}, "pushed": []}
     path = paths.record_path(CLS, "1.0.0")
     path.parent.mkdir(parents=True)
@@ -104,6 +104,13 @@ def test_signed_release_verifies_on_every_tag_and_nothing_else_does(
     lookaside = tmp_path / "sigs"
     ctx = make_context(engine, state=engine.state)
     record = push_signed(ctx, CLS, "1.0.0", registry, key=key, lookaside_dir=lookaside, channel="stable")
+    # Named in the channel's TUF targets too (the key has its TUF half): path, digest, the manifest's length.
+    [named] = record["channels"]
+    assert named["target"] == f"{CLS}/stable/1.0.0" and named["digest"] == record["signatures"][-1]["digest"]
+    targets = json.loads((lookaside / f"tuf/metadata/{named['targetsVersion']}.targets.json").read_text())
+    target = targets["signed"]["targets"][named["target"]]
+    assert "sha256:" + target["hashes"]["sha256"] == named["digest"]
+    assert target["custom"]["compatible"] == "kiln,signtest" and target["custom"]["version"] == "1.0.0"
     digest = record["signatures"][-1]["digest"]
     assert {p["ref"].rsplit(":", 1)[1] for p in record["pushed"]} == {"1.0.0", "stable"}
     assert signing.signature_path(lookaside, f"kiln/{CLS}", digest).is_file()

@@ -61,7 +61,8 @@ journaled (a crash at a known point). KILN_AGENT_FAULT=stop:<point> stops there 
 <point> to /run/kiln-agent.fault (KILN_AGENT_FAULT_MARK) and sleeps, so a test can cut the power
 (kill the VM) at that point. Phases: fetched, invalidated, built, written, verified, kernel, entry;
 both also take `entry-written` (the trial entry is on the ESP, not yet journaled); stop: also takes
-`writing` (half of the slot written, not yet fsynced as a whole).
+`writing` (half of the slot written, not yet fsynced as a whole) and `trust-refreshed` (new TUF
+metadata written, not yet fsynced).
 """
 
 from __future__ import annotations
@@ -209,6 +210,11 @@ def dispatch(args: argparse.Namespace) -> int:
         problems = cmd_self_test(config, release)
         for p in problems:
             log(f"self-test: {p}")
+        # A stale or unverified channel is reported, never a failed check: it must not roll a trial back.
+        trust = State(config.state_dir / "state.json").data.get("trust") or {}
+        if trust.get("status") in ("stale", "unverified"):
+            log(f"self-test: warning: the channel's metadata is {trust['status']}"
+                + (f" since {trust['staleSince']}" if trust.get("staleSince") else "") + f": {trust.get('reason')}")
         return CONFIG if problems else OK
     state_path = config.state_dir / "state.json"
     if args.command == "status":

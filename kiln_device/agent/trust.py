@@ -25,6 +25,7 @@ from typing import Any
 from kiln_device import version as kv
 from kiln_device.agent.config import Config
 from kiln_device.agent.errors import AgentError, log
+from kiln_device.agent.journal import fault_point
 from kiln_device.common import fsync_dir
 from kiln_device.contract import CONFIG, INCOMPATIBLE, SIGNATURE, STALE, UNREACHABLE, Release
 
@@ -94,6 +95,7 @@ def read_channel(config: Config, release: Release) -> Channel:
             log(f"{meta_dir}/root.json does not load ({exc}); starting again from the image's root")
             updater = Updater(str(meta_dir), url, bootstrap=config.trust_root.read_bytes())
         updater.refresh()
+        fault_point("trust-refreshed")  # new metadata written by ngclient, not yet fsynced: a power cut here
     except tuf_errors.ExpiredMetadataError as exc:
         raise AgentError(STALE, f"the channel's metadata from {url} has expired ({exc}): a frozen or stale "
                                 "channel is never up to date; nothing is installed until fresh metadata verifies") \

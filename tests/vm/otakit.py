@@ -30,7 +30,7 @@ from builder.run import run
 from builder.signing import SigningKey, resolve_signing_key
 from builder.state import StateDir
 from builder.trust import Release as TufRelease
-from builder.trust import publish_release
+from builder.trust import open_repository, publish_release
 from tests.conftest import ROOT
 from tests.images import QEMU_CLASS, kiln_test_context, kiln_test_state
 from tests.ota import publish
@@ -75,6 +75,10 @@ class Releases:
                          cls=QEMU_CLASS, tags=[version, channel], state=self.state)
         self.name_in_channel(version, channel, digest)
         return digest
+
+    def refresh_channel(self) -> None:
+        """`kiln channel refresh`: a new snapshot and timestamp for devices to fetch."""
+        open_repository(self.signatures, self.key.directory).refresh()
 
     def name_in_channel(self, version: str, channel: str, digest: str, compatible: str | None = None) -> None:
         """What `kiln release` does after the push: name VERSION (DIGEST) in CHANNEL's TUF targets, which

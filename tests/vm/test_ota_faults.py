@@ -6,8 +6,10 @@ link the test controls (tests/netfault.py FaultyLink, 2 MiB/s when slowed). In o
 1. the registry goes away mid-download: the agent stops with exit 7 and says so in `status`;
 2. the power goes out mid-download (QEMU killed): the device boots slot A, healthy;
 3. the data partition is full: exit 8 with what is free; the half-unpacked update is removed;
-4. the power goes out half way through writing slot B: slot A boots, the torn slot is untrusted;
-5. the power goes out right after the boot entry was renamed into place: the next boot is the
+4. the power goes out right after a refresh of the channel's TUF metadata, before it was fsynced:
+   the next boot's agent still trusts its metadata (or fetches it again) and goes on;
+5. the power goes out half way through writing slot B: slot A boots, the torn slot is untrusted;
+6. the power goes out right after the boot entry was renamed into place: the next boot is the
    trial of the new slot, which passes its checks and is blessed: the update completes.
 
 Slot A's bytes are the same at the end as at the start.
@@ -118,7 +120,17 @@ def test_update_survives_lost_registry_full_disk_and_power_cuts(
         st = status(machine)
         assert (st["lastResult"]["result"], st["lastResult"]["code"]) == ("failed", 8), st
         machine.ssh("rm /var/lib/kiln/filler")
-        # 4. The power goes out half way through writing slot B.
+        # 4. The power goes out right after the agent wrote fresh TUF metadata, before any fsync.
+        releases.refresh_channel()
+        stop_at(machine, "trust-refreshed")
+        machine.kill()
+
+    with vm.start_vm(cfg) as machine:
+        healthy_on(machine, "a", qemu_disk.version)
+        checked = agent(machine, "check")
+        assert checked.exit_status == 0 and "Traceback" not in checked.stdout, checked.stdout
+        assert status(machine)["trust"]["status"] == "fresh"
+        # 5. The power goes out half way through writing slot B.
         stop_at(machine, "writing")
         machine.kill()
 
@@ -127,7 +139,7 @@ def test_update_survives_lost_registry_full_disk_and_power_cuts(
         st = status(machine)
         assert st["pending"]["phase"] == "built" and not st["slots"].get("b"), st
         assert not [e for e in st["entries"] if VERSION in e], st  # nothing boots the torn slot
-        # 5. The power goes out right after the trial entry was renamed into place.
+        # 6. The power goes out right after the trial entry was renamed into place.
         stop_at(machine, "entry")
         machine.kill()
 

@@ -84,7 +84,10 @@ def test_refusals_write_nothing(releases: Releases, device: tuple[Path, vm.VMCon
     tiny(releases, "older", version="0.9.0")
     tiny(releases, "unsigned", signed=False)
     tiny(releases, "other-key", key=other_key)
-    tiny(releases, "unlisted", listed=False)  # signed and tagged, never released: the tag is not read
+    # Signed and tagged, never released: the tag is not read. Another version than the others, so it is
+    # another digest (tiny images of the same version are the same bytes, and this one's signature would
+    # sign "unsigned" too).
+    tiny(releases, "unlisted", version="9.1.0", listed=False)
     _, cfg = device
     with vm.start_vm(cfg) as machine:
         machine.wait_for_ssh(BOOT_TIMEOUT)

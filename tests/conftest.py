@@ -84,3 +84,27 @@ def stop_gpg_agents() -> Iterator[None]:
                            capture_output=True, check=False)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
+
+
+DISK_FILES = (".raw", ".qcow2")  # a raw disk is 7 GiB sparse, 1-3 GiB allocated after a boot or an update
+BIG_FILES = ("rootfs.tar",)
+
+
+def remove_disk_images(base: Path) -> list[Path]:
+    """Delete the disk images and rootfs tarballs under BASE (symlinks are not followed); what was removed."""
+    removed = []
+    for dirpath, _dirs, files in os.walk(base, followlinks=False):
+        for name in files:
+            path = Path(dirpath) / name
+            if (name.endswith(DISK_FILES) or name in BIG_FILES) and not path.is_symlink():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+@pytest.fixture(scope="session", autouse=True)
+def disk_images_go_at_the_end(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A run's disk copies are removed when it ends (logs and consoles stay for a look): pytest keeps
+    the temp dirs of three runs, which were three times 18 GB of disk copies after the vm tier."""
+    yield
+    remove_disk_images(tmp_path_factory.getbasetemp())

@@ -314,3 +314,14 @@ def test_a_torn_local_metadata_file_falls_back_to_the_last_trusted(world: World)
     proc = dev.agent("check")
     assert proc.returncode in (EXIT["ok"], EXIT["up-to-date"]), proc.stderr
     assert "starting again from the image's root" in proc.stderr
+
+
+def test_a_released_version_never_changes_digest(world: World) -> None:
+    from builder.errors import UsageError
+
+    digest = world.release("1.1.0")
+    other = "sha256:" + "0" * 64
+    with pytest.raises(UsageError, match="a released version never changes digest"):
+        world.repo.publish(Release(CLS, "stable", "1.1.0", other, 100, "kiln,tiny"))
+    [kept] = [r for r in world.repo.status(CLS)["releases"] if (r["channel"], r["version"]) == ("stable", "1.1.0")]
+    assert kept["digest"] == digest

@@ -26,7 +26,6 @@ would need a second client for them.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -209,9 +208,7 @@ class Repository:
         path = self.meta_dir / name
         if role != "timestamp" and path.exists():
             raise UsageError(f"{path} exists: metadata versions, once published, never change")
-        tmp = path.with_name(f".{name}.tmp")
-        tmp.write_bytes(md.to_bytes(self.serializer))
-        os.replace(tmp, path)
+        write_bytes_atomic(path, md.to_bytes(self.serializer))
 
     def _sign(self, md: Metadata[Any], role: str) -> Metadata[Any]:
         md.signatures.clear()
@@ -317,7 +314,6 @@ class Repository:
             md.sign(new_signer, append=True)
         self._write(md, "root")
         self.keys = TrustKeys({**self.keys.signers, role: new_signer})
-        self.rotated_root = self.meta_dir / f"{root.version}.root.json"
         if role == "targets":
             self._update_targets(lambda _t: None)
         elif role == "online":
@@ -358,9 +354,3 @@ def publish_release(lookaside_dir: Path, key_dir: Path, release: Release) -> Rep
         repo.init(root)
     repo.publish(release)
     return repo
-
-
-def root_fingerprint(root_bytes: bytes) -> str:
-    """Which root an image trusts, for build.json: version and key ids of the root role."""
-    signed = json.loads(root_bytes)["signed"]
-    return f"root v{signed['version']} ({', '.join(k[:12] for k in signed['roles']['root']['keyids'])})"

@@ -105,8 +105,10 @@ def push_signed(
     tls_verify: bool | None = None,
     creds: str | None = None,
     cert_dir: Path | None = None,
+    rollout_policy: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Push a built CLASS VERSION signed: staging tag, sign, promote to :VERSION (and :CHANNEL).
+    """Push a built CLASS VERSION signed: staging tag, sign, promote to :VERSION (and :CHANNEL), name it in
+    the channel's TUF targets and start its rollout at wave 1 (ROLLOUT_POLICY: builder.rollout.policy).
 
     Returns the build record with `pushed` and `signatures` updated (also written)."""
     record = records.read_record(cls, version)
@@ -152,9 +154,15 @@ def push_signed(
             release = trust.Release(cls, channel, version, digest, len(manifest), compatible,
                                     labels.get(LABEL_MIN_VERSION) or None, repo.split("/", 1)[1])
             tuf_repo = trust.publish_release(lookaside_dir, key.directory, release)
-        record["channels"] = [c for c in record.get("channels", []) if c.get("channel") != channel] + [{
-            "channel": channel, "target": release.path, "digest": digest,
-            "targetsVersion": tuf_repo.latest("targets").signed.version, "repository": str(tuf_repo.dir)}]
+        entry: dict[str, Any] = {"channel": channel, "target": release.path, "digest": digest,
+                                 "targetsVersion": tuf_repo.latest("targets").signed.version,
+                                 "repository": str(tuf_repo.dir)}
+        if rollout_policy is not None and "rollout" in tuf_repo.keys.signers:
+            from builder import rollout
+
+            with steps.step(f"start the rollout of {version} on {channel} (wave 1)"):
+                entry["rollout"] = rollout.start(tuf_repo, cls, channel, version, rollout_policy)
+        record["channels"] = [c for c in record.get("channels", []) if c.get("channel") != channel] + [entry]
     record.setdefault("durations", {}).update(steps.summary())
     records.write_record(record)
     return record

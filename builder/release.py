@@ -18,6 +18,7 @@ from builder.build import build_class
 from builder.context import Context
 from builder.errors import BuildError, UsageError
 from builder.publish import push_signed
+from builder.rollout import policy
 from builder.signing import SigningKey
 from builder.spec import HardwareClass
 
@@ -69,5 +70,8 @@ def make_release(
     else:
         record = records.read_record(hc.name, version)
     check_trusted_key(record, key)
+    r = hc.spec.rollout
+    rollout_policy = policy([{"percent": s.percent, "soakHours": s.soak_hours} for s in r.stages],
+                            r.max_failure_rate, r.halt_min_devices)
     return push_signed(ctx, hc.name, version, registry, key=key, lookaside_dir=lookaside_dir, channel=channel,
-                       tls_verify=tls_verify, creds=creds, cert_dir=cert_dir)
+                       tls_verify=tls_verify, creds=creds, cert_dir=cert_dir, rollout_policy=rollout_policy)

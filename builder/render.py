@@ -252,6 +252,8 @@ def finalize_agent_config(hc: HardwareClass) -> dict[str, object]:
     config: dict[str, object] = {"repository": contract.default_repository(hc.name), "channel": r.channel}
     if r.registry:
         config.update(registry=r.registry, lookaside=r.lookaside or "", insecure=r.insecure_registry)
+    if r.window:
+        config["window"] = r.window
     return config
 
 

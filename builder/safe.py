@@ -27,6 +27,7 @@ _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _IMAGE = re.compile(r"[a-z0-9.-]+(?::[0-9]+)?(?:/[a-z0-9._-]+)+(?::[A-Za-z0-9._-]+)?")
 _REGISTRY = re.compile(r"[a-z0-9.-]+(?::[0-9]+)?(?:/[a-z0-9._-]+)*")
 _SNAPSHOT = re.compile(r"[0-9]{8}T[0-9]{6}Z")
+_WINDOW = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]-([01][0-9]|2[0-3]):[0-5][0-9]")
 _COMPATIBLE = re.compile(r"[a-z0-9][a-z0-9-]*,[a-z0-9][a-z0-9_.,/-]*")
 
 
@@ -141,6 +142,13 @@ def registry(value: str) -> str:
 
 def snapshot(value: str) -> str:
     return _match(_SNAPSHOT, value, "snapshot timestamp", "YYYYMMDDTHHMMSSZ")
+
+
+def window(value: str) -> str:
+    _match(_WINDOW, value, "maintenance window", "HH:MM-HH:MM in UTC, for example 02:00-04:30")
+    if value[:5] == value[6:]:
+        raise ValueError(f"{_shown(value)} is an empty window; leave `window` out for any time")
+    return value
 
 
 def compatible(value: str) -> str:

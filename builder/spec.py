@@ -353,6 +353,14 @@ class Rollout(Strict):
     min_version: Version | None = None
     stages: tuple[Stage, ...] = (Stage(percent=100),)
     auto_promote: bool = False
+    # Automatic halt (kiln fleet serve, docs/fleet.md): a rollout halts when, among the devices of its
+    # open waves that tried the release, more than this share failed or rolled back, once at least
+    # haltMinDevices of them have reported.
+    max_failure_rate: float = Field(default=0.2, ge=0, le=1)
+    halt_min_devices: int = Field(default=3, ge=1)
+    # Maintenance window, UTC "HH:MM-HH:MM" (may wrap past midnight): devices download at any time and
+    # apply and reboot only inside it (agent.json `window`; /etc/kiln/agent.json may override it).
+    window: Annotated[str, AfterValidator(safe.window)] | None = None
     # Where devices of this class look for updates (baked into /usr/lib/kiln/agent.json;
     # /etc/kiln/agent.json on a device overrides it): the registry holding
     # <registry>/kiln/<class>:<channel>, and the HTTP URL serving its signatures.

@@ -26,7 +26,12 @@ would need a second client for them.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -38,6 +43,8 @@ from securesystemslib.signer import CryptoSigner, Signer
 from tuf.api.metadata import (
     SPECIFICATION_VERSION,
     TOP_LEVEL_ROLE_NAMES,
+    DelegatedRole,
+    Delegations,
     Metadata,
     MetaFile,
     Root,
@@ -51,10 +58,15 @@ from tuf.api.serialization.json import JSONSerializer
 from builder.errors import UsageError
 
 TUF_DIR = "tuf"  # in a key directory: the private keys; in the lookaside directory: the repository
-KEY_FILES = {"root": "root.pem", "targets": "targets.pem", "online": "online.pem"}
-ROLE_KEY = {"root": "root", "targets": "targets", "snapshot": "online", "timestamp": "online"}
+KEY_FILES = {"root": "root.pem", "targets": "targets.pem", "online": "online.pem", "rollout": "rollout.pem"}
+ROLE_KEY = {"root": "root", "targets": "targets", "snapshot": "online", "timestamp": "online", "rollout": "rollout"}
 DEFAULT_EXPIRY = {"root": timedelta(days=365), "targets": timedelta(days=90),
-                  "snapshot": timedelta(days=7), "timestamp": timedelta(days=1)}
+                  "snapshot": timedelta(days=7), "timestamp": timedelta(days=1), "rollout": timedelta(days=30)}
+# The delegated role that signs each channel's rollout state (waves, halt): targets delegates the paths
+# <class>/<channel>/rollout to it, so its key (held by `kiln fleet serve` for the automatic halt) can open,
+# halt and resume rollouts of what targets released, and never name an image.
+ROLLOUT_ROLE = "rollout"
+ROLLOUT_PATHS = ["*/*/rollout"]
 EXPIRY_ENV = "KILN_TUF_EXPIRY"  # role=seconds,...: shorter lives (tests, a drill)
 DEVICE_ROOT = "/usr/lib/kiln/tuf/root.json"  # the image's trust anchor (kiln_device.contract.TUF_ROOT)
 
@@ -82,7 +94,7 @@ def make_trust_keys(key_dir: Path) -> dict[str, Path]:
     d = key_dir / TUF_DIR
     d.mkdir(mode=0o700, parents=True, exist_ok=True)
     made = {}
-    for name, file in KEY_FILES.items():
+    for name, file in KEY_FILES.items():  # an older key directory gains the keys it lacks (rollout)
         path = d / file
         if not path.exists():
             pem = Ed25519PrivateKey.generate().private_bytes(
@@ -126,9 +138,12 @@ class TrustKeys:
     signers: dict[str, Signer]
 
     @classmethod
-    def load(cls, key_dir: Path, *, with_root: bool = True) -> TrustKeys:
-        names = KEY_FILES if with_root else {k: v for k, v in KEY_FILES.items() if k != "root"}
-        return cls({name: load_signer(key_dir / TUF_DIR / file) for name, file in names.items()})
+    def load(cls, key_dir: Path, *, with_root: bool = True, only: tuple[str, ...] | None = None) -> TrustKeys:
+        """The keys of KEY_DIR/tuf; ONLY: just those (the fleet service holds rollout and online). The
+        rollout key is optional: a key directory from before rollouts has none until `kiln keys init`."""
+        names = {k: v for k, v in KEY_FILES.items() if (with_root or k != "root") and (only is None or k in only)}
+        return cls({name: load_signer(key_dir / TUF_DIR / file) for name, file in names.items()
+                    if name != "rollout" or only is not None or (key_dir / TUF_DIR / file).is_file()})
 
     def for_role(self, role: str) -> Signer:
         key = ROLE_KEY[role]
@@ -160,6 +175,20 @@ def target_path(cls: str, channel: str, version: str) -> str:
     return f"{cls}/{channel}/{version}"
 
 
+def rollout_path(cls: str, channel: str) -> str:
+    return f"{cls}/{channel}/rollout"
+
+
+def delegate_rollout(targets: Targets, signer: Signer) -> None:
+    """Targets delegates <class>/<channel>/rollout to the rollout key (terminating: nothing below it)."""
+    key = signer.public_key
+    role = (targets.delegations.roles or {}).get(ROLLOUT_ROLE) if targets.delegations else None
+    if role is not None and role.keyids == [key.keyid]:
+        return
+    targets.delegations = Delegations(keys={key.keyid: key}, roles={ROLLOUT_ROLE: DelegatedRole(
+        name=ROLLOUT_ROLE, keyids=[key.keyid], threshold=1, terminating=True, paths=list(ROLLOUT_PATHS))})
+
+
 def expiry(role: str, now: datetime | None = None) -> datetime:
     lives = dict(DEFAULT_EXPIRY)
     for item in filter(None, os.environ.get(EXPIRY_ENV, "").split(",")):
@@ -186,6 +215,18 @@ class Repository:
 
     def exists(self) -> bool:
         return (self.meta_dir / "1.root.json").is_file()
+
+    def has(self, role: str) -> bool:
+        return any(self.meta_dir.glob(f"*.{role}.json"))
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """One writer at a time: `kiln release`, `kiln channel`, `kiln rollout` and the fleet service's
+        automatic halt all re-sign snapshot and timestamp."""
+        self.meta_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / ".lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
 
     def latest(self, role: str) -> Metadata[Any]:
         if role == "timestamp":
@@ -236,6 +277,8 @@ class Repository:
         except UsageError:
             snap = Metadata(Snapshot(expires=expiry("snapshot")))
         snap.signed.meta["targets.json"] = MetaFile(version=targets.version)
+        if self.has(ROLLOUT_ROLE):
+            snap.signed.meta[f"{ROLLOUT_ROLE}.json"] = MetaFile(version=self.latest(ROLLOUT_ROLE).signed.version)
         snap.signed.expires = expiry("snapshot")
         self._write(self._sign(snap, "snapshot"), "snapshot")
         ts: Metadata[Timestamp]
@@ -249,13 +292,50 @@ class Repository:
         self._write(self._sign(ts, "timestamp"), "timestamp")
 
     def _update_targets(self, change: Any) -> Metadata[Targets]:
-        md: Metadata[Targets] = self.latest("targets")
-        change(md.signed)
-        md.signed.version += 1
-        md.signed.expires = expiry("targets")
-        self._write(self._sign(md, "targets"), "targets")
-        self._snapshot_and_timestamp()
-        return md
+        with self.locked():
+            md: Metadata[Targets] = self.latest("targets")
+            change(md.signed)
+            if "rollout" in self.keys.signers:
+                delegate_rollout(md.signed, self.keys.signers["rollout"])
+                if not self.has(ROLLOUT_ROLE):  # a delegated role must be in the snapshot: an empty one first
+                    empty = Metadata(Targets(expires=expiry(ROLLOUT_ROLE)))
+                    self._write(self._sign(empty, ROLLOUT_ROLE), ROLLOUT_ROLE)
+            md.signed.version += 1
+            md.signed.expires = expiry("targets")
+            self._write(self._sign(md, "targets"), "targets")
+            self._snapshot_and_timestamp()
+            return md
+
+    # rollouts (the delegated role; kiln_device.fleet says how devices read it)
+
+    def rollout(self, cls: str, channel: str) -> dict[str, Any] | None:
+        if not self.has(ROLLOUT_ROLE):
+            return None
+        target = self.latest(ROLLOUT_ROLE).signed.targets.get(rollout_path(cls, channel))
+        return dict(target.unrecognized_fields.get("custom") or {}) if target is not None else None
+
+    def set_rollout(self, cls: str, channel: str, state: dict[str, Any]) -> int:
+        """Sign STATE as CLASS/CHANNEL's rollout (rollout key), then snapshot and timestamp (online key).
+        Returns the rollout role's new version."""
+        targets = self.latest("targets").signed
+        if targets.delegations is None or ROLLOUT_ROLE not in (targets.delegations.roles or {}):
+            raise UsageError(f"{self.dir}: targets delegates no rollout role yet; release once with a key "
+                             "directory that has tuf/rollout.pem (`kiln keys init` adds it)")
+        with self.locked():
+            md: Metadata[Targets]
+            if self.has(ROLLOUT_ROLE):
+                md = self.latest(ROLLOUT_ROLE)
+                md.signed.version += 1
+            else:
+                md = Metadata(Targets(expires=expiry(ROLLOUT_ROLE)))
+            body = json.dumps(state, sort_keys=True, separators=(",", ":")).encode()
+            path = rollout_path(cls, channel)
+            md.signed.targets[path] = TargetFile(length=len(body), hashes={"sha256": hashlib.sha256(body).hexdigest()},
+                                                 path=path, unrecognized_fields={"custom": state})
+            md.signed.expires = expiry(ROLLOUT_ROLE)
+            self._write(self._sign(md, ROLLOUT_ROLE), ROLLOUT_ROLE)
+            self._snapshot_and_timestamp()
+            return md.signed.version
 
     def publish(self, release: Release) -> None:
         def add(targets: Targets) -> None:
@@ -289,11 +369,19 @@ class Repository:
         self._update_targets(mark)
 
     def refresh(self, *, targets: bool = False) -> None:
-        """New snapshot and timestamp (and targets, re-signed, with --targets) with fresh expiry dates."""
+        """New snapshot and timestamp (and targets, re-signed, with --targets; and the rollout role's metadata
+        when the rollout key is at hand) with fresh expiry dates."""
         if targets:
             self._update_targets(lambda _t: None)
-        else:
-            self._snapshot_and_timestamp()
+        with self.locked():
+            # The rollout role's metadata expires too (30 days): re-signed here when its key is at hand.
+            if "rollout" in self.keys.signers and self.has(ROLLOUT_ROLE):
+                md: Metadata[Targets] = self.latest(ROLLOUT_ROLE)
+                md.signed.version += 1
+                md.signed.expires = expiry(ROLLOUT_ROLE)
+                self._write(self._sign(md, ROLLOUT_ROLE), ROLLOUT_ROLE)
+            if not targets or "rollout" in self.keys.signers:
+                self._snapshot_and_timestamp()
 
     def rotate(self, role: str, new_keys: TrustKeys) -> int:
         """Root N+1 naming NEW_KEYS' key for ROLE ('root', 'targets' or 'online'); signed by the old root key

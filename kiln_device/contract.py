@@ -39,6 +39,8 @@ AGENT_STATE_DIR = f"{DATA_DIR}/agent"
 OCI_DIR = f"{DATA_DIR}/oci"
 WORK_DIR = f"{DATA_DIR}/work"
 TRUST_DIR = f"{DATA_DIR}/tuf"  # the TUF client's trusted metadata (survives updates)
+OUTBOX_DIR = f"{DATA_DIR}/agent/outbox"  # events waiting for the fleet service (kiln_device.agent.outbox)
+IDENTITY_DIR = f"{DATA_DIR}/identity"  # the device's own key, made on first boot (kiln_device.agent.identity)
 TRUST_ROOT = f"{LIB_DIR}/tuf/root.json"  # the image's TUF trust anchor: present = channels are TUF-verified
 INFERENCE_STATUS = f"{DATA_DIR}/inference/status.json"
 HEALTH_RESULT = f"{DATA_DIR}/health/inference.json"
@@ -163,6 +165,13 @@ AGENT_DEFAULTS: dict[str, Any] = {
     # channel's manifest, `fetch` is the whole skopeo copy, `unpack` umoci, `build` mkfs.erofs. An override
     # file may set some of them; the others keep their defaults.
     "timeouts": {"check": 120, "fetch": 1800, "unpack": 900, "build": 900},
+    # The fleet service (optional, docs/fleet.md): where the device reports its outbox, the CA that signed
+    # the service's TLS certificate and the enrollment token (both put in /etc/kiln by `kiln disk --etc`),
+    # how many events the outbox keeps (the oldest go first, counted) and how many go in one upload.
+    # Maintenance window (UTC, "HH:MM-HH:MM"; empty: any time): outside it `update` only downloads.
+    "fleet": {"url": "", "ca": "/etc/kiln/fleet-ca.pem", "token": "/etc/kiln/enroll.token",
+              "outboxMax": 2000, "batch": 200},
+    "window": "",
 }
 AGENT_CONFIG_KEYS = tuple(AGENT_DEFAULTS)
 
@@ -177,11 +186,12 @@ OK, INTERNAL, UP_TO_DATE, INCOMPATIBLE, NOT_NEWER, BLOCKLISTED = 0, 1, 2, 3, 4, 
 SIGNATURE, UNREACHABLE, NO_SPACE, WRITE_FAILED, LOCKED, CONFIG, USAGE = 6, 7, 8, 9, 10, 11, 64
 BAD_IMAGE = 12  # the release is malformed (labels, release.json, kernel): refused, its digest blocklisted
 STALE = 13  # the channel's TUF metadata expired: nothing is installed until fresh metadata verifies
+WAITING = 14  # the rollout has not reached this device's wave, is halted, or the maintenance window is closed
 AGENT_EXIT_CODES = {
     "ok": OK, "internal": INTERNAL, "up-to-date": UP_TO_DATE, "incompatible": INCOMPATIBLE,
     "not-newer": NOT_NEWER, "blocklisted": BLOCKLISTED, "signature": SIGNATURE, "unreachable": UNREACHABLE,
     "no-space": NO_SPACE, "write-failed": WRITE_FAILED, "locked": LOCKED, "config": CONFIG, "usage": USAGE,
-    "bad-image": BAD_IMAGE, "stale": STALE,
+    "bad-image": BAD_IMAGE, "stale": STALE, "waiting": WAITING,
 }
 
 # --- boot: slots, entries, the ESP -----------------------------------------------------------

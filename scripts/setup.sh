@@ -11,6 +11,8 @@ APT_PACKAGES=(
   qemu-system-x86 qemu-utils ovmf systemd-boot-efi
   erofs-utils squashfs-tools dosfstools mtools fdisk e2fsprogs
   docker-registry gnupg openssh-client openssl
+  # The fleet tests: a real PostgreSQL server and headless Chromium for the fleet page (not in Containerfile).
+  postgresql chromium
 )
 
 sudo_cmd=()

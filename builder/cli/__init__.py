@@ -20,7 +20,7 @@ import click
 from rich.markup import escape
 
 from builder import __version__
-from builder.cli import channel, device, images, model, registry, release, specs
+from builder.cli import channel, device, fleet, images, model, registry, release, specs
 from builder.cli.common import err_console
 from builder.errors import KilnError
 
@@ -65,6 +65,7 @@ COMMANDS: tuple[click.Command, ...] = (
     registry.registry_group,
     device.disk_cmd, device.vm_group,
     release.keys_group, release.policy_cmd, release.release_cmd, channel.channel_group,
+    fleet.fleet_group, fleet.rollout_group,
     images.demo,
 )
 for _command in COMMANDS:

@@ -18,6 +18,10 @@ Subcommands:
                      slot means the new one was rolled back: record why, blocklist it
   self-test          the agent can run: config, policy, key and tools present, state
                      writable (kiln-health-agent.service, gates boot-complete.target)
+  report [--now]     enroll with the fleet service (agent.json fleet), then upload the outbox:
+                     the events update, boot and the health checks append (kiln-agent-report.timer;
+                     backs off after a failure unless --now; nothing to do without fleet.url)
+  identity           print this device's id (its key is made on first use)
 
 Configuration: /usr/lib/kiln/agent.json (baked defaults), overridden key by key by
 /etc/kiln/agent.json, then by --config FILE (or $KILN_AGENT_CONFIG). Keys: registry
@@ -26,7 +30,9 @@ lookaside (signature server URL), insecure (plain HTTP / no TLS verification), p
 release, stateDir, ociDir, workDir, esp, slots {a, b: block devices}, partuuids {a, b}
 (default: found under /dev/disk/by-partuuid), cmdline, efivars, rebootCommand, timeouts
 {check, fetch, unpack, build: seconds; defaults 120, 1800, 900, 900; a step that runs
-longer is killed and the update fails: exit 7 for check and fetch, 9 for the others}.
+longer is killed and the update fails: exit 7 for check and fetch, 9 for the others},
+fleet {url (https://), ca, token, outboxMax, batch: docs/fleet.md}, window ("HH:MM-HH:MM"
+UTC: outside it `update` only downloads, exit 14).
 
 State: <stateDir>/state.json, replaced atomically after every step (a journal), so an
 interrupted run resumes or starts over; a slot is trusted only once its verification
@@ -53,6 +59,8 @@ Exit codes:
       success status of kiln-agent.service (2-5 are)
   13  the channel's TUF metadata has expired (a frozen or stale channel): nothing is
       installed; `status` says stale since when; the timer keeps retrying
+  14  waiting: the release's rollout has not reached this device's wave or is halted, or the
+      maintenance window is closed (the update was downloaded, not applied)
   64  usage
 
 Testing hooks: KILN_AGENT_ROOT=DIR reads the two config files under DIR instead of /
@@ -69,6 +77,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import json
 import os
 import shutil
@@ -80,9 +89,12 @@ from typing import Any
 from kiln_device.agent.bootctl import BootControl, make_boot_control
 from kiln_device.agent.config import CONFIG_ENV, ROOT_ENV, Config, load_config, read_boot_id
 from kiln_device.agent.errors import AgentError, log
+from kiln_device.agent.identity import load_or_create
 from kiln_device.agent.install import cmd_check, cmd_update
 from kiln_device.agent.journal import State, blocklist, locked
+from kiln_device.agent.outbox import Outbox, record
 from kiln_device.agent.reconcile import cmd_boot
+from kiln_device.agent.report import cmd_report
 from kiln_device.common import TOOL_PATH, Parser, read_json, write_atomic
 from kiln_device.contract import CONFIG, NO_SPACE, OK, USAGE, WRITE_FAILED, Release
 from kiln_device.degraded import read_degraded, summary
@@ -106,7 +118,19 @@ def status_data(config: Config, release: Release, state: State, boot: BootContro
         "slots": state.data.get("slots", {}), "entries": [e.name for e in boot.entries()],
         # TUF: fresh, stale (expired metadata: nothing installs) or unverified; null without a TUF root.
         "trust": state.data.get("trust"),
+        "fleet": fleet_status(config),
     }
+
+
+def fleet_status(config: Config) -> dict[str, Any]:
+    outbox = Outbox(config.outbox_dir, config.fleet.outbox_max)
+    meta = outbox.meta()
+    id_file = config.identity_dir / "id"
+    return {"url": config.fleet.url or None, "device": id_file.read_text().strip() if id_file.is_file() else None,
+            "enrolled": meta.get("enrolled") == config.fleet.url if config.fleet.url else False,
+            "outbox": outbox.count(), "dropped": int(meta.get("dropped") or 0),
+            "failures": int(meta.get("failures") or 0), "lastError": meta.get("lastError"),
+            "lastUpload": meta.get("lastUpload")}
 
 
 def render_status(data: dict[str, Any]) -> str:
@@ -120,8 +144,15 @@ def render_status(data: dict[str, Any]) -> str:
         lines.append(f"channel metadata: {trust['status']} (checked {trust['checked']})"
                      + (f", stale since {trust['staleSince']}" if trust.get("staleSince") else "")
                      + (f": {trust['reason']}" if trust.get("reason") else ""))
+        if trust.get("waiting"):
+            lines.append(f"waiting: {trust['waiting']}")
         if trust.get("runningWithdrawn"):
             lines.append(f"the running release was withdrawn: {trust['runningWithdrawn'].get('reason')}")
+    fleet = data.get("fleet") or {}
+    if fleet.get("url"):
+        lines.append(f"fleet {fleet['url']} as {fleet.get('device') or '(no identity yet)'}: {fleet['outbox']} events "
+                     f"waiting, {fleet['dropped']} dropped" + (f"; last error: {fleet['lastError']}"
+                                                               if fleet.get("lastError") else ""))
     pending = data["pending"]
     if pending:
         lines.append(f"pending: {pending['version']} -> slot {pending['slot']}, phase {pending['phase']}")
@@ -186,6 +217,9 @@ def make_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     sub.add_parser("boot", help="on-boot reconciliation (run by kiln-agent-boot.service)")
     sub.add_parser("self-test", help="health check: the agent can run (kiln-health-agent.service)")
+    report = sub.add_parser("report", help="upload the outbox to the fleet service (kiln-agent-report.timer)")
+    report.add_argument("--now", action="store_true", help="ignore the backoff after a failed upload")
+    sub.add_parser("identity", help="print this device's id")
     return parser
 
 
@@ -206,6 +240,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def dispatch(args: argparse.Namespace) -> int:
     config, release = load_config(args.config)
+    if args.command == "report":  # never under the update lock: an update never waits on the link
+        return cmd_report(config, release, force=args.now)
+    if args.command == "identity":
+        print(load_or_create(config.identity_dir).id)
+        return OK
     if args.command == "self-test":
         problems = cmd_self_test(config, release)
         for p in problems:
@@ -223,10 +262,13 @@ def dispatch(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2, sort_keys=True) if args.json else render_status(data))
         return OK
     with locked(config.state_dir):
-        state = State(state_path)
+        state = State(state_path, functools.partial(record, config))
         boot = make_boot_control(config, release.boot_control)
         if args.command == "boot":
             log(cmd_boot(config, release, state, boot))
+            found = read_degraded(Path(os.environ.get(ROOT_ENV) or "/"), read_boot_id(config))
+            state.event("boot", version=release.version, slot=boot.booted_slot(), degraded=summary(found) or None,
+                        bootId=read_boot_id(config))
             return OK
         cmd_boot(config, release, state, boot)  # a check or update first settles the last boot
         if args.command == "check":

@@ -43,6 +43,17 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class Fleet:
+    """agent.json `fleet`: the optional fleet service the outbox is uploaded to (docs/fleet.md)."""
+
+    url: str = ""
+    ca: Path = Path(AGENT_DEFAULTS["fleet"]["ca"])
+    token: Path = Path(AGENT_DEFAULTS["fleet"]["token"])
+    outbox_max: int = AGENT_DEFAULTS["fleet"]["outboxMax"]
+    batch: int = AGENT_DEFAULTS["fleet"]["batch"]
+
+
+@dataclass(frozen=True)
 class Config:
     registry: str
     repository: str
@@ -67,6 +78,16 @@ class Config:
     # and the TUF client's trusted metadata on the data partition.
     trust_root: Path = Path(TRUST_ROOT)
     trust_dir: Path = Path(TRUST_DIR)
+    fleet: Fleet = field(default_factory=Fleet)
+    window: tuple[int, int] | None = None  # maintenance window, minutes after 00:00 UTC [start, end)
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.state_dir / "outbox"
+
+    @property
+    def identity_dir(self) -> Path:
+        return self.state_dir.parent / "identity"
 
     @property
     def source(self) -> str:
@@ -94,7 +115,7 @@ def load_config(extra: str | None = None) -> tuple[Config, Release]:
         if unknown:
             raise AgentError(CONFIG, f"{path}: unknown keys {', '.join(unknown)} (known: {', '.join(AGENT_DEFAULTS)})")
         for key, value in data.items():  # timeouts merge key by key too: an override may set only one
-            both = key == "timeouts" and isinstance(value, dict) and isinstance(merged.get(key), dict)
+            both = key in ("timeouts", "fleet") and isinstance(value, dict) and isinstance(merged.get(key), dict)
             merged[key] = {**merged[key], **value} if both else value
     release = load_release(Path(merged["release"]))
     try:
@@ -113,6 +134,7 @@ def load_config(extra: str | None = None) -> tuple[Config, Release]:
             cmdline=Path(merged["cmdline"]), efivars=Path(merged["efivars"]), boot_id=Path(merged["bootId"]),
             reboot_command=tuple(str(a) for a in merged["rebootCommand"]),
             timeouts=finalize_timeouts(merged["timeouts"]),
+            fleet=finalize_fleet(merged["fleet"]), window=parse_window(merged["window"]),
             raw=merged,
         )
     except (KeyError, TypeError, ValueError) as exc:
@@ -131,6 +153,47 @@ def finalize_timeouts(value: Any) -> Timeouts:
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
             raise AgentError(CONFIG, f"timeouts.{key}: expected a number of seconds above 0, got {seconds!r}")
     return Timeouts(**{**known, **value})
+
+
+def finalize_fleet(value: Any) -> Fleet:
+    known = AGENT_DEFAULTS["fleet"]
+    if not isinstance(value, dict):
+        raise AgentError(CONFIG, f"fleet: expected an object with {', '.join(known)}")
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise AgentError(CONFIG, f"fleet: unknown keys {', '.join(unknown)} (known: {', '.join(known)})")
+    merged = {**known, **value}
+    url = str(merged["url"]).rstrip("/")
+    if url and not url.startswith("https://"):
+        raise AgentError(CONFIG, f"fleet.url: {url!r}: the fleet service is reached over TLS (https://HOST:PORT)")
+    for key in ("outboxMax", "batch"):
+        n = merged[key]
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1_000_000:
+            raise AgentError(CONFIG, f"fleet.{key}: expected a whole number from 1 to 1000000, got {n!r}")
+    return Fleet(url=url, ca=Path(merged["ca"]), token=Path(merged["token"]), outbox_max=merged["outboxMax"],
+                 batch=min(merged["batch"], merged["outboxMax"]))
+
+
+def parse_window(value: Any) -> tuple[int, int] | None:
+    """agent.json `window`: "HH:MM-HH:MM" in UTC (may wrap past midnight); "" for none."""
+    if value in ("", None):
+        return None
+    import re
+
+    m = re.fullmatch(r"([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)", str(value))
+    if not m:
+        raise AgentError(CONFIG, f"window: {value!r}: expected HH:MM-HH:MM (UTC), for example 02:00-04:30")
+    start, end = int(m[1]) * 60 + int(m[2]), int(m[3]) * 60 + int(m[4])
+    if start == end:
+        raise AgentError(CONFIG, f"window: {value!r}: an empty window; leave it out for any time")
+    return start, end
+
+
+def in_window(window: tuple[int, int] | None, minute: int) -> bool:
+    if window is None:
+        return True
+    start, end = window
+    return start <= minute < end if start < end else (minute >= start or minute < end)
 
 
 def load_release(path: Path) -> Release:

@@ -6,17 +6,19 @@ from __future__ import annotations
 import contextlib
 import errno
 import shutil
+import time
 from pathlib import Path
 
 from kiln_device.agent import trust
 from kiln_device.agent.bootctl import BootControl
-from kiln_device.agent.config import Config, read_boot_id, require_registry
+from kiln_device.agent.config import Config, in_window, read_boot_id, require_registry
 from kiln_device.agent.errors import AgentError, log
+from kiln_device.agent.identity import load_or_create
 from kiln_device.agent.journal import State, blocklist, fault_point, now
 from kiln_device.agent.oci import fetch, gc_layout, inspect_channel, inspect_ref, verified_labels
 from kiln_device.agent.slot import NewRoot, Paths, build_erofs, check_tree, unpack, work_paths, write_slot
 from kiln_device.agent.tools import run
-from kiln_device.agent.versions import Candidate, Decision, candidate_from_labels, decide
+from kiln_device.agent.versions import Candidate, Decision, candidate_from_labels, compare_versions, decide
 from kiln_device.common import sha256_file
 from kiln_device.contract import (
     BAD_IMAGE,
@@ -28,6 +30,7 @@ from kiln_device.contract import (
     SIGNATURE,
     STALE,
     UP_TO_DATE,
+    WAITING,
     WRITE_FAILED,
     Release,
     oci_ref_name,
@@ -51,21 +54,32 @@ def trusted_candidate(config: Config, release: Release, state: State) -> Candida
     except AgentError as exc:
         previous = state.data.get("trust") or {}
         stale_since = previous.get("staleSince") if previous.get("status") == "stale" else None
-        state.data["trust"] = {**previous, "status": "stale" if exc.code == STALE else "unverified",
-                                 "checked": now(), "reason": exc.message,
+        status = "stale" if exc.code == STALE else "unverified"
+        state.data["trust"] = {**previous, "status": status, "checked": now(), "reason": exc.message,
                                  "staleSince": (stale_since or now()) if exc.code == STALE else None}
         state.save()
+        if previous.get("status") != status and exc.code in (STALE, SIGNATURE):
+            state.event("channel.stale", status=status, code=exc.code, reason=exc.message)
         raise
     running = channel.find(release.version)
     withdrawn = running.withdrawn if running else None
     if withdrawn:
         log(f"the running release {release.version} was withdrawn ({withdrawn.get('reason')}): "
             "moving on to the newest release of the channel that is not")
-    chosen = trust.choose(channel, release)
+    device = load_or_create(config.identity_dir).id if channel.rollout else None
+    chosen, waiting = trust.choose(channel, release, device)
+    previous = state.data.get("trust") or {}
     state.data["trust"] = {"status": "fresh", "checked": now(), "expires": channel.expires,
                              "rootVersion": channel.root_version, "newest": chosen.version,
-                             "runningWithdrawn": withdrawn}
+                             "runningWithdrawn": withdrawn, "waiting": waiting}
     state.save()
+    if previous.get("status") in ("stale", "unverified"):
+        state.event("channel.fresh", reason=f"fresh metadata verified again (was {previous['status']})")
+    if waiting and previous.get("waiting") != waiting:
+        state.event("rollout.waiting", version=channel.newest(release.compatible).version,  # type: ignore[union-attr]
+                    reason=waiting)
+    if waiting and compare_versions(chosen.version, release.version) <= 0:
+        raise AgentError(WAITING, f"not updating yet: {waiting}")
     cand = inspect_ref(config, f"{config.source}@{chosen.digest}")
     if (cand.version, cand.compatible, cand.digest) != (chosen.version, chosen.compatible, chosen.digest):
         raise AgentError(BAD_IMAGE, f"image {chosen.digest[:19]} says {cand.version} for {cand.compatible}; the "
@@ -100,7 +114,17 @@ def cmd_update(config: Config, release: Release, state: State, boot: BootControl
                                  "from": release.version, "fromSlot": booted, "started": now(),
                                  "phase": "started", "phases": {}}
         state.save()
+        state.event("update.started", version=cand.version, digest=cand.digest, slot=target, previous=release.version)
+    minute = time.gmtime().tm_hour * 60 + time.gmtime().tm_min
     try:
+        if not in_window(config.window, minute):  # download-only: fetch now, apply inside the window
+            fetch(config, cand, work_paths(config).layout)
+            if not state.phase_done("fetched"):
+                state.journal("fetched")
+                state.event("update.downloaded", version=cand.version, window=config.raw.get("window"))
+            log(f"downloaded {cand.version}; it is installed inside the maintenance window "
+                f"{config.raw.get('window')} (UTC)")
+            return WAITING
         install(config, release, state, boot, cand, target)
     except OSError as exc:
         error = AgentError(NO_SPACE if exc.errno == errno.ENOSPC else WRITE_FAILED, f"installing {cand.version}: {exc}")
@@ -216,11 +240,17 @@ def failed(config: Config, state: State, cand: Candidate, exc: AgentError) -> No
         exc.message += f" (refused for good: {cand.digest[:19]} is blocklisted on this device)"
         exc.args = (exc.message,)
     state.finish("failed", version=cand.version, digest=cand.digest, code=exc.code, reason=exc.message)
+    state.event("update.failed", version=cand.version, digest=cand.digest, code=exc.code, reason=exc.message,
+                blocklisted=exc.blocklist)
 
 
 def finish_install(config: Config, state: State, reboot: bool) -> int:
     pending = state.pending or {}
     state.finish("installed", version=pending.get("version"), slot=pending.get("slot"), entry=pending.get("entry"))
+    if not pending.get("reported"):
+        state.event("update.installed", version=pending.get("version"), slot=pending.get("slot"))
+        pending["reported"] = True
+        state.save()
     log(f"installed {pending.get('version')} in slot {pending.get('slot')} as {pending.get('entry')}")
     if reboot:
         log("rebooting into it")

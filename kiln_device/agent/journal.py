@@ -8,7 +8,7 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,9 @@ def now() -> str:
 class State:
     """state.json: pending update (with its journaled phase), slot trust records, results."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, events: Callable[..., None] | None = None) -> None:
         self.path = path
+        self.events = events  # kind, **fields -> the outbox (kiln_device.agent.outbox.record)
         self.data: dict[str, Any] = {"schema": STATE_SCHEMA, "pending": None, "slots": {}, "lastResult": None,
                                      "rollbacks": [], "blocklist": []}
         if path.exists():
@@ -62,7 +63,12 @@ class State:
         pending.setdefault("phases", {})[phase] = now()
         self.save()
         log(f"journal: {phase}")
+        self.event("update.phase", version=pending.get("version"), phase=phase)
         fault_point(phase)
+
+    def event(self, kind: str, **fields: Any) -> None:
+        if self.events is not None:
+            self.events(kind, **fields)
 
     def phase_done(self, phase: str) -> bool:
         pending = self.pending or {}

@@ -106,6 +106,7 @@ def cmd_boot(config: Config, release: Release, state: State, boot: BootControl) 
         if entry is not None and entry.blessed:
             state.data["pending"] = None
             state.finish("success", version=version, slot=slot, previous=pending.get("from"))
+            state.event("update.success", version=version, slot=slot, previous=pending.get("from"))
             return f"{version} booted from slot {slot} and was blessed: update complete"
         return f"trial boot of {version} in slot {slot} (entry {entry.name if entry else '?'}): " \
                "waiting for the health checks to bless it"
@@ -120,4 +121,6 @@ def cmd_boot(config: Config, release: Release, state: State, boot: BootControl) 
     state.set_trust(slot, None)
     removed = boot.remove_slot_entries(slot)
     state.finish("rolled-back", version=version, slot=slot, reason=reason, removedEntries=removed)
+    state.event("rollback", version=version, digest=pending.get("digest"), slot=slot, backTo=release.version,
+                reason=reason)
     return f"{version} in slot {slot} did not stick; back on {release.version} (slot {booted}): {reason}"

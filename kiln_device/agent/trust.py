@@ -27,6 +27,7 @@ from kiln_device.agent.errors import AgentError, log
 from kiln_device.agent.journal import fault_point
 from kiln_device.common import fsync_dir
 from kiln_device.contract import CONFIG, INCOMPATIBLE, SIGNATURE, STALE, UNREACHABLE, Release
+from kiln_device.fleet import rollout_gate
 
 METADATA_PATH = "tuf/metadata/"  # under the lookaside URL (builder.trust)
 
@@ -49,6 +50,7 @@ class Channel:
     releases: tuple[ChannelRelease, ...]
     expires: dict[str, str] = field(default_factory=dict)
     root_version: int = 0
+    rollout: dict[str, Any] | None = None  # the channel's rollout state (the delegated `rollout` role), if any
 
     def find(self, version: str) -> ChannelRelease | None:
         return next((r for r in self.releases if r.version == version), None)
@@ -95,6 +97,10 @@ def read_channel(config: Config, release: Release) -> Channel:
             updater = Updater(str(meta_dir), url, bootstrap=config.trust_root.read_bytes())
         updater.refresh()
         fault_point("trust-refreshed")  # new metadata written by ngclient, not yet fsynced: a power cut here
+        # The rollout state (waves, halt) is signed by the delegated `rollout` role (builder.trust): looked up
+        # through the delegation, verified like any target. None: this channel has no rollout yet.
+        info = updater.get_targetinfo(rollout_path(release.cls, config.channel))
+        rollout = (info.unrecognized_fields.get("custom") or None) if info is not None else None
     except tuf_errors.ExpiredMetadataError as exc:
         raise AgentError(STALE, f"the channel's metadata from {url} has expired ({exc}): a frozen or stale "
                                 "channel is never up to date; nothing is installed until fresh metadata verifies") \
@@ -132,19 +138,35 @@ def read_channel(config: Config, release: Release) -> Channel:
         except (OSError, ValueError):
             pass
     root_version = Metadata.from_file(str(meta_dir / "root.json")).signed.version
-    return Channel(release.cls, config.channel, tuple(releases), expires, root_version)
+    return Channel(release.cls, config.channel, tuple(releases), expires, root_version, rollout)
 
 
-def choose(channel: Channel, release: Release) -> ChannelRelease:
+def rollout_path(cls: str, channel: str) -> str:
+    return f"{cls}/{channel}/rollout"
+
+
+def choose(channel: Channel, release: Release, device: str | None = None) -> tuple[ChannelRelease, str | None]:
     """The release this device should run: the newest in its channel for its `compatible` that is not
-    withdrawn. (decide() then says whether it is newer, allowed by minVersion, not blocklisted.)"""
+    withdrawn and whose rollout has reached DEVICE's wave (kiln_device.fleet.rollout_gate), and, when
+    a newer one waits for a wave or a halted rollout, why. (decide() then says whether it is newer,
+    allowed by minVersion, not blocklisted.)"""
     best = channel.newest(release.compatible)
     if best is None:
         others = sorted({r.compatible for r in channel.releases} - {release.compatible})
         what = f"only for {', '.join(others)}" if others else "none"
         raise AgentError(INCOMPATIBLE, f"channel {channel.cls}/{channel.channel} names no release compatible "
                                        f"with {release.compatible} that is not withdrawn ({what})")
-    return best
+    if device is None:
+        return best, None
+    waiting = rollout_gate(device, channel.rollout, best.version)
+    if waiting is None:
+        return best, None
+    # An older release that every wave may take (an earlier rollout, finished) is still an update.
+    older = [r for r in channel.releases if r.withdrawn is None and r.compatible == release.compatible
+             and r.version != best.version and rollout_gate(device, channel.rollout, r.version) is None]
+    if older:
+        return max(older, key=lambda r: kv.parse(r.version)), waiting
+    return best, waiting
 
 
 def sync(directory: Path) -> None:

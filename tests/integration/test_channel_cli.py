@@ -25,7 +25,8 @@ def test_channel_lifecycle_from_the_command_line(tmp_path: Path) -> None:
     require_tool("gpg")
     keys, new, la = tmp_path / "keys", tmp_path / "new", tmp_path / "lookaside"
     assert kiln("keys", "init", str(keys), cwd=tmp_path).returncode == 0
-    assert sorted(p.name for p in (keys / "tuf").iterdir()) == ["online.pem", "root.json", "root.pem", "targets.pem"]
+    assert sorted(p.name for p in (keys / "tuf").iterdir()) == ["online.pem", "rollout.pem", "root.json", "root.pem",
+                                                                "targets.pem"]
     assert all((keys / "tuf" / p).stat().st_mode & 0o077 == 0 for p in ("root.pem", "targets.pem", "online.pem"))
     r = kiln("channel", "status", "--lookaside", str(la), cwd=tmp_path)
     assert r.returncode == 2 and "run `kiln channel init` first" in r.stderr and "Traceback" not in r.stderr

@@ -27,8 +27,9 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = Path(kiln_device.__file__).resolve().parent
 RUNTIME_ONLY = {"inference.py", "server.py", "health.py"}  # run with the runtime venv's python
 RUNTIME_PACKAGES = {"numpy", "onnxruntime"}
-AGENT_VENV_ONLY = {"trust.py", "cli.py"}  # kiln-agent runs with its own venv's python: python-tuf (trusted channels)
-AGENT_VENV_PACKAGES = {"tuf"}
+# kiln-agent runs with its own venv's python: python-tuf (trusted channels), cryptography (the device key)
+AGENT_VENV_ONLY = {"trust.py", "cli.py", "identity.py"}
+AGENT_VENV_PACKAGES = {"tuf", "cryptography"}
 
 
 def modules() -> list[Path]:

@@ -1,0 +1,235 @@
+"""`kiln fleet serve`: a Starlette app under uvicorn, over TLS.
+
+    POST /v1/enroll    a device's public key, its enrollment token, signed by the key
+    POST /v1/reports   a batch of outbox events, signed by the device key (kiln_device.fleet)
+    GET  /v1/status    the fleet's state as JSON (?class=CLASS)
+    GET  /             the same as an HTML page
+    GET  /healthz      the service and its database answer
+
+A report that is malformed, too big, unsigned, signed by another key, from a device that is
+not enrolled, or replayed gets a 4xx and a JSON {"error": reason}; nothing of it is stored.
+After a report with failures, the rollouts of that class are checked: when the failure rate
+of a rollout's open waves is over its maxFailureRate (once haltMinDevices have tried), the
+service signs the halt into the channel's rollout metadata (with the rollout and online keys
+it was given), so later waves never start, even while the service itself is down.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from builder.fleet import views
+from builder.fleet.store import Refused, Store
+from kiln_device.fleet import (
+    DEVICE_HEADER,
+    ENROLL_CONTEXT,
+    EVENT_KINDS,
+    MAX_BODY,
+    MAX_EVENT_BYTES,
+    MAX_EVENTS,
+    SIGNATURE_HEADER,
+    SIGNING_CONTEXT,
+    device_id,
+    is_device_id,
+)
+
+log = logging.getLogger("kiln.fleet")
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+async def read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
+        raise Refused(413, f"the body is over {MAX_BODY} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise Refused(413, f"the body is over {MAX_BODY} bytes")
+    return bytes(body)
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Refused(400, f"the body is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise Refused(400, "the body must be a JSON object")
+    return data
+
+
+def verify(public_b64: str, context: bytes, body: bytes, signature: str | None) -> None:
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    if not signature:
+        raise Refused(401, f"unsigned: the {SIGNATURE_HEADER} header is missing")
+    try:
+        key = Ed25519PublicKey.from_public_bytes(base64.b64decode(public_b64, validate=True))
+        key.verify(base64.b64decode(signature, validate=True), context + body)
+    except (InvalidSignature, ValueError, binascii.Error):
+        raise Refused(401, "the signature does not verify with this device's key") from None
+
+
+def is_int(value: Any, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value < 2**62
+
+
+def check_report(data: dict[str, Any]) -> tuple[str, int, int, list[dict[str, Any]]]:
+    unknown = sorted(set(data) - {"device", "counter", "dropped", "events"})
+    if unknown:
+        raise Refused(422, f"unknown fields {', '.join(unknown)}")
+    device, counter, dropped, events = data.get("device"), data.get("counter"), data.get("dropped", 0), \
+        data.get("events")
+    if not is_device_id(device):
+        raise Refused(422, "device: expected a device id (kd- and 24 hex digits)")
+    if not is_int(counter, 1):
+        raise Refused(422, "counter: expected a whole number above 0")
+    if not is_int(dropped):
+        raise Refused(422, "dropped: expected a whole number, 0 or more")
+    if not isinstance(events, list) or not 1 <= len(events) <= MAX_EVENTS:
+        raise Refused(422, f"events: expected a list of 1 to {MAX_EVENTS} events")
+    last = 0
+    for n, e in enumerate(events):
+        where = f"events[{n}]"
+        if not isinstance(e, dict):
+            raise Refused(422, f"{where}: expected an object")
+        if not is_int(e.get("seq"), 1) or e["seq"] <= last:
+            raise Refused(422, f"{where}.seq: expected a whole number above the previous event's ({last})")
+        last = e["seq"]
+        if e.get("kind") not in EVENT_KINDS:
+            raise Refused(422, f"{where}.kind: {str(e.get('kind'))[:40]!r} is not one of {', '.join(EVENT_KINDS)}")
+        if not isinstance(e.get("time"), str) or len(e["time"]) != 20:
+            raise Refused(422, f"{where}.time: expected YYYY-MM-DDTHH:MM:SSZ")
+        if e.get("version") is not None and not (isinstance(e["version"], str) and len(e["version"]) <= 64):
+            raise Refused(422, f"{where}.version: expected a version string")
+        if len(json.dumps(e)) > MAX_EVENT_BYTES:
+            raise Refused(422, f"{where}: over {MAX_EVENT_BYTES} bytes")
+    return str(device), int(counter), int(dropped), events  # type: ignore[arg-type]
+
+
+class Halter:
+    """The automatic halt: reads rollout state from the TUF repository, signs halts into it."""
+
+    def __init__(self, store: Store, repo: Any) -> None:
+        self.store = store
+        self.repo = repo
+        self.lock = threading.Lock()
+
+    def check(self, cls: str, versions: tuple[str, ...]) -> list[str]:
+        if self.repo is None:
+            return []
+        from builder import rollout
+
+        halted = []
+        with self.lock:
+            for channel, state in views.rollouts(self.repo, cls).items():
+                if state.get("halted") or state.get("version") not in versions:
+                    continue
+                members = self.store.devices(cls)
+                table = views.wave_table(self.store, cls, members, state)
+                if table["tried"] >= int(state.get("haltMinDevices") or 1) and \
+                        table["failureRate"] > float(state.get("maxFailureRate", 1.0)):
+                    top = table["topReasons"][0]["reason"] if table["topReasons"] else "unknown"
+                    reason = (f"{table['failed']} of {table['tried']} devices in wave {state['wave']} failed or rolled "
+                              f"back ({table['failureRate']:.0%} > {float(state['maxFailureRate']):.0%}); "
+                              f"top reason: {top}")
+                    rollout.halt(self.repo, cls, channel, reason, by="kiln fleet serve")
+                    self.store.record_halt(cls, channel, str(state["version"]), reason)
+                    log.warning("halted the rollout of %s %s on %s: %s", cls, state["version"], channel, reason)
+                    halted.append(channel)
+        return halted
+
+
+def make_app(store: Store, repo: Any = None) -> Starlette:
+    halter = Halter(store, repo)
+
+    def error(exc: Refused) -> JSONResponse:
+        return JSONResponse({"error": exc.reason}, status_code=exc.status)
+
+    async def enroll(request: Request) -> Response:
+        try:
+            body = await read_body(request)
+            data = parse_json(body)
+            fields = ("device", "publicKey", "token", "class", "compatible", "version")
+            bad = [f for f in fields if not isinstance(data.get(f), str) or not data[f] or len(data[f]) > 256]
+            if bad or set(data) - set(fields):
+                raise Refused(422, f"expected the string fields {', '.join(fields)}"
+                                   + (f" (bad: {', '.join(bad)})" if bad else ""))
+            try:
+                raw = base64.b64decode(data["publicKey"], validate=True)
+            except binascii.Error:
+                raise Refused(422, "publicKey: not base64") from None
+            if len(raw) != 32 or device_id(raw) != data["device"]:
+                raise Refused(422, "device: not the id of this public key")
+            verify(data["publicKey"], ENROLL_CONTEXT, body, request.headers.get(SIGNATURE_HEADER))
+            status = await run_in_threadpool(store.enroll, data["device"], data["class"], data["compatible"],
+                                             data["publicKey"], token_hash(data["token"]), data["version"])
+        except Refused as exc:
+            return error(exc)
+        return JSONResponse({"status": status, "device": data["device"]})
+
+    async def reports(request: Request) -> Response:
+        try:
+            body = await read_body(request)
+            device, counter, dropped, events = check_report(parse_json(body))
+            if request.headers.get(DEVICE_HEADER) not in (None, device):
+                raise Refused(401, f"the {DEVICE_HEADER} header names another device than the body")
+            known = await run_in_threadpool(store.device_key, device)
+            if known is None:
+                raise Refused(401, f"device {device} is not enrolled")
+            public, cls = known
+            verify(public, SIGNING_CONTEXT, body, request.headers.get(SIGNATURE_HEADER))
+            result = await run_in_threadpool(store.ingest, device, counter, dropped, events)
+        except Refused as exc:
+            return error(exc)
+        if result.failures and repo is not None:
+            await run_in_threadpool(halter.check, cls, result.failures)
+        return JSONResponse({"accepted": result.accepted, "duplicates": result.duplicates, "ack": result.ack})
+
+    async def status(request: Request) -> Response:
+        data = await run_in_threadpool(views.fleet_status, store, repo, request.query_params.get("class"))
+        return JSONResponse(data)
+
+    async def page(request: Request) -> Response:
+        data = await run_in_threadpool(views.fleet_status, store, repo, request.query_params.get("class"))
+        return HTMLResponse(views.render_html(data))
+
+    async def healthz(request: Request) -> Response:
+        count = await run_in_threadpool(store.version)
+        return JSONResponse({"ok": True, "schema": count, "database": store.backend})
+
+    return Starlette(routes=[
+        Route("/v1/enroll", enroll, methods=["POST"]),
+        Route("/v1/reports", reports, methods=["POST"]),
+        Route("/v1/status", status, methods=["GET"]),
+        Route("/", page, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+    ])
+
+
+def serve(store: Store, repo: Any, *, host: str, port: int, tls_dir: Path, log_level: str = "info") -> None:
+    import uvicorn
+
+    from builder.fleet import pki
+
+    cert, key = pki.require(tls_dir)
+    uvicorn.run(make_app(store, repo), host=host, port=port, ssl_certfile=str(cert), ssl_keyfile=str(key),
+                log_level=log_level, access_log=False, server_header=False, timeout_graceful_shutdown=5)

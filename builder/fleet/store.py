@@ -1,0 +1,377 @@
+"""Where the fleet's reports live: SQLite by default, PostgreSQL when configured.
+
+    store = open_store("sqlite:///var/lib/kiln-fleet/fleet.db")   # or postgresql://host/db
+    store.migrate()                                               # versioned, idempotent
+
+One SQL dialect for both (plain types, INSERT ... ON CONFLICT DO NOTHING); the placeholders are
+written `?` and become `%s` for psycopg. Migrations are numbered and recorded in
+`kiln_schema`; a database newer than this Kiln is refused, never downgraded.
+
+Events are stored once per (device, seq): an upload retried after a lost answer stores nothing
+twice, and the sequence keeps each device's events in order. Each device's request counter
+only grows: a request with a counter already seen is a replay, refused before anything is
+stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from builder.errors import UsageError
+
+MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (1, "devices, enrollment tokens, events", [
+        """CREATE TABLE devices (
+            id TEXT PRIMARY KEY, class TEXT NOT NULL, compatible TEXT NOT NULL, public_key TEXT NOT NULL,
+            enrolled TEXT NOT NULL, last_seen TEXT, counter BIGINT NOT NULL DEFAULT 0,
+            dropped BIGINT NOT NULL DEFAULT 0, last_seq BIGINT NOT NULL DEFAULT 0, version TEXT, slot TEXT,
+            degraded TEXT, channel_state TEXT)""",
+        """CREATE TABLE tokens (
+            hash TEXT PRIMARY KEY, class TEXT NOT NULL, uses_left BIGINT NOT NULL, expires DOUBLE PRECISION,
+            created TEXT NOT NULL)""",
+        """CREATE TABLE events (
+            device TEXT NOT NULL, seq BIGINT NOT NULL, time TEXT NOT NULL, received TEXT NOT NULL,
+            kind TEXT NOT NULL, version TEXT, reason TEXT, data TEXT NOT NULL, PRIMARY KEY (device, seq))""",
+        "CREATE INDEX events_version ON events (version, kind)",
+        "CREATE INDEX devices_class ON devices (class)",
+    ]),
+    (2, "rollout halts the service decided", [
+        """CREATE TABLE halts (
+            class TEXT NOT NULL, channel TEXT NOT NULL, version TEXT NOT NULL, time TEXT NOT NULL,
+            reason TEXT NOT NULL, PRIMARY KEY (class, channel, version))""",
+    ]),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+# What changes the summary of a device, from its events.
+VERSION_KINDS = ("boot", "update.success")
+
+
+def now_text() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class Refused(Exception):
+    """A report or enrollment the service will not store: an HTTP status and a reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Ingested:
+    accepted: int
+    duplicates: int
+    ack: int
+    failures: tuple[str, ...]  # versions this report says failed (a halt check follows)
+
+
+class Store:
+    backend = "?"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.lock = threading.Lock()
+
+    # --- connections ----------------------------------------------------------------------
+
+    def _connect(self) -> Any:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def tx(self) -> Iterator[Any]:
+        raise NotImplementedError
+        yield
+
+    def sql(self, text: str) -> str:
+        return text
+
+    def close(self) -> None:
+        pass
+
+    # --- schema -----------------------------------------------------------------------------
+
+    def version(self) -> int:
+        with self.tx() as cur:
+            cur.execute("CREATE TABLE IF NOT EXISTS kiln_schema (version BIGINT PRIMARY KEY, applied TEXT NOT NULL, "
+                        "description TEXT NOT NULL)")
+            cur.execute("SELECT MAX(version) FROM kiln_schema")
+            row = cur.fetchone()
+        return int(row[0] or 0)
+
+    def migrate(self) -> list[int]:
+        """Apply the migrations this database lacks, each in its own transaction; the ones applied."""
+        have = self.version()
+        if have > SCHEMA_VERSION:
+            raise UsageError(f"{self.describe()}: schema version {have} is newer than this Kiln's "
+                             f"({SCHEMA_VERSION}); upgrade Kiln, never downgrade the database")
+        done = []
+        for number, description, statements in MIGRATIONS:
+            if number <= have:
+                continue
+            with self.tx() as cur:
+                for statement in statements:
+                    cur.execute(statement)
+                cur.execute(self.sql("INSERT INTO kiln_schema (version, applied, description) VALUES (?, ?, ?)"),
+                            (number, now_text(), description))
+            done.append(number)
+        return done
+
+    def describe(self) -> str:
+        return self.url
+
+    # --- enrollment ---------------------------------------------------------------------------
+
+    def add_token(self, token_hash: str, cls: str, uses: int, expires: float | None) -> None:
+        with self.tx() as cur:
+            cur.execute(self.sql("INSERT INTO tokens (hash, class, uses_left, expires, created) "
+                                 "VALUES (?, ?, ?, ?, ?)"),
+                        (token_hash, cls, uses, expires, now_text()))
+
+    def enroll(self, device: str, cls: str, compatible: str, public_key: str, token_hash: str,
+               version: str) -> str:
+        with self.tx() as cur:
+            cur.execute(self.sql("SELECT public_key, class FROM devices WHERE id = ?"), (device,))
+            row = cur.fetchone()
+            if row is not None:
+                if row[0] != public_key:
+                    raise Refused(409, f"device {device} is enrolled with another key")
+                return "already enrolled"
+            cur.execute(self.sql("SELECT class, uses_left, expires FROM tokens WHERE hash = ?"  # noqa: S608
+                                 + self.for_update()),
+                        (token_hash,))
+            tok = cur.fetchone()
+            if tok is None:
+                raise Refused(403, "unknown enrollment token")
+            if tok[0] != cls:
+                raise Refused(403, f"this enrollment token is for class {tok[0]}, not {cls}")
+            if int(tok[1]) <= 0:
+                raise Refused(403, "this enrollment token is used up")
+            if tok[2] is not None and float(tok[2]) < time.time():
+                raise Refused(403, "this enrollment token has expired")
+            cur.execute(self.sql("UPDATE tokens SET uses_left = uses_left - 1 WHERE hash = ?"), (token_hash,))
+            cur.execute(self.sql("INSERT INTO devices (id, class, compatible, public_key, enrolled, last_seen, "
+                                 "version) VALUES (?, ?, ?, ?, ?, ?, ?)"),
+                        (device, cls, compatible, public_key, now_text(), now_text(), version))
+        return "enrolled"
+
+    def device_key(self, device: str) -> tuple[str, str] | None:
+        """The device's enrolled public key (base64) and class."""
+        with self.tx() as cur:
+            cur.execute(self.sql("SELECT public_key, class FROM devices WHERE id = ?"), (device,))
+            row = cur.fetchone()
+        return (str(row[0]), str(row[1])) if row else None
+
+    def for_update(self) -> str:
+        return ""
+
+    # --- reports ------------------------------------------------------------------------------
+
+    def ingest(self, device: str, counter: int, dropped: int, events: list[dict[str, Any]]) -> Ingested:
+        received = now_text()
+        with self.tx() as cur:
+            cur.execute(self.sql("SELECT counter, last_seq FROM devices WHERE id = ?"  # noqa: S608
+                                 + self.for_update()), (device,))
+            row = cur.fetchone()
+            if row is None:
+                raise Refused(401, f"device {device} is not enrolled")
+            if counter <= int(row[0]):
+                raise Refused(409, f"replayed report: counter {counter} was already used (last {row[0]})")
+            accepted = 0
+            failures: list[str] = []
+            summary: dict[str, Any] = {}
+            for e in events:
+                cur.execute(self.sql("INSERT INTO events (device, seq, time, received, kind, version, reason, data) "
+                                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"),
+                            (device, e["seq"], e["time"], received, e["kind"], e.get("version"),
+                             str(e["reason"])[:2000] if e.get("reason") is not None else None,
+                             json.dumps(e, sort_keys=True)))
+                if cur.rowcount == 1:
+                    accepted += 1
+                    summarize(summary, e)
+                    if is_failure(e) and e.get("version"):
+                        failures.append(str(e["version"]))
+            last_seq = max([int(row[1]), *(int(e["seq"]) for e in events)])
+            sets = ["counter = ?", "dropped = ?", "last_seen = ?", "last_seq = ?"]
+            values: list[Any] = [counter, dropped, received, last_seq]
+            for column, value in summary.items():
+                sets.append(f"{column} = ?")
+                values.append(value)
+            cur.execute(self.sql(f"UPDATE devices SET {', '.join(sets)} WHERE id = ?"), (*values, device))  # noqa: S608
+        return Ingested(accepted, len(events) - accepted, last_seq, tuple(sorted(set(failures))))
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def devices(self, cls: str | None = None) -> list[dict[str, Any]]:
+        cols = ("id", "class", "compatible", "enrolled", "last_seen", "dropped", "last_seq", "version", "slot",
+                "degraded", "channel_state")
+        where, args = ("WHERE class = ?", (cls,)) if cls else ("", ())
+        with self.tx() as cur:
+            cur.execute(self.sql(f"SELECT {', '.join(cols)} FROM devices {where} ORDER BY id"), args)  # noqa: S608
+            return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    def outcomes(self, cls: str, version: str) -> dict[str, dict[str, Any]]:
+        """Per device of CLS that tried VERSION: whether it failed and why (its last failure)."""
+        out: dict[str, dict[str, Any]] = {}
+        with self.tx() as cur:
+            cur.execute(self.sql("SELECT e.device, e.kind, e.reason, e.data FROM events e JOIN devices d "
+                                 "ON d.id = e.device WHERE d.class = ? AND e.version = ? ORDER BY e.device, e.seq"),
+                        (cls, version))
+            for device, kind, reason, data in cur.fetchall():
+                entry = out.setdefault(device, {"failed": False, "reason": None, "succeeded": False})
+                if kind == "update.success":
+                    entry["succeeded"] = True
+                if is_failure(json.loads(data)):
+                    entry.update(failed=True, reason=reason or kind)
+        return out
+
+    def events(self, device: str) -> list[dict[str, Any]]:
+        with self.tx() as cur:
+            cur.execute(self.sql("SELECT data FROM events WHERE device = ? ORDER BY seq"), (device,))
+            return [json.loads(r[0]) for r in cur.fetchall()]
+
+    def count_events(self) -> int:
+        with self.tx() as cur:
+            cur.execute("SELECT COUNT(*) FROM events")
+            return int(cur.fetchone()[0])
+
+    def record_halt(self, cls: str, channel: str, version: str, reason: str) -> None:
+        with self.tx() as cur:
+            cur.execute(self.sql("INSERT INTO halts (class, channel, version, time, reason) VALUES (?, ?, ?, ?, ?) "
+                                 "ON CONFLICT DO NOTHING"), (cls, channel, version, now_text(), reason))
+
+    def halts(self, cls: str | None = None) -> list[dict[str, Any]]:
+        where, args = ("WHERE class = ?", (cls,)) if cls else ("", ())
+        with self.tx() as cur:
+            cur.execute(self.sql(f"SELECT class, channel, version, time, reason FROM halts {where} "  # noqa: S608
+                                 "ORDER BY time"), args)
+            return [dict(zip(("class", "channel", "version", "time", "reason"), r, strict=True))
+                    for r in cur.fetchall()]
+
+
+# Agent exit codes that say nothing about the release (kiln_device.contract): unreachable, no space,
+# locked, stale, waiting.
+NOT_THE_RELEASE = {7, 8, 10, 13, 14}
+
+
+def is_failure(event: dict[str, Any]) -> bool:
+    if event.get("kind") == "rollback":
+        return True
+    return event.get("kind") == "update.failed" and event.get("code") not in NOT_THE_RELEASE
+
+
+def summarize(summary: dict[str, Any], e: dict[str, Any]) -> None:
+    kind = e["kind"]
+    if kind in VERSION_KINDS and e.get("version"):
+        summary["version"] = e["version"]
+    if kind == "boot":
+        summary["slot"] = e.get("slot")
+        summary["degraded"] = e.get("degraded")
+    if kind == "channel.stale":
+        summary["channel_state"] = f"{e.get('status', 'stale')}: {e.get('reason')}"[:500]
+    if kind == "channel.fresh":
+        summary["channel_state"] = None
+
+
+class SQLiteStore(Store):
+    backend = "sqlite"
+
+    def __init__(self, url: str, path: Path) -> None:
+        super().__init__(url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")  # a stored report survives a power cut of the service
+
+    @contextlib.contextmanager
+    def tx(self) -> Iterator[Any]:
+        with self.lock:
+            cur = self.conn.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                yield cur
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")
+
+    def describe(self) -> str:
+        return f"SQLite {self.path}"
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class PostgresStore(Store):
+    backend = "postgresql"
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        try:
+            import psycopg
+        except ImportError as exc:
+            raise UsageError(f"PostgreSQL needs psycopg: {exc}", hint="pip install 'psycopg[binary]'") from None
+        self.psycopg = psycopg
+        self.local = threading.local()
+        self.all: list[Any] = []
+        self._connect()  # fail now, with a clear message, not at the first report
+
+    def _connect(self) -> Any:
+        conn = getattr(self.local, "conn", None)
+        if conn is None or conn.closed:
+            try:
+                conn = self.psycopg.connect(self.url, autocommit=False, connect_timeout=10)
+            except self.psycopg.Error as exc:
+                raise UsageError(f"cannot connect to PostgreSQL at {self.describe()}: {str(exc).strip()}") from None
+            self.local.conn = conn
+            with self.lock:
+                self.all.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def tx(self) -> Iterator[Any]:
+        conn = self._connect()
+        with conn.transaction(), conn.cursor() as cur:
+            yield cur
+
+    def sql(self, text: str) -> str:
+        return text.replace("?", "%s")
+
+    def for_update(self) -> str:
+        return " FOR UPDATE"
+
+    def describe(self) -> str:
+        # Never the password: user@host:port/db only.
+        from urllib.parse import urlsplit
+
+        u = urlsplit(self.url)
+        return f"postgresql://{u.username + '@' if u.username else ''}{u.hostname or ''}" \
+               f"{':' + str(u.port) if u.port else ''}{u.path}"
+
+    def close(self) -> None:
+        with self.lock:
+            for conn in self.all:
+                with contextlib.suppress(Exception):
+                    conn.close()
+            self.all.clear()
+
+
+def open_store(url: str) -> Store:
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgresStore(url)
+    if url.startswith("sqlite:///"):
+        return SQLiteStore(url, Path(url.removeprefix("sqlite://")))
+    if "://" in url:
+        raise UsageError(f"database {url.split('://', 1)[0]}://...: expected sqlite:///PATH or postgresql://...")
+    return SQLiteStore(f"sqlite:///{Path(url).absolute()}", Path(url))

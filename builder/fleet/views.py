@@ -1,0 +1,157 @@
+"""The fleet's state per class, from the store and the rollout metadata: JSON, text and one HTML page.
+
+Per class: the versions in the field, the rollout (its waves, each wave's devices, how many tried
+the release, failed or rolled back, succeeded), the top failure reasons, stale and degraded
+devices, events dropped on devices, and when each device was last seen.
+"""
+
+from __future__ import annotations
+
+import html
+from collections import Counter
+from typing import Any
+
+from builder.fleet.store import Store
+from kiln_device.fleet import wave_of
+
+STALE_AFTER = 3 * 3600  # seconds without a report before a device is listed as not seen
+
+
+def rollouts(repo: Any, cls: str) -> dict[str, dict[str, Any]]:
+    """channel -> rollout state, for CLS (none without a repository or a rollout role)."""
+    if repo is None or not repo.exists() or not repo.has("rollout"):
+        return {}
+    out = {}
+    for path, target in repo.latest("rollout").signed.targets.items():
+        c, channel, _ = path.split("/", 2)
+        if c == cls:
+            out[channel] = dict(target.unrecognized_fields.get("custom") or {})
+    return out
+
+
+def wave_table(store: Store, cls: str, devices: list[dict[str, Any]], state: dict[str, Any]) -> dict[str, Any]:
+    stages = state["stages"]
+    outcomes = store.outcomes(cls, state["version"])
+    waves = [{"wave": n, "percent": s["percent"], "open": n <= int(state["wave"]), "devices": 0, "tried": 0,
+              "failed": 0, "succeeded": 0} for n, s in enumerate(stages, 1)]
+    reasons: Counter[str] = Counter()
+    for d in devices:
+        w = waves[wave_of(d["id"], stages) - 1]
+        w["devices"] += 1
+        o = outcomes.get(d["id"])
+        if o is None:
+            continue
+        w["tried"] += 1
+        if o["failed"]:
+            w["failed"] += 1
+            reasons[str(o["reason"])[:200]] += 1
+        elif o["succeeded"]:
+            w["succeeded"] += 1
+    tried = sum(w["tried"] for w in waves if w["open"])
+    failed = sum(w["failed"] for w in waves if w["open"])
+    return {**state, "maxFailureRate": float(state.get("maxFailureRate", 1)), "waves": waves, "tried": tried,
+            "failed": failed,
+            "failureRate": round(failed / tried, 4) if tried else 0.0,
+            "topReasons": [{"reason": r, "devices": n} for r, n in reasons.most_common(3)]}
+
+
+def fleet_status(store: Store, repo: Any, cls: str | None = None, *, now: float | None = None) -> dict[str, Any]:
+    import time
+
+    from builder.rollout import parse_time
+
+    at = now if now is not None else time.time()
+    devices = store.devices(cls)
+    classes: dict[str, list[dict[str, Any]]] = {}
+    for d in devices:
+        classes.setdefault(d["class"], []).append(d)
+    if cls and cls not in classes:
+        classes[cls] = []
+    out: dict[str, Any] = {"classes": {}, "database": store.describe(), "devices": len(devices)}
+    for name, members in sorted(classes.items()):
+        versions = Counter(d["version"] or "unknown" for d in members)
+        not_seen = [{"device": d["id"], "lastSeen": d["last_seen"]} for d in members
+                    if d["last_seen"] and at - parse_time(d["last_seen"]) > STALE_AFTER]
+        out["classes"][name] = {
+            "devices": len(members),
+            "versions": dict(sorted(versions.items())),
+            "rollouts": {ch: wave_table(store, name, members, st) for ch, st in rollouts(repo, name).items()},
+            "halts": store.halts(name),
+            "stale": [{"device": d["id"], "channel": d["channel_state"]} for d in members if d["channel_state"]],
+            "degraded": [{"device": d["id"], "degraded": d["degraded"]} for d in members if d["degraded"]],
+            "dropped": sum(int(d["dropped"] or 0) for d in members),
+            "notSeen": not_seen,
+            "lastSeen": max((d["last_seen"] for d in members if d["last_seen"]), default=None),
+            "deviceList": [{"device": d["id"], "version": d["version"], "slot": d["slot"], "lastSeen": d["last_seen"],
+                            } for d in members][:500],
+        }
+    return out
+
+
+def render_text(status: dict[str, Any]) -> str:
+    lines = [f"{status['devices']} devices ({status['database']})"]
+    for name, c in status["classes"].items():
+        lines.append(f"\n{name}: {c['devices']} devices, last seen {c['lastSeen'] or 'never'}")
+        lines.append("  versions: " + (", ".join(f"{v} x{n}" for v, n in c["versions"].items()) or "none"))
+        for channel, r in c["rollouts"].items():
+            state = f"HALTED ({r['halted']['reason']})" if r.get("halted") else f"wave {r['wave']} of {len(r['waves'])}"
+            lines.append(f"  rollout of {r['version']} on {channel}: {state}; {r['failed']} of {r['tried']} failed "
+                         f"({r['failureRate']:.0%}, halt above {r['maxFailureRate']:.0%})")
+            for w in r["waves"]:
+                lines.append(f"    wave {w['wave']} ({w['percent']}%{', open' if w['open'] else ''}): {w['devices']} "
+                             f"devices, {w['tried']} tried, {w['succeeded']} succeeded, {w['failed']} failed")
+            for reason in r["topReasons"]:
+                lines.append(f"    {reason['devices']} x {reason['reason']}")
+        if c["stale"]:
+            lines.append(f"  stale channel: {len(c['stale'])} devices")
+        if c["degraded"]:
+            lines.append(f"  degraded: {len(c['degraded'])} devices ({c['degraded'][0]['degraded']})")
+        if c["dropped"]:
+            lines.append(f"  events dropped on devices (outbox full): {c['dropped']}")
+        if c["notSeen"]:
+            lines.append(f"  not seen for {STALE_AFTER // 3600} h: {len(c['notSeen'])} devices")
+    return "\n".join(lines)
+
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2rem;color:#1b1b1b}table{border-collapse:collapse;margin:.5rem 0}
+td,th{border:1px solid #ccc;padding:.25rem .6rem;text-align:right}th{background:#f3f3f3}
+td:first-child,th:first-child{text-align:left}
+.halted{color:#b00020;font-weight:bold}.ok{color:#1b6e20}section{margin-bottom:2rem}"""
+
+
+def render_html(status: dict[str, Any]) -> str:
+    e = html.escape
+    out = ["<!doctype html><html lang=en><head><meta charset=utf-8><title>Kiln fleet</title>",
+           f"<style>{CSS}</style></head><body>",
+           f"<h1>Kiln fleet</h1><p id=total>{status['devices']} devices</p>"]
+    for name, c in status["classes"].items():
+        out.append(f"<section class=cls data-class='{e(name)}'><h2>{e(name)}</h2>")
+        out.append(f"<p><span class=devices>{c['devices']}</span> devices, last seen "
+                   f"<span class=last-seen>{e(str(c['lastSeen'] or 'never'))}</span>; "
+                   f"<span class=dropped>{c['dropped']}</span> events dropped on devices</p>")
+        out.append("<table class=versions><tr><th>version</th><th>devices</th></tr>")
+        out += [f"<tr><td>{e(v)}</td><td>{n}</td></tr>" for v, n in c["versions"].items()]
+        out.append("</table>")
+        for channel, r in c["rollouts"].items():
+            state = (f"<span class=halted>halted: {e(r['halted']['reason'])}</span>" if r.get("halted")
+                     else f"<span class=ok>wave {r['wave']} of {len(r['waves'])} open</span>")
+            out.append(f"<h3 class=rollout data-channel='{e(channel)}' data-version='{e(r['version'])}'>"
+                       f"rollout of {e(r['version'])} on {e(channel)}: {state}</h3>")
+            out.append(f"<p>failure rate <span class=rate>{r['failureRate']:.0%}</span> "
+                       f"({r['failed']} of {r['tried']}; halts above {r['maxFailureRate']:.0%})</p>")
+            out.append("<table class=waves><tr><th>wave</th><th>percent</th><th>open</th><th>devices</th>"
+                       "<th>tried</th><th>succeeded</th><th>failed</th></tr>")
+            for w in r["waves"]:
+                out.append(f"<tr><td>{w['wave']}</td><td>{w['percent']}%</td><td>{'yes' if w['open'] else 'no'}</td>"
+                           f"<td>{w['devices']}</td><td>{w['tried']}</td><td>{w['succeeded']}</td>"
+                           f"<td>{w['failed']}</td></tr>")
+            out.append("</table>")
+            if r["topReasons"]:
+                out.append("<ol class=reasons>" + "".join(f"<li>{x['devices']} &times; {e(x['reason'])}</li>"
+                                                          for x in r["topReasons"]) + "</ol>")
+        if c["stale"] or c["degraded"]:
+            out.append(f"<p>stale channel: <span class=stale>{len(c['stale'])}</span>; degraded: "
+                       f"<span class=degraded>{len(c['degraded'])}</span></p>")
+        out.append("</section>")
+    out.append("</body></html>")
+    return "\n".join(out)

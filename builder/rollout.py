@@ -1,0 +1,115 @@
+"""Staged rollouts: a release opens to its class's `rollout.stages` one wave at a time, and halts.
+
+The state of a channel's rollout is one signed target, `<class>/<channel>/rollout`, of the
+delegated `rollout` role in the channel's TUF repository (builder.trust): devices read it with
+their channel metadata, from the same static server, so a halt reaches them even when the fleet
+service is down, and nothing but the rollout key can forge it. Its `custom`:
+
+    {"version": "1.3.0", "stages": [{"percent": 10, "soakHours": 1}, ...], "wave": 1,
+     "opened": ["2026-11-30T14:00:00Z"], "halted": null | {"reason", "time", "by"},
+     "maxFailureRate": "0.2", "haltMinDevices": 3}
+
+`wave` is how many waves are open; a device is in the first wave whose cumulative percent is
+above its stable place (kiln_device.fleet.wave_of). `kiln release` starts the rollout of each
+new release at wave 1; `kiln rollout advance` opens the next wave once the current one has
+soaked; the fleet service halts it by itself when the failure rate of the open waves goes over
+`maxFailureRate` (builder.fleet.service), and `kiln rollout halt|resume` do it by hand.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from builder.errors import UsageError
+from builder.trust import Repository
+
+
+def now_text(at: float | None = None) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at if at is not None else time.time()))
+
+
+def parse_time(text: str) -> float:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+
+
+def policy(stages: list[dict[str, Any]], max_failure_rate: float, halt_min_devices: int) -> dict[str, Any]:
+    """The rollout policy as signed metadata carries it: TUF's canonical JSON has no floats, so the rate is
+    a decimal string ("0.2")."""
+    return {"stages": [{"percent": int(s["percent"]), "soakHours": int(s.get("soakHours") or 0)} for s in stages],
+            "maxFailureRate": f"{float(max_failure_rate):g}", "haltMinDevices": int(halt_min_devices)}
+
+
+def start(repo: Repository, cls: str, channel: str, version: str, rollout_policy: dict[str, Any]) -> dict[str, Any]:
+    """Open wave 1 of VERSION (a new release); the state."""
+    current = repo.rollout(cls, channel)
+    if current and current.get("version") == version:
+        return current  # released again (same digest): the rollout goes on where it is
+    state = {"version": version, **rollout_policy, "wave": 1, "opened": [now_text()], "halted": None}
+    repo.set_rollout(cls, channel, state)
+    return state
+
+
+def require(repo: Repository, cls: str, channel: str) -> dict[str, Any]:
+    state = repo.rollout(cls, channel)
+    if not state:
+        raise UsageError(f"{cls} has no rollout on {channel}",
+                         hint="`kiln release` starts one for each release of a class")
+    return state
+
+
+def soak_left(state: dict[str, Any], at: float | None = None) -> float:
+    """Seconds until the current wave has soaked (0: it has)."""
+    wave = int(state["wave"])
+    hours = float(state["stages"][wave - 1].get("soakHours") or 0)
+    opened = parse_time(state["opened"][wave - 1])
+    return max(0.0, opened + hours * 3600 - (at if at is not None else time.time()))
+
+
+def advance(repo: Repository, cls: str, channel: str, *, force: bool = False) -> dict[str, Any]:
+    state = require(repo, cls, channel)
+    wave, stages = int(state["wave"]), state["stages"]
+    if state.get("halted"):
+        raise UsageError(f"the rollout of {cls} {state['version']} is halted ({state['halted']['reason']})",
+                         hint=f"`kiln rollout resume {cls}` once the cause is fixed")
+    if wave >= len(stages):
+        raise UsageError(f"the rollout of {cls} {state['version']} is complete: all {len(stages)} waves are open")
+    left = soak_left(state)
+    if left > 0 and not force:
+        raise UsageError(f"wave {wave} of {cls} {state['version']} soaks for {left / 3600:.1f} more hours "
+                         f"(soakHours {stages[wave - 1]['soakHours']})", hint="--force opens the next wave now")
+    state = {**state, "wave": wave + 1, "opened": [*state["opened"], now_text()]}
+    repo.set_rollout(cls, channel, state)
+    return state
+
+
+def halt(repo: Repository, cls: str, channel: str, reason: str, by: str) -> dict[str, Any]:
+    state = require(repo, cls, channel)
+    if state.get("halted"):
+        return state
+    state = {**state, "halted": {"reason": reason, "time": now_text(), "by": by}}
+    repo.set_rollout(cls, channel, state)
+    return state
+
+
+def resume(repo: Repository, cls: str, channel: str) -> dict[str, Any]:
+    state = require(repo, cls, channel)
+    if not state.get("halted"):
+        raise UsageError(f"the rollout of {cls} {state['version']} is not halted")
+    state = {**state, "halted": None, "resumed": now_text()}
+    repo.set_rollout(cls, channel, state)
+    return state
+
+
+def describe(state: dict[str, Any]) -> str:
+    stages = state["stages"]
+    wave = int(state["wave"])
+    text = (f"{state['version']}: wave {wave} of {len(stages)} open ({stages[wave - 1]['percent']}% of devices) "
+            f"since {state['opened'][wave - 1]}")
+    if state.get("halted"):
+        text += f"; HALTED at {state['halted']['time']} by {state['halted']['by']}: {state['halted']['reason']}"
+    elif wave < len(stages):
+        left = soak_left(state)
+        text += f"; wave {wave + 1} may open " + (f"in {left / 3600:.1f} h" if left else "now")
+    return text

@@ -1,0 +1,152 @@
+"""The device's outbox: what happened, kept on the data partition until the fleet service has it.
+
+One file per event (`<seq>.json`, written atomically and fsynced) in `<stateDir>/outbox/`, and
+`meta.json` (the last sequence number, how many events were dropped, the upload counter and
+backoff). An event's id is the device's id and its sequence number: the service stores each
+(device, seq) once, so an upload retried after a lost answer stores nothing twice, and the
+sequence orders the events. A power cut leaves at most the event being written unwritten: the
+next sequence number is one above both meta.json's and the newest file's, so none is reused.
+
+The outbox is bounded (agent.json fleet.outboxMax): when it is full the oldest events go, and
+`dropped` counts them; every upload carries that count, so the service shows what it missed.
+Appending never waits on the network and never fails the caller: an event that cannot be
+written is logged and lost, never a failed update (`emit`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kiln_device.agent.errors import log
+from kiln_device.common import fsync_dir, read_json, write_atomic
+
+if TYPE_CHECKING:
+    from kiln_device.agent.config import Config
+
+META = "meta.json"
+SUFFIX = ".json"
+MAX_EVENT_BYTES = 16 * 1024  # a reason longer than this is cut: the service refuses bigger events
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@dataclass(frozen=True)
+class Event:
+    seq: int
+    path: Path
+    data: dict[str, Any]
+
+
+class Outbox:
+    def __init__(self, directory: Path, limit: int = 2000) -> None:
+        self.dir = directory
+        self.limit = limit
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Appends and acknowledgements are short and exclusive; an upload's HTTP request holds no lock."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / ".lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+    def meta(self) -> dict[str, Any]:
+        try:
+            data = read_json(self.dir / META)
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def save_meta(self, meta: dict[str, Any]) -> None:
+        write_atomic(self.dir / META, (json.dumps(meta, sort_keys=True) + "\n").encode(), 0o600)
+
+    def _seqs(self) -> list[int]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(int(p.name[:-len(SUFFIX)]) for p in self.dir.iterdir()
+                      if p.name.endswith(SUFFIX) and p.name[:-len(SUFFIX)].isdigit())
+
+    def _path(self, seq: int) -> Path:
+        return self.dir / f"{seq:012d}{SUFFIX}"
+
+    def append(self, kind: str, fields: dict[str, Any]) -> int:
+        """Write one event durably; returns its sequence number."""
+        with self.locked():
+            meta = self.meta()
+            seqs = self._seqs()
+            seq = max([int(meta.get("lastSeq") or 0), *seqs]) + 1
+            event = {"seq": seq, "time": now(), "kind": kind, **fields}
+            body = json.dumps(event, sort_keys=True, default=str).encode()
+            if len(body) > MAX_EVENT_BYTES:  # a runaway reason: keep the event, cut the text
+                event = {k: (v[:2000] + "…" if isinstance(v, str) and len(v) > 2000 else v) for k, v in event.items()}
+                body = json.dumps(event, sort_keys=True, default=str)[:MAX_EVENT_BYTES].encode()
+                if len(body) >= MAX_EVENT_BYTES:
+                    body = json.dumps({"seq": seq, "time": event["time"], "kind": kind, "truncated": True}).encode()
+            overflow = len(seqs) + 1 - self.limit
+            for old in seqs[:max(overflow, 0)]:  # full: the oldest go, counted
+                self._path(old).unlink(missing_ok=True)
+            write_atomic(self._path(seq), body, 0o600)
+            meta["lastSeq"] = seq
+            if overflow > 0:
+                meta["dropped"] = int(meta.get("dropped") or 0) + overflow
+            self.save_meta(meta)
+            return seq
+
+    def pending(self, limit: int) -> list[Event]:
+        """The oldest LIMIT events, in order (an unreadable file, a torn write from a disk that lies, is dropped
+        and counted)."""
+        out: list[Event] = []
+        for seq in self._seqs():
+            if len(out) >= limit:
+                break
+            path = self._path(seq)
+            try:
+                data = read_json(path)
+                if not isinstance(data, dict) or data.get("seq") != seq:
+                    raise ValueError("not an event of this outbox")
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError) as exc:
+                log(f"outbox: {path.name} is unreadable ({exc}); dropping it")
+                with self.locked():
+                    path.unlink(missing_ok=True)
+                    meta = self.meta()
+                    meta["dropped"] = int(meta.get("dropped") or 0) + 1
+                    self.save_meta(meta)
+                continue
+            out.append(Event(seq, path, data))
+        return out
+
+    def acknowledge(self, upto: int, sent: list[Event]) -> None:
+        """The service has every event of SENT up to UPTO: they go."""
+        with self.locked():
+            for event in sent:
+                if event.seq <= upto:
+                    event.path.unlink(missing_ok=True)
+            fsync_dir(self.dir)
+
+    def count(self) -> int:
+        return len(self._seqs())
+
+
+def emit(directory: Path, limit: int, kind: str, **fields: Any) -> None:
+    """Append an event; never raises (an outbox that cannot be written must not fail an update)."""
+    try:
+        Outbox(directory, limit).append(kind, fields)
+    except (OSError, ValueError, TypeError) as exc:
+        log(f"outbox: could not record {kind}: {exc}")
+
+
+
+def record(config: Config, kind: str, **fields: Any) -> None:
+    """emit() into the device's outbox (agent.json stateDir, fleet.outboxMax)."""
+    emit(config.outbox_dir, config.fleet.outbox_max, kind, **fields)

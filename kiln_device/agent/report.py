@@ -1,0 +1,134 @@
+"""kiln-agent report: enroll with the fleet service once, then upload the outbox, oldest first.
+
+Runs from its own timer (kiln-agent-report.timer), never under the update lock: an update
+or an inference never waits on the link. A failed upload backs off (30 s doubling to an
+hour, with jitter, kept in the outbox's meta.json) and leaves every event in place; the
+events the service acknowledges go. With no fleet service configured it does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import ssl
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from kiln_device.agent.config import Config
+from kiln_device.agent.errors import AgentError, log
+from kiln_device.agent.identity import Identity, load_or_create
+from kiln_device.agent.outbox import Outbox
+from kiln_device.contract import CONFIG, OK, UNREACHABLE, Release
+from kiln_device.fleet import DEVICE_HEADER, ENROLL_CONTEXT, SIGNATURE_HEADER, SIGNING_CONTEXT
+
+BACKOFF_START = 30.0
+BACKOFF_MAX = 3600.0
+TIMEOUT = 30.0
+
+
+class Rejected(Exception):
+    """The service answered 4xx: the request itself is wrong (retrying it unchanged will not help)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"HTTP {status}: {reason}")
+        self.status = status
+
+
+def post(config: Config, path: str, body: bytes, headers: dict[str, str]) -> dict[str, Any]:
+    ctx = ssl.create_default_context(cafile=str(config.fleet.ca)) if config.fleet.ca.is_file() \
+        else ssl.create_default_context()
+    # fleet.url is https:// (kiln_device.agent.config.finalize_fleet refuses anything else)
+    req = urllib.request.Request(config.fleet.url + path, data=body, method="POST",  # noqa: S310
+                                 headers={"Content-Type": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(req, timeout=TIMEOUT, context=ctx) as resp:  # noqa: S310
+            return json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        try:
+            reason = json.loads(exc.read()).get("error") or exc.reason
+        except (ValueError, AttributeError, OSError):
+            reason = exc.reason
+        if 400 <= exc.code < 500:
+            raise Rejected(exc.code, str(reason)) from None
+        raise OSError(f"HTTP {exc.code}: {reason}") from None
+
+
+def enroll(config: Config, release: Release, ident: Identity, outbox: Outbox, meta: dict[str, Any]) -> None:
+    if meta.get("enrolled") == config.fleet.url:
+        return
+    try:
+        token = config.fleet.token.read_text().strip()
+    except OSError as exc:
+        raise AgentError(CONFIG, f"not enrolled with {config.fleet.url} and no enrollment token: {exc} "
+                                 "(flash one with `kiln disk --etc kiln/enroll.token=FILE`)") from None
+    body = json.dumps({"device": ident.id, "publicKey": ident.public_b64, "token": token, "class": release.cls,
+                       "compatible": release.compatible, "version": release.version}, sort_keys=True).encode()
+    answer = post(config, "/v1/enroll", body, {SIGNATURE_HEADER: ident.sign(ENROLL_CONTEXT, body)})
+    log(f"enrolled with {config.fleet.url} as {ident.id} ({answer.get('status', 'ok')})")
+    meta["enrolled"] = config.fleet.url
+    outbox.save_meta(meta)
+
+
+def upload(config: Config, release: Release, *, force: bool = False) -> int:
+    if not config.fleet.url:
+        log("no fleet service configured (agent.json fleet.url): the outbox stays on the device")
+        return OK
+    outbox = Outbox(config.outbox_dir, config.fleet.outbox_max)
+    meta = outbox.meta()
+    wait = float(meta.get("nextAttempt") or 0) - time.time()
+    if wait > 0 and not force:
+        log(f"backing off after {meta.get('failures')} failed uploads: next attempt in {wait:.0f} s "
+            f"({meta.get('lastError')})")
+        return OK
+    ident = load_or_create(config.identity_dir)
+    sent_total = 0
+    try:
+        enroll(config, release, ident, outbox, meta)
+        while True:
+            events = outbox.pending(config.fleet.batch)
+            if not events:
+                break
+            with outbox.locked():
+                meta = outbox.meta()
+                meta["counter"] = int(meta.get("counter") or 0) + 1
+                outbox.save_meta(meta)  # saved before sending: a counter is never sent twice
+            body = json.dumps({"device": ident.id, "counter": meta["counter"], "dropped": int(meta.get("dropped") or 0),
+                               "events": [e.data for e in events]}, sort_keys=True).encode()
+            answer = post(config, "/v1/reports", body,
+                          {DEVICE_HEADER: ident.id, SIGNATURE_HEADER: ident.sign(SIGNING_CONTEXT, body)})
+            acked = int(answer.get("ack") or 0)
+            outbox.acknowledge(acked, events)
+            sent_total += len(events)
+            if acked < events[-1].seq:
+                raise OSError(f"the service acknowledged up to {acked} of {events[-1].seq}")
+    except Rejected as exc:
+        return backoff(outbox, f"the fleet service refused the report: {exc}", sent_total, CONFIG)
+    except (OSError, ValueError, ssl.SSLError) as exc:
+        return backoff(outbox, f"{config.fleet.url}: {exc}", sent_total, UNREACHABLE)
+    with outbox.locked():
+        meta = outbox.meta()
+        meta.update(failures=0, nextAttempt=0, lastError=None, lastUpload=time.time())
+        outbox.save_meta(meta)
+    log(f"reported {sent_total} events to {config.fleet.url}" if sent_total else "nothing to report")
+    return OK
+
+
+def backoff(outbox: Outbox, error: str, sent: int, code: int) -> int:
+    with outbox.locked():
+        meta = outbox.meta()
+        failures = int(meta.get("failures") or 0) + 1
+        delay = min(BACKOFF_START * 2 ** (failures - 1), BACKOFF_MAX) * random.uniform(0.5, 1.0)  # noqa: S311 (jitter)
+        meta.update(failures=failures, nextAttempt=time.time() + delay, lastError=error)
+        outbox.save_meta(meta)
+    log(f"error: {error} ({sent} events sent this run; {outbox.count()} wait; next attempt in {delay:.0f} s)")
+    return code
+
+
+def cmd_report(config: Config, release: Release, *, force: bool) -> int:
+    try:
+        return upload(config, release, force=force)
+    except AgentError as exc:
+        log(f"error: {exc.message}")
+        return exc.code

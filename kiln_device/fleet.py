@@ -1,0 +1,91 @@
+"""What the device and the fleet service agree on (stdlib only): device ids, the report protocol,
+and the rollout waves.
+
+Device id: "kd-" and the first 24 hex digits of the sha256 of the device's raw ed25519 public
+key. A device names itself by its key, so it cannot report under another device's id without
+that device's key.
+
+Reports: a POST whose body is JSON and whose `Kiln-Signature` header is the base64 ed25519
+signature, by the device key, of SIGNING_CONTEXT + the body's bytes. The body carries the
+device id and a `counter` that grows with every request the device sends (kept in its
+outbox's meta.json, saved before sending): the service refuses a counter it has seen
+(a replayed request), while the events themselves are stored once per (device, seq), so a
+retry with a new counter after a lost answer stores nothing twice.
+
+Waves: a device's place in the fleet is a number in [0, 100) from a stable hash of its id.
+A rollout with stages of cumulative percent P1 < P2 < ... < 100 puts a device in the first
+wave whose percent is above that number. The rollout's signed state (the `rollout` target of
+its channel, docs/fleet.md) says how many waves are open and whether it is halted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+SIGNING_CONTEXT = b"kiln-fleet-report-v1\n"
+ENROLL_CONTEXT = b"kiln-fleet-enroll-v1\n"
+SIGNATURE_HEADER = "Kiln-Signature"
+DEVICE_HEADER = "Kiln-Device"
+MAX_BODY = 1024 * 1024  # bytes: one upload
+MAX_EVENTS = 1000  # per upload
+MAX_EVENT_BYTES = 16 * 1024
+ID_PREFIX = "kd-"
+
+# Kinds of events, and what the service counts them as.
+EVENT_KINDS = {
+    "boot": "a boot: version, slot, degraded",
+    "update.started": "an update began: version, from",
+    "update.phase": "a journaled phase of an update: version, phase",
+    "update.downloaded": "download-only: fetched, waiting for the maintenance window",
+    "update.installed": "the new slot is written; the trial boot is next",
+    "update.failed": "an update failed before its trial boot: version, code, reason",
+    "update.success": "the trial boot was blessed: version, previous",
+    "rollback": "the trial boot did not stick: version, reason",
+    "channel.stale": "the channel's metadata expired or did not verify: status, code, reason",
+    "channel.fresh": "the channel's metadata verifies again",
+    "rollout.waiting": "the rollout holds this device back: version, reason",
+    "health": "the health checks' verdict at boot: ok, degraded",
+    "inference.latency": "a summary of inference latency: count, p50Ms, p95Ms, p99Ms",
+}
+FAILURE_KINDS = ("update.failed", "rollback")
+
+
+def device_id(public_key: bytes) -> str:
+    return ID_PREFIX + hashlib.sha256(public_key).hexdigest()[:24]
+
+
+def is_device_id(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == len(ID_PREFIX) + 24 and value.startswith(ID_PREFIX) and \
+        all(c in "0123456789abcdef" for c in value[len(ID_PREFIX):])
+
+
+def place(device: str) -> float:
+    """The device's stable place in [0, 100): which wave it is in."""
+    digest = hashlib.sha256(b"kiln-wave\n" + device.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 * 100
+
+
+def wave_of(device: str, stages: list[dict[str, Any]]) -> int:
+    """1-based wave of DEVICE under STAGES ([{percent, soakHours}], cumulative percent)."""
+    where = place(device)
+    for n, stage in enumerate(stages, 1):
+        if where < float(stage["percent"]):
+            return n
+    return len(stages)
+
+
+def rollout_gate(device: str, rollout: dict[str, Any] | None, version: str) -> str | None:
+    """None when DEVICE may install VERSION under the ROLLOUT state, else why not."""
+    if not rollout or rollout.get("version") != version:
+        return None  # no rollout for this release: it is open to every device (releases before fleets)
+    halted = rollout.get("halted")
+    if halted:
+        return f"the rollout of {version} is halted: {halted.get('reason')}"
+    stages = list(rollout.get("stages") or [{"percent": 100}])
+    opened = int(rollout.get("wave") or 0)
+    mine = wave_of(device, stages)
+    if mine > opened:
+        return (f"the rollout of {version} has opened wave {opened} of {len(stages)} "
+                f"({stages[opened - 1]['percent'] if opened else 0}% of devices); this device is in wave {mine}")
+    return None

@@ -1,0 +1,178 @@
+"""Helpers for the fleet tests: a real PostgreSQL server (Debian's postgresql package), the real
+`kiln fleet serve` (uvicorn over TLS) as a subprocess, and simulated devices that run the agent's
+own identity, outbox and upload code in this process."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kiln_device.agent.config import Config, Fleet
+from kiln_device.agent.identity import Identity, load_or_create
+from kiln_device.agent.outbox import Outbox
+from kiln_device.agent.report import upload
+from kiln_device.contract import Release, parse_release
+from tests.conftest import require_tool
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pg_bin(tool: str) -> str:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{tool}"))
+    if not found:
+        require_tool(f"postgresql ({tool})")  # fails under CI=true, skips otherwise
+    return found[-1]
+
+
+@contextlib.contextmanager
+def running_postgres() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (trust auth, its own directory); yields its URL."""
+    initdb, pg_ctl = pg_bin("initdb"), pg_bin("pg_ctl")
+    directory = Path(tempfile.mkdtemp(prefix="kiln-pg-", dir="/var/tmp"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root: run it as the package's postgres user
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(directory, "postgres", "postgres")
+    data, port = directory / "data", free_port()
+    try:
+        subprocess.run([*as_user, initdb, "-D", str(data), "--auth=trust", "-U", "postgres", "--no-sync",
+                        "-E", "UTF8"], check=True, capture_output=True, timeout=120)
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-l", str(directory / "log"), "-w", "-t", "60",
+                        "-o", f"-h 127.0.0.1 -p {port} -k {directory} -c fsync=on", "start"],
+                       check=True, capture_output=True, timeout=90)
+        url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE DATABASE kiln")
+        yield f"postgresql://postgres@127.0.0.1:{port}/kiln"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True,
+                       timeout=60, check=False)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@dataclass
+class FleetService:
+    url: str
+    ca: Path
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def get(self, path: str) -> Any:
+        ctx = ssl.create_default_context(cafile=str(self.ca))
+        with urllib.request.urlopen(self.url + path, context=ctx, timeout=30) as resp:
+            body = resp.read()
+        return json.loads(body) if path.startswith(("/v1", "/healthz")) else body.decode()
+
+    def post(self, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+        ctx = ssl.create_default_context(cafile=str(self.ca))
+        req = urllib.request.Request(self.url + path, data=body, method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, context=ctx, timeout=30) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"{}")
+
+
+def kiln(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "builder.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300, check=False)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"kiln {' '.join(args)}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@contextlib.contextmanager
+def running_fleet(tmp: Path, db: str, *, key_dir: Path | None = None, lookaside: Path | None = None,
+                  env: dict[str, str] | None = None) -> Iterator[FleetService]:
+    """`kiln fleet serve` on a free loopback port, its TLS made by `kiln fleet init`."""
+    tls = tmp / "tls"
+    if not (tls / "server.pem").exists():
+        kiln("fleet", "init", str(tls), "--host", "127.0.0.1", "--db", db, env=env)
+    port = free_port()
+    args = ["fleet", "serve", "--listen", f"127.0.0.1:{port}", "--tls-dir", str(tls), "--db", db]
+    if key_dir is not None:
+        args += ["--key", str(key_dir), "--lookaside", str(lookaside)]
+    log = tmp / f"fleet-{port}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "builder.cli", *args], stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})})
+    service = FleetService(f"https://127.0.0.1:{port}", tls / "ca.pem", proc, log)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                service.get("/healthz")
+                break
+            except (OSError, ValueError):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"kiln fleet serve did not start:\n{log.read_text()}") from None
+                time.sleep(0.2)
+        yield service
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class SimDevice:
+    """A device without a disk: the agent's real identity, outbox and upload code, its own state dir."""
+
+    root: Path
+    config: Config
+    release: Release
+
+    @classmethod
+    def create(cls, root: Path, service: FleetService | None, token: Path, *, klass: str = "tiny",
+               version: str = "1.0.0", outbox_max: int = 2000, batch: int = 200, url: str | None = None) -> SimDevice:
+        state = root / "agent"
+        fleet = Fleet(url=url if url is not None else (service.url if service else ""),
+                      ca=service.ca if service else Path("/nonexistent"), token=token, outbox_max=outbox_max,
+                      batch=batch)
+        config = Config(registry="", repository="", channel="stable", lookaside="", insecure=True,
+                        policy=Path("/nonexistent"), release=Path("/nonexistent"), state_dir=state,
+                        oci_dir=root / "oci", work_dir=root / "work", esp=root / "efi", slots={}, partuuids={},
+                        cmdline=root / "cmdline", efivars=root / "efivars", boot_id=root / "boot_id",
+                        reboot_command=("true",), fleet=fleet)
+        release = parse_release({"class": klass, "compatible": f"kiln,{klass}", "version": version})
+        return cls(root, config, release)
+
+    @property
+    def identity(self) -> Identity:
+        return load_or_create(self.config.identity_dir)
+
+    @property
+    def outbox(self) -> Outbox:
+        return Outbox(self.config.outbox_dir, self.config.fleet.outbox_max)
+
+    def emit(self, kind: str, **fields: Any) -> int:
+        return self.outbox.append(kind, fields)
+
+    def report(self, *, force: bool = True) -> int:
+        return upload(self.config, self.release, force=force)

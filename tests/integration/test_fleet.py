@@ -1,0 +1,349 @@
+"""The fleet (issue 14): the real `kiln fleet serve` (uvicorn, TLS) on SQLite and on a real PostgreSQL
+server, devices running the agent's own identity, outbox and upload code, and the real agent on fake
+devices (tests/ota.py) taking staged rollouts from signed TUF metadata: waves, the automatic halt, the
+maintenance window. The fleet page is read in headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from builder import rollout
+from builder.fleet.store import open_store
+from kiln_device.fleet import ENROLL_CONTEXT, SIGNATURE_HEADER, SIGNING_CONTEXT, place, wave_of
+from tests.conftest import require_tool
+from tests.fleet import FleetService, SimDevice, kiln, running_fleet, running_postgres
+from tests.integration.test_trusted_channel import EXIT, World, sha, slots
+from tests.integration.test_trusted_channel import world as world
+
+pytestmark = pytest.mark.integration
+EXIT = {**EXIT, "waiting": 14}
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'fleet.db'}"
+    else:
+        with running_postgres() as url:
+            yield url
+
+
+@pytest.fixture(scope="module")
+def service(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetService]:
+    with running_fleet(tmp_path_factory.mktemp("fleet"), backend) as svc:
+        yield svc
+
+
+def token(db: str, path: Path, cls: str = "tiny", uses: int = 1) -> Path:
+    kiln("fleet", "token", cls, "--uses", str(uses), "--out", str(path), "--db", db)
+    assert path.stat().st_mode & 0o077 == 0
+    return path
+
+
+def stored(db: str, device: str) -> list[dict]:  # type: ignore[type-arg]
+    store = open_store(db)
+    try:
+        return store.events(device)
+    finally:
+        store.close()
+
+
+def total(db: str) -> int:
+    store = open_store(db)
+    try:
+        return store.count_events()
+    finally:
+        store.close()
+
+
+def test_reports_arrive_exactly_once_in_order(service: FleetService, backend: str, tmp_path: Path) -> None:
+    dev = SimDevice.create(tmp_path / "d", service, token(backend, tmp_path / "tok"), batch=100)
+    for n in range(250):
+        dev.emit("update.phase", version="1.1.0", phase=f"p{n}")
+    saved = tmp_path / "outbox-copy"
+    shutil.copytree(dev.config.outbox_dir, saved)
+    assert dev.report() == 0
+    events = stored(backend, dev.identity.id)
+    assert [e["seq"] for e in events] == list(range(1, 251))
+    assert [e["phase"] for e in events] == [f"p{n}" for n in range(250)]
+    assert dev.outbox.count() == 0
+    # The answers were lost (the device kept its events, its counter went on): sent again, stored once.
+    for f in saved.glob("0*.json"):
+        shutil.copy2(f, dev.config.outbox_dir / f.name)
+    assert dev.outbox.count() == 250
+    assert dev.report() == 0
+    assert len(stored(backend, dev.identity.id)) == 250 and dev.outbox.count() == 0
+    dev.emit("rollback", version="1.1.0", reason="inference-golden failed")
+    assert dev.report() == 0
+    assert [e["seq"] for e in stored(backend, dev.identity.id)][-2:] == [250, 251]
+
+
+def test_the_outbox_is_bounded_and_says_what_it_dropped(service: FleetService, backend: str, tmp_path: Path) -> None:
+    dev = SimDevice.create(tmp_path / "d", service, token(backend, tmp_path / "tok"), outbox_max=10)
+    for n in range(25):
+        dev.emit("health", ok=True, n=n)
+    assert dev.outbox.count() == 10 and dev.outbox.meta()["dropped"] == 15
+    assert dev.report() == 0
+    events = stored(backend, dev.identity.id)
+    assert [e["n"] for e in events] == list(range(15, 25))  # the newest ten, in order
+    status = service.get("/v1/status?class=tiny")
+    assert status["classes"]["tiny"]["dropped"] >= 15
+
+
+def signed(dev: SimDevice, body: dict, context: bytes = SIGNING_CONTEXT) -> tuple[bytes, dict[str, str]]:  # type: ignore[type-arg]
+    raw = json.dumps(body).encode()
+    return raw, {SIGNATURE_HEADER: dev.identity.sign(context, raw)}
+
+
+def test_bad_reports_get_a_4xx_with_a_reason_and_nothing_is_stored(service: FleetService, backend: str,
+                                                                   tmp_path: Path) -> None:
+    dev = SimDevice.create(tmp_path / "d", service, token(backend, tmp_path / "tok"))
+    dev.emit("boot", version="1.0.0", slot="a")
+    assert dev.report() == 0
+    other = SimDevice.create(tmp_path / "o", service, token(backend, tmp_path / "tok2"))
+    other.emit("boot", version="1.0.0", slot="a")
+    assert other.report() == 0
+    never = SimDevice.create(tmp_path / "n", service, tmp_path / "none")
+    me = dev.identity.id
+    counter = int(dev.outbox.meta()["counter"])
+    good = {"device": me, "counter": counter + 1, "dropped": 0,
+            "events": [{"seq": 99, "time": "2026-11-30T12:00:00Z", "kind": "boot", "version": "1.0.0"}]}
+    before = total(backend)
+    cases: list[tuple[bytes, dict[str, str], int, str]] = [
+        (b"{not json", {SIGNATURE_HEADER: "x"}, 400, "not JSON"),
+        (b"[]", {SIGNATURE_HEADER: "x"}, 400, "JSON object"),
+        (b"x" * (1024 * 1024 + 10), {}, 413, "over"),
+        (json.dumps(good).encode(), {}, 401, "unsigned"),
+        (*signed(other, good), 401, "does not verify"),  # another device's key cannot report as this one
+        (*signed(dev, {**good, "device": other.identity.id}), 401, "does not verify"),
+        (*signed(never, {**good, "device": never.identity.id}), 401, "not enrolled"),
+        (*signed(dev, {**good, "counter": counter}), 409, "replayed"),
+        (*signed(dev, {**good, "events": [{**good["events"][0], "kind": "rm -rf"}]}), 422, "kind"),
+        (*signed(dev, {**good, "events": [{**good["events"][0], "seq": 0}]}), 422, "seq"),
+        (*signed(dev, {**good, "events": [{**good["events"][0], "blob": "x" * 20000}]}), 422, "bytes"),
+        (*signed(dev, {**good, "events": []}), 422, "events"),
+        (*signed(dev, {**good, "admin": True}), 422, "unknown fields"),
+    ]
+    for body, headers, status, says in cases:
+        code, answer = service.post("/v1/reports", body, headers)
+        assert (code, says in answer.get("error", "")) == (status, True), (status, says, code, answer)
+    replay_body, replay_headers = signed(dev, good)
+    assert service.post("/v1/reports", replay_body, replay_headers)[0] == 200
+    assert total(backend) == before + 1
+    code, answer = service.post("/v1/reports", replay_body, replay_headers)  # the same request again
+    assert code == 409 and "replayed" in answer["error"]
+    assert total(backend) == before + 1
+    assert service.get("/healthz")["ok"] is True
+
+
+def test_enrollment_needs_a_token_for_the_class(service: FleetService, backend: str, tmp_path: Path) -> None:
+    tok = token(backend, tmp_path / "tok", uses=1)
+    first = SimDevice.create(tmp_path / "a", service, tok)
+    first.emit("boot", version="1.0.0")
+    assert first.report() == 0
+    assert first.report() == 0  # enrolled once: no second use of the token
+    second = SimDevice.create(tmp_path / "b", service, tok)
+    second.emit("boot", version="1.0.0")
+    assert second.report() == 11  # refused, kept, backing off
+    assert "used up" in second.outbox.meta()["lastError"] and second.outbox.count() == 1
+    wrong = SimDevice.create(tmp_path / "c", service, token(backend, tmp_path / "tok-o", cls="qemu-x86_64"))
+    wrong.emit("boot", version="1.0.0")
+    assert wrong.report() == 11 and "for class qemu-x86_64" in wrong.outbox.meta()["lastError"]
+    (tmp_path / "bogus").write_text("not-a-token\n")
+    bogus = SimDevice.create(tmp_path / "d", service, tmp_path / "bogus")
+    bogus.emit("boot", version="1.0.0")
+    assert bogus.report() == 11 and "unknown enrollment token" in bogus.outbox.meta()["lastError"]
+    # Proof of possession: an enrollment for a key the sender does not hold is refused.
+    body = json.dumps({"device": first.identity.id, "publicKey": first.identity.public_b64, "token": "x",
+                       "class": "tiny", "compatible": "kiln,tiny", "version": "1.0.0"}).encode()
+    code, answer = service.post("/v1/enroll", body, {SIGNATURE_HEADER: second.identity.sign(ENROLL_CONTEXT, body)})
+    assert code == 401, answer
+    raw_key = base64.b64encode(b"\0" * 32).decode()
+    body = json.dumps({"device": first.identity.id, "publicKey": raw_key, "token": "x", "class": "tiny",
+                       "compatible": "kiln,tiny", "version": "1.0.0"}).encode()
+    assert service.post("/v1/enroll", body, {SIGNATURE_HEADER: "AA=="})[0] == 422  # not the id of that key
+
+
+# --- the real agent: reports, rollouts, the window -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def halting(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FleetService, str]]:
+    """A SQLite fleet service holding the rollout and online keys: it halts rollouts by itself."""
+    tmp = tmp_path_factory.mktemp("halting")
+    db = f"sqlite:///{tmp / 'fleet.db'}"
+    with running_fleet(tmp, db, key_dir=world.trust_keys, lookaside=world.lookaside) as svc:
+        yield svc, db
+
+
+def fleet_device(world: World, name: str, svc: FleetService, db: str, **kw: str) -> object:
+    dev = world.device(name, **kw)
+    etc = dev.root / "etc/kiln"
+    etc.mkdir(parents=True, exist_ok=True)
+    shutil.copy(svc.ca, etc / "fleet-ca.pem")
+    token(db, etc / "enroll.token")
+    (etc / "agent.json").write_text(json.dumps({"fleet": {"url": svc.url, "ca": str(etc / "fleet-ca.pem"),
+                                                          "token": str(etc / "enroll.token")}}))
+    return dev
+
+
+def device_id(dev: object) -> str:
+    proc = dev.agent("identity")  # type: ignore[attr-defined]
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_the_device_reports_its_update_and_a_dead_service_never_blocks_it(world: World, halting, tmp_path) -> None:
+    svc, db = halting
+    world.release("1.1.0")
+    dev = fleet_device(world, "reporting", svc, db)
+    agent_json = dev.root / "etc/kiln/agent.json"
+    config = json.loads(agent_json.read_text())
+    agent_json.write_text(json.dumps({"fleet": {**config["fleet"], "url": "https://127.0.0.1:9"}}))  # nothing there
+    proc = dev.agent("update", "--no-reboot")
+    assert proc.returncode == EXIT["ok"], proc.stderr
+    proc = dev.agent("report")
+    assert proc.returncode == EXIT["unreachable"] and "next attempt in" in proc.stderr, proc.stderr
+    assert dev.agent("report").returncode == 0  # backing off: no attempt, no error
+    status = json.loads(dev.agent("status", "--json").stdout)["fleet"]
+    assert status["outbox"] >= 9 and status["failures"] == 1 and "127.0.0.1:9" in status["lastError"]
+    agent_json.write_text(json.dumps(config))  # the link is back
+    proc = dev.agent("report", "--now")
+    assert proc.returncode == 0, proc.stderr
+    kinds = [(e["kind"], e.get("phase")) for e in stored(db, device_id(dev))]
+    assert kinds == [("update.started", None), *[("update.phase", p) for p in
+                     ("fetched", "invalidated", "built", "written", "verified", "kernel", "entry")],
+                     ("update.installed", None)], kinds
+    assert json.loads(dev.agent("status", "--json").stdout)["fleet"]["outbox"] == 0
+
+
+def stages_for(device_places: list[float], *, inside: bool) -> list[dict[str, float]]:
+    """Two waves: the first holds every place given (inside) or none of them."""
+    first = int(max(device_places)) + 1 if inside else max(1, int(min(device_places)))
+    assert 1 <= first < 100
+    return [{"percent": first, "soakHours": 0}, {"percent": 100, "soakHours": 0}]
+
+
+def test_waves_the_automatic_halt_and_resume(world: World, halting, tmp_path: Path) -> None:
+    svc, db = halting
+    repo = world.repo
+    # 2.0.0 opens wave 1 only; this device is in wave 2: it waits, then advance lets it in.
+    dev = fleet_device(world, "waves", svc, db)
+    me = device_id(dev)
+    if place(me) < 1:
+        pytest.skip("this device's place is under 1%: no first wave can leave it out")  # 1 run in 100
+    world.release("2.0.0")
+    stages = stages_for([place(me)], inside=False)
+    rollout.start(repo, "tiny", "stable", "2.0.0", rollout.policy(stages, 0.2, 3))
+    assert wave_of(me, stages) == 2
+    before = slots(dev)
+    proc = dev.agent("update", "--no-reboot")
+    assert proc.returncode == EXIT["ok"], proc.stderr  # 1.1.0, released earlier to every wave, is still an update
+    assert json.loads(dev.agent("status", "--json").stdout)["pending"]["version"] == "1.1.0"
+    assert "this device is in wave 2" in json.loads(dev.agent("status", "--json").stdout)["trust"]["waiting"]
+    kiln("rollout", "advance", "tiny", "--channel", "stable", "--key", str(world.trust_keys), "--lookaside", str(world.lookaside))
+    proc = dev.agent("update", "--no-reboot")
+    assert proc.returncode == EXIT["ok"], proc.stderr
+    assert json.loads(dev.agent("status", "--json").stdout)["pending"]["version"] == "2.0.0"
+    assert slots(dev)["a"] == before["a"]
+
+    # 3.0.0: three devices of wave 1 roll back; the service halts the rollout by itself.
+    sims: list[SimDevice] = []
+    tries = 0
+    while len(sims) < 3:
+        tries += 1
+        sim = SimDevice.create(tmp_path / f"sim{tries}", svc, token(db, tmp_path / f"t{tries}"))
+        if place(sim.identity.id) < 90:
+            sims.append(sim)
+    waiting = fleet_device(world, "halted", svc, db)
+    world.release("3.0.0")
+    stages = stages_for([place(s.identity.id) for s in sims], inside=True)
+    rollout.start(repo, "tiny", "stable", "3.0.0", rollout.policy(stages, 0.2, 3))
+    for n, sim in enumerate(sims):
+        sim.emit("update.started", version="3.0.0")
+        sim.emit("rollback", version="3.0.0", reason="kiln-health-inference: golden check failed")
+        assert sim.report() == 0
+        state = repo.rollout("tiny", "stable")
+        assert bool(state["halted"]) == (n == 2), state  # two of two is over 20%, but fewer than haltMinDevices
+    assert "3 of 3 devices in wave 1 failed" in state["halted"]["reason"]
+    assert "golden check failed" in state["halted"]["reason"]
+    # The halt is in the signed metadata: the device learns it without the service (its URL leads nowhere).
+    (waiting.root / "etc/kiln/agent.json").write_text(json.dumps({"fleet": {"url": "https://127.0.0.1:9"}}))
+    proc = waiting.agent("update", "--no-reboot")
+    assert proc.returncode == EXIT["ok"], proc.stderr  # it takes 2.0.0, the newest it may
+    st = json.loads(waiting.agent("status", "--json").stdout)
+    assert st["pending"]["version"] == "2.0.0" and "halted" in st["trust"]["waiting"]
+    kinds = [json.loads(p.read_text())["kind"] for p in sorted((waiting.root / "var/lib/kiln/agent/outbox")
+                                                                .glob("0*.json"))]
+    assert kinds[0] == "rollout.waiting" and "update.installed" in kinds  # kept for when the link is back
+    proc = kiln("rollout", "advance", "tiny", "--channel", "stable", "--key", str(world.trust_keys), "--lookaside", str(world.lookaside),
+                check=False)
+    assert proc.returncode != 0 and "halted" in proc.stderr
+    out = kiln("rollout", "status", "tiny", "--channel", "stable", "--lookaside", str(world.lookaside), "--db", db).stdout
+    assert "HALTED" in out and "3 failed" in out
+    status = json.loads(kiln("fleet", "status", "tiny", "--json", "--db", db, "--lookaside",
+                             str(world.lookaside)).stdout)
+    r = status["classes"]["tiny"]["rollouts"]["stable"]
+    assert r["halted"] and r["failed"] == 3 and r["topReasons"][0]["devices"] == 3
+    assert status["classes"]["tiny"]["halts"][0]["version"] == "3.0.0"
+    kiln("rollout", "resume", "tiny", "--channel", "stable", "--key", str(world.trust_keys), "--lookaside", str(world.lookaside))
+    assert not repo.rollout("tiny", "stable")["halted"]
+
+
+def test_outside_the_window_the_update_is_only_downloaded(world: World, tmp_path: Path) -> None:
+    import time
+
+    world.release("1.1.0")
+    dev = world.device("window")
+    hour = time.gmtime().tm_hour
+    closed = f"{(hour + 2) % 24:02d}:00-{(hour + 3) % 24:02d}:00"
+    (dev.root / "etc/kiln").mkdir(parents=True, exist_ok=True)
+    (dev.root / "etc/kiln/agent.json").write_text(json.dumps({"window": closed}))
+    before = slots(dev)
+    proc = dev.agent("update", "--no-reboot")
+    assert proc.returncode == EXIT["waiting"] and "maintenance window" in proc.stderr, proc.stderr
+    assert slots(dev) == before
+    st = dev.state()
+    assert st["pending"]["phase"] == "fetched"
+    assert any((dev.root / "var/lib/kiln/oci/blobs/sha256").iterdir())
+    opened = f"{hour:02d}:00-{(hour + 1) % 24:02d}:00"
+    (dev.root / "etc/kiln/agent.json").write_text(json.dumps({"window": opened}))
+    proc = dev.agent("update", "--no-reboot")
+    assert proc.returncode == EXIT["ok"], proc.stderr
+    assert sha(dev.slot("a")) == before["a"] and sha(dev.slot("b")) != before["b"]
+    (dev.root / "etc/kiln/agent.json").write_text(json.dumps({"window": "25:00-01:00"}))
+    proc = dev.agent("check")
+    assert proc.returncode == 11 and "HH:MM-HH:MM" in proc.stderr
+
+
+def test_the_fleet_page_in_chromium(halting, tmp_path: Path) -> None:
+    svc, db = halting
+    chromium = shutil.which("chromium") or require_tool("chromium")
+    dev = SimDevice.create(tmp_path / "d", svc, token(db, tmp_path / "tok"))
+    dev.emit("boot", version="1.0.0", slot="a", degraded="no GPU: running on the CPU")
+    assert dev.report() == 0
+    shot = tmp_path / "fleet.png"
+    common = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--ignore-certificate-errors",
+              "--user-data-dir=" + str(tmp_path / "profile")]
+    dom = subprocess.run([*common, "--dump-dom", svc.url + "/"], capture_output=True, text=True, timeout=120,
+                         check=True).stdout
+    shown = svc.get("/v1/status")
+    assert f"{shown['devices']} devices" in dom
+    tiny = shown["classes"]["tiny"]
+    assert f"<span class=\"devices\">{tiny['devices']}</span>" in dom
+    for version, n in tiny["versions"].items():
+        assert f"<td>{version}</td><td>{n}</td>" in dom
+    assert f"degraded: <span class=\"degraded\">{len(tiny['degraded'])}</span>" in dom
+    for channel, r in tiny["rollouts"].items():
+        assert f"rollout of {r['version']} on {channel}" in dom
+    subprocess.run([*common, f"--screenshot={shot}", "--window-size=1200,900", svc.url + "/"], capture_output=True,
+                   timeout=120, check=True, cwd=tmp_path)
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

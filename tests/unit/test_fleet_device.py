@@ -1,0 +1,117 @@
+"""The device's side of the fleet: the outbox on disk, the wave a device is in, the agent's fleet and window
+settings, and the store's migrations on a real SQLite file."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from builder.errors import UsageError
+from builder.fleet.store import SCHEMA_VERSION, open_store
+from kiln_device.agent.config import finalize_fleet, in_window, parse_window
+from kiln_device.agent.errors import AgentError
+from kiln_device.agent.outbox import Outbox, emit
+from kiln_device.fleet import device_id, is_device_id, place, rollout_gate, wave_of
+
+pytestmark = pytest.mark.unit
+
+
+def test_sequence_numbers_are_never_reused(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o", limit=100)
+    assert [box.append("health", {"n": n}) for n in range(3)] == [1, 2, 3]
+    sent = box.pending(10)
+    box.acknowledge(3, sent)
+    assert box.count() == 0
+    assert box.append("health", {}) == 4  # from meta.json: the acknowledged numbers are not handed out again
+    (tmp_path / "o" / "meta.json").unlink()  # meta lost: the newest file still says where we are
+    assert box.append("health", {}) == 5
+
+
+def test_a_full_outbox_drops_the_oldest_and_counts_them(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o", limit=5)
+    for n in range(12):
+        box.append("health", {"n": n})
+    assert [e.data["n"] for e in box.pending(100)] == [7, 8, 9, 10, 11]
+    assert box.meta()["dropped"] == 7
+
+
+def test_a_torn_event_file_is_dropped_and_counted(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o")
+    for n in range(3):
+        box.append("health", {"n": n})
+    (tmp_path / "o" / f"{2:012d}.json").write_bytes(b'{"seq": 2, "ti')
+    assert [e.seq for e in box.pending(10)] == [1, 3]
+    assert box.meta()["dropped"] == 1
+
+
+def test_an_event_with_a_huge_reason_is_cut_not_lost(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o")
+    box.append("update.failed", {"reason": "x" * 100_000, "code": 9})
+    (event,) = box.pending(1)
+    assert event.data["code"] == 9 and len(json.dumps(event.data)) < 16 * 1024
+
+
+def test_emit_never_fails_the_caller(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    emit(blocker / "outbox", 10, "boot")  # a file where the directory should be: logged, not raised
+    if os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        emit(ro / "outbox", 10, "boot")
+
+
+def test_waves_are_stable_and_follow_the_stages() -> None:
+    ids = [device_id(os.urandom(32)) for _ in range(2000)]
+    assert all(is_device_id(i) for i in ids)
+    assert place(ids[0]) == place(ids[0])
+    stages = [{"percent": 10}, {"percent": 50}, {"percent": 100}]
+    waves = [wave_of(i, stages) for i in ids]
+    share = [waves.count(w) / len(ids) for w in (1, 2, 3)]
+    assert 0.07 < share[0] < 0.13 and 0.35 < share[1] < 0.45 and 0.45 < share[2] < 0.55
+    first = next(i for i, w in zip(ids, waves, strict=True) if w == 1)
+    third = next(i for i, w in zip(ids, waves, strict=True) if w == 3)
+    state = {"version": "2.0.0", "stages": stages, "wave": 1, "halted": None}
+    assert rollout_gate(first, state, "2.0.0") is None
+    assert "this device is in wave 3" in (rollout_gate(third, state, "2.0.0") or "")
+    assert rollout_gate(third, state, "1.9.0") is None  # another release: not this rollout's business
+    assert rollout_gate(third, {**state, "wave": 3}, "2.0.0") is None
+    halted = {**state, "wave": 3, "halted": {"reason": "golden check"}}
+    assert "halted: golden check" in (rollout_gate(first, halted, "2.0.0") or "")
+
+
+def test_fleet_and_window_settings_are_checked() -> None:
+    assert finalize_fleet({}).url == ""
+    assert finalize_fleet({"url": "https://f:8443/", "batch": 5000}).batch == 2000  # never above outboxMax
+    for bad, says in (({"url": "http://f"}, "over TLS"), ({"outboxMax": 0}, "outboxMax"),
+                      ({"batch": True}, "batch"), ({"urls": "x"}, "unknown keys")):
+        with pytest.raises(AgentError, match=says):
+            finalize_fleet(bad)
+    night = parse_window("22:30-02:00")
+    assert night == (22 * 60 + 30, 120)
+    assert in_window(night, 23 * 60) and in_window(night, 60) and not in_window(night, 12 * 60)
+    assert in_window(None, 0) and in_window(parse_window("02:00-04:00"), 150)
+    for bad in ("2-4", "24:00-01:00", "02:00-02:00", "02:00"):
+        with pytest.raises(AgentError, match="window"):
+            parse_window(bad)
+
+
+def test_migrations_are_versioned_and_never_downgrade(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path / "fleet.db"))
+    assert store.migrate() == list(range(1, SCHEMA_VERSION + 1))
+    assert store.migrate() == []
+    store.close()
+    conn = sqlite3.connect(tmp_path / "fleet.db")
+    assert [r[0] for r in conn.execute("SELECT version FROM kiln_schema ORDER BY version")] == \
+        list(range(1, SCHEMA_VERSION + 1))
+    conn.execute("INSERT INTO kiln_schema VALUES (?, 'x', 'from a newer Kiln')", (SCHEMA_VERSION + 1,))
+    conn.commit()
+    conn.close()
+    with pytest.raises(UsageError, match="newer than this Kiln"):
+        open_store(str(tmp_path / "fleet.db")).migrate()
+    with pytest.raises(UsageError, match="expected sqlite"):
+        open_store("mysql://x/y")

@@ -1,7 +1,7 @@
 """A device's own files, put in its /etc when its disk is written: `kiln disk --etc DEST=FILE`.
 
 The image is the same for every device of a class; what differs per device (the agent's
-registry and channel, a site's drop-ins, later an enrollment token) goes in the data
+registry and channel, a site's drop-ins, its fleet enrollment token and the fleet CA) goes in the data
 partition's /etc overlay (overlay/etc/upper), which the initramfs stacks over the image's /etc.
 So the file is there from the first boot, survives updates (the overlay is not in a slot), and
 is gone after a factory reset, like everything else the device wrote.
@@ -23,7 +23,7 @@ from typing import Any
 
 from builder.errors import UsageError
 from builder.files import sha256_file
-from kiln_device.agent.config import finalize_timeouts
+from kiln_device.agent.config import finalize_fleet, finalize_timeouts, parse_window
 from kiln_device.agent.errors import AgentError
 from kiln_device.contract import AGENT_DEFAULTS, AGENT_OVERRIDE_JSON
 
@@ -82,11 +82,13 @@ def check_agent_config(found: EtcFile) -> None:
             raise UsageError(f"{where}: {key}: expected a string, got {data[key]!r}")
     if "insecure" in data and not isinstance(data["insecure"], bool):
         raise UsageError(f"{where}: insecure: expected true or false, got {data['insecure']!r}")
-    if "timeouts" in data:
-        try:
-            finalize_timeouts(data["timeouts"])
-        except AgentError as exc:
-            raise UsageError(f"{where}: {exc.message}") from None
+    checks = {"timeouts": finalize_timeouts, "fleet": finalize_fleet, "window": parse_window}
+    for key, check in checks.items():
+        if key in data:
+            try:
+                check(data[key])
+            except AgentError as exc:
+                raise UsageError(f"{where}: {exc.message}") from None
 
 
 def check_unique(files: Sequence[EtcFile]) -> None:

@@ -96,6 +96,25 @@ class FleetService:
             return exc.code, json.loads(exc.read() or b"{}")
 
 
+def declare_only(service: FleetService, path: str, length: int) -> tuple[int, dict[str, Any]]:
+    """A POST that declares LENGTH bytes and sends none: the service must refuse it from its headers
+    (it answers before the body, so a client still sending would see the connection close)."""
+    import http.client
+
+    ctx = ssl.create_default_context(cafile=str(service.ca))
+    host, port = service.url.removeprefix("https://").split(":")
+    conn = http.client.HTTPSConnection(host, int(port), context=ctx, timeout=30)
+    try:
+        conn.putrequest("POST", path)
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(length))
+        conn.endheaders()
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read() or b"{}")
+    finally:
+        conn.close()
+
+
 def kiln(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run([sys.executable, "-m", "builder.cli", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=300, check=False)

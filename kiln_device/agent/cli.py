@@ -266,6 +266,10 @@ def dispatch(args: argparse.Namespace) -> int:
         boot = make_boot_control(config, release.boot_control)
         if args.command == "boot":
             log(cmd_boot(config, release, state, boot))
+            try:  # the device's own key, made on its first boot (kiln_device.agent.identity)
+                load_or_create(config.identity_dir)
+            except AgentError as exc:
+                log(f"warning: {exc.message}")
             found = read_degraded(Path(os.environ.get(ROOT_ENV) or "/"), read_boot_id(config))
             state.event("boot", version=release.version, slot=boot.booted_slot(), degraded=summary(found) or None,
                         bootId=read_boot_id(config))

@@ -100,7 +100,8 @@ class Device:
         self.config = self.make_config(url, ca, token, lookaside, trust_root_file)
         self.id = load_or_create(self.config.identity_dir).id
         self.offline = False
-        self.fails: set[str] = set()
+        self.fails: set[str] = set()  # versions that roll back on this device (injected)
+        self.blocked: set[str] = set()  # ... and that it then never takes again
         self.running = "1.0.0"
 
     def make_config(self, url: str, ca: Path, token: Path, lookaside: str, root_file: Path) -> Config:
@@ -125,11 +126,11 @@ class Device:
             self.emit("channel.stale", status="unverified", code=exc.code, reason=exc.message)
             outcome = "error"
         else:
-            if waiting and chosen.version == self.running:
+            if chosen is None or (waiting and chosen.version == self.running):
                 self.emit("rollout.waiting", version=channel.newest(release.compatible).version,  # type: ignore[union-attr]
                           reason=waiting)
                 outcome = "waiting"
-            elif chosen.version == self.running or chosen.version in self.fails:
+            elif chosen.version == self.running or chosen.version in self.blocked:
                 outcome = "current"
             else:
                 v = chosen.version
@@ -139,6 +140,7 @@ class Device:
                 self.emit("update.installed", version=v)
                 if v in self.fails:
                     self.emit("rollback", version=v, reason="kiln-health-inference: golden check: 3 of 8 wrong")
+                    self.blocked.add(v)
                     outcome = "rolled-back"
                 else:
                     self.emit("update.success", version=v, previous=self.running)

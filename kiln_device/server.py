@@ -36,6 +36,7 @@ fallback policy is fail, 64 usage.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import queue
@@ -44,6 +45,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -78,6 +80,7 @@ from kiln_device.inference import (
 
 PORT_ENV = "KILN_INFERENCE_PORT"
 STATUS = INFERENCE_STATUS.lstrip("/")
+LATENCY_WINDOW = 1000  # successful requests the latency percentiles in the status file cover
 ACCELERATOR = ACCELERATOR_STATE.lstrip("/")
 MAX_BODY = 16 * 1024 * 1024
 INFER_PATH = re.compile(r"^/v1/models/([^/?#]+)/infer/?$")
@@ -204,17 +207,21 @@ class Status:
             "pid": os.getpid(), "started_at": now_iso(), "ready": False, "address": None,
             "models": [], "requests": 0, "successes": 0, "errors": 0, "by_model": {},
             "last_success_at": None, "last_error": None, "onnxruntime": ort.__version__,
+            "latencyMs": None,  # p50/p95/p99 of the last LATENCY_WINDOW successful requests (the agent reports it)
         }
+        self.latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
 
     def update(self, **fields: Any) -> None:
         with self.lock:
             self.data.update(fields)
         self.changed.set()
 
-    def record(self, model: str | None, status: int, error: str | None) -> None:
+    def record(self, model: str | None, status: int, error: str | None, seconds: float | None = None) -> None:
         at = now_iso()
         with self.lock:
             d = self.data
+            if seconds is not None and error is None:
+                self.latencies.append(seconds * 1000)
             fresh: dict[str, Any] = {"requests": 0, "errors": 0, "last_success_at": None}
             per = d["by_model"].setdefault(model, fresh) if model else fresh  # unknown model: no entry
             d["requests"] += 1
@@ -230,6 +237,10 @@ class Status:
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
+            ordered = sorted(self.latencies)
+            if ordered:
+                self.data["latencyMs"] = {"window": len(ordered), **{
+                    f"p{q}": round(ordered[min(len(ordered) - 1, len(ordered) * q // 100)], 3) for q in (50, 95, 99)}}
             return json.loads(json.dumps({**self.data, "updated_at": now_iso()}))
 
     def flush(self) -> None:
@@ -320,7 +331,9 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if name is None:
                 raise BadRequest(f"no such endpoint: POST {self.path}", HTTPStatus.NOT_FOUND)
+            started = time.perf_counter()
             result = self.server.infer(name, self._body())
+            took = time.perf_counter() - started
         except BadRequest as exc:
             known = name if name in self.server.models else None
             self.server.status.record(known, exc.status, str(exc))
@@ -328,7 +341,7 @@ class Handler(BaseHTTPRequestHandler):
                 log(f"error: POST {self.path}: {exc}")
             self._reply(exc.status, {"error": str(exc)})
             return
-        self.server.status.record(name, HTTPStatus.OK, None)
+        self.server.status.record(name, HTTPStatus.OK, None, took)
         self._reply(HTTPStatus.OK, result)
 
     def _body(self) -> bytes:

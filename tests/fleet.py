@@ -125,11 +125,12 @@ def kiln(*args: str, env: dict[str, str] | None = None, check: bool = True) -> s
 
 @contextlib.contextmanager
 def running_fleet(tmp: Path, db: str, *, key_dir: Path | None = None, lookaside: Path | None = None,
-                  env: dict[str, str] | None = None) -> Iterator[FleetService]:
-    """`kiln fleet serve` on a free loopback port, its TLS made by `kiln fleet init`."""
+                  env: dict[str, str] | None = None, hosts: tuple[str, ...] = ("127.0.0.1",)) -> Iterator[FleetService]:
+    """`kiln fleet serve` on a free loopback port, its TLS made by `kiln fleet init` for HOSTS (a QEMU guest
+    reaches the host at 10.0.2.2)."""
     tls = tmp / "tls"
     if not (tls / "server.pem").exists():
-        kiln("fleet", "init", str(tls), "--host", "127.0.0.1", "--db", db, env=env)
+        kiln("fleet", "init", str(tls), *(a for h in hosts for a in ("--host", h)), "--db", db, env=env)
     port = free_port()
     args = ["fleet", "serve", "--listen", f"127.0.0.1:{port}", "--tls-dir", str(tls), "--db", db]
     if key_dir is not None:

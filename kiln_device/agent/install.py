@@ -70,7 +70,8 @@ def trusted_candidate(config: Config, release: Release, state: State) -> Candida
     chosen, waiting = trust.choose(channel, release, device)
     previous = state.data.get("trust") or {}
     state.data["trust"] = {"status": "fresh", "checked": now(), "expires": channel.expires,
-                             "rootVersion": channel.root_version, "newest": chosen.version,
+                             "rootVersion": channel.root_version,
+                             "newest": chosen.version if chosen else None,
                              "runningWithdrawn": withdrawn, "waiting": waiting}
     state.save()
     if previous.get("status") in ("stale", "unverified"):
@@ -78,7 +79,7 @@ def trusted_candidate(config: Config, release: Release, state: State) -> Candida
     if waiting and previous.get("waiting") != waiting:
         state.event("rollout.waiting", version=channel.newest(release.compatible).version,  # type: ignore[union-attr]
                     reason=waiting)
-    if waiting and compare_versions(chosen.version, release.version) <= 0:
+    if chosen is None or (waiting and compare_versions(chosen.version, release.version) <= 0):
         raise AgentError(WAITING, f"not updating yet: {waiting}")
     cand = inspect_ref(config, f"{config.source}@{chosen.digest}")
     if (cand.version, cand.compatible, cand.digest) != (chosen.version, chosen.compatible, chosen.digest):

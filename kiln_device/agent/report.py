@@ -8,21 +8,26 @@ events the service acknowledges go. With no fleet service configured it does not
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import random
 import ssl
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
-from kiln_device.agent.config import Config
+from kiln_device.agent.config import ROOT_ENV, Config
 from kiln_device.agent.errors import AgentError, log
 from kiln_device.agent.identity import Identity, load_or_create
-from kiln_device.agent.outbox import Outbox
-from kiln_device.contract import CONFIG, OK, UNREACHABLE, Release
+from kiln_device.agent.outbox import Outbox, emit
+from kiln_device.common import read_json
+from kiln_device.contract import CONFIG, INFERENCE_STATUS, OK, UNREACHABLE, Release, under
 from kiln_device.fleet import DEVICE_HEADER, ENROLL_CONTEXT, SIGNATURE_HEADER, SIGNING_CONTEXT
 
+LATENCY_EVERY = 900.0  # seconds between two inference latency summaries
 BACKOFF_START = 30.0
 BACKOFF_MAX = 3600.0
 TIMEOUT = 30.0
@@ -67,8 +72,31 @@ def enroll(config: Config, release: Release, ident: Identity, outbox: Outbox, me
                        "compatible": release.compatible, "version": release.version}, sort_keys=True).encode()
     answer = post(config, "/v1/enroll", body, {SIGNATURE_HEADER: ident.sign(ENROLL_CONTEXT, body)})
     log(f"enrolled with {config.fleet.url} as {ident.id} ({answer.get('status', 'ok')})")
-    meta["enrolled"] = config.fleet.url
-    outbox.save_meta(meta)
+    with outbox.locked():  # re-read: an append may have moved lastSeq or dropped since
+        meta = outbox.meta()
+        meta["enrolled"] = config.fleet.url
+        outbox.save_meta(meta)
+
+
+def summarize_inference(config: Config, outbox: Outbox, *, every: float = LATENCY_EVERY) -> None:
+    """An `inference.latency` event from the inference service's status file (its last 1,000 successful
+    requests), at most every EVERY seconds and only when requests were served since the last one."""
+    path = under(Path(os.environ.get(ROOT_ENV) or "/"), INFERENCE_STATUS)
+    try:
+        data = read_json(path)
+        latency, served = data.get("latencyMs"), int(data.get("successes") or 0)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return
+    with outbox.locked():
+        meta = outbox.meta()
+        last_at, last_count = float(meta.get("latencyAt") or 0), int(meta.get("latencyCount") or 0)
+        if not latency or time.time() - last_at < every or served == last_count:
+            return
+        meta.update(latencyAt=time.time(), latencyCount=served)
+        outbox.save_meta(meta)
+    emit(config.outbox_dir, config.fleet.outbox_max, "inference.latency",
+         count=served - last_count if served >= last_count else served, total=served,
+         errors=int(data.get("errors") or 0), **{k: latency.get(k) for k in ("p50", "p95", "p99", "window")})
 
 
 def upload(config: Config, release: Release, *, force: bool = False) -> int:
@@ -76,6 +104,7 @@ def upload(config: Config, release: Release, *, force: bool = False) -> int:
         log("no fleet service configured (agent.json fleet.url): the outbox stays on the device")
         return OK
     outbox = Outbox(config.outbox_dir, config.fleet.outbox_max)
+    summarize_inference(config, outbox)
     meta = outbox.meta()
     wait = float(meta.get("nextAttempt") or 0) - time.time()
     if wait > 0 and not force:
@@ -83,6 +112,18 @@ def upload(config: Config, release: Release, *, force: bool = False) -> int:
             f"({meta.get('lastError')})")
         return OK
     ident = load_or_create(config.identity_dir)
+    config.outbox_dir.mkdir(parents=True, exist_ok=True)
+    with open(config.outbox_dir / ".upload.lock", "w") as lock:
+        try:  # one upload at a time (the timer's and one by hand); appends never wait on it
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log("another upload is running; leaving the outbox to it")
+            return OK
+        return send(config, release, ident, outbox)
+
+
+def send(config: Config, release: Release, ident: Identity, outbox: Outbox) -> int:
+    meta = outbox.meta()
     sent_total = 0
     try:
         enroll(config, release, ident, outbox, meta)

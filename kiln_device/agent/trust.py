@@ -145,11 +145,11 @@ def rollout_path(cls: str, channel: str) -> str:
     return f"{cls}/{channel}/rollout"
 
 
-def choose(channel: Channel, release: Release, device: str | None = None) -> tuple[ChannelRelease, str | None]:
+def choose(channel: Channel, release: Release, device: str | None = None) -> tuple[ChannelRelease | None, str | None]:
     """The release this device should run: the newest in its channel for its `compatible` that is not
     withdrawn and whose rollout has reached DEVICE's wave (kiln_device.fleet.rollout_gate), and, when
-    a newer one waits for a wave or a halted rollout, why. (decide() then says whether it is newer,
-    allowed by minVersion, not blocklisted.)"""
+    a newer one waits for a wave or a halted rollout, why; None with the reason when every release
+    waits. (decide() then says whether it is newer, allowed by minVersion, not blocklisted.)"""
     best = channel.newest(release.compatible)
     if best is None:
         others = sorted({r.compatible for r in channel.releases} - {release.compatible})
@@ -166,7 +166,7 @@ def choose(channel: Channel, release: Release, device: str | None = None) -> tup
              and r.version != best.version and rollout_gate(device, channel.rollout, r.version) is None]
     if older:
         return max(older, key=lambda r: kv.parse(r.version)), waiting
-    return best, waiting
+    return None, waiting
 
 
 def sync(directory: Path) -> None:

@@ -213,6 +213,8 @@ def test_service_serves_the_model_and_records_status(rootfs: Path) -> None:
                                                 "last_success_at": status["last_success_at"]}
         assert status["last_success_at"] and status["started_at"] <= status["last_success_at"]
         assert status["last_error"]["status"] == 404 and "cats" in status["last_error"]["message"]
+        latency = status["latencyMs"]  # of the 2 successful requests: what the agent reports to the fleet
+        assert latency["window"] == 2 and 0 < latency["p50"] <= latency["p95"] <= latency["p99"] < 10_000
         assert [(m["name"], m["version"], m["sha256"]) for m in status["models"]] == [
             ("digits", "1.0.0", release["models"][0]["sha256"])]
         svc.proc.send_signal(signal.SIGTERM)

@@ -240,11 +240,20 @@ def test_waves_the_automatic_halt_and_resume(world: World, halting, tmp_path: Pa
     me = device_id(dev)
     if place(me) < 1:
         pytest.skip("this device's place is under 1%: no first wave can leave it out")  # 1 run in 100
+    world.release("1.1.0")  # for every wave (no rollout of its own)
     world.release("2.0.0")
     stages = stages_for([place(me)], inside=False)
     rollout.start(repo, "tiny", "stable", "2.0.0", rollout.policy(stages, 0.2, 3))
     assert wave_of(me, stages) == 2
     before = slots(dev)
+    # A channel whose only release waits for another wave: nothing is installed, exit 14 (waiting).
+    world.release("5.0.0", "gated")
+    rollout.start(repo, "tiny", "gated", "5.0.0", rollout.policy(stages, 0.2, 3))
+    gated = tmp_path / "gated.json"
+    gated.write_text(json.dumps({"channel": "gated"}))
+    proc = dev.agent("--config", str(gated), "update", "--no-reboot")
+    assert proc.returncode == EXIT["waiting"] and "this device is in wave 2" in proc.stderr, proc.stderr
+    assert slots(dev) == before and not dev.state()["pending"]
     proc = dev.agent("update", "--no-reboot")
     assert proc.returncode == EXIT["ok"], proc.stderr  # 1.1.0, released earlier to every wave, is still an update
     assert json.loads(dev.agent("status", "--json").stdout)["pending"]["version"] == "1.1.0"

@@ -115,3 +115,26 @@ def test_migrations_are_versioned_and_never_downgrade(tmp_path: Path) -> None:
         open_store(str(tmp_path / "fleet.db")).migrate()
     with pytest.raises(UsageError, match="expected sqlite"):
         open_store("mysql://x/y")
+
+
+def test_inference_latency_is_summarized_from_the_status_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kiln_device.agent.report import summarize_inference
+    from kiln_device.contract import INFERENCE_STATUS, under
+    from tests.fleet import SimDevice
+
+    monkeypatch.setenv("KILN_AGENT_ROOT", str(tmp_path))
+    status = under(tmp_path, INFERENCE_STATUS)
+    status.parent.mkdir(parents=True)
+    dev = SimDevice.create(tmp_path / "dev", None, tmp_path / "token")
+    summarize_inference(dev.config, dev.outbox)
+    assert dev.outbox.count() == 0  # no status file: nothing to say
+    status.write_text(json.dumps({"successes": 40, "errors": 1,
+                                  "latencyMs": {"window": 40, "p50": 3.1, "p95": 7.5, "p99": 9.0}}))
+    summarize_inference(dev.config, dev.outbox)
+    (event,) = [e.data for e in dev.outbox.pending(10)]
+    assert (event["kind"], event["count"], event["p95"], event["errors"]) == ("inference.latency", 40, 7.5, 1)
+    summarize_inference(dev.config, dev.outbox)  # within the interval: nothing new
+    assert dev.outbox.count() == 1
+    status.write_text(json.dumps({"successes": 100, "latencyMs": {"window": 100, "p50": 3, "p95": 8, "p99": 9}}))
+    summarize_inference(dev.config, dev.outbox, every=0)
+    assert [e.data["count"] for e in dev.outbox.pending(10)] == [40, 60]

@@ -160,11 +160,14 @@ def unbootable_initramfs() -> bytes:
     return newc_archive({"init": (0o100755, b"#!/bin/kiln-test-missing-shell\n")})
 
 
-def configure(machine: vm.VM, releases: Releases, *, port: int | None = None, channel: str | None = None) -> None:
-    """Point the device at this test's registry. The test drives the agent itself: the periodic
-    kiln-agent.timer (first run 5-15 min after each boot) is masked so it cannot race it."""
-    config = json.dumps(releases.guest_config(port=port, channel=channel))
-    machine.ssh(f"systemctl mask --now kiln-agent.timer; mkdir -p /etc/kiln && echo '{config}' > /etc/kiln/agent.json")
+def configure(machine: vm.VM, releases: Releases, *, port: int | None = None, channel: str | None = None,
+              extra: dict[str, Any] | None = None) -> None:
+    """Point the device at this test's registry (and EXTRA agent settings: a fleet service). The test drives
+    the agent itself: the periodic kiln-agent.timer (first run 5-15 min after each boot) and the report timer
+    are masked so they cannot race it."""
+    config = json.dumps({**releases.guest_config(port=port, channel=channel), **(extra or {})})
+    machine.ssh("systemctl mask --now kiln-agent.timer kiln-agent-report.timer; "
+                f"mkdir -p /etc/kiln && echo '{config}' > /etc/kiln/agent.json")
 
 
 def agent(machine: vm.VM, *args: str) -> vm.SSHResult:

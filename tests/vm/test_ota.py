@@ -9,6 +9,10 @@ would live it (each step needs the previous one, so they run in order):
    entry is blessed, `status` shows v2, and the registry served only the changed blobs;
 3. v3 whose golden inference fails: three trial boots, then systemd-boot falls back
    to v2 on its own; the agent records the rollback and never takes v3 again.
+4. the fleet: the device reports to a real `kiln fleet serve` through a link the test cuts
+   (tests/netfault.py) during the v2 update and during the v3 rollback, and the power is cut while
+   its outbox holds what it could not send; once the link is back, every event of the device's
+   life is in the service exactly once, in order.
 
 On a fresh copy of the disk: a release whose initramfs cannot start (the kernel panics,
 panic=10 reboots): boot counting brings the device back to slot A without any userspace
@@ -23,15 +27,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bench.projects import make_broken_golden_project, make_retrained_project
 from builder import paths, vm
+from builder.fleet.store import open_store
 from builder.run import run
 from builder.signing import SigningKey, make_signing_key
+from tests.fleet import FleetService, kiln, running_fleet
 from tests.images import QEMU_CLASS
+from tests.netfault import FaultyLink
 from tests.ota import make_oci_image, publish, push_unsigned, release_files, release_labels
 from tests.vm.conftest import BOOT_TIMEOUT, BuiltDisk, copy_disk
 from tests.vm.otakit import (
@@ -52,6 +61,36 @@ def releases(qemu_disk: BuiltDisk, tmp_path_factory: pytest.TempPathFactory) -> 
     with serving_releases(tmp_path_factory.mktemp("ota")) as rel:
         rel.release(qemu_disk.version)  # v1, what the disk runs, on the channel
         yield rel
+
+
+@dataclass
+class FleetLink:
+    service: FleetService
+    link: FaultyLink
+    db: str
+    token: Path
+
+    def settings(self) -> dict[str, Any]:
+        return {"fleet": {"url": f"https://10.0.2.2:{self.link.port}"}}
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetLink]:
+    """The fleet service the device reports to, reached through a link the tests cut and restore."""
+    tmp = tmp_path_factory.mktemp("fleet")
+    db = f"sqlite:///{tmp / 'fleet.db'}"
+    with running_fleet(tmp, db, hosts=("127.0.0.1", "10.0.2.2")) as svc, \
+            FaultyLink(svc.url.removeprefix("https://")) as link:
+        kiln("fleet", "token", QEMU_CLASS, "--out", str(tmp / "token"), "--db", db)
+        yield FleetLink(svc, link, db, tmp / "token")
+
+
+def setup(machine: vm.VM, releases: Releases, fleet: FleetLink) -> None:
+    """The registry, the fleet service, its CA and this device's enrollment token."""
+    configure(machine, releases, extra=fleet.settings())
+    ca, token = fleet.service.ca.read_text(), fleet.token.read_text().strip()
+    machine.ssh(f"umask 077 && printf '%s\\n' '{token}' > /etc/kiln/enroll.token && "
+                f"printf '%s' '{ca}' > /etc/kiln/fleet-ca.pem")
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +117,7 @@ def tiny(releases: Releases, tag: str, *, compatible: str = "kiln,qemu-x86_64", 
         releases.name_in_channel(version, tag, digest, compatible)
 
 
-def test_refusals_write_nothing(releases: Releases, device: tuple[Path, vm.VMConfig]) -> None:
+def test_refusals_write_nothing(releases: Releases, device: tuple[Path, vm.VMConfig], fleet: FleetLink) -> None:
     other_key = make_signing_key(releases.tmp / "other-key", uid="Someone else <x@example.invalid>")
     tiny(releases, "wrong-class", compatible="acme,other-box")
     tiny(releases, "older", version="0.9.0")
@@ -91,7 +130,7 @@ def test_refusals_write_nothing(releases: Releases, device: tuple[Path, vm.VMCon
     _, cfg = device
     with vm.start_vm(cfg) as machine:
         machine.wait_for_ssh(BOOT_TIMEOUT)
-        configure(machine, releases)
+        setup(machine, releases, fleet)
         before = slot_digest(machine, "b")
         entries = machine.ssh("ls /efi/loader/entries").stdout
         expected = {"wrong-class": (3, "compatible"), "older": (4, "older than the running"),
@@ -113,11 +152,13 @@ def test_refusals_write_nothing(releases: Releases, device: tuple[Path, vm.VMCon
         assert r.exit_status == 6 and "tuf metadata" in r.stdout.lower(), r.stdout
         assert slot_digest(machine, "b") == before
         assert machine.ssh("ls /efi/loader/entries").stdout == entries
+        r = agent(machine, "report")  # the link is up: the device enrolls and sends what it has
+        assert r.exit_status == 0 and "enrolled with" in r.stdout, r.stdout
         machine.poweroff()
 
 
 def test_model_only_update_boots_slot_b_and_is_blessed(releases: Releases, qemu_disk: BuiltDisk,
-                                                       device: tuple[Path, vm.VMConfig]) -> None:
+                                                       device: tuple[Path, vm.VMConfig], fleet: FleetLink) -> None:
     v1 = json.loads(paths.record_path(QEMU_CLASS, qemu_disk.version).read_text())
     project = make_retrained_project(releases.tmp / "v2-project")
     v2 = releases.release("1.0.1", project)
@@ -126,8 +167,9 @@ def test_model_only_update_boots_slot_b_and_is_blessed(releases: Releases, qemu_
     _, cfg = device
     with vm.start_vm(cfg) as machine:
         machine.wait_for_ssh(BOOT_TIMEOUT)
-        configure(machine, releases)
+        setup(machine, releases, fleet)
         assert agent(machine, "check").exit_status == 0
+        fleet.link.cut()  # the fleet's link goes down for the update
         mark = releases.log_mark()
         # the agent reboots at the end: QEMU (-no-reboot) exits then
         machine.ssh("systemd-run --unit kiln-test-update --collect kiln-agent update")
@@ -150,13 +192,22 @@ def test_model_only_update_boots_slot_b_and_is_blessed(releases: Releases, qemu_
         entries = machine.ssh("ls /efi/loader/entries").stdout.split()
         assert "kiln-1.0.1-b.conf" in entries, entries  # blessed: the +N counter is gone
         assert st["lastResult"]["result"] == "success", st
+        r = agent(machine, "report")
+        assert r.exit_status == 7 and "next attempt in" in r.stdout, r.stdout  # kept, backing off
+        assert status(machine)["fleet"]["outbox"] > 0
+        fleet.link.restore()  # the link is back: the device sends what it kept
+        r = agent(machine, "report", "--now")
+        assert r.exit_status == 0 and "Traceback" not in r.stdout, r.stdout
+        assert status(machine)["fleet"]["outbox"] == 0
         machine.poweroff()
 
 
-def test_failed_golden_check_rolls_back_and_blocklists(releases: Releases, device: tuple[Path, vm.VMConfig]) -> None:
+def test_failed_golden_check_rolls_back_and_blocklists(releases: Releases, device: tuple[Path, vm.VMConfig],
+                                                       fleet: FleetLink) -> None:
     project = make_broken_golden_project(releases.tmp / "v3-project")
     releases.release("1.0.2", project)
     _, cfg = device
+    fleet.link.cut()  # down again, for the whole rollback
     with vm.start_vm(cfg) as machine:
         machine.wait_for_ssh(BOOT_TIMEOUT)
         assert status(machine)["version"] == "1.0.1"
@@ -175,7 +226,37 @@ def test_failed_golden_check_rolls_back_and_blocklists(releases: Releases, devic
         assert agent(machine, "check").exit_status == 5  # never retried
         journal_boots = machine.ssh("journalctl --list-boots --no-pager | wc -l").stdout.strip()
         assert int(journal_boots) >= 5, journal_boots  # v2, three v3 trials, this one at least (a persistent journal)
+        assert agent(machine, "report").exit_status == 7
+        machine.kill()  # the power goes out with the rollback's events still in the outbox
+
+
+def test_every_event_reaches_the_fleet_once_in_order(qemu_disk: BuiltDisk, device: tuple[Path, vm.VMConfig],
+                                                     fleet: FleetLink) -> None:
+    """After the power cut, the link comes back: the service has the device's whole life, each event once."""
+    _, cfg = device
+    fleet.link.restore()
+    with vm.start_vm(cfg) as machine:
+        machine.wait_for_ssh(BOOT_TIMEOUT)
+        r = agent(machine, "report", "--now")
+        assert r.exit_status == 0, r.stdout
+        me = machine.ssh("kiln-agent identity").stdout.strip()
+        meta = json.loads(machine.ssh("cat /var/lib/kiln/agent/outbox/meta.json").stdout)
+        st = status(machine)
         machine.poweroff()
+    assert st["fleet"]["outbox"] == 0 and st["fleet"]["dropped"] == 0, st["fleet"]
+    store = open_store(fleet.db)
+    try:
+        events = store.events(me)
+    finally:
+        store.close()
+    assert [e["seq"] for e in events] == list(range(1, meta["lastSeq"] + 1))  # none lost, none twice, in order
+    key = [(e["kind"], e.get("version")) for e in events
+           if e["kind"] in ("update.started", "update.installed", "update.success", "rollback")]
+    assert key == [("update.started", "1.0.1"), ("update.installed", "1.0.1"), ("update.success", "1.0.1"),
+                   ("update.started", "1.0.2"), ("update.installed", "1.0.2"), ("rollback", "1.0.2")], key
+    boots = [(e.get("version"), e.get("slot")) for e in events if e["kind"] == "boot"]
+    assert boots[0] == (qemu_disk.version, "a") and boots[-1] == ("1.0.1", "b"), boots
+    assert "golden" in next(e for e in events if e["kind"] == "rollback")["reason"]
 
 
 def test_unbootable_initramfs_falls_back_by_boot_counting(releases: Releases, qemu_disk: BuiltDisk,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import random
 import shutil
 import statistics
@@ -263,17 +264,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--devices", type=int, default=1000)
     ap.add_argument("--backend", choices=("sqlite", "postgresql", "both"), default="both")
     ap.add_argument("--workers", type=int, default=16, help="device threads (default 16)")
+    ap.add_argument("--verbose", action="store_true", help="show the simulated agents' log lines")
     args = ap.parse_args(argv)
+    quiet = open(os.devnull, "w") if not args.verbose else None  # noqa: SIM115 (closed at exit)
     results: dict[str, Any] = {"machine": describe_machine(), "devices": args.devices, "backends": {}}
     backends = ("sqlite", "postgresql") if args.backend == "both" else (args.backend,)
     for backend in backends:
         tmp = Path(tempfile.mkdtemp(prefix=f"kiln-bench-fleet-{backend}-", dir="/var/tmp"))
         try:
-            if backend == "sqlite":
-                f = run_backend(backend, f"sqlite:///{tmp / 'fleet.db'}", args.devices, args.workers, tmp)
-            else:
-                with running_postgres() as url:
-                    f = run_backend(backend, url, args.devices, args.workers, tmp)
+            with contextlib.redirect_stderr(quiet) if quiet else contextlib.nullcontext():
+                if backend == "sqlite":
+                    f = run_backend(backend, f"sqlite:///{tmp / 'fleet.db'}", args.devices, args.workers, tmp)
+                else:
+                    with running_postgres() as url:
+                        f = run_backend(backend, url, args.devices, args.workers, tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         results["backends"][backend] = f

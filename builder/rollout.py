@@ -7,10 +7,12 @@ service is down, and nothing but the rollout key can forge it. Its `custom`:
 
     {"version": "1.3.0", "stages": [{"percent": 10, "soakHours": 1}, ...], "wave": 1,
      "opened": ["2026-11-30T14:00:00Z"], "halted": null | {"reason", "time", "by"},
-     "maxFailureRate": "0.2", "haltMinDevices": 3}
+     "maxFailureRate": "0.2", "haltMinDevices": 3, "resumed": "...",
+     "closed": [{"version": "1.2.0", "wave": 1, "halted": true}]}
 
 `wave` is how many waves are open; a device is in the first wave whose cumulative percent is
-above its stable place (kiln_device.fleet.wave_of). `kiln release` starts the rollout of each
+above its stable place (kiln_device.fleet.wave_of). `closed` lists the releases whose rollouts
+were replaced before they finished, with the waves they reached. `kiln release` starts the rollout of each
 new release at wave 1; `kiln rollout advance` opens the next wave once the current one has
 soaked; the fleet service halts it by itself when the failure rate of the open waves goes over
 `maxFailureRate` (builder.fleet.service), and `kiln rollout halt|resume` do it by hand.
@@ -41,18 +43,29 @@ def policy(stages: list[dict[str, Any]], max_failure_rate: float, halt_min_devic
             "maxFailureRate": f"{float(max_failure_rate):g}", "haltMinDevices": int(halt_min_devices)}
 
 
+MAX_CLOSED = 50
+
+
 def start(repo: Repository, cls: str, channel: str, version: str, rollout_policy: dict[str, Any]) -> dict[str, Any]:
-    """Open wave 1 of VERSION (a new release); the state."""
-    current = repo.rollout(cls, channel)
-    if current and current.get("version") == version:
-        return current  # released again (same digest): the rollout goes on where it is
-    state = {"version": version, **rollout_policy, "wave": 1, "opened": [now_text()], "halted": None}
-    repo.set_rollout(cls, channel, state)
-    return state
+    """Open wave 1 of VERSION (a new release); the state. A rollout it replaces that had not opened every
+    wave, or was halted, is closed: its version goes in `closed`, which no device outside the waves it
+    reached may take any more (kiln_device.fleet.rollout_gate), so a halted release is never the fallback
+    of the devices the new one keeps waiting."""
+
+    def change(current: dict[str, Any] | None) -> dict[str, Any] | None:
+        if current and current.get("version") == version:
+            return None  # released again (same digest): the rollout goes on where it is
+        closed = list((current or {}).get("closed") or [])
+        if current and (current.get("halted") or int(current["wave"]) < len(current["stages"])):
+            closed.append({"version": current["version"], "wave": int(current["wave"]),
+                           "halted": bool(current.get("halted"))})
+        return {"version": version, **rollout_policy, "wave": 1, "opened": [now_text()], "halted": None,
+                "closed": closed[-MAX_CLOSED:]}
+
+    return repo.update_rollout(cls, channel, change) or {}
 
 
-def require(repo: Repository, cls: str, channel: str) -> dict[str, Any]:
-    state = repo.rollout(cls, channel)
+def require(state: dict[str, Any] | None, cls: str, channel: str) -> dict[str, Any]:
     if not state:
         raise UsageError(f"{cls} has no rollout on {channel}",
                          hint="`kiln release` starts one for each release of a class")
@@ -68,38 +81,44 @@ def soak_left(state: dict[str, Any], at: float | None = None) -> float:
 
 
 def advance(repo: Repository, cls: str, channel: str, *, force: bool = False) -> dict[str, Any]:
-    state = require(repo, cls, channel)
-    wave, stages = int(state["wave"]), state["stages"]
-    if state.get("halted"):
-        raise UsageError(f"the rollout of {cls} {state['version']} is halted ({state['halted']['reason']})",
-                         hint=f"`kiln rollout resume {cls}` once the cause is fixed")
-    if wave >= len(stages):
-        raise UsageError(f"the rollout of {cls} {state['version']} is complete: all {len(stages)} waves are open")
-    left = soak_left(state)
-    if left > 0 and not force:
-        raise UsageError(f"wave {wave} of {cls} {state['version']} soaks for {left / 3600:.1f} more hours "
-                         f"(soakHours {stages[wave - 1]['soakHours']})", hint="--force opens the next wave now")
-    state = {**state, "wave": wave + 1, "opened": [*state["opened"], now_text()]}
-    repo.set_rollout(cls, channel, state)
-    return state
+    def change(current: dict[str, Any] | None) -> dict[str, Any]:
+        state = require(current, cls, channel)
+        wave, stages = int(state["wave"]), state["stages"]
+        if state.get("halted"):
+            raise UsageError(f"the rollout of {cls} {state['version']} is halted ({state['halted']['reason']})",
+                             hint=f"`kiln rollout resume {cls}` once the cause is fixed")
+        if wave >= len(stages):
+            raise UsageError(f"the rollout of {cls} {state['version']} is complete: all {len(stages)} waves are open")
+        left = soak_left(state)
+        if left > 0 and not force:
+            raise UsageError(f"wave {wave} of {cls} {state['version']} soaks for {left / 3600:.1f} more hours "
+                             f"(soakHours {stages[wave - 1]['soakHours']})", hint="--force opens the next wave now")
+        return {**state, "wave": wave + 1, "opened": [*state["opened"], now_text()]}
+
+    return repo.update_rollout(cls, channel, change) or {}
 
 
-def halt(repo: Repository, cls: str, channel: str, reason: str, by: str) -> dict[str, Any]:
-    state = require(repo, cls, channel)
-    if state.get("halted"):
-        return state
-    state = {**state, "halted": {"reason": reason, "time": now_text(), "by": by}}
-    repo.set_rollout(cls, channel, state)
-    return state
+def halt(repo: Repository, cls: str, channel: str, reason: str, by: str, *,
+         version: str | None = None) -> dict[str, Any]:
+    """Halt the rollout (of VERSION only, when given: a halt decided for a release another has replaced
+    since is dropped)."""
+    def change(current: dict[str, Any] | None) -> dict[str, Any] | None:
+        state = require(current, cls, channel)
+        if state.get("halted") or (version is not None and state.get("version") != version):
+            return None
+        return {**state, "halted": {"reason": reason, "time": now_text(), "by": by}}
+
+    return repo.update_rollout(cls, channel, change) or {}
 
 
 def resume(repo: Repository, cls: str, channel: str) -> dict[str, Any]:
-    state = require(repo, cls, channel)
-    if not state.get("halted"):
-        raise UsageError(f"the rollout of {cls} {state['version']} is not halted")
-    state = {**state, "halted": None, "resumed": now_text()}
-    repo.set_rollout(cls, channel, state)
-    return state
+    def change(current: dict[str, Any] | None) -> dict[str, Any]:
+        state = require(current, cls, channel)
+        if not state.get("halted"):
+            raise UsageError(f"the rollout of {cls} {state['version']} is not halted")
+        return {**state, "halted": None, "resumed": now_text()}
+
+    return repo.update_rollout(cls, channel, change) or {}
 
 
 def describe(state: dict[str, Any]) -> str:

@@ -31,7 +31,7 @@ import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -61,7 +61,7 @@ TUF_DIR = "tuf"  # in a key directory: the private keys; in the lookaside direct
 KEY_FILES = {"root": "root.pem", "targets": "targets.pem", "online": "online.pem", "rollout": "rollout.pem"}
 ROLE_KEY = {"root": "root", "targets": "targets", "snapshot": "online", "timestamp": "online", "rollout": "rollout"}
 DEFAULT_EXPIRY = {"root": timedelta(days=365), "targets": timedelta(days=90),
-                  "snapshot": timedelta(days=7), "timestamp": timedelta(days=1), "rollout": timedelta(days=30)}
+                  "snapshot": timedelta(days=7), "timestamp": timedelta(days=1), "rollout": timedelta(days=90)}
 # The delegated role that signs each channel's rollout state (waves, halt): targets delegates the paths
 # <class>/<channel>/rollout to it, so its key (held by `kiln fleet serve` for the automatic halt) can open,
 # halt and resume rollouts of what targets released, and never name an image.
@@ -314,28 +314,44 @@ class Repository:
         target = self.latest(ROLLOUT_ROLE).signed.targets.get(rollout_path(cls, channel))
         return dict(target.unrecognized_fields.get("custom") or {}) if target is not None else None
 
+    def update_rollout(self, cls: str, channel: str,
+                       change: Callable[[dict[str, Any] | None], dict[str, Any] | None]) -> dict[str, Any] | None:
+        """Read CLASS/CHANNEL's rollout, CHANGE it and sign the result, all under the repository's lock (the
+        service's automatic halt and `kiln rollout` or `kiln release` never undo each other). CHANGE returns
+        None to leave it as it is. Returns the state in force."""
+        with self.locked():
+            current = self.rollout(cls, channel)
+            new = change(current)
+            if new is None:
+                return current
+            self._sign_rollout(cls, channel, new)
+            return new
+
     def set_rollout(self, cls: str, channel: str, state: dict[str, Any]) -> int:
         """Sign STATE as CLASS/CHANNEL's rollout (rollout key), then snapshot and timestamp (online key).
         Returns the rollout role's new version."""
+        with self.locked():
+            return self._sign_rollout(cls, channel, state)
+
+    def _sign_rollout(self, cls: str, channel: str, state: dict[str, Any]) -> int:
         targets = self.latest("targets").signed
         if targets.delegations is None or ROLLOUT_ROLE not in (targets.delegations.roles or {}):
             raise UsageError(f"{self.dir}: targets delegates no rollout role yet; release once with a key "
                              "directory that has tuf/rollout.pem (`kiln keys init` adds it)")
-        with self.locked():
-            md: Metadata[Targets]
-            if self.has(ROLLOUT_ROLE):
-                md = self.latest(ROLLOUT_ROLE)
-                md.signed.version += 1
-            else:
-                md = Metadata(Targets(expires=expiry(ROLLOUT_ROLE)))
-            body = json.dumps(state, sort_keys=True, separators=(",", ":")).encode()
-            path = rollout_path(cls, channel)
-            md.signed.targets[path] = TargetFile(length=len(body), hashes={"sha256": hashlib.sha256(body).hexdigest()},
-                                                 path=path, unrecognized_fields={"custom": state})
-            md.signed.expires = expiry(ROLLOUT_ROLE)
-            self._write(self._sign(md, ROLLOUT_ROLE), ROLLOUT_ROLE)
-            self._snapshot_and_timestamp()
-            return md.signed.version
+        md: Metadata[Targets]
+        if self.has(ROLLOUT_ROLE):
+            md = self.latest(ROLLOUT_ROLE)
+            md.signed.version += 1
+        else:
+            md = Metadata(Targets(expires=expiry(ROLLOUT_ROLE)))
+        body = json.dumps(state, sort_keys=True, separators=(",", ":")).encode()
+        path = rollout_path(cls, channel)
+        md.signed.targets[path] = TargetFile(length=len(body), hashes={"sha256": hashlib.sha256(body).hexdigest()},
+                                             path=path, unrecognized_fields={"custom": state})
+        md.signed.expires = expiry(ROLLOUT_ROLE)
+        self._write(self._sign(md, ROLLOUT_ROLE), ROLLOUT_ROLE)
+        self._snapshot_and_timestamp()
+        return md.signed.version
 
     def publish(self, release: Release) -> None:
         def add(targets: Targets) -> None:

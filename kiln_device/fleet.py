@@ -32,7 +32,7 @@ MAX_EVENTS = 1000  # per upload
 MAX_EVENT_BYTES = 16 * 1024
 ID_PREFIX = "kd-"
 
-# Kinds of events, and what the service counts them as.
+# Kinds of events the agent sends (the service also keeps kinds it does not know: a newer agent's).
 EVENT_KINDS = {
     "boot": "a boot: version, slot, degraded",
     "update.started": "an update began: version, from",
@@ -45,8 +45,8 @@ EVENT_KINDS = {
     "channel.stale": "the channel's metadata expired or did not verify: status, code, reason",
     "channel.fresh": "the channel's metadata verifies again",
     "rollout.waiting": "the rollout holds this device back: version, reason",
-    "health": "the health checks' verdict at boot: ok, degraded",
-    "inference.latency": "a summary of inference latency: count, p50Ms, p95Ms, p99Ms",
+    "inference.latency": "inference latency over the last 1,000 requests (ms): count, total, errors, p50, p95, p99, "
+                         "window",
 }
 FAILURE_KINDS = ("update.failed", "rollback")
 
@@ -77,12 +77,23 @@ def wave_of(device: str, stages: list[dict[str, Any]]) -> int:
 
 def rollout_gate(device: str, rollout: dict[str, Any] | None, version: str) -> str | None:
     """None when DEVICE may install VERSION under the ROLLOUT state, else why not."""
-    if not rollout or rollout.get("version") != version:
-        return None  # no rollout for this release: it is open to every device (releases before fleets)
+    if not rollout:
+        return None  # no rollout in this channel: every release is open to every device (releases before fleets)
+    stages = list(rollout.get("stages") or [{"percent": 100}])
+    if rollout.get("version") != version:
+        # A release whose rollout was replaced before it finished: open to the waves it reached, and only if
+        # it was not halted (no device falls back to a halted release).
+        closed = next((c for c in rollout.get("closed") or [] if c.get("version") == version), None)
+        if closed is None:
+            return None  # its rollout finished (or it never had one)
+        if closed.get("halted"):
+            return f"the rollout of {version} was halted and replaced by {rollout.get('version')}"
+        if wave_of(device, stages) > int(closed.get("wave") or 0):
+            return f"the rollout of {version} was replaced by {rollout.get('version')} before this device's wave"
+        return None
     halted = rollout.get("halted")
     if halted:
         return f"the rollout of {version} is halted: {halted.get('reason')}"
-    stages = list(rollout.get("stages") or [{"percent": 100}])
     opened = int(rollout.get("wave") or 0)
     mine = wave_of(device, stages)
     if mine > opened:

@@ -25,7 +25,8 @@ def default_tls_dir() -> Path:
 
 
 DB_OPTION = click.option("--db", default=None, metavar="URL",
-                         help=f"sqlite:///PATH (default: the state dir's fleet/fleet.db) or postgresql://USER@HOST/DB; "
+                         help="sqlite:///PATH (relative; sqlite:////PATH absolute; default: the state dir's "
+                              f"fleet/fleet.db) or postgresql://USER@HOST/DB; "
                               f"also ${DB_ENV}. Give a PostgreSQL password in ~/.pgpass or $PGPASSWORD, never here.")
 TLS_OPTION = click.option("--tls-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
                           help="The service's CA and certificate (default: the state dir's fleet/tls).")
@@ -203,7 +204,7 @@ def rollout_status(cls: str, channel: str | None, lookaside: Path | None, db: st
     from builder.fleet import views
 
     channel = _channel(cls, channel)
-    state = rollout.require(_repo(None, lookaside), cls, channel)
+    state = rollout.require(_repo(None, lookaside).rollout(cls, channel), cls, channel)
     if db or os.environ.get(DB_ENV):
         store = open_db(db)
         state = views.wave_table(store, cls, store.devices(cls), state)

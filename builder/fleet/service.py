@@ -21,6 +21,7 @@ import binascii
 import hashlib
 import json
 import logging
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from kiln_device.fleet import (
 )
 
 log = logging.getLogger("kiln.fleet")
+KIND_RE = re.compile(r"[a-z][a-z0-9-]*(?:\.[a-z][a-z0-9-]*){0,3}")
 
 
 def token_hash(token: str) -> str:
@@ -114,8 +116,10 @@ def check_report(data: dict[str, Any]) -> tuple[str, int, int, list[dict[str, An
         if not is_int(e.get("seq"), 1) or e["seq"] <= last:
             raise Refused(422, f"{where}.seq: expected a whole number above the previous event's ({last})")
         last = e["seq"]
-        if e.get("kind") not in EVENT_KINDS:
-            raise Refused(422, f"{where}.kind: {str(e.get('kind'))[:40]!r} is not one of {', '.join(EVENT_KINDS)}")
+        if not isinstance(e.get("kind"), str) or not KIND_RE.fullmatch(e["kind"]):
+            # Kinds this service does not know (a newer agent's) are kept; a kind is a dotted name.
+            raise Refused(422, f"{where}.kind: {str(e.get('kind'))[:40]!r} is not an event kind (a dotted lowercase "
+                               f"name, for example {', '.join(list(EVENT_KINDS)[:3])})")
         if not isinstance(e.get("time"), str) or len(e["time"]) != 20:
             raise Refused(422, f"{where}.time: expected YYYY-MM-DDTHH:MM:SSZ")
         if e.get("version") is not None and not (isinstance(e["version"], str) and len(e["version"]) <= 64):
@@ -151,7 +155,7 @@ class Halter:
                     reason = (f"{table['failed']} of {table['tried']} devices in wave {state['wave']} failed or rolled "
                               f"back ({table['failureRate']:.0%} > {float(state['maxFailureRate']):.0%}); "
                               f"top reason: {top}")
-                    rollout.halt(self.repo, cls, channel, reason, by="kiln fleet serve")
+                    rollout.halt(self.repo, cls, channel, reason, by="kiln fleet serve", version=str(state["version"]))
                     self.store.record_halt(cls, channel, str(state["version"]), reason)
                     log.warning("halted the rollout of %s %s on %s: %s", cls, state["version"], channel, reason)
                     halted.append(channel)
@@ -162,7 +166,7 @@ def make_app(store: Store, repo: Any = None) -> Starlette:
     halter = Halter(store, repo)
 
     def error(exc: Refused) -> JSONResponse:
-        return JSONResponse({"error": exc.reason}, status_code=exc.status)
+        return JSONResponse({"error": exc.reason, **exc.detail}, status_code=exc.status)
 
     async def enroll(request: Request) -> Response:
         try:
@@ -201,7 +205,10 @@ def make_app(store: Store, repo: Any = None) -> Starlette:
         except Refused as exc:
             return error(exc)
         if result.failures and repo is not None:
-            await run_in_threadpool(halter.check, cls, result.failures)
+            try:
+                await run_in_threadpool(halter.check, cls, result.failures)
+            except Exception:  # the report is stored: a halt that cannot be signed is logged, never a 500
+                log.exception("checking the rollouts of %s after failures of %s", cls, ", ".join(result.failures))
         return JSONResponse({"accepted": result.accepted, "duplicates": result.duplicates, "ack": result.ack})
 
     async def status(request: Request) -> Response:

@@ -1,6 +1,6 @@
 """Where the fleet's reports live: SQLite by default, PostgreSQL when configured.
 
-    store = open_store("sqlite:///var/lib/kiln-fleet/fleet.db")   # or postgresql://host/db
+    store = open_store("sqlite:////var/lib/kiln-fleet/fleet.db")  # or postgresql://host/db
     store.migrate()                                               # versioned, idempotent
 
 One SQL dialect for both (plain types, INSERT ... ON CONFLICT DO NOTHING); the placeholders are
@@ -51,6 +51,8 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
+# What says a device tried a release (a waiting device or a download-only fetch did not).
+TRIED_KINDS = ("update.started", "update.phase", "update.installed", "update.failed", "update.success", "rollback")
 # What changes the summary of a device, from its events.
 VERSION_KINDS = ("boot", "update.success")
 
@@ -62,10 +64,11 @@ def now_text() -> str:
 class Refused(Exception):
     """A report or enrollment the service will not store: an HTTP status and a reason."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, **detail: Any) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.detail = detail  # more for the device (a replay: the counter the service has)
 
 
 @dataclass(frozen=True)
@@ -159,11 +162,15 @@ class Store:
                 raise Refused(403, "this enrollment token is used up")
             if tok[2] is not None and float(tok[2]) < time.time():
                 raise Refused(403, "this enrollment token has expired")
-            cur.execute(self.sql("UPDATE tokens SET uses_left = uses_left - 1 WHERE hash = ?"), (token_hash,))
             cur.execute(self.sql("INSERT INTO devices (id, class, compatible, public_key, enrolled, last_seen, "
-                                 "version) VALUES (?, ?, ?, ?, ?, ?, ?)"),
-                        (device, cls, compatible, public_key, now_text(), now_text(), version))
-        return "enrolled"
+                                 "version) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"),
+                        (device, cls, compatible, public_key, now_text(), now_text(), text(version)))
+            if cur.rowcount == 1:  # not enrolled by a request running alongside: the token is used
+                cur.execute(self.sql("UPDATE tokens SET uses_left = uses_left - 1 WHERE hash = ?"), (token_hash,))
+                return "enrolled"
+        if self.device_key(device) != (public_key, cls):
+            raise Refused(409, f"device {device} is enrolled with another key or class")
+        return "already enrolled"
 
     def device_key(self, device: str) -> tuple[str, str] | None:
         """The device's enrolled public key (base64) and class."""
@@ -186,16 +193,16 @@ class Store:
             if row is None:
                 raise Refused(401, f"device {device} is not enrolled")
             if counter <= int(row[0]):
-                raise Refused(409, f"replayed report: counter {counter} was already used (last {row[0]})")
+                raise Refused(409, f"replayed report: counter {counter} was already used (last {row[0]})",
+                              counter=int(row[0]))
             accepted = 0
             failures: list[str] = []
             summary: dict[str, Any] = {}
             for e in events:
                 cur.execute(self.sql("INSERT INTO events (device, seq, time, received, kind, version, reason, data) "
                                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"),
-                            (device, e["seq"], e["time"], received, e["kind"], e.get("version"),
-                             str(e["reason"])[:2000] if e.get("reason") is not None else None,
-                             json.dumps(e, sort_keys=True)))
+                            (device, e["seq"], e["time"], received, e["kind"],
+                             text(e.get("version")), text(e.get("reason"), 2000), json.dumps(e, sort_keys=True)))
                 if cur.rowcount == 1:
                     accepted += 1
                     summarize(summary, e)
@@ -206,7 +213,7 @@ class Store:
             values: list[Any] = [counter, dropped, received, last_seq]
             for column, value in summary.items():
                 sets.append(f"{column} = ?")
-                values.append(value)
+                values.append(text(value, 500))
             cur.execute(self.sql(f"UPDATE devices SET {', '.join(sets)} WHERE id = ?"), (*values, device))  # noqa: S608
         return Ingested(accepted, len(events) - accepted, last_seq, tuple(sorted(set(failures))))
 
@@ -220,13 +227,16 @@ class Store:
             cur.execute(self.sql(f"SELECT {', '.join(cols)} FROM devices {where} ORDER BY id"), args)  # noqa: S608
             return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
-    def outcomes(self, cls: str, version: str) -> dict[str, dict[str, Any]]:
-        """Per device of CLS that tried VERSION: whether it failed and why (its last failure)."""
+    def outcomes(self, cls: str, version: str, since: str | None = None) -> dict[str, dict[str, Any]]:
+        """Per device of CLS that tried VERSION (received SINCE, a time the service wrote: a resumed rollout
+        counts afresh): whether it failed and why (its last failure), whether it succeeded."""
         out: dict[str, dict[str, Any]] = {}
+        marks = ", ".join("?" for _ in TRIED_KINDS)
         with self.tx() as cur:
-            cur.execute(self.sql("SELECT e.device, e.kind, e.reason, e.data FROM events e JOIN devices d "
-                                 "ON d.id = e.device WHERE d.class = ? AND e.version = ? ORDER BY e.device, e.seq"),
-                        (cls, version))
+            cur.execute(self.sql("SELECT e.device, e.kind, e.reason, e.data FROM events e JOIN devices d "  # noqa: S608
+                                 f"ON d.id = e.device WHERE d.class = ? AND e.version = ? AND e.kind IN ({marks}) "
+                                 "AND e.received >= ? ORDER BY e.device, e.seq"),
+                        (cls, version, *TRIED_KINDS, since or ""))
             for device, kind, reason, data in cur.fetchall():
                 entry = out.setdefault(device, {"failed": False, "reason": None, "succeeded": False})
                 if kind == "update.success":
@@ -262,6 +272,11 @@ class Store:
 # Agent exit codes that say nothing about the release (kiln_device.contract): unreachable, no space,
 # locked, stale, waiting.
 NOT_THE_RELEASE = {7, 8, 10, 13, 14}
+
+
+def text(value: Any, limit: int = 200) -> str | None:
+    """A column's text: None stays None, anything else a string without NUL (PostgreSQL refuses it)."""
+    return None if value is None else str(value).replace("\x00", "")[:limit]
 
 
 def is_failure(event: dict[str, Any]) -> bool:
@@ -348,6 +363,17 @@ class PostgresStore(Store):
     def sql(self, text: str) -> str:
         return text.replace("?", "%s")
 
+    def migrate(self) -> list[int]:
+        """One migrating process at a time (every `kiln fleet` command migrates): a session advisory lock."""
+        conn = self._connect()
+        conn.execute("SELECT pg_advisory_lock(7014)")
+        conn.commit()
+        try:
+            return super().migrate()
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(7014)")
+            conn.commit()
+
     def for_update(self) -> str:
         return " FOR UPDATE"
 
@@ -370,8 +396,8 @@ class PostgresStore(Store):
 def open_store(url: str) -> Store:
     if url.startswith(("postgresql://", "postgres://")):
         return PostgresStore(url)
-    if url.startswith("sqlite:///"):
-        return SQLiteStore(url, Path(url.removeprefix("sqlite://")))
+    if url.startswith("sqlite:///"):  # sqlite:///relative/path or sqlite:////absolute/path (SQLAlchemy's form)
+        return SQLiteStore(url, Path(url.removeprefix("sqlite:///")))
     if "://" in url:
         raise UsageError(f"database {url.split('://', 1)[0]}://...: expected sqlite:///PATH or postgresql://...")
     return SQLiteStore(f"sqlite:///{Path(url).absolute()}", Path(url))

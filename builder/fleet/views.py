@@ -31,7 +31,7 @@ def rollouts(repo: Any, cls: str) -> dict[str, dict[str, Any]]:
 
 def wave_table(store: Store, cls: str, devices: list[dict[str, Any]], state: dict[str, Any]) -> dict[str, Any]:
     stages = state["stages"]
-    outcomes = store.outcomes(cls, state["version"])
+    outcomes = store.outcomes(cls, state["version"], state.get("resumed"))
     waves = [{"wave": n, "percent": s["percent"], "open": n <= int(state["wave"]), "devices": 0, "tried": 0,
               "failed": 0, "succeeded": 0} for n, s in enumerate(stages, 1)]
     reasons: Counter[str] = Counter()

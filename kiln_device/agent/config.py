@@ -23,6 +23,7 @@ from kiln_device.contract import (
     parse_release,
     under,
 )
+from kiln_device.fleet import MAX_EVENTS
 
 CONFIG_ENV = "KILN_AGENT_CONFIG"
 ROOT_ENV = "KILN_AGENT_ROOT"
@@ -166,10 +167,10 @@ def finalize_fleet(value: Any) -> Fleet:
     url = str(merged["url"]).rstrip("/")
     if url and not url.startswith("https://"):
         raise AgentError(CONFIG, f"fleet.url: {url!r}: the fleet service is reached over TLS (https://HOST:PORT)")
-    for key in ("outboxMax", "batch"):
+    for key, most in (("outboxMax", 1_000_000), ("batch", MAX_EVENTS)):
         n = merged[key]
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1_000_000:
-            raise AgentError(CONFIG, f"fleet.{key}: expected a whole number from 1 to 1000000, got {n!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= most:
+            raise AgentError(CONFIG, f"fleet.{key}: expected a whole number from 1 to {most}, got {n!r}")
     return Fleet(url=url, ca=Path(merged["ca"]), token=Path(merged["token"]), outbox_max=merged["outboxMax"],
                  batch=min(merged["batch"], merged["outboxMax"]))
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import base64
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kiln_device.agent.errors import AgentError, log
-from kiln_device.common import fsync_dir
+from kiln_device.common import fsync_dir, write_atomic
 from kiln_device.contract import CONFIG
 from kiln_device.fleet import device_id
 
@@ -49,8 +50,8 @@ def load_or_create(directory: Path) -> Identity:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         pem = Ed25519PrivateKey.generate().private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        tmp = directory / f".{KEY_FILE}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd, name = tempfile.mkstemp(prefix=f".{KEY_FILE}.", dir=directory)  # 0600, a name of its own
+        tmp = Path(name)
         with os.fdopen(fd, "wb") as fh:
             fh.write(pem)
             fh.flush()
@@ -72,6 +73,6 @@ def load_or_create(directory: Path) -> Identity:
     public = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     ident = Identity(device_id(public), public, private)
     if not (directory / "id").exists():
-        (directory / "id").write_text(ident.id + "\n")
+        write_atomic(directory / "id", (ident.id + "\n").encode())
         log(f"device identity {ident.id} created in {directory}")
     return ident

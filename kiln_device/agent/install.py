@@ -111,18 +111,21 @@ def cmd_update(config: Config, release: Release, state: State, boot: BootControl
     if pending:
         log(f"resuming the update to {cand.version} after phase {pending.get('phase')}")
     else:
+        started = now()
+        state.event("update.started", key=f"{cand.digest}/{started}/started", version=cand.version,
+                    digest=cand.digest, slot=target, previous=release.version)
         state.data["pending"] = {"version": cand.version, "digest": cand.digest, "slot": target,
-                                 "from": release.version, "fromSlot": booted, "started": now(),
+                                 "from": release.version, "fromSlot": booted, "started": started,
                                  "phase": "started", "phases": {}}
         state.save()
-        state.event("update.started", version=cand.version, digest=cand.digest, slot=target, previous=release.version)
     minute = time.gmtime().tm_hour * 60 + time.gmtime().tm_min
     try:
         if not in_window(config.window, minute):  # download-only: fetch now, apply inside the window
             fetch(config, cand, work_paths(config).layout)
             if not state.phase_done("fetched"):
                 state.journal("fetched")
-                state.event("update.downloaded", version=cand.version, window=config.raw.get("window"))
+                state.event("update.downloaded", key=f"{cand.digest}/{(state.pending or {}).get('started')}/dl",
+                            version=cand.version, window=config.raw.get("window"))
             log(f"downloaded {cand.version}; it is installed inside the maintenance window "
                 f"{config.raw.get('window')} (UTC)")
             return WAITING
@@ -240,18 +243,16 @@ def failed(config: Config, state: State, cand: Candidate, exc: AgentError) -> No
         shutil.rmtree(work_paths(config).tree, ignore_errors=True)
         exc.message += f" (refused for good: {cand.digest[:19]} is blocklisted on this device)"
         exc.args = (exc.message,)
-    state.finish("failed", version=cand.version, digest=cand.digest, code=exc.code, reason=exc.message)
     state.event("update.failed", version=cand.version, digest=cand.digest, code=exc.code, reason=exc.message,
                 blocklisted=exc.blocklist)
+    state.finish("failed", version=cand.version, digest=cand.digest, code=exc.code, reason=exc.message)
 
 
 def finish_install(config: Config, state: State, reboot: bool) -> int:
     pending = state.pending or {}
+    state.event("update.installed", key=f"{pending.get('digest')}/{pending.get('started')}/installed",
+                version=pending.get("version"), slot=pending.get("slot"))
     state.finish("installed", version=pending.get("version"), slot=pending.get("slot"), entry=pending.get("entry"))
-    if not pending.get("reported"):
-        state.event("update.installed", version=pending.get("version"), slot=pending.get("slot"))
-        pending["reported"] = True
-        state.save()
     log(f"installed {pending.get('version')} in slot {pending.get('slot')} as {pending.get('entry')}")
     if reboot:
         log("rebooting into it")

@@ -58,17 +58,20 @@ class State:
     def journal(self, phase: str, **fields: Any) -> None:
         """Record that `phase` of the pending update is done, durably, then the fault hook."""
         pending = self.data["pending"]
+        # The event first, keyed: a power cut before the save redoes the phase, which reports it once.
+        self.event("update.phase", key=f"{pending.get('digest')}/{pending.get('started')}/{phase}",
+                   version=pending.get("version"), phase=phase)
         pending.update(fields)
         pending["phase"] = phase
         pending.setdefault("phases", {})[phase] = now()
         self.save()
         log(f"journal: {phase}")
-        self.event("update.phase", version=pending.get("version"), phase=phase)
         fault_point(phase)
 
-    def event(self, kind: str, **fields: Any) -> None:
+    def event(self, kind: str, key: str | None = None, **fields: Any) -> None:
+        """Record an event in the outbox (kiln_device.agent.outbox.record); KEY makes it once only."""
         if self.events is not None:
-            self.events(kind, **fields)
+            self.events(kind, key, **fields)
 
     def phase_done(self, phase: str) -> bool:
         pending = self.pending or {}

@@ -5,7 +5,9 @@ One file per event (`<seq>.json`, written atomically and fsynced) in `<stateDir>
 backoff). An event's id is the device's id and its sequence number: the service stores each
 (device, seq) once, so an upload retried after a lost answer stores nothing twice, and the
 sequence orders the events. A power cut leaves at most the event being written unwritten: the
-next sequence number is one above both meta.json's and the newest file's, so none is reused.
+next sequence number is one above both meta.json's and the newest file's (and meta.json is raised
+to what the service acknowledged), so none is reused. An event written before the step it reports
+is saved carries a key; the step redone after a power cut finds the key and records nothing new.
 
 The outbox is bounded (agent.json fleet.outboxMax): when it is full the oldest events go, and
 `dropped` counts them; every upload carries that count, so the service shows what it missed.
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
 META = "meta.json"
 SUFFIX = ".json"
 MAX_EVENT_BYTES = 16 * 1024  # a reason longer than this is cut: the service refuses bigger events
+RECENT_KEYS = 200  # idempotency keys remembered (meta.json) and newest files searched
 
 
 def now() -> str:
@@ -78,13 +81,31 @@ class Outbox:
     def _path(self, seq: int) -> Path:
         return self.dir / f"{seq:012d}{SUFFIX}"
 
-    def append(self, kind: str, fields: dict[str, Any]) -> int:
-        """Write one event durably; returns its sequence number."""
+    def _recorded(self, key: str, meta: dict[str, Any], seqs: list[int]) -> int | None:
+        """The sequence number of the event recorded under KEY, if any (meta's recent keys, then the newest
+        files: a power cut can fall between an event file and meta.json)."""
+        if key in (meta.get("keys") or {}):
+            return int(meta["keys"][key])
+        for seq in reversed(seqs[-RECENT_KEYS:]):
+            try:
+                if read_json(self._path(seq)).get("key") == key:
+                    return seq
+            except (OSError, ValueError, AttributeError):
+                continue
+        return None
+
+    def append(self, kind: str, fields: dict[str, Any], key: str | None = None) -> int:
+        """Write one event durably; returns its sequence number. With KEY, an event already recorded under that
+        key is not recorded again (a step redone after a power cut reports once)."""
         with self.locked():
             meta = self.meta()
             seqs = self._seqs()
+            if key is not None:
+                done = self._recorded(key, meta, seqs)
+                if done is not None:
+                    return done
             seq = max([int(meta.get("lastSeq") or 0), *seqs]) + 1
-            event = {"seq": seq, "time": now(), "kind": kind, **fields}
+            event = {"seq": seq, "time": now(), "kind": kind, **fields, **({"key": key} if key else {})}
             body = json.dumps(event, sort_keys=True, default=str).encode()
             if len(body) > MAX_EVENT_BYTES:  # a runaway reason: keep the event, cut the text
                 event = {k: (v[:2000] + "…" if isinstance(v, str) and len(v) > 2000 else v) for k, v in event.items()}
@@ -96,6 +117,10 @@ class Outbox:
                 self._path(old).unlink(missing_ok=True)
             write_atomic(self._path(seq), body, 0o600)
             meta["lastSeq"] = seq
+            if key is not None:
+                keys = dict(meta.get("keys") or {})
+                keys[key] = seq
+                meta["keys"] = dict(list(keys.items())[-RECENT_KEYS:])
             if overflow > 0:
                 meta["dropped"] = int(meta.get("dropped") or 0) + overflow
             self.save_meta(meta)
@@ -129,6 +154,10 @@ class Outbox:
     def acknowledge(self, upto: int, sent: list[Event]) -> None:
         """The service has every event of SENT up to UPTO: they go."""
         with self.locked():
+            meta = self.meta()
+            if upto > int(meta.get("lastSeq") or 0):  # never hand out a number the service has seen
+                meta["lastSeq"] = upto
+                self.save_meta(meta)
             for event in sent:
                 if event.seq <= upto:
                     event.path.unlink(missing_ok=True)
@@ -138,15 +167,15 @@ class Outbox:
         return len(self._seqs())
 
 
-def emit(directory: Path, limit: int, kind: str, **fields: Any) -> None:
+def emit(directory: Path, limit: int, kind: str, key: str | None = None, **fields: Any) -> None:
     """Append an event; never raises (an outbox that cannot be written must not fail an update)."""
     try:
-        Outbox(directory, limit).append(kind, fields)
+        Outbox(directory, limit).append(kind, fields, key)
     except (OSError, ValueError, TypeError) as exc:
         log(f"outbox: could not record {kind}: {exc}")
 
 
 
-def record(config: Config, kind: str, **fields: Any) -> None:
+def record(config: Config, kind: str, key: str | None = None, **fields: Any) -> None:
     """emit() into the device's outbox (agent.json stateDir, fleet.outboxMax)."""
-    emit(config.outbox_dir, config.fleet.outbox_max, kind, **fields)
+    emit(config.outbox_dir, config.fleet.outbox_max, kind, key, **fields)

@@ -104,13 +104,16 @@ def cmd_boot(config: Config, release: Release, state: State, boot: BootControl) 
     if booted == slot and release.version == version:
         entry = next((e for e in boot.entries() if e.slot == slot and e.version == version), None)
         if entry is not None and entry.blessed:
+            state.event("update.success", key=f"success/{pending.get('digest')}/{pending.get('started')}",
+                        version=version, slot=slot, previous=pending.get("from"))
             state.data["pending"] = None
             state.finish("success", version=version, slot=slot, previous=pending.get("from"))
-            state.event("update.success", version=version, slot=slot, previous=pending.get("from"))
             return f"{version} booted from slot {slot} and was blessed: update complete"
         return f"trial boot of {version} in slot {slot} (entry {entry.name if entry else '?'}): " \
                "waiting for the health checks to bless it"
     reason = failed_boot_reason(pending.get("bootId"))
+    state.event("rollback", key=f"rollback/{pending.get('digest')}/{pending.get('started')}", version=version,
+                digest=pending.get("digest"), slot=slot, backTo=release.version, reason=reason)
     event = {"version": version, "digest": pending.get("digest"), "slot": slot, "time": now(),
              "backTo": release.version, "bootedSlot": booted, "reason": reason}
     state.data["rollbacks"] = ([*state.data.get("rollbacks", []), event])[-MAX_ROLLBACKS:]
@@ -121,6 +124,4 @@ def cmd_boot(config: Config, release: Release, state: State, boot: BootControl) 
     state.set_trust(slot, None)
     removed = boot.remove_slot_entries(slot)
     state.finish("rolled-back", version=version, slot=slot, reason=reason, removedEntries=removed)
-    state.event("rollback", version=version, digest=pending.get("digest"), slot=slot, backTo=release.version,
-                reason=reason)
     return f"{version} in slot {slot} did not stick; back on {release.version} (slot {booted}): {reason}"

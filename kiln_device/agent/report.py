@@ -9,6 +9,7 @@ events the service acknowledges go. With no fleet service configured it does not
 from __future__ import annotations
 
 import fcntl
+import http.client
 import json
 import os
 import random
@@ -22,11 +23,12 @@ from typing import Any
 from kiln_device.agent.config import ROOT_ENV, Config
 from kiln_device.agent.errors import AgentError, log
 from kiln_device.agent.identity import Identity, load_or_create
-from kiln_device.agent.outbox import Outbox, emit
+from kiln_device.agent.outbox import Event, Outbox, emit
 from kiln_device.common import read_json
 from kiln_device.contract import CONFIG, INFERENCE_STATUS, OK, UNREACHABLE, Release, under
 from kiln_device.fleet import DEVICE_HEADER, ENROLL_CONTEXT, SIGNATURE_HEADER, SIGNING_CONTEXT
 
+BATCH_BYTES = 768 * 1024  # of events per upload, under the service's 1 MiB body limit
 LATENCY_EVERY = 900.0  # seconds between two inference latency summaries
 BACKOFF_START = 30.0
 BACKOFF_MAX = 3600.0
@@ -36,9 +38,10 @@ TIMEOUT = 30.0
 class Rejected(Exception):
     """The service answered 4xx: the request itself is wrong (retrying it unchanged will not help)."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, answer: dict[str, Any] | None = None) -> None:
         super().__init__(f"HTTP {status}: {reason}")
         self.status = status
+        self.answer = answer or {}
 
 
 def post(config: Config, path: str, body: bytes, headers: dict[str, str]) -> dict[str, Any]:
@@ -49,15 +52,22 @@ def post(config: Config, path: str, body: bytes, headers: dict[str, str]) -> dic
                                  headers={"Content-Type": "application/json", **headers})
     try:
         with urllib.request.urlopen(req, timeout=TIMEOUT, context=ctx) as resp:  # noqa: S310
-            return json.loads(resp.read() or b"{}")
+            answer = json.loads(resp.read() or b"{}")
     except urllib.error.HTTPError as exc:
         try:
-            reason = json.loads(exc.read()).get("error") or exc.reason
-        except (ValueError, AttributeError, OSError):
-            reason = exc.reason
+            detail = json.loads(exc.read())
+            detail = detail if isinstance(detail, dict) else {}
+        except (ValueError, OSError, http.client.HTTPException):
+            detail = {}
+        reason = detail.get("error") or exc.reason
         if 400 <= exc.code < 500:
-            raise Rejected(exc.code, str(reason)) from None
+            raise Rejected(exc.code, str(reason), detail) from None
         raise OSError(f"HTTP {exc.code}: {reason}") from None
+    except http.client.HTTPException as exc:  # a link cut mid-answer: IncompleteRead, BadStatusLine
+        raise OSError(f"the connection broke: {type(exc).__name__}: {exc}") from None
+    if not isinstance(answer, dict):
+        raise ValueError(f"the service answered {type(answer).__name__}, not an object")
+    return answer
 
 
 def enroll(config: Config, release: Release, ident: Identity, outbox: Outbox, meta: dict[str, Any]) -> None:
@@ -131,14 +141,32 @@ def send(config: Config, release: Release, ident: Identity, outbox: Outbox) -> i
             events = outbox.pending(config.fleet.batch)
             if not events:
                 break
-            with outbox.locked():
-                meta = outbox.meta()
-                meta["counter"] = int(meta.get("counter") or 0) + 1
-                outbox.save_meta(meta)  # saved before sending: a counter is never sent twice
-            body = json.dumps({"device": ident.id, "counter": meta["counter"], "dropped": int(meta.get("dropped") or 0),
-                               "events": [e.data for e in events]}, sort_keys=True).encode()
-            answer = post(config, "/v1/reports", body,
-                          {DEVICE_HEADER: ident.id, SIGNATURE_HEADER: ident.sign(SIGNING_CONTEXT, body)})
+            size, cut = 0, len(events)  # a batch stays under the service's body limit
+            for n, e in enumerate(events):
+                size += len(json.dumps(e.data)) + 2
+                if size > BATCH_BYTES and n > 0:
+                    cut = n
+                    break
+            events = events[:cut]
+            try:
+                answer = send_batch(config, ident, outbox, events)
+            except Rejected as exc:
+                if exc.status == 409 and isinstance(exc.answer.get("counter"), int):
+                    # The service has seen a higher counter (this device's meta.json was lost or restored):
+                    # go past it, and send again.
+                    with outbox.locked():
+                        meta = outbox.meta()
+                        meta["counter"] = max(int(meta.get("counter") or 0), exc.answer["counter"])
+                        outbox.save_meta(meta)
+                    answer = send_batch(config, ident, outbox, events)
+                elif exc.status == 401 and "not enrolled" in str(exc):
+                    with outbox.locked():  # forgotten by the service: enroll again next time
+                        meta = outbox.meta()
+                        meta.pop("enrolled", None)
+                        outbox.save_meta(meta)
+                    raise
+                else:
+                    raise
             acked = int(answer.get("ack") or 0)
             outbox.acknowledge(acked, events)
             sent_total += len(events)
@@ -154,6 +182,17 @@ def send(config: Config, release: Release, ident: Identity, outbox: Outbox) -> i
         outbox.save_meta(meta)
     log(f"reported {sent_total} events to {config.fleet.url}" if sent_total else "nothing to report")
     return OK
+
+
+def send_batch(config: Config, ident: Identity, outbox: Outbox, events: list[Event]) -> dict[str, Any]:
+    with outbox.locked():
+        meta = outbox.meta()
+        meta["counter"] = int(meta.get("counter") or 0) + 1
+        outbox.save_meta(meta)  # saved before sending: a counter is never sent twice
+    body = json.dumps({"device": ident.id, "counter": meta["counter"], "dropped": int(meta.get("dropped") or 0),
+                       "events": [e.data for e in events]}, sort_keys=True).encode()
+    return post(config, "/v1/reports", body,
+                {DEVICE_HEADER: ident.id, SIGNATURE_HEADER: ident.sign(SIGNING_CONTEXT, body)})
 
 
 def backoff(outbox: Outbox, error: str, sent: int, code: int) -> int:

@@ -133,6 +133,13 @@ def test_bad_reports_get_a_4xx_with_a_reason_and_nothing_is_stored(service: Flee
     for body, headers, status, says in cases:
         code, answer = service.post("/v1/reports", body, headers)
         assert (code, says in answer.get("error", "")) == (status, True), (status, says, code, answer)
+    # A kind this service does not know (a newer agent's) and a NUL in a reason are stored, not refused.
+    odd = {**good, "counter": counter + 1, "events": [{**good["events"][0], "seq": 50, "kind": "camera.lost",
+                                                         "reason": "usb\u0000reset"}]}
+    code, answer = service.post("/v1/reports", *signed(dev, odd))
+    assert code == 200 and answer["accepted"] == 1, answer
+    before += 1
+    good["counter"] = counter + 2
     code, answer = declare_only(service, "/v1/reports", 1024 * 1024 + 10)
     assert code == 413 and "over" in answer["error"], answer
     replay_body, replay_headers = signed(dev, good)
@@ -142,6 +149,31 @@ def test_bad_reports_get_a_4xx_with_a_reason_and_nothing_is_stored(service: Flee
     assert code == 409 and "replayed" in answer["error"]
     assert total(backend) == before + 1
     assert service.get("/healthz")["ok"] is True
+
+
+def test_a_device_that_lost_its_counter_or_was_forgotten_recovers(service: FleetService, backend: str,
+                                                                  tmp_path: Path) -> None:
+    dev = SimDevice.create(tmp_path / "d", service, token(backend, tmp_path / "tok", uses=2))
+    for n in range(3):
+        dev.emit("boot", version="1.0.0", n=n)
+    assert dev.report() == 0
+    meta = dev.outbox.meta()
+    meta["counter"] = 0  # meta.json restored from an old backup
+    dev.outbox.save_meta(meta)
+    dev.emit("boot", version="1.0.0", n=3)
+    assert dev.report() == 0  # the 409 says the service's counter; the device goes past it
+    assert [e["n"] for e in stored(backend, dev.identity.id)] == [0, 1, 2, 3]
+    store = open_store(backend)
+    try:
+        with store.tx() as cur:  # the operator removed the device from the database
+            cur.execute(store.sql("DELETE FROM events WHERE device = ?"), (dev.identity.id,))
+            cur.execute(store.sql("DELETE FROM devices WHERE id = ?"), (dev.identity.id,))
+    finally:
+        store.close()
+    dev.emit("boot", version="1.0.0", n=4)
+    assert dev.report() == 11 and "not enrolled" in dev.outbox.meta()["lastError"]
+    assert dev.report() == 0  # enrolled again (the token's second use), the kept event sent
+    assert [e["n"] for e in stored(backend, dev.identity.id)] == [4]
 
 
 def test_enrollment_needs_a_token_for_the_class(service: FleetService, backend: str, tmp_path: Path) -> None:
@@ -268,16 +300,21 @@ def test_waves_the_automatic_halt_and_resume(world: World, halting, tmp_path: Pa
     # 3.0.0: three devices of wave 1 roll back; the service halts the rollout by itself.
     sims: list[SimDevice] = []
     tries = 0
-    while len(sims) < 3:
+    tok = token(db, tmp_path / "sims-token", uses=100)
+    while len(sims) < 23:
         tries += 1
-        sim = SimDevice.create(tmp_path / f"sim{tries}", svc, token(db, tmp_path / f"t{tries}"))
+        sim = SimDevice.create(tmp_path / f"sim{tries}", svc, tok)
         if place(sim.identity.id) < 90:
             sims.append(sim)
     waiting = fleet_device(world, "halted", svc, db)
     world.release("3.0.0")
     stages = stages_for([place(s.identity.id) for s in sims], inside=True)
     rollout.start(repo, "tiny", "stable", "3.0.0", rollout.policy(stages, 0.2, 3))
-    for n, sim in enumerate(sims):
+    for sim in sims[3:]:  # 20 devices of wave 1 that only waited (a busy window): they did not try 3.0.0
+        sim.emit("rollout.waiting", version="3.0.0", reason="maintenance window closed")
+        sim.emit("update.downloaded", version="3.0.0")
+        assert sim.report() == 0
+    for n, sim in enumerate(sims[:3]):
         sim.emit("update.started", version="3.0.0")
         sim.emit("rollback", version="3.0.0", reason="kiln-health-inference: golden check failed")
         assert sim.report() == 0
@@ -306,6 +343,24 @@ def test_waves_the_automatic_halt_and_resume(world: World, halting, tmp_path: Pa
     assert r["halted"] and r["failed"] == 3 and r["topReasons"][0]["devices"] == 3
     assert status["classes"]["tiny"]["halts"][0]["version"] == "3.0.0"
     kiln("rollout", "resume", "tiny", "--channel", "stable", *keys)
+    assert not repo.rollout("tiny", "stable")["halted"]
+    kiln("rollout", "halt", "tiny", "--channel", "stable", *keys, "--reason", "by hand")
+
+    # 4.0.0 replaces the halted 3.0.0; a device outside 4.0.0's first wave never falls back to 3.0.0.
+    late = fleet_device(world, "after-halt", svc, db)
+    late_place = place(device_id(late))
+    if late_place < 1:
+        pytest.skip("this device's place is under 1%")
+    world.release("4.0.0")
+    rollout.start(repo, "tiny", "stable", "4.0.0",
+                  rollout.policy(stages_for([late_place], inside=False), 0.2, 3))
+    assert repo.rollout("tiny", "stable")["closed"][-1] == {"version": "3.0.0", "wave": 1, "halted": True}
+    proc = late.agent("update", "--no-reboot")
+    assert proc.returncode == EXIT["ok"], proc.stderr
+    st = json.loads(late.agent("status", "--json").stdout)
+    assert st["pending"]["version"] == "2.0.0", st["pending"]  # not the halted 3.0.0
+    # A halt decided for 3.0.0 (the service, a moment late) does not halt 4.0.0.
+    rollout.halt(repo, "tiny", "stable", "late", by="test", version="3.0.0")
     assert not repo.rollout("tiny", "stable")["halted"]
 
 

@@ -31,6 +31,22 @@ def test_sequence_numbers_are_never_reused(tmp_path: Path) -> None:
     assert box.append("health", {}) == 5
 
 
+def test_a_keyed_event_is_recorded_once_and_acknowledged_numbers_are_kept(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o")
+    assert box.append("update.phase", {"phase": "fetched"}, key="d/t/fetched") == 1
+    assert box.append("update.phase", {"phase": "fetched"}, key="d/t/fetched") == 1  # redone after a power cut
+    meta = box.meta()
+    del meta["keys"]  # the cut fell between the event file and meta.json: the file itself is searched
+    box.save_meta(meta)
+    assert box.append("update.phase", {"phase": "fetched"}, key="d/t/fetched") == 1
+    assert box.count() == 1
+    (event,) = box.pending(10)
+    meta["lastSeq"] = 0  # meta.json was not saved after the append; the service acknowledged it anyway
+    box.save_meta(meta)
+    box.acknowledge(1, [event])
+    assert box.append("boot", {}) == 2  # not 1 again: the service has seen 1
+
+
 def test_a_full_outbox_drops_the_oldest_and_counts_them(tmp_path: Path) -> None:
     box = Outbox(tmp_path / "o", limit=5)
     for n in range(12):
@@ -82,11 +98,20 @@ def test_waves_are_stable_and_follow_the_stages() -> None:
     assert rollout_gate(third, {**state, "wave": 3}, "2.0.0") is None
     halted = {**state, "wave": 3, "halted": {"reason": "golden check"}}
     assert "halted: golden check" in (rollout_gate(first, halted, "2.0.0") or "")
+    # Replaced before they finished: a halted release is open to no one, an unfinished one to the waves it reached.
+    later = {**state, "version": "2.1.0", "closed": [{"version": "2.0.0", "wave": 2, "halted": True},
+                                                     {"version": "1.9.0", "wave": 1, "halted": False}]}
+    assert "was halted and replaced by 2.1.0" in (rollout_gate(first, later, "2.0.0") or "")
+    assert rollout_gate(first, later, "1.9.0") is None
+    assert "before this device's wave" in (rollout_gate(third, later, "1.9.0") or "")
+    assert rollout_gate(third, later, "1.8.0") is None  # finished before: open
 
 
 def test_fleet_and_window_settings_are_checked() -> None:
     assert finalize_fleet({}).url == ""
-    assert finalize_fleet({"url": "https://f:8443/", "batch": 5000}).batch == 2000  # never above outboxMax
+    assert finalize_fleet({"url": "https://f:8443/", "outboxMax": 50, "batch": 500}).batch == 50  # <= outboxMax
+    with pytest.raises(AgentError, match="from 1 to 1000"):  # what the service takes in one report
+        finalize_fleet({"batch": 5000})
     for bad, says in (({"url": "http://f"}, "over TLS"), ({"outboxMax": 0}, "outboxMax"),
                       ({"batch": True}, "batch"), ({"urls": "x"}, "unknown keys")):
         with pytest.raises(AgentError, match=says):
@@ -115,6 +140,19 @@ def test_migrations_are_versioned_and_never_downgrade(tmp_path: Path) -> None:
         open_store(str(tmp_path / "fleet.db")).migrate()
     with pytest.raises(UsageError, match="expected sqlite"):
         open_store("mysql://x/y")
+
+
+def test_sqlite_urls_are_relative_with_three_slashes_absolute_with_four(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    rel = open_store("sqlite:///rel/fleet.db")
+    absolute = open_store(f"sqlite:///{tmp_path / 'abs.db'}")
+    try:
+        assert rel.path == Path("rel/fleet.db") and (tmp_path / "rel/fleet.db").exists()  # type: ignore[attr-defined]
+        assert absolute.path == tmp_path / "abs.db" and absolute.path.is_absolute()  # type: ignore[attr-defined]
+    finally:
+        rel.close()
+        absolute.close()
 
 
 def test_inference_latency_is_summarized_from_the_status_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -72,6 +72,6 @@ def make_release(
     check_trusted_key(record, key)
     r = hc.spec.rollout
     rollout_policy = policy([{"percent": s.percent, "soakHours": s.soak_hours} for s in r.stages],
-                            r.max_failure_rate, r.halt_min_devices)
+                            r.max_failure_rate, r.halt_min_devices, r.auto_promote)
     return push_signed(ctx, hc.name, version, registry, key=key, lookaside_dir=lookaside_dir, channel=channel,
                        tls_verify=tls_verify, creds=creds, cert_dir=cert_dir, rollout_policy=rollout_policy)

@@ -36,11 +36,14 @@ def parse_time(text: str) -> float:
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
 
 
-def policy(stages: list[dict[str, Any]], max_failure_rate: float, halt_min_devices: int) -> dict[str, Any]:
+def policy(stages: list[dict[str, Any]], max_failure_rate: float, halt_min_devices: int,
+           auto_promote: bool = False) -> dict[str, Any]:
     """The rollout policy as signed metadata carries it: TUF's canonical JSON has no floats, so the rate is
-    a decimal string ("0.2")."""
+    a decimal string ("0.2"). AUTO_PROMOTE (spec rollout.autoPromote): the fleet service opens the next
+    wave by itself once the current one has soaked without going over the failure rate."""
     return {"stages": [{"percent": int(s["percent"]), "soakHours": int(s.get("soakHours") or 0)} for s in stages],
-            "maxFailureRate": f"{float(max_failure_rate):g}", "haltMinDevices": int(halt_min_devices)}
+            "maxFailureRate": f"{float(max_failure_rate):g}", "haltMinDevices": int(halt_min_devices),
+            "autoPromote": bool(auto_promote)}
 
 
 MAX_CLOSED = 50

@@ -134,7 +134,7 @@ def running_fleet(tmp: Path, db: str, *, key_dir: Path | None = None, lookaside:
     port = free_port()
     args = ["fleet", "serve", "--listen", f"127.0.0.1:{port}", "--tls-dir", str(tls), "--db", db]
     if key_dir is not None:
-        args += ["--key", str(key_dir), "--lookaside", str(lookaside)]
+        args += ["--key", str(key_dir), "--lookaside", str(lookaside), "--tick", "1"]
     log = tmp / f"fleet-{port}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "builder.cli", *args], stdout=out, stderr=subprocess.STDOUT,

@@ -89,8 +89,10 @@ def fleet_migrate(db: str | None) -> None:
               help="Key directory whose tuf/rollout.pem and tuf/online.pem sign automatic halts; without it the "
                    "service reports failures but halts nothing.")
 @LOOKASIDE_OPTION
+@click.option("--tick", default=60.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds between two checks for rollouts to promote (rollout.autoPromote).")
 def fleet_serve(listen: str, tls_dir: Path | None, db: str | None, key_dir: Path | None,
-                lookaside: Path | None) -> None:
+                lookaside: Path | None, tick: float) -> None:
     """Serve enrollment, reports and the fleet's state over TLS until stopped."""
     from builder.errors import UsageError
     from builder.fleet.service import serve
@@ -105,7 +107,7 @@ def fleet_serve(listen: str, tls_dir: Path | None, db: str | None, key_dir: Path
         repo = Repository(lookaside_dir(lookaside) / "tuf", TrustKeys.load(key_dir, only=("rollout", "online")))
     click.echo(f"kiln fleet: https://{listen} ({store.describe()}, schema {store.version()}; automatic halt "
                f"{'on: ' + str(repo.dir) if repo else 'off (no --key)'})", err=True)
-    serve(store, repo, host=host.strip("[]"), port=int(port), tls_dir=tls_dir or default_tls_dir())
+    serve(store, repo, host=host.strip("[]"), port=int(port), tls_dir=tls_dir or default_tls_dir(), tick=tick)
 
 
 @fleet_group.command("token")

@@ -11,18 +11,22 @@ not enrolled, or replayed gets a 4xx and a JSON {"error": reason}; nothing of it
 After a report with failures, the rollouts of that class are checked: when the failure rate
 of a rollout's open waves is over its maxFailureRate (once haltMinDevices have tried), the
 service signs the halt into the channel's rollout metadata (with the rollout and online keys
-it was given), so later waves never start, even while the service itself is down.
+it was given), so later waves never start, even while the service itself is down. Every TICK
+seconds it opens the next wave of the rollouts whose class asks for it (rollout.autoPromote)
+once the current wave has soaked within the failure rate.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import logging
 import re
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -130,12 +134,55 @@ def check_report(data: dict[str, Any]) -> tuple[str, int, int, list[dict[str, An
 
 
 class Halter:
-    """The automatic halt: reads rollout state from the TUF repository, signs halts into it."""
+    """The automatic halt and promotion: reads rollout state from the TUF repository, signs changes into it."""
 
     def __init__(self, store: Store, repo: Any) -> None:
         self.store = store
         self.repo = repo
         self.lock = threading.Lock()
+
+    def promote(self) -> list[str]:
+        """Open the next wave of every rollout that asks for it (autoPromote), is not halted, has soaked, and
+        whose open waves stayed at or under the failure rate with enough devices tried (haltMinDevices, or
+        every device of the open waves when there are fewer). The rollouts promoted."""
+        if self.repo is None or not self.repo.has("rollout"):
+            return []
+        from builder import rollout
+
+        done = []
+        with self.lock:
+            for path, target in self.repo.latest("rollout").signed.targets.items():
+                cls, channel, _ = path.split("/", 2)
+                state = dict(target.unrecognized_fields.get("custom") or {})
+                if not state.get("autoPromote") or state.get("halted") or \
+                        int(state["wave"]) >= len(state["stages"]) or rollout.soak_left(state) > 0:
+                    continue
+                table = views.wave_table(self.store, cls, self.store.devices(cls), state)
+                in_open = sum(w["devices"] for w in table["waves"] if w["open"])
+                if table["tried"] < min(int(state.get("haltMinDevices") or 1), in_open) or \
+                        table["failureRate"] > float(state.get("maxFailureRate", 1.0)):
+                    continue
+                version = state["version"]
+
+                def change(current: dict[str, Any] | None, version: str = version) -> dict[str, Any] | None:
+                    if not current or current.get("version") != version or current.get("halted") or \
+                            int(current["wave"]) >= len(current["stages"]) or rollout.soak_left(current) > 0:
+                        return None
+                    return {**current, "wave": int(current["wave"]) + 1,
+                            "opened": [*current["opened"], rollout.now_text()]}
+
+                self.repo.update_rollout(cls, channel, change)
+                log.warning("promoted the rollout of %s %s on %s to wave %d", cls, version, channel,
+                            int(state["wave"]) + 1)
+                done.append(f"{cls}/{channel}")
+        return done
+
+    def run(self, every: float, stop: threading.Event) -> None:
+        while not stop.wait(every):
+            try:
+                self.promote()
+            except Exception:  # a promotion that cannot be signed is logged; the service keeps serving
+                log.exception("promoting rollouts")
 
     def check(self, cls: str, versions: tuple[str, ...]) -> list[str]:
         if self.repo is None:
@@ -162,8 +209,19 @@ class Halter:
         return halted
 
 
-def make_app(store: Store, repo: Any = None) -> Starlette:
+def make_app(store: Store, repo: Any = None, *, tick: float = 60.0) -> Starlette:
     halter = Halter(store, repo)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        stop = threading.Event()
+        ticker = threading.Thread(target=halter.run, args=(tick, stop), name="promote", daemon=True)
+        if repo is not None:
+            ticker.start()
+        try:
+            yield
+        finally:
+            stop.set()
 
     def error(exc: Refused) -> JSONResponse:
         return JSONResponse({"error": exc.reason, **exc.detail}, status_code=exc.status)
@@ -223,7 +281,7 @@ def make_app(store: Store, repo: Any = None) -> Starlette:
         count = await run_in_threadpool(store.version)
         return JSONResponse({"ok": True, "schema": count, "database": store.backend})
 
-    return Starlette(routes=[
+    return Starlette(lifespan=lifespan, routes=[
         Route("/v1/enroll", enroll, methods=["POST"]),
         Route("/v1/reports", reports, methods=["POST"]),
         Route("/v1/status", status, methods=["GET"]),
@@ -232,11 +290,12 @@ def make_app(store: Store, repo: Any = None) -> Starlette:
     ])
 
 
-def serve(store: Store, repo: Any, *, host: str, port: int, tls_dir: Path, log_level: str = "info") -> None:
+def serve(store: Store, repo: Any, *, host: str, port: int, tls_dir: Path, log_level: str = "info",
+          tick: float = 60.0) -> None:
     import uvicorn
 
     from builder.fleet import pki
 
     cert, key = pki.require(tls_dir)
-    uvicorn.run(make_app(store, repo), host=host, port=port, ssl_certfile=str(cert), ssl_keyfile=str(key),
+    uvicorn.run(make_app(store, repo, tick=tick), host=host, port=port, ssl_certfile=str(cert), ssl_keyfile=str(key),
                 log_level=log_level, access_log=False, server_header=False, timeout_graceful_shutdown=5)

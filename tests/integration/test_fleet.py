@@ -364,6 +364,36 @@ def test_waves_the_automatic_halt_and_resume(world: World, halting, tmp_path: Pa
     assert not repo.rollout("tiny", "stable")["halted"]
 
 
+def test_auto_promote_opens_the_next_wave_after_a_clean_soak(world: World, halting, tmp_path: Path) -> None:
+    """rollout.autoPromote: the service (ticking every second here) opens wave 2 once haltMinDevices of wave 1
+    have tried within the failure rate, and never before."""
+    import time
+
+    svc, db = halting
+    repo = world.repo
+    tok = token(db, tmp_path / "tok", uses=10)
+    sims = [SimDevice.create(tmp_path / f"s{n}", svc, tok) for n in range(3)]
+    if max(place(s.identity.id) for s in sims) >= 98:
+        pytest.skip("a device's place is too high for a first wave that leaves room for a second")
+    world.release("7.0.0", "auto")
+    stages = stages_for([place(s.identity.id) for s in sims], inside=True)
+    rollout.start(repo, "tiny", "auto", "7.0.0", rollout.policy(stages, 0.2, 3, auto_promote=True))
+    for sim in sims[:2]:
+        sim.emit("update.started", version="7.0.0")
+        sim.emit("update.success", version="7.0.0")
+        assert sim.report() == 0
+    time.sleep(3)  # three ticks: two devices tried, haltMinDevices is 3
+    assert repo.rollout("tiny", "auto")["wave"] == 1
+    sims[2].emit("update.started", version="7.0.0")
+    sims[2].emit("update.success", version="7.0.0")
+    assert sims[2].report() == 0
+    deadline = time.monotonic() + 30
+    while repo.rollout("tiny", "auto")["wave"] == 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    state = repo.rollout("tiny", "auto")
+    assert state["wave"] == 2 and len(state["opened"]) == 2 and not state["halted"], state
+
+
 def test_outside_the_window_the_update_is_only_downloaded(world: World, tmp_path: Path) -> None:
     import time
 

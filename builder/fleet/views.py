@@ -102,6 +102,8 @@ def render_text(status: dict[str, Any]) -> str:
                              f"devices, {w['tried']} tried, {w['succeeded']} succeeded, {w['failed']} failed")
             for reason in r["topReasons"]:
                 lines.append(f"    {reason['devices']} x {reason['reason']}")
+        for h in c["halts"]:
+            lines.append(f"  halted by the service at {h['time']}: {h['version']} on {h['channel']}: {h['reason']}")
         if c["stale"]:
             lines.append(f"  stale channel: {len(c['stale'])} devices")
         if c["degraded"]:
@@ -149,6 +151,10 @@ def render_html(status: dict[str, Any]) -> str:
             if r["topReasons"]:
                 out.append("<ol class=reasons>" + "".join(f"<li>{x['devices']} &times; {e(x['reason'])}</li>"
                                                           for x in r["topReasons"]) + "</ol>")
+        if c["halts"]:
+            out.append("<h3>halts</h3><ul class=halts>" + "".join(
+                f"<li>{e(h['time'])}: {e(h['version'])} on {e(h['channel'])}: {e(h['reason'])}</li>"
+                for h in c["halts"]) + "</ul>")
         if c["stale"] or c["degraded"]:
             out.append(f"<p>stale channel: <span class=stale>{len(c['stale'])}</span>; degraded: "
                        f"<span class=degraded>{len(c['degraded'])}</span></p>")

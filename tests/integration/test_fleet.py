@@ -440,6 +440,9 @@ def test_the_fleet_page_in_chromium(halting, tmp_path: Path) -> None:
     assert f"degraded: <span class=\"degraded\">{len(tiny['degraded'])}</span>" in dom
     for channel, r in tiny["rollouts"].items():
         assert f"rollout of {r['version']} on {channel}" in dom
+    for h in tiny["halts"]:  # what the service halted, even once a release replaced it
+        shown = f"{h['version']} on {h['channel']}: {h['reason']}"
+        assert shown.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") in dom  # as the DOM has text
     subprocess.run([*common, f"--screenshot={shot}", "--window-size=1200,900", svc.url + "/"], capture_output=True,
                    timeout=120, check=True, cwd=tmp_path)
     data = shot.read_bytes()

@@ -83,9 +83,14 @@ def soak_left(state: dict[str, Any], at: float | None = None) -> float:
     return max(0.0, opened + hours * 3600 - (at if at is not None else time.time()))
 
 
-def advance(repo: Repository, cls: str, channel: str, *, force: bool = False) -> dict[str, Any]:
+def advance(repo: Repository, cls: str, channel: str, *, force: bool = False,
+            version: str | None = None) -> dict[str, Any]:
+    """Open the next wave (of VERSION only, when given: the service's promotion of a release another has
+    replaced since is refused like any other)."""
     def change(current: dict[str, Any] | None) -> dict[str, Any]:
         state = require(current, cls, channel)
+        if version is not None and state.get("version") != version:
+            raise UsageError(f"the rollout of {cls} on {channel} is now of {state.get('version')}, not {version}")
         wave, stages = int(state["wave"]), state["stages"]
         if state.get("halted"):
             raise UsageError(f"the rollout of {cls} {state['version']} is halted ({state['halted']['reason']})",

@@ -36,6 +36,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from builder.errors import UsageError
 from builder.fleet import views
 from builder.fleet.store import Refused, Store
 from kiln_device.fleet import (
@@ -145,15 +146,11 @@ class Halter:
         """Open the next wave of every rollout that asks for it (autoPromote), is not halted, has soaked, and
         whose open waves stayed at or under the failure rate with enough devices tried (haltMinDevices, or
         every device of the open waves when there are fewer). The rollouts promoted."""
-        if self.repo is None or not self.repo.has("rollout"):
-            return []
         from builder import rollout
 
         done = []
         with self.lock:
-            for path, target in self.repo.latest("rollout").signed.targets.items():
-                cls, channel, _ = path.split("/", 2)
-                state = dict(target.unrecognized_fields.get("custom") or {})
+            for cls, channel, state in views.all_rollouts(self.repo):
                 if not state.get("autoPromote") or state.get("halted") or \
                         int(state["wave"]) >= len(state["stages"]) or rollout.soak_left(state) > 0:
                     continue
@@ -162,17 +159,12 @@ class Halter:
                 if table["tried"] < min(int(state.get("haltMinDevices") or 1), in_open) or \
                         table["failureRate"] > float(state.get("maxFailureRate", 1.0)):
                     continue
-                version = state["version"]
-
-                def change(current: dict[str, Any] | None, version: str = version) -> dict[str, Any] | None:
-                    if not current or current.get("version") != version or current.get("halted") or \
-                            int(current["wave"]) >= len(current["stages"]) or rollout.soak_left(current) > 0:
-                        return None
-                    return {**current, "wave": int(current["wave"]) + 1,
-                            "opened": [*current["opened"], rollout.now_text()]}
-
-                self.repo.update_rollout(cls, channel, change)
-                log.warning("promoted the rollout of %s %s on %s to wave %d", cls, version, channel,
+                try:  # checked again under the repository's lock: halted or replaced since, it is refused
+                    rollout.advance(self.repo, cls, channel, version=str(state["version"]))
+                except UsageError as exc:
+                    log.info("not promoting %s on %s: %s", cls, channel, exc)
+                    continue
+                log.warning("promoted the rollout of %s %s on %s to wave %d", cls, state["version"], channel,
                             int(state["wave"]) + 1)
                 done.append(f"{cls}/{channel}")
         return done

@@ -17,16 +17,20 @@ from kiln_device.fleet import wave_of
 STALE_AFTER = 3 * 3600  # seconds without a report before a device is listed as not seen
 
 
-def rollouts(repo: Any, cls: str) -> dict[str, dict[str, Any]]:
-    """channel -> rollout state, for CLS (none without a repository or a rollout role)."""
+def all_rollouts(repo: Any) -> list[tuple[str, str, dict[str, Any]]]:
+    """(class, channel, rollout state) of every rollout (none without a repository or a rollout role)."""
     if repo is None or not repo.exists() or not repo.has("rollout"):
-        return {}
-    out = {}
+        return []
+    out = []
     for path, target in repo.latest("rollout").signed.targets.items():
-        c, channel, _ = path.split("/", 2)
-        if c == cls:
-            out[channel] = dict(target.unrecognized_fields.get("custom") or {})
+        cls, channel, _ = path.split("/", 2)
+        out.append((cls, channel, dict(target.unrecognized_fields.get("custom") or {})))
     return out
+
+
+def rollouts(repo: Any, cls: str) -> dict[str, dict[str, Any]]:
+    """channel -> rollout state, for CLS."""
+    return {channel: state for c, channel, state in all_rollouts(repo) if c == cls}
 
 
 def wave_table(store: Store, cls: str, devices: list[dict[str, Any]], state: dict[str, Any]) -> dict[str, Any]:

@@ -143,27 +143,27 @@ def load_config(extra: str | None = None) -> tuple[Config, Release]:
     return config, release
 
 
-def finalize_timeouts(value: Any) -> Timeouts:
-    known = AGENT_DEFAULTS["timeouts"]
+def nested(name: str, value: Any, what: str) -> dict[str, Any]:
+    """An object of agent.json (timeouts, fleet) merged over its defaults; unknown keys refused."""
+    known = AGENT_DEFAULTS[name]
     if not isinstance(value, dict):
-        raise AgentError(CONFIG, f"timeouts: expected an object with seconds for {', '.join(known)}")
+        raise AgentError(CONFIG, f"{name}: expected an object with {what}{', '.join(known)}")
     unknown = sorted(set(value) - set(known))
     if unknown:
-        raise AgentError(CONFIG, f"timeouts: unknown keys {', '.join(unknown)} (known: {', '.join(known)})")
+        raise AgentError(CONFIG, f"{name}: unknown keys {', '.join(unknown)} (known: {', '.join(known)})")
+    return {**known, **value}
+
+
+def finalize_timeouts(value: Any) -> Timeouts:
+    merged = nested("timeouts", value, "seconds for ")
     for key, seconds in value.items():
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
             raise AgentError(CONFIG, f"timeouts.{key}: expected a number of seconds above 0, got {seconds!r}")
-    return Timeouts(**{**known, **value})
+    return Timeouts(**merged)
 
 
 def finalize_fleet(value: Any) -> Fleet:
-    known = AGENT_DEFAULTS["fleet"]
-    if not isinstance(value, dict):
-        raise AgentError(CONFIG, f"fleet: expected an object with {', '.join(known)}")
-    unknown = sorted(set(value) - set(known))
-    if unknown:
-        raise AgentError(CONFIG, f"fleet: unknown keys {', '.join(unknown)} (known: {', '.join(known)})")
-    merged = {**known, **value}
+    merged = nested("fleet", value, "")
     url = str(merged["url"]).rstrip("/")
     if url and not url.startswith("https://"):
         raise AgentError(CONFIG, f"fleet.url: {url!r}: the fleet service is reached over TLS (https://HOST:PORT)")

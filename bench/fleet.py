@@ -99,7 +99,7 @@ class Device:
         self.url = url
         self.release = parse_release({"class": CLS, "compatible": f"kiln,{CLS}", "version": "1.0.0"})
         self.config = self.make_config(url, ca, token, lookaside, trust_root_file)
-        self.id = load_or_create(self.config.identity_dir).id
+        self.id = load_or_create(self.config.identity_dir, "file").id  # one simulated device: one key file
         self.offline = False
         self.fails: set[str] = set()  # versions that roll back on this device (injected)
         self.blocked: set[str] = set()  # ... and that it then never takes again
@@ -112,7 +112,8 @@ class Device:
                       oci_dir=r / "oci", work_dir=r / "work", esp=r / "efi", slots={}, partuuids={},
                       cmdline=r / "cmdline", efivars=r / "efivars", boot_id=r / "boot_id", reboot_command=("true",),
                       trust_root=root_file, trust_dir=r / "tuf",
-                      fleet=Fleet(url=url, ca=ca, token=token, outbox_max=2000, batch=200))
+                      fleet=Fleet(url=url, ca=ca, token=token, outbox_max=2000, batch=200,
+                                  identity="file"))
 
     def emit(self, kind: str, **fields: Any) -> None:
         Outbox(self.config.outbox_dir, 2000).append(kind, fields)

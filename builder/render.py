@@ -35,7 +35,9 @@ APT_ESSENTIALS = ("systemd-sysv", "udev", "dbus", "kmod", "initramfs-tools", "py
                   # the device agent: pull + verify (skopeo, gnupg), unpack (umoci), write a slot (erofs)
                   "skopeo", "gnupg", "umoci", "erofs-utils",
                   # the agent verifies the registry's TLS certificate against the system's CA bundle
-                  "ca-certificates")
+                  "ca-certificates",
+                  # the device key is made in the TPM where there is one (kiln_device.agent.identity)
+                  "tpm2-tools")
 SSHD_DROP_IN = "etc/ssh/sshd_config.d/40-kiln.conf"
 # What each layer of an image is, slowest-changing first: the base image's own layers, then one
 # group per layer-creating instruction of the templates (each marked there with `layer("group")`).

@@ -22,6 +22,7 @@ INSTALL_HINTS: dict[str, str] = {
     "umoci": "apt-get install umoci",
     "qemu-system-x86_64": "apt-get install qemu-system-x86",
     "qemu-img": "apt-get install qemu-utils",
+    "swtpm": "apt-get install swtpm swtpm-tools",
     "mkfs.erofs": "apt-get install erofs-utils",
     "mkfs.ext4": "apt-get install e2fsprogs",
     "mkfs.vfat": "apt-get install dosfstools",

@@ -82,6 +82,7 @@ class VMConfig:
     ovmf_vars: Path | None = None
     architecture: Architecture = Architecture.x86_64
     extra_args: tuple[str, ...] = ()
+    tpm: bool = False  # a TPM 2.0 from swtpm, its state kept in WORKDIR/tpm (the same TPM on every boot)
 
 
 @dataclass(frozen=True)
@@ -92,11 +93,15 @@ class VMPaths:
     qmp: Path
     qga: Path
     qemu_log: Path
+    tpm_state: Path
+    tpm_sock: Path
+    tpm_log: Path
 
 
 def finalize_vm_paths(workdir: Path) -> VMPaths:
     return VMPaths(workdir=workdir, vars=workdir / "OVMF_VARS.fd", console=workdir / "console.log",
-                   qmp=workdir / "qmp.sock", qga=workdir / "qga.sock", qemu_log=workdir / "qemu.log")
+                   qmp=workdir / "qmp.sock", qga=workdir / "qga.sock", qemu_log=workdir / "qemu.log",
+                   tpm_state=workdir / "tpm", tpm_sock=workdir / "swtpm.sock", tpm_log=workdir / "swtpm.log")
 
 
 def find_firmware(code: Path | None = None, vars_template: Path | None = None) -> Firmware:
@@ -150,6 +155,10 @@ def finalize_qemu_argv(cfg: VMConfig, fw: Firmware, vp: VMPaths, accel: Accel, s
         "-chardev", f"socket,id=qga0,path={vp.qga},server=on,wait=off",
         "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
     ]  # fmt: skip
+    if cfg.tpm:  # swtpm's control socket (start_vm starts it); a CRB TPM on x86, the MMIO TIS on Arm
+        device = "tpm-crb" if cfg.architecture is Architecture.x86_64 else "tpm-tis-device"
+        argv += ["-chardev", f"socket,id=chrtpm,path={vp.tpm_sock}", "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
+                 "-device", f"{device},tpmdev=tpm0"]
     if cfg.no_reboot:
         argv.append("-no-reboot")
     return [*argv, *cfg.extra_args]
@@ -491,8 +500,10 @@ def start_vm(cfg: VMConfig) -> Iterator[VM]:
         vp = finalize_vm_paths(workdir)
         if not vp.vars.exists():  # kept across boots of the same workdir (EFI variables persist)
             shutil.copyfile(fw.vars_template, vp.vars)
-        for stale in (vp.console, vp.qmp, vp.qga, vp.qemu_log):
+        for stale in (vp.console, vp.qmp, vp.qga, vp.qemu_log, vp.tpm_sock):
             stale.unlink(missing_ok=True)
+        if cfg.tpm:
+            stack.enter_context(running_swtpm(vp))
         port = cfg.ssh_port or free_port()
         argv = finalize_qemu_argv(cfg, fw, vp, accel, port)
         argv[0] = qemu
@@ -508,6 +519,28 @@ def start_vm(cfg: VMConfig) -> Iterator[VM]:
         finally:
             vm.close_ssh()
             _stop(proc)
+
+
+@contextlib.contextmanager
+def running_swtpm(vp: VMPaths) -> Iterator[None]:
+    """swtpm for one boot, on a control socket QEMU connects to; its state (the TPM's seeds, persistent keys)
+    stays in vp.tpm_state for the next boot. It ends when QEMU closes the socket, or with this block."""
+    swtpm = find_tool("swtpm")
+    vp.tpm_state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    proc = spawn([swtpm, "socket", "--tpm2", "--tpmstate", f"dir={vp.tpm_state.resolve()}",
+                  "--ctrl", f"type=unixio,path={vp.tpm_sock}", "--terminate",
+                  "--log", f"file={vp.tpm_log},level=1"], log=vp.tpm_log)
+    try:
+        deadline = time.monotonic() + 10
+        while not vp.tpm_sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = vp.tpm_log.read_text(errors="replace")[-800:] if vp.tpm_log.exists() else ""
+                raise VMError(f"swtpm did not start (exit status {proc.poll()})" + (f":\n{_indent(tail)}" if tail
+                                                                                     else ""))
+            time.sleep(0.05)
+        yield
+    finally:
+        _stop(proc)
 
 
 def _stop(proc: subprocess.Popen[bytes], *, graceful: bool = True) -> None:

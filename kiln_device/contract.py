@@ -167,13 +167,15 @@ AGENT_DEFAULTS: dict[str, Any] = {
     "timeouts": {"check": 120, "fetch": 1800, "unpack": 900, "build": 900},
     # The fleet service (optional, docs/fleet.md): where the device reports its outbox, the CA that signed
     # the service's TLS certificate and the enrollment token (both put in /etc/kiln by `kiln disk --etc`),
-    # how many events the outbox keeps (the oldest go first, counted) and how many go in one upload.
+    # how many events the outbox keeps (the oldest go first, counted), how many go in one upload, and where
+    # the device key is made on first use: auto (the TPM where there is one, else a file), tpm or file.
     # Maintenance window (UTC, "HH:MM-HH:MM"; empty: any time): outside it `update` only downloads.
     "fleet": {"url": "", "ca": "/etc/kiln/fleet-ca.pem", "token": "/etc/kiln/enroll.token",
-              "outboxMax": 2000, "batch": 200},
+              "outboxMax": 2000, "batch": 200, "identity": "auto"},
     "window": "",
 }
 AGENT_CONFIG_KEYS = tuple(AGENT_DEFAULTS)
+IDENTITY_MODES = ("auto", "tpm", "file")
 
 
 def default_repository(cls: str) -> str:

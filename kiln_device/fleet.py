@@ -1,12 +1,17 @@
 """What the device and the fleet service agree on (stdlib only): device ids, the report protocol,
 and the rollout waves.
 
-Device id: "kd-" and the first 24 hex digits of the sha256 of the device's raw ed25519 public
-key. A device names itself by its key, so it cannot report under another device's id without
-that device's key.
+Device keys (KEY_TYPES): an ed25519 key (a file on the device), or an ECDSA P-256 key made and
+kept by the device's TPM (which has no ed25519). Enrollment says which (`keyType`, ed25519 when
+absent). The public key travels as base64 of its bytes: the raw 32 bytes for ed25519, the DER
+SubjectPublicKeyInfo for P-256.
 
-Reports: a POST whose body is JSON and whose `Kiln-Signature` header is the base64 ed25519
-signature, by the device key, of SIGNING_CONTEXT + the body's bytes. The body carries the
+Device id: "kd-" and the first 24 hex digits of the sha256 of those public key bytes. A device
+names itself by its key, so it cannot report under another device's id without that device's
+key.
+
+Reports: a POST whose body is JSON and whose `Kiln-Signature` header is the base64 signature, by
+the device key, of SIGNING_CONTEXT + the body's bytes (ed25519; or ECDSA with SHA-256, DER). The body carries the
 device id and a `counter` that grows with every request the device sends (kept in its
 outbox's meta.json, saved before sending): the service refuses a counter it has seen
 (a replayed request), while the events themselves are stored once per (device, seq), so a
@@ -31,6 +36,9 @@ MAX_BODY = 1024 * 1024  # bytes: one upload
 MAX_EVENTS = 1000  # per upload
 MAX_EVENT_BYTES = 16 * 1024
 ID_PREFIX = "kd-"
+KEY_ED25519 = "ed25519"
+KEY_ECDSA_P256 = "ecdsa-p256"
+KEY_TYPES = (KEY_ED25519, KEY_ECDSA_P256)
 
 # Kinds of events the agent sends (the service also keeps kinds it does not know: a newer agent's).
 EVENT_KINDS = {

@@ -13,6 +13,8 @@ APT_PACKAGES=(
   docker-registry gnupg openssh-client openssl
   # The fleet tests: a real PostgreSQL server and headless Chromium for the fleet page (not in Containerfile).
   postgresql chromium
+  # A TPM for VMs (`kiln vm run --tpm`) and for the identity tests: swtpm, and tpm2-tools to talk to it.
+  swtpm tpm2-tools
 )
 
 sudo_cmd=()

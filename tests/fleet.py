@@ -37,6 +37,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def pg_bin(tool: str) -> str:
     found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{tool}"))
     if not found:
@@ -170,11 +179,12 @@ class SimDevice:
 
     @classmethod
     def create(cls, root: Path, service: FleetService | None, token: Path, *, klass: str = "tiny",
-               version: str = "1.0.0", outbox_max: int = 2000, batch: int = 200, url: str | None = None) -> SimDevice:
+               version: str = "1.0.0", outbox_max: int = 2000, batch: int = 200, url: str | None = None,
+               identity: str = "file") -> SimDevice:
         state = root / "agent"
         fleet = Fleet(url=url if url is not None else (service.url if service else ""),
                       ca=service.ca if service else Path("/nonexistent"), token=token, outbox_max=outbox_max,
-                      batch=batch)
+                      batch=batch, identity=identity)
         config = Config(registry="", repository="", channel="stable", lookaside="", insecure=True,
                         policy=Path("/nonexistent"), release=Path("/nonexistent"), state_dir=state,
                         oci_dir=root / "oci", work_dir=root / "work", esp=root / "efi", slots={}, partuuids={},
@@ -185,7 +195,7 @@ class SimDevice:
 
     @property
     def identity(self) -> Identity:
-        return load_or_create(self.config.identity_dir)
+        return load_or_create(self.config.identity_dir, self.config.fleet.identity)
 
     @property
     def outbox(self) -> Outbox:
@@ -196,3 +206,54 @@ class SimDevice:
 
     def report(self, *, force: bool = True) -> int:
         return upload(self.config, self.release, force=force)
+
+
+@dataclass
+class SoftTPM:
+    """A swtpm (Debian's swtpm package) on 127.0.0.1: a TPM 2.0 that tpm2-tools reach through TCTI."""
+
+    state: Path
+    port: int
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def tcti(self) -> str:
+        return f"swtpm:host=127.0.0.1,port={self.port}"
+
+    def persistent(self) -> list[str]:
+        out = subprocess.run(["tpm2_getcap", "handles-persistent"], env={**os.environ, "TPM2TOOLS_TCTI": self.tcti},
+                             capture_output=True, text=True, check=True, timeout=30).stdout
+        return [line.strip("- ") for line in out.splitlines() if line.strip()]
+
+
+@contextlib.contextmanager
+def running_swtpm(state: Path) -> Iterator[SoftTPM]:
+    """A software TPM keeping its state in STATE (a second start with the same STATE is the same TPM)."""
+    swtpm = require_tool("swtpm")
+    require_tool("tpm2_createprimary")
+    state.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    while port >= 65535 or not port_free(port + 1):  # the swtpm TCTI finds the control port at PORT + 1
+        port = free_port()
+    ctrl = port + 1
+    proc = subprocess.Popen([swtpm, "socket", "--tpm2", "--tpmstate", f"dir={state.resolve()}",
+                             "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
+                             "--ctrl", f"type=tcp,port={ctrl},bindaddr=127.0.0.1",
+                             "--flags", "not-need-init,startup-clear"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"swtpm did not start: {proc.stderr.read().decode() if proc.stderr else ''}")
+            time.sleep(0.05)
+        yield SoftTPM(state, port, proc)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

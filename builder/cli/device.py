@@ -76,13 +76,15 @@ def vm_group() -> None:
               help="OVMF VARS template (copied per VM).")
 @click.option("--workdir", type=click.Path(path_type=Path, file_okay=False),
               help="Keep the VM's EFI variables and console log here (default: a temp dir).")
+@click.option("--tpm", is_flag=True, help="Give the VM a TPM 2.0 (swtpm; its state is kept in WORKDIR/tpm, so "
+              "a device key made in it survives the next boot with the same --workdir).")
 @click.option("--check", is_flag=True, help="Boot, wait until the golden health check passes, power off; "
               "exit 10 when it does not.")
 @click.option("--timeout", type=float, default=900, show_default=True,
               help="With --check: seconds to wait for the health check.")
 def vm_run(disk: Path, ssh_port: int | None, snapshot: bool, accel: str, memory_mib: int,
            ssh_key: Path | None, ovmf_code: Path | None, ovmf_vars: Path | None, workdir: Path | None,
-           check: bool, timeout: float) -> None:
+           tpm: bool, check: bool, timeout: float) -> None:
     """Boot DISK in QEMU; follow its console until it powers off (Ctrl-C powers it off)."""
     record = vm.read_disk_record(disk)
     if ssh_key is None and record.get("class_name"):
@@ -90,7 +92,7 @@ def vm_run(disk: Path, ssh_port: int | None, snapshot: bool, accel: str, memory_
         ssh_key = candidate if candidate.is_file() else None
     cfg = vm.VMConfig(disk=disk, accel=vm.Accel(accel), memory_mib=memory_mib, ssh_port=ssh_port,
                       ssh_key=ssh_key, snapshot=snapshot, workdir=workdir, ovmf_code=ovmf_code,
-                      ovmf_vars=ovmf_vars)
+                      ovmf_vars=ovmf_vars, tpm=tpm)
     say = err_console.print
     with vm.start_vm(cfg) as machine:
         if machine.accel_note:

@@ -43,6 +43,9 @@ from kiln_device.fleet import (
     DEVICE_HEADER,
     ENROLL_CONTEXT,
     EVENT_KINDS,
+    KEY_ECDSA_P256,
+    KEY_ED25519,
+    KEY_TYPES,
     MAX_BODY,
     MAX_EVENT_BYTES,
     MAX_EVENTS,
@@ -82,15 +85,42 @@ def parse_json(body: bytes) -> dict[str, Any]:
     return data
 
 
-def verify(public_b64: str, context: bytes, body: bytes, signature: str | None) -> None:
-    from cryptography.exceptions import InvalidSignature
+def public_key(key_type: str, raw: bytes) -> Any:
+    """The device's public key from its bytes (kiln_device.fleet): raw ed25519, or the DER
+    SubjectPublicKeyInfo of a P-256 key; Refused (422) when the bytes are not a key of that type."""
+    from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+    try:
+        if key_type == KEY_ED25519:
+            if len(raw) != 32:
+                raise ValueError("an ed25519 public key is 32 bytes")
+            return Ed25519PublicKey.from_public_bytes(raw)
+        if key_type == KEY_ECDSA_P256:
+            key = load_der_public_key(raw)
+            if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+                raise ValueError("not a P-256 public key")
+            return key
+    except (ValueError, TypeError) as exc:
+        raise Refused(422, f"publicKey: not an {key_type} public key ({exc})") from None
+    raise Refused(422, f"keyType: expected one of {', '.join(KEY_TYPES)}")
+
+
+def verify(public_b64: str, context: bytes, body: bytes, signature: str | None, key_type: str = KEY_ED25519) -> None:
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
 
     if not signature:
         raise Refused(401, f"unsigned: the {SIGNATURE_HEADER} header is missing")
     try:
-        key = Ed25519PublicKey.from_public_bytes(base64.b64decode(public_b64, validate=True))
-        key.verify(base64.b64decode(signature, validate=True), context + body)
+        key = public_key(key_type, base64.b64decode(public_b64, validate=True))
+        raw = base64.b64decode(signature, validate=True)
+        if key_type == KEY_ECDSA_P256:
+            key.verify(raw, context + body, ec.ECDSA(hashes.SHA256()))
+        else:
+            key.verify(raw, context + body)
     except (InvalidSignature, ValueError, binascii.Error):
         raise Refused(401, "the signature does not verify with this device's key") from None
 
@@ -223,19 +253,23 @@ def make_app(store: Store, repo: Any = None, *, tick: float = 60.0) -> Starlette
             body = await read_body(request)
             data = parse_json(body)
             fields = ("device", "publicKey", "token", "class", "compatible", "version")
-            bad = [f for f in fields if not isinstance(data.get(f), str) or not data[f] or len(data[f]) > 256]
-            if bad or set(data) - set(fields):
-                raise Refused(422, f"expected the string fields {', '.join(fields)}"
+            data.setdefault("keyType", KEY_ED25519)  # an agent from before TPM keys
+            bad = [f for f in (*fields, "keyType") if not isinstance(data.get(f), str) or not data[f]
+                   or len(data[f]) > 256]
+            if bad or set(data) - {*fields, "keyType"}:
+                raise Refused(422, f"expected the string fields {', '.join(fields)} and keyType"
                                    + (f" (bad: {', '.join(bad)})" if bad else ""))
             try:
                 raw = base64.b64decode(data["publicKey"], validate=True)
             except binascii.Error:
                 raise Refused(422, "publicKey: not base64") from None
-            if len(raw) != 32 or device_id(raw) != data["device"]:
+            public_key(data["keyType"], raw)
+            if device_id(raw) != data["device"]:
                 raise Refused(422, "device: not the id of this public key")
-            verify(data["publicKey"], ENROLL_CONTEXT, body, request.headers.get(SIGNATURE_HEADER))
+            verify(data["publicKey"], ENROLL_CONTEXT, body, request.headers.get(SIGNATURE_HEADER), data["keyType"])
             status = await run_in_threadpool(store.enroll, data["device"], data["class"], data["compatible"],
-                                             data["publicKey"], token_hash(data["token"]), data["version"])
+                                             data["publicKey"], token_hash(data["token"]), data["version"],
+                                             data["keyType"])
         except Refused as exc:
             return error(exc)
         return JSONResponse({"status": status, "device": data["device"]})
@@ -249,8 +283,8 @@ def make_app(store: Store, repo: Any = None, *, tick: float = 60.0) -> Starlette
             known = await run_in_threadpool(store.device_key, device)
             if known is None:
                 raise Refused(401, f"device {device} is not enrolled")
-            public, cls = known
-            verify(public, SIGNING_CONTEXT, body, request.headers.get(SIGNATURE_HEADER))
+            public, cls, key_type = known
+            verify(public, SIGNING_CONTEXT, body, request.headers.get(SIGNATURE_HEADER), key_type)
             result = await run_in_threadpool(store.ingest, device, counter, dropped, events)
         except Refused as exc:
             return error(exc)

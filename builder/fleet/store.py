@@ -48,6 +48,9 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             class TEXT NOT NULL, channel TEXT NOT NULL, version TEXT NOT NULL, time TEXT NOT NULL,
             reason TEXT NOT NULL, PRIMARY KEY (class, channel, version))""",
     ]),
+    (3, "the type of each device's key (ed25519, or ecdsa-p256 from a TPM)", [
+        "ALTER TABLE devices ADD COLUMN key_type TEXT NOT NULL DEFAULT 'ed25519'",
+    ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -142,12 +145,12 @@ class Store:
                         (token_hash, cls, uses, expires, now_text()))
 
     def enroll(self, device: str, cls: str, compatible: str, public_key: str, token_hash: str,
-               version: str) -> str:
+               version: str, key_type: str = "ed25519") -> str:
         with self.tx() as cur:
-            cur.execute(self.sql("SELECT public_key, class FROM devices WHERE id = ?"), (device,))
+            cur.execute(self.sql("SELECT public_key, key_type FROM devices WHERE id = ?"), (device,))
             row = cur.fetchone()
             if row is not None:
-                if row[0] != public_key:
+                if (row[0], row[1]) != (public_key, key_type):
                     raise Refused(409, f"device {device} is enrolled with another key")
                 return "already enrolled"
             cur.execute(self.sql("SELECT class, uses_left, expires FROM tokens WHERE hash = ?"  # noqa: S608
@@ -162,22 +165,22 @@ class Store:
                 raise Refused(403, "this enrollment token is used up")
             if tok[2] is not None and float(tok[2]) < time.time():
                 raise Refused(403, "this enrollment token has expired")
-            cur.execute(self.sql("INSERT INTO devices (id, class, compatible, public_key, enrolled, last_seen, "
-                                 "version) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"),
-                        (device, cls, compatible, public_key, now_text(), now_text(), text(version)))
+            cur.execute(self.sql("INSERT INTO devices (id, class, compatible, public_key, key_type, enrolled, "
+                                 "last_seen, version) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"),
+                        (device, cls, compatible, public_key, key_type, now_text(), now_text(), text(version)))
             if cur.rowcount == 1:  # not enrolled by a request running alongside: the token is used
                 cur.execute(self.sql("UPDATE tokens SET uses_left = uses_left - 1 WHERE hash = ?"), (token_hash,))
                 return "enrolled"
-        if self.device_key(device) != (public_key, cls):
+        if self.device_key(device) != (public_key, cls, key_type):
             raise Refused(409, f"device {device} is enrolled with another key or class")
         return "already enrolled"
 
-    def device_key(self, device: str) -> tuple[str, str] | None:
-        """The device's enrolled public key (base64) and class."""
+    def device_key(self, device: str) -> tuple[str, str, str] | None:
+        """The device's enrolled public key (base64), class and key type."""
         with self.tx() as cur:
-            cur.execute(self.sql("SELECT public_key, class FROM devices WHERE id = ?"), (device,))
+            cur.execute(self.sql("SELECT public_key, class, key_type FROM devices WHERE id = ?"), (device,))
             row = cur.fetchone()
-        return (str(row[0]), str(row[1])) if row else None
+        return (str(row[0]), str(row[1]), str(row[2])) if row else None
 
     def for_update(self) -> str:
         return ""
@@ -221,7 +224,7 @@ class Store:
 
     def devices(self, cls: str | None = None) -> list[dict[str, Any]]:
         cols = ("id", "class", "compatible", "enrolled", "last_seen", "dropped", "last_seq", "version", "slot",
-                "degraded", "channel_state")
+                "degraded", "channel_state", "key_type")
         where, args = ("WHERE class = ?", (cls,)) if cls else ("", ())
         with self.tx() as cur:
             cur.execute(self.sql(f"SELECT {', '.join(cols)} FROM devices {where} ORDER BY id"), args)  # noqa: S608

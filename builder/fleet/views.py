@@ -79,6 +79,8 @@ def fleet_status(store: Store, repo: Any, cls: str | None = None, *, now: float 
         out["classes"][name] = {
             "devices": len(members),
             "versions": dict(sorted(versions.items())),
+            # ed25519: a key file on the device; ecdsa-p256: a key its TPM made (what the device says: not attested)
+            "keys": dict(sorted(Counter(d["key_type"] for d in members).items())),
             "rollouts": {ch: wave_table(store, name, members, st) for ch, st in rollouts(repo, name).items()},
             "halts": store.halts(name),
             "stale": [{"device": d["id"], "channel": d["channel_state"]} for d in members if d["channel_state"]],
@@ -87,7 +89,7 @@ def fleet_status(store: Store, repo: Any, cls: str | None = None, *, now: float 
             "notSeen": not_seen,
             "lastSeen": max((d["last_seen"] for d in members if d["last_seen"]), default=None),
             "deviceList": [{"device": d["id"], "version": d["version"], "slot": d["slot"], "lastSeen": d["last_seen"],
-                            } for d in members][:500],
+                            "key": d["key_type"]} for d in members][:500],
         }
     return out
 
@@ -97,6 +99,8 @@ def render_text(status: dict[str, Any]) -> str:
     for name, c in status["classes"].items():
         lines.append(f"\n{name}: {c['devices']} devices, last seen {c['lastSeen'] or 'never'}")
         lines.append("  versions: " + (", ".join(f"{v} x{n}" for v, n in c["versions"].items()) or "none"))
+        if c["keys"]:
+            lines.append("  device keys: " + ", ".join(f"{k} x{n}" for k, n in c["keys"].items()))
         for channel, r in c["rollouts"].items():
             state = f"HALTED ({r['halted']['reason']})" if r.get("halted") else f"wave {r['wave']} of {len(r['waves'])}"
             lines.append(f"  rollout of {r['version']} on {channel}: {state}; {r['failed']} of {r['tried']} failed "

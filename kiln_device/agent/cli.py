@@ -89,7 +89,7 @@ from typing import Any
 from kiln_device.agent.bootctl import BootControl, make_boot_control
 from kiln_device.agent.config import CONFIG_ENV, ROOT_ENV, Config, load_config, read_boot_id
 from kiln_device.agent.errors import AgentError, log
-from kiln_device.agent.identity import load_or_create
+from kiln_device.agent.identity import KEY_FILE, TPM_FILE, load_or_create
 from kiln_device.agent.install import cmd_check, cmd_update
 from kiln_device.agent.journal import State, blocklist, locked
 from kiln_device.agent.outbox import Outbox, record
@@ -126,7 +126,10 @@ def fleet_status(config: Config) -> dict[str, Any]:
     outbox = Outbox(config.outbox_dir, config.fleet.outbox_max)
     meta = outbox.meta()
     id_file = config.identity_dir / "id"
+    key = "tpm" if (config.identity_dir / TPM_FILE).exists() else "file" if (config.identity_dir / KEY_FILE).exists() \
+        else None
     return {"url": config.fleet.url or None, "device": id_file.read_text().strip() if id_file.is_file() else None,
+            "key": key,
             "enrolled": meta.get("enrolled") == config.fleet.url if config.fleet.url else False,
             "outbox": outbox.count(), "dropped": int(meta.get("dropped") or 0),
             "failures": int(meta.get("failures") or 0), "lastError": meta.get("lastError"),
@@ -150,7 +153,8 @@ def render_status(data: dict[str, Any]) -> str:
             lines.append(f"the running release was withdrawn: {trust['runningWithdrawn'].get('reason')}")
     fleet = data.get("fleet") or {}
     if fleet.get("url"):
-        lines.append(f"fleet {fleet['url']} as {fleet.get('device') or '(no identity yet)'}: {fleet['outbox']} events "
+        lines.append(f"fleet {fleet['url']} as {fleet.get('device') or '(no identity yet)'}"
+                     + (f" (key: {fleet['key']})" if fleet.get("key") else "") + f": {fleet['outbox']} events "
                      f"waiting, {fleet['dropped']} dropped" + (f"; last error: {fleet['lastError']}"
                                                                if fleet.get("lastError") else ""))
     pending = data["pending"]
@@ -219,7 +223,8 @@ def make_parser() -> argparse.ArgumentParser:
     sub.add_parser("self-test", help="health check: the agent can run (kiln-health-agent.service)")
     report = sub.add_parser("report", help="upload the outbox to the fleet service (kiln-agent-report.timer)")
     report.add_argument("--now", action="store_true", help="ignore the backoff after a failed upload")
-    sub.add_parser("identity", help="print this device's id")
+    identity = sub.add_parser("identity", help="print this device's id (--json: and where its key is)")
+    identity.add_argument("--json", action="store_true")
     return parser
 
 
@@ -243,7 +248,13 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "report":  # never under the update lock: an update never waits on the link
         return cmd_report(config, release, force=args.now)
     if args.command == "identity":
-        print(load_or_create(config.identity_dir).id)
+        ident = load_or_create(config.identity_dir, config.fleet.identity)
+        if args.json:
+            print(json.dumps({"device": ident.id, "keyType": ident.key_type, "store": ident.store,
+                              "handle": hex(ident.tpm_handle) if ident.tpm_handle is not None else None,
+                              "publicKey": ident.public_b64}, indent=2, sort_keys=True))
+        else:
+            print(ident.id)
         return OK
     if args.command == "self-test":
         problems = cmd_self_test(config, release)
@@ -267,7 +278,7 @@ def dispatch(args: argparse.Namespace) -> int:
         if args.command == "boot":
             log(cmd_boot(config, release, state, boot))
             try:  # the device's own key, made on its first boot (kiln_device.agent.identity)
-                load_or_create(config.identity_dir)
+                load_or_create(config.identity_dir, config.fleet.identity)
             except AgentError as exc:
                 log(f"warning: {exc.message}")
             found = read_degraded(Path(os.environ.get(ROOT_ENV) or "/"), read_boot_id(config))

@@ -15,6 +15,7 @@ from kiln_device.contract import (
     AGENT_JSON,
     AGENT_OVERRIDE_JSON,
     CONFIG,
+    IDENTITY_MODES,
     SLOTS,
     TRUST_DIR,
     TRUST_ROOT,
@@ -52,6 +53,7 @@ class Fleet:
     token: Path = Path(AGENT_DEFAULTS["fleet"]["token"])
     outbox_max: int = AGENT_DEFAULTS["fleet"]["outboxMax"]
     batch: int = AGENT_DEFAULTS["fleet"]["batch"]
+    identity: str = AGENT_DEFAULTS["fleet"]["identity"]  # auto, tpm or file (kiln_device.agent.identity)
 
 
 @dataclass(frozen=True)
@@ -171,8 +173,11 @@ def finalize_fleet(value: Any) -> Fleet:
         n = merged[key]
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= most:
             raise AgentError(CONFIG, f"fleet.{key}: expected a whole number from 1 to {most}, got {n!r}")
+    if merged["identity"] not in IDENTITY_MODES:
+        raise AgentError(CONFIG, f"fleet.identity: expected one of {', '.join(IDENTITY_MODES)} (where the device "
+                                 f"key is made), got {merged['identity']!r}")
     return Fleet(url=url, ca=Path(merged["ca"]), token=Path(merged["token"]), outbox_max=merged["outboxMax"],
-                 batch=min(merged["batch"], merged["outboxMax"]))
+                 batch=min(merged["batch"], merged["outboxMax"]), identity=merged["identity"])
 
 
 def parse_window(value: Any) -> tuple[int, int] | None:

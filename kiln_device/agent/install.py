@@ -13,7 +13,7 @@ from kiln_device.agent import trust
 from kiln_device.agent.bootctl import BootControl
 from kiln_device.agent.config import Config, in_window, read_boot_id, require_registry
 from kiln_device.agent.errors import AgentError, log
-from kiln_device.agent.identity import load_or_create
+from kiln_device.agent.identity import device_id_of
 from kiln_device.agent.journal import State, blocklist, fault_point, now
 from kiln_device.agent.oci import fetch, gc_layout, inspect_channel, inspect_ref, verified_labels
 from kiln_device.agent.slot import NewRoot, Paths, build_erofs, check_tree, unpack, work_paths, write_slot
@@ -66,7 +66,7 @@ def trusted_candidate(config: Config, release: Release, state: State) -> Candida
     if withdrawn:
         log(f"the running release {release.version} was withdrawn ({withdrawn.get('reason')}): "
             "moving on to the newest release of the channel that is not")
-    device = load_or_create(config.identity_dir).id if channel.rollout else None
+    device = device_id_of(config.identity_dir, config.fleet.identity) if channel.rollout else None
     chosen, waiting = trust.choose(channel, release, device)
     previous = state.data.get("trust") or {}
     state.data["trust"] = {"status": "fresh", "checked": now(), "expires": channel.expires,

@@ -78,7 +78,8 @@ def enroll(config: Config, release: Release, ident: Identity, outbox: Outbox, me
     except OSError as exc:
         raise AgentError(CONFIG, f"not enrolled with {config.fleet.url} and no enrollment token: {exc} "
                                  "(flash one with `kiln disk --etc kiln/enroll.token=FILE`)") from None
-    body = json.dumps({"device": ident.id, "publicKey": ident.public_b64, "token": token, "class": release.cls,
+    body = json.dumps({"device": ident.id, "publicKey": ident.public_b64, "keyType": ident.key_type,
+                       "token": token, "class": release.cls,
                        "compatible": release.compatible, "version": release.version}, sort_keys=True).encode()
     answer = post(config, "/v1/enroll", body, {SIGNATURE_HEADER: ident.sign(ENROLL_CONTEXT, body)})
     log(f"enrolled with {config.fleet.url} as {ident.id} ({answer.get('status', 'ok')})")
@@ -121,7 +122,10 @@ def upload(config: Config, release: Release, *, force: bool = False) -> int:
         log(f"backing off after {meta.get('failures')} failed uploads: next attempt in {wait:.0f} s "
             f"({meta.get('lastError')})")
         return OK
-    ident = load_or_create(config.identity_dir)
+    try:
+        ident = load_or_create(config.identity_dir, config.fleet.identity)
+    except AgentError as exc:  # a TPM that stopped answering, a key that does not load: kept, said in status
+        return backoff(outbox, f"the device identity: {exc.message}", 0, exc.code)
     config.outbox_dir.mkdir(parents=True, exist_ok=True)
     with open(config.outbox_dir / ".upload.lock", "w") as lock:
         try:  # one upload at a time (the timer's and one by hand); appends never wait on it
@@ -174,6 +178,8 @@ def send(config: Config, release: Release, ident: Identity, outbox: Outbox) -> i
                 raise OSError(f"the service acknowledged up to {acked} of {events[-1].seq}")
     except Rejected as exc:
         return backoff(outbox, f"the fleet service refused the report: {exc}", sent_total, CONFIG)
+    except AgentError as exc:  # the TPM failed to sign
+        return backoff(outbox, exc.message, sent_total, exc.code)
     except (OSError, ValueError, ssl.SSLError) as exc:
         return backoff(outbox, f"{config.fleet.url}: {exc}", sent_total, UNREACHABLE)
     with outbox.locked():

@@ -18,7 +18,15 @@ from builder import rollout
 from builder.fleet.store import open_store
 from kiln_device.fleet import ENROLL_CONTEXT, SIGNATURE_HEADER, SIGNING_CONTEXT, place, wave_of
 from tests.conftest import require_tool
-from tests.fleet import FleetService, SimDevice, declare_only, kiln, running_fleet, running_postgres
+from tests.fleet import (
+    FleetService,
+    SimDevice,
+    declare_only,
+    kiln,
+    running_fleet,
+    running_postgres,
+    running_swtpm,
+)
 from tests.integration.test_trusted_channel import EXIT, World, sha, slots
 from tests.integration.test_trusted_channel import world as world
 
@@ -202,6 +210,68 @@ def test_enrollment_needs_a_token_for_the_class(service: FleetService, backend: 
     body = json.dumps({"device": first.identity.id, "publicKey": raw_key, "token": "x", "class": "tiny",
                        "compatible": "kiln,tiny", "version": "1.0.0"}).encode()
     assert service.post("/v1/enroll", body, {SIGNATURE_HEADER: "AA=="})[0] == 422  # not the id of that key
+
+
+def test_a_tpm_key_enrolls_signs_and_stays_the_device_identity(service: FleetService, backend: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device key made by a TPM (swtpm): ECDSA P-256, never in a file; its reports verify, a software key
+    claiming its id does not; the identity survives a restart of the TPM and is never silently replaced."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from kiln_device.agent.errors import AgentError
+    from kiln_device.agent.identity import KEY_FILE, TPM_FILE, TPM_HANDLE, load_or_create
+
+    tok = token(backend, tmp_path / "tok")
+    with running_swtpm(tmp_path / "tpm") as tpm:
+        monkeypatch.setenv("TPM2TOOLS_TCTI", tpm.tcti)
+        dev = SimDevice.create(tmp_path / "d", service, tok, identity="auto")  # auto: a TPM is here, it is used
+        ident = dev.identity
+        assert (ident.key_type, ident.store, ident.tpm_handle) == ("ecdsa-p256", "tpm", TPM_HANDLE)
+        assert hex(TPM_HANDLE) in tpm.persistent()
+        assert not (dev.config.identity_dir / KEY_FILE).exists() and (dev.config.identity_dir / TPM_FILE).exists()
+        for n in range(30):
+            dev.emit("update.phase", version="1.1.0", phase=f"p{n}")
+        assert dev.report() == 0, dev.outbox.meta()
+        assert [e["phase"] for e in stored(backend, ident.id)] == [f"p{n}" for n in range(30)]
+        store = open_store(backend)
+        try:
+            assert store.device_key(ident.id)[2] == "ecdsa-p256"  # type: ignore[index]
+        finally:
+            store.close()
+        assert service.get("/v1/status?class=tiny")["classes"]["tiny"]["keys"]["ecdsa-p256"] >= 1
+        # A software P-256 key cannot report under the TPM key's device id.
+        body = json.dumps({"device": ident.id, "counter": 10**6, "events": [
+            {"seq": 99, "kind": "boot", "time": "2026-11-30T00:00:00Z"}]}).encode()
+        from cryptography.hazmat.primitives import hashes
+        forged = base64.b64encode(ec.generate_private_key(ec.SECP256R1()).sign(
+            SIGNING_CONTEXT + body, ec.ECDSA(hashes.SHA256()))).decode()
+        code, answer = service.post("/v1/reports", body, {SIGNATURE_HEADER: forged})
+        assert code == 401 and "does not verify" in answer["error"], answer
+        # An ed25519 key's bytes presented as a P-256 key: refused at enrollment, with the reason.
+        body = json.dumps({"device": ident.id, "publicKey": base64.b64encode(b"\1" * 32).decode(),
+                           "keyType": "ecdsa-p256", "token": "x", "class": "tiny", "compatible": "kiln,tiny",
+                           "version": "1.0.0"}).encode()
+        code, answer = service.post("/v1/enroll", body, {SIGNATURE_HEADER: "AA=="})
+        assert code == 422 and "not an ecdsa-p256 public key" in answer["error"], answer
+        # The identity, once made in the TPM, is never replaced by a file key.
+        with pytest.raises(AgentError, match="identity is a TPM key"):
+            load_or_create(dev.config.identity_dir, "file")
+    with running_swtpm(tmp_path / "tpm") as tpm:  # the same TPM after a restart: the same key, the same id
+        monkeypatch.setenv("TPM2TOOLS_TCTI", tpm.tcti)
+        assert dev.identity.id == ident.id
+        dev.emit("boot", version="1.1.0")
+        assert dev.report() == 0 and stored(backend, ident.id)[-1]["kind"] == "boot"
+    with running_swtpm(tmp_path / "tpm-cleared") as tpm:  # another TPM (a cleared one): said, never replaced
+        monkeypatch.setenv("TPM2TOOLS_TCTI", tpm.tcti)
+        with pytest.raises(AgentError, match="no longer holds this device's key"):
+            load_or_create(dev.config.identity_dir, "auto")
+        dev.emit("boot", version="1.1.0")
+        assert dev.report() == 11 and dev.outbox.count() == 1  # kept for when the key is back; said in status
+        assert "no longer holds this device's key" in dev.outbox.meta()["lastError"]
+    monkeypatch.delenv("TPM2TOOLS_TCTI")
+    with pytest.raises(AgentError, match=r"fleet\.identity is tpm, but no TPM"):
+        load_or_create(tmp_path / "no-tpm", "tpm")
+    assert load_or_create(tmp_path / "no-tpm", "auto").key_type == "ed25519"  # auto without a TPM: a key file
 
 
 # --- the real agent: reports, rollouts, the window -------------------------------------------------------

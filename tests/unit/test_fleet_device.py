@@ -108,7 +108,8 @@ def test_waves_are_stable_and_follow_the_stages() -> None:
 
 
 def test_fleet_and_window_settings_are_checked() -> None:
-    assert finalize_fleet({}).url == ""
+    assert (finalize_fleet({}).url, finalize_fleet({}).identity) == ("", "auto")
+    assert finalize_fleet({"identity": "tpm"}).identity == "tpm"
     assert finalize_fleet({"url": "https://f:8443/", "outboxMax": 50, "batch": 500}).batch == 50  # <= outboxMax
     with pytest.raises(AgentError, match="from 1 to 1000"):  # what the service takes in one report
         finalize_fleet({"batch": 5000})
@@ -140,6 +141,32 @@ def test_migrations_are_versioned_and_never_downgrade(tmp_path: Path) -> None:
         open_store(str(tmp_path / "fleet.db")).migrate()
     with pytest.raises(UsageError, match="expected sqlite"):
         open_store("mysql://x/y")
+
+
+def test_a_database_from_before_key_types_keeps_its_devices_as_ed25519(tmp_path: Path) -> None:
+    """Migration 3 on a database that already has devices: they were enrolled with ed25519 keys."""
+    from builder.fleet import store as fleet_store
+
+    db = str(tmp_path / "fleet.db")
+    old = open_store(db)
+    real = fleet_store.MIGRATIONS
+    try:
+        fleet_store.MIGRATIONS = [m for m in real if m[0] <= 2]
+        fleet_store.SCHEMA_VERSION = 2
+        assert old.migrate() == [1, 2]
+        with old.tx() as cur:
+            cur.execute("INSERT INTO devices (id, class, compatible, public_key, enrolled) "
+                        "VALUES ('kd-000000000000000000000001', 'tiny', 'kiln,tiny', 'AAAA', 'then')")
+    finally:
+        fleet_store.MIGRATIONS, fleet_store.SCHEMA_VERSION = real, real[-1][0]
+        old.close()
+    new = open_store(db)
+    try:
+        assert new.migrate() == [3]
+        assert new.device_key("kd-000000000000000000000001") == ("AAAA", "tiny", "ed25519")
+        assert new.devices("tiny")[0]["key_type"] == "ed25519"
+    finally:
+        new.close()
 
 
 def test_sqlite_urls_are_relative_with_three_slashes_absolute_with_four(tmp_path: Path,

@@ -47,6 +47,7 @@ def test_bad_specs_are_refused_with_the_option(tmp_path: Path, spec: str, says: 
     ('{"fleet": {"url": "http://10.0.2.2:8443"}}', "fleet.url: 'http://10.0.2.2:8443': the fleet service is reached "
                                                    "over TLS"),
     ('{"fleet": {"outboxMax": -1}}', "fleet.outboxMax: expected a whole number"),
+    ('{"fleet": {"identity": "hsm"}}', "fleet.identity: expected one of auto, tpm, file"),
     ('{"window": "2am-4am"}', "window: '2am-4am': expected HH:MM-HH:MM"),
 ])
 def test_agent_json_is_checked_as_the_agent_reads_it(tmp_path: Path, content: str, says: str) -> None:

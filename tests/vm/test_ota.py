@@ -12,7 +12,9 @@ would live it (each step needs the previous one, so they run in order):
 4. the fleet: the device reports to a real `kiln fleet serve` through a link the test cuts
    (tests/netfault.py) during the v2 update and during the v3 rollback, and the power is cut while
    its outbox holds what it could not send; once the link is back, every event of the device's
-   life is in the service exactly once, in order.
+   life is in the service exactly once, in order. The device has a TPM (swtpm, `kiln vm run
+   --tpm`): its key is made there on its first boot (ECDSA P-256, no key file), signs every
+   report, and stays its identity across every boot, update, rollback and the power cut.
 
 On a fresh copy of the disk: a release whose initramfs cannot start (the kernel panics,
 panic=10 reboots): boot counting brings the device back to slot A without any userspace
@@ -98,7 +100,7 @@ def device(qemu_disk: BuiltDisk, tmp_path_factory: pytest.TempPathFactory) -> tu
     """One device: its own disk copy and EFI variables for the whole module."""
     tmp = tmp_path_factory.mktemp("device")
     image = copy_disk(qemu_disk.path, tmp / "disk.raw")
-    return image, vm.VMConfig(disk=image, ssh_key=qemu_disk.ssh_key, workdir=tmp / "vm", no_reboot=True)
+    return image, vm.VMConfig(disk=image, ssh_key=qemu_disk.ssh_key, workdir=tmp / "vm", no_reboot=True, tpm=True)
 
 
 def tiny(releases: Releases, tag: str, *, compatible: str = "kiln,qemu-x86_64", version: str = "9.0.0",
@@ -130,6 +132,11 @@ def test_refusals_write_nothing(releases: Releases, device: tuple[Path, vm.VMCon
     _, cfg = device
     with vm.start_vm(cfg) as machine:
         machine.wait_for_ssh(BOOT_TIMEOUT)
+        # The device key, made by the TPM on the first boot: P-256 at the agent's persistent handle, no key file.
+        ident = json.loads(machine.ssh("kiln-agent identity --json").stdout)
+        assert (ident["keyType"], ident["store"], ident["handle"]) == ("ecdsa-p256", "tpm", "0x81000100"), ident
+        assert "0x81000100" in machine.ssh("tpm2_getcap handles-persistent").stdout
+        assert machine.ssh("ls /var/lib/kiln/identity").stdout.split() == ["id", "tpm.json"]
         setup(machine, releases, fleet)
         before = slot_digest(machine, "b")
         entries = machine.ssh("ls /efi/loader/entries").stdout
@@ -247,8 +254,10 @@ def test_every_event_reaches_the_fleet_once_in_order(qemu_disk: BuiltDisk, devic
     store = open_store(fleet.db)
     try:
         events = store.events(me)
+        enrolled = store.device_key(me)
     finally:
         store.close()
+    assert enrolled is not None and enrolled[2] == "ecdsa-p256", enrolled  # the TPM's key signed every report
     assert [e["seq"] for e in events] == list(range(1, meta["lastSeq"] + 1))  # none lost, none twice, in order
     key = [(e["kind"], e.get("version")) for e in events if e.get("version") in ("1.0.1", "1.0.2")
            and e["kind"] in ("update.started", "update.installed", "update.success", "rollback")]

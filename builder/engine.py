@@ -86,12 +86,13 @@ class Engine(ABC):
     def exists(self, ref: str) -> bool: ...
 
     @abstractmethod
-    def push(self, ref: str, dest: str, *, tls_verify: bool = True, creds: str | None = None,
+    def push(self, ref: str, dest: str, *, tls_verify: bool = True, authfile: Path | None = None,
              cert_dir: Path | None = None) -> str:
         """Push `ref` to `dest` (`host:port/repo:tag`); return the pushed manifest digest.
 
-        `creds` is USER:PASSWORD for a registry with auth; `cert_dir` holds a
-        `ca.crt` that signs the registry's certificate (podman only).
+        `authfile` is a containers-auth.json for a registry with auth (builder.secrets: never
+        credentials on a command line); `cert_dir` holds a `ca.crt` that signs the registry's
+        certificate (podman only).
         """
 
     @abstractmethod
@@ -220,7 +221,7 @@ class PodmanEngine(Engine):
         proc = self._podman("image", "exists", ref, check=False, capture=True, quiet=True)
         return bool(proc.returncode == 0)
 
-    def push(self, ref: str, dest: str, *, tls_verify: bool = True, creds: str | None = None,
+    def push(self, ref: str, dest: str, *, tls_verify: bool = True, authfile: Path | None = None,
              cert_dir: Path | None = None) -> str:
         with tempfile.TemporaryDirectory(dir=self.state.tmp_dir) as tmp:
             digestfile = Path(tmp) / "digest"
@@ -229,8 +230,8 @@ class PodmanEngine(Engine):
                 "--digestfile", digestfile,
                 f"--tls-verify={'true' if tls_verify else 'false'}",
             ]  # fmt: skip
-            if creds:
-                argv += ["--creds", creds]
+            if authfile:
+                argv += ["--authfile", authfile]
             if cert_dir:
                 argv += ["--cert-dir", cert_dir]
             argv += [ref, finalize_push_dest(dest)]
@@ -349,8 +350,10 @@ class DockerEngine(Engine):
             return False
         return True
 
-    def push(self, ref: str, dest: str, *, tls_verify: bool = True, creds: str | None = None,
+    def push(self, ref: str, dest: str, *, tls_verify: bool = True, authfile: Path | None = None,
              cert_dir: Path | None = None) -> str:
+        from builder.secrets import credentials_from_auth_file
+
         if cert_dir is not None:
             raise UsageError("--cert-dir works with the podman engine only; with Docker, install the CA "
                              "under /etc/docker/certs.d/<registry>/")
@@ -361,6 +364,7 @@ class DockerEngine(Engine):
         digest = None
         try:
             self.client.api.tag(ref, repo, tag)
+            creds = credentials_from_auth_file(authfile, dest) if authfile else None
             for chunk in self._push_stream(repo, tag, tls_verify, creds):
                 _show_chunk(chunk, "pushing", ref, error=RegistryError)
                 aux = chunk.get("aux") or {}
@@ -373,10 +377,9 @@ class DockerEngine(Engine):
             raise RegistryError(f"pushing {ref} to {dest}: the engine reported no digest")
         return str(digest)
 
-    def _push_stream(self, repo: str, tag: str, tls_verify: bool, creds: str | None) -> Iterator[dict[str, Any]]:
+    def _push_stream(self, repo: str, tag: str, tls_verify: bool, creds: Any) -> Iterator[dict[str, Any]]:
         api = self.client.api
-        user, _, password = (creds or "").partition(":")
-        auth_config = {"username": user, "password": password} if creds else None
+        auth_config = {"username": creds.user, "password": creds.password} if creds else None
         if tls_verify:
             return iter(api.push(repo, tag, stream=True, decode=True, auth_config=auth_config))
         # docker-py cannot pass podman's `tlsVerify=false` (needed for a plain-http

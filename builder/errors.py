@@ -54,9 +54,11 @@ class CommandFailed(KilnError):
     exit_code = 4
 
     def __init__(self, argv: list[str], returncode: int, stderr_tail: str = "") -> None:
-        self.argv = argv
+        from builder.secrets import redact, redact_argv
+
+        self.argv = redact_argv(list(argv))
         self.returncode = returncode
-        self.stderr_tail = stderr_tail
+        self.stderr_tail = stderr_tail = redact(stderr_tail)
         msg = f"{argv[0]} failed with exit code {returncode}"
         if stderr_tail:
             msg += ":\n" + "\n".join(f"  | {line}" for line in stderr_tail.splitlines())

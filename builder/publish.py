@@ -64,7 +64,7 @@ def push_build(
     registry: str,
     *,
     tls_verify: bool | None = None,
-    creds: str | None = None,
+    authfile: Path | None = None,
     cert_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Push a built image by its id; record `{ref, digest}` in build.json. Returns the record."""
@@ -75,7 +75,7 @@ def push_build(
     verify = finalize_tls_verify(registry, tls_verify)
     image_id = find_built_image(record, eng)
     with steps.step(f"push {dest}"):
-        digest = eng.push(image_id, dest, tls_verify=verify, creds=creds, cert_dir=cert_dir)
+        digest = eng.push(image_id, dest, tls_verify=verify, authfile=authfile, cert_dir=cert_dir)
     record["pushed"] = [p for p in record.get("pushed", []) if p.get("ref") != dest]
     record["pushed"].append({"ref": dest, "digest": digest, "byDigest": f"{dest.rsplit(':', 1)[0]}@{digest}"})
     record.setdefault("durations", {})[f"push {dest}"] = steps.summary().get(f"push {dest}")
@@ -103,7 +103,7 @@ def push_signed(
     lookaside_dir: Path | None = None,
     channel: str | None = None,
     tls_verify: bool | None = None,
-    creds: str | None = None,
+    authfile: Path | None = None,
     cert_dir: Path | None = None,
     rollout_policy: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -116,7 +116,7 @@ def push_signed(
     eng.version()
     lookaside_dir = (lookaside_dir or finalize_lookaside_dir(state)).absolute()
     verify = finalize_tls_verify(registry, tls_verify)
-    access = Access(verify, creds, cert_dir)
+    access = Access(verify, authfile, cert_dir)
     tag = finalize_tag(version)
     dest = finalize_destination(registry, cls, version)
     repo = dest.rsplit(":", 1)[0]
@@ -124,8 +124,8 @@ def push_signed(
     verifier = make_verifier(state, cls, key, lookaside_dir, registry.removeprefix("docker://"))
     try:
         with steps.step(f"push {repo}:{STAGING_PREFIX}{tag}"):
-            digest = eng.push(image_id, f"{repo}:{STAGING_PREFIX}{tag}", tls_verify=verify, creds=creds,
-                              cert_dir=cert_dir)
+            digest = eng.push(image_id, f"{repo}:{STAGING_PREFIX}{tag}", tls_verify=verify,
+                              authfile=authfile, cert_dir=cert_dir)
         with steps.step(f"sign {digest[:19]} with {key.fingerprint[-16:]}"):
             sig = make_signature(repo, digest, tag, cls=cls, key=key, lookaside_dir=lookaside_dir,
                                  access=access, state=state)

@@ -9,7 +9,7 @@ free port and always stops it. The registry is started with
 `REGISTRY_AUTH_FILE` removed from its environment: podman uses that variable
 for its credentials file, and distribution would read it as configuration.
 
-Optional htpasswd auth (`--htpasswd USER:PASSWORD`, bcrypt via the `bcrypt`
+Optional htpasswd auth (`--htpasswd USER`, the password from $KILN_REGISTRY_PASSWORD or stdin; bcrypt via the `bcrypt`
 package) and TLS (`--tls`: a self-signed certificate for 127.0.0.1 made with
 `openssl`, written next to the config; clients then need `--cert-dir`).
 """
@@ -114,7 +114,7 @@ def port_in_use(port: int) -> bool:
 def make_htpasswd(path: Path, credentials: str) -> None:
     user, sep, password = credentials.partition(":")
     if not sep or not user or not password:
-        raise UsageError("--htpasswd wants USER:PASSWORD")
+        raise UsageError("htpasswd: expected a user and a password")
     try:
         import bcrypt
     except ImportError as exc:

@@ -60,7 +60,7 @@ def make_release(
     lookaside_dir: Path | None = None,
     rebuild: bool = False,
     tls_verify: bool | None = None,
-    creds: str | None = None,
+    authfile: Path | None = None,
     cert_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Build when needed, check the key, push signed to :VERSION and the channel; the updated record."""
@@ -74,4 +74,5 @@ def make_release(
     rollout_policy = policy([{"percent": s.percent, "soakHours": s.soak_hours} for s in r.stages],
                             r.max_failure_rate, r.halt_min_devices, r.auto_promote)
     return push_signed(ctx, hc.name, version, registry, key=key, lookaside_dir=lookaside_dir, channel=channel,
-                       tls_verify=tls_verify, creds=creds, cert_dir=cert_dir, rollout_policy=rollout_policy)
+                       tls_verify=tls_verify, authfile=authfile, cert_dir=cert_dir,
+                       rollout_policy=rollout_policy)

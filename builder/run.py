@@ -64,8 +64,11 @@ def have_tool(name: str) -> bool:
 
 
 def format_argv(argv: Sequence[str], env: Mapping[str, str] | None = None) -> str:
-    prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
-    cmd = shlex.join(argv)
+    """A command as echoed: secrets (builder.secrets) masked, in the arguments and the environment shown."""
+    from builder.secrets import redact, redact_argv
+
+    prefix = " ".join(f"{k}={shlex.quote(redact(v))}" for k, v in (env or {}).items())
+    cmd = shlex.join(redact_argv(list(argv)))
     return f"{prefix} {cmd}" if prefix else cmd
 
 
@@ -103,7 +106,9 @@ def run(
     except subprocess.TimeoutExpired as exc:
         raise CommandFailed(args, -1, f"timed out after {timeout} s") from exc
     if not capture and proc.stderr:
-        sys.stderr.buffer.write(proc.stderr)
+        from builder.secrets import redact
+
+        sys.stderr.write(redact(proc.stderr.decode(errors="replace")))  # a tool may print what it was given
         sys.stderr.flush()
     if check and proc.returncode != 0:
         tail = "\n".join(proc.stderr.decode(errors="replace").splitlines()[-15:])
@@ -146,6 +151,8 @@ def run_streaming(
     stderr, prefixed with "  "). The last `tail_lines` lines go into
     CommandFailed when the command fails. Returns the exit status (0).
     """
+    from builder.secrets import redact
+
     args, full_env = _prepare(argv, env, unset_env, quiet)
     show = on_line or (lambda line: print(f"  {line}", file=sys.stderr, flush=True))
     tail: deque[str] = deque(maxlen=tail_lines)
@@ -159,7 +166,7 @@ def run_streaming(
     ) as proc:
         assert proc.stdout is not None
         for raw in proc.stdout:
-            line = raw.decode(errors="replace").rstrip("\r\n")
+            line = redact(raw.decode(errors="replace").rstrip("\r\n"))
             tail.append(line)
             show(line)
         returncode = proc.wait()

@@ -42,6 +42,7 @@ from builder import paths
 from builder.errors import CommandFailed, RegistryError, UsageError
 from builder.files import write_if_changed
 from builder.run import run
+from builder.secrets import key_passphrase, passphrase_file
 from builder.spec import HardwareClass
 from builder.state import StateDir
 from kiln_device import contract
@@ -97,21 +98,25 @@ def make_signing_key(directory: Path, *, uid: str = "Kiln release signing <relea
         existing = read_signing_key(directory)
         raise UsageError(f"{directory} already holds signing key {existing.fingerprint}; "
                          "pick another directory to make a new one")
+    passphrase = None if development else key_passphrase()  # development keys sign test releases only
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    directory.chmod(0o700)
     key = SigningKey(directory, "")
     key.gnupghome.mkdir(mode=0o700, exist_ok=True)
-    run(["gpg", "--batch", "--pinentry-mode", "loopback", "--passphrase", "",
-         "--quick-gen-key", uid, "ed25519", "sign", "never"], env=key.env(), capture=True)
+    # The passphrase goes on stdin, never on the command line (builder.secrets); empty: an unprotected key.
+    run(["gpg", "--batch", "--pinentry-mode", "loopback", "--passphrase-fd", "0",
+         "--quick-gen-key", uid, "ed25519", "sign", "never"], env=key.env(), capture=True,
+        input=(passphrase or "").encode() + b"\n")
     fingerprint = finalize_fingerprint(key)
     exported = run(["gpg", "--batch", "--armor", "--export", fingerprint], env=key.env(), capture=True, quiet=True)
     key.public_key.write_bytes(exported.stdout)
     record = {"fingerprint": fingerprint, "uid": uid, "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-              "publicKey": PUBLIC_KEY}
+              "publicKey": PUBLIC_KEY, "development": development, "passphrase": passphrase is not None}
     (directory / KEY_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     stop_agent(key)
     from builder.trust import make_trust_keys  # the TUF half: root, targets and online keys, root v1
 
-    make_trust_keys(directory)
+    make_trust_keys(directory, passphrase)
     return SigningKey(directory, fingerprint)
 
 
@@ -142,7 +147,37 @@ def read_signing_key(directory: Path) -> SigningKey:
     if not key.public_key.is_file():
         raise UsageError(f"{key.public_key} is missing (re-export it: GNUPGHOME={key.gnupghome} "
                          f"gpg --armor --export {key.fingerprint} > {key.public_key})")
+    check_private(directory)
     return key
+
+
+def check_private(directory: Path) -> None:
+    """Refuse a key directory whose secret parts (the directory, GNUPGHOME, the TUF keys) group or others can
+    read: a release key another user of the machine can copy signs what they like."""
+    from builder.trust import TUF_DIR
+
+    secret = [directory, directory / GNUPG_DIR, directory / TUF_DIR, *sorted((directory / TUF_DIR).glob("*.pem"))]
+    for path in secret:
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            raise UsageError(f"{path}: readable by group or others (mode {mode & 0o777:o}); a release key "
+                             "directory is for its owner only", hint=f"chmod -R go= {directory}")
+
+
+def is_development_key(key: SigningKey) -> bool:
+    """A per-checkout development key: so recorded, or (made before the record said) kept inside the project."""
+    try:
+        record = json.loads((key.directory / KEY_RECORD).read_text())
+    except (OSError, ValueError):
+        record = {}
+    if record.get("development"):
+        return True
+    root = paths.project_root().resolve()
+    resolved = key.directory.resolve()
+    return resolved == root or root in resolved.parents
 
 
 SIGNING_KEY_ENV = "KILN_SIGNING_KEY"
@@ -157,7 +192,12 @@ def resolve_signing_key(hc: HardwareClass, key_dir: Path | None) -> SigningKey:
     """
     raw = key_dir or (Path(os.environ[SIGNING_KEY_ENV]) if os.environ.get(SIGNING_KEY_ENV) else None)
     if raw is not None:
-        return read_signing_key(raw)
+        key = read_signing_key(raw)
+        if not hc.spec.development and is_development_key(key):
+            raise UsageError(f"{hc.name} is a production class: it refuses the development key in {key.directory} "
+                             "(devices that trust it would take any checkout's builds)",
+                             hint="make a release key with: kiln keys init DIR (outside the project)")
+        return key
     if not hc.spec.development:
         raise UsageError(f"{hc.name} is a production class: its images must trust a release key; "
                          f"pass --sign-key DIR or set {SIGNING_KEY_ENV}", hint="make one with: kiln keys init DIR")
@@ -267,7 +307,7 @@ class Access:
     """How to reach the registry: TLS verification, credentials, client certificates."""
 
     tls_verify: bool = True
-    creds: str | None = None
+    authfile: Path | None = None  # builder.secrets: credentials never go on a command line
     cert_dir: Path | None = None
 
     def args(self, *sides: str) -> list[str]:
@@ -275,8 +315,8 @@ class Access:
         out = []
         for side in sides:
             out.append(f"--{side}tls-verify={'true' if self.tls_verify else 'false'}")
-            if self.creds:
-                out.append(f"--{side}creds={self.creds}")
+            if self.authfile:
+                out.append(f"--{side}authfile={self.authfile}")
             if self.cert_dir:
                 out.append(f"--{side}cert-dir={self.cert_dir}")
         return out
@@ -302,8 +342,10 @@ def make_signature(repo: str, digest: str, tag: str, *, cls: str, key: SigningKe
         mfile, sig = Path(tmp) / "manifest.json", Path(tmp) / "signature"
         mfile.write_bytes(manifest)
         try:
-            run(["skopeo", "standalone-sign", mfile, identity, key.fingerprint, "--output", sig],
-                env=key.env(), capture=True)
+            with passphrase_file(state.tmp_dir) as phrase:  # else gpg-agent's
+                extra: list[str | Path] = ["--passphrase-file", phrase] if phrase else []
+                run(["skopeo", "standalone-sign", *extra, mfile, identity, key.fingerprint, "--output", sig],
+                    env=key.env(), capture=True)
             run(["skopeo", "standalone-verify", mfile, identity, key.fingerprint, sig],
                 env=key.env(), capture=True, quiet=True)
         except CommandFailed as exc:

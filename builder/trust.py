@@ -88,17 +88,20 @@ def trust_root(key_dir: Path) -> bytes | None:
     return path.read_bytes() if path.is_file() else None
 
 
-def make_trust_keys(key_dir: Path) -> dict[str, Path]:
-    """Create the three ed25519 keys under KEY_DIR/tuf/ (mode 0600) and root v1 (KEY_DIR/tuf/root.json),
-    signed by the root key, unless they exist; the key paths."""
+def make_trust_keys(key_dir: Path, passphrase: str | None = None) -> dict[str, Path]:
+    """Create the ed25519 keys under KEY_DIR/tuf/ (mode 0600; encrypted with PASSPHRASE, the release key's,
+    when there is one) and root v1 (KEY_DIR/tuf/root.json), signed by the root key, unless they exist; the
+    key paths."""
     d = key_dir / TUF_DIR
     d.mkdir(mode=0o700, parents=True, exist_ok=True)
     made = {}
     for name, file in KEY_FILES.items():  # an older key directory gains the keys it lacks (rollout)
         path = d / file
         if not path.exists():
+            protect = serialization.BestAvailableEncryption(passphrase.encode()) if passphrase else \
+                serialization.NoEncryption()
             pem = Ed25519PrivateKey.generate().private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, protect)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(pem)
@@ -122,12 +125,21 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 
 def load_signer(path: Path) -> CryptoSigner:
+    from builder.secrets import PASSPHRASE_ENV, PASSPHRASE_FILE_ENV, key_passphrase
+
     try:
-        private = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        data = path.read_bytes()
+        encrypted = b"ENCRYPTED" in data.split(b"\n", 1)[0]
+        phrase = key_passphrase() if encrypted else None
+        if encrypted and phrase is None:
+            raise UsageError(f"{path}: the key is protected by the release key's passphrase: set "
+                             f"${PASSPHRASE_FILE_ENV} (a file) or ${PASSPHRASE_ENV}")
+        private = serialization.load_pem_private_key(data, password=phrase.encode() if phrase else None)
     except FileNotFoundError:
         raise UsageError(f"{path}: no such key; run `kiln keys init {path.parent.parent}` first") from None
     except (ValueError, TypeError) as exc:
-        raise UsageError(f"{path}: not an unencrypted PEM private key: {exc}") from None
+        hint = " (is the passphrase right?)" if b"ENCRYPTED" in path.read_bytes()[:64] else ""
+        raise UsageError(f"{path}: the PEM private key does not load{hint}: {exc}") from None
     return CryptoSigner(private)  # type: ignore[arg-type]
 
 

@@ -23,6 +23,7 @@ from builder import __version__
 from builder.cli import channel, device, fleet, images, model, registry, release, specs
 from builder.cli.common import err_console
 from builder.errors import KilnError
+from builder.secrets import redact
 
 
 class KilnGroup(click.Group):
@@ -34,7 +35,7 @@ class KilnGroup(click.Group):
         except KilnError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 traceback.print_exc()
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False,
+            err_console.print(f"[bold red]error:[/] {escape(redact(str(exc)))}", markup=True, highlight=False,
                               soft_wrap=True)
             if exc.hint:
                 err_console.print(f"hint: {exc.hint}", soft_wrap=True)
@@ -44,7 +45,7 @@ class KilnGroup(click.Group):
         except Exception as exc:  # a bug in Kiln: say so plainly, trace only with --debug
             if ctx.obj and ctx.obj.get("debug"):
                 traceback.print_exc()
-            err_console.print(f"internal error: {type(exc).__name__}: {exc} "
+            err_console.print(f"internal error: {type(exc).__name__}: {redact(str(exc))} "
                               "(run with --debug for a traceback)", markup=False, soft_wrap=True)
             ctx.exit(1)
 

@@ -39,9 +39,10 @@ def channel_group() -> None:
 @LOOKASIDE_OPTION
 def channel_init(key_dir: Path, lookaside: Path | None) -> None:
     """Create the repository from KEY's root (made by kiln keys init; added to an older key directory)."""
+    from builder.secrets import key_passphrase
     from builder.trust import make_trust_keys, open_repository, trust_root
 
-    make_trust_keys(key_dir)
+    make_trust_keys(key_dir, key_passphrase())
     repo = open_repository(lookaside_dir(lookaside), key_dir)
     repo.init(trust_root(key_dir) or b"")
     click.echo(f"repository {repo.meta_dir} (root v1 = {key_dir / 'tuf' / 'root.json'}, which images bake)")

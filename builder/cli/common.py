@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 from rich.console import Console
@@ -26,6 +28,29 @@ ENGINE_OPTION = click.option("--engine", type=click.Choice(["auto", "podman", "d
 TLS_VERIFY_OPTION = click.option("--tls-verify/--no-tls-verify", default=None,
                                  help="Verify the registry's TLS certificate (default: on, off for "
                                       "127.0.0.1/localhost).")
+
+
+def registry_auth_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--authfile, --username and --password-stdin (builder.secrets): never a password on the command line."""
+    f = click.option("--password-stdin", is_flag=True,
+                     help="Read the registry password (for --username) from the first line of stdin.")(f)
+    f = click.option("--username", metavar="USER", help="Registry user; the password comes from stdin.")(f)
+    return click.option("--authfile", type=click.Path(path_type=Path, dir_okay=False),
+                        envvar="REGISTRY_AUTH_FILE",
+                        help="containers-auth.json with the registry's credentials (podman login writes one; "
+                             "default $REGISTRY_AUTH_FILE). Or: --username with --password-stdin, or "
+                             "$KILN_REGISTRY_CREDS=USER:PASSWORD.")(f)
+
+
+@contextlib.contextmanager
+def registry_auth(ctx: Context, registry: str, authfile: Path | None, username: str | None,
+                  password_stdin: bool) -> Iterator[Path | None]:
+    """The auth file podman and skopeo get for REGISTRY (made from credentials, removed afterwards)."""
+    from builder.secrets import auth_file, registry_credentials
+
+    creds = registry_credentials(authfile=authfile, username=username, password_stdin=password_stdin)
+    with auth_file(registry, creds, ctx.state.tmp_dir) as path:
+        yield path
 
 
 def load(ref: str) -> loader.HardwareClass:

@@ -9,7 +9,16 @@ from typing import Any
 import click
 
 from builder import loader, paths, render
-from builder.cli.common import ENGINE_OPTION, TLS_VERIFY_OPTION, checked, cli_context, load, source_of
+from builder.cli.common import (
+    ENGINE_OPTION,
+    TLS_VERIFY_OPTION,
+    checked,
+    cli_context,
+    load,
+    registry_auth,
+    registry_auth_options,
+    source_of,
+)
 
 
 @click.command("base")
@@ -85,15 +94,15 @@ def build_cmd(cls: str, version: str, revision: str | None, engine: str, push_to
               help="The built version to push.")
 @ENGINE_OPTION
 @TLS_VERIFY_OPTION
-@click.option("--creds", metavar="USER:PASSWORD", envvar="KILN_REGISTRY_CREDS",
-              help="Registry credentials (or KILN_REGISTRY_CREDS).")
+@registry_auth_options
 @click.option("--cert-dir", type=click.Path(path_type=Path, file_okay=False, exists=True),
               help="Directory with the ca.crt of a registry with its own CA (podman).")
 @click.option("--sign-by", type=click.Path(path_type=Path, file_okay=False),
               help="Sign with this release key (kiln keys init) and publish the signature in the lookaside dir.")
 @click.option("--json", "as_json", is_flag=True, help="Print the build record as JSON.")
 def push_cmd(cls: str, registry: str, version: str, engine: str, tls_verify: bool | None,
-             creds: str | None, cert_dir: Path | None, sign_by: Path | None, as_json: bool) -> None:
+             authfile: Path | None, username: str | None, password_stdin: bool, cert_dir: Path | None,
+             sign_by: Path | None, as_json: bool) -> None:
     """Push a built CLASS VERSION to REGISTRY/kiln/CLASS:VERSION; records the pushed digest.
 
     With --sign-by, the image goes to a staging tag first and :VERSION moves only
@@ -102,11 +111,13 @@ def push_cmd(cls: str, registry: str, version: str, engine: str, tls_verify: boo
     from builder.signing import read_signing_key
 
     ctx = cli_context(engine)
-    if sign_by is not None:
-        record = push_signed(ctx, cls, version, registry, key=read_signing_key(sign_by), tls_verify=tls_verify,
-                             creds=creds, cert_dir=cert_dir)
-    else:
-        record = push_build(ctx, cls, version, registry, tls_verify=tls_verify, creds=creds, cert_dir=cert_dir)
+    with registry_auth(ctx, registry, authfile, username, password_stdin) as auth:
+        if sign_by is not None:
+            record = push_signed(ctx, cls, version, registry, key=read_signing_key(sign_by), tls_verify=tls_verify,
+                                 authfile=auth, cert_dir=cert_dir)
+        else:
+            record = push_build(ctx, cls, version, registry, tls_verify=tls_verify, authfile=auth,
+                                cert_dir=cert_dir)
     pushed = record["pushed"][-1]
     click.echo(json.dumps(record, indent=2, sort_keys=True) if as_json else
                f"pushed {pushed['byDigest']} (local image {record['image']['id'][:19]})")

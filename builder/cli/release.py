@@ -7,7 +7,16 @@ from pathlib import Path
 
 import click
 
-from builder.cli.common import ENGINE_OPTION, TLS_VERIFY_OPTION, cli_context, load, source_of
+from builder.cli.common import (
+    ENGINE_OPTION,
+    TLS_VERIFY_OPTION,
+    cli_context,
+    err_console,
+    load,
+    registry_auth,
+    registry_auth_options,
+    source_of,
+)
 
 
 @click.group("keys")
@@ -21,12 +30,18 @@ def keys_init(directory: Path) -> None:
     """Create a signing key in DIRECTORY (never inside the project); print its fingerprint.
 
     DIRECTORY/gnupg is the private GNUPGHOME; DIRECTORY/release-key.asc is the public key
-    that images bake as /usr/lib/kiln/release-key.asc.
+    that images bake as /usr/lib/kiln/release-key.asc. The key (and its TUF keys) get the
+    passphrase in $KILN_KEY_PASSPHRASE_FILE (a file) or $KILN_KEY_PASSPHRASE; signing later
+    reads it from there, or gpg-agent.
     """
+    from builder.secrets import PASSPHRASE_ENV, PASSPHRASE_FILE_ENV
     from builder.signing import describe_key, make_signing_key
 
     key = make_signing_key(directory)
     click.echo(describe_key(key))
+    if not json.loads((key.directory / "key.json").read_text()).get("passphrase"):
+        err_console.print(f"warning: the key has no passphrase (set ${PASSPHRASE_FILE_ENV} or ${PASSPHRASE_ENV} "
+                          "before kiln keys init to give it one)", markup=False)
     click.echo(f"next: kiln release CLASS --version V --channel stable --registry HOST:PORT --key {key.directory}")
 
 
@@ -74,13 +89,14 @@ def policy_cmd(cls: str, key_dir: Path, output: Path | None) -> None:
 @click.option("--rebuild", is_flag=True, help="Build even when VERSION was built already.")
 @ENGINE_OPTION
 @TLS_VERIFY_OPTION
-@click.option("--creds", metavar="USER:PASSWORD", help="Registry credentials.")
+@registry_auth_options
 @click.option("--cert-dir", type=click.Path(path_type=Path, file_okay=False),
               help="Directory with the registry's CA certificate (*.crt) and client certificates.")
 @click.option("--json", "as_json", is_flag=True, help="Print the build record as JSON.")
 def release_cmd(cls: str, version: str, channel: str | None, registry: str, key_dir: Path | None,
                 lookaside: Path | None, rebuild: bool, engine: str, tls_verify: bool | None,
-                creds: str | None, cert_dir: Path | None, as_json: bool) -> None:
+                authfile: Path | None, username: str | None, password_stdin: bool, cert_dir: Path | None,
+                as_json: bool) -> None:
     """Build (or take the built) CLASS VERSION, sign it, push it, move the channel tag.
 
     The image goes to REGISTRY/kiln/CLASS:staging-VERSION first; only after its
@@ -92,9 +108,11 @@ def release_cmd(cls: str, version: str, channel: str | None, registry: str, key_
 
     hc = load(cls)
     key = resolve_signing_key(hc, key_dir)  # fail before a long build
-    record = make_release(cli_context(engine), hc, source=source_of(cls), version=version, registry=registry,
-                          key=key, channel=channel, lookaside_dir=lookaside, rebuild=rebuild,
-                          tls_verify=tls_verify, creds=creds, cert_dir=cert_dir)
+    ctx = cli_context(engine)
+    with registry_auth(ctx, registry, authfile, username, password_stdin) as auth:
+        record = make_release(ctx, hc, source=source_of(cls), version=version, registry=registry,
+                              key=key, channel=channel, lookaside_dir=lookaside, rebuild=rebuild,
+                              tls_verify=tls_verify, authfile=auth, cert_dir=cert_dir)
     if as_json:
         click.echo(json.dumps(record, indent=2, sort_keys=True))
         return

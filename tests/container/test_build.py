@@ -7,10 +7,12 @@ build are each a real build too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -353,17 +355,77 @@ def test_classes_that_cannot_build_here_fail_fast(cls: str, reason: str, podman:
 
 @pytest.mark.container
 def test_push_to_a_tls_registry_with_auth(record: dict[str, Any], test_state: StateDir, tmp_path: Path) -> None:
-    """`kiln registry start --tls --htpasswd`: push needs the credentials and trusts the CA in --cert-dir."""
+    """`kiln registry start --tls --htpasswd`: push needs the credentials and trusts the CA in --cert-dir. A signed
+    push with a password and a passphrase-protected release key: neither is ever on a command line (sampled from
+    /proc/*/cmdline while it runs) nor in what Kiln prints or leaves in its state directory."""
+    import secrets
+    import threading
+
     from builder.registry import running_registry
+    from builder.signing import make_signing_key
 
     require_tool("openssl")
-    with running_registry(tmp_path / "reg", tls=True, htpasswd="kiln:s3cret") as info:
+    password, phrase = f"pw-{secrets.token_hex(8)}", f"phrase-{secrets.token_hex(8)}"
+    (tmp_path / "phrase").write_text(phrase + "\n")
+    (tmp_path / "phrase").chmod(0o600)
+    os.environ["KILN_KEY_PASSPHRASE_FILE"] = str(tmp_path / "phrase")
+    try:
+        key = make_signing_key(tmp_path / "release-key")
+    finally:
+        del os.environ["KILN_KEY_PASSPHRASE_FILE"]
+    assert json.loads((key.directory / "key.json").read_text())["passphrase"] is True
+    with running_registry(tmp_path / "reg", tls=True, htpasswd=f"kiln:{password}") as info:
         certs = tmp_path / "certs"
         certs.mkdir()
         shutil.copyfile(info.root / "tls/cert.pem", certs / "ca.crt")
         ctx = kiln_test_context(test_state)
         with pytest.raises(RegistryError, match=r"authentication required|unauthorized"):
             push_build(ctx, QEMU_CLASS, QEMU_VERSION, info.address, tls_verify=True, cert_dir=certs)
-        rec = push_build(ctx, QEMU_CLASS, QEMU_VERSION, info.address, tls_verify=True, cert_dir=certs,
-                         creds="kiln:s3cret")
-        assert rec["pushed"][-1]["digest"].startswith("sha256:")
+        seen: set[str] = set()
+        done = threading.Event()
+
+        def sample() -> None:  # every command line on the machine, while the push runs
+            while not done.is_set():
+                for f in Path("/proc").glob("[0-9]*/cmdline"):
+                    with contextlib.suppress(OSError):
+                        seen.add(f.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+                done.wait(0.02)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        kiln = [str(Path(sys.executable).parent / "kiln"), "push", QEMU_CLASS, info.address,
+                "--version", QEMU_VERSION, "--tls-verify", "--cert-dir", str(certs), "--sign-by", str(key.directory)]
+        env = {**os.environ, "KILN_STATE_DIR": str(test_state.root),
+               "KILN_KEY_PASSPHRASE_FILE": str(tmp_path / "phrase")}
+        try:
+            by_env = subprocess.run(kiln, env={**env, "KILN_REGISTRY_CREDS": f"kiln:{password}"}, capture_output=True,
+                                    text=True, timeout=600)
+            by_stdin = subprocess.run([*kiln, "--username", "kiln", "--password-stdin"], input=password + "\n",
+                                      env=env, capture_output=True, text=True, timeout=600)
+            wrong = subprocess.run(kiln, env={**env, "KILN_REGISTRY_CREDS": "kiln:not-the-password"},
+                                   capture_output=True, text=True, timeout=600)
+            unlocked = subprocess.run(kiln, env={**os.environ, "KILN_STATE_DIR": str(test_state.root),
+                                                 "KILN_REGISTRY_CREDS": f"kiln:{password}",
+                                                 "KILN_KEY_PASSPHRASE": "not-the-phrase"},
+                                      capture_output=True, text=True, timeout=600)
+        finally:
+            done.set()
+            sampler.join()
+        assert by_env.returncode == 0, by_env.stderr
+        assert by_stdin.returncode == 0, by_stdin.stderr
+        assert wrong.returncode != 0 and "not-the-password" not in wrong.stdout + wrong.stderr, wrong.stderr
+        assert unlocked.returncode != 0 and "signing" in unlocked.stderr, unlocked.stderr
+        assert "+ podman push" in by_env.stderr and "--authfile" in by_env.stderr  # echoed, with no secret
+        assert any("skopeo" in c and "--passphrase-file" in c for c in seen), "the sampler saw no signing"
+    leaks = [c for c in seen if password in c or phrase in c]
+    assert not leaks, leaks
+    for proc in (by_env, by_stdin, wrong, unlocked):
+        assert password not in proc.stdout + proc.stderr and phrase not in proc.stdout + proc.stderr
+    kept = [d for d in test_state.root.iterdir() if d.name not in ("containers", "base", "wheels")]  # not logs
+    logs = [*(f for d in kept for f in d.rglob("*")), *(tmp_path / "reg").rglob("*"),
+            *paths.class_dir(QEMU_CLASS).rglob("*.json")]
+    for f in logs:
+        if f.is_file() and not f.is_symlink() and f.stat().st_size < 50_000_000:
+            data = f.read_bytes()
+            assert password.encode() not in data and phrase.encode() not in data, f
+    assert not list(test_state.tmp_dir.glob("auth-*")) and not list(test_state.tmp_dir.glob("passphrase-*"))

@@ -38,8 +38,8 @@ def test_registry_lifecycle_with_tls_and_auth(tmp_path: Path) -> None:
     sigs = tmp_path / "state/signatures/kiln"
     sigs.mkdir(parents=True)
     (sigs / "probe").write_text("signature bytes")
-    r = runner.invoke(main, ["registry", "start", "--port", str(port), "--tls", "--htpasswd", "kiln:s3cret",
-                             "--lookaside-port", str(sig_port)], env=env)
+    r = runner.invoke(main, ["registry", "start", "--port", str(port), "--tls", "--htpasswd", "kiln",
+                             "--lookaside-port", str(sig_port)], env={**env, "KILN_REGISTRY_PASSWORD": "s3cret"})
     try:
         assert r.exit_code == 0, r.output
         assert f"127.0.0.1:{port}" in r.output
@@ -76,6 +76,12 @@ def test_registry_port_in_use_and_bad_htpasswd(tmp_path: Path) -> None:
         port = busy.getsockname()[1]
         r = CliRunner().invoke(main, ["registry", "start", "--port", str(port), "--lookaside-port", "0"], env=env)
         assert r.exit_code == 8 and "already in use" in r.output
-    r = CliRunner().invoke(main, ["registry", "start", "--port", str(free_port()), "--htpasswd", "nopassword",
+    r = CliRunner().invoke(main, ["registry", "start", "--port", str(free_port()), "--htpasswd", "kiln:s3cret",
                                   "--lookaside-port", "0"], env=env)
-    assert r.exit_code == 2 and "USER:PASSWORD" in r.output
+    assert r.exit_code == 2 and "password on the command line" in r.output and "s3cret" not in r.output
+    r = CliRunner().invoke(main, ["registry", "start", "--port", str(free_port()), "--htpasswd", "kiln",
+                                  "--lookaside-port", "0"], env=env)
+    assert r.exit_code == 2 and "no password" in r.output
+    r = CliRunner().invoke(main, ["registry", "start", "--port", str(free_port()), "--htpasswd", "kiln",
+                                  "--password-stdin", "--lookaside-port", "0"], env=env, input="\n")
+    assert r.exit_code == 2 and "no password" in r.output

@@ -11,6 +11,8 @@ unsigned tag is told in builder.signing.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +95,36 @@ def promote(repo: str, digest: str, tag: str, verifier: Verifier, *, access: Acc
         raise RegistryError(f"promoting {repo}@{digest[:19]} to :{tag}: {exc}") from exc
 
 
+def tag_digest(repo: str, tag: str, *, access: Access, state: StateDir) -> str | None:
+    """The manifest digest REPO:TAG points at in the registry; None when there is no such tag."""
+    try:
+        out = run(["skopeo", "inspect", "--raw", *access.args(""), f"docker://{repo}:{tag}"],
+                  env=state.engine_env(), capture=True, quiet=True)
+    except CommandFailed as exc:
+        if re.search(r"manifest unknown|not found|NAME_UNKNOWN|MANIFEST_UNKNOWN", str(exc), re.IGNORECASE):
+            return None
+        raise RegistryError(f"reading {repo}:{tag}: {exc}") from exc
+    return f"sha256:{hashlib.sha256(out.stdout).hexdigest()}"
+
+
+def check_immutable(repo: str, tag: str, digest: str, *, cls: str, version: str, channel: str | None,
+                    key: SigningKey, lookaside_dir: Path, access: Access, state: StateDir) -> None:
+    """Refuse, before any tag moves, a VERSION that the registry or the channel's TUF targets already hold
+    with another digest: a released version never changes digest."""
+    held = tag_digest(repo, tag, access=access, state=state)
+    if held is not None and held != digest:
+        raise RegistryError(f"{cls} {version} is already in {repo} as {held}; this build is {digest}: a released "
+                            "version never changes digest", hint="release the change under a new version")
+    if channel and has_trust_keys(key.directory):
+        tuf = trust.open_repository(lookaside_dir, key.directory)
+        if tuf.exists():
+            found = tuf.latest("targets").signed.targets.get(trust.target_path(cls, channel, version))
+            if found is not None and f"sha256:{found.hashes.get('sha256')}" != digest:
+                raise RegistryError(f"{cls} {version} is already released on {channel} as "
+                                    f"sha256:{found.hashes.get('sha256')}; this build is {digest}: a released version "
+                                    "never changes digest", hint="release the change under a new version")
+
+
 def push_signed(
     ctx: Context,
     cls: str,
@@ -126,6 +158,8 @@ def push_signed(
         with steps.step(f"push {repo}:{STAGING_PREFIX}{tag}"):
             digest = eng.push(image_id, f"{repo}:{STAGING_PREFIX}{tag}", tls_verify=verify,
                               authfile=authfile, cert_dir=cert_dir)
+        check_immutable(repo, tag, digest, cls=cls, version=version, channel=channel, key=key,
+                        lookaside_dir=lookaside_dir, access=access, state=state)
         with steps.step(f"sign {digest[:19]} with {key.fingerprint[-16:]}"):
             sig = make_signature(repo, digest, tag, cls=cls, key=key, lookaside_dir=lookaside_dir,
                                  access=access, state=state)

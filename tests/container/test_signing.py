@@ -7,6 +7,7 @@ policy.json that images bake, the way a device checks.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -153,6 +154,53 @@ def test_failed_signing_leaves_no_tag_devices_take(
     staged = run(["skopeo", "inspect", "--raw", "--tls-verify=false",
                   f"docker://{registry}/kiln/{CLS}:staging-1.0.0"], capture=True, check=False, quiet=True)
     assert staged.returncode == 0
+
+
+def test_a_released_version_never_changes_digest(
+    project: Path, tiny_image: tuple[PodmanEngine, str], registry: str, tmp_path: Path,
+    keys: tuple[signing.SigningKey, signing.SigningKey],
+) -> None:
+    """Another build under a released version is refused before any tag moves; the same build again is fine."""
+    engine, image_id = tiny_image
+    key, _ = keys
+    ctx = make_context(engine, state=engine.state)
+    lookaside = tmp_path / "sigs"
+
+    def record_as(version: str, image: str) -> None:
+        records.write_record({"schemaVersion": records.RECORD_SCHEMA, "class": CLS, "version": version,
+                              "compatible": "kiln,signtest", "image": {"id": image, "ref": f"x:{version}"},
+                              "pushed": []})
+
+    record_as("3.0.0", image_id)
+    digest = push_signed(ctx, CLS, "3.0.0", registry, key=key, lookaside_dir=lookaside,
+                         channel="imm")["signatures"][-1]["digest"]
+    buf = io.BytesIO()  # other bytes: another digest
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        data = b'{"class": "signtest", "rebuilt": true}\n'
+        info = tarfile.TarInfo("usr/lib/kiln/release.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "other.tar").write_bytes(buf.getvalue())
+    other = run(["podman", "import", tmp_path / "other.tar", f"localhost/kiln/{CLS}:other"],
+                env=engine.state.engine_env(), capture=True, quiet=True)
+    record_as("3.0.0", other.stdout.decode().strip().splitlines()[-1])
+    try:
+        with pytest.raises(RegistryError, match="never changes digest") as refused:
+            push_signed(ctx, CLS, "3.0.0", registry, key=key, lookaside_dir=lookaside, channel="imm")
+    finally:
+        run(["podman", "rmi", f"localhost/kiln/{CLS}:other"], env=engine.state.engine_env(), capture=True,
+            quiet=True, check=False)
+    assert digest in str(refused.value)
+
+    def tag(t: str) -> str:
+        return "sha256:" + hashlib.sha256(run(["skopeo", "inspect", "--raw", "--tls-verify=false",
+                                               f"docker://{registry}/kiln/{CLS}:{t}"], capture=True,
+                                              quiet=True).stdout).hexdigest()
+
+    assert tag("3.0.0") == digest and tag("imm") == digest  # nothing moved
+    record_as("3.0.0", image_id)  # the released build again: safe to run again, nothing changes
+    again = push_signed(ctx, CLS, "3.0.0", registry, key=key, lookaside_dir=lookaside, channel="imm")
+    assert again["signatures"][-1]["digest"] == digest == tag("imm")
 
 
 def build_unsigned(tmp: Path) -> Path:

@@ -102,6 +102,10 @@ class Engine(ABC):
     @abstractmethod
     def remove(self, ref: str) -> None: ...
 
+    @abstractmethod
+    def read_file(self, ref: str, path: str) -> bytes:
+        """The bytes of one regular file of image REF (a container is made, never started, and removed)."""
+
 
 def needs_version(found: str, minimum: tuple[int, ...]) -> bool:
     """True when version string `found` ("4.3.1", "1.41") is older than `minimum`."""
@@ -246,6 +250,14 @@ class PodmanEngine(Engine):
 
     def remove(self, ref: str) -> None:
         self._podman("rmi", "--force", ref, capture=True)
+
+    def read_file(self, ref: str, path: str) -> bytes:
+        cid = self._podman("create", "--quiet", ref, "/bin/true", capture=True, quiet=True).stdout.decode().strip()
+        try:
+            out = self._podman("cp", f"{cid}:{path}", "-", capture=True, quiet=True).stdout
+        finally:
+            self._podman("rm", "--force", cid, capture=True, quiet=True, check=False)
+        return _one_file(out, path)
 
 
 class DockerEngine(Engine):
@@ -410,6 +422,30 @@ class DockerEngine(Engine):
             self.client.api.remove_image(ref, force=True)
         except self._errors().ImageNotFound:
             pass
+
+    def read_file(self, ref: str, path: str) -> bytes:
+        api = self.client.api
+        cid = api.create_container(ref, command=["/bin/true"])["Id"]
+        try:
+            stream, _ = api.get_archive(cid, path)
+            out = b"".join(stream)
+        finally:
+            api.remove_container(cid, force=True)
+        return _one_file(out, path)
+
+
+def _one_file(tar_bytes: bytes, path: str) -> bytes:
+    """The one regular file in a tar stream (`podman cp ... -`, the Docker archive API)."""
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+        for member in tar:
+            if member.isfile():
+                fh = tar.extractfile(member)
+                assert fh is not None
+                return fh.read()
+    raise BuildError(f"{path}: not a regular file in the image")
 
 
 def _loads(raw: bytes) -> Any:

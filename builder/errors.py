@@ -108,3 +108,9 @@ EXIT_CODES: dict[str, int] = {
         ModelError, BuildError, RegistryError, DiskError, VMError,
     )
 }
+
+
+class VerifyFailed(KilnError):
+    """`kiln verify`: a signature, the SBOM or the provenance did not check out against the image's digest."""
+
+    exit_code = 11

@@ -12,6 +12,7 @@ unsigned tag is told in builder.signing.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -138,9 +139,12 @@ def push_signed(
     authfile: Path | None = None,
     cert_dir: Path | None = None,
     rollout_policy: dict[str, Any] | None = None,
+    attest: bool = False,
 ) -> dict[str, Any]:
     """Push a built CLASS VERSION signed: staging tag, sign, promote to :VERSION (and :CHANNEL), name it in
     the channel's TUF targets and start its rollout at wave 1 (ROLLOUT_POLICY: builder.rollout.policy).
+    With ATTEST, the signed SBOM and provenance go beside the image first (builder.attest): a release
+    whose attestations fail moves no tag.
 
     Returns the build record with `pushed` and `signatures` updated (also written)."""
     record = records.read_record(cls, version)
@@ -160,9 +164,22 @@ def push_signed(
                               authfile=authfile, cert_dir=cert_dir)
         check_immutable(repo, tag, digest, cls=cls, version=version, channel=channel, key=key,
                         lookaside_dir=lookaside_dir, access=access, state=state)
+        # What a device downloads: the compressed sizes the registry holds (the release report reads them).
+        pushed = json.loads(read_manifest(repo, digest, access=access, state=state))
+        record["manifest"] = {"digest": digest, "config": int(pushed["config"]["size"]),
+                              "layers": [{"digest": la["digest"], "size": int(la["size"])}
+                                         for la in pushed.get("layers") or []]}
         with steps.step(f"sign {digest[:19]} with {key.fingerprint[-16:]}"):
             sig = make_signature(repo, digest, tag, cls=cls, key=key, lookaside_dir=lookaside_dir,
                                  access=access, state=state)
+        if attest:
+            from builder import attest as attestation
+
+            with steps.step("read the image's package database"):
+                status = attestation.release_dpkg_status(eng, record)
+            with steps.step(f"SBOM and provenance of {digest[:19]}: push and sign"):
+                record["attestations"] = attestation.attest(record, repo, digest, status, key=key,
+                                                            lookaside_dir=lookaside_dir, access=access, state=state)
         tags = [tag] + ([channel] if channel else [])
         for t in tags:
             with steps.step(f"promote to :{t}"):

@@ -75,4 +75,4 @@ def make_release(
                             r.max_failure_rate, r.halt_min_devices, r.auto_promote)
     return push_signed(ctx, hc.name, version, registry, key=key, lookaside_dir=lookaside_dir, channel=channel,
                        tls_verify=tls_verify, authfile=authfile, cert_dir=cert_dir,
-                       rollout_policy=rollout_policy)
+                       rollout_policy=rollout_policy, attest=True)

@@ -151,6 +151,60 @@ def read_signing_key(directory: Path) -> SigningKey:
     return key
 
 
+RELEASE_KEY_ENV = "KILN_RELEASE_KEY"
+
+
+def export_key(directory: Path) -> str:
+    """The key directory as base64 of a gzipped tar (GNUPGHOME without gpg-agent's sockets, the TUF keys)."""
+    import base64
+    import io
+    import tarfile
+
+    key = read_signing_key(directory)
+    stop_agent(key)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for path in sorted(key.directory.rglob("*")):
+            if path.is_file() and not path.is_symlink() and not path.name.startswith("S.gpg-agent"):
+                tar.add(path, arcname=str(path.relative_to(key.directory)), recursive=False)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def import_key(directory: Path) -> SigningKey:
+    """Unpack $KILN_RELEASE_KEY into DIRECTORY (which must not exist yet): owner-only modes throughout."""
+    import base64
+    import binascii
+    import io
+    import tarfile
+
+    raw = os.environ.get(RELEASE_KEY_ENV, "")
+    if not raw.strip():
+        raise UsageError(f"${RELEASE_KEY_ENV} is empty: put the output of `kiln keys export DIR` in it (a CI secret)")
+    directory = directory.expanduser().absolute()
+    if directory.exists():
+        raise UsageError(f"{directory} exists; import into a new directory")
+    try:
+        data = base64.b64decode(raw.strip(), validate=True)
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+            members = tar.getmembers()
+            for m in members:
+                if not m.isfile() or m.name.startswith("/") or ".." in Path(m.name).parts:
+                    raise UsageError(f"${RELEASE_KEY_ENV}: {m.name!r} is not a file of a key directory")
+            directory.mkdir(mode=0o700, parents=True)
+            for m in members:
+                dest = directory / m.name
+                for parent in reversed(dest.relative_to(directory).parents):
+                    (directory / parent).mkdir(mode=0o700, exist_ok=True)
+                fh = tar.extractfile(m)
+                assert fh is not None
+                fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as out:
+                    out.write(fh.read())
+    except (binascii.Error, tarfile.TarError, OSError, EOFError) as exc:
+        raise UsageError(f"${RELEASE_KEY_ENV}: not a key from `kiln keys export` ({exc})") from None
+    return read_signing_key(directory)
+
+
 def check_private(directory: Path) -> None:
     """Refuse a key directory whose secret parts (the directory, GNUPGHOME, the TUF keys) group or others can
     read: a release key another user of the machine can copy signs what they like."""

@@ -65,7 +65,8 @@ COMMANDS: tuple[click.Command, ...] = (
     images.base_cmd, images.build_cmd, images.push_cmd,
     registry.registry_group,
     device.disk_cmd, device.vm_group,
-    release.keys_group, release.policy_cmd, release.release_cmd, channel.channel_group,
+    release.keys_group, release.policy_cmd, release.release_cmd, release.verify_cmd, release.report_cmd,
+    channel.channel_group,
     fleet.fleet_group, fleet.rollout_group,
     images.demo,
 )

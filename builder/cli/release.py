@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from builder import paths
 from builder.cli.common import (
     ENGINE_OPTION,
     TLS_VERIFY_OPTION,
@@ -52,6 +53,26 @@ def keys_show(directory: Path) -> None:
     from builder.signing import describe_key, read_signing_key
 
     click.echo(describe_key(read_signing_key(directory)))
+
+
+@keys_group.command("export")
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+def keys_export(directory: Path) -> None:
+    """Print the key directory as one base64 line (a gzipped tar), for a CI secret (KILN_RELEASE_KEY).
+
+    Its private keys stay protected by the key's passphrase, if it has one (give that as a secret of its own)."""
+    from builder.signing import export_key
+
+    click.echo(export_key(directory))
+
+
+@keys_group.command("import")
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+def keys_import(directory: Path) -> None:
+    """Unpack $KILN_RELEASE_KEY (from `kiln keys export`) into DIRECTORY (new, mode 0700): CI's release key."""
+    from builder.signing import describe_key, import_key
+
+    click.echo(describe_key(import_key(directory)))
 
 
 @click.command("policy")
@@ -101,9 +122,12 @@ def release_cmd(cls: str, version: str, channel: str | None, registry: str, key_
 
     The image goes to REGISTRY/kiln/CLASS:staging-VERSION first; only after its
     signature is stored and verifies under the device policy do :VERSION and then
-    :CHANNEL point at it. A failed signing leaves no tag that devices take.
+    :CHANNEL point at it. A failed signing leaves no tag that devices take. The signed
+    SBOM and provenance go beside the image (`kiln verify` checks them), and the
+    release report is written to build/CLASS/VERSION/release.html (`kiln report`).
     """
     from builder.release import make_release
+    from builder.release_report import write_report
     from builder.signing import resolve_signing_key
 
     hc = load(cls)
@@ -113,6 +137,7 @@ def release_cmd(cls: str, version: str, channel: str | None, registry: str, key_
         record = make_release(ctx, hc, source=source_of(cls), version=version, registry=registry,
                               key=key, channel=channel, lookaside_dir=lookaside, rebuild=rebuild,
                               tls_verify=tls_verify, authfile=auth, cert_dir=cert_dir)
+    report = write_report([cls], version, paths.record_path(cls, version).with_name("release.html"))
     if as_json:
         click.echo(json.dumps(record, indent=2, sort_keys=True))
         return
@@ -121,4 +146,78 @@ def release_cmd(cls: str, version: str, channel: str | None, registry: str, key_
         click.echo(f"pushed {pushed['ref']} -> {pushed['digest']}")
     click.echo(f"signed by {sig['fingerprint']} as {sig['identity']}; signature {sig['path']}")
     click.echo(f"serve {sig['lookaside']} over HTTP as the devices' lookaside URL")
+    att = record.get("attestations") or {}
+    if att:
+        click.echo(f"SBOM {att['sbom']['tag']} ({att['sbomSummary']['packages']} packages, "
+                   f"{att['sbomSummary']['wheels']} wheels) and provenance {att['att']['tag']}, both signed")
+    click.echo(f"release report {report}")
 
+
+@click.command("report")
+@click.argument("classes", metavar="CLASS...", nargs=-1, required=True)
+@click.option("--version", "version", required=True, help="The released version.")
+@click.option("--previous", default=None, help="The version devices run now (default: the newest released one "
+              "below VERSION).")
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False),
+              help="The HTML file (default build/CLASS/VERSION/release.html, for one class).")
+def report_cmd(classes: tuple[str, ...], version: str, previous: str | None, output: Path | None) -> None:
+    """Write the release report: one self-contained HTML file for VERSION of each CLASS, from the build records."""
+    from builder.errors import UsageError
+    from builder.release_report import write_report
+
+    if output is None:
+        if len(classes) != 1:
+            raise UsageError("several classes go in one file: name it with -o FILE")
+        output = paths.record_path(load(classes[0]).name, version).with_name("release.html")
+    names = [load(c).name for c in classes]
+    click.echo(f"wrote {write_report(names, version, output, previous)}")
+
+
+
+@click.command("verify")
+@click.argument("image")
+@click.option("--key", "key_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="The release key directory (its public half, release-key.asc, is used).")
+@click.option("--public-key", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="The release public key (release-key.asc), for an auditor without the key directory.")
+@click.option("--lookaside", default=None, metavar="DIR|URL",
+              help="Where the signatures are: a directory or the http(s) URL devices read (default .kiln/signatures).")
+@TLS_VERIFY_OPTION
+@registry_auth_options
+@click.option("--cert-dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Directory with the registry's CA certificate.")
+@click.option("--json", "as_json", is_flag=True, help="Print every check as JSON.")
+def verify_cmd(image: str, key_dir: Path | None, public_key: Path | None, lookaside: str | None,
+               tls_verify: bool | None, authfile: Path | None, username: str | None, password_stdin: bool,
+               cert_dir: Path | None, as_json: bool) -> None:
+    """Check IMAGE (REGISTRY/kiln/CLASS:TAG or @sha256:DIGEST): its signature, and its SBOM and provenance
+    (their signatures, that they name this digest, their contents). Exit 11 when any check fails."""
+    from builder.attest import verify_image
+    from builder.errors import UsageError, VerifyFailed
+    from builder.publish import finalize_tls_verify
+    from builder.signing import Access, finalize_lookaside_dir
+
+    if (key_dir is None) == (public_key is None):
+        raise UsageError("give the release key: --key DIR or --public-key FILE (one of them)")
+    pub = public_key if public_key is not None else Path(key_dir or ".") / "release-key.asc"
+    if not pub.is_file():
+        raise UsageError(f"{pub}: no release public key there")
+    ctx = cli_context()
+    registry = image.removeprefix("docker://").split("/", 1)[0]
+    where = lookaside or str(finalize_lookaside_dir(ctx.state))
+    with registry_auth(ctx, registry, authfile, username, password_stdin) as auth:
+        access = Access(finalize_tls_verify(registry, tls_verify), auth, cert_dir)
+        report = verify_image(image, public_key=pub, lookaside=where, access=access, state=ctx.state)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        click.echo(f"{report['image']} (tag {report['tag'] or '?'}), release key {report['fingerprint'][-16:]}")
+        for c in report["checks"]:
+            click.echo(f"  {'ok  ' if c['ok'] else 'FAIL'} {c['what']}: {c['detail']}")
+        if report["sbom"]:
+            s = report["sbom"]
+            click.echo(f"  SBOM: {s['components']} components "
+                       f"({', '.join(f'{n} {t}' for t, n in s['byType'].items())}); models {', '.join(s['models'])}")
+    failed = [c["what"] for c in report["checks"] if not c["ok"]]
+    if not report["ok"]:
+        raise VerifyFailed(f"{report['image']}: " + (", ".join(failed) if failed else "checks missing"))

@@ -8,8 +8,10 @@ build are each a real build too.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -417,9 +419,17 @@ def test_push_to_a_tls_registry_with_auth(record: dict[str, Any], test_state: St
         assert unlocked.returncode != 0 and "signing" in unlocked.stderr, unlocked.stderr
         assert "+ podman push" in by_env.stderr and "--authfile" in by_env.stderr  # echoed, with no secret
         assert any("skopeo" in c and "--passphrase-file" in c for c in seen), "the sampler saw no signing"
+        done.clear()
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            released = release_verify_and_report(info.address, certs, env, f"kiln:{password}", tmp_path, test_state)
+        finally:
+            done.set()
+            sampler.join()
     leaks = [c for c in seen if password in c or phrase in c]
     assert not leaks, leaks
-    for proc in (by_env, by_stdin, wrong, unlocked):
+    for proc in (by_env, by_stdin, wrong, unlocked, *released):
         assert password not in proc.stdout + proc.stderr and phrase not in proc.stdout + proc.stderr
     kept = [d for d in test_state.root.iterdir() if d.name not in ("containers", "base", "wheels")]  # not logs
     logs = [*(f for d in kept for f in d.rglob("*")), *(tmp_path / "reg").rglob("*"),
@@ -429,3 +439,95 @@ def test_push_to_a_tls_registry_with_auth(record: dict[str, Any], test_state: St
             data = f.read_bytes()
             assert password.encode() not in data and phrase.encode() not in data, f
     assert not list(test_state.tmp_dir.glob("auth-*")) and not list(test_state.tmp_dir.glob("passphrase-*"))
+
+
+def release_verify_and_report(registry: str, certs: Path, env: dict[str, str], creds: str, tmp: Path,
+                              state: StateDir) -> list[subprocess.CompletedProcess[str]]:
+    """`kiln release` to a registry with a password: a signed image, SBOM and provenance; `kiln verify` accepts them
+    and refuses each one tampered; the release report shows the record's and the registry's figures in Chromium.
+    The processes it ran (their output is checked for secrets by the caller)."""
+    from builder import attest, secrets
+    from builder.signing import Access
+
+    chromium = shutil.which("chromium") or require_tool("chromium")
+    kiln = str(Path(sys.executable).parent / "kiln")
+    env = {k: v for k, v in env.items() if not k.startswith("KILN_KEY_PASSPHRASE")} | {"KILN_REGISTRY_CREDS": creds}
+    lookaside = tmp / "lookaside"
+    tls = ["--tls-verify", "--cert-dir", str(certs)]
+    ran = [subprocess.run([kiln, "release", QEMU_CLASS, "--version", QEMU_VERSION, "--registry", registry,
+                           "--lookaside", str(lookaside), *tls], env=env, capture_output=True, text=True, timeout=900)]
+    assert ran[-1].returncode == 0, ran[-1].stderr
+    record = json.loads(paths.record_path(QEMU_CLASS, QEMU_VERSION).read_text())
+    att, digest = record["attestations"], record["manifest"]["digest"]
+    assert att["sbom"]["tag"] == f"{digest.replace(':', '-')}.sbom" and att["att"]["tag"].endswith(".att")
+    dev_key = paths.dev_signing_key_dir(QEMU_CLASS)
+    image = f"{registry}/kiln/{QEMU_CLASS}:{QEMU_VERSION}"
+
+    def verify(ref: str = image) -> dict[str, Any]:
+        ran.append(subprocess.run([kiln, "verify", ref, "--key", str(dev_key), "--lookaside", str(lookaside), *tls,
+                                   "--json"], env=env, capture_output=True, text=True, timeout=300))
+        assert ran[-1].returncode in (0, 11), ran[-1].stderr
+        out: dict[str, Any] = json.loads(ran[-1].stdout)
+        assert (ran[-1].returncode == 0) == out["ok"], ran[-1].stderr
+        return out
+
+    def failed(out: dict[str, Any]) -> list[str]:
+        return [c["what"] for c in out["checks"] if not c["ok"]]
+
+    good = verify()
+    assert good["ok"] and len(good["checks"]) == 8, good["checks"]
+    assert verify(f"{registry}/kiln/{QEMU_CLASS}@{digest}")["ok"]  # by digest alone, as an auditor would
+    status = PodmanEngine(state).read_file(record["image"]["id"], "/var/lib/dpkg/status")
+    installed = len(re.findall(rb"^Status: install ok installed$", status, re.MULTILINE))
+    assert good["sbom"]["byType"].get("machine-learning-model") == 1 and good["sbom"]["models"] == ["digits"]
+    assert att["sbomSummary"]["packages"] == installed > 100
+    # Tampered, one at a time: another SBOM under its tag, a provenance signature, the image's signature.
+    repo = f"{registry}/kiln/{QEMU_CLASS}"
+    with secrets.auth_file(registry, secrets.parse_creds(creds, "test"), state.tmp_dir) as auth:
+        access = Access(True, auth, certs)
+        raw = attest.raw_manifest(f"{repo}@{digest}", access, state)  # skopeo inspect --raw
+        pushed = json.loads(raw)
+        subject = {"mediaType": pushed["mediaType"], "digest": digest, "size": len(raw)}
+        real = attest.make_sbom(attest.gather(record, digest, status))
+        assert hashlib.sha256(real).hexdigest() == att["sbom"]["payloadSha256"]  # the same SBOM: deterministic
+        forged = real.replace(b'"name": "digits"', b'"name": "digitz"')
+        attest.push_artifact(repo, att["sbom"]["tag"], "sbom", forged, subject, access=access, state=state)
+        assert failed(verify()) == ["sbom signature"]
+        attest.push_artifact(repo, att["sbom"]["tag"], "sbom", real, subject, access=access, state=state)
+    assert verify()["ok"]
+    for path, what in ((Path(att["att"]["signature"]), "att signature"),
+                       (Path(record["signatures"][-1]["path"]), "image signature")):
+        kept = path.read_bytes()
+        path.write_bytes(kept[:-40] + bytes(40))
+        try:
+            assert failed(verify()) == [what]
+        finally:
+            path.write_bytes(kept)
+    assert verify()["ok"]
+    # The release report, as Chromium shows it.
+    report = paths.record_path(QEMU_CLASS, QEMU_VERSION).with_name("release.html")
+    assert report.is_file()
+    again = tmp / "again.html"  # from a device that already runs this very version: only the config is new
+    ran.append(subprocess.run([kiln, "report", QEMU_CLASS, "--version", QEMU_VERSION, "--previous", QEMU_VERSION,
+                               "-o", str(again)], env=env, capture_output=True, text=True, timeout=120))
+    assert ran[-1].returncode == 0, ran[-1].stderr
+    common = [chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp / 'profile'}"]
+
+    def shown(page: Path) -> dict[str, str]:
+        dom = subprocess.run([*common, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120,
+                             check=True).stdout
+        return dict(re.findall(r'data-k="qemu-x86_64\.([^"]+)"[^>]*>([^<]*)<', dom))
+
+    k = shown(report)
+    registry_total = pushed["config"]["size"] + sum(la["size"] for la in pushed["layers"])
+    assert k["digest"] == digest and k["version"] == QEMU_VERSION and k["signed"] == "signed"
+    assert int(k["layers.total"]) == sum(la["size"] for la in record["layers"])
+    assert int(k["download.total"]) == registry_total
+    assert int(k["sbom.packages"]) == installed and k["model.digits.precision"] == record["models"][0]["precision"]
+    assert k["health"] == "inference-golden, inference-service, agent" and k["stage.1"]
+    assert int(shown(again)["download.bytes"]) == pushed["config"]["size"]
+    shot = tmp / "report.png"
+    subprocess.run([*common, f"--screenshot={shot}", "--window-size=1200,2400", report.as_uri()], capture_output=True,
+                   timeout=120, check=True, cwd=tmp)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+    return ran

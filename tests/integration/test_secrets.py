@@ -120,3 +120,30 @@ def test_a_production_class_refuses_the_development_key(tmp_path: Path, monkeypa
         resolve_signing_key(production, None)
     assert resolve_signing_key(production, real.directory).fingerprint == real.fingerprint
     assert resolve_signing_key(load_class("qemu-x86_64"), dev.directory).fingerprint == dev.fingerprint
+
+
+def test_a_release_key_travels_to_ci_as_one_secret(tmp_path: Path) -> None:
+    """`kiln keys export` -> a CI secret -> `kiln keys import` on the runner: the same key, owner-only modes."""
+    require_tool("gpg")
+    key = make_signing_key(tmp_path / "key")
+    runner = CliRunner()
+    exported = runner.invoke(main, ["keys", "export", str(key.directory)])
+    assert exported.exit_code == 0, exported.output
+    blob = exported.output.strip()
+    imported = runner.invoke(main, ["keys", "import", str(tmp_path / "ci-key")], env={"KILN_RELEASE_KEY": blob})
+    assert imported.exit_code == 0, imported.output
+    copy = read_signing_key(tmp_path / "ci-key")
+    assert copy.fingerprint == key.fingerprint and key.fingerprint in imported.output
+    for path in [copy.directory, *copy.directory.rglob("*")]:
+        assert path.stat().st_mode & 0o077 == 0, path
+    assert (copy.directory / TUF_DIR / "root.pem").read_bytes() == (key.directory / TUF_DIR / "root.pem").read_bytes()
+    doc = tmp_path / "doc"
+    doc.write_text("release\n")
+    signed = run(["gpg", "--batch", "--pinentry-mode", "loopback", "--passphrase-fd", "0", "--detach-sign", "-o",
+                  str(tmp_path / "doc.sig"), str(doc)], env=copy.env(), input=b"\n", capture=True)
+    assert signed.returncode == 0  # the imported GNUPGHOME signs
+    run(["gpgconf", "--kill", "gpg-agent"], env=copy.env(), check=False, capture=True)
+    again = runner.invoke(main, ["keys", "import", str(tmp_path / "ci-key")], env={"KILN_RELEASE_KEY": blob})
+    assert again.exit_code == 2 and "exists" in again.output
+    bad = runner.invoke(main, ["keys", "import", str(tmp_path / "other")], env={"KILN_RELEASE_KEY": "bm90IGEga2V5"})
+    assert bad.exit_code == 2 and "not a key from `kiln keys export`" in bad.output

@@ -64,3 +64,21 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
                     if ln.strip() and "is not executable" not in ln and "No such file" not in ln
                     and "Failed to prepare filename" not in ln and "Command " not in ln]
         assert not problems, f"{unit.name}:\n" + "\n".join(problems)
+
+
+def test_the_release_workflow_runs_kiln_and_nothing_else() -> None:
+    """release.yml holds no logic of its own: each step is the setup script or a kiln command, so the same
+    release runs on a workstation; its secrets reach kiln through the environment only."""
+    import yaml
+
+    wf = yaml.safe_load((ROOT / ".github/workflows/release.yml").read_text())
+    job = wf["jobs"]["release"]
+    runs = [s["run"] for s in job["steps"] if "run" in s]
+    assert runs and runs[0] == "sudo ./scripts/setup.sh"
+    for command in runs[1:]:
+        assert command.startswith("sudo -E .venv/bin/kiln "), command
+        assert "secrets." not in command and "KILN_REGISTRY_CREDS" not in command, command
+    assert {s["uses"].split("@")[0] for s in job["steps"] if "uses" in s} == {"actions/checkout",
+                                                                              "actions/upload-artifact"}
+    assert {"release", "verify", "keys"} <= {c.split()[3] for c in runs[1:]}
+    assert set(job["env"]) >= {"KILN_RELEASE_KEY", "KILN_KEY_PASSPHRASE", "KILN_REGISTRY_CREDS"}

@@ -54,7 +54,7 @@ class CommandFailed(KilnError):
     exit_code = 4
 
     def __init__(self, argv: list[str], returncode: int, stderr_tail: str = "") -> None:
-        from builder.secrets import redact, redact_argv
+        from builder.redact import redact, redact_argv
 
         self.argv = redact_argv(list(argv))
         self.returncode = returncode

@@ -65,7 +65,7 @@ def have_tool(name: str) -> bool:
 
 def format_argv(argv: Sequence[str], env: Mapping[str, str] | None = None) -> str:
     """A command as echoed: secrets (builder.secrets) masked, in the arguments and the environment shown."""
-    from builder.secrets import redact, redact_argv
+    from builder.redact import redact, redact_argv
 
     prefix = " ".join(f"{k}={shlex.quote(redact(v))}" for k, v in (env or {}).items())
     cmd = shlex.join(redact_argv(list(argv)))
@@ -106,7 +106,7 @@ def run(
     except subprocess.TimeoutExpired as exc:
         raise CommandFailed(args, -1, f"timed out after {timeout} s") from exc
     if not capture and proc.stderr:
-        from builder.secrets import redact
+        from builder.redact import redact
 
         sys.stderr.write(redact(proc.stderr.decode(errors="replace")))  # a tool may print what it was given
         sys.stderr.flush()
@@ -151,7 +151,7 @@ def run_streaming(
     stderr, prefixed with "  "). The last `tail_lines` lines go into
     CommandFailed when the command fails. Returns the exit status (0).
     """
-    from builder.secrets import redact
+    from builder.redact import redact
 
     args, full_env = _prepare(argv, env, unset_env, quiet)
     show = on_line or (lambda line: print(f"  {line}", file=sys.stderr, flush=True))

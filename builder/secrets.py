@@ -24,7 +24,6 @@ import base64
 import contextlib
 import json
 import os
-import re
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -32,49 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.errors import UsageError
+from builder.redact import MASK, register
 
 CREDS_ENV = "KILN_REGISTRY_CREDS"
 PASSPHRASE_ENV = "KILN_KEY_PASSPHRASE"  # noqa: S105 (a variable name)
 PASSPHRASE_FILE_ENV = "KILN_KEY_PASSPHRASE_FILE"  # noqa: S105 (a variable name)
 REGISTRY_PASSWORD_ENV = "KILN_REGISTRY_PASSWORD"  # noqa: S105 (a variable name)
-MASK = "***"
-# Flags whose value is a secret, wherever a command is shown (a second line of defence: Kiln passes none).
-SECRET_FLAGS = re.compile(r"^(--(?:src-|dest-)?(?:creds|password|passphrase))(=.*)?$")
-
-_known: set[str] = set()
-
-
-def register(secret: str | None) -> None:
-    """From now on, `redact` hides SECRET (and the USER:PASSWORD and base64 forms it travels in)."""
-    if secret and len(secret) >= 4:
-        _known.add(secret)
-
-
-def redact(text: str) -> str:
-    for secret in sorted(_known, key=len, reverse=True):
-        text = text.replace(secret, MASK)
-    return text
-
-
-def redact_argv(argv: list[str]) -> list[str]:
-    out: list[str] = []
-    hide_next = False
-    for arg in argv:
-        if hide_next:
-            out.append(MASK)
-            hide_next = False
-            continue
-        m = SECRET_FLAGS.match(arg)
-        if m and m.group(2):
-            out.append(f"{m.group(1)}={MASK}")
-        elif m:
-            out.append(arg)
-            hide_next = True
-        else:
-            out.append(redact(arg))
-    return out
-
-
 @dataclass(frozen=True)
 class Credentials:
     user: str

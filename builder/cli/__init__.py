@@ -23,7 +23,7 @@ from builder import __version__
 from builder.cli import channel, device, fleet, images, model, registry, release, specs
 from builder.cli.common import err_console
 from builder.errors import KilnError
-from builder.secrets import redact
+from builder.redact import redact
 
 
 class KilnGroup(click.Group):

@@ -48,4 +48,4 @@ def test_channel_lifecycle_from_the_command_line(tmp_path: Path) -> None:
     assert st["roles"]["root"]["version"] == 2 and st["roles"]["timestamp"]["version"] == 3
     (keys / "tuf/online.pem").write_text("not a key")
     r = kiln("channel", "refresh", "--key", str(keys), "--lookaside", str(la), cwd=tmp_path)
-    assert r.returncode == 2 and "online.pem: not an unencrypted PEM private key" in r.stderr
+    assert r.returncode == 2 and "online.pem: the PEM private key does not load" in r.stderr

@@ -54,7 +54,7 @@ NAMESPACE = uuid.UUID("6f1b3c8e-6a4e-4c55-9d53-6b696c6e0001")  # the SBOM's seri
 
 
 class AttestError(KilnError):
-    exit_code = 8
+    exit_code = 7  # what the image holds cannot be described (a build-side problem)
 
 
 def artifact_tag(digest: str, kind: str) -> str:
@@ -415,11 +415,15 @@ def verify_image(image: str, *, public_key: Path, lookaside: str, access: Access
         if digest and actual != digest:
             raise RegistryError(f"{repo}@{digest}: the registry returned a manifest with another digest")
         digest = actual
-        if not tag:
+        # Releases are signed as :VERSION (a channel tag like :stable points at the same digest): the version
+        # the image says it is names the identity its signature must carry.
+        try:
             config = json.loads(run(["skopeo", "inspect", "--config", *access.args(""), f"docker://{repo}@{digest}"],
                                     env=state.engine_env(), capture=True, quiet=True).stdout)
-            version = ((config.get("config") or {}).get("Labels") or {}).get("org.opencontainers.image.version")
-            tag = version or ""
+        except (CommandFailed, ValueError) as exc:
+            raise RegistryError(f"{repo}@{digest[:19]}: its config cannot be read ({exc})") from None
+        labels = ((config.get("config") or {}).get("Labels") or {}) if isinstance(config, dict) else {}
+        tag = str(labels.get("org.opencontainers.image.version") or tag)
         ok, why = verify_signature(manifest, digest, f"{signed_identity(cls)}:{tag}", repo_path, lookaside, gnupg,
                                    fingerprint, tmp)
         checks.append(Check("image signature", ok, why))
@@ -435,22 +439,34 @@ def verify_image(image: str, *, public_key: Path, lookaside: str, access: Access
             ok, why = verify_signature(art, adigest, f"{signed_identity(cls)}:{atag}", repo_path, lookaside, gnupg,
                                        fingerprint, tmp)
             checks.append(Check(f"{kind} signature", ok, why))
-            m = json.loads(art)
-            subject = (m.get("subject") or {}).get("digest")
-            checks.append(Check(f"{kind} subject", subject == digest, f"names {subject}"))
-            layer = (m.get("layers") or [{}])[0]
-            payload = fetch_payload(repo, adigest, str(layer.get("digest")), access, state, tmp)
-            if hashlib.sha256(payload).hexdigest() != str(layer.get("digest")).removeprefix("sha256:"):
-                checks.append(Check(f"{kind} content", False, "the blob does not match its digest"))
+            if not ok:  # nothing unsigned is read any further
                 continue
-            docs[kind] = json.loads(payload)
+            try:
+                m = json.loads(art)
+                subject = (m.get("subject") or {}).get("digest")
+                checks.append(Check(f"{kind} subject", subject == digest, f"names {subject}"))
+                [layer] = m["layers"]
+                payload = fetch_payload(repo, adigest, str(layer["digest"]), access, state, tmp)
+                if hashlib.sha256(payload).hexdigest() != str(layer["digest"]).removeprefix("sha256:"):
+                    raise ValueError("the blob does not match its digest")
+                doc = json.loads(payload)
+                if not isinstance(doc, dict):
+                    raise ValueError("not a JSON object")
+                docs[kind] = doc
+            except (ValueError, KeyError, TypeError, AttributeError, OSError, KilnError) as exc:
+                checks.append(Check(f"{kind} content", False, f"unreadable: {exc}"))
         if SBOM in docs:
-            props = {p["name"]: p["value"] for p in
-                     (docs[SBOM].get("metadata", {}).get("component", {}).get("properties") or [])}
+            try:
+                props = {p["name"]: p["value"] for p in docs[SBOM]["metadata"]["component"].get("properties") or []}
+            except (KeyError, TypeError, AttributeError):
+                props = {}
             checks.append(Check("sbom names the image", props.get("kiln:image:digest") == digest,
                                 f"kiln:image:digest {props.get('kiln:image:digest')}"))
         if PROVENANCE in docs:
-            subj = ((docs[PROVENANCE].get("subject") or [{}])[0].get("digest") or {}).get("sha256")
+            try:
+                subj = docs[PROVENANCE]["subject"][0]["digest"]["sha256"]
+            except (KeyError, TypeError, IndexError):
+                subj = None
             checks.append(Check("provenance names the image", f"sha256:{subj}" == digest, f"subject sha256:{subj}"))
             checks.append(Check("provenance type", docs[PROVENANCE].get("predicateType") == SLSA_PREDICATE,
                                 str(docs[PROVENANCE].get("predicateType"))))

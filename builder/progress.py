@@ -69,7 +69,9 @@ class Steps:
 
     def say(self, message: str) -> None:
         if not self.quiet:
-            print(message if self.terminal else f"{stamp()} {message}", file=sys.stderr, flush=True)
+            line = message if self.terminal else f"{stamp()} {message}"
+            sys.stderr.write(line + "\n")  # one write: never split by a tool's output (the heartbeat's thread)
+            sys.stderr.flush()
 
     @contextmanager
     def _progress(self, name: str, start: float) -> Iterator[None]:
@@ -82,7 +84,8 @@ class Steps:
         def beat() -> None:
             every = interval()
             while not stop.wait(every):
-                print(f"{stamp()} ... {name}: {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
+                sys.stderr.write(f"{stamp()} ... {name}: {time.monotonic() - start:.0f} s\n")
+                sys.stderr.flush()
 
         thread = threading.Thread(target=beat, daemon=True)
         thread.start()

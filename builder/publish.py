@@ -117,7 +117,7 @@ def check_immutable(repo: str, tag: str, digest: str, *, cls: str, version: str,
         raise RegistryError(f"{cls} {version} is already in {repo} as {held}; this build is {digest}: a released "
                             "version never changes digest", hint="release the change under a new version")
     if channel and has_trust_keys(key.directory):
-        tuf = trust.open_repository(lookaside_dir, key.directory)
+        tuf = trust.open_repository(lookaside_dir, None)  # read only: no signing key is loaded to read targets
         if tuf.exists():
             found = tuf.latest("targets").signed.targets.get(trust.target_path(cls, channel, version))
             if found is not None and f"sha256:{found.hashes.get('sha256')}" != digest:

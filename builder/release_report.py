@@ -35,6 +35,13 @@ def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
+def num(value: Any, spec: str) -> str:
+    """A number as SPEC says, or the value escaped as it is (a report written by another Kiln)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return format(value, spec)
+    return "" if value is None else esc(value)
+
+
 def mib(n: int | float) -> str:
     return f"{n / 1048576:,.1f} MiB"
 
@@ -77,7 +84,7 @@ def class_spec(record: dict[str, Any]) -> dict[str, Any]:
 
 def latency_chart(candidates: list[dict[str, Any]]) -> str:
     """Horizontal bars: p50 and p95 per candidate (ms), as inline SVG."""
-    rows = [c for c in candidates if c.get("p95_ms") is not None]
+    rows = [c for c in candidates if all(isinstance(c.get(k), (int, float)) for k in ("p50_ms", "p95_ms"))]
     if not rows:
         return "<p class=muted>no latency measured</p>"
     top = max(float(c["p95_ms"]) for c in rows) or 1.0
@@ -100,7 +107,7 @@ def latency_chart(candidates: list[dict[str, Any]]) -> str:
 
 def class_section(record: dict[str, Any], previous: dict[str, Any] | None) -> str:
     cls, version = record["class"], record["version"]
-    k = f"{cls}"
+    k = esc(cls)
     pushed = next((p for p in reversed(record.get("pushed") or []) if p.get("signed")), None) or \
         (record.get("pushed") or [None])[-1]
     digest = (record.get("manifest") or {}).get("digest") or (pushed or {}).get("digest") or "not pushed"
@@ -142,11 +149,10 @@ def class_section(record: dict[str, Any], previous: dict[str, Any] | None) -> st
             chosen = " (chosen)" if c.get("name") == rep.get("chosen") else ""
             name = f"{m['name']}.{c.get('name')}"
             out.append(f'<tr><td>{esc(c.get("name"))}{chosen}</td><td>{esc(c.get("precision"))}</td>'
-                       f'<td class=n data-k="{k}.gate.{esc(name)}.size">{c.get("size_bytes")}</td>'
-                       f'<td class=n>{"" if metric is None else f"{metric:.4f}"}</td>'
-                       f'<td class=n>{c.get("p50_ms", 0) or 0:.4f}</td>'
-                       f'<td class=n data-k="{k}.gate.{esc(name)}.p95">{c.get("p95_ms", 0) or 0:.4f}</td>'
-                       f'<td class=n>{c.get("speedup", 0) or 0:.2f}x</td><td>{verdict}</td></tr>')
+                       f'<td class=n data-k="{k}.gate.{esc(name)}.size">{esc(c.get("size_bytes"))}</td>'
+                       f'<td class=n>{num(metric, ".4f")}</td><td class=n>{num(c.get("p50_ms"), ".4f")}</td>'
+                       f'<td class=n data-k="{k}.gate.{esc(name)}.p95">{num(c.get("p95_ms"), ".4f")}</td>'
+                       f'<td class=n>{num(c.get("speedup"), ".2f")}x</td><td>{verdict}</td></tr>')
         out.append("</table>")
         out.append("<p>" + "; ".join(esc(r) for r in rep.get("reasons") or []) + "</p>")
         out.append(latency_chart(rep.get("candidates") or []))

@@ -111,7 +111,12 @@ def credentials_from_auth_file(path: Path, registry: str) -> Credentials | None:
     entry = auths.get(registry_host(registry))
     if not entry or not entry.get("auth"):
         return None
-    return parse_creds(base64.b64decode(entry["auth"]).decode(), str(path))
+    try:
+        pair = base64.b64decode(entry["auth"], validate=True).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise UsageError(f"{path}: the auth entry for {registry_host(registry)} is not base64 of "
+                         "USER:PASSWORD") from None
+    return parse_creds(pair, str(path))
 
 
 # --- the release key's passphrase ---------------------------------------------------------------
@@ -137,15 +142,11 @@ def key_passphrase() -> str | None:
 
 @contextlib.contextmanager
 def passphrase_file(tmp_dir: Path) -> Iterator[Path | None]:
-    """The passphrase in a file for a tool that reads one (skopeo --passphrase-file): the user's own file,
-    or a 0600 file made from the environment and removed afterwards; None without a passphrase."""
-    given = os.environ.get(PASSPHRASE_FILE_ENV)
-    phrase = key_passphrase()
+    """The passphrase in a file for a tool that reads one (skopeo --passphrase-file): a 0600 file holding it
+    alone (its first line, without a CR a Windows editor left), removed afterwards; None without one."""
+    phrase = key_passphrase()  # normalized: the first line, whatever its line ending
     if phrase is None:
         yield None
-        return
-    if given:
-        yield Path(given)
         return
     tmp_dir.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix="passphrase-", dir=tmp_dir)

@@ -180,9 +180,13 @@ def import_key(directory: Path) -> SigningKey:
     raw = os.environ.get(RELEASE_KEY_ENV, "")
     if not raw.strip():
         raise UsageError(f"${RELEASE_KEY_ENV} is empty: put the output of `kiln keys export DIR` in it (a CI secret)")
+    import shutil
+
     directory = directory.expanduser().absolute()
     if directory.exists():
         raise UsageError(f"{directory} exists; import into a new directory")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))  # 0700
     try:
         data = base64.b64decode(raw.strip(), validate=True)
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
@@ -190,18 +194,21 @@ def import_key(directory: Path) -> SigningKey:
             for m in members:
                 if not m.isfile() or m.name.startswith("/") or ".." in Path(m.name).parts:
                     raise UsageError(f"${RELEASE_KEY_ENV}: {m.name!r} is not a file of a key directory")
-            directory.mkdir(mode=0o700, parents=True)
             for m in members:
-                dest = directory / m.name
-                for parent in reversed(dest.relative_to(directory).parents):
-                    (directory / parent).mkdir(mode=0o700, exist_ok=True)
+                dest = staging / m.name
+                for parent in reversed(dest.relative_to(staging).parents):
+                    (staging / parent).mkdir(mode=0o700, exist_ok=True)
                 fh = tar.extractfile(m)
                 assert fh is not None
                 fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(fd, "wb") as out:
                     out.write(fh.read())
+        read_signing_key(staging)
+        staging.rename(directory)  # whole or not at all: a failed import leaves nothing to clean
     except (binascii.Error, tarfile.TarError, OSError, EOFError) as exc:
         raise UsageError(f"${RELEASE_KEY_ENV}: not a key from `kiln keys export` ({exc})") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return read_signing_key(directory)
 
 
@@ -219,6 +226,14 @@ def check_private(directory: Path) -> None:
         if mode & 0o077:
             raise UsageError(f"{path}: readable by group or others (mode {mode & 0o777:o}); a release key "
                              "directory is for its owner only", hint=f"chmod -R go= {directory}")
+
+
+def check_key_for_class(hc: HardwareClass, key: SigningKey) -> None:
+    """A production class refuses a development key: devices that trust it would take any checkout's builds."""
+    if not hc.spec.development and is_development_key(key):
+        raise UsageError(f"{hc.name} is a production class: it refuses the development key in {key.directory} "
+                         "(devices that trust it would take any checkout's builds)",
+                         hint="make a release key with: kiln keys init DIR (outside the project)")
 
 
 def is_development_key(key: SigningKey) -> bool:
@@ -247,10 +262,7 @@ def resolve_signing_key(hc: HardwareClass, key_dir: Path | None) -> SigningKey:
     raw = key_dir or (Path(os.environ[SIGNING_KEY_ENV]) if os.environ.get(SIGNING_KEY_ENV) else None)
     if raw is not None:
         key = read_signing_key(raw)
-        if not hc.spec.development and is_development_key(key):
-            raise UsageError(f"{hc.name} is a production class: it refuses the development key in {key.directory} "
-                             "(devices that trust it would take any checkout's builds)",
-                             hint="make a release key with: kiln keys init DIR (outside the project)")
+        check_key_for_class(hc, key)
         return key
     if not hc.spec.development:
         raise UsageError(f"{hc.name} is a production class: its images must trust a release key; "

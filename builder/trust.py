@@ -137,6 +137,8 @@ def load_signer(path: Path) -> CryptoSigner:
         private = serialization.load_pem_private_key(data, password=phrase.encode() if phrase else None)
     except FileNotFoundError:
         raise UsageError(f"{path}: no such key; run `kiln keys init {path.parent.parent}` first") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc.strerror}") from None
     except (ValueError, TypeError) as exc:
         hint = " (is the passphrase right?)" if b"ENCRYPTED" in path.read_bytes()[:64] else ""
         raise UsageError(f"{path}: the PEM private key does not load{hint}: {exc}") from None

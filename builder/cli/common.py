@@ -36,10 +36,9 @@ def registry_auth_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Read the registry password (for --username) from the first line of stdin.")(f)
     f = click.option("--username", metavar="USER", help="Registry user; the password comes from stdin.")(f)
     return click.option("--authfile", type=click.Path(path_type=Path, dir_okay=False),
-                        envvar="REGISTRY_AUTH_FILE",
-                        help="containers-auth.json with the registry's credentials (podman login writes one; "
-                             "default $REGISTRY_AUTH_FILE). Or: --username with --password-stdin, or "
-                             "$KILN_REGISTRY_CREDS=USER:PASSWORD.")(f)
+                        help="containers-auth.json with the registry's credentials (podman login writes one). "
+                             "Or: --username with --password-stdin, or $KILN_REGISTRY_CREDS=USER:PASSWORD. With "
+                             "none of them, podman and skopeo use their own ($REGISTRY_AUTH_FILE, podman login).")(f)
 
 
 @contextlib.contextmanager

@@ -113,8 +113,12 @@ def push_cmd(cls: str, registry: str, version: str, engine: str, tls_verify: boo
     ctx = cli_context(engine)
     with registry_auth(ctx, registry, authfile, username, password_stdin) as auth:
         if sign_by is not None:
-            record = push_signed(ctx, cls, version, registry, key=read_signing_key(sign_by), tls_verify=tls_verify,
-                                 authfile=auth, cert_dir=cert_dir)
+            from builder.signing import check_key_for_class
+
+            key = read_signing_key(sign_by)
+            check_key_for_class(load(cls), key)
+            record = push_signed(ctx, cls, version, registry, key=key, tls_verify=tls_verify, authfile=auth,
+                                 cert_dir=cert_dir)
         else:
             record = push_build(ctx, cls, version, registry, tls_verify=tls_verify, authfile=auth,
                                 cert_dir=cert_dir)

@@ -98,9 +98,14 @@ def public_key(key_type: str, raw: bytes) -> Any:
                 raise ValueError("an ed25519 public key is 32 bytes")
             return Ed25519PublicKey.from_public_bytes(raw)
         if key_type == KEY_ECDSA_P256:
+            from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
             key = load_der_public_key(raw)
             if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
                 raise ValueError("not a P-256 public key")
+            if key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo) != raw:
+                # one key, one id: a compressed point (or any other encoding) would name a second device
+                raise ValueError("not the DER SubjectPublicKeyInfo with an uncompressed point")
             return key
     except (ValueError, TypeError) as exc:
         raise Refused(422, f"publicKey: not an {key_type} public key ({exc})") from None

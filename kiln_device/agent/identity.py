@@ -35,6 +35,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,10 @@ TCTI_ENV = "TPM2TOOLS_TCTI"
 # The key's template: ECC P-256 for ECDSA-SHA256, non-duplicable, made inside the TPM, usable with
 # the (empty) owner auth of a device that has not set one.
 TPM_ALG = "ecc256:ecdsa-sha256"
-TPM_ATTRIBUTES = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|sign"
+# noda: the key has no auth value to guess, so the TPM's dictionary-attack lockout (which other software may
+# trip) must not stop it from signing.
+TPM_ATTRIBUTES = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda|sign"
+TPM_SETTLE = 10.0  # seconds: on a first boot the kernel may still be probing the TPM the firmware announced
 TPM_TIMEOUT = 60  # seconds: one tpm2-tools command (a slow TPM takes well under a second)
 
 
@@ -90,12 +94,22 @@ def tpm_env() -> dict[str, str]:
     return env
 
 
+def tpm_announced() -> bool:
+    """The firmware or the kernel says there is a TPM (its device node may not be there yet)."""
+    return os.path.exists("/sys/firmware/acpi/tables/TPM2") or any(Path("/sys/class/tpm").glob("tpm*"))
+
+
 def tpm_present() -> str | None:
     """None when a TPM can be used here, else why not."""
     if shutil.which("tpm2_createprimary") is None:
         return "tpm2-tools is not installed"
-    if not os.environ.get(TCTI_ENV) and not os.path.exists(TPM_DEVICE):
-        return f"no TPM ({TPM_DEVICE} does not exist)"
+    if os.environ.get(TCTI_ENV):
+        return None
+    deadline = time.monotonic() + (TPM_SETTLE if tpm_announced() else 0)
+    while not os.path.exists(TPM_DEVICE):
+        if time.monotonic() >= deadline:
+            return f"no TPM ({TPM_DEVICE} does not exist)"
+        time.sleep(0.25)
     return None
 
 
@@ -255,12 +269,18 @@ def load_or_create(directory: Path, mode: str = "auto") -> Identity:
                 missing = tpm_present() if mode != "file" else "fleet.identity is file"
                 if mode == "tpm" and missing:
                     raise AgentError(CONFIG, f"fleet.identity is tpm, but {missing}")
+                if not missing:
+                    try:
+                        tpm_create(directory, TPM_HANDLE)
+                        made = f"an ECDSA P-256 key in the TPM at {hex(TPM_HANDLE)}"
+                    except AgentError as exc:
+                        if mode == "tpm":
+                            raise
+                        missing = exc.message  # auto: nothing was recorded yet, so a key file is this identity
+                        log(f"warning: the TPM cannot make the device key: {missing}; using a key file")
                 if missing:
                     file_create(directory)
                     made = f"an ed25519 key in {directory / KEY_FILE}" + (f" ({missing})" if mode == "auto" else "")
-                else:
-                    tpm_create(directory, TPM_HANDLE)
-                    made = f"an ECDSA P-256 key in the TPM at {hex(TPM_HANDLE)}"
     if (directory / TPM_FILE).exists():
         if mode == "file":
             raise AgentError(CONFIG, f"fleet.identity is file, but this device's identity is a TPM key "

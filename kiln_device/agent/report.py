@@ -26,7 +26,7 @@ from kiln_device.agent.identity import Identity, load_or_create
 from kiln_device.agent.outbox import Event, Outbox, emit
 from kiln_device.common import read_json
 from kiln_device.contract import CONFIG, INFERENCE_STATUS, OK, UNREACHABLE, Release, under
-from kiln_device.fleet import DEVICE_HEADER, ENROLL_CONTEXT, SIGNATURE_HEADER, SIGNING_CONTEXT
+from kiln_device.fleet import DEVICE_HEADER, ENROLL_CONTEXT, KEY_ED25519, SIGNATURE_HEADER, SIGNING_CONTEXT
 
 BATCH_BYTES = 768 * 1024  # of events per upload, under the service's 1 MiB body limit
 LATENCY_EVERY = 900.0  # seconds between two inference latency summaries
@@ -78,9 +78,11 @@ def enroll(config: Config, release: Release, ident: Identity, outbox: Outbox, me
     except OSError as exc:
         raise AgentError(CONFIG, f"not enrolled with {config.fleet.url} and no enrollment token: {exc} "
                                  "(flash one with `kiln disk --etc kiln/enroll.token=FILE`)") from None
-    body = json.dumps({"device": ident.id, "publicKey": ident.public_b64, "keyType": ident.key_type,
-                       "token": token, "class": release.cls,
-                       "compatible": release.compatible, "version": release.version}, sort_keys=True).encode()
+    fields = {"device": ident.id, "publicKey": ident.public_b64, "token": token, "class": release.cls,
+              "compatible": release.compatible, "version": release.version}
+    if ident.key_type != KEY_ED25519:  # a service from before TPM keys refuses fields it does not know
+        fields["keyType"] = ident.key_type
+    body = json.dumps(fields, sort_keys=True).encode()
     answer = post(config, "/v1/enroll", body, {SIGNATURE_HEADER: ident.sign(ENROLL_CONTEXT, body)})
     log(f"enrolled with {config.fleet.url} as {ident.id} ({answer.get('status', 'ok')})")
     with outbox.locked():  # re-read: an append may have moved lastSeq or dropped since

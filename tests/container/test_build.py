@@ -417,7 +417,7 @@ def test_push_to_a_tls_registry_with_auth(record: dict[str, Any], test_state: St
         assert by_stdin.returncode == 0, by_stdin.stderr
         assert wrong.returncode != 0 and "not-the-password" not in wrong.stdout + wrong.stderr, wrong.stderr
         assert unlocked.returncode != 0 and "signing" in unlocked.stderr, unlocked.stderr
-        assert "+ podman push" in by_env.stderr and "--authfile" in by_env.stderr  # echoed, with no secret
+        assert " podman push " in by_env.stderr and "--authfile" in by_env.stderr  # echoed, with no secret
         assert any("skopeo" in c and "--passphrase-file" in c for c in seen), "the sampler saw no signing"
         done.clear()
         sampler = threading.Thread(target=sample)

@@ -167,6 +167,7 @@ def test_a_released_version_never_changes_digest(
     lookaside = tmp_path / "sigs"
 
     def record_as(version: str, image: str) -> None:
+        paths.record_path(CLS, version).parent.mkdir(parents=True, exist_ok=True)
         records.write_record({"schemaVersion": records.RECORD_SCHEMA, "class": CLS, "version": version,
                               "compatible": "kiln,signtest", "image": {"id": image, "ref": f"x:{version}"},
                               "pushed": []})

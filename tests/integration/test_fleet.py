@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -268,6 +269,37 @@ def test_a_tpm_key_enrolls_signs_and_stays_the_device_identity(service: FleetSer
         dev.emit("boot", version="1.1.0")
         assert dev.report() == 11 and dev.outbox.count() == 1  # kept for when the key is back; said in status
         assert "no longer holds this device's key" in dev.outbox.meta()["lastError"]
+    # A TPM whose handle another program took: `tpm` says so; `auto` makes a key file (nothing was recorded).
+    with running_swtpm(tmp_path / "tpm-taken") as tpm:
+        monkeypatch.setenv("TPM2TOOLS_TCTI", tpm.tcti)
+        env = {**os.environ, "TPM2TOOLS_TCTI": tpm.tcti}
+        subprocess.run(["tpm2_createprimary", "-Q", "-C", "o", "-G", "rsa2048", "-c", str(tmp_path / "other.ctx")],
+                       env=env, check=True, capture_output=True)
+        subprocess.run(["tpm2_evictcontrol", "-C", "o", "-c", str(tmp_path / "other.ctx"), hex(TPM_HANDLE)], env=env,
+                       check=True, capture_output=True)
+        subprocess.run(["tpm2_flushcontext", "-t"], env=env, check=True, capture_output=True)
+        with pytest.raises(AgentError, match="holds another key"):
+            load_or_create(tmp_path / "taken-tpm", "tpm")
+        fallback = load_or_create(tmp_path / "taken-auto", "auto")
+        assert (fallback.key_type, fallback.store) == ("ed25519", "file")
+        assert tpm.persistent() == [hex(TPM_HANDLE)]  # the other program's key is still there
+    # One key, one id: the same P-256 key with its point compressed is refused (it would name a second device).
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+    point = load_der_public_key(ident.public_key).public_bytes(  # type: ignore[union-attr]
+        serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint)
+    # cryptography writes only the uncompressed form: the SPKI of the compressed point is built by hand.
+    spki_compressed = bytes.fromhex("3039301306072a8648ce3d020106082a8648ce3d030107032200") + point
+    assert load_der_public_key(spki_compressed).public_numbers() == \
+        load_der_public_key(ident.public_key).public_numbers()  # type: ignore[union-attr]
+    from kiln_device.fleet import device_id as id_of
+
+    body = json.dumps({"device": id_of(spki_compressed), "publicKey": base64.b64encode(spki_compressed).decode(),
+                       "keyType": "ecdsa-p256", "token": "x", "class": "tiny", "compatible": "kiln,tiny",
+                       "version": "1.0.0"}).encode()
+    code, answer = service.post("/v1/enroll", body, {SIGNATURE_HEADER: "AA=="})
+    assert code == 422 and "uncompressed point" in answer["error"], answer
     monkeypatch.delenv("TPM2TOOLS_TCTI")
     with pytest.raises(AgentError, match=r"fleet\.identity is tpm, but no TPM"):
         load_or_create(tmp_path / "no-tpm", "tpm")

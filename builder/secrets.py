@@ -78,6 +78,22 @@ def registry_credentials(*, authfile: Path | None = None, username: str | None =
     return None
 
 
+def sweep(tmp_dir: Path) -> None:
+    """Remove the secret files a killed Kiln left in TMP_DIR (named auth-PID-* / passphrase-PID-*: PID is gone)."""
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    for path in [*tmp_dir.glob("auth-*"), *tmp_dir.glob("passphrase-*")]:
+        pid = path.name.split("-")[1]
+        if not pid.isdigit():
+            path.unlink(missing_ok=True)  # from before the PID was in the name
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # another user's live process
+
+
 def registry_host(ref: str) -> str:
     """The registry part of REF (host[:port]/repo[:tag|@digest], or a docker:// reference)."""
     return ref.removeprefix("docker://").split("/", 1)[0]
@@ -89,8 +105,8 @@ def auth_file(registry: str, creds: Path | Credentials | None, tmp_dir: Path) ->
     if creds is None or isinstance(creds, Path):
         yield creds
         return
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix="auth-", suffix=".json", dir=tmp_dir)  # 0600
+    sweep(tmp_dir)
+    fd, name = tempfile.mkstemp(prefix=f"auth-{os.getpid()}-", suffix=".json", dir=tmp_dir)  # 0600
     path = Path(name)
     token = base64.b64encode(f"{creds.user}:{creds.password}".encode()).decode()
     register(token)
@@ -148,8 +164,8 @@ def passphrase_file(tmp_dir: Path) -> Iterator[Path | None]:
     if phrase is None:
         yield None
         return
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix="passphrase-", dir=tmp_dir)
+    sweep(tmp_dir)
+    fd, name = tempfile.mkstemp(prefix=f"passphrase-{os.getpid()}-", dir=tmp_dir)
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(phrase + "\n")

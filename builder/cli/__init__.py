@@ -13,6 +13,7 @@ Each command group lives in a module of its own and is registered here, explicit
 
 from __future__ import annotations
 
+import sys
 import traceback
 from typing import Any
 
@@ -34,7 +35,7 @@ class KilnGroup(click.Group):
             return super().invoke(ctx)
         except KilnError as exc:
             if ctx.obj and ctx.obj.get("debug"):
-                traceback.print_exc()
+                sys.stderr.write(redact(traceback.format_exc()))
             err_console.print(f"[bold red]error:[/] {escape(redact(str(exc)))}", markup=True, highlight=False,
                               soft_wrap=True)
             if exc.hint:
@@ -44,7 +45,7 @@ class KilnGroup(click.Group):
             raise
         except Exception as exc:  # a bug in Kiln: say so plainly, trace only with --debug
             if ctx.obj and ctx.obj.get("debug"):
-                traceback.print_exc()
+                sys.stderr.write(redact(traceback.format_exc()))
             err_console.print(f"internal error: {type(exc).__name__}: {redact(str(exc))} "
                               "(run with --debug for a traceback)", markup=False, soft_wrap=True)
             ctx.exit(1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,22 @@ def test_a_release_key_travels_to_ci_as_one_secret(tmp_path: Path) -> None:
     assert again.exit_code == 2 and "exists" in again.output
     bad = runner.invoke(main, ["keys", "import", str(tmp_path / "other")], env={"KILN_RELEASE_KEY": "bm90IGEga2V5"})
     assert bad.exit_code == 2 and "not a key from `kiln keys export`" in bad.output
+
+
+def test_secret_files_a_killed_kiln_left_are_swept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An auth file of a process that is gone (a SIGKILL in mid-push) is removed the next time; a live one stays."""
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = tmp_path / f"auth-{gone.pid}-x.json"
+    stale.write_text('{"auths": {}}')
+    live = tmp_path / f"auth-{os.getpid()}-y.json"
+    live.write_text('{"auths": {}}')
+    old = tmp_path / "passphrase-abc"
+    old.write_text("from before the pid was in the name\n")
+    monkeypatch.setenv(secrets.CREDS_ENV, "kiln:pw-sweep")
+    with secrets.auth_file("127.0.0.1:5000", secrets.registry_credentials(), tmp_path) as path:
+        assert path is not None and path.name.startswith(f"auth-{os.getpid()}-")
+    assert not stale.exists() and not old.exists() and live.exists()
+

@@ -143,7 +143,7 @@ def make_sbom(inp: Inputs) -> bytes:
     from cyclonedx.model import HashAlgorithm, HashType, Property
     from cyclonedx.model.bom import Bom, BomMetaData
     from cyclonedx.model.component import Component, ComponentType
-    from cyclonedx.model.tool import Tool, ToolRepository
+    from cyclonedx.model.tool import ToolRepository
     from cyclonedx.output.json import JsonV1Dot6
     from cyclonedx.schema import SchemaVersion
     from cyclonedx.validation.json import JsonStrictValidator
@@ -166,7 +166,9 @@ def make_sbom(inp: Inputs) -> bytes:
     created = labels.get("org.opencontainers.image.created") or rec.get("created") or "1970-01-01T00:00:00Z"
     from datetime import datetime
 
-    tools = ToolRepository(tools=[Tool(vendor="kiln", name="kiln", version=__version__)])
+    # CycloneDX 1.5+: the tool that made the SBOM is a component (the `tools` list form is deprecated)
+    tools = ToolRepository(components=[Component(type=ComponentType.APPLICATION, group="kiln", name="kiln",
+                                                 version=__version__, bom_ref="tool:kiln")])
     bom = Bom(serial_number=uuid.uuid5(NAMESPACE, inp.digest),
               metadata=BomMetaData(component=image, tools=tools,
                                    timestamp=datetime.fromisoformat(created.replace("Z", "+00:00"))))

@@ -463,9 +463,9 @@ def release_verify_and_report(registry: str, certs: Path, env: dict[str, str], c
     dev_key = paths.dev_signing_key_dir(QEMU_CLASS)
     image = f"{registry}/kiln/{QEMU_CLASS}:{QEMU_VERSION}"
 
-    def verify(ref: str = image) -> dict[str, Any]:
-        ran.append(subprocess.run([kiln, "verify", ref, "--key", str(dev_key), "--lookaside", str(lookaside), *tls,
-                                   "--json"], env=env, capture_output=True, text=True, timeout=300))
+    def verify(ref: str = image, *, where: str = str(lookaside), key: list[str] | None = None) -> dict[str, Any]:
+        ran.append(subprocess.run([kiln, "verify", ref, *(key or ["--key", str(dev_key)]), "--lookaside", where,
+                                   *tls, "--json"], env=env, capture_output=True, text=True, timeout=300))
         assert ran[-1].returncode in (0, 11), ran[-1].stderr
         out: dict[str, Any] = json.loads(ran[-1].stdout)
         assert (ran[-1].returncode == 0) == out["ok"], ran[-1].stderr
@@ -477,6 +477,14 @@ def release_verify_and_report(registry: str, certs: Path, env: dict[str, str], c
     good = verify()
     assert good["ok"] and len(good["checks"]) == 8, good["checks"]
     assert verify(f"{registry}/kiln/{QEMU_CLASS}@{digest}")["ok"]  # by digest alone, as an auditor would
+    from builder.registry import serving_lookaside
+
+    with serving_lookaside(lookaside) as url:  # the signatures over HTTP, as devices read them; the public key only
+        assert verify(where=url, key=["--public-key", str(dev_key / "release-key.asc")])["ok"]
+        assert verify(f"{registry}/kiln/{QEMU_CLASS}:stable", where=url)["ok"]  # a channel tag: the same checks
+    (tmp / "empty-lookaside").mkdir()
+    with serving_lookaside(tmp / "empty-lookaside") as url:  # a lookaside without the signatures
+        assert set(failed(verify(where=url))) == {"image signature", "sbom signature", "att signature"}
     status = PodmanEngine(state).read_file(record["image"]["id"], "/var/lib/dpkg/status")
     installed = len(re.findall(rb"^Status: \S+ ok installed$", status, re.MULTILINE))
     assert good["sbom"]["byType"].get("machine-learning-model") == 1 and good["sbom"]["models"] == ["digits"]

@@ -504,9 +504,11 @@ def split_ref(ref: str) -> tuple[str, str, str]:
 
 
 def raw_manifest(ref: str, access: Access, state: StateDir) -> bytes:
+    """signing.raw_manifest, its failure a RegistryError that `kiln verify` reports."""
+    from builder.signing import raw_manifest as fetch_manifest
+
     try:
-        return bytes(run(["skopeo", "inspect", "--raw", *access.args(""), f"docker://{ref}"], env=state.engine_env(),
-                         capture=True, quiet=True).stdout)
+        return fetch_manifest(ref, access=access, state=state)
     except CommandFailed as exc:
         raise RegistryError(f"{ref}: {exc.stderr_tail.splitlines()[-1] if exc.stderr_tail else exc}") from None
 

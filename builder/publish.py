@@ -30,6 +30,7 @@ from builder.signing import (
     finalize_lookaside_dir,
     make_signature,
     make_verifier,
+    raw_manifest,
     read_manifest,
     signed_identity,
     stop_agent,
@@ -99,13 +100,12 @@ def promote(repo: str, digest: str, tag: str, verifier: Verifier, *, access: Acc
 def tag_digest(repo: str, tag: str, *, access: Access, state: StateDir) -> str | None:
     """The manifest digest REPO:TAG points at in the registry; None when there is no such tag."""
     try:
-        out = run(["skopeo", "inspect", "--raw", *access.args(""), f"docker://{repo}:{tag}"],
-                  env=state.engine_env(), capture=True, quiet=True)
+        raw = raw_manifest(f"{repo}:{tag}", access=access, state=state)
     except CommandFailed as exc:
         if re.search(r"manifest unknown|not found|NAME_UNKNOWN|MANIFEST_UNKNOWN", str(exc), re.IGNORECASE):
             return None
         raise RegistryError(f"reading {repo}:{tag}: {exc}") from exc
-    return f"sha256:{hashlib.sha256(out.stdout).hexdigest()}"
+    return f"sha256:{hashlib.sha256(raw).hexdigest()}"
 
 
 def check_immutable(repo: str, tag: str, digest: str, *, cls: str, version: str, channel: str | None,

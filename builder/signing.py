@@ -388,11 +388,16 @@ class Access:
         return out
 
 
+def raw_manifest(ref: str, *, access: Access, state: StateDir) -> bytes:
+    """The manifest bytes the registry serves for REF (repo:tag or repo@digest), as they are; CommandFailed when it
+    cannot (the caller says what that means: no such tag, a refused image)."""
+    return bytes(run(["skopeo", "inspect", "--raw", *access.args(""), f"docker://{ref}"], env=state.engine_env(),
+                     capture=True, quiet=True).stdout)
+
+
 def read_manifest(repo: str, digest: str, *, access: Access, state: StateDir) -> bytes:
     """The manifest bytes of repo@digest, checked against the digest."""
-    out = run(["skopeo", "inspect", "--raw", *access.args(""), f"docker://{repo}@{digest}"],
-              env=state.engine_env(), capture=True, quiet=True)
-    raw = out.stdout
+    raw = raw_manifest(f"{repo}@{digest}", access=access, state=state)
     if f"sha256:{hashlib.sha256(raw).hexdigest()}" != digest:
         raise RegistryError(f"{repo}@{digest[:19]}: the registry returned a manifest with another digest")
     return raw

@@ -32,23 +32,27 @@ pytestmark = pytest.mark.container
 CLS = "signtest"
 
 
+def import_tiny(state: StateDir, release_json: bytes, ref: str) -> str:
+    """`podman import` of one file (usr/lib/kiln/release.json): a tiny image; its id."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("usr/lib/kiln/release.json")
+        info.size = len(release_json)
+        tar.addfile(info, io.BytesIO(release_json))
+    archive = state.tmp_dir / f"{ref.rsplit(':', 1)[-1]}-tiny.tar"
+    archive.write_bytes(buf.getvalue())
+    try:
+        out = run(["podman", "import", archive, ref], env=state.engine_env(), capture=True, quiet=True)
+    finally:
+        archive.unlink(missing_ok=True)
+    return out.stdout.decode().strip().splitlines()[-1]
+
+
 @pytest.fixture(scope="module")
 def tiny_image() -> Iterator[tuple[PodmanEngine, str]]:
     require_tool("podman")
     state = images.kiln_test_state()
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        data = b'{"class": "signtest"}\n'
-        info = tarfile.TarInfo("usr/lib/kiln/release.json")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-    archive = state.tmp_dir / "signtest.tar"
-    archive.write_bytes(buf.getvalue())
-    out = run(["podman", "import", archive, f"localhost/kiln/{CLS}:1.0.0"], env=state.engine_env(),
-              capture=True, quiet=True)
-    engine = PodmanEngine(state)
-    yield engine, out.stdout.decode().strip().splitlines()[-1]
-    archive.unlink(missing_ok=True)
+    yield PodmanEngine(state), import_tiny(state, b'{"class": "signtest"}\n', f"localhost/kiln/{CLS}:1.0.0")
 
 
 @pytest.fixture
@@ -175,16 +179,9 @@ def test_a_released_version_never_changes_digest(
     record_as("3.0.0", image_id)
     digest = push_signed(ctx, CLS, "3.0.0", registry, key=key, lookaside_dir=lookaside,
                          channel="imm")["signatures"][-1]["digest"]
-    buf = io.BytesIO()  # other bytes: another digest
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        data = b'{"class": "signtest", "rebuilt": true}\n'
-        info = tarfile.TarInfo("usr/lib/kiln/release.json")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-    (tmp_path / "other.tar").write_bytes(buf.getvalue())
-    other = run(["podman", "import", tmp_path / "other.tar", f"localhost/kiln/{CLS}:other"],
-                env=engine.state.engine_env(), capture=True, quiet=True)
-    record_as("3.0.0", other.stdout.decode().strip().splitlines()[-1])
+    other = import_tiny(engine.state, b'{"class": "signtest", "rebuilt": true}\n',  # other bytes: another digest
+                        f"localhost/kiln/{CLS}:other")
+    record_as("3.0.0", other)
     try:
         with pytest.raises(RegistryError, match="never changes digest") as refused:
             push_signed(ctx, CLS, "3.0.0", registry, key=key, lookaside_dir=lookaside, channel="imm")

@@ -16,10 +16,11 @@ Guards for onnxruntime 1.32 traps (see models/README or docs):
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from onnx import version_converter
 from onnxruntime import quantization as oq
 
 from builder.errors import ModelError
-from builder.model.data import Dataset, Signature, default_opset, load_onnx
+from builder.model.data import Dataset, Signature, batched, default_opset, load_onnx
 
 MIN_QDQ_OPSET = 13  # per-channel DequantizeLinear (axis) needs opset 13
 CALIBRATION_BATCH = 32
@@ -137,21 +138,28 @@ def check_not_fused(path: Path) -> None:
 # -- static INT8 ------------------------------------------------------------------
 
 class CountingReader(oq.CalibrationDataReader):
-    """Feeds calibration samples in batches and counts how many were handed over."""
+    """Feeds calibration samples (the array form in batches) and counts how many were handed over."""
 
-    def __init__(self, sig: Signature, x: np.ndarray) -> None:
-        self.name = sig.input_name
-        self.fixed = sig.batch is not None
-        self.batch = sig.batch or CALIBRATION_BATCH
-        self.x = x
+    def __init__(self, sig: Signature, data: Dataset) -> None:
+        self.sig = sig
+        self.data = data
+        self.feeds = iter(batched(sig, data, CALIBRATION_BATCH))
         self.consumed = 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        if self.consumed >= len(self.x):
+        item = next(self.feeds, None)
+        if item is None:
             return None
-        chunk = self.x[self.consumed:self.consumed + self.batch]
-        self.consumed += len(chunk)
-        return {self.name: _pad(chunk, self.batch) if self.fixed else chunk}
+        feed, n = item
+        self.consumed += n
+        if self.data.x is not None and self.sig.batch is not None and n < self.sig.batch:
+            # a fixed-batch model: fill the short batch by repeating real samples
+            return {k: _pad(v[:n], self.sig.batch) for k, v in feed.items()}
+        return feed
+
+    def rewind(self) -> None:
+        self.feeds = iter(batched(self.sig, self.data, CALIBRATION_BATCH))
+        self.consumed = 0
 
 
 def _pad(chunk: np.ndarray, size: int) -> np.ndarray:
@@ -171,12 +179,15 @@ def _calibration_options(extra: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def quantize_static(src: Path, dst: Path, calib: Dataset, sig: Signature, *, per_channel: bool,
-                    method: str, notes: list[str], extra_options: dict[str, Any] | None = None) -> None:
-    """Static INT8 QDQ with calibration; per-channel falls back to per-tensor."""
+                    method: str, notes: list[str], extra_options: dict[str, Any] | None = None,
+                    exclude: Sequence[str] = ()) -> None:
+    """Static INT8 QDQ with calibration; per-channel falls back to per-tensor.
+
+    `exclude`: node names left in FP32 (the mixed-precision candidate)."""
     check_not_fused(src)
     options = _calibration_options(extra_options)
     try:
-        _quantize_static_once(src, dst, calib, sig, per_channel, method, options)
+        _quantize_static_once(src, dst, calib, sig, per_channel, method, options, exclude)
     except ModelError:
         raise
     except Exception as exc:
@@ -184,12 +195,12 @@ def quantize_static(src: Path, dst: Path, calib: Dataset, sig: Signature, *, per
             raise ModelError(f"static INT8 quantization failed: {_short(exc)}") from None
         notes.append(f"per-channel quantization failed ({_short(exc)}); fell back to per-tensor")
         quantize_static(src, dst, calib, sig, per_channel=False, method=method, notes=notes,
-                        extra_options=options)
+                        extra_options=options, exclude=exclude)
 
 
 def _quantize_static_once(src: Path, dst: Path, calib: Dataset, sig: Signature, per_channel: bool,
-                          method: str, options: dict[str, Any]) -> None:
-    reader = CountingReader(sig, calib.x)
+                          method: str, options: dict[str, Any], exclude: Sequence[str] = ()) -> None:
+    reader = CountingReader(sig, calib)
     with scratch_cwd():
         oq.quantize_static(
             str(src), str(dst), reader, quant_format=oq.QuantFormat.QDQ, per_channel=per_channel,
@@ -199,9 +210,45 @@ def _quantize_static_once(src: Path, dst: Path, calib: Dataset, sig: Signature, 
             # give wrong outputs there while the build machine (VNNI) looks fine.
             reduce_range=True,
             calibrate_method=CALIBRATION[method], extra_options=options,
+            nodes_to_exclude=list(exclude) or None,
         )
-    if reader.consumed != len(calib.x):
-        raise ModelError(f"calibration used {reader.consumed} of {len(calib.x)} samples")
+    if reader.consumed != len(calib):
+        raise ModelError(f"calibration used {reader.consumed} of {len(calib)} samples")
+
+
+# -- mixed precision: per-node error analysis ------------------------------------------------------
+
+def sensitivity(source: Path, int8: Path, calib: Dataset, sig: Signature) -> list[tuple[str, float]]:
+    """Nodes of `source` ranked by the quantization error they introduce, worst first.
+
+    onnxruntime's QDQ debugging tools run the FP32 source and its INT8 QDQ model over the
+    calibration samples and compare every activation (SQNR in dB, FP32 vs QDQ). A node's own share
+    is how far the SQNR of its output falls below the worst SQNR of its inputs: error that starts
+    there rather than error it inherits. Returns (node name, dB lost)."""
+    from onnxruntime.quantization import qdq_loss_debug as qd
+
+    with scratch_cwd() as work:
+        try:
+            qd.modify_model_output_intermediate_tensors(str(int8), str(work / "qdq.onnx"))
+            qd.modify_model_output_intermediate_tensors(str(source), str(work / "fp32.onnx"))
+            qdq = qd.collect_activations(str(work / "qdq.onnx"), CountingReader(sig, calib))
+            fp32 = qd.collect_activations(str(work / "fp32.onnx"), CountingReader(sig, calib))
+            errors = qd.compute_activation_error(qd.create_activation_matching(qdq, fp32))
+        except Exception as exc:
+            raise ModelError(f"per-node error analysis failed: {_short(exc)}") from None
+    sqnr = {t: float(e["xmodel_err"]) for t, e in errors.items() if "xmodel_err" in e}
+    lost = []
+    for node in load_onnx(source).graph.node:
+        outs = [sqnr[o] for o in node.output if o in sqnr]
+        if not outs:
+            continue
+        ins = [sqnr[i] for i in node.input if i in sqnr]
+        inherited = min(ins) if ins else math.inf
+        own = min(outs)
+        drop = (inherited - own) if math.isfinite(inherited) else (60.0 - own)
+        if math.isfinite(drop) and drop > 0:
+            lost.append((node.name, round(drop, 3)))
+    return sorted(lost, key=lambda item: (-item[1], item[0]))
 
 
 # -- dynamic INT8, FP16 ------------------------------------------------------------

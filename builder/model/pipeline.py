@@ -7,6 +7,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -16,6 +17,7 @@ from builder.errors import GateFailed, ModelError
 from builder.files import sha256_file
 from builder.model import optimize as opt
 from builder.model import runtimes as rts
+from builder.model import tasks
 from builder.model import validate as val
 from builder.model.data import (
     Dataset,
@@ -26,7 +28,7 @@ from builder.model.data import (
     signature,
 )
 from builder.model.gates import GateResult, Metrics, decide, evaluate, golden, speedup
-from builder.model.policy import CANDIDATE_PRECISION, Gates, OptimizationPolicy
+from builder.model.policy import CANDIDATE_PRECISION, MIXED_STEPS, Gates, OptimizationPolicy
 from builder.model.report import CandidateResult, Report, write_report
 from builder.model.runtimes import ClassRuntime
 
@@ -43,10 +45,22 @@ class Inputs:
     validation: Dataset
     calibration_path: Path
     validation_path: Path
+    task: str = "classification"
+    post: tasks.Postprocess = field(default_factory=tasks.Postprocess)
+    table: tuple[str, ...] | None = None  # text-recognition: the CTC classes
 
     @property
     def name(self) -> str:
         return self.path.stem
+
+    @property
+    def graded(self) -> bool:
+        """Whether the task metric runs (ground truth given, a task that has one)."""
+        return self.task != "fidelity" and self.validation.truth is not None
+
+    @property
+    def score(self) -> str:
+        return tasks.SCORE.get(self.task, "accuracy")
 
 
 @dataclass
@@ -57,13 +71,14 @@ class Built:
     path: Path | None
     notes: list[str] = field(default_factory=list)
     error: str | None = None
+    mixed: dict[str, Any] | None = None  # int8-mixed: the nodes kept in FP32 and the search
 
 
 @dataclass
 class Measured:
     built: Built
     session: ort.InferenceSession
-    outputs: np.ndarray
+    outputs: val.Outputs
     load_ms: float
 
 
@@ -86,7 +101,7 @@ def optimize_model(model: Path, calibration: Path, validation: Path, policy: Opt
     outdir.mkdir(parents=True, exist_ok=True)
     for stale in OUTPUTS:
         (outdir / stale).unlink(missing_ok=True)
-    built = build_candidates(inputs, policy, outdir, say)
+    built = build_candidates(inputs, policy, outdir, say, gates)
     report = measure_and_decide(inputs, built, policy, gates, say, runtime)
     write_report(report, outdir / "report.json")
     if report.chosen is None:
@@ -102,28 +117,60 @@ def load_inputs(model: Path, calibration: Path, validation: Path,
     sig = signature(proto, model)
     cal = load_dataset(calibration, labels=False)
     check_fits(sig, cal, calibration)
-    vset = load_dataset(validation, labels=True)
+    vset = load_dataset(validation, labels=policy.task == "classification")
     check_fits(sig, vset, validation)
     val.check_provider(policy.execution_provider)
-    return Inputs(model, proto, sig, cal, vset, calibration, validation)
+    try:
+        post = tasks.Postprocess(**policy.postprocess)
+    except TypeError as exc:
+        raise ModelError(f"postprocess: {_first(exc)}") from None
+    sig.output(post.output)
+    if vset.truth is None and policy.task not in ("fidelity",):
+        raise ModelError(f"{validation}: task {policy.task} needs ground truth ('truth' for every sample in "
+                         "dataset.json), or set the model's task to fidelity")
+    if vset.truth is not None:
+        tasks.check_truth(policy.task, vset.truth, vset.where)
+    table = None
+    if policy.task == "text-recognition":
+        metadata = {p.key: p.value for p in proto.metadata_props}
+        classes = dict((o.name, o.shape) for o in sig.outputs)[sig.output(post.output)]
+        base = validation if validation.is_dir() else validation.parent
+        table = tuple(tasks.charset(post, metadata, lambda rel: _read_text(base / rel),
+                                    classes[-1] if classes else None))
+    return Inputs(model, proto, sig, cal, vset, calibration, validation, policy.task, post, table)
+
+
+def _first(exc: BaseException) -> str:
+    return (str(exc).strip() or type(exc).__name__).splitlines()[0][:300]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path}: cannot read the charset: {_first(exc)}") from None
 
 
 # -- build ------------------------------------------------------------------------
 
 def build_candidates(inputs: Inputs, policy: OptimizationPolicy, outdir: Path,
-                     say: Progress) -> list[Built]:
-    """FP32 (graph-optimized) first, then each quantized/FP16 candidate."""
+                     say: Progress, gates: Gates | None = None) -> list[Built]:
+    """FP32 (graph-optimized) first, then each quantized/FP16 candidate; int8-mixed last."""
     fp32 = outdir / f"{inputs.name}-fp32.onnx"
     say(f"graph optimization ({policy.graph_level}) -> {fp32.name}")
     opt.graph_optimize(inputs.path, fp32, policy.graph_level, policy.execution_provider)
     built = [Built("fp32", fp32)]
-    others = policy.candidate_names()[1:]
-    if others:
+    others = [n for n in policy.candidate_names()[1:] if n != "int8-mixed"]
+    mixed = "int8-mixed" in policy.candidate_names()
+    if others or mixed:
         with tempfile.TemporaryDirectory(prefix="kiln-quant-") as work:
             notes: list[str] = []
             source = opt.quantization_source(inputs.proto, Path(work), notes)
             built += [_build_one(n, source, notes, inputs, policy, outdir, say) for n in others]
-    return built
+            if mixed:
+                built.append(_build_mixed(source, notes, built, inputs, policy, gates or Gates(), outdir,
+                                          Path(work), say))
+    return [b for b in built if b.name in policy.candidate_names()]
 
 
 def _build_one(name: str, source: Path, shared_notes: list[str], inputs: Inputs,
@@ -136,6 +183,60 @@ def _build_one(name: str, source: Path, shared_notes: list[str], inputs: Inputs,
     except ModelError as exc:
         item.path, item.error = None, f"build failed: {exc.message}"
     return item
+
+
+def _build_mixed(source: Path, shared_notes: list[str], built: list[Built], inputs: Inputs,
+                 policy: OptimizationPolicy, gates: Gates, outdir: Path, work: Path, say: Progress) -> Built:
+    """INT8 with the most sensitive nodes in FP32: a bounded search over how many to keep.
+
+    Full static INT8 (the int8-static file when built) is analysed node by node (opt.sensitivity);
+    then 1, 2, 4, ... of the worst nodes (up to policy.mixed_max_nodes) are left in FP32 until the
+    accuracy and fidelity gates pass on the validation set. The first that passes is the
+    candidate (speed and size are gated with the others); when none does, the last one tried is."""
+    dst = outdir / f"{inputs.name}-int8-mixed.onnx"
+    item = Built("int8-mixed", dst, list(shared_notes))
+    static = next((b for b in built if b.name == "int8-static" and b.path is not None and not b.error), None)
+    full = static.path if static is not None and static.path is not None else work / "int8-full.onnx"
+    try:
+        if static is None:
+            say("building int8-static for the per-node analysis")
+            _make("int8-static", source, full, inputs, policy, item.notes)
+        assert full is not None
+        say(f"int8-mixed: per-node error analysis on {len(inputs.calibration)} calibration samples")
+        ranked = opt.sensitivity(source, full, inputs.calibration, inputs.sig)
+        reference = _reference_outputs(built[0], inputs, policy)
+        item.mixed = {"sensitivity": [[n, db] for n, db in ranked[:policy.mixed_max_nodes]], "search": [],
+                      "kept_fp32": []}
+        steps = [k for k in MIXED_STEPS if k <= min(policy.mixed_max_nodes, len(ranked))] or [len(ranked)]
+        for k in steps:
+            nodes = [n for n, _ in ranked[:k]]
+            say(f"int8-mixed: {k} node(s) in FP32")
+            opt.quantize_static(source, dst, inputs.calibration, inputs.sig, notes=item.notes,
+                                per_channel=policy.per_channel, method=policy.calibration_method, exclude=nodes)
+            sess = val.open_session(dst, policy.graph_level, policy.execution_provider)
+            fig = _figures(val.predict(sess, inputs.sig, inputs.validation), reference, inputs, 0, 0.0)
+            ref_fig = _figures(reference, reference, inputs, 0, 0.0)
+            results = [g for g in evaluate("int8", fig, ref_fig, gates) if g.gate in QUALITY_GATES]
+            passed = all(g.passed for g in results)
+            item.mixed["search"].append({"nodes": nodes, "score": fig.accuracy,
+                                         "cosine": min((v for f in fig.fidelity.values() if (v := f.get("cosine")) is not None),
+                                                       default=None),
+                                         "passed": passed})
+            item.mixed["kept_fp32"] = nodes
+            if passed:
+                break
+    except ModelError as exc:
+        item.path, item.error = None, f"build failed: {exc.message}"
+    return item
+
+
+QUALITY_GATES = ("min_accuracy", "max_accuracy_drop", "min_agreement", "min_cosine", "min_snr_db", "max_abs_diff")
+
+
+def _reference_outputs(fp32: Built, inputs: Inputs, policy: OptimizationPolicy) -> val.Outputs:
+    assert fp32.path is not None
+    return val.predict(val.open_session(fp32.path, policy.graph_level, policy.execution_provider),
+                       inputs.sig, inputs.validation)
 
 
 def _make(name: str, source: Path, dst: Path, inputs: Inputs, policy: OptimizationPolicy,
@@ -157,7 +258,7 @@ def measure_and_decide(inputs: Inputs, built: list[Built], policy: OptimizationP
     assert measured[0].built.name == "fp32"  # _measure_one raises when FP32 does not run
     say(f"timing {len(measured)} candidate(s), {policy.latency_runs} runs each, 1 thread")
     timing = val.latencies({m.built.name: m.session for m in measured}, inputs.sig,
-                           inputs.validation.x, policy.latency_runs)
+                           inputs.validation, policy.latency_runs)
     results = _results(measured, timing, inputs, policy, gates)
     reference: list[CandidateResult] = []
     info = _host_runtime_info(runtime, policy)
@@ -186,23 +287,28 @@ def _measure_runtime(runtime: ClassRuntime, measured: list[Measured], inputs: In
     say(f"validating and timing {len(measured)} candidate(s) under {runtime.title}")
     files = [(m.built.name, CANDIDATE_PRECISION[m.built.name], m.built.path) for m in measured
              if m.built.path is not None]
-    return rts.measure_class_runtime(runtime, files, inputs.validation.x, batch=inputs.sig.batch,
-                                     input_name=inputs.sig.input_name, output_name=inputs.sig.output_name,
+    return rts.measure_class_runtime(runtime, files, inputs.validation, inputs.sig,
                                      graph_level=policy.graph_level, latency_runs=policy.latency_runs)
+
+
+def _figures(outputs: val.Outputs, reference: val.Outputs, inputs: Inputs, size: int, p95: float) -> Metrics:
+    """Task score, agreement (classification), fidelity per output against the FP32 reference."""
+    out = inputs.sig.output(inputs.post.output)
+    fid = {name: tasks.fidelity(outputs[name], reference[name]) for name in inputs.sig.output_names}
+    truth = inputs.validation.truth
+    task = tasks.task_metrics(inputs.task, outputs[out], truth, inputs.post,
+                              inputs.table) if truth is not None and inputs.graded else {}
+    agree = tasks.agreement(outputs[out], reference[out]) if inputs.task == "classification" else None
+    return Metrics(task.get(inputs.score), agree, size, p95, fid, inputs.score, task)
 
 
 def _runtime_results(m: rts.Measurement, measured: list[Measured], inputs: Inputs,
                      policy: OptimizationPolicy, gates: Gates) -> list[CandidateResult]:
     """The gated figures: each candidate under the class's runtime, against that runtime's FP32."""
-    metric = val.METRICS[policy.metric]
-    labels = inputs.validation.y
-    assert labels is not None
     if "fp32" not in m.outputs:
         raise ModelError(f"the FP32 model does not run under {m.label}: {m.figures['fp32'].get('error')}")
     ref = m.outputs["fp32"]
-    figures = {name: Metrics(metric(out, labels), val.agreement(out, ref), 0, m.figures[name]["p95_ms"])
-               for name, out in m.outputs.items()}
-    base = replace(figures["fp32"], size_bytes=_size(measured[0].built))
+    base = _figures(ref, ref, inputs, _size(measured[0].built), m.figures["fp32"]["p95_ms"])
     out = []
     for x in measured:
         name, fig = x.built.name, m.figures.get(x.built.name, {})
@@ -210,10 +316,11 @@ def _runtime_results(m: rts.Measurement, measured: list[Measured], inputs: Input
             out.append(replace(_unbuilt(x.built), runtime=m.label, error=f"does not run under {m.label}: "
                                                                          f"{fig.get('error')}"))
             continue
-        diff = rts.max_abs_diff(m.outputs[name], x.outputs)
-        out.append(_result(x, replace(figures[name], size_bytes=_size(x.built)), base,
-                           (fig["p50_ms"], fig["p95_ms"]), gates, runtime=m.label, load_ms=fig["load_ms"],
-                           diff=diff, extra=(golden(diff, policy.golden_tolerance),)))
+        diff = max(rts.max_abs_diff(a, b) for n in inputs.sig.output_names
+                   for a, b in zip(m.outputs[name][n], x.outputs[n], strict=True))
+        figures = _figures(m.outputs[name], ref, inputs, _size(x.built), fig["p95_ms"])
+        out.append(_result(x, figures, base, (fig["p50_ms"], fig["p95_ms"]), gates, runtime=m.label,
+                           load_ms=fig["load_ms"], diff=diff, extra=(golden(diff, policy.golden_tolerance),)))
     return out
 
 
@@ -221,10 +328,10 @@ def _measure_one(b: Built, inputs: Inputs, policy: OptimizationPolicy,
                  say: Progress) -> Measured | None:
     if b.path is None:
         return None
-    say(f"validating {b.name} on {len(inputs.validation.x)} samples")
+    say(f"validating {b.name} on {len(inputs.validation)} samples")
     try:
         sess = val.open_session(b.path, policy.graph_level, policy.execution_provider)
-        outputs = val.predict(sess, inputs.sig, inputs.validation.x)
+        outputs = val.predict(sess, inputs.sig, inputs.validation)
         load = val.load_ms(b.path, policy.graph_level, policy.execution_provider)
     except ModelError as exc:
         if b.name == "fp32":
@@ -236,12 +343,13 @@ def _measure_one(b: Built, inputs: Inputs, policy: OptimizationPolicy,
 
 def _results(measured: list[Measured], timing: dict[str, tuple[float, float]], inputs: Inputs,
              policy: OptimizationPolicy, gates: Gates) -> list[CandidateResult]:
-    metric = val.METRICS[policy.metric]
-    labels = inputs.validation.y
-    assert labels is not None
     ref = measured[0].outputs
-    figures = {m.built.name: Metrics(metric(m.outputs, labels), val.agreement(m.outputs, ref),
-                                     _size(m.built), timing[m.built.name][1]) for m in measured}
+    try:
+        figures = {m.built.name: _figures(m.outputs, ref, inputs, _size(m.built), timing[m.built.name][1])
+                   for m in measured}
+    except ModelError as exc:
+        raise ModelError(f"{inputs.validation_path}: the {inputs.task} metric cannot be computed: "
+                         f"{exc.message}") from None
     base = figures["fp32"]
     return [_result(m, figures[m.built.name], base, timing[m.built.name], gates,
                     runtime=policy.execution_provider) for m in measured]
@@ -259,18 +367,20 @@ def _result(m: Measured, fig: Metrics, base: Metrics, timing: tuple[float, float
     assert b.path is not None
     precision = CANDIDATE_PRECISION[b.name]
     results = (*evaluate(precision, fig, base, gates), *extra)
+    task = {k: v for k, v in fig.task.items() if k != "texts"}
     return CandidateResult(
         name=b.name, precision=precision, path=b.path.name, sha256=sha256_file(b.path),
         size_bytes=fig.size_bytes, accuracy=fig.accuracy, agreement=fig.agreement,
         load_ms=m.load_ms if load_ms is None else load_ms, p50_ms=timing[0], p95_ms=timing[1],
         speedup=speedup(base.p95_ms, fig.p95_ms), gates=results, passed=all(g.passed for g in results),
-        notes=tuple(b.notes), runtime=runtime, max_abs_diff=diff,
+        notes=tuple(b.notes), runtime=runtime, max_abs_diff=diff, metrics=task, fidelity=fig.fidelity,
+        mixed=b.mixed,
     )
 
 
 def _unbuilt(b: Built) -> CandidateResult:
     return CandidateResult(name=b.name, precision=CANDIDATE_PRECISION[b.name], error=b.error,
-                           notes=tuple(b.notes))
+                           notes=tuple(b.notes), mixed=b.mixed)
 
 
 def _report(inputs: Inputs, candidates: tuple[CandidateResult, ...], chosen: str | None,
@@ -278,17 +388,30 @@ def _report(inputs: Inputs, candidates: tuple[CandidateResult, ...], chosen: str
             runtime: dict[str, object], reference: tuple[CandidateResult, ...]) -> Report:
     datasets = {
         "calibration": str(inputs.calibration_path),
-        "calibration_sha256": sha256_file(inputs.calibration_path),
-        "calibration_samples": len(inputs.calibration.x),
+        "calibration_sha256": dataset_digest(inputs.calibration_path),
+        "calibration_samples": len(inputs.calibration),
         "validation": str(inputs.validation_path),
-        "validation_sha256": sha256_file(inputs.validation_path),
-        "validation_samples": len(inputs.validation.x),
+        "validation_sha256": dataset_digest(inputs.validation_path),
+        "validation_samples": len(inputs.validation),
     }
     return Report(model=inputs.name, source=str(inputs.path), source_sha256=sha256_file(inputs.path),
                   candidates=candidates, chosen=chosen, reasons=reasons,
                   onnxruntime_version=ort.__version__, policy=policy.to_dict(),
                   gates=gates.to_dict(), metric=policy.metric, datasets=datasets, runtime=runtime,
-                  reference=reference)
+                  reference=reference, task=inputs.task, score=inputs.score)
+
+
+def dataset_digest(path: Path) -> str:
+    """sha256 of an .npz, or of a sample directory (dataset.json and every file it names, in order)."""
+    if not path.is_dir():
+        return sha256_file(path)
+    import hashlib
+    import json
+
+    h = hashlib.sha256((path / "dataset.json").read_bytes())
+    for entry in json.loads((path / "dataset.json").read_text()).get("samples", []):
+        h.update(entry["file"].encode() + b"\0" + bytes.fromhex(sha256_file(path / entry["file"])))
+    return h.hexdigest()
 
 
 # -- outcome ------------------------------------------------------------------------
@@ -304,12 +427,28 @@ def ship(report: Report, inputs: Inputs, policy: OptimizationPolicy, outdir: Pat
     chosen = report.candidate(report.chosen or "")
     assert chosen.path is not None
     shutil.copyfile(outdir / chosen.path, outdir / "chosen.onnx")
-    count = min(policy.golden_count, len(inputs.validation.x))
-    x = inputs.validation.x[:count]
-    labels = inputs.validation.y[:count] if inputs.validation.y is not None else np.zeros(0)
+    count = min(policy.golden_count, len(inputs.validation))
     sess = val.open_session(outdir / "chosen.onnx", policy.graph_level, policy.execution_provider)
-    outputs = val.predict(sess, inputs.sig, x)
     # The device replays these within policy.golden_tolerance. INT8 outputs agree across x86
     # CPUs only because the weights are quantized with reduce_range (see optimize.py): measured
     # max |diff| 0.0 between this AVX512-VNNI host and an AVX2 QEMU guest, 3.82 without it.
-    val.write_golden(outdir / "golden.npz", inputs.sig, x, outputs, labels, policy.golden_tolerance)
+    sig, data = inputs.sig, inputs.validation
+    if data.x is not None:
+        x = data.x[:count]
+        labels = data.y[:count] if data.y is not None else np.zeros(0)
+        outputs = val.first(val.predict(sess, sig, _head(data, count)), sig)
+        val.write_golden(outdir / "golden.npz", sig, x, outputs, labels, policy.golden_tolerance)
+        return
+    if len(sig.inputs) != 1:
+        raise ModelError(f"{inputs.path}: the device's golden check feeds one input; this model has "
+                         f"{len(sig.inputs)} ({', '.join(t.name for t in sig.inputs)})")
+    head = _head(data, count)
+    golden_outputs = val.predict(sess, sig, head)[sig.output_name]
+    val.write_golden_samples(outdir / "golden.npz", sig, list(head.samples), golden_outputs,
+                             policy.golden_tolerance, argmax=inputs.task == "classification")
+
+
+def _head(data: Dataset, count: int) -> Dataset:
+    return replace(data, samples=data.samples[:count], x=None if data.x is None else data.x[:count],
+                   y=None if data.y is None else data.y[:count],
+                   truth=None if data.truth is None else data.truth[:count], names=data.names[:count])

@@ -6,19 +6,24 @@ about specs. Bad values raise UsageError with the field name.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from builder.errors import UsageError
 
 PRECISIONS = ("auto", "fp32", "fp16", "int8")
 GRAPH_LEVELS = ("none", "basic", "extended", "all")
-CANDIDATES = ("int8-static", "int8-dynamic", "fp16")
+CANDIDATES = ("int8-static", "int8-dynamic", "int8-mixed", "fp16")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 METRICS = ("accuracy",)
+TASKS = ("classification", "detection", "text-recognition", "fidelity")
+FIDELITY_KEYS = ("min_cosine", "min_snr_db", "max_abs_diff")
+MIXED_STEPS = (1, 2, 4, 8, 16)  # int8-mixed: how many of the most sensitive nodes are kept in FP32, in order
 
-# The precision each candidate name produces ("fp32" is always built).
-CANDIDATE_PRECISION = {"fp32": "fp32", "int8-static": "int8", "int8-dynamic": "int8", "fp16": "fp16"}
+# The precision each candidate name produces ("fp32" is always built). int8-mixed is static INT8
+# with the nodes that hurt most left in FP32.
+CANDIDATE_PRECISION = {"fp32": "fp32", "int8-static": "int8", "int8-dynamic": "int8", "int8-mixed": "int8",
+                       "fp16": "fp16"}
 
 
 def _one_of(field: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -41,6 +46,11 @@ class Gates:
     max_size_bytes: int | None = None
     max_p95_latency_ms: float | None = None
     min_int8_speedup: float = 1.0
+    # Every candidate but FP32 (FP16, INT8, mixed): p95(FP32) / p95(candidate) at least this.
+    min_speedup: float | None = None
+    # Per output name ("*": every output): min_cosine, min_snr_db, max_abs_diff against FP32 on the
+    # worst validation sample.
+    fidelity: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("min_accuracy", "max_accuracy_drop", "min_agreement"):
@@ -51,6 +61,20 @@ class Gates:
         _at_least("max_size_bytes", self.max_size_bytes, 1)
         _at_least("max_p95_latency_ms", self.max_p95_latency_ms, 0.0)
         _at_least("min_int8_speedup", self.min_int8_speedup, 0.0)
+        _at_least("min_speedup", self.min_speedup, 0.0)
+        for output, limits in self.fidelity.items():
+            unknown = sorted(set(limits) - set(FIDELITY_KEYS))
+            if unknown:
+                raise UsageError(f"fidelity.{output}: unknown {', '.join(unknown)} "
+                                 f"(one of {', '.join(FIDELITY_KEYS)})")
+            cosine = limits.get("min_cosine")
+            if cosine is not None and not -1.0 <= cosine <= 1.0:
+                raise UsageError(f"fidelity.{output}.min_cosine: {cosine} must be within -1..1")
+            _at_least(f"fidelity.{output}.max_abs_diff", limits.get("max_abs_diff"), 0.0)
+
+    def fidelity_for(self, output: str) -> dict[str, float]:
+        """The fidelity limits of one output: its own over the "*" defaults."""
+        return {**self.fidelity.get("*", {}), **self.fidelity.get(output, {})}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,9 +91,15 @@ class OptimizationPolicy:
     calibration_method: str = "minmax"
     execution_provider: str = "CPUExecutionProvider"
     metric: str = "accuracy"
+    task: str = "classification"
+    # builder.model.tasks.Postprocess as a dict (how the task metric reads the output)
+    postprocess: dict[str, Any] = field(default_factory=dict)
     golden_count: int = 32
     golden_tolerance: float = 1e-3
     latency_runs: int = 200
+    # int8-mixed: how many nodes the per-node analysis may keep in FP32 (the search tries 1, 2, 4, ...
+    # up to this) and how many candidates it builds at most.
+    mixed_max_nodes: int = 16
     # Bump when the optimizer makes different files from the same inputs (2: reduce_range, 3: golden
     # weights); a cached report from another recipe is not reused.
     recipe: int = 3
@@ -79,6 +109,7 @@ class OptimizationPolicy:
         _one_of("graph_level", self.graph_level, GRAPH_LEVELS)
         _one_of("calibration_method", self.calibration_method, CALIBRATION_METHODS)
         _one_of("metric", self.metric, METRICS)
+        _one_of("task", self.task, TASKS)
         for name in self.candidates:
             _one_of("candidates", name, CANDIDATES)
         if len(set(self.candidates)) != len(self.candidates):
@@ -86,6 +117,7 @@ class OptimizationPolicy:
         _at_least("golden_count", self.golden_count, 1)
         _at_least("golden_tolerance", self.golden_tolerance, 0.0)
         _at_least("latency_runs", self.latency_runs, 1)
+        _at_least("mixed_max_nodes", self.mixed_max_nodes, 1)
 
     def candidate_names(self) -> tuple[str, ...]:
         """Names to build, "fp32" first (it is the baseline for every gate)."""
@@ -107,4 +139,5 @@ class OptimizationPolicy:
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["candidates"] = list(self.candidates)
+        data["postprocess"] = dict(self.postprocess)
         return data

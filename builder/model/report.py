@@ -43,6 +43,24 @@ class CandidateResult:
     # False for a reference measurement (the host's CPU onnxruntime when the class ships another
     # runtime): shown, never gated.
     gated: bool = True
+    # The task's figures (precision, recall, F1; CER; ...) and, per output, fidelity to FP32
+    # (cosine, snr_db, max_abs_diff, cosine_min; builder.model.tasks.fidelity).
+    metrics: dict[str, Any] = field(default_factory=dict)
+    fidelity: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    # int8-mixed: the nodes kept in FP32 and every step of the search ({"kept_fp32": [...],
+    # "sensitivity": [[node, SQNR dB], ...], "search": [{"nodes", "score", "cosine", "passed"}]}).
+    mixed: dict[str, Any] | None = None
+
+    @property
+    def cosine(self) -> float | None:
+        """The worst cosine to FP32 over every output."""
+        values = [v for f in self.fidelity.values() if (v := f.get("cosine")) is not None]
+        return min(values) if values else None
+
+    @property
+    def snr_db(self) -> float | None:
+        values = [v for f in self.fidelity.values() if (v := f.get("snr_db")) is not None]
+        return min(values) if values else None
 
     @property
     def label(self) -> str:
@@ -76,6 +94,8 @@ class Report:
     # the host CPU measurements kept as a reference when the gates used that runtime's figures.
     runtime: dict[str, Any] = field(default_factory=dict)
     reference: tuple[CandidateResult, ...] = ()
+    task: str = "classification"
+    score: str = "accuracy"  # the task's score, which the accuracy gates apply to
 
     @property
     def passed(self) -> bool:
@@ -120,8 +140,12 @@ def read_report(path: Path) -> Report:
 
 # -- tables -------------------------------------------------------------------
 
-COLUMNS = ("", "candidate", "precision", "accuracy", "agree", "max |diff|", "size", "load ms",
-           "p50 ms", "p95 ms", "speed-up", "gates")
+COLUMNS = ("", "candidate", "precision", "accuracy", "agree", "cosine", "SNR dB", "max |diff|", "size",
+           "load ms", "p50 ms", "p95 ms", "speed-up", "gates")
+
+
+def columns(report: Report) -> tuple[str, ...]:
+    return (*COLUMNS[:3], report.score, *COLUMNS[4:])
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -144,14 +168,15 @@ def _row(c: CandidateResult, chosen: bool) -> tuple[str, ...]:
     size = "-" if c.size_bytes is None else f"{c.size_bytes / 1024:.1f} KiB"
     verdict = "reference (not gated)" if not c.gated else "pass" if c.passed else f"FAIL: {failures(c)}"
     return ("*" if chosen else "", c.label, c.precision, _num(c.accuracy, ".4f"),
-            _num(c.agreement, ".4f"), _num(c.max_abs_diff, ".2g"), size, _num(c.load_ms, ".1f"),
+            _num(c.agreement, ".4f"), _num(c.cosine, ".4f"), _num(c.snr_db, ".1f"),
+            _num(c.max_abs_diff, ".2g"), size, _num(c.load_ms, ".1f"),
             _num(c.p50_ms, ".3f"),
             _num(c.p95_ms, ".3f"), _num(c.speedup, ".2f") + ("x" if c.speedup else ""), verdict)
 
 
 def _title(report: Report) -> str:
     chosen = report.chosen or "none (gate failed)"
-    return f"{report.model}: {report.metric} on {report.datasets.get('validation_samples', '?')} " \
+    return f"{report.model}: {report.task}, {report.score} on {report.datasets.get('validation_samples', '?')} " \
            f"validation samples, chosen: {chosen}"
 
 
@@ -166,10 +191,29 @@ def runtime_lines(report: Report) -> list[str]:
     return [*lines, *([f"note: {report.note}"] if report.note else [])]
 
 
+def detail_lines(report: Report) -> list[str]:
+    """Under the table: each candidate's task figures and the mixed-precision search."""
+    lines = []
+    for c in report.candidates:
+        shown = {k: v for k, v in c.metrics.items() if k not in ("texts",) and not isinstance(v, list | dict)}
+        if shown:
+            lines.append(f"{c.name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                   for k, v in shown.items()))
+        if c.mixed:
+            kept = c.mixed.get("kept_fp32") or []
+            lines.append(f"{c.name}: kept in FP32: {', '.join(kept) if kept else 'none'}")
+            for step in c.mixed.get("search", []):
+                lines.append(f"  {len(step['nodes'])} node(s) in FP32: {report.score} "
+                             f"{_num(step.get('score'), '.4f')}, cosine {_num(step.get('cosine'), '.4f')}"
+                             f" -> {'pass' if step.get('passed') else 'fail'}")
+    return lines
+
+
 def render_table(report: Report) -> Table:
     """A rich table of every candidate; '*' marks the chosen one."""
-    table = Table(title=_title(report), caption="\n".join(runtime_lines(report)) or None)
-    for col in COLUMNS:
+    caption = [*detail_lines(report), *runtime_lines(report)]
+    table = Table(title=_title(report), caption="\n".join(caption) or None, caption_justify="left")
+    for col in columns(report):
         table.add_column(col, justify="left" if col in ("candidate", "gates") else "right",
                          no_wrap=col == "candidate")
     for row in table_rows(report):
@@ -179,10 +223,10 @@ def render_table(report: Report) -> Table:
 
 def format_table(report: Report) -> str:
     """The same table as plain text (for logs and the benchmark)."""
-    rows = [COLUMNS, *table_rows(report)]
+    rows = [columns(report), *table_rows(report)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS) - 1)]
     lines = [_title(report)]
     for r in rows:
         cells = [r[i].ljust(w) if i == 1 else r[i].rjust(w) for i, w in enumerate(widths)]
         lines.append("  ".join([*cells, r[-1]]).rstrip())
-    return "\n".join([*lines, *runtime_lines(report)])
+    return "\n".join([*lines, *detail_lines(report), *runtime_lines(report)])

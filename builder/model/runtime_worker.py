@@ -6,14 +6,16 @@ Runs with the standard library, numpy and that venv's onnxruntime only: it impor
 from builder (the venv does not have it). The gate (builder.model.runtimes) writes the request
 and reads back what this writes:
 
-    request:  {"candidates": [{"name", "precision", "path"}], "inputs": NPZ with x, "batch",
-               "input_name", "output_name", "graph_level", "latency_runs", "warmup_runs",
+    request:  {"candidates": [{"name", "precision", "path"}], "inputs": NPZ with "I:NAME" per feed I
+               and input NAME, "feeds", "rows" (samples in each feed), "input_names", "output_names",
+               "array_form" (feeds are batches of rows: outputs are split per row), "batch" (a fixed
+               batch size or null), "latency_samples", "graph_level", "latency_runs", "warmup_runs",
                "attempts": {precision: [[provider or [provider, {options}], ...], ...]},
                "result", "outputs"}
     result:   {"onnxruntime", "available", "attempts": [[attempt, error or null], ...],
                "providers", "provider_options", "candidates": {name: {load_ms, p50_ms, p95_ms}
                or {error}}}
-    outputs:  an NPZ with one array of outputs per measured candidate
+    outputs:  an NPZ with "CANDIDATE:I:OUTPUT" for sample I
 
 Each attempt is a provider list tried in order (the class's device, then the CPU device); the
 first under which the FP32 candidate loads picks the device for every candidate, each with the
@@ -65,16 +67,37 @@ def open_session(path: str, level: str, attempt: list[Any]) -> ort.InferenceSess
     return ort.InferenceSession(path, options(level), providers=providers(attempt))
 
 
-def predict(sess: ort.InferenceSession, req: dict[str, Any], x: np.ndarray) -> np.ndarray:
-    size = req["batch"] or PREDICT_BATCH
-    outs = []
-    for i in range(0, len(x), size):
-        chunk = x[i:i + size]
-        n = len(chunk)
-        if req["batch"] and n < size:
-            chunk = np.concatenate([chunk, np.zeros((size - n, *chunk.shape[1:]), chunk.dtype)])
-        outs.append(np.asarray(sess.run([req["output_name"]], {req["input_name"]: chunk})[0])[:n])
-    return np.concatenate(outs)
+def feeds(req: dict[str, Any]) -> list[dict[str, np.ndarray]]:
+    with np.load(req["inputs"]) as npz:
+        return [{name: npz[f"{i}:{name}"] for name in req["input_names"]} for i in range(req["feeds"])]
+
+
+def predict(sess: ort.InferenceSession, req: dict[str, Any], data: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Every output per sample ("I:OUTPUT"), the array form split into rows."""
+    out: dict[str, Any] = {}
+    index = 0
+    for feed, rows in zip(data, req["rows"], strict=True):
+        got = sess.run(req["output_names"], feed)
+        parts = range(rows) if req["array_form"] else [None]
+        for part in parts:
+            for name, value in zip(req["output_names"], got, strict=True):
+                value = np.asarray(value)
+                out[f"{index}:{name}"] = value if part is None else value[part:part + 1]
+            index += 1
+    return out
+
+
+def single(req: dict[str, Any], data: list[dict[str, np.ndarray]], i: int) -> dict[str, np.ndarray]:
+    """Sample i as one inference (the array form: one row, repeated to a fixed batch)."""
+    if not req["array_form"]:
+        return data[i]
+    start = 0
+    for feed, rows in zip(data, req["rows"], strict=True):
+        if i < start + rows:
+            row = {k: v[i - start:i - start + 1] for k, v in feed.items()}
+            return {k: np.repeat(v, req["batch"], axis=0) for k, v in row.items()} if req["batch"] else row
+        start += rows
+    raise IndexError(i)
 
 
 def load_ms(path: str, level: str, attempt: list[Any]) -> float:
@@ -86,15 +109,16 @@ def load_ms(path: str, level: str, attempt: list[Any]) -> float:
     return statistics.median(times)
 
 
-def latencies(sessions: dict[str, ort.InferenceSession], req: dict[str, Any], x: np.ndarray) -> dict[str, Any]:
+def latencies(sessions: dict[str, ort.InferenceSession], req: dict[str, Any],
+              data: list[dict[str, np.ndarray]]) -> dict[str, Any]:
     """p50/p95 single-inference latency per session, round-robin (as builder.model.validate)."""
-    runs, repeat = req["latency_runs"], req["batch"] or 1
-    samples = [np.repeat(x[i % len(x)][None], repeat, axis=0) for i in range(runs)]
+    runs = req["latency_runs"]
+    samples = [single(req, data, i) for i in req["latency_samples"]]
     times: dict[str, list[float]] = {name: [] for name in sessions}
     for i in range(req["warmup_runs"] + runs):
         for name, sess in sessions.items():
             start = time.perf_counter()
-            sess.run([req["output_name"]], {req["input_name"]: samples[i % runs]})
+            sess.run(req["output_names"], samples[i % len(samples)])
             if i >= req["warmup_runs"]:
                 times[name].append((time.perf_counter() - start) * 1e3)
     out = {}
@@ -139,7 +163,7 @@ def given_options(attempt: list[Any]) -> dict[str, dict[str, str]]:
 
 
 def measure(req: dict[str, Any]) -> dict[str, Any]:
-    x = np.load(req["inputs"])["x"]
+    x = feeds(req)
     result: dict[str, Any] = {"onnxruntime": ort.__version__, "available": ort.get_available_providers(),
                               "attempts": [], "candidates": {}}
     chosen, first = choose_attempt(req, result)
@@ -151,7 +175,7 @@ def measure(req: dict[str, Any]) -> dict[str, Any]:
         attempt = req["attempts"][c["precision"]][chosen]
         try:
             sess = open_session(c["path"], req["graph_level"], attempt)
-            outputs[c["name"]] = predict(sess, req, x)
+            outputs.update({f"{c['name']}:{k}": v for k, v in predict(sess, req, x).items()})
             result["candidates"][c["name"]] = {"load_ms": load_ms(c["path"], req["graph_level"], attempt),
                                                "providers": sess.get_providers(),
                                                "provider_options": given_options(attempt)}

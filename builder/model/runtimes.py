@@ -56,7 +56,7 @@ class Measurement:
     """What the worker measured under the class's runtime."""
 
     label: str  # e.g. OpenVINOExecutionProvider(CPU)
-    outputs: dict[str, np.ndarray]
+    outputs: dict[str, dict[str, list[np.ndarray]]]  # candidate -> output name -> one array per sample
     figures: dict[str, dict[str, Any]]  # name -> load_ms, p50_ms, p95_ms (or error)
     info: dict[str, Any] = field(default_factory=dict)  # for report.runtime
     note: str | None = None  # the class's EP or device was not what ran
@@ -92,20 +92,27 @@ def _device(attempt: Sequence[Any]) -> str:
     return "?"
 
 
-def measure_class_runtime(runtime: ClassRuntime, candidates: Sequence[tuple[str, str, Path]], x: np.ndarray, *,
-                          batch: int | None, input_name: str, output_name: str, graph_level: str,
-                          latency_runs: int) -> Measurement:
+def measure_class_runtime(runtime: ClassRuntime, candidates: Sequence[tuple[str, str, Path]], data: Any,
+                          sig: Any, *, graph_level: str, latency_runs: int) -> Measurement:
     """Run the worker with the runtime's python over (name, precision, file) (FP32 first).
 
-    ModelError when the worker fails."""
+    `data` (builder.model.data.Dataset) goes over as one feed per sample; the outputs come back
+    per candidate as {output name: [one array per sample]}. ModelError when the worker fails."""
+    from builder.model.data import batched
+
     assert runtime.python is not None
     with tempfile.TemporaryDirectory(prefix="kiln-runtime-") as tmp:
         work = Path(tmp)
-        np.savez(work / "inputs.npz", x=x)
+        feeds = list(batched(sig, data, 256))
+        arrays = {f"{i}:{name}": v for i, (feed, _) in enumerate(feeds) for name, v in feed.items()}
+        np.savez(work / "inputs.npz", **arrays)  # type: ignore[arg-type]
         request = {
             "candidates": [{"name": n, "precision": pr, "path": str(p)} for n, pr, p in candidates],
-            "inputs": str(work / "inputs.npz"), "batch": batch, "input_name": input_name,
-            "output_name": output_name, "graph_level": graph_level, "latency_runs": latency_runs,
+            "inputs": str(work / "inputs.npz"), "feeds": len(feeds), "rows": [n for _, n in feeds],
+            "input_names": [t.name for t in sig.inputs], "output_names": sig.output_names,
+            "latency_samples": [i for i in range(min(latency_runs, len(data)))],
+            "array_form": data.x is not None, "batch": sig.batch,
+            "graph_level": graph_level, "latency_runs": latency_runs,
             "warmup_runs": WARMUP_RUNS,
             "attempts": {pr: [list(a) for a in tries] for pr, tries in runtime.attempts.items()},
             "result": str(work / "result.json"), "outputs": str(work / "outputs.npz"),
@@ -116,14 +123,22 @@ def measure_class_runtime(runtime: ClassRuntime, candidates: Sequence[tuple[str,
         except CommandFailed as exc:
             raise ModelError(f"measuring the candidates under {runtime.title}: {exc}") from None
         result = json.loads((work / "result.json").read_text())
+        outputs: dict[str, dict[str, list[np.ndarray]]] = {}
         with np.load(work / "outputs.npz") as npz:
-            outputs = {name: npz[name] for name in npz.files}
+            for key in sorted(npz.files, key=_key_order):
+                cand, _index, name = key.split(":", 2)
+                outputs.setdefault(cand, {}).setdefault(name, []).append(npz[key])
     label = provider_label(result.get("providers", []), result.get("provider_options", {}))
     info = {**runtime.to_dict(), "measured_with": label, "onnxruntime": result.get("onnxruntime"),
             "session_providers": result.get("providers"),
             "provider_options": _shown_options(result.get("provider_options", {})),
             "attempts": result.get("attempts", [])}
     return Measurement(label, outputs, result["candidates"], info, finalize_note(runtime, result))
+
+
+def _key_order(key: str) -> tuple[str, int, str]:
+    cand, index, name = key.split(":", 2)
+    return cand, int(index), name
 
 
 def _shown_options(options: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:

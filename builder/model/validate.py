@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from builder.errors import ModelError
-from builder.model.data import Signature
+from builder.model.data import Dataset, Signature, batched, single
 from builder.model.optimize import GRAPH_LEVEL
 
 PREDICT_BATCH = 256
@@ -62,22 +62,30 @@ def load_ms(path: Path, graph_level: str, provider: str) -> float:
     return statistics.median(times)
 
 
-def predict(sess: ort.InferenceSession, sig: Signature, x: np.ndarray) -> np.ndarray:
-    """Outputs for every sample, batched to the model's batch size."""
-    size = sig.batch or PREDICT_BATCH
-    outs = [_run_padded(sess, sig, x[i:i + size], size) for i in range(0, len(x), size)]
-    return np.concatenate(outs)
+Outputs = dict[str, list[np.ndarray]]  # output name -> one array per sample (with its batch dimension)
 
 
-def _run_padded(sess: ort.InferenceSession, sig: Signature, chunk: np.ndarray, size: int) -> np.ndarray:
-    n = len(chunk)
-    if sig.batch is not None and n < size:
-        chunk = np.concatenate([chunk, np.zeros((size - n, *chunk.shape[1:]), chunk.dtype)])
-    try:
-        out = sess.run([sig.output_name], {sig.input_name: chunk})[0]
-    except Exception as exc:
-        raise ModelError(f"inference failed: {str(exc).splitlines()[0][:300]}") from None
-    return np.asarray(out)[:n]
+def predict(sess: ort.InferenceSession, sig: Signature, data: Dataset) -> Outputs:
+    """Every output for every sample; the array form runs in batches of the model's batch size."""
+    names = sig.output_names
+    out: Outputs = {n: [] for n in names}
+    for feed, n in batched(sig, data, PREDICT_BATCH):
+        try:
+            got = sess.run(names, feed)
+        except Exception as exc:
+            raise ModelError(f"inference failed: {str(exc).splitlines()[0][:300]}") from None
+        for name, value in zip(names, got, strict=True):
+            value = np.asarray(value)
+            if data.x is None:
+                out[name].append(value)
+            else:
+                out[name] += [value[i:i + 1] for i in range(n)]
+    return out
+
+
+def first(outputs: Outputs, sig: Signature) -> np.ndarray:
+    """The first output of every sample as one array (the array form's [N, ...])."""
+    return np.concatenate(outputs[sig.output_name])
 
 
 def accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
@@ -94,21 +102,22 @@ def agreement(outputs: np.ndarray, reference: np.ndarray) -> float:
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {"accuracy": accuracy}
 
 
-def latencies(sessions: Mapping[str, ort.InferenceSession], sig: Signature, x: np.ndarray,
+def latencies(sessions: Mapping[str, ort.InferenceSession], sig: Signature, data: Dataset,
               runs: int) -> dict[str, tuple[float, float]]:
     """p50/p95 single-inference latency (ms) per session, timed round-robin.
 
     Interleaving the candidates spreads machine noise evenly, which keeps the
-    speed-up ratio between them honest.
+    speed-up ratio between them honest. The samples are cycled through in order,
+    so models with inputs of varied size are timed over the dataset's sizes.
     """
-    repeat = sig.batch or 1  # a fixed-batch model gets one sample repeated
-    samples = [np.repeat(x[i % len(x)][None], repeat, axis=0) for i in range(runs)]
+    samples = [single(sig, data, i) for i in range(min(runs, len(data)))]
+    names = sig.output_names
     times: dict[str, list[float]] = {name: [] for name in sessions}
     for i in range(WARMUP_RUNS + runs):
         for name, sess in sessions.items():
-            sample = samples[i % runs]
+            sample = samples[i % len(samples)]
             start = time.perf_counter()
-            sess.run([sig.output_name], {sig.input_name: sample})
+            sess.run(names, sample)
             if i >= WARMUP_RUNS:
                 times[name].append((time.perf_counter() - start) * 1e3)
     return {name: _p50_p95(t) for name, t in times.items()}
@@ -121,7 +130,22 @@ def _p50_p95(times: list[float]) -> tuple[float, float]:
 
 def write_golden(path: Path, sig: Signature, x: np.ndarray, outputs: np.ndarray,
                  labels: np.ndarray, tolerance: float) -> None:
-    """The golden set the device health check replays."""
+    """The golden set the device health check replays (one input, one output, one shape)."""
     np.savez(path, x=x, outputs=outputs.astype(np.float32), labels=labels,
              tolerance=np.float64(tolerance), input_name=np.str_(sig.input_name),
              output_name=np.str_(sig.output_name))
+
+
+def write_golden_samples(path: Path, sig: Signature, feeds: list[dict[str, np.ndarray]],
+                         outputs: list[np.ndarray], tolerance: float, argmax: bool) -> None:
+    """Golden set format 2: one input and one output per sample, of any size each.
+
+    Keys: format (2), count, input_name, output_name, tolerance, argmax (whether the device also
+    requires the same top-1), labels (empty), and x.I / outputs.I for sample I."""
+    arrays: dict[str, np.ndarray] = {}
+    for i, (feed, out) in enumerate(zip(feeds, outputs, strict=True)):
+        arrays[f"x.{i}"] = feed[sig.input_name]
+        arrays[f"outputs.{i}"] = out.astype(np.float32)
+    np.savez(path, format=np.int64(2), count=np.int64(len(feeds)), tolerance=np.float64(tolerance),
+             input_name=np.str_(sig.input_name), output_name=np.str_(sig.output_name),
+             argmax=np.bool_(argmax), labels=np.zeros(0, np.int64), **arrays)  # type: ignore[arg-type]

@@ -23,10 +23,10 @@ from builder.model.report import (
 )
 
 TOP_KEYS = {"model", "source", "source_sha256", "candidates", "chosen", "reasons", "onnxruntime_version",
-            "policy", "gates", "metric", "datasets", "schema_version", "runtime", "reference"}
+            "policy", "gates", "metric", "datasets", "schema_version", "runtime", "reference", "task", "score"}
 CANDIDATE_KEYS = {"name", "precision", "path", "sha256", "size_bytes", "accuracy", "agreement", "load_ms",
                   "p50_ms", "p95_ms", "speedup", "gates", "passed", "error", "notes", "runtime",
-                  "max_abs_diff", "gated"}
+                  "max_abs_diff", "gated", "metrics", "fidelity", "mixed"}
 
 
 def make_report(chosen: str | None = "int8-static") -> Report:

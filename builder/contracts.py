@@ -282,14 +282,18 @@ def models(hc: HardwareClass) -> Iterator[Problem]:
 
 def _model_files(m, loc: Loc) -> Iterator[Problem]:  # type: ignore[no-untyped-def]
     root = project_root()
-    files = [("source",), ("validation", "dataset")]
+    files = [("validation", "dataset")] if m.fetch is not None else [("source",), ("validation", "dataset")]
     if m.optimization.calibration is not None:
         files.append(("optimization", "calibration"))
     for key in files:
         rel = m
         for part in key:
             rel = getattr(rel, part)
-        if not (root / rel).is_file():
+        path = root / rel
+        if key != ("source",) and path.is_dir():
+            if not (path / "dataset.json").is_file():
+                yield ((*loc, *[_camel(k) for k in key]), f"{rel} is a directory without dataset.json")
+        elif not path.is_file():
             yield ((*loc, *[_camel(k) for k in key]), f"file not found: {rel} (relative to {root})")
 
 

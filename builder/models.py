@@ -14,7 +14,9 @@ from builder import paths
 from builder.errors import GateFailed, ModelError
 from builder.files import sha256_file
 from builder.model import Gates, OptimizationPolicy, Report, optimize_model, read_report
+from builder.model.pipeline import dataset_digest
 from builder.model.runtimes import OPENVINO, ClassRuntime, Provider
+from builder.model_fetch import ensure_sources
 from builder.render import ModelArtifact
 from builder.runtime_venv import make_runtime_venv, want_runtime_venv, why_not_host_runtime
 from builder.spec import HardwareClass, Model
@@ -33,13 +35,18 @@ def finalize_policy(hc: HardwareClass, m: Model) -> tuple[OptimizationPolicy, Ga
         calibration_method=opt.calibration_method,
         execution_provider="CPUExecutionProvider",  # validated on the build machine's CPU
         metric=val.metric,
+        task=m.task,
+        postprocess=val.postprocess.model_dump(exclude_none=True),
         golden_count=val.golden_count,
         golden_tolerance=val.golden_tolerance,
+        mixed_max_nodes=opt.mixed_max_nodes,
     )
     gates = Gates(
         min_accuracy=g.min_accuracy, max_accuracy_drop=g.max_accuracy_drop,
         min_agreement=g.min_agreement, max_size_bytes=g.max_size,
         max_p95_latency_ms=g.max_p95_latency_ms, min_int8_speedup=g.min_int8_speedup,
+        min_speedup=g.min_speedup,
+        fidelity={out: f.model_dump(exclude_none=True) for out, f in g.fidelity.items()},
     )
     return policy, gates
 
@@ -88,6 +95,7 @@ def make_optimized_models(hc: HardwareClass, progress: Progress | None = None, *
     """
     root = paths.project_root()
     state = state or StateDir(finalize_state_root(root))
+    ensure_sources(hc, progress)
     runtime: ClassRuntime | None = None
     reports = []
     for m in hc.spec.models:
@@ -114,6 +122,7 @@ def finalize_model_artifacts(hc: HardwareClass, *, require_optimized: bool = Fal
     an optimization report for this exact source exists, else the source model (FP32)."""
     out = []
     root = paths.project_root()
+    ensure_sources(hc)
     for m in hc.spec.models:
         d = paths.model_dir(hc.name, m.name, m.version)
         report = _current_report(d, root / m.source)
@@ -153,5 +162,5 @@ def _same_inputs(report: Report, hc: HardwareClass, policy: OptimizationPolicy, 
     wanted = (rt.name.value, rt.version) if want_runtime_venv(hc, "onnxruntime", onnxruntime.__version__) else None
     return (report.policy == policy.to_dict() and report.gates == gates.to_dict()
             and report.onnxruntime_version == onnxruntime.__version__ and measured == wanted
-            and ds.get("calibration_sha256") == sha256_file(calibration)
-            and ds.get("validation_sha256") == sha256_file(validation))
+            and ds.get("calibration_sha256") == dataset_digest(calibration)
+            and ds.get("validation_sha256") == dataset_digest(validation))

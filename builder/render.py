@@ -90,7 +90,10 @@ class RenderPlan:
 
 def finalize_source_models(hc: HardwareClass) -> tuple[ModelArtifact, ...]:
     """The spec's source models as-is (FP32): what is baked before optimization."""
+    from builder.model_fetch import ensure_sources
+
     root = paths.project_root()
+    ensure_sources(hc)
     return tuple(
         ModelArtifact(name=m.name, version=m.version, precision="fp32", path=root / m.source,
                       sha256=sha256_file(root / m.source))

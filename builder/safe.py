@@ -51,6 +51,14 @@ def kernel_arg(value: str) -> str:
                   "one word of letters, digits and _ . , : / = + @ -; no spaces or quotes")
 
 
+_PIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*==[0-9A-Za-z][0-9A-Za-z.+!_-]*")
+
+
+def requirement_pin(value: str) -> str:
+    """A package pinned to one version: name==version."""
+    return _match(_PIN, value, "pinned requirement", "name==version")
+
+
 def relative_path(value: str) -> str:
     _match(_RELPATH, value, "relative path", "letters, digits, _ . + - separated by /")
     if ".." in value.split("/"):

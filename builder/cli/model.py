@@ -21,20 +21,22 @@ def model() -> None:
 @click.argument("cls", metavar="[CLASS]", required=False)
 @click.option("--model", "model_path", type=click.Path(path_type=Path, dir_okay=False),
               help="Ad-hoc: an ONNX model (instead of CLASS).")
-@click.option("--calibration", type=click.Path(path_type=Path, dir_okay=False),
-              help="Ad-hoc: calibration inputs (.npz with x).")
-@click.option("--validation", type=click.Path(path_type=Path, dir_okay=False),
-              help="Ad-hoc: validation inputs and labels (.npz with x, y).")
+@click.option("--calibration", type=click.Path(path_type=Path),
+              help="Ad-hoc: calibration inputs (.npz with x, or a sample directory with dataset.json).")
+@click.option("--validation", type=click.Path(path_type=Path),
+              help="Ad-hoc: validation inputs and ground truth (.npz with x, y, or a sample directory).")
+@click.option("--task", type=click.Choice(["classification", "detection", "text-recognition", "fidelity"]),
+              default="classification", show_default=True, help="Ad-hoc: what the ground truth is.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8"]), default="auto",
               show_default=True, help="Ad-hoc: pin a precision.")
 @click.option("--candidates", default="int8-static", show_default=True,
-              help="Ad-hoc: comma-separated candidates (int8-static, int8-dynamic, fp16).")
+              help="Ad-hoc: comma-separated candidates (int8-static, int8-dynamic, int8-mixed, fp16).")
 @click.option("--max-accuracy-drop", type=float, default=0.01, show_default=True, help="Ad-hoc gate.")
 @click.option("-o", "--output", type=click.Path(path_type=Path, file_okay=False),
               help="Output directory (default build/<class>/models/<name>/<version>/).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report(s) as JSON.")
 def model_optimize(cls: str | None, model_path: Path | None, calibration: Path | None,
-                   validation: Path | None, precision: str, candidates: str, max_accuracy_drop: float,
+                   validation: Path | None, task: str, precision: str, candidates: str, max_accuracy_drop: float,
                    output: Path | None, as_json: bool) -> None:
     """Optimize CLASS's models (or one ad-hoc --model), validate on real inputs, apply gates.
 
@@ -51,7 +53,7 @@ def model_optimize(cls: str | None, model_path: Path | None, calibration: Path |
     else:
         if not (model_path and calibration and validation):
             raise UsageError("ad-hoc use needs --model, --calibration and --validation (or give a CLASS)")
-        policy = mdl.OptimizationPolicy(precision=precision,
+        policy = mdl.OptimizationPolicy(precision=precision, task=task,
                                         candidates=tuple(c for c in candidates.split(",") if c))
         gates = mdl.Gates(max_accuracy_drop=max_accuracy_drop)
         out = output or paths.adhoc_model_dir(model_path.stem)

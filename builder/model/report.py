@@ -164,9 +164,16 @@ def table_rows(report: Report) -> list[tuple[str, ...]]:
     return rows
 
 
+def _failed(c: CandidateResult) -> str:
+    """The failed gates by name (the reasons under the table say each in full)."""
+    if c.error:
+        return c.error
+    return ", ".join(dict.fromkeys(g.gate for g in c.gates if not g.passed))
+
+
 def _row(c: CandidateResult, chosen: bool) -> tuple[str, ...]:
     size = "-" if c.size_bytes is None else f"{c.size_bytes / 1024:.1f} KiB"
-    verdict = "reference (not gated)" if not c.gated else "pass" if c.passed else f"FAIL: {failures(c)}"
+    verdict = "reference (not gated)" if not c.gated else "pass" if c.passed else f"FAIL: {_failed(c)}"
     return ("*" if chosen else "", c.label, c.precision, _num(c.accuracy, ".4f"),
             _num(c.agreement, ".4f"), _num(c.cosine, ".4f"), _num(c.snr_db, ".1f"),
             _num(c.max_abs_diff, ".2g"), size, _num(c.load_ms, ".1f"),

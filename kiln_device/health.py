@@ -79,6 +79,14 @@ class Golden:
     tolerance: float
     input_name: str
     output_name: str
+    # Format 2 (builder.model.validate.write_golden_samples): one input and output per sample, of
+    # any size each (x and outputs above are then empty); argmax: whether top-1 must match too.
+    samples: tuple[tuple[np.ndarray, np.ndarray], ...] = ()
+    argmax: bool = True
+
+    @property
+    def count(self) -> int:
+        return len(self.samples) if self.samples else len(self.x)
 
 
 class ServiceError(Exception):
@@ -103,6 +111,8 @@ def load_golden(entry: ki.ModelEntry) -> Golden:
             arrays = {k: npz[k] for k in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise ki.ModelProblem(f"{where} is unreadable: {first_line(exc)}") from None
+    if "format" in arrays:
+        return _golden_samples(shown, where, arrays)
     missing = [k for k in GOLDEN_KEYS if k not in arrays]
     if missing:
         raise ki.ModelProblem(f"{where} lacks {', '.join(missing)}")
@@ -115,12 +125,45 @@ def load_golden(entry: ki.ModelEntry) -> Golden:
                   str(arrays["output_name"]))
 
 
+def _golden_samples(shown: str, where: str, arrays: dict[str, np.ndarray]) -> Golden:
+    """Format 2: count, x.I and outputs.I per sample, tolerance, argmax, the input and output names."""
+    if arrays["format"].shape != () or int(arrays["format"]) != 2:
+        raise ki.ModelProblem(f"{where} has format {arrays['format']!r}; this agent reads formats 1 and 2")
+    missing = [k for k in ("count", "tolerance", "input_name", "output_name", "argmax") if k not in arrays]
+    if missing:
+        raise ki.ModelProblem(f"{where} lacks {', '.join(missing)}")
+    count = int(arrays["count"])
+    samples = []
+    for i in range(count):
+        x, out = arrays.get(f"x.{i}"), arrays.get(f"outputs.{i}")
+        if x is None or out is None or x.ndim < 1 or len(x) == 0 or out.ndim < 1 or len(out) != len(x):
+            raise ki.ModelProblem(f"{where}: sample {i} is missing or inconsistent")
+        samples.append((x, out))
+    tolerance = arrays["tolerance"]
+    if count < 1 or tolerance.shape != () or not np.isfinite(tolerance) or tolerance < 0:
+        raise ki.ModelProblem(f"{where} is inconsistent: {count} samples, tolerance {tolerance!r}")
+    empty = np.zeros((0,), np.float32)
+    return Golden(shown, empty, empty, arrays.get("labels", np.zeros(0, np.int64)), float(tolerance),
+                  str(arrays["input_name"]), str(arrays["output_name"]), tuple(samples), bool(arrays["argmax"]))
+
+
+def _fits(model: ki.LoadedModel, x: np.ndarray) -> bool:
+    dims = model.input_shape
+    return x.ndim == len(dims) and all(not isinstance(d, int) or d == s for d, s in zip(dims, x.shape, strict=True))
+
+
 def check_fits(model: ki.LoadedModel, golden: Golden) -> np.ndarray:
     """The golden inputs as the model's input tensor; a ModelProblem when they were made for another model."""
     name = model.entry.name
     if (golden.input_name, golden.output_name) != (model.input_name, model.output_name):
         raise ki.ModelProblem(f"model {name}: golden set is for {golden.input_name} -> {golden.output_name}, "
                               f"the model has {model.input_name} -> {model.output_name}")
+    for i, (x, _) in enumerate(golden.samples):
+        if not _fits(model, x):
+            raise ki.ModelProblem(f"model {name}: golden sample {i} {list(x.shape)} does not fit the model input "
+                                  f"{model.shape_text()}")
+    if golden.samples:
+        return golden.x
     dims = model.input_shape[1:]
     sample = golden.x.shape[1:]
     if len(dims) != len(sample) or any(isinstance(d, int) and d != s for d, s in zip(dims, sample, strict=True)):
@@ -130,6 +173,25 @@ def check_fits(model: ki.LoadedModel, golden: Golden) -> np.ndarray:
 
 
 # -- comparing outputs ----------------------------------------------------------------------------
+
+
+def compare_samples(got: list[np.ndarray], golden: Golden) -> dict[str, Any]:
+    """Format 2: max abs diff per sample (and top-1 per sample when the golden set asks for it)."""
+    n = golden.count
+    per_sample, mismatched = [], []
+    for i, (g, (_, want)) in enumerate(zip(got, golden.samples, strict=True)):
+        if g.shape != want.shape:
+            return {"ok": False, "samples": n, "error": f"sample {i}: output shape {list(g.shape)}, golden "
+                                                        f"{list(want.shape)}"}
+        d = np.abs(g.astype(np.float64) - want.astype(np.float64))
+        per_sample.append(float(np.where(np.isfinite(d), d, np.inf).max()) if d.size else 0.0)
+        if golden.argmax and int(g.reshape(-1).argmax()) != int(want.reshape(-1).argmax()):
+            mismatched.append(i)
+    worst = int(np.argmax(per_sample))
+    finite = bool(np.isfinite(per_sample[worst]))
+    return {"ok": bool(finite and per_sample[worst] <= golden.tolerance and not mismatched), "samples": n,
+            "tolerance": golden.tolerance, "max_abs_diff": per_sample[worst] if finite else None,
+            "worst_sample": worst, "argmax_mismatches": len(mismatched), "mismatched_samples": mismatched[:MAX_SHOWN]}
 
 
 def compare(got: np.ndarray, golden: Golden, got_argmax: np.ndarray | None = None) -> dict[str, Any]:
@@ -163,8 +225,12 @@ def wrong_outputs(where: str, c: dict[str, Any]) -> str:
     if "error" in c:
         return f"{where}: {c['error']}"
     diff = "non-finite" if c["max_abs_diff"] is None else f"{c['max_abs_diff']:.3g}"
-    text = (f"{where}: outputs differ from the golden set: max |diff| {diff} at sample {c['worst_sample']} "
-            f"(tolerance {c['tolerance']:g}; expected class {c['worst_expected_argmax']}, got {c['worst_argmax']})")
+    text = f"{where}: outputs differ from the golden set: max |diff| {diff} at sample {c['worst_sample']} "
+    if "worst_expected_argmax" in c:
+        text += (f"(tolerance {c['tolerance']:g}; expected class {c['worst_expected_argmax']}, "
+                 f"got {c['worst_argmax']})")
+    else:
+        text += f"(tolerance {c['tolerance']:g})"
     if c["argmax_mismatches"]:
         shown = ", ".join(map(str, c["mismatched_samples"]))
         text += f"; argmax differs on {c['argmax_mismatches']}/{c['samples']} samples (first: {shown})"
@@ -174,10 +240,13 @@ def wrong_outputs(where: str, c: dict[str, Any]) -> str:
 # -- latency ----------------------------------------------------------------------------------
 
 
-def measure(model: ki.LoadedModel, x: np.ndarray, runs: int) -> dict[str, Any]:
+def measure(model: ki.LoadedModel, x: np.ndarray | list[np.ndarray], runs: int) -> dict[str, Any]:
     """p50/p95/max of single-sample inferences (a fixed-batch model gets one sample repeated)."""
     batch = model.fixed_batch or 1
-    samples = [np.repeat(x[i][None], batch, axis=0) for i in range(len(x))]
+    if isinstance(x, list):  # golden format 2: each sample as stored
+        samples = [s.astype(model.input_dtype) for s in x]
+    else:
+        samples = [np.repeat(x[i][None], batch, axis=0) for i in range(len(x))]
     for i in range(WARMUP_RUNS):
         model.run(samples[i % len(samples)])
     times = np.empty(runs)
@@ -221,7 +290,8 @@ def check_model(entry: ki.ModelEntry, providers: list[str], envelope: float | No
         golden = load_golden(entry)
         model = ki.load_model(entry, providers, threads=1, release=release)  # OpenVINO: device, precision
         x = check_fits(model, golden)
-        got = model.run_all(x)
+        sampled = [s.astype(model.input_dtype) for s, _ in golden.samples]
+        got = [model.run(s) for s in sampled] if golden.samples else model.run_all(x)
     except ki.ModelProblem as exc:
         problems.append(Problem(BROKEN, entry.name, str(exc)))
         return info, None
@@ -230,7 +300,7 @@ def check_model(entry: ki.ModelEntry, providers: list[str], envelope: float | No
         return info, None
     info.update(golden=golden.path, providers=model.session.get_providers(), **ki.openvino_device(model),
                 load_ms=round(model.load_ms, 3))
-    info["local"] = compare(got, golden)
+    info["local"] = compare_samples(got, golden) if isinstance(got, list) else compare(got, golden)
     if not info["local"]["ok"]:
         problems.append(Problem(WRONG, entry.name, wrong_outputs(f"{entry.name} {entry.version}", info["local"])))
     which = "class"
@@ -241,7 +311,7 @@ def check_model(entry: ki.ModelEntry, providers: list[str], envelope: float | No
         else:
             problems.append(Problem(ACCELERATOR, entry.name, f"{entry.name} {entry.version}: "
                                     f"{model.degraded_reason}; the class's fallback policy is fail"))
-    info["latency"] = {**measure(model, x, runs), "envelope_p95_ms": envelope, "envelope": which}
+    info["latency"] = {**measure(model, sampled or x, runs), "envelope_p95_ms": envelope, "envelope": which}
     if envelope is not None and info["latency"]["p95_ms"] > envelope:
         problems.append(Problem(SLOW, entry.name, f"{entry.name} {entry.version}: p95 latency "
                                 f"{info['latency']['p95_ms']:.4g} ms over the {which} envelope {envelope:g} ms "
@@ -286,6 +356,18 @@ def wait_ready(base: str, wait: float, timeout: float) -> dict[str, Any]:
         return listing
 
 
+def infer_samples_via(base: str, c: Checked, timeout: float) -> list[np.ndarray]:
+    """Format 2: each golden sample through the service, one request each."""
+    out = []
+    for x, _ in c.golden.samples:
+        reply = http_json(f"{base}/v1/models/{c.entry.name}/infer", {"inputs": x.tolist()}, timeout)
+        try:
+            out.append(np.asarray(reply["outputs"], dtype=np.float64))
+        except (KeyError, TypeError, ValueError):
+            raise ServiceError(f"{base}: malformed inference reply for {c.entry.name}") from None
+    return out
+
+
 def infer_via(base: str, c: Checked, timeout: float) -> tuple[np.ndarray, np.ndarray]:
     outputs, argmax = [], []
     for chunk, n in ki.batches(c.x, c.fixed_batch):
@@ -314,11 +396,15 @@ def check_service(base: str, checked: list[Checked], infos: dict[str, dict[str, 
             problems.append(Problem(SERVICE, e.name, f"inference service at {base}: model {e.name}: {what}"))
             continue
         try:
-            got, argmax = infer_via(base, c, timeout)
+            if c.golden.samples:
+                result = compare_samples(infer_samples_via(base, c, timeout), c.golden)
+            else:
+                got, argmax = infer_via(base, c, timeout)
+                result = compare(got, c.golden, argmax)
         except ServiceError as exc:
             problems.append(Problem(SERVICE, e.name, f"inference service: {exc}"))
             continue
-        result = infos[e.name]["service"] = compare(got, c.golden, argmax)
+        infos[e.name]["service"] = result
         if not result["ok"]:
             problems.append(Problem(WRONG, e.name, wrong_outputs(f"{e.name} {e.version} via {base}", result)))
     return {"url": base, "reachable": True}

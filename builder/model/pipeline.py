@@ -218,10 +218,9 @@ def _build_mixed(source: Path, shared_notes: list[str], built: list[Built], inpu
             ref_fig = _figures(reference, reference, inputs, 0, 0.0)
             results = [g for g in evaluate("int8", fig, ref_fig, gates) if g.gate in QUALITY_GATES]
             passed = all(g.passed for g in results)
+            cosines = [v for f in fig.fidelity.values() if (v := f.get("cosine")) is not None]
             item.mixed["search"].append({"nodes": nodes, "score": fig.accuracy,
-                                         "cosine": min((v for f in fig.fidelity.values() if (v := f.get("cosine")) is not None),
-                                                       default=None),
-                                         "passed": passed})
+                                         "cosine": min(cosines, default=None), "passed": passed})
             item.mixed["kept_fp32"] = nodes
             if passed:
                 break

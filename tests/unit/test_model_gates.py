@@ -173,3 +173,26 @@ def test_policy_rejects_bad_values(kwargs: dict[str, object], message: str) -> N
 def test_gates_reject_bad_values(kwargs: dict[str, object]) -> None:
     with pytest.raises(UsageError):
         Gates(**kwargs)  # type: ignore[arg-type]
+
+
+def test_min_speedup_gates_every_smaller_precision_not_fp32() -> None:
+    gates = Gates(min_int8_speedup=0.1, min_speedup=1.1)
+    assert choose({"fp32": FP32, "fp16": FP16}, gates) == "fp32"  # FP16 is smaller but slower
+    failed = [g for g in evaluate("fp16", FP16, FP32, gates) if not g.passed]
+    assert [g.gate for g in failed] == ["min_speedup"]
+    assert "min_speedup" not in [g.gate for g in evaluate("fp32", FP32, FP32, gates)]
+    assert choose({"fp32": FP32, "int8-static": INT8_GOOD}, gates) == "int8-static"
+
+
+def test_fidelity_gates_per_output_with_a_default() -> None:
+    gates = Gates(fidelity={"*": {"min_cosine": 0.99}, "boxes": {"min_cosine": 0.9, "max_abs_diff": 0.5}})
+    m = Metrics(accuracy=None, agreement=None, size_bytes=1, p95_ms=0.5, score="f1",
+                fidelity={"scores": {"cosine": 0.95, "snr_db": 20.0, "max_abs_diff": 0.1},
+                          "boxes": {"cosine": 0.95, "snr_db": 20.0, "max_abs_diff": 0.7}})
+    results = {(g.gate, g.what): g.passed for g in evaluate("int8", m, FP32, gates)}
+    assert results[("min_cosine", "scores")] is False and results[("min_cosine", "boxes")] is True
+    assert results[("max_abs_diff", "boxes")] is False
+    failed = next(g for g in evaluate("int8", m, FP32, gates) if g.gate == "max_abs_diff")
+    assert describe(failed) == "boxes: max |diff| to FP32 0.7 > 0.5 (max_abs_diff)"
+    with pytest.raises(UsageError, match="unknown min_cos"):
+        Gates(fidelity={"*": {"min_cos": 0.9}})

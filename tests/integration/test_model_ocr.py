@@ -1,0 +1,165 @@
+"""The model gate on a real pretrained detector: PP-OCRv4's text detector from the
+rapidocr-onnxruntime wheel (downloaded once, pinned by sha256), scikit-image's page photograph
+and hand-written line boxes (models/ocr). Real onnxruntime throughout; the device's golden
+check (kiln_device.health, format 2) replays the shipped golden set, in process and through the
+inference service.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+
+from builder.errors import ModelError
+from builder.model import Gates, OptimizationPolicy, optimize_model, read_report
+from builder.model.data import load_dataset
+from builder.model_fetch import ensure_source
+from builder.loader import load_class
+from tests.integration.test_device_inference import MODEL_DIR, health, make_rootfs, start_service
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / "models/ocr/data"
+POST = {"threshold": 0.3, "box_threshold": 0.5, "min_size": 3, "unclip_ratio": 1.0, "iou": 0.5}
+
+
+@pytest.fixture(scope="module")
+def detector() -> Path:
+    """The model file as the intel-lowpower-detector spec fetches it."""
+    hc = load_class("intel-lowpower-detector", ROOT / "images")
+    (m,) = [m for m in hc.spec.models if m.name == "text-detector"]
+    return ensure_source(m)
+
+
+def policy(**more: Any) -> OptimizationPolicy:
+    base: dict[str, Any] = {"task": "detection", "postprocess": POST, "latency_runs": 20,
+                            "candidates": ("int8-static", "int8-mixed"), "mixed_max_nodes": 2, "golden_count": 2,
+                            "golden_tolerance": 0.02}
+    return OptimizationPolicy(**{**base, **more})
+
+
+GATES = Gates(min_accuracy=0.8, max_accuracy_drop=0.02, fidelity={"*": {"min_cosine": 0.99}})
+
+
+@pytest.fixture(scope="module")
+def optimized(detector: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("det")
+    optimize_model(detector, DATA / "det-calibration", DATA / "det-validation", policy(), GATES, out)
+    return out
+
+
+def test_the_fetched_model_is_the_pinned_wheels(detector: Path) -> None:
+    model = onnx.load(str(detector))
+    assert [i.name for i in model.graph.input] == ["x"]
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert [d.HasField("dim_value") for d in dims] == [False, True, False, False]  # N, 3, H, W: dynamic
+
+
+def test_detector_gets_fidelity_and_detection_metrics_and_keeps_fp32(optimized: Path) -> None:
+    report = read_report(optimized / "report.json")
+    assert report.task == "detection" and report.score == "f1"
+    fp32, int8, mixed = (report.candidate(n) for n in ("fp32", "int8-static", "int8-mixed"))
+    # FP32 against the hand-written boxes: 20 of 21 lines found, 2 false boxes on the images without text
+    assert fp32.metrics["tp"] + fp32.metrics["fn"] == 21
+    assert fp32.accuracy is not None and fp32.accuracy > 0.85
+    assert fp32.fidelity["sigmoid_0.tmp_0"]["cosine"] == pytest.approx(1.0)
+    for c in (int8, mixed):
+        assert c.fidelity["sigmoid_0.tmp_0"]["cosine"] < 0.99
+        assert not c.passed and any(g.gate == "min_cosine" and not g.passed for g in c.gates)
+    assert report.chosen == "fp32"
+    assert any(r.startswith("int8-static refused:") and "cosine to FP32" in r for r in report.reasons)
+
+
+def test_mixed_precision_names_the_nodes_it_kept_in_fp32(optimized: Path, detector: Path) -> None:
+    mixed = read_report(optimized / "report.json").candidate("int8-mixed")
+    assert mixed.mixed is not None
+    kept = mixed.mixed["kept_fp32"]
+    names = {n.name for n in onnx.load(str(detector)).graph.node}
+    assert kept and set(kept) <= names  # node names of the source graph
+    assert [len(s["nodes"]) for s in mixed.mixed["search"]] == [1, 2]
+    excluded = {n.name for n in onnx.load(str(optimized / mixed.path)).graph.node} & set(kept)
+    assert excluded == set(kept)  # still there, unquantized, in the candidate file
+
+
+def test_golden_set_format_2_passes_the_device_check(optimized: Path, tmp_path: Path) -> None:
+    with np.load(optimized / "golden.npz") as g:
+        assert int(g["format"]) == 2 and int(g["count"]) == 2 and not bool(g["argmax"])
+        assert g["x.0"].shape != g["x.1"].shape  # two sizes of the page
+    root = make_rootfs(tmp_path / "root", optimized, envelope=5000.0)
+    with start_service(root) as svc:
+        code, result, err = health(root, "--service", svc.url)
+    assert code == 0, err
+    (m,) = result["models"]
+    assert m["local"]["ok"] and m["local"]["samples"] == 2 and m["service"]["ok"]
+
+
+def test_a_wrong_golden_output_is_caught(optimized: Path, tmp_path: Path) -> None:
+    root = make_rootfs(tmp_path / "root", optimized, envelope=5000.0)
+    path = root / MODEL_DIR / "golden.npz"
+    with np.load(path) as g:
+        arrays = {k: g[k] for k in g.files}
+    arrays["outputs.1"] = arrays["outputs.1"] + 0.5
+    np.savez(path, **arrays)
+    code, result, _ = health(root)
+    assert code == 1
+    assert "outputs differ from the golden set" in result["problems"][0]["message"]
+
+
+# -- bad input: located errors ----------------------------------------------------------------------
+
+def copy_dataset(tmp_path: Path, name: str = "det-validation") -> Path:
+    d = tmp_path / name
+    shutil.copytree(DATA / name, d)
+    return d
+
+
+def edit(d: Path, fn: Any) -> None:
+    doc = json.loads((d / "dataset.json").read_text())
+    fn(doc)
+    (d / "dataset.json").write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda doc: doc["samples"][0].update(truth=[[10, 10, 5, 20]]), r"page-128x288\.npz: ground truth .* boxes"),
+    (lambda doc: doc["samples"][1].update(truth="text"), r"page-192x384\.npz: ground truth 'text' is not"),
+    (lambda doc: doc["samples"][2].pop("truth"), "has no truth while others have"),
+    (lambda doc: doc.pop("inputs"), r"input 'x' is uint8 but the model takes float32 \(scale it"),
+    (lambda doc: doc["samples"].append({"file": "../x.npz"}), "must be an .npz file in"),
+])
+def test_bad_ground_truth_or_dataset_is_a_located_model_error(detector: Path, tmp_path: Path, change: Any,
+                                                               message: str) -> None:
+    d = copy_dataset(tmp_path)
+    edit(d, change)
+    with pytest.raises(ModelError, match=message):
+        optimize_model(detector, DATA / "det-calibration", d, policy(candidates=()), GATES, tmp_path / "out")
+
+
+def test_samples_that_do_not_fit_the_model_are_refused(detector: Path, tmp_path: Path) -> None:
+    d = copy_dataset(tmp_path)
+    np.savez(d / "coins.npz", x=np.zeros((1, 1, 64, 64), np.uint8))  # one channel, the model takes 3
+    with pytest.raises(ModelError, match=r"coins\.npz: input 'x' has shape \[1, 1, 64, 64\], the model expects"):
+        optimize_model(detector, DATA / "det-calibration", d, policy(candidates=()), GATES, tmp_path / "out")
+
+
+def test_the_metric_must_fit_the_output(detector: Path, tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="text-recognition needs ground truth|is not a text"):
+        optimize_model(detector, DATA / "det-calibration", DATA / "det-validation",
+                       policy(task="text-recognition", candidates=()), GATES, tmp_path / "out")
+    with pytest.raises(ModelError, match="the model has no output 'boxes'"):
+        optimize_model(detector, DATA / "det-calibration", DATA / "det-validation",
+                       policy(postprocess={"output": "boxes"}, candidates=()), GATES, tmp_path / "out")
+
+
+def test_the_dataset_loads_scaled_as_declared() -> None:
+    data = load_dataset(DATA / "det-validation", labels=False)
+    assert len(data) == 9 and data.truth is not None and len(data.truth[1]) == 7
+    x = data.samples[1]["x"]
+    assert x.dtype == np.float32 and x.shape == (1, 3, 192, 384)
+    assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0

@@ -310,10 +310,11 @@ def _model_policy(hc: HardwareClass, m, loc: Loc) -> Iterator[Problem]:  # type:
     if wants and not any(c.value in wants for c in opt.candidates):
         yield ((*loc, "precision"),
                f"pinned to {m.precision.value} but no {m.precision.value} candidate in optimization.candidates")
-    envelope_p95 = hc.spec.envelope.p95_latency_ms
+    envelope_p95 = m.envelope.p95_latency_ms if m.envelope else hc.spec.envelope.p95_latency_ms
+    which = "the model's envelope" if m.envelope else "the class envelope"
     if gates.max_p95_latency_ms is not None and gates.max_p95_latency_ms > envelope_p95:
         yield ((*loc, "gates", "maxP95LatencyMs"),
-               f"{gates.max_p95_latency_ms} ms is looser than the class envelope ({envelope_p95} ms)")
+               f"{gates.max_p95_latency_ms} ms is looser than {which} ({envelope_p95} ms)")
 
 
 @contract

@@ -13,6 +13,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import jinja2
 
@@ -88,6 +89,17 @@ class RenderPlan:
     agent_config: dict[str, object] = field(default_factory=dict)
 
 
+def model_envelope(spec: Any, name: str) -> dict[str, float]:
+    """release.json's per-model envelope keys (none: the model has the class's)."""
+    m = next((m for m in spec.models if m.name == name), None)
+    if m is None or m.envelope is None:
+        return {}
+    env = {"p95LatencyMs": m.envelope.p95_latency_ms}
+    if m.envelope.fallback_p95_latency_ms is not None:
+        env["fallbackP95LatencyMs"] = m.envelope.fallback_p95_latency_ms
+    return env
+
+
 def finalize_source_models(hc: HardwareClass) -> tuple[ModelArtifact, ...]:
     """The spec's source models as-is (FP32): what is baked before optimization."""
     from builder.model_fetch import ensure_sources
@@ -158,7 +170,8 @@ def finalize_release(hc: HardwareClass, version: str, revision: str,
                     "executionProviders": list(spec.runtime.execution_providers),
                     "device": spec.runtime.device},
         "models": [{"name": m.name, "version": m.version, "precision": m.precision,
-                    "sha256": m.sha256, "path": f"{m.image_dir}/model.onnx"} for m in models],
+                    "sha256": m.sha256, "path": f"{m.image_dir}/model.onnx", **model_envelope(spec, m.name)}
+                   for m in models],
         "bootControl": spec.boot_control.value,
         "bootTries": spec.rollout.boot_tries,
         "rootCompression": spec.disk.compression,

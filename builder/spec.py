@@ -336,6 +336,14 @@ class ModelFetch(Strict):
     member: RelPath  # the path inside the wheel
 
 
+class ModelEnvelope(Strict):
+    """This model's latency envelope on the device, where it differs from the class's (a detector
+    beside a classifier): the golden check holds the model to it instead."""
+
+    p95_latency_ms: float = Field(gt=0)
+    fallback_p95_latency_ms: float | None = Field(default=None, gt=0)  # on the CPU fallback (degrade)
+
+
 class Model(Strict):
     name: Name
     version: PackageVersion
@@ -346,6 +354,7 @@ class Model(Strict):
     optimization: Optimization = Optimization()
     validation: Validation
     gates: Gates = Gates()
+    envelope: ModelEnvelope | None = None
 
 
 class Envelope(Strict):

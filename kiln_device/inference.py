@@ -86,6 +86,10 @@ class ModelEntry:
     sha256: str
     path: str
     file: Path
+    # The model's own latency envelope (release.json p95LatencyMs / fallbackP95LatencyMs on the
+    # model), where it differs from the class's.
+    p95_latency_ms: float | None = None
+    fallback_p95_latency_ms: float | None = None
 
     @property
     def directory(self) -> Path:
@@ -118,9 +122,19 @@ def model_entries(release: dict[str, Any], root: Path) -> list[ModelEntry]:
         keys = ("name", "version", "sha256", "path")
         if not isinstance(m, dict) or not all(isinstance(m.get(k), str) and m[k] for k in keys):
             raise ModelProblem(f"/{RELEASE}: models[{i}] needs string fields {', '.join(keys)}")
+        limits = [_positive(m, key, i) for key in ("p95LatencyMs", "fallbackP95LatencyMs")]
         entries.append(ModelEntry(m["name"], m["version"], str(m.get("precision", "?")), m["sha256"],
-                                  m["path"], under(root, m["path"])))
+                                  m["path"], under(root, m["path"]), *limits))
     return entries
+
+
+def _positive(m: dict[str, Any], key: str, i: int) -> float | None:
+    value = m.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ModelProblem(f"/{RELEASE}: models[{i}].{key} must be a positive number, got {value!r}")
+    return float(value)
 
 
 def verify_digest(entry: ModelEntry) -> None:

@@ -17,10 +17,10 @@ import onnx
 import pytest
 
 from builder.errors import ModelError
+from builder.loader import load_class
 from builder.model import Gates, OptimizationPolicy, optimize_model, read_report
 from builder.model.data import load_dataset
 from builder.model_fetch import ensure_source
-from builder.loader import load_class
 from tests.integration.test_device_inference import MODEL_DIR, health, make_rootfs, start_service
 
 pytestmark = pytest.mark.integration
@@ -149,7 +149,7 @@ def test_samples_that_do_not_fit_the_model_are_refused(detector: Path, tmp_path:
 
 
 def test_the_metric_must_fit_the_output(detector: Path, tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match="text-recognition needs ground truth|is not a text"):
+    with pytest.raises(ModelError, match=r"text-recognition needs ground truth|is not a text"):
         optimize_model(detector, DATA / "det-calibration", DATA / "det-validation",
                        policy(task="text-recognition", candidates=()), GATES, tmp_path / "out")
     with pytest.raises(ModelError, match="the model has no output 'boxes'"):
@@ -162,4 +162,34 @@ def test_the_dataset_loads_scaled_as_declared() -> None:
     assert len(data) == 9 and data.truth is not None and len(data.truth[1]) == 7
     x = data.samples[1]["x"]
     assert x.dtype == np.float32 and x.shape == (1, 3, 192, 384)
-    assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0
+
+
+# -- the device holds each model to its own envelope, and bounds the time it spends timing ----------
+
+def set_model_envelope(root: Path, **limits: float) -> None:
+    path = root / "usr/lib/kiln/release.json"
+    release = json.loads(path.read_text())
+    release["models"][0].update(limits)
+    path.write_text(json.dumps(release))
+
+
+def test_the_models_own_envelope_replaces_the_class_one(optimized: Path, tmp_path: Path) -> None:
+    root = make_rootfs(tmp_path / "root", optimized, envelope=0.000001)  # the class's: nothing passes
+    set_model_envelope(root, p95LatencyMs=5000.0)
+    code, result, err = health(root)
+    assert code == 0, err
+    assert result["models"][0]["latency"]["envelope"] == "model"
+    set_model_envelope(root, p95LatencyMs=0.000001)
+    code, result, _ = health(root)
+    assert code == 2 and "over the model envelope 1e-06 ms" in result["problems"][0]["message"]
+    set_model_envelope(root, p95LatencyMs=-1)
+    code, result, _ = health(root)
+    assert code == 3 and "models[0].p95LatencyMs must be a positive number" in result["problems"][0]["message"]
+
+
+def test_timing_stops_after_the_time_budget(optimized: Path, tmp_path: Path) -> None:
+    root = make_rootfs(tmp_path / "root", optimized, envelope=5000.0)
+    code, result, err = health(root, "--seconds", "0.01")  # health() asks for 200 runs
+    assert code == 0, err
+    assert result["models"][0]["latency"]["runs"] == 20  # MIN_RUNS, then the budget was spent

@@ -28,7 +28,7 @@ def test_validate_all_shipped_classes() -> None:
 def test_bad_spec_exit_2_without_traceback(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     text = (ROOT / "images/qemu-x86_64.yaml").read_text()
-    text = text.replace("  kernel:\n", "  kernal:\n").replace("precision: auto", "precision: int4")
+    text = text.replace("  kernel:\n", "  kernal:\n").replace("precision: auto", "precision: int4", 1)
     text = text.replace("extends: _defaults", "extends: _defaults\n  name2: x")
     bad.write_text(text)
     (tmp_path / "_defaults.yaml").write_text((ROOT / "images/_defaults.yaml").read_text())

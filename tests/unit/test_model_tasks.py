@@ -62,7 +62,7 @@ def test_ctc_decoding_and_character_error_rate() -> None:
 def test_charset_from_the_model_metadata_must_fit_the_output() -> None:
     table = tasks.charset(Postprocess(), {"character": "a\nb"}, None, 4)
     assert table == ["", "a", "b", " "]
-    with pytest.raises(ModelError, match="4 classes .* but the output has 5"):
+    with pytest.raises(ModelError, match=r"4 classes .* but the output has 5"):
         tasks.charset(Postprocess(), {"character": "a\nb"}, None, 5)
     with pytest.raises(ModelError, match="no metadata 'character'"):
         tasks.charset(Postprocess(), {}, None, 4)
@@ -82,7 +82,7 @@ def test_fidelity_over_the_whole_set() -> None:
 
 def test_ground_truth_forms_are_checked() -> None:
     tasks.check_truth("detection", [[[0, 0, 1, 1]], []], str)
-    with pytest.raises(ModelError, match="sample-1: ground truth .* is not a list of"):
+    with pytest.raises(ModelError, match=r"sample-1: ground truth .* is not a list of"):
         tasks.check_truth("detection", [[], [[0, 0, 0, 1]]], lambda i: f"sample-{i}")
     with pytest.raises(ModelError, match="is not a class index"):
         tasks.check_truth("classification", [True], str)

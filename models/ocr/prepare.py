@@ -7,7 +7,7 @@ The ground truth is hand-written (TRUTH below): text-line boxes read off `skimag
 (a photographed book page, 191 x 384) and the text of each line as printed. The validation
 images are never used for calibration:
 
-- detector validation: the page at three sizes (boxes scaled with it) and six images without
+- detector validation: the page at four sizes (boxes scaled with it) and six images without
   text (coins, camera, coffee, chelsea, hubble_deep_field, moon), where every box is a false positive;
 - detector calibration: other images (text.png's handwriting, clock, brick, astronaut, rocket,
   immunohistochemistry);
@@ -88,7 +88,7 @@ def write(directory: Path, samples: list[tuple[str, np.ndarray, object]]) -> Non
 def detector() -> None:
     page = rgb(data.page())
     val = []
-    for scale in (0.75, 1.0, 1.5):
+    for scale in (0.5, 0.75, 1.0, 1.5):  # the smallest first: the device's golden sample
         h, w = det_size(round(page.shape[0] * scale), round(page.shape[1] * scale))
         sy, sx = h / page.shape[0], w / page.shape[1]
         boxes = [[round(b[0] * sx, 1), round(b[1] * sy, 1), round(b[2] * sx, 1), round(b[3] * sy, 1)]

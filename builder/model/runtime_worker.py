@@ -41,7 +41,6 @@ LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
-PREDICT_BATCH = 256
 LOAD_REPEATS = 3
 
 

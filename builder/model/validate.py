@@ -1,4 +1,6 @@
-"""Measure candidates on real inputs: outputs, metric, agreement, load time, latency.
+"""Measure candidates on real inputs: every output per sample, load time, latency.
+
+The metrics over those outputs (task metrics, fidelity to FP32) are builder.model.tasks.
 
 Every session runs on one thread with the policy's execution provider and
 graph optimization level, as the device would.
@@ -8,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -86,20 +88,6 @@ def predict(sess: ort.InferenceSession, sig: Signature, data: Dataset) -> Output
 def first(outputs: Outputs, sig: Signature) -> np.ndarray:
     """The first output of every sample as one array (the array form's [N, ...])."""
     return np.concatenate(outputs[sig.output_name])
-
-
-def accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
-    """Top-1 accuracy of [N, C] scores against [N] labels."""
-    return float(np.mean(outputs.reshape(len(labels), -1).argmax(1) == labels))
-
-
-def agreement(outputs: np.ndarray, reference: np.ndarray) -> float:
-    """Fraction of samples with the same top-1 class as the reference (FP32)."""
-    n = len(reference)
-    return float(np.mean(outputs.reshape(n, -1).argmax(1) == reference.reshape(n, -1).argmax(1)))
-
-
-METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {"accuracy": accuracy}
 
 
 def latencies(sessions: Mapping[str, ort.InferenceSession], sig: Signature, data: Dataset,

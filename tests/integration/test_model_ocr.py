@@ -231,3 +231,18 @@ def test_a_charset_that_does_not_fit_the_output_is_refused(recognizer: Path, tmp
         optimize_model(recognizer, DATA / "rec-calibration", d,
                        OptimizationPolicy(task="text-recognition", postprocess={"charset": "chars.txt"},
                                           candidates=()), Gates(), tmp_path / "out")
+
+
+def test_cli_bad_ground_truth_is_exit_6_with_the_sample_named(detector: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    d = copy_dataset(tmp_path)
+    edit(d, lambda doc: doc["samples"][3].update(truth=[[1, 2, 3]]))
+    r = subprocess.run([sys.executable, "-m", "builder.cli", "model", "optimize", "--model", str(detector),
+                        "--calibration", str(DATA / "det-calibration"), "--validation", str(d),
+                        "--task", "detection", "--candidates", "", "-o", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 6, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "page-288x576.npz: ground truth '[[1, 2, 3]]' is not a list of [x0, y0, x1, y1] boxes" in r.stderr

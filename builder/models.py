@@ -133,6 +133,10 @@ def finalize_model_artifacts(hc: HardwareClass, *, require_optimized: bool = Fal
             out.append(ModelArtifact(name=m.name, version=m.version, precision="fp32",
                                      path=root / m.source, sha256=sha256_file(root / m.source)))
             continue
+        if not (d / "golden.npz").is_file():
+            raise GateFailed(f"model {m.name} {m.version} passed its gates but has no golden set: the device's "
+                             "inference service and golden check run models with one input only "
+                             f"(see {d / 'report.json'})")
         chosen = report.candidate(report.chosen or "")
         out.append(ModelArtifact(name=m.name, version=m.version, precision=chosen.precision,
                                  path=d / "chosen.onnx", sha256=sha256_file(d / "chosen.onnx"),
@@ -147,9 +151,20 @@ def _current_report(d: Path, source: Path) -> Report | None:
         return None
     if not report.passed or report.source_sha256 != sha256_file(source):
         return None
-    if not ((d / "chosen.onnx").is_file() and (d / "golden.npz").is_file()):
+    if not (d / "chosen.onnx").is_file():
         return None
+    if not (d / "golden.npz").is_file() and input_count(source) == 1:
+        return None  # a one-input model always gets a golden set: this one is incomplete
     return report
+
+
+def input_count(path: Path) -> int:
+    """The model's graph inputs that are not initializers."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    weights = {i.name for i in model.graph.initializer}
+    return sum(1 for i in model.graph.input if i.name not in weights)
 
 
 def _same_inputs(report: Report, hc: HardwareClass, policy: OptimizationPolicy, gates: Gates,

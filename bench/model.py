@@ -50,7 +50,7 @@ def bench_spec_model(name: str, runs: int, out: Path) -> tuple[Report, float]:
     start = time.perf_counter()
     try:
         report = optimize_model(source, ROOT / (m.optimization.calibration or m.validation.dataset),
-                                ROOT / m.validation.dataset, policy, gates, out / name)
+                                ROOT / m.validation.dataset, policy, gates, out / name, name=m.name)
     except GateFailed as exc:
         print(f"gate failed: {exc}", file=sys.stderr)
         report = read_report(out / name / "report.json")

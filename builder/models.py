@@ -111,7 +111,7 @@ def make_optimized_models(hc: HardwareClass, progress: Progress | None = None, *
         runtime = runtime or finalize_class_runtime(hc, state, source or f"images/{hc.name}.yaml")
         try:
             reports.append(optimize_model(root / m.source, calibration, root / m.validation.dataset,
-                                          policy, gates, out, progress, runtime))
+                                          policy, gates, out, progress, runtime, name=m.name))
         except GateFailed as exc:
             raise exc.with_context(f"model {m.name} {m.version} of {hc.name}") from None
     return reports

@@ -48,10 +48,11 @@ class Inputs:
     task: str = "classification"
     post: tasks.Postprocess = field(default_factory=tasks.Postprocess)
     table: tuple[str, ...] | None = None  # text-recognition: the CTC classes
+    label: str | None = None  # the model's name in the spec (default: the file's stem)
 
     @property
     def name(self) -> str:
-        return self.path.stem
+        return self.label or self.path.stem
 
     @property
     def graded(self) -> bool:
@@ -88,8 +89,10 @@ def _quiet(_message: str) -> None:
 
 def optimize_model(model: Path, calibration: Path, validation: Path, policy: OptimizationPolicy,
                    gates: Gates, outdir: Path, progress: Progress | None = None,
-                   runtime: ClassRuntime | None = None) -> Report:
+                   runtime: ClassRuntime | None = None, name: str | None = None) -> Report:
     """Optimize, validate and gate one model; write the artifacts into `outdir`.
+
+    `name` (default: the file's stem) names the report and the candidate files.
 
     With `runtime` (the class ships another onnxruntime build), every candidate is measured
     under it too and the gates apply to those figures; the host's CPU figures stay in the
@@ -98,6 +101,8 @@ def optimize_model(model: Path, calibration: Path, validation: Path, policy: Opt
     """
     say = progress or _quiet
     inputs = load_inputs(model, calibration, validation, policy)
+    if name is not None:
+        inputs = replace(inputs, label=name)
     outdir.mkdir(parents=True, exist_ok=True)
     for stale in OUTPUTS:
         (outdir / stale).unlink(missing_ok=True)

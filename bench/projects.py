@@ -42,6 +42,11 @@ def copy_project(dest: Path, *, models_from: Path | None = None) -> Path:
 
     for name in ("images", "models", "overlays"):
         shutil.copytree(ROOT / name, dest / name, symlinks=True)
+    # models fetched from a wheel (spec `fetch`): the files and the wheels, hard-linked, so a copy
+    # never downloads them again (builder.model_fetch)
+    for fetched in (".kiln/models", ".kiln/cache/model-wheels"):
+        if (ROOT / fetched).is_dir():
+            shutil.copytree(ROOT / fetched, dest / fetched, copy_function=_link_or_copy)
     # the same per-checkout keys: a release of the same device
     for keys in (lambda: paths.ssh_key_path(QEMU_CLASS).parent, lambda: paths.dev_signing_key_dir(QEMU_CLASS)):
         src, out = in_project(ROOT, keys), in_project(dest, keys)
@@ -54,6 +59,15 @@ def copy_project(dest: Path, *, models_from: Path | None = None) -> Path:
     return dest
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem
+        shutil.copy2(src, dst)
+
+
 def in_project(project: Path, where: Callable[[], Path]) -> Path:
     """A builder.paths location (`where`) as it is in PROJECT (KILN_PROJECT_DIR for the call)."""
     with project_dir(project):
@@ -61,10 +75,11 @@ def in_project(project: Path, where: Callable[[], Path]) -> Path:
 
 
 def make_retrained_project(dest: Path, note: str = "retrained: new weights, same graph") -> Path:
-    """A project copy whose digits model has new bytes but the same behaviour: a model-only release."""
+    """A project copy whose digits model has new bytes but the same behaviour: a model-only release.
+    The class's other model (the text detector) is unchanged and reused byte for byte."""
     import onnx
 
-    copy_project(dest)
+    copy_project(dest, models_from=ROOT)
     model_file = dest / "models/digits/digits.onnx"
     proto = onnx.load(model_file)
     proto.doc_string = note
@@ -93,7 +108,7 @@ def make_broken_golden_project(dest: Path) -> Path:
     make_retrained_project(dest, note="broken golden set")
     with project_dir(dest):  # optimize, then replace the golden outputs with wrong ones
         make_optimized_models(load_class(QEMU_CLASS, dest / "images"))
-    for golden in in_project(dest, lambda: paths.class_dir(QEMU_CLASS) / "models").glob("*/*/golden.npz"):
+    for golden in in_project(dest, lambda: paths.class_dir(QEMU_CLASS) / "models").glob("digits/*/golden.npz"):
         data = dict(np.load(golden))
         data["outputs"] = data["outputs"][:, ::-1].copy()
         np.savez(golden, **data)

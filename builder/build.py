@@ -203,8 +203,8 @@ def build_class(
         "base": {"ref": plan.base_ref, "id": base_id or (base_info["id"] if base_info else None),
                  **finalize_base_record(mirror)},
         "models": [{"name": a.name, "version": a.version, "precision": a.precision,
-                    "sha256": f"sha256:{a.sha256}", "layer": model_layers[0] if model_layers else None}
-                   for a in artifacts],
+                    "sha256": f"sha256:{a.sha256}", "layer": model_layers[i] if i < len(model_layers) else None}
+                   for i, a in enumerate(artifacts)],
         "layers": layers,
         "contents": finalize_built_contents(hc, info["labels"]),
         "labels": info["labels"],

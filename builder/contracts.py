@@ -277,6 +277,9 @@ def models(hc: HardwareClass) -> Iterator[Problem]:
             yield ((*loc, "name"), f"duplicate model name '{m.name}'")
         seen.add(m.name)
         yield from _model_files(m, loc)
+        if m.fetch is not None and not m.source.startswith(".kiln/"):
+            yield ((*loc, "source"), f"{m.source}: a fetched model is written by Kiln, so its source must be "
+                                     "under .kiln/ (ignored by git), e.g. .kiln/models/NAME.onnx")
         yield from _model_policy(hc, m, loc)
 
 

@@ -348,7 +348,7 @@ class Model(Strict):
     name: Name
     version: PackageVersion
     source: RelPath
-    fetch: ModelFetch | None = None
+    fetch: ModelFetch | None = None  # then `source` must be under .kiln/ (ignored): Kiln writes it
     task: Literal["classification", "detection", "text-recognition", "fidelity"] = "classification"
     precision: Precision = Precision.auto
     optimization: Optimization = Optimization()

@@ -27,8 +27,8 @@ exit codes:
 When several apply, the first of 3, 5, 1, 4, 2 wins; --json lists every problem.
 
 Degraded: when the accelerator is unavailable and the class's fallback policy is degrade,
-the check holds the CPU to the degraded envelope (the model's fallbackP95LatencyMs, else its
-p95LatencyMs, else release.json fallback.p95LatencyMs), passes
+the check holds the CPU to the degraded envelope (the model's fallbackP95LatencyMs, else
+release.json fallback.p95LatencyMs, else the model's p95LatencyMs), passes
 with status "degraded" and records degraded and the reason (kiln_device.degraded).
 """
 
@@ -330,8 +330,9 @@ def check_model(entry: ki.ModelEntry, providers: list[str], envelope: float | No
     if model.degraded_reason is not None:
         info["degraded_reason"] = model.degraded_reason
         if fallback is not None and fallback.degrades:
-            own = entry.fallback_p95_latency_ms or entry.p95_latency_ms
-            envelope, which = own or fallback.p95_latency_ms or envelope, "degraded"
+            envelope = (entry.fallback_p95_latency_ms or fallback.p95_latency_ms or entry.p95_latency_ms
+                        or envelope)
+            which = "degraded"
         else:
             problems.append(Problem(ACCELERATOR, entry.name, f"{entry.name} {entry.version}: "
                                     f"{model.degraded_reason}; the class's fallback policy is fail"))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import zipfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +172,11 @@ def signature(model: onnx.ModelProto, path: Path) -> Signature:
                              "(float, int and uint8 inputs are supported)")
         if not t.shape:
             raise ModelError(f"{path}: input {t.name!r} is a scalar; inputs need a batch dimension")
+    for t in outputs:
+        if t.dtype is None or t.dtype is np.bool_:
+            raise ModelError(f"{path}: output {t.name!r} is not a numeric tensor (a sequence, map or string "
+                             "output, such as a ZipMap): Kiln compares numeric outputs only",
+                             hint="export the model without the post-processing that makes it")
     return Signature(inputs, outputs, default_opset(model))
 
 
@@ -321,9 +326,9 @@ def _check_array_form(sig: Signature, data: Dataset, path: Path) -> None:
             f"{path}: samples have shape {list(data.x.shape)} but model input "
             f"{sig.input_name!r} expects {shown}"
         )
-    if sig.input_name != "x":
-        for feed in data.samples:
-            feed[sig.input_name] = feed.pop("x")
+    dtype = sig.inputs[0].dtype
+    for feed in data.samples:
+        feed[sig.input_name] = feed.pop("x").astype(dtype, copy=False)
     if data.y is not None and sig.classes is not None:
         _check_labels(data.y, sig.classes, path)
 
@@ -360,6 +365,13 @@ def _check_labels(y: np.ndarray, classes: int, path: Path) -> None:
         )
 
 
+def head(data: Dataset, count: int) -> Dataset:
+    """The first `count` samples."""
+    return replace(data, samples=data.samples[:count], x=None if data.x is None else data.x[:count],
+                   y=None if data.y is None else data.y[:count],
+                   truth=None if data.truth is None else data.truth[:count], names=data.names[:count])
+
+
 def batched(sig: Signature, data: Dataset, size: int) -> Iterator[tuple[Feed, int]]:
     """(feed, real samples in it): the array form in batches (padded for a fixed batch), else per sample."""
     if data.x is None:
@@ -369,7 +381,7 @@ def batched(sig: Signature, data: Dataset, size: int) -> Iterator[tuple[Feed, in
     fixed = sig.batch
     step = fixed or size
     for i in range(0, len(data.x), step):
-        chunk = data.x[i:i + step]
+        chunk = data.x[i:i + step].astype(sig.inputs[0].dtype, copy=False)
         n = len(chunk)
         if fixed is not None and n < fixed:
             chunk = np.concatenate([chunk, np.zeros((fixed - n, *chunk.shape[1:]), chunk.dtype)])

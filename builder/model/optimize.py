@@ -31,9 +31,10 @@ from onnx import version_converter
 from onnxruntime import quantization as oq
 
 from builder.errors import ModelError
-from builder.model.data import Dataset, Signature, batched, default_opset, load_onnx
+from builder.model.data import Dataset, Signature, batched, default_opset, head, load_onnx
 
 MIN_QDQ_OPSET = 13  # per-channel DequantizeLinear (axis) needs opset 13
+SENSITIVITY_SAMPLES = 16  # calibration samples the per-node analysis runs (it holds every activation)
 CALIBRATION_BATCH = 32
 FORBIDDEN_EXTRA_OPTIONS = {
     "CalibMaxIntermediateOutputs": "silently drops calibration batches in onnxruntime 1.32",
@@ -121,8 +122,27 @@ def quantization_source(model: onnx.ModelProto, work: Path, notes: list[str]) ->
         load_onnx(pre)
     except Exception as exc:
         notes.append(f"quantization pre-processing failed ({_short(exc)}); quantizing without it")
-        return upgraded
-    return pre
+        return _named(upgraded)
+    return _named(pre)
+
+
+def _named(path: Path) -> Path:
+    """Give every unnamed node a unique name: int8-mixed keeps nodes in FP32 by name, and an
+    empty name would match every unnamed node."""
+    model = onnx.load(str(path))
+    taken = {n.name for n in model.graph.node if n.name}
+    changed = False
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+            changed = True
+    if changed:
+        onnx.save(model, str(path))
+    return path
 
 
 def check_not_fused(path: Path) -> None:
@@ -227,6 +247,7 @@ def sensitivity(source: Path, int8: Path, calib: Dataset, sig: Signature) -> lis
     there rather than error it inherits. Returns (node name, dB lost)."""
     from onnxruntime.quantization import qdq_loss_debug as qd
 
+    calib = head(calib, SENSITIVITY_SAMPLES)  # it keeps every activation of every sample, twice
     with scratch_cwd() as work:
         try:
             qd.modify_model_output_intermediate_tensors(str(int8), str(work / "qdq.onnx"))
@@ -240,7 +261,7 @@ def sensitivity(source: Path, int8: Path, calib: Dataset, sig: Signature) -> lis
     lost = []
     for node in load_onnx(source).graph.node:
         outs = [sqnr[o] for o in node.output if o in sqnr]
-        if not outs:
+        if not outs or not node.name:
             continue
         ins = [sqnr[i] for i in node.input if i in sqnr]
         inherited = min(ins) if ins else math.inf

@@ -20,20 +20,24 @@ from builder.model import runtimes as rts
 from builder.model import tasks
 from builder.model import validate as val
 from builder.model.data import (
+    MANIFEST,
     Dataset,
     Signature,
     check_fits,
+    head,
     load_dataset,
     load_onnx,
     signature,
 )
 from builder.model.gates import GateResult, Metrics, decide, evaluate, golden, speedup
-from builder.model.policy import CANDIDATE_PRECISION, MIXED_STEPS, Gates, OptimizationPolicy
+from builder.model.policy import CANDIDATE_PRECISION, Gates, OptimizationPolicy
 from builder.model.report import CandidateResult, Report, write_report
 from builder.model.runtimes import ClassRuntime
 
 Progress = Callable[[str], None]
 OUTPUTS = ("report.json", "chosen.onnx", "golden.npz")
+SERVICE_MAX_BODY = 16 * 2**20  # kiln_device.server.MAX_BODY
+JSON_BYTES_PER_VALUE = 24  # a float32 as JSON text, with its separator, at worst
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,7 @@ def optimize_model(model: Path, calibration: Path, validation: Path, policy: Opt
     """
     say = progress or _quiet
     inputs = load_inputs(model, calibration, validation, policy)
+    check_gates(inputs, gates)
     if name is not None:
         inputs = replace(inputs, label=name)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -140,13 +145,32 @@ def load_inputs(model: Path, calibration: Path, validation: Path,
         metadata = {p.key: p.value for p in proto.metadata_props}
         classes = dict((o.name, o.shape) for o in sig.outputs)[sig.output(post.output)]
         base = validation if validation.is_dir() else validation.parent
-        table = tuple(tasks.charset(post, metadata, lambda rel: _read_text(base / rel),
+        table = tuple(tasks.charset(post, metadata, lambda rel: _read_text(_inside(base, rel)),
                                     classes[-1] if classes else None))
     return Inputs(model, proto, sig, cal, vset, calibration, validation, policy.task, post, table)
 
 
+def check_gates(inputs: Inputs, gates: Gates) -> None:
+    """Gates that could never apply are errors, not silence."""
+    unknown = sorted(set(gates.fidelity) - {"*", *inputs.sig.output_names})
+    if unknown:
+        raise ModelError(f"{inputs.path}: gates.fidelity names {', '.join(map(repr, unknown))}, not an output "
+                         f"of the model (outputs: {', '.join(inputs.sig.output_names)})")
+    if inputs.task == "fidelity" and not any(gates.fidelity.values()):
+        raise ModelError(f"{inputs.path}: task fidelity gates on fidelity alone, and gates.fidelity sets no limit",
+                         hint='for example gates: {fidelity: {"*": {minCosine: 0.99}}}')
+
+
 def _first(exc: BaseException) -> str:
     return (str(exc).strip() or type(exc).__name__).splitlines()[0][:300]
+
+
+def _inside(base: Path, rel: str) -> Path:
+    """A file named relative to the data set's directory, and inside it."""
+    path = (base / rel).resolve()
+    if Path(rel).is_absolute() or not path.is_relative_to(base.resolve()):
+        raise ModelError(f"postprocess.charset: {rel!r} must name a file inside {base}")
+    return path
 
 
 def _read_text(path: Path) -> str:
@@ -212,7 +236,7 @@ def _build_mixed(source: Path, shared_notes: list[str], built: list[Built], inpu
         reference = _reference_outputs(built[0], inputs, policy)
         item.mixed = {"sensitivity": [[n, db] for n, db in ranked[:policy.mixed_max_nodes]], "search": [],
                       "kept_fp32": []}
-        steps = [k for k in MIXED_STEPS if k <= min(policy.mixed_max_nodes, len(ranked))] or [len(ranked)]
+        steps = mixed_steps(min(policy.mixed_max_nodes, len(ranked)))
         for k in steps:
             nodes = [n for n, _ in ranked[:k]]
             say(f"int8-mixed: {k} node(s) in FP32")
@@ -232,6 +256,15 @@ def _build_mixed(source: Path, shared_notes: list[str], built: list[Built], inpu
     except ModelError as exc:
         item.path, item.error = None, f"build failed: {exc.message}"
     return item
+
+
+def mixed_steps(limit: int) -> list[int]:
+    """1, 2, 4, ... and `limit` itself: how many of the worst nodes each step keeps in FP32."""
+    steps, k = [], 1
+    while k < limit:
+        steps.append(k)
+        k *= 2
+    return [*steps, limit] if limit > 0 else []
 
 
 QUALITY_GATES = ("min_accuracy", "max_accuracy_drop", "min_agreement", "min_cosine", "min_snr_db", "max_abs_diff")
@@ -407,14 +440,18 @@ def _report(inputs: Inputs, candidates: tuple[CandidateResult, ...], chosen: str
 
 def dataset_digest(path: Path) -> str:
     """sha256 of an .npz, or of a sample directory (dataset.json and every file it names, in order)."""
-    if not path.is_dir():
-        return sha256_file(path)
     import hashlib
-    import json
 
-    h = hashlib.sha256((path / "dataset.json").read_bytes())
-    for entry in json.loads((path / "dataset.json").read_text()).get("samples", []):
-        h.update(entry["file"].encode() + b"\0" + bytes.fromhex(sha256_file(path / entry["file"])))
+    if path.name == MANIFEST:
+        path = path.parent
+    if not path.is_dir():
+        if not path.is_file():
+            raise ModelError(f"{path}: data file not found")
+        return sha256_file(path)
+    data = load_dataset(path, labels=False)  # checks the manifest and every sample file
+    h = hashlib.sha256((path / MANIFEST).read_bytes())
+    for name in data.names:
+        h.update(name.encode() + b"\0" + bytes.fromhex(sha256_file(path / name)))
     return h.hexdigest()
 
 
@@ -440,18 +477,19 @@ def ship(report: Report, inputs: Inputs, policy: OptimizationPolicy, outdir: Pat
     if data.x is not None:
         x = data.x[:count]
         labels = data.y[:count] if data.y is not None else np.zeros(0)
-        outputs = val.first(val.predict(sess, sig, _head(data, count)), sig)
+        outputs = val.first(val.predict(sess, sig, head(data, count)), sig)
         val.write_golden(outdir / "golden.npz", sig, x, outputs, labels, policy.golden_tolerance)
         return
     if len(sig.inputs) != 1:
         return  # the device serves one-input models only: no golden set (builder.models says so at build)
-    head = _head(data, count)
-    golden_outputs = val.predict(sess, sig, head)[sig.output_name]
-    val.write_golden_samples(outdir / "golden.npz", sig, list(head.samples), golden_outputs,
+    golden = head(data, count)
+    for i, feed in enumerate(golden.samples):
+        values = feed[sig.input_name].size
+        if values * JSON_BYTES_PER_VALUE > SERVICE_MAX_BODY:
+            raise ModelError(f"{data.where(i)}: a golden sample of {values:,} values is too big for the device's "
+                             f"service check (one JSON request of at most {SERVICE_MAX_BODY // 2**20} MiB)",
+                             hint="put smaller samples first in the data set, or lower validation.goldenCount")
+    golden_outputs = val.predict(sess, sig, golden)[sig.output_name]
+    val.write_golden_samples(outdir / "golden.npz", sig, list(golden.samples), golden_outputs,
                              policy.golden_tolerance, argmax=inputs.task == "classification")
 
-
-def _head(data: Dataset, count: int) -> Dataset:
-    return replace(data, samples=data.samples[:count], x=None if data.x is None else data.x[:count],
-                   y=None if data.y is None else data.y[:count],
-                   truth=None if data.truth is None else data.truth[:count], names=data.names[:count])

@@ -18,7 +18,6 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 METRICS = ("accuracy",)
 TASKS = ("classification", "detection", "text-recognition", "fidelity")
 FIDELITY_KEYS = ("min_cosine", "min_snr_db", "max_abs_diff")
-MIXED_STEPS = (1, 2, 4, 8, 16)  # int8-mixed: how many of the most sensitive nodes are kept in FP32, in order
 
 # The precision each candidate name produces ("fp32" is always built). int8-mixed is static INT8
 # with the nodes that hurt most left in FP32.

@@ -111,9 +111,10 @@ def test_build_record(record: dict[str, Any], test_state: StateDir) -> None:
     assert g[0] == "base" and g[-1] == "lint" and "unknown" not in g
     assert g.index("os") < g.index("kernel") < g.index("runtime") < g.index("agent") < g.index("model") \
         < g.index("release")
-    (model,) = record["models"]
-    assert model["layer"] in [layer["diffId"] for layer in record["layers"] if layer["group"] == "model"]
-    assert record["labels"]["dev.kiln.model.digits.digest"] == model["sha256"]
+    assert [m["name"] for m in record["models"]] == ["digits", "text-detector"]
+    for model in record["models"]:
+        assert model["layer"] in [layer["diffId"] for layer in record["layers"] if layer["group"] == "model"]
+        assert record["labels"][f"dev.kiln.model.{model['name']}.digest"] == model["sha256"]
     assert record["labels"]["org.opencontainers.image.version"] == QEMU_VERSION
     assert set(record["durations"]) >= {"offline base", "optimize and gate the models"}
 
@@ -134,10 +135,11 @@ def test_image_is_a_bootable_os(rootfs: Path, record: dict[str, Any], test_state
     release = json.loads((rootfs / "usr/lib/kiln/release.json").read_text())
     assert (release["class"], release["version"], release["compatible"]) == (QEMU_CLASS, QEMU_VERSION,
                                                                             "kiln,qemu-x86_64")
-    (model,) = release["models"]
-    assert model["sha256"] == record["models"][0]["sha256"].removeprefix("sha256:")
-    mdir = rootfs / "usr/share/kiln/models/digits/1.0.0"
-    assert {p.name for p in mdir.iterdir()} == {"model.onnx", "report.json", "golden.npz"}
+    assert [m["sha256"] for m in release["models"]] == [m["sha256"].removeprefix("sha256:")
+                                                        for m in record["models"]]
+    for mdir in (rootfs / "usr/share/kiln/models/digits/1.0.0", rootfs / "usr/share/kiln/models/text-detector/4.0.0"):
+        assert {p.name for p in mdir.iterdir()} == {"model.onnx", "report.json", "golden.npz"}
+    assert release["models"][1]["p95LatencyMs"] == 1500  # the detector's own envelope
     assert (rootfs / "usr/lib/kiln/class.json").is_file()
     assert (rootfs / "usr/lib/systemd/system/kiln-inference.service").is_file()
     assert (rootfs / "etc/systemd/system/multi-user.target.wants/kiln-inference.service").is_symlink()

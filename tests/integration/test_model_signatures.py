@@ -88,3 +88,84 @@ def test_a_sample_without_one_of_the_inputs_is_refused(tmp_path: Path) -> None:
         np.savez(tmp_path / "xy.npz", x=np.zeros((2, 3, 4, 4), np.float32))
         optimize_model(model, tmp_path / "xy.npz", val, OptimizationPolicy(task="fidelity", candidates=()),
                        Gates(), tmp_path / "o")
+
+
+def unnamed_conv(path: Path, dtype: int = TensorProto.FLOAT) -> Path:
+    """Conv -> Relu -> Conv with no node names, as some exporters write them."""
+    rng = np.random.default_rng(3)
+    w1 = helper.make_tensor("w1", TensorProto.FLOAT, [8, 3, 3, 3], rng.normal(0, 0.3, 216).tolist())
+    w2 = helper.make_tensor("w2", TensorProto.FLOAT, [4, 8, 1, 1], rng.normal(0, 0.3, 32).tolist())
+    cast = [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT)] if dtype != TensorProto.FLOAT else []
+    src = "xf" if cast else "x"
+    nodes = [*cast, helper.make_node("Conv", [src, "w1"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["b"]), helper.make_node("Conv", ["b", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "unnamed", [helper.make_tensor_value_info("x", dtype, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], [w1, w2])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_mixed_precision_on_a_model_with_unnamed_nodes_keeps_named_nodes_only(tmp_path: Path) -> None:
+    """Found in review: an empty node name in nodes_to_exclude matched every unnamed node, and the
+    'mixed' candidate came out as plain FP32 labelled int8."""
+    model = unnamed_conv(tmp_path / "m.onnx")
+    x = np.random.default_rng(5).uniform(0, 1, (16, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    policy = OptimizationPolicy(task="fidelity", candidates=("int8-mixed",), latency_runs=5, mixed_max_nodes=1)
+    report = optimize_model(model, tmp_path / "d.npz", tmp_path / "d.npz", policy,
+                            Gates(fidelity={"*": {"min_cosine": 0.0}}), tmp_path / "out")
+    mixed = report.candidate("int8-mixed")
+    assert mixed.mixed is not None and mixed.mixed["kept_fp32"] and "" not in mixed.mixed["kept_fp32"]
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "out" / mixed.path)).graph.node]
+    assert "QuantizeLinear" in ops  # still quantized where it was not excluded
+
+
+def test_a_float64_input_is_fed_as_float64(tmp_path: Path) -> None:
+    """Found in review: the x/y form was always fed as float32."""
+    model = unnamed_conv(tmp_path / "m.onnx", TensorProto.DOUBLE)
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(5).uniform(0, 1, (4, 3, 8, 8)))
+    report = optimize_model(model, tmp_path / "d.npz", tmp_path / "d.npz",
+                            OptimizationPolicy(task="fidelity", candidates=(), latency_runs=5),
+                            Gates(fidelity={"*": {"min_cosine": 0.99}}), tmp_path / "out")
+    assert report.chosen == "fp32"
+
+
+def test_gates_that_cannot_apply_are_errors(tmp_path: Path) -> None:
+    """Found in review: a misspelt output name in gates.fidelity, or task fidelity with no limit,
+    gated nothing."""
+    model = two_in_two_out(tmp_path / "m.onnx")
+    val = samples(tmp_path / "val", [(20, 20)], seed=2)
+    policy = OptimizationPolicy(task="fidelity", candidates=())
+    with pytest.raises(ModelError, match=r"gates\.fidelity names 'mapp', not an output of the model"):
+        optimize_model(model, val, val, policy, Gates(fidelity={"mapp": {"min_cosine": 0.9}}), tmp_path / "o")
+    with pytest.raises(ModelError, match="task fidelity gates on fidelity alone"):
+        optimize_model(model, val, val, policy, Gates(), tmp_path / "o")
+
+
+def test_non_numeric_outputs_are_refused_clearly(tmp_path: Path) -> None:
+    """Found in review: a sequence or string output (a ZipMap) reached the metrics and crashed."""
+    from builder.model.data import signature
+
+    graph = helper.make_graph(
+        [helper.make_node("SequenceConstruct", ["x"], ["seq"], name="seq")], "seq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor_sequence_value_info("seq", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    with pytest.raises(ModelError, match="output 'seq' is not a numeric tensor"):
+        signature(model, tmp_path / "seq.onnx")
+
+
+def test_dataset_digest_covers_the_samples_and_refuses_a_broken_manifest(tmp_path: Path) -> None:
+    """Found in review: a dataset.json path hashed the manifest alone; a broken one crashed."""
+    from builder.model.pipeline import dataset_digest
+
+    d = samples(tmp_path / "val", [(20, 20), (8, 8)], seed=2)
+    before = dataset_digest(d / "dataset.json")
+    assert before == dataset_digest(d)
+    np.savez(d / "s1.npz", image=np.zeros((1, 3, 8, 8), np.uint8), scale=np.array([[2]], np.int64))
+    assert dataset_digest(d / "dataset.json") != before
+    (d / "dataset.json").write_text("{")
+    with pytest.raises(ModelError, match="not valid JSON"):
+        dataset_digest(d)

@@ -75,3 +75,14 @@ def test_list_json_says_why_not_buildable() -> None:
     assert set(rows) == {"factory-gateway-gpu", "intel-lowpower-detector", "jetson-vision-standard",
                          "medical-cart-cpu", "qemu-x86_64"}
     assert any("aarch64" in why for why in rows["jetson-vision-standard"]["whyNotBuildable"])
+
+
+def test_a_fetched_model_must_be_written_under_dot_kiln(tmp_path: Path) -> None:
+    """Found in review: `source` of a fetched model could name a tracked file, which Kiln overwrites."""
+    bad = tmp_path / "qemu-x86_64.yaml"
+    text = (ROOT / "images/qemu-x86_64.yaml").read_text()
+    bad.write_text(text.replace("source: .kiln/models/ch_PP-OCRv4_det_infer.onnx", "source: models/digits/digits.onnx"))
+    (tmp_path / "_defaults.yaml").write_text((ROOT / "images/_defaults.yaml").read_text())
+    r = kiln("validate", str(bad))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "a fetched model is written by Kiln, so its source must be under .kiln/" in r.stderr

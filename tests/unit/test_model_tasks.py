@@ -88,3 +88,22 @@ def test_ground_truth_forms_are_checked() -> None:
         tasks.check_truth("classification", [True], str)
     with pytest.raises(ModelError, match="is not a text"):
         tasks.check_truth("text-recognition", [3], str)
+
+
+def test_the_same_infinities_as_fp32_are_no_error() -> None:
+    """Found in review: FP32 against itself with a masked logit (-inf) scored cosine -1."""
+    ref = [np.array([[1.0, -np.inf, 2.0]])]
+    same = tasks.fidelity(ref, ref)
+    assert same["cosine"] == 1.0 and same["max_abs_diff"] == 0.0
+    other = tasks.fidelity([np.array([[1.0, 0.0, 2.0]])], ref)  # the candidate lost the mask
+    assert other["cosine"] == -1.0
+
+
+def test_mixed_search_steps_reach_the_limit() -> None:
+    """Found in review: the steps were a fixed list (1, 2, 4, 8, 16), whatever the limit."""
+    from builder.model.pipeline import mixed_steps
+
+    assert mixed_steps(1) == [1]
+    assert mixed_steps(5) == [1, 2, 4, 5]
+    assert mixed_steps(16) == [1, 2, 4, 8, 16]
+    assert mixed_steps(40) == [1, 2, 4, 8, 16, 32, 40]

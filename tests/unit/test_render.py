@@ -111,7 +111,9 @@ def test_every_layer_has_a_group_slow_to_fast(name: str) -> None:
     ranks = [LAYER_GROUPS.index(g) for g in rendered.layer_groups]
     assert ranks == sorted(ranks), list(zip(rendered.layer_groups, instructions, strict=True))
     by_group = dict(zip(instructions, rendered.layer_groups, strict=True))
-    assert by_group["COPY models/ /usr/share/kiln/models/"] == "model"
+    for m in plan(name).models:  # one layer per model
+        assert by_group[f"COPY models/{m.name}/ /usr/share/kiln/models/{m.name}/"] == "model"
+    assert rendered.layer_groups.count("model") == len(plan(name).models)
     assert by_group["COPY release/ /usr/lib/kiln/"] == "release"
     assert rendered.layer_groups[-1] == "lint" and "kiln-lint" in instructions[-1]
 

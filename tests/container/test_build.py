@@ -77,7 +77,8 @@ def test_layer_groups_follow_the_rendered_containerfile() -> None:
         return render.finalize_containerfile(render.finalize_plan(hc, source=f"images/{name}.yaml")).layer_groups
 
     assert layer_groups("qemu-x86_64") == (
-        "os", "kernel", "kernel", "runtime", "runtime", "agent", "agent", "agent", "agent", "agent", "model",
+        "os", "kernel", "kernel", "runtime", "runtime", "agent", "agent", "agent", "agent", "agent",
+        "model", "model",  # one layer per model: digits, text-detector
         "release", "lint",
     )
     # the kernel-modules stage's RUN is not a layer of the image: the COPY --from of its modules is

@@ -139,7 +139,8 @@ def class_section(record: dict[str, Any], previous: dict[str, Any] | None) -> st
             out.append("<p class=muted>precision fixed by the spec: no gate run</p>")
             continue
         out.append("<table><tr><th>candidate</th><th>precision</th><th>size (bytes)</th>"
-                   f"<th>{esc(rep.get('metric', 'metric'))}</th><th>p50 ms</th><th>p95 ms</th><th>speed-up</th>"
+                   f"<th>{esc(rep.get('score') or rep.get('metric', 'metric'))}</th><th>p50 ms</th><th>p95 ms</th>"
+                   "<th>speed-up</th>"
                    "<th>gates</th></tr>")
         for c in rep.get("candidates") or []:
             metric = c.get(rep.get("metric", "accuracy"))

@@ -490,7 +490,8 @@ def release_verify_and_report(registry: str, certs: Path, env: dict[str, str], c
         assert set(failed(verify(where=url))) == {"image signature", "sbom signature", "att signature"}
     status = PodmanEngine(state).read_file(record["image"]["id"], "/var/lib/dpkg/status")
     installed = len(re.findall(rb"^Status: \S+ ok installed$", status, re.MULTILINE))
-    assert good["sbom"]["byType"].get("machine-learning-model") == 1 and good["sbom"]["models"] == ["digits"]
+    assert good["sbom"]["byType"].get("machine-learning-model") == 2
+    assert good["sbom"]["models"] == ["digits", "text-detector"]
     assert att["sbomSummary"]["packages"] == installed > 100
     # Tampered, one at a time: another SBOM under its tag, a provenance signature, the image's signature.
     repo = f"{registry}/kiln/{QEMU_CLASS}"

@@ -139,3 +139,23 @@ def test_time_slicing_replicas_are_workers_taking_requests_in_turn(tmp_path: Pat
         status = read_json(svc.status)
         assert status["workers"] == 3 and status["sharing"] == listing["sharing"]
         assert read_json(root / ACCELERATOR)["workers"] == 3
+
+
+@pytest.mark.parametrize(("model_limits", "class_fallback", "expected"), [
+    ({"p95LatencyMs": 1e-6, "fallbackP95LatencyMs": 40.0}, 50.0, 40.0),  # the model's own fallback figure
+    ({"p95LatencyMs": 1e-6}, 50.0, 50.0),  # then the class's fallback, not the model's accelerator figure
+    ({"p95LatencyMs": 45.0}, None, 45.0),  # then the model's own envelope
+])
+def test_degraded_envelope_of_a_model_with_its_own(tmp_path: Path, artifacts: Path, model_limits: dict[str, float],  # noqa: F811
+                                                    class_fallback: float | None, expected: float) -> None:
+    """A model with its own envelope on the CPU fallback: its fallbackP95LatencyMs, else the class's
+    fallback envelope, else its own p95LatencyMs (found in review: the accelerator figure came first)."""
+    root = gpu_class(make_rootfs(tmp_path / "root", artifacts), policy="degrade", degraded_p95=class_fallback)
+    path = root / "usr/lib/kiln/release.json"
+    release = json.loads(path.read_text())
+    release["models"][0].update(model_limits)
+    path.write_text(json.dumps(release))
+    code, result, err = health(root)
+    assert code == 0, err
+    latency = result["models"][0]["latency"]
+    assert (latency["envelope"], latency["envelope_p95_ms"]) == ("degraded", expected)

@@ -38,17 +38,23 @@ from kiln_device.contract import (
 )
 
 
-def cmd_check(config: Config, release: Release, state: State) -> tuple[Decision, Candidate]:
+def cmd_check(config: Config, release: Release, state: State, *, read_labels: bool = True) -> tuple[Decision, Candidate]:
+    """The decision on what the channel offers. `read_labels=False` (update, with a TUF root): decide
+    on the signed metadata alone, without reading the image's manifest and config from the registry;
+    `update` then fetches them once and decides again on the verified labels (check_image)."""
     require_registry(config)
-    cand = trusted_candidate(config, release, state) if trust.enabled(config) else inspect_channel(config)
+    cand = trusted_candidate(config, release, state, read_labels=read_labels) if trust.enabled(config) \
+        else inspect_channel(config)
     decision = decide(release, cand, blocklist(state))
     return decision, cand
 
 
-def trusted_candidate(config: Config, release: Release, state: State) -> Candidate:
-    """The release fresh, verified TUF metadata names for this class and channel, read by digest.
-    The channel's state (fresh or stale, and whether the running release was withdrawn) is kept
-    for `status`, on a refusal too."""
+def trusted_candidate(config: Config, release: Release, state: State, *, read_labels: bool = True) -> Candidate:
+    """The release fresh, verified TUF metadata names for this class and channel, read by digest
+    (`read_labels`: its labels from the registry, as `check` shows them; otherwise what the signed
+    metadata says, and the labels are checked once the image is fetched). The channel's state
+    (fresh or stale, and whether the running release was withdrawn) is kept for `status`, on a
+    refusal too."""
     try:
         channel = trust.read_channel(config, release)
     except AgentError as exc:
@@ -81,6 +87,9 @@ def trusted_candidate(config: Config, release: Release, state: State) -> Candida
                     reason=waiting)
     if chosen is None or (waiting and compare_versions(chosen.version, release.version) <= 0):
         raise AgentError(WAITING, f"not updating yet: {waiting}")
+    if not read_labels:  # one download of the manifest and config, by the copy (issue 18)
+        return Candidate(version=chosen.version, compatible=chosen.compatible, digest=chosen.digest,
+                         min_version=chosen.min_version, from_channel=True)
     cand = inspect_ref(config, f"{config.source}@{chosen.digest}")
     if (cand.version, cand.compatible, cand.digest) != (chosen.version, chosen.compatible, chosen.digest):
         raise AgentError(BAD_IMAGE, f"image {chosen.digest[:19]} says {cand.version} for {cand.compatible}; the "
@@ -94,7 +103,7 @@ def cmd_update(config: Config, release: Release, state: State, boot: BootControl
     if booted is None:
         raise AgentError(CONFIG, f"cannot tell the booted slot: no kiln.slot= in {config.cmdline}")
     target = other_slot(booted)
-    decision, cand = cmd_check(config, release, state)
+    decision, cand = cmd_check(config, release, state, read_labels=False)
     pending = state.pending
     if pending and pending.get("phase") == "entry" and pending.get("digest") == cand.digest:
         log(f"{cand.version} is installed in slot {pending['slot']} and waits for a reboot")
@@ -204,6 +213,10 @@ def check_image(config: Config, release: Release, state: State, cand: Candidate,
     A refusal the signed content causes is final for that digest (blocklisted by `failed`)."""
     try:
         verified = candidate_from_labels(verified_labels(paths.layout, oci_ref_name(cand.version)), cand.digest)
+        if (verified.version, verified.compatible) != (cand.version, cand.compatible) and cand.from_channel:
+            raise AgentError(BAD_IMAGE, f"image {cand.digest[:19]} says {verified.version} for {verified.compatible}; "
+                                        f"the signed channel says {cand.version} for {cand.compatible}",
+                             blocklist=True)
         if (verified.version, verified.compatible) != (cand.version, cand.compatible):
             raise AgentError(SIGNATURE, f"the registry showed {cand.compatible} {cand.version} for {cand.digest[:19]}, "
                                         f"its signed image says {verified.compatible} {verified.version}")

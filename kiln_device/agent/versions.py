@@ -53,6 +53,8 @@ class Candidate:
     min_version: str | None = None
     cls: str | None = None
     development: bool | None = None  # None: the image does not say (built before the label existed)
+    # True: from verified TUF metadata alone (an update reads the labels only once it has fetched the image)
+    from_channel: bool = False
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -38,6 +39,7 @@ CLS = "tiny"
 @dataclass
 class World:
     registry: str
+    registry_log: Path
     lookaside: Path
     lookaside_url: str
     key: SigningKey
@@ -97,7 +99,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     lookaside.mkdir()
     Repository(lookaside / "tuf", TrustKeys.load(tmp / "key")).init(trust_root(tmp / "key") or b"")
     with running_registry(tmp / "registry") as reg, serving_lookaside(lookaside) as url:
-        yield World(reg.address, lookaside, url, key, tmp / "key", state, tmp / "oci", tmp)
+        yield World(reg.address, reg.root / "registry.log", lookaside, url, key, tmp / "key", state, tmp / "oci", tmp)
 
 
 def sha(path: Path) -> str:
@@ -143,6 +145,32 @@ def test_a_device_updates_to_what_the_signed_channel_names(world: World) -> None
     assert st["pending"]["digest"] == digest and st["pending"]["version"] == "1.1.0"
     assert st["trust"]["status"] == "fresh" and st["trust"]["newest"] == "1.1.0"
     assert (dev.root / "var/lib/kiln/tuf/metadata/targets.json").is_file()  # the trusted copy, on the data partition
+
+
+def test_an_update_downloads_each_blob_once(world: World) -> None:
+    """Issue 18: the manifest and the config are read once, by the copy (no inspect before it), and only
+    the layers the device lacks: bytes over the wire equal the changed blobs, nothing more."""
+    world.release("5.0.0", "ch-once")
+    dev = world.device("once", channel="ch-once")
+    assert dev.agent("update", "--no-reboot").returncode == EXIT["ok"]
+    old = dev.state()["pending"]["digest"]
+    digest = world.release("5.1.0", "ch-once")
+    dev.boot("b", "kiln-5.0.0-b.conf", version="5.0.0")
+    (dev.entries / "kiln-5.0.0-b+3.conf").rename(dev.entries / "kiln-5.0.0-b.conf")
+    assert dev.agent("boot").returncode == EXIT["ok"]
+    mark = world.registry_log.stat().st_size
+    proc = dev.agent("update", "--no-reboot")
+    assert proc.returncode == EXIT["ok"], proc.stderr
+    gets = [(m.group(1), int(m.group(2))) for m in re.finditer(
+        r'"GET (/v2/kiln/tiny/(?:manifests|blobs)/sha256:[0-9a-f]{64}) HTTP/[0-9.]+" 200 (\d+)',
+        world.registry_log.read_text()[mark:])]
+    paths = [p for p, _ in gets]
+    assert len(paths) == len(set(paths)), f"fetched more than once: {paths}"
+    new, before = json.loads(manifest_bytes(world.registry, digest)), json.loads(manifest_bytes(world.registry, old))
+    have = {la["digest"] for la in before["layers"]}
+    floor = len(manifest_bytes(world.registry, digest)) + new["config"]["size"] + \
+        sum(la["size"] for la in new["layers"] if la["digest"] not in have)
+    assert sum(n for _, n in gets) == floor
 
 
 def test_a_signed_image_the_channel_does_not_name_is_never_installed(world: World) -> None:

@@ -38,7 +38,9 @@ from kiln_device.contract import (
 )
 
 
-def cmd_check(config: Config, release: Release, state: State, *, read_labels: bool = True) -> tuple[Decision, Candidate]:
+def cmd_check(
+    config: Config, release: Release, state: State, *, read_labels: bool = True
+) -> tuple[Decision, Candidate]:
     """The decision on what the channel offers. `read_labels=False` (update, with a TUF root): decide
     on the signed metadata alone, without reading the image's manifest and config from the registry;
     `update` then fetches them once and decides again on the verified labels (check_image)."""

@@ -75,8 +75,7 @@ def in_project(project: Path, where: Callable[[], Path]) -> Path:
 
 
 def make_retrained_project(dest: Path, note: str = "retrained: new weights, same graph") -> Path:
-    """A project copy whose digits model has new bytes but the same behaviour: a model-only release.
-    The class's other model (the text detector) is unchanged and reused byte for byte."""
+    """A project copy whose digits model has new bytes but the same behaviour: a model-only release."""
     import onnx
 
     copy_project(dest, models_from=ROOT)

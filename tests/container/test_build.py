@@ -78,10 +78,12 @@ def test_layer_groups_follow_the_rendered_containerfile() -> None:
 
     assert layer_groups("qemu-x86_64") == (
         "os", "kernel", "kernel", "runtime", "runtime", "agent", "agent", "agent", "agent", "agent",
-        "model", "model",  # one layer per model: digits, text-detector
+        "model",  # one layer per model (digits)
         "release", "lint",
     )
     # the kernel-modules stage's RUN is not a layer of the image: the COPY --from of its modules is
+    # one layer per model: the detector class's two models
+    assert layer_groups("intel-lowpower-detector").count("model") == 2
     assert layer_groups("factory-gateway-gpu")[:5] == ("os", "drivers", "drivers", "kernel", "kernel")
     assert layer_groups("jetson-vision-standard")[:4] == ("repositories", "repositories", "repositories", "os")
 
@@ -112,7 +114,7 @@ def test_build_record(record: dict[str, Any], test_state: StateDir) -> None:
     assert g[0] == "base" and g[-1] == "lint" and "unknown" not in g
     assert g.index("os") < g.index("kernel") < g.index("runtime") < g.index("agent") < g.index("model") \
         < g.index("release")
-    assert [m["name"] for m in record["models"]] == ["digits", "text-detector"]
+    assert [m["name"] for m in record["models"]] == ["digits"]
     for model in record["models"]:
         assert model["layer"] in [layer["diffId"] for layer in record["layers"] if layer["group"] == "model"]
         assert record["labels"][f"dev.kiln.model.{model['name']}.digest"] == model["sha256"]
@@ -138,9 +140,8 @@ def test_image_is_a_bootable_os(rootfs: Path, record: dict[str, Any], test_state
                                                                             "kiln,qemu-x86_64")
     assert [m["sha256"] for m in release["models"]] == [m["sha256"].removeprefix("sha256:")
                                                         for m in record["models"]]
-    for mdir in (rootfs / "usr/share/kiln/models/digits/1.0.0", rootfs / "usr/share/kiln/models/text-detector/4.0.0"):
-        assert {p.name for p in mdir.iterdir()} == {"model.onnx", "report.json", "golden.npz"}
-    assert release["models"][1]["p95LatencyMs"] == 1500  # the detector's own envelope
+    mdir = rootfs / "usr/share/kiln/models/digits/1.0.0"
+    assert {p.name for p in mdir.iterdir()} == {"model.onnx", "report.json", "golden.npz"}
     assert (rootfs / "usr/lib/kiln/class.json").is_file()
     assert (rootfs / "usr/lib/systemd/system/kiln-inference.service").is_file()
     assert (rootfs / "etc/systemd/system/multi-user.target.wants/kiln-inference.service").is_symlink()
@@ -490,8 +491,8 @@ def release_verify_and_report(registry: str, certs: Path, env: dict[str, str], c
         assert set(failed(verify(where=url))) == {"image signature", "sbom signature", "att signature"}
     status = PodmanEngine(state).read_file(record["image"]["id"], "/var/lib/dpkg/status")
     installed = len(re.findall(rb"^Status: \S+ ok installed$", status, re.MULTILINE))
-    assert good["sbom"]["byType"].get("machine-learning-model") == 2
-    assert good["sbom"]["models"] == ["digits", "text-detector"]
+    assert good["sbom"]["byType"].get("machine-learning-model") == 1
+    assert good["sbom"]["models"] == ["digits"]
     assert att["sbomSummary"]["packages"] == installed > 100
     # Tampered, one at a time: another SBOM under its tag, a provenance signature, the image's signature.
     repo = f"{registry}/kiln/{QEMU_CLASS}"

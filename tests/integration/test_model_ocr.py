@@ -201,7 +201,8 @@ def test_timing_stops_after_the_time_budget(optimized: Path, tmp_path: Path) -> 
 def recognizer() -> Path:
     from builder.spec import Model
 
-    det = next(m for m in load_class("qemu-x86_64", ROOT / "images").spec.models if m.name == "text-detector")
+    models = load_class("intel-lowpower-detector", ROOT / "images").spec.models
+    det = next(m for m in models if m.name == "text-detector")
     assert det.fetch is not None
     m = Model.model_validate({
         "name": "text-recognizer", "version": "4.0.0", "source": ".kiln/models/ch_PP-OCRv4_rec_infer.onnx",

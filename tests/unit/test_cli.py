@@ -79,8 +79,9 @@ def test_list_json_says_why_not_buildable() -> None:
 
 def test_a_fetched_model_must_be_written_under_dot_kiln(tmp_path: Path) -> None:
     """Found in review: `source` of a fetched model could name a tracked file, which Kiln overwrites."""
-    bad = tmp_path / "qemu-x86_64.yaml"
-    text = (ROOT / "images/qemu-x86_64.yaml").read_text()
+    bad = tmp_path / "intel-lowpower-detector.yaml"
+    text = (ROOT / "images/intel-lowpower-detector.yaml").read_text()
+    assert "source: .kiln/models/ch_PP-OCRv4_det_infer.onnx" in text
     bad.write_text(text.replace("source: .kiln/models/ch_PP-OCRv4_det_infer.onnx", "source: models/digits/digits.onnx"))
     (tmp_path / "_defaults.yaml").write_text((ROOT / "images/_defaults.yaml").read_text())
     r = kiln("validate", str(bad))

@@ -105,6 +105,21 @@ class BaseRecipe:
     # Set when this base stands in for an unreachable snapshot (spec.base.fallbackMirror): the
     # snapshot it replaces. The base is then named `<release>-unpinned-<id>`, never the snapshot.
     stands_in_for: str | None = None
+    # spec.kernel.dropModules: module directories (under kernel/) left out by dpkg; the base is then
+    # named `...-modules-<id>` (names.finalize_modules_id), so classes that keep them never share it.
+    drop_modules: tuple[str, ...] = ()
+
+    @property
+    def dpkg_excludes(self) -> tuple[str, ...]:
+        """DPKG_EXCLUDES and the dropped module directories (bookworm's kernel packages ship
+        /lib/modules, later releases /usr/lib/modules: both are named)."""
+        modules = tuple(f"path-exclude={root}/modules/*/kernel/{d.strip('/')}/*"
+                        for d in self.drop_modules for root in ("/lib", "/usr/lib"))
+        return (*DPKG_EXCLUDES, *modules)
+
+    @property
+    def modules_id(self) -> str | None:
+        return names.finalize_modules_id(self.drop_modules) if self.drop_modules else None
 
     @property
     def debian_arch(self) -> str:
@@ -120,13 +135,15 @@ class BaseRecipe:
 
     @property
     def ref(self) -> str:
-        return names.offline_base_ref(self.release, self.arch, self.snapshot, unpinned=self.unpinned_id)
+        return names.offline_base_ref(self.release, self.arch, self.snapshot, unpinned=self.unpinned_id,
+                                      modules=self.modules_id)
 
     @property
     def name(self) -> str:
         """The cache directory: one per distinct base (a snapshot and its fallback never share one)."""
         tag = self.release + (f"-{self.snapshot}" if self.snapshot else "")
         tag += f"-unpinned-{self.unpinned_id}" if self.unpinned_id else ""
+        tag += f"-modules-{self.modules_id}" if self.modules_id else ""
         return f"debian-{tag}-{self.arch}"
 
     def sources(self) -> list[str]:
@@ -146,7 +163,7 @@ class BaseRecipe:
             "arch": self.arch.value,
             "sources": self.sources(),
             "packages": sorted(self.all_packages),
-            "dpkg": list(DPKG_EXCLUDES),
+            "dpkg": list(self.dpkg_excludes),
             "hooks": list(CUSTOMIZE_HOOKS),
             "epoch": self.epoch,
         }
@@ -208,6 +225,7 @@ def make_base_for_class(ctx: Context, hc: HardwareClass, mirror: BaseMirror | No
         components=tuple(base.components),
         snapshot=mirror.snapshot,
         stands_in_for=base.snapshot if mirror.fallback else None,
+        drop_modules=tuple(hc.spec.kernel.drop_modules),
     )
 
 
@@ -223,6 +241,7 @@ def make_base(
     epoch: int = DEFAULT_EPOCH,
     force: bool = False,
     stands_in_for: str | None = None,
+    drop_modules: tuple[str, ...] = (),
 ) -> BaseImage:
     """Bootstrap (or reuse) the offline base and make sure the engine has it.
 
@@ -230,7 +249,8 @@ def make_base(
     `snapshot` (YYYYMMDDTHHMMSSZ) pins snapshot.debian.org instead, for a
     tarball that stays byte-identical over time. `force` rebuilds regardless.
     `stands_in_for` (a snapshot): this base from `mirror` replaces that unreachable snapshot and is
-    named `<release>-unpinned-<id>` (builder.names.offline_base_ref).
+    named `<release>-unpinned-<id>` (builder.names.offline_base_ref). `drop_modules` (module
+    directories under kernel/, spec.kernel.dropModules) are left out of the base.
     """
     if stands_in_for and snapshot:
         raise BuildError("a fallback base is bootstrapped from its mirror, not from a snapshot")
@@ -243,7 +263,7 @@ def make_base(
     recipe = BaseRecipe(
         release=release, arch=architecture, mirror=main_mirror, security_mirror=security_mirror,
         components=tuple(components), snapshot=snapshot, packages=tuple(packages), epoch=epoch,
-        stands_in_for=stands_in_for,
+        stands_in_for=stands_in_for, drop_modules=tuple(drop_modules),
     )  # fmt: skip
     paths = BasePaths(ctx.state.base_dir / recipe.name)
     paths.root.mkdir(parents=True, exist_ok=True)
@@ -313,7 +333,7 @@ def mmdebstrap_argv(recipe: BaseRecipe, out: Path, packages_out: Path) -> list[s
         f"--architectures={recipe.debian_arch}",
         "--format=tar",
         f"--include={','.join(recipe.all_packages)}",
-        *(f"--dpkgopt={opt}" for opt in DPKG_EXCLUDES),
+        *(f"--dpkgopt={opt}" for opt in recipe.dpkg_excludes),
         *(f"--customize-hook={hook}" for hook in CUSTOMIZE_HOOKS),
         f"--customize-hook={list_packages}",
         recipe.release,

@@ -92,6 +92,32 @@ def base_pinned(hc: HardwareClass) -> Iterator[Problem]:
            f"production classes (development: false) pin their base: set spec.base.{key}")
 
 
+# Module directories (relative to the module tree's kernel/) that every Kiln boot loads: the read-only
+# erofs root, the /etc and /var overlays on the ext4 data partition, the ESP, virtio disks and consoles.
+BOOT_MODULE_DIRS = ("fs/erofs", "fs/overlayfs", "fs/ext4", "fs/jbd2", "fs/fat", "fs/nls", "fs/efivarfs",
+                    "drivers/block", "drivers/virtio", "drivers/char", "drivers/watchdog", "lib", "crypto")
+
+
+@contract
+def kernel_modules(hc: HardwareClass) -> Iterator[Problem]:
+    drop = hc.spec.kernel.drop_modules
+    if not drop:
+        return
+    base = hc.spec.base
+    if base.source is not BaseSource.bootstrap or base.family is not Family.debian:
+        yield (("spec", "kernel", "dropModules"),
+               "only a Debian bootstrap base can leave modules out (the base is made by Kiln)")
+    for i, path in enumerate(drop):
+        p = path.strip("/")
+        if drop.index(path) != i:
+            yield (("spec", "kernel", "dropModules", i), f"'{path}' is listed twice")
+        for needed in BOOT_MODULE_DIRS:
+            if p == needed or needed.startswith(p + "/") or p.startswith(needed + "/"):
+                yield (("spec", "kernel", "dropModules", i),
+                       f"'{path}' drops {needed}, which every Kiln boot needs")
+                break
+
+
 @contract
 def accelerator_none(hc: HardwareClass) -> Iterator[Problem]:
     acc = hc.spec.accelerator

@@ -39,18 +39,26 @@ def finalize_destination(registry: str, cls: str, version: str) -> str:
 
 
 def offline_base_ref(release: str, arch: str, snapshot: str | None = None, *, distro: str = "debian",
-                     unpinned: str | None = None) -> str:
+                     unpinned: str | None = None, modules: str | None = None) -> str:
     """localhost/kiln/base/DISTRO:RELEASE[-SNAPSHOT|-unpinned-ID][-ARCH], the base `kiln base` bootstraps.
 
     x86_64 keeps the bare tag; any other architecture appends `-ARCH`, so the two never share a tag.
     `unpinned` (finalize_unpinned_id) names a base bootstrapped from a moving mirror in place of an
     unreachable snapshot (spec.base.fallbackMirror): it never carries the snapshot's name.
+    `modules` (finalize_modules_id) names a base that leaves kernel modules out (spec.kernel.dropModules).
     """
     if snapshot and unpinned:
         raise ValueError("a base is either pinned to a snapshot or unpinned, not both")
     tag = release + (f"-{snapshot}" if snapshot else "") + (f"-unpinned-{unpinned}" if unpinned else "")
+    tag += f"-modules-{modules}" if modules else ""
     tag += "" if arch == "x86_64" else f"-{arch}"
     return f"{BASE_REPO}/{distro}:{tag}"
+
+
+def finalize_modules_id(drop_modules: tuple[str, ...]) -> str:
+    """8 hex digits naming a set of dropped module directories (order and slashes do not matter)."""
+    key = " ".join(sorted({d.strip("/") for d in drop_modules}))
+    return hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
 def finalize_unpinned_id(mirror: str, components: tuple[str, ...]) -> str:
@@ -67,8 +75,11 @@ def base_ref(hc: HardwareClass, *, fallback: bool = False) -> str:
         return f"{base.image}@{base.digest}" if base.digest else base.image
     assert base.release is not None  # builder.contracts.base_source: a bootstrap base names its release
     distro = "ubuntu" if base.family is Family.l4t else "debian"
+    drop = hc.spec.kernel.drop_modules
+    modules = finalize_modules_id(tuple(drop)) if drop else None
     if fallback:
         assert base.fallback_mirror is not None  # builder.contracts: only with a fallback mirror
         unpinned = finalize_unpinned_id(base.fallback_mirror, tuple(base.components))
-        return offline_base_ref(base.release, hc.spec.architecture.value, distro=distro, unpinned=unpinned)
-    return offline_base_ref(base.release, hc.spec.architecture.value, base.snapshot, distro=distro)
+        return offline_base_ref(base.release, hc.spec.architecture.value, distro=distro, unpinned=unpinned,
+                                modules=modules)
+    return offline_base_ref(base.release, hc.spec.architecture.value, base.snapshot, distro=distro, modules=modules)

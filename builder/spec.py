@@ -133,8 +133,16 @@ class Repository(Strict):
 
 
 class Kernel(Strict):
+    """`dropModules`: directories of the kernel's module tree, relative to `kernel/` (`sound`,
+    `drivers/gpu`), that the class's devices never load. A Debian bootstrap base leaves them out
+    (dpkg path-exclude, kept in the image for later kernel packages), so the image, each download
+    of its base and each slot an update writes are that much smaller. The boot tests show the class
+    still boots and runs without them; a directory the boot needs (erofs, overlay, ext4, vfat, virtio,
+    block) cannot be dropped."""
+
     package: PackageName | None = None
     args: tuple[KernelArg, ...] = ()
+    drop_modules: tuple[RelPath, ...] = ()
 
 
 class AcceleratorKind(enum.StrEnum):

@@ -23,6 +23,9 @@ from tests.conftest import ROOT, require_tool
 QEMU_VERSION = "1.0.0"
 TEST_STATE = Path(os.environ.get("KILN_TEST_STATE_DIR") or ROOT / ".kiln" / "test-state")
 
+# The kernel modules qemu-x86_64 leaves out of its base: the container tier's base is that class's.
+QEMU_BASE_MODULES = tuple(load_class(QEMU_CLASS, ROOT / "images").spec.kernel.drop_modules)
+
 _built: dict[tuple[str, str], dict[str, Any]] = {}
 
 

@@ -20,7 +20,7 @@ from builder.engine import DockerEngine, PodmanEngine, start_podman_service
 from builder.registry import RegistryInfo, running_registry
 from builder.state import StateDir, make_state_dir
 from tests.conftest import IN_CI, require_tool
-from tests.images import TEST_STATE
+from tests.images import QEMU_BASE_MODULES, TEST_STATE
 
 
 def require_docker_sdk() -> None:
@@ -41,7 +41,7 @@ def test_state() -> StateDir:
 def base_image(test_state: StateDir) -> BaseImage:
     require_tool("mmdebstrap")
     require_tool("podman")
-    return make_base(make_context(PodmanEngine(test_state), state=test_state))
+    return make_base(make_context(PodmanEngine(test_state), state=test_state), drop_modules=QEMU_BASE_MODULES)
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,7 @@ from builder.loader import load_class
 from builder.run import run
 from builder.state import StateDir, make_state_dir
 from tests.conftest import ROOT, require_tool
+from tests.images import QEMU_BASE_MODULES
 
 
 def state_context(state: StateDir) -> Context:
@@ -52,8 +53,9 @@ def test_the_base_made_for_a_class_is_the_one_it_builds_from() -> None:
     base = hc.spec.base
     recipe = base_mod.BaseRecipe(release=base.release or "", arch=hc.spec.architecture, mirror="m",
                                  security_mirror=None, components=("main",), snapshot=base.snapshot,
-                                 packages=(), epoch=0)
-    assert recipe.ref == names.base_ref(hc) == "localhost/kiln/base/debian:bookworm"
+                                 packages=(), epoch=0, drop_modules=tuple(hc.spec.kernel.drop_modules))
+    modules = names.finalize_modules_id(tuple(hc.spec.kernel.drop_modules))
+    assert recipe.ref == names.base_ref(hc) == f"localhost/kiln/base/debian:bookworm-modules-{modules}"
 
 
 @pytest.mark.unit
@@ -95,6 +97,23 @@ def test_mmdebstrap_argv_is_minimal_and_reproducible(tmp_path: Path) -> None:
 
 
 @pytest.mark.unit
+def test_dropped_modules_are_dpkg_excludes_and_part_of_the_cache_key(tmp_path: Path) -> None:
+    def recipe(drop: tuple[str, ...]) -> base_mod.BaseRecipe:
+        return base_mod.BaseRecipe(release="bookworm", arch=base_mod.Architecture.x86_64, mirror="m",
+                                   security_mirror=None, components=("main",), snapshot=None, packages=(),
+                                   epoch=1, drop_modules=drop)
+
+    trimmed, full = recipe(("sound", "drivers/gpu")), recipe(())
+    argv = mmdebstrap_argv(trimmed, tmp_path / "out.tar", tmp_path / "pkgs")
+    for root in ("/lib", "/usr/lib"):  # bookworm's kernel ships /lib/modules (merged /usr makes it /usr/lib)
+        assert f"--dpkgopt=path-exclude={root}/modules/*/kernel/sound/*" in argv
+        assert f"--dpkgopt=path-exclude={root}/modules/*/kernel/drivers/gpu/*" in argv
+    assert not [a for a in mmdebstrap_argv(full, tmp_path / "o", tmp_path / "p") if "/modules/" in a]
+    assert trimmed.inputs() != full.inputs() and trimmed.name != full.name and trimmed.ref != full.ref
+    assert trimmed.name == f"debian-bookworm-modules-{names.finalize_modules_id(('sound', 'drivers/gpu'))}-x86_64"
+
+
+@pytest.mark.unit
 def test_unknown_arch_is_refused(tmp_path: Path) -> None:
     with pytest.raises(BuildError, match="no Debian base for architecture 'riscv64'"):
         make_base(state_context(make_state_dir(root=tmp_path)), arch="riscv64")
@@ -107,7 +126,7 @@ def test_unknown_arch_is_refused(tmp_path: Path) -> None:
 def test_base_is_loaded_under_its_stable_name(base_image: BaseImage, test_state: StateDir) -> None:
     engine = PodmanEngine(test_state)
     info = engine.inspect(base_image.ref)
-    assert base_image.ref == "localhost/kiln/base/debian:bookworm"
+    assert base_image.ref == names.base_ref(load_class("qemu-x86_64", ROOT / "images"))
     assert info["id"] == base_image.image_id
     assert [layer["diff_id"] for layer in info["layers"]] == [f"sha256:{base_image.tarball_sha256}"]
     assert info["created"].startswith("2025-01-01T00:00:00")
@@ -117,7 +136,7 @@ def test_base_is_loaded_under_its_stable_name(base_image: BaseImage, test_state:
 @pytest.mark.container
 def test_second_call_is_a_noop(base_image: BaseImage, test_state: StateDir) -> None:
     before = base_image.tarball.stat().st_mtime_ns
-    again = make_base(state_context(test_state))
+    again = make_base(state_context(test_state), drop_modules=QEMU_BASE_MODULES)
     assert again.built is False
     assert again.image_id == base_image.image_id
     assert base_image.tarball.stat().st_mtime_ns == before
@@ -151,6 +170,18 @@ def test_base_has_what_a_boot_needs_and_nothing_else(
         assert machine_id is not None and machine_id.read() == b""
         # _apt's, whatever the permissions of the state dir's parents were.
         assert tar.getmember("./var/lib/apt/lists/partial").uid != 0
+    # The kernel modules qemu-x86_64 drops are not there; what every boot needs is.
+    modules = f"usr/lib/modules/{kver}/kernel"
+    for dropped in QEMU_BASE_MODULES:
+        assert not [n for n in files if n.startswith(f"{modules}/{dropped}/")], dropped
+    for needed in ("fs/erofs/erofs.ko", "fs/overlayfs/overlay.ko", "fs/ext4/ext4.ko", "drivers/block/virtio_blk.ko",
+                   "drivers/net/virtio_net.ko", "drivers/watchdog/iTCO_wdt.ko"):
+        assert f"{modules}/{needed}" in files, needed
+    with tarfile.open(base_image.tarball) as tar:  # the kernel's own depmod ran without them
+        dep = tar.extractfile(f"./usr/lib/modules/{kver}/modules.dep")
+        assert dep is not None
+        deps = dep.read().decode()
+    assert "kernel/fs/erofs/erofs.ko:" in deps and "kernel/sound/" not in deps and "kernel/drivers/gpu/" not in deps
     packages = base_image.packages.read_text().splitlines()
     assert any(line.startswith("systemd\t") for line in packages)
     assert len(packages) < 200, "the base should stay minimal"
@@ -175,8 +206,9 @@ def test_tarball_and_image_id_are_identical_on_a_second_build(
 
     Both run in this session: a cached base may predate a mirror update.
     """
-    first = base_image if base_image.built else make_base(state_context(test_state), force=True)
-    second = make_base(state_context(scratch_state))
+    first = base_image if base_image.built else make_base(state_context(test_state), force=True,
+                                                          drop_modules=QEMU_BASE_MODULES)
+    second = make_base(state_context(scratch_state), drop_modules=QEMU_BASE_MODULES)
     assert second.built is True
     assert second.tarball_sha256 == first.tarball_sha256
     assert second.image_id == first.image_id
@@ -191,7 +223,7 @@ def test_missing_image_is_reloaded_from_the_cached_tarball(base_image: BaseImage
     target.mkdir(parents=True)
     for name in ("rootfs.tar", "packages.txt", "stamp.json"):
         os.link(cached / name, target / name)
-    again = make_base(state_context(state))
+    again = make_base(state_context(state), drop_modules=QEMU_BASE_MODULES)
     assert again.built is True
     assert again.image_id == base_image.image_id
     assert PodmanEngine(state).exists(base_image.ref)
@@ -201,7 +233,7 @@ def test_missing_image_is_reloaded_from_the_cached_tarball(base_image: BaseImage
 def test_mmdebstrap_missing_fails_clearly(scratch_state: StateDir, path_only: Callable[..., None]) -> None:
     path_only("podman", "runc")
     with pytest.raises(ToolMissing, match=r"mmdebstrap not found; install it with: apt-get install mmdebstrap"):
-        make_base(state_context(scratch_state))
+        make_base(state_context(scratch_state), drop_modules=QEMU_BASE_MODULES)
 
 
 @pytest.mark.container
@@ -211,7 +243,7 @@ def test_mmdebstrap_missing_but_base_cached_is_fine(
     path_only: Callable[..., None],
 ) -> None:
     path_only("podman", "runc")
-    assert make_base(state_context(test_state)).built is False
+    assert make_base(state_context(test_state), drop_modules=QEMU_BASE_MODULES).built is False
 
 
 @pytest.mark.container

@@ -23,7 +23,7 @@ def test_offline_base_ref_format(args: tuple[str, ...], ref: str) -> None:
 
 
 @pytest.mark.parametrize(("name", "ref"), [
-    ("qemu-x86_64", "localhost/kiln/base/debian:bookworm"),
+    ("qemu-x86_64", "localhost/kiln/base/debian:bookworm-modules-0334f2c8"),  # it drops kernel modules
     ("factory-gateway-gpu", "localhost/kiln/base/debian:bookworm-20261101T000000Z"),
     ("jetson-vision-standard", "localhost/kiln/base/ubuntu:jammy-20261101T000000Z-aarch64"),
     ("medical-cart-cpu", "quay.io/centos-bootc/centos-bootc:stream9@sha256:"
@@ -47,3 +47,12 @@ def test_fallback_base_ref_of_a_class() -> None:
     hc = load_class("factory-gateway-gpu", ROOT / "images")
     unpinned = names.finalize_unpinned_id("http://deb.debian.org/debian", tuple(hc.spec.base.components))
     assert names.base_ref(hc, fallback=True) == f"localhost/kiln/base/debian:bookworm-unpinned-{unpinned}"
+
+
+def test_a_base_that_drops_modules_is_named_after_the_set() -> None:
+    """Classes that keep every module never build FROM a base that lacks some, and the name does not
+    depend on the order or on trailing slashes."""
+    gpu_sound = names.finalize_modules_id(("drivers/gpu", "sound"))
+    assert gpu_sound == names.finalize_modules_id(("sound/", "drivers/gpu")) != names.finalize_modules_id(("sound",))
+    ref = names.offline_base_ref("bookworm", "x86_64", "20261101T000000Z", modules=gpu_sound)
+    assert ref == f"localhost/kiln/base/debian:bookworm-20261101T000000Z-modules-{gpu_sound}"

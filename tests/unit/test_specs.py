@@ -316,3 +316,31 @@ def test_gpu_class_says_where_everything_comes_from() -> None:
     assert driver.build_packages == ("nvidia-kernel-dkms",) and "nvidia-driver" not in driver.packages
     assert not toolkit.installed and toolkit.cdi.value == "boot"
     assert spec.runtime.extras == ("cuda", "cudnn")
+
+
+
+def test_dropped_kernel_modules_must_leave_what_the_boot_needs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """spec.kernel.dropModules: every boot needs erofs, overlay, ext4, vfat and virtio; the problems are
+    reported at once, each located."""
+    monkeypatch.chdir(ROOT)
+    doc = set_in(base_doc(), "spec.kernel.dropModules", ["drivers/gpu", "fs", "drivers/virtio/x", "drivers/gpu"])
+    with pytest.raises(SpecError) as info:
+        load_class(write(tmp_path, doc))
+    text = str(info.value)
+    assert info.value.exit_code == 2 and len(info.value.problems) == 3, text
+    assert "spec.kernel.dropModules[1]: 'fs' drops fs/erofs, which every Kiln boot needs" in text
+    assert "spec.kernel.dropModules[2]: 'drivers/virtio/x' drops drivers/virtio, which every Kiln boot needs" in text
+    assert "spec.kernel.dropModules[3]: 'drivers/gpu' is listed twice" in text
+    with pytest.raises(SpecError, match=r"spec.kernel.dropModules\[0\]: .*must not contain '\.\.'"):
+        load_class(write(tmp_path, set_in(base_doc(), "spec.kernel.dropModules", ["../../etc"])))
+
+
+def test_only_a_bootstrapped_debian_base_drops_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    doc = yaml.safe_load((ROOT / "images/medical-cart-cpu.yaml").read_text())
+    doc = set_in(doc, "spec.kernel.dropModules", ["sound"])
+    path = tmp_path / "medical-cart-cpu.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    (tmp_path / "_defaults.yaml").write_text((ROOT / "images/_defaults.yaml").read_text())
+    with pytest.raises(SpecError, match=r"spec.kernel.dropModules: only a Debian bootstrap base can leave modules out"):
+        load_class(path)

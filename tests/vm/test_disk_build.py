@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from builder import disk
+from builder import disk, names
+from builder.loader import load_class
 from tests.conftest import ROOT
 from tests.vm.conftest import BuiltDisk
 
@@ -91,7 +92,8 @@ def test_cli_disk_not_a_kiln_image(tmp_path: Path) -> None:
     from tests.images import kiln_test_state
 
     kiln_test_state()
-    r = kiln("disk", "localhost/kiln/base/debian:bookworm", "-o", str(tmp_path / "d.raw"))
+    base = names.base_ref(load_class("qemu-x86_64", ROOT / "images"))  # the class's, built with its image
+    r = kiln("disk", base, "-o", str(tmp_path / "d.raw"))
     assert r.returncode == 9, r.stderr
     assert "is not a Kiln image" in r.stderr and not (tmp_path / "d.raw").exists()
 

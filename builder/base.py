@@ -113,9 +113,15 @@ class BaseRecipe:
     def dpkg_excludes(self) -> tuple[str, ...]:
         """DPKG_EXCLUDES and the dropped module directories (bookworm's kernel packages ship
         /lib/modules, later releases /usr/lib/modules: both are named)."""
-        modules = tuple(f"path-exclude={root}/modules/*/kernel/{d.strip('/')}/*"
-                        for d in self.drop_modules for root in ("/lib", "/usr/lib"))
+        modules = tuple(f"path-exclude={root}/modules/*/kernel/{d}/*"
+                        for d in self.module_dirs for root in ("/lib", "/usr/lib"))
         return (*DPKG_EXCLUDES, *modules)
+
+    @property
+    def module_dirs(self) -> tuple[str, ...]:
+        """The dropped directories, sorted and without slashes at the ends: the same set gives the same
+        base (its cache key, its name and the bytes of its dpkg configuration) in any order."""
+        return tuple(sorted({d.strip("/") for d in self.drop_modules}))
 
     @property
     def modules_id(self) -> str | None:

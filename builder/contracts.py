@@ -107,10 +107,18 @@ def kernel_modules(hc: HardwareClass) -> Iterator[Problem]:
     if base.source is not BaseSource.bootstrap or base.family is not Family.debian:
         yield (("spec", "kernel", "dropModules"),
                "only a Debian bootstrap base can leave modules out (the base is made by Kiln)")
-    for i, path in enumerate(drop):
-        p = path.strip("/")
-        if drop.index(path) != i:
-            yield (("spec", "kernel", "dropModules", i), f"'{path}' is listed twice")
+    dirs = [path.strip("/") for path in drop]
+    for i, (path, p) in enumerate(zip(drop, dirs, strict=True)):
+        loc = ("spec", "kernel", "dropModules", i)
+        if any(part in ("", ".") for part in p.split("/")):
+            yield (loc, f"'{path}' is not a directory of the module tree (like sound or drivers/gpu)")
+            continue
+        if dirs.index(p) != i:
+            yield (loc, f"'{path}' is listed twice")
+            continue
+        covering = [d for d in dirs if p.startswith(d + "/")]
+        if covering:
+            yield (loc, f"'{path}' is already dropped with '{covering[0]}'")
         for needed in BOOT_MODULE_DIRS:
             if p == needed or needed.startswith(p + "/") or p.startswith(needed + "/"):
                 yield (("spec", "kernel", "dropModules", i),

@@ -28,6 +28,7 @@ from builder.context import Context, make_context
 from builder.engine import PodmanEngine
 from builder.errors import BuildError, ToolMissing
 from builder.loader import load_class
+from builder.mirrors import BaseMirror
 from builder.run import run
 from builder.state import StateDir, make_state_dir
 from tests.conftest import ROOT, require_tool
@@ -111,6 +112,23 @@ def test_dropped_modules_are_dpkg_excludes_and_part_of_the_cache_key(tmp_path: P
     assert not [a for a in mmdebstrap_argv(full, tmp_path / "o", tmp_path / "p") if "/modules/" in a]
     assert trimmed.inputs() != full.inputs() and trimmed.name != full.name and trimmed.ref != full.ref
     assert trimmed.name == f"debian-bookworm-modules-{names.finalize_modules_id(('sound', 'drivers/gpu'))}-x86_64"
+
+
+@pytest.mark.unit
+def test_a_class_base_is_made_with_its_module_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """make_base_for_class hands the class's dropModules to make_base (the name it builds FROM has them)."""
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(base_mod, "make_base", lambda *args, **kwargs: seen.update(kwargs))
+    hc = load_class("qemu-x86_64", ROOT / "images")
+    where = BaseMirror(url="http://deb.debian.org/debian", snapshot=None, fallback=False, ref=names.base_ref(hc))
+    make_base_for_class(state_context(make_state_dir(root=tmp_path)), hc, where)
+    assert seen["drop_modules"] == hc.spec.kernel.drop_modules == QEMU_BASE_MODULES and QEMU_BASE_MODULES
+    # the same set in another order is the same base, to the byte of its dpkg configuration
+    one, other = (base_mod.BaseRecipe(release="bookworm", arch=base_mod.Architecture.x86_64, mirror="m",
+                                      security_mirror=None, components=("main",), snapshot=None, packages=(),
+                                      epoch=1, drop_modules=drop)
+                  for drop in (("sound", "drivers/gpu/"), ("drivers/gpu", "sound")))
+    assert one.inputs() == other.inputs() and one.ref == other.ref and one.dpkg_excludes == other.dpkg_excludes
 
 
 @pytest.mark.unit

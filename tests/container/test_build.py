@@ -81,9 +81,9 @@ def test_layer_groups_follow_the_rendered_containerfile() -> None:
         "model",  # one layer per model (digits)
         "release", "lint",
     )
-    # the kernel-modules stage's RUN is not a layer of the image: the COPY --from of its modules is
     # one layer per model: the detector class's two models
     assert layer_groups("intel-lowpower-detector").count("model") == 2
+    # the kernel-modules stage's RUN is not a layer of the image: the COPY --from of its modules is
     assert layer_groups("factory-gateway-gpu")[:5] == ("os", "drivers", "drivers", "kernel", "kernel")
     assert layer_groups("jetson-vision-standard")[:4] == ("repositories", "repositories", "repositories", "os")
 

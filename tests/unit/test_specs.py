@@ -323,14 +323,17 @@ def test_dropped_kernel_modules_must_leave_what_the_boot_needs(tmp_path: Path, m
     """spec.kernel.dropModules: every boot needs erofs, overlay, ext4, vfat and virtio; the problems are
     reported at once, each located."""
     monkeypatch.chdir(ROOT)
-    doc = set_in(base_doc(), "spec.kernel.dropModules", ["drivers/gpu", "fs", "drivers/virtio/x", "drivers/gpu"])
+    doc = set_in(base_doc(), "spec.kernel.dropModules",
+                 ["drivers/gpu", "fs", "drivers/virtio/x", "drivers/gpu", ".", "drivers/gpu/drm"])
     with pytest.raises(SpecError) as info:
         load_class(write(tmp_path, doc))
     text = str(info.value)
-    assert info.value.exit_code == 2 and len(info.value.problems) == 3, text
+    assert info.value.exit_code == 2 and len(info.value.problems) == 5, text
     assert "spec.kernel.dropModules[1]: 'fs' drops fs/erofs, which every Kiln boot needs" in text
     assert "spec.kernel.dropModules[2]: 'drivers/virtio/x' drops drivers/virtio, which every Kiln boot needs" in text
     assert "spec.kernel.dropModules[3]: 'drivers/gpu' is listed twice" in text
+    assert "spec.kernel.dropModules[4]: '.' is not a directory of the module tree" in text
+    assert "spec.kernel.dropModules[5]: 'drivers/gpu/drm' is already dropped with 'drivers/gpu'" in text
     with pytest.raises(SpecError, match=r"spec.kernel.dropModules\[0\]: .*must not contain '\.\.'"):
         load_class(write(tmp_path, set_in(base_doc(), "spec.kernel.dropModules", ["../../etc"])))
 

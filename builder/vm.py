@@ -425,6 +425,15 @@ class VM:
                     raise VMError(f"QMP {cmd}: {reply['error'].get('desc', reply['error'])}")
             return reply.get("return")
 
+    def disk_bytes_written(self) -> int:
+        """Bytes the guest has written to its disk since QEMU started (QMP query-blockstats of the
+        drive `disk0`): what an update costs the device's storage, counted by QEMU, not by the guest."""
+        stats = self.qmp("query-blockstats") or []
+        for dev in stats:
+            if dev.get("device") == "disk0":
+                return int(dev["stats"]["wr_bytes"])
+        raise VMError(f"QMP query-blockstats: no drive disk0 among {[d.get('device') for d in stats]}")
+
     def poweroff(self, timeout: float = 180) -> None:
         """Graceful: ACPI power button (QMP system_powerdown), wait for QEMU to exit; kill if it does not."""
         self.close_ssh()

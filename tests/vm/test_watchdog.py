@@ -1,4 +1,9 @@
-"""Destructive: a device whose system hangs is reset by its hardware watchdog and boots again.
+"""Destructive, one device (a fresh disk copy, a fresh QEMU per boot, the same EFI variables):
+
+1. a device whose system hangs is reset by its hardware watchdog and boots again, and what it
+   wrote to /etc and /var before the hang is still there (the overlays on the data partition);
+2. a factory reset wipes them: the flag set from the host on the powered-off disk, and the same
+   flag set by the device itself before a reboot.
 
 The hang: with real-time throttling off, one SCHED_FIFO busy loop per CPU starves
 everything else, systemd included, so nothing pings the watchdog (iTCO on QEMU's q35,
@@ -12,21 +17,23 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from builder import vm
+from builder import disk, vm
 from tests.vm.conftest import BOOT_TIMEOUT, BuiltDisk, copy_disk
 
 HANG = ("sysctl -q kernel.sched_rt_runtime_us=-1; "
         "for i in $(seq $(nproc)); do chrt -f 99 sh -c 'while :; do :; done' & done; wait")
+MARKS = "/etc/kiln-test /var/lib/kiln-test"
 
 
-def test_hung_device_is_reset_by_the_watchdog(qemu_disk: BuiltDisk, tmp_path: Path) -> None:
+def test_hung_device_is_reset_by_the_watchdog_and_keeps_its_state_until_a_factory_reset(
+        qemu_disk: BuiltDisk, tmp_path: Path) -> None:
     image = copy_disk(qemu_disk.path, tmp_path / "disk.raw")
     cfg = vm.VMConfig(disk=image, ssh_key=qemu_disk.ssh_key, workdir=tmp_path / "vm", no_reboot=True)
     with vm.start_vm(cfg) as machine:
         machine.wait_for_healthy(BOOT_TIMEOUT)
         wd = machine.ssh("cd /sys/class/watchdog/watchdog0 && cat identity state timeout").stdout.split()
         assert wd == ["iTCO_wdt", "active", "60"], wd
-        machine.ssh("echo 'before the hang' > /var/lib/kiln-test-mark && sync")
+        machine.ssh("echo kept > /etc/kiln-test && echo kept > /var/lib/kiln-test && sync")
         before = len(machine.console_text())
         machine.ssh(f"cat > /run/kiln-test-hang <<'EOF'\n{HANG}\nEOF")
         # a timer, so the command returns before the CPUs are taken
@@ -42,5 +49,18 @@ def test_hung_device_is_reset_by_the_watchdog(qemu_disk: BuiltDisk, tmp_path: Pa
     with vm.start_vm(cfg) as machine:
         machine.wait_for_healthy(BOOT_TIMEOUT)
         assert "kiln.slot=a" in machine.ssh("cat /proc/cmdline").stdout
-        assert machine.ssh("cat /var/lib/kiln-test-mark").stdout == "before the hang\n"  # the same device
+        assert machine.ssh(f"cat {MARKS}").stdout == "kept\nkept\n"  # the same device, its /etc and /var
+        machine.poweroff()
+    disk.make_factory_reset(image)  # from the host, the disk powered off
+    with vm.start_vm(cfg) as machine:
+        machine.wait_for_ssh(BOOT_TIMEOUT)
+        r = machine.ssh(f"ls {MARKS}", check=False)
+        assert r.exit_status != 0 and "No such file" in r.stderr
+        assert machine.ssh("ls /run/kiln/data").stdout.split() == ["lost+found", "overlay"]  # flag consumed
+        # In the device: the same flag, then a reboot.
+        machine.ssh("echo again > /etc/kiln-test && touch /run/kiln/data/factory-reset && sync")
+        machine.poweroff()
+    with vm.start_vm(cfg) as machine:
+        machine.wait_for_ssh(BOOT_TIMEOUT)
+        assert not machine.ssh("test -e /etc/kiln-test", check=False).ok
         machine.poweroff()

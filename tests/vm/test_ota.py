@@ -22,6 +22,11 @@ help, and the agent says so.
 
 Power cuts, a full data partition and a registry lost mid-download: test_ota_faults.py.
 
+Tiers: 1 and 2 are in the vm tier (scripts/test, CI); 3, 4 and the unbootable initramfs are in the
+long vm tier (scripts/test-vmlong, which runs 1 and 2 again first: 3 goes on from the device 2 left).
+Under TCG on a 2-core AMD EPYC a boot to healthy takes about 2 minutes and an update about 10, so the
+whole module does not fit CI's 60 minutes beside the other tiers.
+
 Helpers (the registry as the guest sees it, derived images): tests/vm/otakit.py.
 """
 
@@ -214,6 +219,7 @@ def test_model_only_update_boots_slot_b_and_is_blessed(releases: Releases, qemu_
         machine.poweroff()
 
 
+@pytest.mark.vmlong
 def test_failed_golden_check_rolls_back_and_blocklists(releases: Releases, device: tuple[Path, vm.VMConfig],
                                                        fleet: FleetLink) -> None:
     project = make_broken_golden_project(releases.tmp / "v3-project")
@@ -242,6 +248,7 @@ def test_failed_golden_check_rolls_back_and_blocklists(releases: Releases, devic
         machine.kill()  # the power goes out with the rollback's events still in the outbox
 
 
+@pytest.mark.vmlong
 def test_every_event_reaches_the_fleet_once_in_order(qemu_disk: BuiltDisk, device: tuple[Path, vm.VMConfig],
                                                      fleet: FleetLink) -> None:
     """After the power cut, the link comes back: the service has the device's whole life, each event once."""
@@ -275,6 +282,7 @@ def test_every_event_reaches_the_fleet_once_in_order(qemu_disk: BuiltDisk, devic
     assert "golden" in next(e for e in events if e["kind"] == "rollback")["reason"]
 
 
+@pytest.mark.vmlong
 def test_unbootable_initramfs_falls_back_by_boot_counting(releases: Releases, qemu_disk: BuiltDisk,
                                                           tmp_path_factory: pytest.TempPathFactory) -> None:
     """A fresh device (v1, slot A) takes a release whose initramfs cannot start: every trial boot

@@ -28,6 +28,8 @@ from tests.netfault import FaultyLink
 from tests.vm.conftest import BOOT_TIMEOUT, BuiltDisk, copy_disk
 from tests.vm.otakit import Releases, agent, configure, serving_releases, slot_digest, status
 
+pytestmark = pytest.mark.vmlong  # scripts/test-vmlong: too long for CI's 60 minutes under TCG
+
 MIB = 2**20
 VERSION = "1.1.0"
 CHANNEL = "faults"

@@ -17,8 +17,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
 from builder import disk, vm
 from tests.vm.conftest import BOOT_TIMEOUT, BuiltDisk, copy_disk
+
+pytestmark = pytest.mark.vmlong  # scripts/test-vmlong: too long for CI's 60 minutes under TCG
 
 HANG = ("sysctl -q kernel.sched_rt_runtime_us=-1; "
         "for i in $(seq $(nproc)); do chrt -f 99 sh -c 'while :; do :; done' & done; wait")

@@ -73,9 +73,10 @@ def copy_disk(src: Path, dest: Path) -> Path:
     return dest
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def booted(qemu_disk: BuiltDisk, tmp_path_factory: pytest.TempPathFactory) -> Iterator[vm.VM]:
-    """One boot of the shared disk (snapshot: the disk stays pristine), up and healthy-or-not."""
+    """One boot of the shared disk (snapshot: the disk stays pristine), up and healthy-or-not; powered off
+    when the module's tests are done (an idle TCG guest still takes CPU from the VMs after it)."""
     cfg = vm.VMConfig(disk=qemu_disk.path, snapshot=True, ssh_key=qemu_disk.ssh_key,
                       workdir=tmp_path_factory.mktemp("vm"))
     with vm.start_vm(cfg) as machine:
@@ -84,7 +85,7 @@ def booted(qemu_disk: BuiltDisk, tmp_path_factory: pytest.TempPathFactory) -> It
         machine.poweroff()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def host(booted: vm.VM, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """pytest-testinfra over paramiko against the shared VM."""
     testinfra = pytest.importorskip("testinfra")

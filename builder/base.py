@@ -16,7 +16,7 @@ work starts and written only after each step succeeded, so a failure leaves
 nothing a later call would trust.
 
 What goes in the base: what every Debian class needs to boot and be updated
-(kernel + modules, systemd as init, udev, dbus, kmod, initramfs-tools, zstd,
+(kernel in /usr/lib/modules/$kver/vmlinuz + modules, systemd as init, udev, dbus, kmod, initramfs-tools, zstd,
 e2fsprogs, systemd-boot with bless-boot). Not in the base: the initramfs
 (every class regenerates it with Kiln's overlay hook; see INITRD=No below),
 networking, ssh, python, ca-certificates, firmware: the class Containerfile
@@ -51,7 +51,7 @@ from builder.run import VERBOSE, run, run_streaming
 from builder.spec import Architecture, BaseSource, Family, HardwareClass
 from builder.state import StateDir
 
-RECIPE_VERSION = 1  # bump when hooks or the image config change meaningfully
+RECIPE_VERSION = 2  # bump when hooks or the image config change meaningfully
 DEFAULT_RELEASE = "bookworm"
 
 BASE_PACKAGES = (
@@ -78,6 +78,7 @@ DPKG_EXCLUDES = (
     "path-exclude=/usr/share/lintian/*",
     "path-exclude=/usr/share/linda/*",
     "path-exclude=/usr/share/bug/*",
+    "path-exclude=/boot/System.map-*",  # symbols for debugging; nothing on a device reads them
 )
 
 CUSTOMIZE_HOOKS = (
@@ -87,6 +88,10 @@ CUSTOMIZE_HOOKS = (
     # temporary rootfs (a TMPDIR under a 0700 directory): the tarball would depend
     # on the state dir's parents. Debian's default owner, always.
     'chroot "$1" chown _apt:root /var/cache/apt/archives/partial /var/lib/apt/lists/partial',
+    # The kernel where a bootc-style image keeps it. Left in /boot, the class's kernel layer would
+    # move it and the image would carry it twice: in the base, and again in that layer (issue 18).
+    'for k in "$1"/boot/vmlinuz-*; do [ -e "$k" ] || continue; '
+    'mv "$k" "$1/usr/lib/modules/${k##*/vmlinuz-}/vmlinuz"; done',
 )
 
 

@@ -167,7 +167,9 @@ def test_base_has_what_a_boot_needs_and_nothing_else(
     rootfs_names = set(rootfs_members)
     files = {name for name, member in rootfs_members.items() if member.isfile()}
     kver = base_image.kernel
-    assert f"boot/vmlinuz-{kver}" in rootfs_names
+    # The kernel is where the image keeps it (once: never again in /boot); no debugging symbols.
+    assert f"usr/lib/modules/{kver}/vmlinuz" in rootfs_names
+    assert not [n for n in rootfs_names if n.startswith(("boot/vmlinuz", "boot/System.map"))]
     assert f"usr/lib/modules/{kver}/modules.dep" in rootfs_names
     assert "usr/lib/systemd/systemd" in rootfs_names
     assert "usr/sbin/init" in rootfs_names  # systemd-sysv (merged /usr)

@@ -7,6 +7,9 @@ then per accelerator (KVM when OVMF runs under it here, and TCG) and per boot:
 QEMU start -> SSH answers (when the disk has a key) and QEMU start ->
 kiln-health-inference.service active (the golden inference check passed, asked
 through the guest agent). A failing check is reported as such, with its time.
+For each healthy boot, where its seconds went: firmware (QEMU start -> kernel), the
+initramfs, the switch to the real root, when the health gate's units started and became
+active (systemd's monotonic timestamps) and `systemd-analyze blame`'s slowest ten.
 """
 
 from __future__ import annotations
@@ -39,6 +42,11 @@ def boot_once(image: Path, accel: vm.Accel, key: Path | None, timeout: float) ->
         try:
             row["healthy_s"] = round(machine.wait_for_healthy(timeout), 1)
             row["result"] = "healthy"
+            row["timeline"] = machine.boot_timeline()
+            # QEMU start -> the kernel's clock starts: OVMF and systemd-boot (the guest cannot see it).
+            health = row["timeline"]["units"][vm.HEALTH_UNIT]["active_s"]
+            if health is not None:
+                row["firmware_s"] = round(row["healthy_s"] - health, 1)
         except KilnError as exc:
             row["result"] = str(exc).splitlines()[0][:160]
             row["failed_after_s"] = round(time.monotonic() - machine.started, 1)
@@ -104,8 +112,30 @@ def main(argv: list[str] | None = None) -> int:
         healthy = f"{b['healthy_s']:.1f} s" if "healthy_s" in b else (
             f"({b['failed_after_s']:.1f} s)" if "failed_after_s" in b else "-")
         print(f"{b['accel']:<6} {ssh:>18} {healthy:>12}  {b['result']}")
+    for b in boots:
+        if "timeline" in b:
+            print_timeline(b)
     write_figures(args.json, figures)
     return 0
+
+
+def print_timeline(boot: dict[str, Any]) -> None:
+    """Where one boot's seconds went (seconds since the kernel started, from systemd)."""
+    t = boot["timeline"]
+
+    def at(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    print(f"\nwhere the seconds went ({boot['accel']}): firmware (QEMU start -> kernel) {at(boot.get('firmware_s'))} s;"
+          f" then, since the kernel started:")
+    print(f"  {'initramfs starts':<34} {at(t['initrd_s']):>8} s")
+    print(f"  {'switch to the real root':<34} {at(t['userspace_s']):>8} s")
+    print(f"  {'unit':<34} {'started':>8}   {'active':>8}")
+    for unit, u in t["units"].items():
+        print(f"  {unit:<34} {at(u['started_s']):>8} s {at(u['active_s']):>8} s")
+    print("  slowest units (systemd-analyze blame):")
+    for line in t["blame"]:
+        print(f"    {line}")
 
 
 if __name__ == "__main__":

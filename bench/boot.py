@@ -133,9 +133,10 @@ def print_timeline(boot: dict[str, Any]) -> None:
     print(f"  {'unit':<34} {'started':>8}   {'active':>8}")
     for unit, u in t["units"].items():
         print(f"  {unit:<34} {at(u['started_s']):>8} s {at(u['active_s']):>8} s")
-    print("  slowest units (systemd-analyze blame):")
-    for line in t["blame"]:
-        print(f"    {line}")
+    if t["blame"]:  # systemd-analyze answers only once the boot has finished (every start job done)
+        print("  slowest units (systemd-analyze blame):")
+        for line in t["blame"]:
+            print(f"    {line}")
 
 
 if __name__ == "__main__":

@@ -314,7 +314,7 @@ class VM:
             out["units"][unit] = {"started_s": _mono(got.get("InactiveExitTimestampMonotonic")),
                                   "active_s": _mono(got.get("ActiveEnterTimestampMonotonic"))}
         blame = self.guest_exec("systemd-analyze blame --no-pager", check=False, timeout=60).stdout
-        out["blame"] = [line.strip() for line in blame.splitlines() if line.strip()][:10]
+        out["blame"] = [line.strip() for line in blame.splitlines() if line.strip()][:10]  # [] until finished
         return out
 
     def healthy_slot(self, unit: str = HEALTH_UNIT) -> str | None:

@@ -216,9 +216,11 @@ class BasePaths:
         return self.root / "lock"
 
 
-def make_base_for_class(ctx: Context, hc: HardwareClass, mirror: BaseMirror | None = None) -> BaseImage:
+def make_base_for_class(ctx: Context, hc: HardwareClass, mirror: BaseMirror | None = None, *,
+                        force: bool = False) -> BaseImage:
     """The offline base a class builds FROM (`kiln build` calls this when it is missing), from
-    `mirror` (default: finalize_base_mirror, which probes)."""
+    `mirror` (default: finalize_base_mirror, which probes). `force`: bootstrap it again even when
+    the cached one is current (`kiln base --class CLASS --force`)."""
     base = hc.spec.base
     if base.source is not BaseSource.bootstrap or base.family is not Family.debian:
         raise BuildError(
@@ -237,6 +239,7 @@ def make_base_for_class(ctx: Context, hc: HardwareClass, mirror: BaseMirror | No
         snapshot=mirror.snapshot,
         stands_in_for=base.snapshot if mirror.fallback else None,
         drop_modules=tuple(hc.spec.kernel.drop_modules),
+        force=force,
     )
 
 

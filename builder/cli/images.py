@@ -41,7 +41,7 @@ def base_cmd(release: str, arch: str, mirror: str | None, snapshot: str | None, 
         where = finalize_base_mirror(hc)
         if where.fallback:
             click.echo(f"note: {hc.name}: {where.note}", err=True)
-        image = make_base_for_class(cli_context(engine), hc, where)
+        image = make_base_for_class(cli_context(engine), hc, where, force=force)
         click.echo(f"{image.ref} {image.image_id} (kernel {image.kernel}; {'built' if image.built else 'cached'}; "
                    f"mirror {where.url}; tarball {image.tarball})")
         return

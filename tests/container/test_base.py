@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tarfile
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -123,12 +124,35 @@ def test_a_class_base_is_made_with_its_module_set(tmp_path: Path, monkeypatch: p
     where = BaseMirror(url="http://deb.debian.org/debian", snapshot=None, fallback=False, ref=names.base_ref(hc))
     make_base_for_class(state_context(make_state_dir(root=tmp_path)), hc, where)
     assert seen["drop_modules"] == hc.spec.kernel.drop_modules == QEMU_BASE_MODULES and QEMU_BASE_MODULES
+    assert seen["force"] is False
     # the same set in another order is the same base, to the byte of its dpkg configuration
     one, other = (base_mod.BaseRecipe(release="bookworm", arch=base_mod.Architecture.x86_64, mirror="m",
                                       security_mirror=None, components=("main",), snapshot=None, packages=(),
                                       epoch=1, drop_modules=drop)
                   for drop in (("sound", "drivers/gpu/"), ("drivers/gpu", "sound")))
     assert one.inputs() == other.inputs() and one.ref == other.ref and one.dpkg_excludes == other.dpkg_excludes
+
+
+@pytest.mark.unit
+def test_base_class_force_rebuilds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kiln base --class CLASS --force` asks for a rebuild (it used to drop --force and answer from the cache)."""
+    from click.testing import CliRunner
+
+    from builder.cli import main
+
+    seen: dict[str, object] = {}
+
+    def fake_make_base(*args: object, **kwargs: object) -> object:
+        seen.update(kwargs)
+        return types.SimpleNamespace(ref="r", image_id="i", kernel="k", built=True, tarball="t")
+
+    monkeypatch.setattr(base_mod, "make_base", fake_make_base)
+    monkeypatch.setattr(base_mod, "finalize_base_mirror", lambda hc: BaseMirror(
+        url="http://deb.debian.org/debian", snapshot=None, fallback=False, ref=names.base_ref(hc)))
+    monkeypatch.setenv("KILN_STATE_DIR", str(tmp_path))
+    result = CliRunner().invoke(main, ["base", "--class", "qemu-x86_64", "--force"])
+    assert result.exit_code == 0, result.output
+    assert seen["force"] is True and seen["drop_modules"] == QEMU_BASE_MODULES
 
 
 @pytest.mark.unit

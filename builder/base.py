@@ -126,7 +126,7 @@ class BaseRecipe:
     def module_dirs(self) -> tuple[str, ...]:
         """The dropped directories, sorted and without slashes at the ends: the same set gives the same
         base (its cache key, its name and the bytes of its dpkg configuration) in any order."""
-        return tuple(sorted({d.strip("/") for d in self.drop_modules}))
+        return names.finalize_module_dirs(self.drop_modules)
 
     @property
     def modules_id(self) -> str | None:

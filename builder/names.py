@@ -55,10 +55,14 @@ def offline_base_ref(release: str, arch: str, snapshot: str | None = None, *, di
     return f"{BASE_REPO}/{distro}:{tag}"
 
 
+def finalize_module_dirs(drop_modules: tuple[str, ...]) -> tuple[str, ...]:
+    """A set of dropped module directories in one spelling: sorted, without slashes at the ends."""
+    return tuple(sorted({d.strip("/") for d in drop_modules}))
+
+
 def finalize_modules_id(drop_modules: tuple[str, ...]) -> str:
     """8 hex digits naming a set of dropped module directories (order and slashes do not matter)."""
-    key = " ".join(sorted({d.strip("/") for d in drop_modules}))
-    return hashlib.sha256(key.encode()).hexdigest()[:8]
+    return hashlib.sha256(" ".join(finalize_module_dirs(drop_modules)).encode()).hexdigest()[:8]
 
 
 def finalize_unpinned_id(mirror: str, components: tuple[str, ...]) -> str:

@@ -110,7 +110,8 @@ def test_dropped_modules_are_dpkg_excludes_and_part_of_the_cache_key(tmp_path: P
     for root in ("/lib", "/usr/lib"):  # bookworm's kernel ships /lib/modules (merged /usr makes it /usr/lib)
         assert f"--dpkgopt=path-exclude={root}/modules/*/kernel/sound/*" in argv
         assert f"--dpkgopt=path-exclude={root}/modules/*/kernel/drivers/gpu/*" in argv
-    assert not [a for a in mmdebstrap_argv(full, tmp_path / "o", tmp_path / "p") if "/modules/" in a]
+    assert not [a for a in mmdebstrap_argv(full, tmp_path / "o", tmp_path / "p")
+                if a.startswith("--dpkgopt=") and "/modules/" in a]
     assert trimmed.inputs() != full.inputs() and trimmed.name != full.name and trimmed.ref != full.ref
     assert trimmed.name == f"debian-bookworm-modules-{names.finalize_modules_id(('sound', 'drivers/gpu'))}-x86_64"
 

@@ -27,6 +27,7 @@ from builder.errors import KilnError
 from builder.progress import Steps
 from builder.run import find_tool
 from builder.state import make_state_dir
+from builder.timeline import boot_timeline
 
 
 def image_size(ref: str) -> int | None:
@@ -42,7 +43,7 @@ def boot_once(image: Path, accel: vm.Accel, key: Path | None, timeout: float) ->
         try:
             row["healthy_s"] = round(machine.wait_for_healthy(timeout), 1)
             row["result"] = "healthy"
-            row["timeline"] = machine.boot_timeline()
+            row["timeline"] = boot_timeline(machine)
             # QEMU start -> the kernel's clock starts: OVMF and systemd-boot (the guest cannot see it).
             health = row["timeline"]["units"][vm.HEALTH_UNIT]["active_s"]
             if health is not None:
@@ -128,7 +129,8 @@ def print_timeline(boot: dict[str, Any]) -> None:
 
     print(f"\nwhere the seconds went ({boot['accel']}): firmware (QEMU start -> kernel) {at(boot.get('firmware_s'))} s;"
           f" then, since the kernel started:")
-    print(f"  {'initramfs starts':<34} {at(t['initrd_s']):>8} s")
+    if t["initrd_s"] is not None:  # only when systemd runs in the initramfs (not initramfs-tools)
+        print(f"  {'initramfs starts':<34} {at(t['initrd_s']):>8} s")
     print(f"  {'switch to the real root':<34} {at(t['userspace_s']):>8} s")
     print(f"  {'unit':<34} {'started':>8}   {'active':>8}")
     for unit, u in t["units"].items():

@@ -49,9 +49,6 @@ OVMF_PAIRS = (  # (CODE, VARS) that belong together; Debian, then Fedora/Arch
 OVMF_HINT = "install it with: apt-get install ovmf (or pass --ovmf-code/--ovmf-vars)"
 # What the console shows once the image's golden inference check has passed (or failed).
 HEALTH_UNIT = "kiln-health-inference.service"
-# Units whose start and finish `VM.boot_timeline` reports: the health gate and what it waits for.
-TIMELINE_UNITS = ("kiln-inference.service", HEALTH_UNIT, "kiln-health-agent.service", "kiln-agent-boot.service",
-                  "kiln-ssh-keygen.service", "boot-complete.target")
 LOGIN_PATTERN = r"login: "
 
 
@@ -294,28 +291,6 @@ class VM:
             last = f"{unit} is {state or 'unknown'}"
             time.sleep(1)
         raise self.error(f"timed out after {timeout:.0f} s waiting for {unit} to pass (last: {last})")
-
-    def boot_timeline(self, units: tuple[str, ...] = TIMELINE_UNITS) -> dict[str, Any]:
-        """Where this boot's seconds went, from systemd's own monotonic timestamps (seconds since the
-        kernel started): the initramfs, the switch to the real root, basic.target, and when each of
-        `units` started and became active; plus `systemd-analyze blame`'s slowest ten units."""
-        props = ("InitRDTimestampMonotonic", "UserspaceTimestampMonotonic", "FinishTimestampMonotonic")
-        manager = _show_props(self.guest_exec(f"systemctl show -p {','.join(props)}", timeout=60).stdout)
-        out: dict[str, Any] = {
-            "initrd_s": _mono(manager.get("InitRDTimestampMonotonic")),
-            "userspace_s": _mono(manager.get("UserspaceTimestampMonotonic")),
-            "finished_s": _mono(manager.get("FinishTimestampMonotonic")),
-            "units": {},
-        }
-        for unit in ("basic.target", *units):
-            got = _show_props(self.guest_exec(
-                f"systemctl show -p InactiveExitTimestampMonotonic,ActiveEnterTimestampMonotonic {unit}",
-                check=False, timeout=60).stdout)
-            out["units"][unit] = {"started_s": _mono(got.get("InactiveExitTimestampMonotonic")),
-                                  "active_s": _mono(got.get("ActiveEnterTimestampMonotonic"))}
-        blame = self.guest_exec("systemd-analyze blame --no-pager", check=False, timeout=60).stdout
-        out["blame"] = [line.strip() for line in blame.splitlines() if line.strip()][:10]  # [] until finished
-        return out
 
     def healthy_slot(self, unit: str = HEALTH_UNIT) -> str | None:
         """The slot ("a" or "b", from kiln.slot= on the kernel command line) this boot runs when `unit`
@@ -613,16 +588,3 @@ def read_disk_record(disk: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-
-def _show_props(text: str) -> dict[str, str]:
-    """`systemctl show -p A,B` output (A=1\nB=2) as a dict."""
-    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
-
-
-def _mono(value: str | None) -> float | None:
-    """A `...TimestampMonotonic` property (microseconds; 0 when it never happened) in seconds."""
-    if not value or not value.strip().isdigit() or int(value) == 0:
-        return None
-    return round(int(value) / 1e6, 1)

@@ -91,7 +91,7 @@ CUSTOMIZE_HOOKS = (
     # The kernel where a bootc-style image keeps it. Left in /boot, the class's kernel layer would
     # move it and the image would carry it twice: in the base, and again in that layer (issue 18).
     'for k in "$1"/boot/vmlinuz-*; do [ -e "$k" ] || continue; '
-    'mv "$k" "$1/usr/lib/modules/${k##*/vmlinuz-}/vmlinuz"; done',
+    'mv "$k" "$1/usr/lib/modules/${k##*/vmlinuz-}/vmlinuz" || exit 1; done',
 )
 
 

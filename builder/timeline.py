@@ -15,9 +15,13 @@ def boot_timeline(machine: VM, units: tuple[str, ...] = TIMELINE_UNITS) -> dict[
     """Seconds since the kernel started: the initramfs, the switch to the real root, basic.target, and
     when each of `units` started and became active (through the guest agent); plus `systemd-analyze
     blame`'s slowest ten units ([] until systemd has finished the boot)."""
-    props = ("InitRDTimestampMonotonic", "UserspaceTimestampMonotonic", "FinishTimestampMonotonic")
+    props = ("FirmwareTimestampMonotonic", "LoaderTimestampMonotonic", "InitRDTimestampMonotonic",
+             "UserspaceTimestampMonotonic", "FinishTimestampMonotonic")
     manager = show_props(machine.guest_exec(f"systemctl show -p {','.join(props)}", timeout=60).stdout)
     out: dict[str, Any] = {
+        # Before the kernel (systemd-boot's EFI variables): firmware and loader started that long before it.
+        "firmware_s": monotonic_s(manager.get("FirmwareTimestampMonotonic")),
+        "loader_s": monotonic_s(manager.get("LoaderTimestampMonotonic")),
         "initrd_s": monotonic_s(manager.get("InitRDTimestampMonotonic")),
         "userspace_s": monotonic_s(manager.get("UserspaceTimestampMonotonic")),
         "finished_s": monotonic_s(manager.get("FinishTimestampMonotonic")),

@@ -135,9 +135,11 @@ def print_timeline(boot: dict[str, Any]) -> None:
     def at(value: float | None) -> str:
         return "-" if value is None else f"{value:.1f}"
 
-    print(f"\nwhere the seconds went ({boot['accel']}): QEMU start -> kernel {at(boot.get('before_kernel_s'))} s "
-          f"(firmware started {at(t.get('firmware_s'))} s and systemd-boot {at(t.get('loader_s'))} s before the "
-          "kernel, by systemd-boot's clock); then, since the kernel started:")
+    loader = "" if t.get("firmware_s") is None and t.get("loader_s") is None else (
+        f" (firmware started {at(t.get('firmware_s'))} s and systemd-boot {at(t.get('loader_s'))} s before the kernel,"
+        " by systemd-boot's clock)")
+    print(f"\nwhere the seconds went ({boot['accel']}): QEMU start -> kernel {at(boot.get('before_kernel_s'))} s, "
+          f"up to one health poll (about 1 s) included{loader}; then, since the kernel started:")
     if t["initrd_s"] is not None:  # only when systemd runs in the initramfs (not initramfs-tools)
         print(f"  {'initramfs starts':<34} {at(t['initrd_s']):>8} s")
     print(f"  {'switch to the real root':<34} {at(t['userspace_s']):>8} s")

@@ -115,3 +115,12 @@ def test_esp_is_mounted_from_the_booted_disk_on_demand_only(host: Any) -> None:
 def test_no_unit_needs_a_writable_usr(host: Any, unit: str) -> None:
     journal = host.check_output(f"journalctl -b -u {unit} --no-pager")
     assert "Read-only file system" not in journal
+
+
+def test_no_ext4_scrubbing_at_boot(host: Any) -> None:
+    """e2fsprogs' e2scrub (ext4 on LVM snapshots; a device has no LVM) is off by Kiln's preset: at boot it
+    took 20 s of CPU beside the inference service's load (bench.boot, issue 18)."""
+    for unit in ("e2scrub_reap.service", "e2scrub_all.timer"):
+        assert host.run(f"systemctl is-enabled {unit}").stdout.strip() == "disabled", unit
+    assert host.run("systemctl show -p ActiveEnterTimestampMonotonic --value e2scrub_reap.service").stdout.strip() \
+        == "0"

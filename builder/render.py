@@ -35,6 +35,8 @@ DEVICE_PACKAGE = Path(contract.__file__).resolve().parent
 APT_ESSENTIALS = ("systemd-sysv", "udev", "dbus", "kmod", "initramfs-tools", "python3", "systemd-boot",
                   # the device agent: pull + verify (skopeo, gnupg), unpack (umoci), write a slot (erofs)
                   "skopeo", "gnupg", "umoci", "erofs-utils",
+                  # layered slots: each layer's fs-verity digest, checked by the agent and the initramfs
+                  "fsverity",
                   # the agent verifies the registry's TLS certificate against the system's CA bundle
                   "ca-certificates",
                   # the device key is made in the TPM where there is one (kiln_device.agent.identity)
@@ -227,6 +229,8 @@ def finalize_labels(hc: HardwareClass, models: tuple[ModelArtifact, ...],
         labels[contract.model_label(m.name, "digest")] = f"sha256:{m.sha256}"
         labels[contract.model_label(m.name, "precision")] = m.precision
         labels[contract.model_label(m.name, "version")] = m.version
+    if spec.base.family.package_manager == "apt":  # its initramfs (Kiln's hook) boots a slot made of layers
+        labels[contract.LABEL_ROOT_LAYERS] = spec.disk.compression
     labels |= finalize_content_labels(hc)  # driver, kernel modules, toolkit, CDI, CUDA (builder.contents)
     if base is not None:  # a bootstrap base: which mirror it actually came from
         labels[LABEL_BASE_MIRROR] = base.url

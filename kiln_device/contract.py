@@ -38,6 +38,11 @@ MODELS_DIR = "/usr/share/kiln/models"
 AGENT_STATE_DIR = f"{DATA_DIR}/agent"
 OCI_DIR = f"{DATA_DIR}/oci"
 WORK_DIR = f"{DATA_DIR}/work"
+# The layer store (kiln_device.agent.layers): on the data partition itself, outside the /etc and /var
+# overlays (a factory reset keeps it: a slot's root is made of these layers), as the initramfs mounts it.
+DATA_MOUNT = "/run/kiln/data"
+LAYERS_DIR = f"{DATA_MOUNT}/layers"
+RUNNING_LAYERS = "/kiln-layers"  # in a root booted from layers: the layers it is made of
 TRUST_DIR = f"{DATA_DIR}/tuf"  # the TUF client's trusted metadata (survives updates)
 OUTBOX_DIR = f"{DATA_DIR}/agent/outbox"  # events waiting for the fleet service (kiln_device.agent.outbox)
 IDENTITY_DIR = f"{DATA_DIR}/identity"  # the device's own key, made on first boot (kiln_device.agent.identity)
@@ -156,7 +161,7 @@ AGENT_DEFAULTS: dict[str, Any] = {
     "registry": "", "repository": "", "channel": "", "lookaside": "", "insecure": False,
     "policy": POLICY_JSON, "release": RELEASE_JSON,
     "stateDir": AGENT_STATE_DIR, "ociDir": OCI_DIR, "workDir": WORK_DIR,
-    "trustRoot": TRUST_ROOT, "trustDir": TRUST_DIR,
+    "layersDir": LAYERS_DIR, "trustRoot": TRUST_ROOT, "trustDir": TRUST_DIR,
     "esp": ESP_MOUNT, "slots": dict(SLOT_DEVICES),
     "partuuids": {}, "cmdline": "/proc/cmdline", "efivars": "/sys/firmware/efi/efivars",
     "bootId": BOOT_ID,
@@ -282,6 +287,8 @@ LABEL_MIN_VERSION = "dev.kiln.min-version"
 LABEL_ARCHITECTURE = "dev.kiln.architecture"
 LABEL_ACCELERATOR = "dev.kiln.accelerator"
 LABEL_RUNTIME = "dev.kiln.runtime"
+# An image whose initramfs boots a slot made of layers (the value: how each layer's erofs is compressed).
+LABEL_ROOT_LAYERS = "dev.kiln.root-layers"
 LABEL_DEVELOPMENT = "dev.kiln.development"  # "true" or "false": a production device takes no development image
 ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
 

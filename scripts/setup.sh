@@ -9,7 +9,7 @@ APT_PACKAGES=(
   python3 python3-venv python3-dev git ca-certificates curl
   podman buildah runc skopeo umoci uidmap fuse-overlayfs mmdebstrap
   qemu-system-x86 qemu-utils ovmf systemd-boot-efi
-  erofs-utils squashfs-tools dosfstools mtools fdisk e2fsprogs
+  erofs-utils squashfs-tools dosfstools mtools fdisk e2fsprogs fsverity
   docker-registry gnupg openssh-client openssl
   # The fleet tests: a real PostgreSQL server and headless Chromium for the fleet page (not in Containerfile).
   postgresql chromium

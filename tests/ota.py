@@ -65,9 +65,13 @@ def release_files(*, cls: str = "tiny", compatible: str = "kiln,tiny", version: 
 
 
 def release_labels(*, compatible: str = "kiln,tiny", version: str = "1.0.0", cls: str = "tiny",
-                   min_version: str | None = None, development: bool | None = None) -> dict[str, str]:
+                   min_version: str | None = None, development: bool | None = None,
+                   layers: str | None = None) -> dict[str, str]:
+    """An image's labels; `layers` (a compression) makes it one that boots from layers."""
     labels = {contract.LABEL_VERSION: version, contract.LABEL_COMPATIBLE: compatible,
               contract.LABEL_CLASS: cls, contract.LABEL_MIN_VERSION: min_version or ""}
+    if layers is not None:
+        labels[contract.LABEL_ROOT_LAYERS] = layers
     if development is not None:
         labels[contract.LABEL_DEVELOPMENT] = "true" if development else "false"
     return labels
@@ -174,6 +178,11 @@ class FakeDevice:
         return self.root / "dev" / f"root-{name}.img"
 
     @property
+    def layers(self) -> Path:
+        """The layer store (the data partition's layers/)."""
+        return self.root / "run/kiln/data/layers"
+
+    @property
     def state_file(self) -> Path:
         return self.root / "var/lib/kiln/agent/state.json"
 
@@ -195,7 +204,7 @@ class FakeDevice:
             "registry": registry, "repository": f"kiln/{klass}", "lookaside": lookaside, "insecure": True,
             "policy": str(kiln / "policy.json"), "release": str(kiln / "release.json"),
             "stateDir": str(root / "var/lib/kiln/agent"), "ociDir": str(root / "var/lib/kiln/oci"),
-            "workDir": str(root / "var/lib/kiln/work"), "esp": str(dev.esp),
+            "workDir": str(root / "var/lib/kiln/work"), "layersDir": str(dev.layers), "esp": str(dev.esp),
             "slots": {"a": str(dev.slot("a")), "b": str(dev.slot("b"))},
             "partuuids": {"a": "11111111-1111-1111-1111-111111111111",
                           "b": "22222222-2222-2222-2222-222222222222"},

@@ -16,6 +16,8 @@ from kiln_device.contract import (
     AGENT_OVERRIDE_JSON,
     CONFIG,
     IDENTITY_MODES,
+    LAYERS_DIR,
+    RUNNING_LAYERS,
     SLOTS,
     TRUST_DIR,
     TRUST_ROOT,
@@ -83,6 +85,8 @@ class Config:
     trust_dir: Path = Path(TRUST_DIR)
     fleet: Fleet = field(default_factory=Fleet)
     window: tuple[int, int] | None = None  # maintenance window, minutes after 00:00 UTC [start, end)
+    layers_dir: Path = Path(LAYERS_DIR)  # the layer store (kiln_device.agent.layers)
+    running_layers: Path = Path(RUNNING_LAYERS)  # the booted root's layer list (absent: a whole-root slot)
 
     @property
     def outbox_dir(self) -> Path:
@@ -130,6 +134,7 @@ def load_config(extra: str | None = None) -> tuple[Config, Release]:
             insecure=bool(merged["insecure"]),
             policy=Path(merged["policy"]), release=Path(merged["release"]),
             state_dir=Path(merged["stateDir"]), oci_dir=Path(merged["ociDir"]), work_dir=Path(merged["workDir"]),
+            layers_dir=Path(merged["layersDir"]), running_layers=under(root, RUNNING_LAYERS),
             trust_root=Path(merged["trustRoot"]), trust_dir=Path(merged["trustDir"]),
             esp=Path(merged["esp"]),
             slots={s: Path(merged["slots"][s]) for s in SLOTS},

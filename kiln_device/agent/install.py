@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import shutil
 import time
 from pathlib import Path
@@ -15,6 +16,17 @@ from kiln_device.agent.config import Config, in_window, read_boot_id, require_re
 from kiln_device.agent.errors import AgentError, log
 from kiln_device.agent.identity import device_id_of
 from kiln_device.agent.journal import State, blocklist, fault_point, now
+from kiln_device.agent.layers import (
+    LAYERS_FILE,
+    Layer,
+    ensure_layer,
+    gc_store,
+    image_layers,
+    manifest_text,
+    mounted_stack,
+    parse_manifest,
+    remove_tree,
+)
 from kiln_device.agent.oci import fetch, gc_layout, inspect_channel, inspect_ref, verified_labels
 from kiln_device.agent.slot import NewRoot, Paths, build_erofs, check_tree, unpack, work_paths, write_slot
 from kiln_device.agent.tools import run
@@ -23,8 +35,10 @@ from kiln_device.common import sha256_file
 from kiln_device.contract import (
     BAD_IMAGE,
     CONFIG,
+    EROFS_COMPRESSORS,
     INCOMPATIBLE,
     INTERNAL,
+    LABEL_ROOT_LAYERS,
     NO_SPACE,
     OK,
     SIGNATURE,
@@ -163,9 +177,24 @@ def install(config: Config, release: Release, state: State, boot: BootControl, c
     if not state.phase_done("fetched"):
         state.journal("fetched")
     # 2. Everything the image's content can refuse, before anything is written (again on every
-    # resumed run): from here on the verified image names everything.
-    verified, tree, new = check_image(config, release, state, cand, paths)
+    # resumed run): from here on the verified image names everything. An image made of layers is
+    # checked as the layers the device will boot, mounted (they stay mounted until the entry is written).
+    with contextlib.ExitStack() as mounts:
+        verified, tree, new, layers = check_image(config, release, state, cand, paths, mounts)
+        write_new_slot(config, state, boot, slot, device, paths, verified, tree, new, layers)
     ref = oci_ref_name(verified.version)
+    # Space: the unpacked tree and the erofs image go; the layout keeps the running and new images,
+    # the layer store the layers of the running and the new slot.
+    shutil.rmtree(paths.tree, ignore_errors=True)
+    paths.image.unlink(missing_ok=True)
+    gc_layout(paths.layout, [oci_ref_name(release.version), ref])
+    freed = gc_store(config.layers_dir, [*(la.diff_id for la in layers or ()), *running_layers(config, state)])
+    if freed:
+        log(f"removed {freed / 2**20:.1f} MiB of layers neither slot uses")
+
+
+def write_new_slot(config: Config, state: State, boot: BootControl, slot: str, device: Path, paths: Paths,
+                   verified: Candidate, tree: Path, new: NewRoot, layers: list[Layer] | None) -> None:
     # 3. Stop trusting the target slot before touching it: no entry may point at it.
     if not state.phase_done("invalidated"):
         state.set_trust(slot, None)
@@ -176,7 +205,10 @@ def install(config: Config, release: Release, state: State, boot: BootControl, c
     image_ok = state.phase_done("built") and paths.image.exists() and \
         sha256_file(paths.image) == pending.get("imageSha256")
     if not image_ok:
-        sha = build_erofs(tree, paths.image, new.compressor, config.timeouts.build)
+        if layers is None:
+            sha = build_erofs(tree, paths.image, new.compressor, config.timeouts.build)
+        else:  # the slot holds only the list of its layers
+            sha = build_erofs(manifest_tree(paths, layers), paths.image, None, config.timeouts.build)
         state.journal("built", imageSha256=sha, imageSize=paths.image.stat().st_size,
                       bootTries=new.release.boot_tries)
     # 5. Write the slot and read it back.
@@ -189,7 +221,8 @@ def install(config: Config, release: Release, state: State, boot: BootControl, c
             raise AgentError(WRITE_FAILED, f"slot {slot} ({device}) reads back {readback[:16]}, "
                                            f"wrote {expected[:16]}: the medium is failing")
         state.set_trust(slot, {"version": verified.version, "digest": verified.digest, "sha256": readback,
-                               "size": size, "verified": now()})
+                               "size": size, "verified": now(),
+                               "layers": [la.diff_id for la in layers] if layers is not None else None})
         state.journal("verified")
     # 6. Kernel and initramfs, from the tree this run unpacked and checked (never a leftover). The
     # boot id goes in now: a trial entry found after a power cut is then settled like a journaled one.
@@ -203,18 +236,37 @@ def install(config: Config, release: Release, state: State, boot: BootControl, c
                                 tries=new.release.boot_tries, kargs=new.kargs)
     fault_point("entry-written")
     state.journal("entry", entry=name, bootId=read_boot_id(config))
-    # Space: the unpacked tree and the erofs image go; the layout keeps the running and new images.
+
+
+def manifest_tree(paths: Paths, layers: list[Layer]) -> Path:
+    """The directory the slot's small erofs is made from: /kiln-layers alone."""
     shutil.rmtree(paths.tree, ignore_errors=True)
-    paths.image.unlink(missing_ok=True)
-    gc_layout(paths.layout, [oci_ref_name(release.version), ref])
+    paths.tree.mkdir(parents=True)
+    paths.tree.chmod(0o755)
+    (paths.tree / LAYERS_FILE).write_text(manifest_text(layers))
+    return paths.tree
 
 
-def check_image(config: Config, release: Release, state: State, cand: Candidate,
-                paths: Paths) -> tuple[Candidate, Path, NewRoot]:
-    """The signed image's labels decided on again, then its tree unpacked and checked against them.
-    A refusal the signed content causes is final for that digest (blocklisted by `failed`)."""
+def running_layers(config: Config, state: State) -> list[str]:
+    """The layers the slots are made of: the running root's /kiln-layers, and what the agent recorded
+    when it wrote each slot (either alone keeps them: the state may have been reset, the file absent)."""
+    ids: list[str] = []
+    with contextlib.suppress(OSError):
+        ids += parse_manifest(config.running_layers.read_text())
+    for slot_trust in (state.data.get("slots") or {}).values():
+        if isinstance(slot_trust, dict):
+            ids += [str(i) for i in slot_trust.get("layers") or []]
+    return ids
+
+
+def check_image(config: Config, release: Release, state: State, cand: Candidate, paths: Paths,
+                mounts: contextlib.ExitStack) -> tuple[Candidate, Path, NewRoot, list[Layer] | None]:
+    """The signed image's labels decided on again, then its tree unpacked (or its layers built and
+    mounted, on `mounts`) and checked against them. A refusal the signed content causes is final for
+    that digest (blocklisted by `failed`)."""
     try:
-        verified = candidate_from_labels(verified_labels(paths.layout, oci_ref_name(cand.version)), cand.digest)
+        labels = verified_labels(paths.layout, oci_ref_name(cand.version))
+        verified = candidate_from_labels(labels, cand.digest)
         if (verified.version, verified.compatible) != (cand.version, cand.compatible) and cand.from_channel:
             raise AgentError(BAD_IMAGE, f"image {cand.digest[:19]} says {verified.version} for {verified.compatible}; "
                                         f"the signed channel says {cand.version} for {cand.compatible}",
@@ -226,15 +278,57 @@ def check_image(config: Config, release: Release, state: State, cand: Candidate,
         if not again.take:  # the labels we decided on were not verified; these are
             raise AgentError(again.code, f"not updating (verified image): {again.reason}",
                              blocklist=again.code == INCOMPATIBLE)
-        tree = unpack(paths.layout, oci_ref_name(verified.version), paths.tree, config.timeouts.unpack)
+        layered = layer_compression(labels)
+        layers: list[Layer] | None = None
+        if layered is not None:
+            layers = build_layers(config, paths, oci_ref_name(verified.version), layered)
+            tree = mounts.enter_context(mounted_stack(config.layers_dir, layers, config.work_dir / "mnt"))
+        else:
+            tree = unpack(paths.layout, oci_ref_name(verified.version), paths.tree, config.timeouts.unpack)
         new = check_tree(tree, verified)
+        if layered is not None and new.release.compression != layered:
+            raise AgentError(BAD_IMAGE, f"the image's {LABEL_ROOT_LAYERS} label says {layered}, its "
+                                        f"release.json's rootCompression {new.release.compression}")
         if new.release.development and not release.development:
             raise AgentError(INCOMPATIBLE, f"{verified.version} is a development image (its release.json) and this "
                                            f"device runs a production image ({release.version})", blocklist=True)
     except AgentError as exc:
         exc.blocklist = exc.blocklist or exc.code == BAD_IMAGE
         raise
-    return verified, tree, new
+    return verified, tree, new, layers
+
+
+def layer_compression(labels: dict[str, str]) -> str | None:
+    """The compression of each layer's erofs when the image boots from layers (its label), else None:
+    the image is written as one whole-root erofs. Layers need root (device nodes for whiteouts,
+    overlayfs xattrs, loop mounts); without it the agent writes the whole root, which every image boots."""
+    value = labels.get(LABEL_ROOT_LAYERS)
+    if value is None:
+        return None
+    if value not in EROFS_COMPRESSORS:
+        raise AgentError(BAD_IMAGE, f"the image's {LABEL_ROOT_LAYERS} label is {value[:40]!r}, not one of "
+                                    f"{', '.join(EROFS_COMPRESSORS)}")
+    if os.geteuid() != 0:
+        log("not running as root: writing the whole root filesystem instead of its layers")
+        return None
+    return value
+
+
+def build_layers(config: Config, paths: Paths, ref: str, compression: str) -> list[Layer]:
+    """Every layer of the image in the store: the ones the device lacks built, the others reused."""
+    compressor = EROFS_COMPRESSORS[compression]
+    work = config.layers_dir / ".work"
+    out, built, written = [], 0, 0
+    for diff_id, blob in image_layers(paths.layout, ref):
+        layer, made = ensure_layer(config.layers_dir, diff_id, blob, compressor, work,
+                                   (config.timeouts.unpack, config.timeouts.build))
+        out.append(layer)
+        if made:
+            built += 1
+            written += (config.layers_dir / f"{diff_id}.erofs").stat().st_size
+    remove_tree(work)
+    log(f"layers: {built} built ({written / 2**20:.1f} MiB written), {len(out) - built} already on the device")
+    return out
 
 
 def failed(config: Config, state: State, cand: Candidate, exc: AgentError) -> None:

@@ -33,6 +33,7 @@ from builder.context import Context
 from builder.errors import CommandFailed, DiskError, KilnError, UsageError
 from builder.files import write_json_atomic
 from builder.image import ImageInfo, read_image_info
+from builder.layer_store import OCI_SEED_DIR, make_layer_store
 from builder.progress import Steps
 from builder.provision import EtcFile, place_etc_files
 from builder.run import find_tool, run
@@ -369,6 +370,8 @@ def make_disk_from_rootfs(plan: DiskPlan, info: ImageInfo, rootfs: Path, steps: 
         if seed is not None:
             with steps.step("data: the image as the agent's OCI layout (delta updates)"):
                 make_oci_seed(seed[0], seed[1], plan.version, tmp / "data")
+            with steps.step("data: the image's layers as the agent's layer store (updates write only new layers)"):
+                make_layer_store(plan.version, tmp / "data")
         if etc:
             with steps.step(f"data: {len(etc)} file(s) for this device's /etc"):
                 place_etc_files(etc, tmp / "data")
@@ -467,9 +470,6 @@ def find_systemd_boot(rootfs: Path, arch: Architecture) -> Path:
                     hint="install it with: apt-get install systemd-boot-efi (or add systemd-boot to the image)")
 
 
-# Where the agent keeps images (its ociDir, /var/lib/kiln/oci) inside the data partition:
-# the /var overlay's upper dir. Ref names are versions with anything but [A-Za-z0-9._-] as _.
-OCI_SEED_DIR = "overlay/var/upper/" + contract.OCI_DIR.removeprefix("/var/")
 
 
 def make_oci_seed(ref: str, state: StateDir, version: str, tree: Path) -> None:

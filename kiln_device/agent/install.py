@@ -19,13 +19,12 @@ from kiln_device.agent.journal import State, blocklist, fault_point, now
 from kiln_device.agent.layers import (
     LAYERS_FILE,
     Layer,
-    ensure_layer,
+    fill_store,
     gc_store,
     image_layers,
     manifest_text,
     mounted_stack,
     parse_manifest,
-    remove_tree,
 )
 from kiln_device.agent.oci import fetch, gc_layout, inspect_channel, inspect_ref, verified_labels
 from kiln_device.agent.slot import NewRoot, Paths, build_erofs, check_tree, unpack, work_paths, write_slot
@@ -316,17 +315,8 @@ def layer_compression(labels: dict[str, str]) -> str | None:
 
 def build_layers(config: Config, paths: Paths, ref: str, compression: str) -> list[Layer]:
     """Every layer of the image in the store: the ones the device lacks built, the others reused."""
-    compressor = EROFS_COMPRESSORS[compression]
-    work = config.layers_dir / ".work"
-    out, built, written = [], 0, 0
-    for diff_id, blob in image_layers(paths.layout, ref):
-        layer, made = ensure_layer(config.layers_dir, diff_id, blob, compressor, work,
-                                   (config.timeouts.unpack, config.timeouts.build))
-        out.append(layer)
-        if made:
-            built += 1
-            written += (config.layers_dir / f"{diff_id}.erofs").stat().st_size
-    remove_tree(work)
+    out, built, written = fill_store(config.layers_dir, image_layers(paths.layout, ref),
+                                     EROFS_COMPRESSORS[compression], (config.timeouts.unpack, config.timeouts.build))
     log(f"layers: {built} built ({written / 2**20:.1f} MiB written), {len(out) - built} already on the device")
     return out
 

@@ -73,19 +73,22 @@ def image_layers(layout: Path, ref: str) -> list[tuple[str, Path]]:
     return out
 
 
-def measure(path: Path) -> str:
-    """The file's fs-verity digest: the kernel's (`fsverity measure`) where verity is enabled on it,
-    else computed from its content (`fsverity digest`): the same value either way."""
+def measure(path: Path) -> tuple[str, bool]:
+    """The file's fs-verity digest and whether the kernel checks it: the kernel's digest
+    (`fsverity measure`) where verity is on, else computed from the content (`fsverity digest`):
+    the same value either way."""
+    enabled = True
     try:
         out = run(["fsverity", "measure", str(path)], what=f"measuring {path.name}", code=WRITE_FAILED)
     except AgentError as exc:
         if exc.code != WRITE_FAILED:
             raise
+        enabled = False
         out = run(["fsverity", "digest", str(path)], what=f"hashing {path.name}", code=WRITE_FAILED)
     digest = out.split()[0] if out.split() else ""
     if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
         raise AgentError(WRITE_FAILED, f"fsverity said {out.strip()[:120]!r} for {path}")
-    return digest
+    return digest, enabled
 
 
 def enable_verity(path: Path) -> bool:
@@ -104,8 +107,10 @@ def ensure_layer(store: Path, diff_id: str, blob: Path, compressor: str | None, 
     """The layer's erofs in the store, built from its blob unless a good one is there; (layer, built)."""
     final, expected = store / f"{diff_id}.erofs", store / f"{diff_id}.verity"
     if final.is_file() and expected.is_file():
-        digest = measure(final)
+        digest, enabled = measure(final)
         if digest == expected.read_text().strip():
+            if not enabled and enable_verity(final):  # a layer the factory disk brought
+                digest, _ = measure(final)
             return Layer(diff_id, digest), False
         log(f"layer {diff_id[:12]} in {store} measures {digest[:19]}, not {expected.read_text().strip()[:19]}: "
             "building it again")
@@ -120,17 +125,36 @@ def ensure_layer(store: Path, diff_id: str, blob: Path, compressor: str | None, 
         extract(blob, diff_id, tree, timeouts[0])
         tmp = store / f"{diff_id}.tmp"
         tmp.unlink(missing_ok=True)
-        argv = ["mkfs.erofs", "--quiet", "-T0", *([f"-z{compressor}"] if compressor else []), str(tmp), str(tree)]
+        # Same layer, same bytes, on every device and in every factory disk: times and the UUID fixed.
+        uuid = f"{diff_id[:8]}-{diff_id[8:12]}-{diff_id[12:16]}-{diff_id[16:20]}-{diff_id[20:32]}"
+        argv = ["mkfs.erofs", "--quiet", "-T0", f"-U{uuid}", *([f"-z{compressor}"] if compressor else []),
+                str(tmp), str(tree)]
         run(argv, what=f"building layer {diff_id[:12]}", code=WRITE_FAILED, timeout=timeouts[1], timeout_key="build")
     finally:
         remove_tree(tree)
     fsync_file(tmp)
     enable_verity(tmp)
-    digest = measure(tmp)
+    digest, _ = measure(tmp)
     write_atomic(expected, f"{digest}\n".encode())
     os.rename(tmp, final)
     fsync_dir(store)
     return Layer(diff_id, digest), True
+
+
+def fill_store(store: Path, layers: Sequence[tuple[str, Path]], compressor: str | None,
+               timeouts: tuple[float, float]) -> tuple[list[Layer], int, int]:
+    """Every layer (diff id, blob) in the store: the missing ones built, the others reused.
+    Returns the layers, how many were built and the bytes their files take."""
+    work = store / ".work"
+    out, built, written = [], 0, 0
+    for diff_id, blob in layers:
+        layer, made = ensure_layer(store, diff_id, blob, compressor, work, timeouts)
+        out.append(layer)
+        if made:
+            built += 1
+            written += (store / f"{diff_id}.erofs").stat().st_size
+    remove_tree(work)
+    return out, built, written
 
 
 def extract(blob: Path, diff_id: str, tree: Path, timeout: float) -> None:

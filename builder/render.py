@@ -44,7 +44,8 @@ APT_ESSENTIALS = ("systemd-sysv", "udev", "dbus", "kmod", "initramfs-tools", "py
 SSHD_DROP_IN = "etc/ssh/sshd_config.d/40-kiln.conf"
 # What each layer of an image is, slowest-changing first: the base image's own layers, then one
 # group per layer-creating instruction of the templates (each marked there with `layer("group")`).
-LAYER_GROUPS = ("base", "repositories", "os", "drivers", "kernel", "runtime", "agent", "model", "release", "lint")
+LAYER_GROUPS = ("base", "repositories", "os", "packages", "drivers", "kernel", "runtime", "agent", "model", "release",
+                "lint")
 # What the image contains, beyond the contract's labels (informational: no device decides on them).
 LABEL_BASE_MIRROR = "dev.kiln.base.mirror"
 LABEL_BASE_SNAPSHOT = "dev.kiln.base.snapshot"  # the snapshot, or "unpinned" (a fallback mirror)
@@ -78,6 +79,10 @@ class RenderPlan:
     base_mirror: BaseMirror | None  # a bootstrap base: the mirror it comes from (None: a registry base)
     python: str
     os_packages: tuple[str, ...]
+    # apt: os_packages split in two layers, so that a change to the class's own list downloads
+    # (and writes, on a device) only the small layer of the class's packages (issue 18).
+    system_packages: tuple[str, ...]
+    class_packages: tuple[str, ...]
     driver_packages: tuple[str, ...]
     driver_build_packages: tuple[str, ...]  # the modules stage's (empty: no such stage)
     models: tuple[ModelArtifact, ...]
@@ -125,6 +130,18 @@ def finalize_os_packages(hc: HardwareClass) -> tuple[str, ...]:
     if spec.access.ssh:
         pkgs.append("openssh-server")
     return tuple(sorted(set(pkgs)))
+
+
+def finalize_package_layers(hc: HardwareClass) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(system, class): what every image of the family needs (the kernel, Kiln's essentials, ssh
+    for access), and the class's own packages that are not among them."""
+    every = finalize_os_packages(hc)
+    if hc.spec.base.family.package_manager != "apt":
+        return every, ()
+    own = set(hc.spec.packages) - set(APT_ESSENTIALS) - {hc.spec.kernel.package}
+    if hc.spec.access.ssh:
+        own.discard("openssh-server")
+    return tuple(p for p in every if p not in own), tuple(sorted(own))
 
 
 def want_pinned_driver(hc: HardwareClass) -> bool:
@@ -256,6 +273,7 @@ def finalize_plan(hc: HardwareClass, *, source: str, version: str = DEFAULT_VERS
         base_mirror=base,
         python=PYTHON[hc.spec.base.family],
         os_packages=finalize_os_packages(hc),
+        system_packages=finalize_package_layers(hc)[0], class_packages=finalize_package_layers(hc)[1],
         driver_packages=finalize_driver_packages(hc),
         driver_build_packages=finalize_driver_build_packages(hc),
         models=models,

@@ -8,7 +8,9 @@ Subcommands:
                      partition (skopeo, with the baked policy.json: the signature is
                      verified; only missing blobs move), decide again from the verified
                      config, unpack (umoci), write the INACTIVE slot (mkfs.erofs), read it
-                     back and compare hashes, install kernel + initramfs on the ESP, write
+                     back and compare hashes (an image labelled dev.kiln.root-layers: build
+                     the layers the store lacks, one erofs each, and write the slot's
+                     layer list instead), install kernel + initramfs on the ESP, write
                      the boot entry kiln-<version>-<slot>+<tries>.conf atomically, reboot
   status [--json]    booted slot and version, pending update, last result, rollbacks, and
                      "degraded: <reason>" when this boot runs without its accelerator
@@ -173,7 +175,7 @@ def render_status(data: dict[str, Any]) -> str:
 
 def cmd_self_test(config: Config, release: Release) -> list[str]:
     problems = []
-    for tool in ("skopeo", "umoci", "mkfs.erofs"):
+    for tool in ("skopeo", "umoci", "mkfs.erofs", "fsverity", "tar"):
         if shutil.which(tool, path=os.environ.get("PATH", "") + TOOL_PATH) is None:
             problems.append(f"{tool} is not installed")
     if not config.policy.is_file():

@@ -77,14 +77,15 @@ def test_layer_groups_follow_the_rendered_containerfile() -> None:
         return render.finalize_containerfile(render.finalize_plan(hc, source=f"images/{name}.yaml")).layer_groups
 
     assert layer_groups("qemu-x86_64") == (
-        "os", "kernel", "kernel", "runtime", "runtime", "agent", "agent", "agent", "agent", "agent",
+        "os", "packages",  # the class's own packages: a layer of their own (python3-venv, qemu-guest-agent)
+        "kernel", "kernel", "runtime", "runtime", "agent", "agent", "agent", "agent", "agent",
         "model",  # one layer per model (digits)
         "release", "lint",
     )
     # one layer per model: the detector class's two models
     assert layer_groups("intel-lowpower-detector").count("model") == 2
     # the kernel-modules stage's RUN is not a layer of the image: the COPY --from of its modules is
-    assert layer_groups("factory-gateway-gpu")[:5] == ("os", "drivers", "drivers", "kernel", "kernel")
+    assert layer_groups("factory-gateway-gpu")[:6] == ("os", "packages", "drivers", "drivers", "kernel", "kernel")
     assert layer_groups("jetson-vision-standard")[:4] == ("repositories", "repositories", "repositories", "os")
 
 

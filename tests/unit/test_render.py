@@ -239,7 +239,7 @@ def test_nvidia_modules_are_built_in_a_stage_the_image_does_not_keep() -> None:
         assert f"{pkg}=535.309.01-0+deb12u1" in image
     assert "modinfo -k \"$kver\" nvidia-current nvidia-current-uvm nvidia-current-modeset nvidia-current-drm" in image
     assert "nvidia-container-toolkit" not in rendered.text  # toolkit.source: none
-    assert rendered.layer_groups[:3] == ("os", "drivers", "drivers")
+    assert rendered.layer_groups[:4] == ("os", "packages", "drivers", "drivers")
 
 
 def test_labels_say_what_the_image_contains() -> None:

@@ -19,6 +19,7 @@ from kiln_device.agent.journal import State, blocklist, fault_point, now
 from kiln_device.agent.layers import (
     LAYERS_FILE,
     Layer,
+    drop_partial_layers,
     fill_store,
     gc_store,
     image_layers,
@@ -330,6 +331,7 @@ def failed(config: Config, state: State, cand: Candidate, exc: AgentError) -> No
         shutil.rmtree(paths.tree, ignore_errors=True)
         with contextlib.suppress(OSError):
             paths.image.unlink(missing_ok=True)
+        drop_partial_layers(config.layers_dir)
         with contextlib.suppress(OSError):
             free = shutil.disk_usage(config.work_dir if config.work_dir.exists() else config.state_dir).free
             exc.message += (f" ({config.work_dir} is on a full filesystem; {free / 2**20:.0f} MiB free after "

@@ -42,6 +42,7 @@ OPAQUE = ".wh..wh..opq"
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 HEX64 = re.compile(r"[0-9a-f]{64}")
+FULL_BELOW = 4 * 2**20  # a short write with less free than this is a full filesystem
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,10 @@ def extract(blob: Path, diff_id: str, tree: Path, timeout: float) -> None:
         errors.seek(0)
         text = errors.read().decode(errors="replace").strip()
     if proc.returncode != 0:
-        code = NO_SPACE if "no space left" in text.lower() else WRITE_FAILED
+        # GNU tar says "Wrote only N of M bytes" for a short write on a full filesystem, not ENOSPC.
+        full = "no space left" in text.lower() or ("wrote only" in text.lower() and
+                                                   shutil.disk_usage(tree).free < FULL_BELOW)
+        code = NO_SPACE if full else WRITE_FAILED
         raise AgentError(code, f"unpacking layer {diff_id[:12]}: tar: {text[-400:]}")
     if digest.hexdigest() != diff_id:
         raise AgentError(BAD_IMAGE, f"layer {diff_id[:12]} unpacks to sha256:{digest.hexdigest()[:12]}, "
@@ -287,6 +291,14 @@ def mounted_stack(store: Path, layers: Sequence[Layer], mnt: Path) -> Iterator[P
     finally:
         release_mounts(mnt)
         shutil.rmtree(mnt, ignore_errors=True)
+
+
+def drop_partial_layers(store: Path) -> None:
+    """Out of space: the layer being built goes (its work tree and temporary file); finished layers stay."""
+    remove_tree(store / ".work")
+    for tmp in store.glob("*.tmp") if store.is_dir() else []:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def manifest_text(layers: Iterable[Layer]) -> str:

@@ -202,3 +202,25 @@ def test_a_damaged_layer_is_built_again(world: World) -> None:
     with booted_root(dev, "b", world.tmp / "mnt-4.0.1") as root:
         assert json.loads((root / "usr/lib/kiln/release.json").read_text())["version"] == "4.0.1"
     assert len(trust["layers"]) == 2
+
+
+def test_a_full_layer_store_fails_cleanly_and_the_retry_builds_it(world: World) -> None:
+    """The data partition fills up while a layer is built: exit 8, the half-built layer (work tree,
+    temporary file) goes, the running slot is untouched; with space back the update completes."""
+    world.release("5.0.0", "ch-layers-full")
+    dev = world.device("layers-full", "ch-layers-full")
+    active = hashlib.sha256(dev.slot("a").read_bytes()).hexdigest()
+    dev.layers.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "kiln-test-layers", str(dev.layers)], check=True)
+    try:
+        proc = dev.agent("update", "--no-reboot")
+        assert proc.returncode == 8, proc.stderr
+        assert "MiB free after removing the unpacked update" in proc.stderr and "Traceback" not in proc.stderr
+        assert [p.name for p in dev.layers.iterdir() if not p.name.endswith((".erofs", ".verity"))] == []
+        assert hashlib.sha256(dev.slot("a").read_bytes()).hexdigest() == active
+        assert not dev.state()["slots"].get("b")
+    finally:
+        subprocess.run(["umount", str(dev.layers)], check=True)
+    proc = dev.agent("update", "--no-reboot")
+    assert proc.returncode == 0, proc.stderr
+    assert (dev.entries / "kiln-5.0.0-b+3.conf").is_file()

@@ -110,14 +110,18 @@ def test_update_survives_lost_registry_full_disk_and_power_cuts(
     link.restore(rate=None)
     with vm.start_vm(cfg) as machine:
         healthy_on(machine, "a", qemu_disk.version)
-        # 3. The data partition is full (300 MiB left: the download fits, the unpacked tree does not).
+        # 3. The data partition is full (100 MiB left: the download of the 40 MiB layer fits, its
+        # unpacked files and erofs in the layer store do not).
         machine.ssh("avail=$(df --output=avail -B1 /var/lib/kiln | tail -1); "
-                    "fallocate -l $((avail - 300 * 1024 * 1024)) /var/lib/kiln/filler")
+                    "fallocate -l $((avail - 100 * 1024 * 1024)) /var/lib/kiln/filler")
         full = agent(machine, "update", "--no-reboot")
         assert full.exit_status == 8, full.stdout
         assert "MiB free after removing the unpacked update" in full.stdout, full.stdout
         assert "Traceback" not in full.stdout
         assert machine.ssh("ls /var/lib/kiln/work").stdout.split() == []
+        # nothing half-built stays in the layer store: no work tree, no temporary layer file
+        assert machine.ssh("ls -A /run/kiln/data/layers | grep -v '[.]erofs$' | grep -v '[.]verity$' || true"
+                           ).stdout.split() == []
         assert "oci-put-blob" not in machine.ssh("ls /var/lib/kiln/oci").stdout  # the cut download's temp file
         st = status(machine)
         assert (st["lastResult"]["result"], st["lastResult"]["code"]) == ("failed", 8), st

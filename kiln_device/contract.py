@@ -42,7 +42,9 @@ WORK_DIR = f"{DATA_DIR}/work"
 # overlays (a factory reset keeps it: a slot's root is made of these layers), as the initramfs mounts it.
 DATA_MOUNT = "/run/kiln/data"
 LAYERS_DIR = f"{DATA_MOUNT}/layers"
-RUNNING_LAYERS = "/kiln-layers"  # in a root booted from layers: the layers it is made of
+# In a system booted from layers: the booted slot's layer list, as the initramfs read it from the slot
+# (a copy in /run: the merged root's /kiln-layers could be shadowed by a layer).
+RUNNING_LAYERS = "/run/kiln/slot-layers"
 TRUST_DIR = f"{DATA_DIR}/tuf"  # the TUF client's trusted metadata (survives updates)
 OUTBOX_DIR = f"{DATA_DIR}/agent/outbox"  # events waiting for the fleet service (kiln_device.agent.outbox)
 IDENTITY_DIR = f"{DATA_DIR}/identity"  # the device's own key, made on first boot (kiln_device.agent.identity)

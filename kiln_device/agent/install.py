@@ -26,6 +26,7 @@ from kiln_device.agent.layers import (
     manifest_text,
     mounted_stack,
     parse_manifest,
+    release_mounts,
 )
 from kiln_device.agent.oci import fetch, gc_layout, inspect_channel, inspect_ref, verified_labels
 from kiln_device.agent.slot import NewRoot, Paths, build_erofs, check_tree, unpack, work_paths, write_slot
@@ -179,6 +180,7 @@ def install(config: Config, release: Release, state: State, boot: BootControl, c
     # 2. Everything the image's content can refuse, before anything is written (again on every
     # resumed run): from here on the verified image names everything. An image made of layers is
     # checked as the layers the device will boot, mounted (they stay mounted until the entry is written).
+    release_mounts(config.work_dir / "mnt")  # what a killed run left mounted
     with contextlib.ExitStack() as mounts:
         verified, tree, new, layers = check_image(config, release, state, cand, paths, mounts)
         write_new_slot(config, state, boot, slot, device, paths, verified, tree, new, layers)
@@ -202,8 +204,8 @@ def write_new_slot(config: Config, state: State, boot: BootControl, slot: str, d
         state.journal("invalidated", removedEntries=removed)
     # 4. Build the filesystem (redone on resume unless its image survived with the same hash).
     pending = state.pending or {}
-    image_ok = state.phase_done("built") and paths.image.exists() and \
-        sha256_file(paths.image) == pending.get("imageSha256")
+    image_ok = layers is None and state.phase_done("built") and paths.image.exists() and \
+        sha256_file(paths.image) == pending.get("imageSha256")  # a layer list (a few KiB) is always made again
     if not image_ok:
         if layers is None:
             sha = build_erofs(tree, paths.image, new.compressor, config.timeouts.build)
@@ -305,8 +307,8 @@ def layer_compression(labels: dict[str, str]) -> str | None:
     value = labels.get(LABEL_ROOT_LAYERS)
     if value is None:
         return None
-    if value not in EROFS_COMPRESSORS:
-        raise AgentError(BAD_IMAGE, f"the image's {LABEL_ROOT_LAYERS} label is {value[:40]!r}, not one of "
+    if not isinstance(value, str) or value not in EROFS_COMPRESSORS:
+        raise AgentError(BAD_IMAGE, f"the image's {LABEL_ROOT_LAYERS} label is {str(value)[:40]!r}, not one of "
                                     f"{', '.join(EROFS_COMPRESSORS)}")
     if os.geteuid() != 0:
         log("not running as root: writing the whole root filesystem instead of its layers")
@@ -342,6 +344,8 @@ def failed(config: Config, state: State, cand: Candidate, exc: AgentError) -> No
             state.data["blocklist"].append(cand.digest)
         state.data["pending"] = None
         shutil.rmtree(work_paths(config).tree, ignore_errors=True)
+        with contextlib.suppress(OSError):  # and the layers only it used
+            gc_store(config.layers_dir, running_layers(config, state))
         exc.message += f" (refused for good: {cand.digest[:19]} is blocklisted on this device)"
         exc.args = (exc.message,)
     state.event("update.failed", version=cand.version, digest=cand.digest, code=exc.code, reason=exc.message,

@@ -3,7 +3,7 @@
 An image that carries the `dev.kiln.root-layers` label boots from a stack of layers: its slot
 holds only a small erofs with `/kiln-layers` (each layer's diff id and fs-verity digest, bottom
 first), and the initramfs checks each layer's digest, loop-mounts it and stacks the layers with
-overlayfs (docs/ota.md, "Layered roots"). An update then writes only the layers the device does
+overlayfs (docs/ota.md, "Layered slots"). An update then writes only the layers the device does
 not have yet.
 
 A layer file is written once, under its diff id, and never changed: made as `<id>.tmp`, fsynced,
@@ -109,19 +109,22 @@ def ensure_layer(store: Path, diff_id: str, blob: Path, compressor: str | None, 
     final, expected = store / f"{diff_id}.erofs", store / f"{diff_id}.verity"
     if final.is_file() and expected.is_file():
         digest, enabled = measure(final)
-        if digest == expected.read_text().strip():
+        recorded = expected.read_text(errors="replace").strip()
+        if digest == recorded:
             if not enabled and enable_verity(final):  # a layer the factory disk brought
                 digest, _ = measure(final)
             return Layer(diff_id, digest), False
-        log(f"layer {diff_id[:12]} in {store} measures {digest[:19]}, not {expected.read_text().strip()[:19]}: "
-            "building it again")
-    for stale in (final, expected):
-        stale.unlink(missing_ok=True)
-    store.mkdir(parents=True, exist_ok=True)
+        log(f"layer {diff_id[:12]} in {store} measures {digest[:19]}, not {recorded[:19]!r}: building it again")
+    # The old file (if any) stays until the new one replaces it by rename: a power cut meanwhile
+    # leaves what was there.
+    store.mkdir(mode=0o700, parents=True, exist_ok=True)
+    store.chmod(0o700)
+    work.mkdir(mode=0o700, parents=True, exist_ok=True)
+    work.chmod(0o700)  # the layer's setuid files and device nodes, on a partition without nosuid,nodev
     tree = work / "layer"
     remove_tree(tree)
-    tree.mkdir(parents=True)
-    tree.chmod(0o755)
+    tree.mkdir()
+    tree.chmod(0o755)  # the layer's own / (tar sets it when the layer has an entry for it)
     try:
         extract(blob, diff_id, tree, timeouts[0])
         tmp = store / f"{diff_id}.tmp"
@@ -136,8 +139,9 @@ def ensure_layer(store: Path, diff_id: str, blob: Path, compressor: str | None, 
     fsync_file(tmp)
     enable_verity(tmp)
     digest, _ = measure(tmp)
-    write_atomic(expected, f"{digest}\n".encode())
+    expected.unlink(missing_ok=True)  # a layer file never goes without its recorded digest beside it
     os.rename(tmp, final)
+    write_atomic(expected, f"{digest}\n".encode())
     fsync_dir(store)
     return Layer(diff_id, digest), True
 
@@ -162,7 +166,7 @@ def extract(blob: Path, diff_id: str, tree: Path, timeout: float) -> None:
     """Unpack one layer blob into `tree` with GNU tar (owners, modes, xattrs, device nodes), checking
     that the uncompressed stream hashes to its diff id; then turn OCI whiteouts into overlayfs ones."""
     argv = ["tar", "--extract", "--file=-", "--numeric-owner", "--same-owner", "--same-permissions",
-            "--xattrs", "--xattrs-include=*", "-C", str(tree)]
+            "--xattrs", "--xattrs-include=*", "--xattrs-exclude=trusted.overlay.*", "-C", str(tree)]
     digest = hashlib.sha256()
     deadline = time.monotonic() + timeout
     with open(blob, "rb") as raw, tempfile.TemporaryFile() as errors:
@@ -223,13 +227,17 @@ def convert_whiteouts(tree: Path) -> int:
                 os.setxattr(here, OPAQUE_XATTR, b"y")
             else:
                 hidden = here / name[len(WHITEOUT):]
-                if hidden.name in ("", ".", "..") or os.path.lexists(hidden):
-                    raise AgentError(BAD_IMAGE, f"layer whiteout {marker.relative_to(tree)} hides something "
-                                                "of its own layer")
+                if hidden.name in ("", ".", ".."):
+                    raise AgentError(BAD_IMAGE, f"layer whiteout {marker.relative_to(tree)} names nothing")
                 if stat.S_ISDIR(marker.lstat().st_mode):
                     raise AgentError(BAD_IMAGE, f"layer whiteout {marker.relative_to(tree)} is a directory")
                 marker.unlink()
-                os.mknod(hidden, stat.S_IFCHR | 0o600, os.makedev(0, 0))
+                if not os.path.lexists(hidden):
+                    os.mknod(hidden, stat.S_IFCHR | 0o600, os.makedev(0, 0))
+                elif hidden.is_dir() and not hidden.is_symlink():
+                    # OCI: a whiteout hides lower layers only; this layer's own directory of that
+                    # name replaces the lower one whole
+                    os.setxattr(hidden, OPAQUE_XATTR, b"y")
             count += 1
         dirs[:] = [d for d in dirs if not d.startswith(WHITEOUT)]
     return count

@@ -48,14 +48,17 @@ def test_whiteouts_become_overlayfs_whiteouts(tmp_path: Path) -> None:
 
 
 @needs_root
-def test_a_whiteout_beside_what_it_hides_is_refused(tmp_path: Path) -> None:
+def test_a_whiteout_beside_its_own_layers_entry_hides_only_lower_layers(tmp_path: Path) -> None:
+    """OCI: a whiteout applies to lower layers; the same layer's file stays, and its directory of
+    that name replaces the lower one whole (opaque). It used to be refused and blocklisted."""
     tree = tmp_path / "tree"
-    tree.mkdir()
+    (tree / "d").mkdir(parents=True)
     (tree / "x").write_text("kept")
     (tree / ".wh.x").write_text("")
-    with pytest.raises(AgentError) as err:
-        convert_whiteouts(tree)
-    assert err.value.code == BAD_IMAGE and ".wh.x" in err.value.message
+    (tree / ".wh.d").write_text("")
+    assert convert_whiteouts(tree) == 2
+    assert sorted(os.listdir(tree)) == ["d", "x"] and (tree / "x").read_text() == "kept"
+    assert os.getxattr(tree / "d", OPAQUE_XATTR) == b"y"
 
 
 def test_a_layer_that_is_not_its_diff_id_is_refused(tmp_path: Path) -> None:

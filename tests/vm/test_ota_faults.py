@@ -110,10 +110,10 @@ def test_update_survives_lost_registry_full_disk_and_power_cuts(
     link.restore(rate=None)
     with vm.start_vm(cfg) as machine:
         healthy_on(machine, "a", qemu_disk.version)
-        # 3. The data partition is full (100 MiB left: the download of the 40 MiB layer fits, its
-        # unpacked files and erofs in the layer store do not).
-        machine.ssh("avail=$(df --output=avail -B1 /var/lib/kiln | tail -1); "
-                    "fallocate -l $((avail - 100 * 1024 * 1024)) /var/lib/kiln/filler")
+        # 3. The data partition is full (70 MiB left to root, ext4's reserved blocks included: the
+        # download of the 40 MiB layer fits, its unpacked files in the layer store do not).
+        machine.ssh("set -- $(stat -f -c '%f %S' /var/lib/kiln); "
+                    "fallocate -l $(($1 * $2 - 70 * 1024 * 1024)) /var/lib/kiln/filler")
         full = agent(machine, "update", "--no-reboot")
         assert full.exit_status == 8, full.stdout
         assert "MiB free after removing the unpacked update" in full.stdout, full.stdout

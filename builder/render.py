@@ -407,7 +407,9 @@ def make_class_tree(plan: RenderPlan, dest: Path) -> None:
         conf.write_text("# Kiln: sshd on a Kiln image takes keys only (spec.access.ssh; development classes only)\n"
                         "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitEmptyPasswords no\n"
                         "PermitRootLogin prohibit-password\nX11Forwarding no\nAllowAgentForwarding no\n"
-                        "MaxAuthTries 3\nLoginGraceTime 30\n")
+                        "MaxAuthTries 3\nLoginGraceTime 30\n"
+                        "# the one host key kiln-ssh-keygen.service makes at first boot\n"
+                        "HostKey /etc/ssh/ssh_host_ed25519_key\n")
     if plan.ssh_public_key:
         # Development only (finalize_plan refuses it otherwise): root logs in with the
         # per-build key; the image stays free of passwords and of any fixed key.

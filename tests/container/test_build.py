@@ -25,7 +25,7 @@ from click.testing import CliRunner
 
 from bench.projects import make_retrained_project, project_dir
 from builder import names, paths, publish, render
-from builder.build import build_class
+from builder.build import build_class, finalize_epoch
 from builder.cli import main
 from builder.context import make_context
 from builder.engine import DockerEngine, PodmanEngine
@@ -151,6 +151,23 @@ def test_image_is_a_bootable_os(rootfs: Path, record: dict[str, Any], test_state
     assert (rootfs / "usr/lib/kiln/ssh/authorized_keys").read_text().strip() == pub
     assert not list((rootfs / "etc/ssh").glob("ssh_host_*"))
     assert (rootfs / "etc/machine-id").read_text() == ""
+    # kiln_device's bytecode is baked: /usr is read-only, and each start would compile it again
+    package = rootfs / "usr/lib/kiln/python/kiln_device"
+    missing = [str(py.relative_to(package)) for py in package.rglob("*.py")
+               if not list((py.parent / "__pycache__").glob(f"{py.stem}.cpython-*.pyc"))]
+    assert missing == []
+
+
+@pytest.mark.container
+def test_users_carry_the_build_epoch_not_the_build_day(rootfs: Path) -> None:
+    """useradd and systemd-sysusers write the day a user was made into /etc/shadow; with the build's
+    SOURCE_DATE_EPOCH every user's day is the epoch's, so a build the next day gives the same digest."""
+    day = str(finalize_epoch() // 86400)
+    for name in ("shadow", "shadow-"):  # the backup useradd leaves is in the image too
+        fields = [line.split(":") for line in (rootfs / "etc" / name).read_text().splitlines()]
+        assert {f[0]: f[2] for f in fields if f[2] != day} == {}, name
+    users = {line.split(":")[0] for line in (rootfs / "etc/shadow").read_text().splitlines()}
+    assert {"root", "tss", "sshd", "kiln-inference"} <= users  # made by the base, packages and sysusers
 
 
 @pytest.mark.container

@@ -22,6 +22,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -128,10 +129,10 @@ class Service:
 
 
 @contextmanager
-def start_service(root: Path) -> Iterator[Service]:
+def start_service(root: Path, port: int = 0) -> Iterator[Service]:
     status = root / STATUS
     proc = subprocess.Popen([str(root / "usr/lib/kiln/venv/bin/python"), "-I", str(root / LAUNCHER), "kiln-inference",
-                             "--root", str(root), "--port", "0", "--status-interval", "0"],
+                             "--root", str(root), "--port", str(port), "--status-interval", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def ready() -> int | bool:
@@ -248,6 +249,29 @@ def test_health_check_passes_in_process_and_via_the_service(rootfs: Path) -> Non
     assert m["latency"]["runs"] == 200 and 0 < m["latency"]["p50_ms"] <= m["latency"]["p95_ms"] <= 50
     assert read_json(rootfs / RESULT) == result  # the last result, for the agent
     assert "healthy (exit 0" in err
+
+
+def test_health_check_started_beside_the_service_times_the_model_once_it_answers(rootfs: Path) -> None:
+    """At boot the check starts beside the service (kiln-health-inference.service): it loads and checks
+    the model in process, then waits for the service before it times the model, so the timing does not
+    compete with the service's own load for the CPUs."""
+    with socket.socket() as listener:  # the port answers nothing yet: the check's first try shows it waiting
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = int(listener.getsockname()[1])
+        check = subprocess.Popen([str(rootfs / HEALTH), "--json", "--runs", "200", "--service",
+                                  f"http://127.0.0.1:{port}", "--wait", "60", "--timeout", "2"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        listener.settimeout(60)
+        conn, _ = listener.accept()
+        waiting_since = datetime.now(UTC)
+        conn.close()
+    with start_service(rootfs, port):
+        out, err = check.communicate(timeout=60)
+    assert check.returncode == 0, err
+    (m,) = json.loads(out)["models"]
+    assert m["local"]["ok"] and m["service"]["ok"]
+    assert datetime.fromisoformat(m["latency"]["started_at"].replace("Z", "+00:00")) > waiting_since
 
 
 def test_health_check_catches_wrong_outputs(tmp_path: Path, artifacts: Path) -> None:

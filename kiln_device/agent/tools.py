@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Sequence
 
 from kiln_device import common
@@ -34,7 +36,7 @@ def classify(stderr: str, default: int) -> int:
     if "signature" in low or "source image rejected" in low or "policy" in low:
         return SIGNATURE
     if any(s in low for s in ("connection refused", "no such host", "i/o timeout", "manifest unknown",
-                              "connection reset", "network is unreachable", "eof", "name unknown",
-                              "reading manifest")):
+                              "connection reset", "network is unreachable", "name unknown",
+                              "reading manifest")) or re.search(r"\beof\b", low):  # not "eof" in a path
         return UNREACHABLE
     return default

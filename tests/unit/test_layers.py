@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from kiln_device.agent.errors import AgentError
-from kiln_device.agent.layers import OPAQUE_XATTR, convert_whiteouts, extract, gc_store, parse_manifest
-from kiln_device.contract import BAD_IMAGE
+from kiln_device.agent.layers import OPAQUE_XATTR, convert_whiteouts, extract, gc_store, measure, parse_manifest
+from kiln_device.agent.tools import classify
+from kiln_device.contract import BAD_IMAGE, UNREACHABLE, WRITE_FAILED
 
 pytestmark = pytest.mark.unit
 needs_root = pytest.mark.skipif(os.geteuid() != 0 and os.environ.get("CI") != "true",
@@ -89,3 +90,30 @@ def test_gc_keeps_the_layers_a_slot_names(tmp_path: Path) -> None:
     (tmp_path / ".work").mkdir()
     assert gc_store(tmp_path, parse_manifest(f"{keep} sha256:{'0' * 64}\nnot a line\n")) == 15
     assert sorted(p.name for p in tmp_path.iterdir()) == [".work", f"{keep}.erofs", f"{keep}.verity"]
+
+
+def fsverity_descriptor(path: Path) -> bytes:
+    """fs-verity's descriptor of a small file (one Merkle level: up to 128 blocks of 4 KiB, SHA-256, no
+    salt), written from the kernel's documentation: its SHA-256 is the file's digest."""
+    data = path.read_bytes()
+    assert 4096 < len(data) <= 128 * 4096
+    blocks = [data[i:i + 4096].ljust(4096, b"\0") for i in range(0, len(data), 4096)]
+    level = b"".join(hashlib.sha256(b).digest() for b in blocks).ljust(4096, b"\0")
+    root = hashlib.sha256(level).digest()
+    return (bytes([1, 1, 12, 0]) + bytes(4) + len(data).to_bytes(8, "little") + root.ljust(64, b"\0")
+            + bytes(32) + bytes(144))
+
+
+def test_a_layer_without_verity_is_hashed_whatever_its_path_says(tmp_path: Path) -> None:
+    """`fsverity measure` fails on a file without fs-verity (a build host's disk, a layer not yet
+    enabled); the digest is then computed. A directory named like a network error ("...eof...",
+    as a random temp name was) once turned that into an "unreachable" failure of the disk build."""
+    layer = tmp_path / "kiln-bench-boot-f3geofht" / "layer.erofs"
+    layer.parent.mkdir()
+    layer.write_bytes(b"\0" * 8192)
+    digest, enabled = measure(layer)
+    assert not enabled
+    assert digest == "sha256:" + hashlib.sha256(fsverity_descriptor(layer)).hexdigest()
+    assert classify(f"ERROR: FS_IOC_MEASURE_VERITY failed on '{layer}': No data available", WRITE_FAILED) \
+        == WRITE_FAILED
+    assert classify("reading blob sha256:ab: unexpected EOF", WRITE_FAILED) == UNREACHABLE

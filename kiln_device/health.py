@@ -42,8 +42,8 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
-from dataclasses import asdict, dataclass
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 

@@ -4,6 +4,7 @@ Entry names and text are the contract's (kiln_device.contract), shared with `kil
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -101,6 +102,14 @@ class SystemdBoot(BootControl):
         dest = self.config.esp / esp_kernel_dir(slot).lstrip("/")
         hashes = {}
         for name, src in (("vmlinuz", kernel), ("initramfs.img", initrd)):
+            # The same kernel or initramfs already there (the slot's last release had it) is kept, not
+            # written again: the ESP is FAT, and most updates do not change them. Read back past the
+            # page cache either way, so what is kept is what was checked.
+            wanted = sha256_file(src)
+            with contextlib.suppress(OSError):
+                if sha256_file(dest / name) == wanted:
+                    hashes[name] = wanted
+                    continue
             hashes[name] = copy_atomic(src, dest / name)
             if sha256_file(dest / name) != hashes[name]:
                 raise AgentError(WRITE_FAILED, f"{dest / name} reads back different bytes than were written")

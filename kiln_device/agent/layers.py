@@ -74,14 +74,16 @@ def image_layers(layout: Path, ref: str) -> list[tuple[str, Path]]:
     return out
 
 
-def measure(path: Path) -> tuple[str, bool]:
+def measure(path: Path, *, compute: bool = True) -> tuple[str, bool]:
     """The file's fs-verity digest and whether the kernel checks it: the kernel's digest
     (`fsverity measure`) where verity is on, else computed from the content (`fsverity digest`):
-    the same value either way."""
+    the same value either way. With compute=False, ("", False) instead of reading the file."""
     enabled = True
     try:
         out = run(["fsverity", "measure", str(path)], what=f"measuring {path.name}", code=WRITE_FAILED)
     except AgentError:  # verity off for the file, or no fs-verity here: whatever the message says
+        if not compute:
+            return "", False
         enabled = False
         out = run(["fsverity", "digest", str(path)], what=f"hashing {path.name}", code=WRITE_FAILED)
     digest = out.split()[0] if out.split() else ""
@@ -106,11 +108,12 @@ def ensure_layer(store: Path, diff_id: str, blob: Path, compressor: str | None, 
     """The layer's erofs in the store, built from its blob unless a good one is there; (layer, built)."""
     final, expected = store / f"{diff_id}.erofs", store / f"{diff_id}.verity"
     if final.is_file() and expected.is_file():
-        digest, enabled = measure(final)
+        digest, _ = measure(final, compute=False)  # the kernel's digest where verity is on: nothing read
+        if not digest:  # a layer the factory disk brought: verity turned on first, so the file is read once
+            enable_verity(final)
+            digest, _ = measure(final)  # the kernel's digest now, or computed where there is no fs-verity
         recorded = expected.read_text(errors="replace").strip()
         if digest == recorded:
-            if not enabled and enable_verity(final):  # a layer the factory disk brought
-                digest, _ = measure(final)
             return Layer(diff_id, digest), False
         log(f"layer {diff_id[:12]} in {store} measures {digest[:19]}, not {recorded[:19]!r}: building it again")
     # The old file (if any) stays until the new one replaces it by rename: a power cut meanwhile

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import pytest
 
 from kiln_device.agent import reconcile
-from kiln_device.agent.bootctl import BootControl, NvBootCtrl
+from kiln_device.agent.bootctl import BootControl, NvBootCtrl, SystemdBoot
 from kiln_device.agent.config import Config
 from kiln_device.agent.errors import AgentError
 from kiln_device.agent.journal import State
@@ -377,3 +378,21 @@ def test_signing_keys_stay_out_of_the_project() -> None:
 
     with pytest.raises(UsageError, match="inside the project"):
         make_signing_key(ROOT / "keys")
+
+
+def test_an_unchanged_kernel_on_the_esp_is_kept_not_written_again(tmp_path: Path) -> None:
+    """Most updates keep the kernel and initramfs: the slot's copies on the ESP stay (same inode, same
+    bytes) instead of 20 MB written to FAT on every update; a changed one is replaced."""
+    boot = SystemdBoot(config(tmp_path))
+    kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initramfs.img"
+    kernel.write_bytes(b"k" * 70_000)
+    initrd.write_bytes(b"i" * 50_000)
+    first = boot.install_kernel("b", kernel, initrd)
+    dest = tmp_path / "esp/kiln/b"
+    inodes = {n: (dest / n).stat().st_ino for n in ("vmlinuz", "initramfs.img")}
+    initrd.write_bytes(b"j" * 50_000)
+    second = boot.install_kernel("b", kernel, initrd)
+    assert second["vmlinuz"] == first["vmlinuz"] and (dest / "vmlinuz").stat().st_ino == inodes["vmlinuz"]
+    assert (dest / "initramfs.img").stat().st_ino != inodes["initramfs.img"]
+    assert (dest / "initramfs.img").read_bytes() == b"j" * 50_000
+    assert second["initramfs.img"] == hashlib.sha256(b"j" * 50_000).hexdigest()

@@ -146,7 +146,8 @@ def finalize_qemu_argv(cfg: VMConfig, fw: Firmware, vp: VMPaths, accel: Accel, s
         "-drive", drive,
         "-device", "virtio-blk-pci,drive=disk0,bootindex=0",
         "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
-        "-device", "virtio-net-pci,netdev=net0",
+        # romfile=: no iPXE option ROM for OVMF to load and start (the guest never boots from the network)
+        "-device", "virtio-net-pci,netdev=net0,romfile=",
         "-device", "virtio-rng-pci",
         "-chardev", f"file,id=console,path={vp.console}",
         "-serial", "chardev:console",

@@ -496,7 +496,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--service", metavar="URL",
                         help=f"also check the running service, e.g. http://{ki.HOST}:{ki.DEFAULT_PORT}")
     parser.add_argument("--wait", type=float, default=5.0,
-                        help="seconds to wait for the service to answer /healthz (default 5)")
+                        help="seconds to wait for the service to answer /healthz, counted from when the models "
+                             "are loaded here: they are timed once it answers (default 5)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per HTTP request (default 10)")
     parser.add_argument("--runs", type=int, default=DEFAULT_RUNS,
                         help=f"timed single-sample runs per model for the p95 (default {DEFAULT_RUNS}, "

@@ -25,18 +25,20 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from builder.publish import promote
+from builder.registry import running_registry, serving_lookaside
 from builder.render import make_device_package
 from builder.run import run
-from builder.signing import Access, SigningKey, make_signature, make_verifier, render_policy
-from builder.state import StateDir
+from builder.signing import Access, SigningKey, make_signature, make_signing_key, make_verifier, render_policy
+from builder.state import StateDir, make_state_dir
 from kiln_device import contract
-from tests.conftest import ROOT
+from tests.conftest import ROOT, require_tool
 
 LAUNCHER = ROOT / "overlays/common" / contract.LAUNCHER.lstrip("/")
 KVER = "6.1.0-test-amd64"
@@ -160,6 +162,34 @@ def publish(registry: str, repo: str, layout: Path, ref: str, *, key: SigningKey
     for tag in tags:
         promote(f"{registry}/{repo}", digest, tag, verifier, access=Access(tls_verify=False), state=state)
     return digest
+
+
+AGENT_TOOLS = ("skopeo", "umoci", "mkfs.erofs", "gpg", "docker-registry")
+
+
+@dataclass
+class Services:
+    """What the agent tests publish to and update from: a registry and a signature lookaside on
+    127.0.0.1, the release key, and the state directory `publish` uses."""
+    registry: str
+    registry_log: Path
+    lookaside: Path
+    lookaside_url: str
+    key: SigningKey
+    state: StateDir
+
+
+@contextmanager
+def ota_services(tmp: Path, tools: Sequence[str] = AGENT_TOOLS) -> Iterator[Services]:
+    """Start them under `tmp` (the key in tmp/key, signatures in tmp/signatures); stopped on exit."""
+    for tool in tools:
+        require_tool(tool)
+    key = make_signing_key(tmp / "key")
+    state = make_state_dir(root=tmp / "state")
+    lookaside = tmp / "signatures"
+    lookaside.mkdir()
+    with running_registry(tmp / "registry") as reg, serving_lookaside(lookaside) as url:
+        yield Services(reg.address, reg.root / "registry.log", lookaside, url, key, state)
 
 
 @dataclass(frozen=True)

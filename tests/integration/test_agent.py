@@ -21,11 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from builder.registry import running_registry, serving_lookaside
 from builder.signing import SigningKey, make_signing_key
-from builder.state import StateDir, make_state_dir
-from tests.conftest import require_tool
-from tests.ota import FakeDevice, make_oci_image, publish, push_unsigned, release_files, release_labels
+from builder.state import StateDir
+from tests.ota import FakeDevice, make_oci_image, ota_services, publish, push_unsigned, release_files, release_labels
 
 pytestmark = pytest.mark.integration
 
@@ -60,16 +58,10 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    for tool in ("skopeo", "umoci", "mkfs.erofs", "gpg", "docker-registry"):
-        require_tool(tool)
     tmp = tmp_path_factory.mktemp("ota")
-    key = make_signing_key(tmp / "key")
-    other = make_signing_key(tmp / "other-key")
-    state = make_state_dir(root=tmp / "state")
-    lookaside = tmp / "signatures"
-    lookaside.mkdir()
-    with running_registry(tmp / "registry") as reg, serving_lookaside(lookaside) as url:
-        yield World(reg.address, reg.root / "registry.log", lookaside, url, key, other, state, tmp / "oci", tmp)
+    with ota_services(tmp) as s:
+        other = make_signing_key(tmp / "other-key")
+        yield World(s.registry, s.registry_log, s.lookaside, s.lookaside_url, s.key, other, s.state, tmp / "oci", tmp)
 
 
 def sha(path: Path) -> str:

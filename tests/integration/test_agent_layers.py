@@ -20,12 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from builder.registry import running_registry, serving_lookaside
-from builder.signing import SigningKey, make_signing_key
-from builder.state import StateDir, make_state_dir
+from builder.signing import SigningKey
+from builder.state import StateDir
 from kiln_device.agent.layers import mounts_under
-from tests.conftest import require_tool
-from tests.ota import FakeDevice, Symlink, make_oci_image, publish, release_files, release_labels
+from tests.ota import FakeDevice, Symlink, make_oci_image, ota_services, publish, release_files, release_labels
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(os.geteuid() != 0 and os.environ.get("CI") != "true",
@@ -66,15 +64,9 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    for tool in ("skopeo", "mkfs.erofs", "fsverity", "tar", "gpg", "docker-registry"):
-        require_tool(tool)
     tmp = tmp_path_factory.mktemp("layers")
-    key = make_signing_key(tmp / "key")
-    state = make_state_dir(root=tmp / "state")
-    lookaside = tmp / "signatures"
-    lookaside.mkdir()
-    with running_registry(tmp / "registry") as reg, serving_lookaside(lookaside) as url:
-        yield World(reg.address, lookaside, url, key, state, tmp / "oci", tmp)
+    with ota_services(tmp, ("skopeo", "mkfs.erofs", "fsverity", "tar", "gpg", "docker-registry")) as s:
+        yield World(s.registry, s.lookaside, s.lookaside_url, s.key, s.state, tmp / "oci", tmp)
     assert not mounts_under(tmp), "a test left something mounted"
 
 

@@ -12,12 +12,10 @@ from typing import Any
 
 import pytest
 
-from builder.registry import running_registry, serving_lookaside
-from builder.signing import SigningKey, make_signing_key
-from builder.state import StateDir, make_state_dir
+from builder.signing import SigningKey
+from builder.state import StateDir
 from kiln_device import contract
-from tests.conftest import require_tool
-from tests.ota import FakeDevice, make_oci_image, publish, release_files, release_labels
+from tests.ota import FakeDevice, make_oci_image, ota_services, publish, release_files, release_labels
 
 pytestmark = pytest.mark.integration
 
@@ -59,15 +57,9 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    for tool in ("skopeo", "umoci", "mkfs.erofs", "gpg", "docker-registry"):
-        require_tool(tool)
     tmp = tmp_path_factory.mktemp("ota-refusals")
-    key = make_signing_key(tmp / "key")
-    state = make_state_dir(root=tmp / "state")
-    lookaside = tmp / "signatures"
-    lookaside.mkdir()
-    with running_registry(tmp / "registry") as reg, serving_lookaside(lookaside) as url:
-        yield World(reg.address, reg.root / "registry.log", lookaside, url, key, state, tmp / "oci", tmp)
+    with ota_services(tmp) as s:
+        yield World(s.registry, s.registry_log, s.lookaside, s.lookaside_url, s.key, s.state, tmp / "oci", tmp)
 
 
 def with_fallback(dev: FakeDevice) -> None:

@@ -23,12 +23,10 @@ import pytest
 from securesystemslib.signer import CryptoSigner, Signer
 from tuf.api.metadata import Metadata, MetaFile, TargetFile, Timestamp
 
-from builder.registry import running_registry, serving_lookaside
-from builder.signing import SigningKey, make_signing_key
-from builder.state import StateDir, make_state_dir
+from builder.signing import SigningKey
+from builder.state import StateDir
 from builder.trust import Release, Repository, TrustKeys, make_trust_keys, trust_root
-from tests.conftest import require_tool
-from tests.ota import FakeDevice, make_oci_image, publish, release_files, release_labels
+from tests.ota import FakeDevice, make_oci_image, ota_services, publish, release_files, release_labels
 
 pytestmark = pytest.mark.integration
 
@@ -89,17 +87,12 @@ def manifest_bytes(registry: str, digest: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    for tool in ("skopeo", "umoci", "mkfs.erofs", "gpg", "docker-registry"):
-        require_tool(tool)
     tmp = tmp_path_factory.mktemp("tuf")
-    key = make_signing_key(tmp / "key")
-    make_trust_keys(tmp / "key")
-    state = make_state_dir(root=tmp / "state")
-    lookaside = tmp / "signatures"
-    lookaside.mkdir()
-    Repository(lookaside / "tuf", TrustKeys.load(tmp / "key")).init(trust_root(tmp / "key") or b"")
-    with running_registry(tmp / "registry") as reg, serving_lookaside(lookaside) as url:
-        yield World(reg.address, reg.root / "registry.log", lookaside, url, key, tmp / "key", state, tmp / "oci", tmp)
+    with ota_services(tmp) as s:
+        make_trust_keys(tmp / "key")
+        Repository(s.lookaside / "tuf", TrustKeys.load(tmp / "key")).init(trust_root(tmp / "key") or b"")
+        yield World(s.registry, s.registry_log, s.lookaside, s.lookaside_url, s.key, tmp / "key", s.state, tmp / "oci",
+                    tmp)
 
 
 def sha(path: Path) -> str:

@@ -19,7 +19,9 @@ Figures:
 - time from the bad update starting to the device back on the good slot and healthy,
   after its trial boots failed;
 - bytes written to the device's disk per update (QEMU's block statistics of the guest's disk,
-  from `update` to the new boot), and the image's size compressed and uncompressed.
+  from `update` to the new boot), and the image's size compressed and uncompressed;
+- a reboot with no update, measured the same way: the floor of an update's time, and what
+  any boot writes, which the figures also show each update's writes beyond.
 """
 
 from __future__ import annotations
@@ -145,6 +147,22 @@ def update(machine: vm.VM, info: RegistryInfo, version: str, slot: str, *, bad: 
     return row
 
 
+def plain_reboot(machine: vm.VM, slot: str, timeout: float) -> dict[str, Any]:
+    """A reboot with no update, measured as `update` measures an update: the floor of an update's
+    time (it reboots too) and what any boot writes (the journal, the agent's boot records)."""
+    boot_id = guest(machine, "cat /proc/sys/kernel/random/boot_id").strip()
+    written = machine.disk_bytes_written()
+    start = time.monotonic()
+    guest(machine, "systemd-run --unit kiln-bench-reboot --collect systemctl reboot")
+    row: dict[str, Any] = {"answers_s": round(wait("the reboot", lambda: (
+        (b := guest(machine, "cat /proc/sys/kernel/random/boot_id", timeout=10).strip()) != "" and b != boot_id),
+        timeout, machine), 1)}
+    row["disk_written_bytes"] = machine.disk_bytes_written() - written
+    row["healthy_s"] = round(time.monotonic() - start + wait(
+        "a healthy boot after the reboot", lambda: on_slot(machine, slot), timeout, machine), 1)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = make_parser("bench.ota", "OTA bytes over the wire and update/rollback times in QEMU")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per wait (TCG on 2 cores is slow)")
@@ -179,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
                     figures["first_boot_healthy_s"] = round(machine.wait_for_healthy(args.timeout), 1)
                     guest(machine, f"systemctl mask --now kiln-agent.timer; mkdir -p /etc/kiln && "
                                    f"echo '{config}' > /etc/kiln/agent.json")
+                    print("rebooting once without an update ...", flush=True)
+                    figures["reboot"] = plain_reboot(machine, "a", args.timeout)
+                    print(f"  {figures['reboot']}", flush=True)
                     previous, prev_record, slot, good = m1, records[V1], "b", "a"
                     for name, version in (("model-only", MODEL), ("os-package", PACKAGE), ("bad-golden", BAD)):
                         release(state, info, key, tmp / "signatures", version, projects[version])
@@ -190,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                                    changed_groups=changed_groups(prev_record, records[version]))
                         row["vs_full_image"] = row["wire_bytes"] / figures["full_image_bytes"]
                         row["vs_floor"] = row["wire_bytes"] / row["floor_bytes"]
+                        row["written_beyond_reboot_bytes"] = row["disk_written_bytes"] \
+                            - figures["reboot"]["disk_written_bytes"]
                         figures[name] = row
                         print(f"  {row}", flush=True)
                         if name != "bad-golden":
@@ -205,7 +228,11 @@ def main(argv: list[str] | None = None) -> int:
 def print_table(f: dict[str, Any]) -> None:
     rows = [("full image (fresh device)", mb(f["full_image_bytes"]), "compressed layers + config + manifest"),
             ("image, uncompressed", mb(f["image_uncompressed_bytes"]), "the sum of its layers"),
-            (f"first boot to healthy ({f['accel']})", f"{f['first_boot_healthy_s']:.1f} s", "")]
+            (f"first boot to healthy ({f['accel']})", f"{f['first_boot_healthy_s']:.1f} s", ""),
+            ("a reboot, no update: to healthy", f"{f['reboot']['healthy_s']:.1f} s",
+             f"{f['reboot']['answers_s']:.1f} s until the new boot answers: the floor of an update's time"),
+            ("a reboot, no update: written to disk", mb(f["reboot"]["disk_written_bytes"]),
+             "what any boot writes (journal, state), reboot to the new boot answering")]
     for name in ("model-only", "os-package"):
         r = f[name]
         rows.append((f"{name} update {r['version']}: over the wire", mb(r["wire_bytes"]),
@@ -216,6 +243,8 @@ def print_table(f: dict[str, Any]) -> None:
         rows.append((f"{name} update: written to the device's disk", mb(r["disk_written_bytes"]),
                      f"QEMU's block statistics, update start to the new boot; "
                      f"{r['disk_written_bytes'] / r['floor_bytes']:.0f}x the changed layers"))
+        rows.append((f"{name} update: written beyond a plain reboot", mb(r["written_beyond_reboot_bytes"]),
+                     f"{r['written_beyond_reboot_bytes'] / r['floor_bytes']:.1f}x the changed layers"))
     r = f["bad-golden"]
     rows.append((f"bad update {r['version']}: over the wire", mb(r["wire_bytes"]), ""))
     rows.append(("bad update: start to back on the good slot", f"{r['back_on_good_slot_s']:.1f} s",

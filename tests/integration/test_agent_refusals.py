@@ -12,10 +12,8 @@ from typing import Any
 
 import pytest
 
-from builder.signing import SigningKey
-from builder.state import StateDir
 from kiln_device import contract
-from tests.ota import FakeDevice, make_oci_image, ota_services, publish, release_files, release_labels
+from tests.ota import FakeDevice, Services, make_oci_image, ota_services, publish, release_files, release_labels
 
 pytestmark = pytest.mark.integration
 
@@ -25,13 +23,7 @@ FALLBACK_TRUST = {"version": "0.9.0", "digest": "sha256:" + "9" * 64, "sha256": 
 
 
 @dataclass
-class World:
-    registry: str
-    registry_log: Path
-    lookaside: Path
-    lookaside_url: str
-    key: SigningKey
-    state: StateDir
+class World(Services):
     layout: Path
     tmp: Path
 

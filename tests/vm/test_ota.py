@@ -264,6 +264,10 @@ def test_every_event_reaches_the_fleet_once_in_order(qemu_disk: BuiltDisk, devic
     fleet.link.restore()
     with vm.start_vm(cfg) as machine:
         machine.wait_for_ssh(BOOT_TIMEOUT)
+        # The boot's own record comes from kiln-agent-boot.service, which runs after the golden check:
+        # report once it has, or its event lands in the outbox after the report.
+        machine.ssh("timeout 600 sh -c 'until systemctl is-active -q kiln-agent-boot.service; do sleep 1; done'",
+                    timeout=620)
         r = agent(machine, "report", "--now")
         assert r.exit_status == 0, r.stdout
         me = machine.ssh("kiln-agent identity").stdout.strip()

@@ -14,7 +14,9 @@ Steps, each timed (builder.progress.Steps) and stored in the record:
    a passing report for the same inputs is reused;
 4. the context, rendered into build/<class>/<version>/context;
 5. the engine build, `--timestamp` fixed (SOURCE_DATE_EPOCH or 2025-01-01),
-   so the same inputs give the same image id;
+   so the same inputs give the same image id; for apt classes in three steps: the OS stage
+   (`--target os`), its layers rechunked by Debian package (builder.rechunk, once per OS stage),
+   then the image FROM the rechunked OS;
 6. build/<class>/<version>/build.json: image id and digest, every layer with its
    group (base, os, drivers, kernel, runtime, agent, model, release, lint),
    base, models and durations. A failed build leaves no build.json behind.
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from builder import models as model_glue
-from builder import paths, pins, records, render, signing, wheels
+from builder import names, paths, pins, rechunk, records, render, signing, wheels
 from builder.base import make_base_for_class
 from builder.capability import why_not_buildable
 from builder.contents import finalize_contents
@@ -71,9 +73,10 @@ def finalize_revision(root: Path) -> str:
 # -- layers ---------------------------------------------------------------------------
 
 
-def finalize_layers(info: ImageInfo, base_layers: int, layer_groups: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Each layer of the built image with its group: the base's own, then the rendered plan's."""
-    groups = ["base"] * base_layers + list(layer_groups)
+def finalize_layers(info: ImageInfo, lead: list[str], layer_groups: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Each layer of the built image with its group: the image FROM's own (LEAD: the base's, or the
+    rechunked OS stage's), then the rendered plan's."""
+    groups = lead + list(layer_groups)
     if len(groups) != len(info["layers"]):  # an engine that squashed or skipped layers: say so, do not guess
         groups = ["unknown"] * len(info["layers"])
     return [{"diffId": layer["diff_id"], "size": layer["size"], "group": group,
@@ -178,15 +181,25 @@ def build_class(
         # From here the tag may move: a failed build must not leave the last record looking current.
         # (Refusals before this point, such as a missing tool or a failed gate, leave it as it was.)
         record_file.unlink(missing_ok=True)
+        build_args = {"VERSION": version, "REVISION": revision, "CREATED": created}
+        lead: list[str] = []
+        if plan.rechunk:
+            stage_ref = names.os_stage_ref(hc.name)
+            with steps.step(f"build the OS stage with {eng.name}"):
+                eng.build(context, context / "Containerfile", stage_ref, {}, epoch, no_cache=no_cache, target="os")
+            with steps.step("rechunk the OS stage by package"):
+                os_ref = rechunk.make_rechunked_os(eng, ctx.state, hc.name, stage_ref, epoch, say=steps.say)
+                build_args["KILN_OS_IMAGE"] = os_ref
+                lead = ["os"] * len(eng.inspect(os_ref)["layers"])
+            layer_groups = tuple(g for g in layer_groups if g not in render.OS_STAGE_GROUPS)
         with steps.step(f"build {ref} with {eng.name}"):
-            image_id = eng.build(context, context / "Containerfile", ref,
-                                 {"VERSION": version, "REVISION": revision, "CREATED": created},
-                                 epoch, no_cache=no_cache)
+            image_id = eng.build(context, context / "Containerfile", ref, build_args, epoch, no_cache=no_cache)
         with steps.step("record the build"):
             info = eng.inspect(image_id)
             base_info = eng.inspect(plan.base_ref) if eng.exists(plan.base_ref) else None
-            base_layers = len(base_info["layers"]) if base_info else 0
-            layers = finalize_layers(info, base_layers, layer_groups)
+            if not plan.rechunk:
+                lead = ["base"] * (len(base_info["layers"]) if base_info else 0)
+            layers = finalize_layers(info, lead, layer_groups)
     except KilnError as exc:
         raise exc.with_context(f"building {hc.name} {version}") from exc.__cause__
     model_layers = [layer["diffId"] for layer in layers if layer["group"] == "model"]

@@ -72,11 +72,13 @@ class Engine(ABC):
         timestamp: int | None = None,
         *,
         no_cache: bool = False,
+        target: str | None = None,
     ) -> str:
         """Build with live output; return the image id ("sha256:...").
 
         `timestamp` (seconds since the epoch) fixes every created time and file
-        mtime in new layers; `no_cache` ignores cached layers (a cold build).
+        mtime in new layers; `no_cache` ignores cached layers (a cold build); `target` builds up to
+        that stage only.
         """
 
     @abstractmethod
@@ -98,6 +100,10 @@ class Engine(ABC):
     @abstractmethod
     def load(self, archive: Path) -> None:
         """Load a docker-archive tar (its RepoTags name the image)."""
+
+    @abstractmethod
+    def save(self, ref: str, archive: Path) -> None:
+        """Write image REF as a docker-archive tar (uncompressed layers) to ARCHIVE."""
 
     @abstractmethod
     def remove(self, ref: str) -> None: ...
@@ -178,6 +184,7 @@ class PodmanEngine(Engine):
         timestamp: int | None = None,
         *,
         no_cache: bool = False,
+        target: str | None = None,
     ) -> str:
         with tempfile.TemporaryDirectory(dir=self.state.tmp_dir) as tmp:
             iidfile = Path(tmp) / "iid"
@@ -192,6 +199,8 @@ class PodmanEngine(Engine):
                 argv += ["--timestamp", str(timestamp)]
             if no_cache:
                 argv.append("--no-cache")
+            if target:
+                argv += ["--target", target]
             for key, value in (build_args or {}).items():
                 argv += ["--build-arg", f"{key}={value}"]
             argv.append(context_dir)
@@ -247,6 +256,9 @@ class PodmanEngine(Engine):
 
     def load(self, archive: Path) -> None:
         self._podman("load", "--input", archive)
+
+    def save(self, ref: str, archive: Path) -> None:
+        self._podman("save", "--format", "docker-archive", "--output", archive, ref, capture=True, quiet=True)
 
     def remove(self, ref: str) -> None:
         self._podman("rmi", "--force", ref, capture=True)
@@ -310,6 +322,7 @@ class DockerEngine(Engine):
         timestamp: int | None = None,
         *,
         no_cache: bool = False,
+        target: str | None = None,
     ) -> str:
         # The Docker API has no equivalent of --timestamp: `timestamp` is ignored here
         # (see `reproducible`); passing SOURCE_DATE_EPOCH would only warn "not consumed".
@@ -324,6 +337,7 @@ class DockerEngine(Engine):
                 buildargs=args,
                 network_mode="host",
                 nocache=no_cache,
+                target=target,
                 rm=True,
                 forcerm=True,
                 decode=True,
@@ -416,6 +430,12 @@ class DockerEngine(Engine):
         with archive.open("rb") as data:
             for chunk in self.client.api.load_image(data):
                 _show_chunk(chunk, "loading", str(archive))
+
+    def save(self, ref: str, archive: Path) -> None:
+        print(f"+ docker-sdk save {ref} {archive}", file=sys.stderr)
+        with archive.open("wb") as out:
+            for chunk in self.client.images.get(ref).save(named=True):
+                out.write(chunk)
 
     def remove(self, ref: str) -> None:
         try:

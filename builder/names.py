@@ -30,6 +30,11 @@ def image_ref(cls: str, version: str) -> str:
     return f"{IMAGE_REPO}/{cls}:{finalize_tag(version)}"
 
 
+def os_stage_ref(cls: str) -> str:
+    """The OS stage of CLS's last build (builder.rechunk rewrites it; the image is built FROM that)."""
+    return f"localhost/kiln/{cls}/os-stage:latest"
+
+
 def finalize_destination(registry: str, cls: str, version: str) -> str:
     """REGISTRY/kiln/CLASS:TAG, where a push puts a build."""
     registry = registry.removeprefix("docker://").rstrip("/")

@@ -41,9 +41,15 @@ APT_ESSENTIALS = ("systemd-sysv", "udev", "dbus", "kmod", "initramfs-tools", "py
                   "ca-certificates",
                   # the device key is made in the TPM where there is one (kiln_device.agent.identity)
                   "tpm2-tools")
+# Debian: skopeo's containers-common needs a container-network-stack; apt's first choice is
+# containernetworking-plugins (45 MB of CNI binaries, and iptables), netavark provides it in 4 MB. A
+# device runs no containers: either is dead weight, this one is a tenth of it (issue 18: image size).
+DEBIAN_ESSENTIALS = ("netavark",)
 SSHD_DROP_IN = "etc/ssh/sshd_config.d/40-kiln.conf"
 # What each layer of an image is, slowest-changing first: the base image's own layers, then one
 # group per layer-creating instruction of the templates (each marked there with `layer("group")`).
+# The OS stage's groups: with plan.rechunk, build.json records its layers as the rechunked ones.
+OS_STAGE_GROUPS = ("repositories", "os", "packages")
 LAYER_GROUPS = ("base", "repositories", "os", "packages", "drivers", "kernel", "runtime", "agent", "model", "release",
                 "lint")
 # What the image contains, beyond the contract's labels (informational: no device decides on them).
@@ -95,6 +101,11 @@ class RenderPlan:
     device_files: tuple[tuple[str, bytes], ...] = ()
     agent_config: dict[str, object] = field(default_factory=dict)
 
+    @property
+    def rechunk(self) -> bool:
+        """The OS stage is built apart and rechunked by Debian package (builder/rechunk.py): apt only."""
+        return self.hc.spec.base.family.package_manager == "apt"
+
 
 def model_envelope(spec: Any, name: str) -> dict[str, float]:
     """release.json's per-model envelope keys (none: the model has the class's)."""
@@ -127,6 +138,8 @@ def finalize_os_packages(hc: HardwareClass) -> tuple[str, ...]:
         pkgs.append(spec.kernel.package)
     if spec.base.family.package_manager == "apt":
         pkgs.extend(APT_ESSENTIALS)
+    if spec.base.family is Family.debian:
+        pkgs.extend(DEBIAN_ESSENTIALS)
     if spec.access.ssh:
         pkgs.append("openssh-server")
     return tuple(sorted(set(pkgs)))
@@ -138,7 +151,7 @@ def finalize_package_layers(hc: HardwareClass) -> tuple[tuple[str, ...], tuple[s
     every = finalize_os_packages(hc)
     if hc.spec.base.family.package_manager != "apt":
         return every, ()
-    own = set(hc.spec.packages) - set(APT_ESSENTIALS) - {hc.spec.kernel.package}
+    own = set(hc.spec.packages) - set(APT_ESSENTIALS) - set(DEBIAN_ESSENTIALS) - {hc.spec.kernel.package}
     if hc.spec.access.ssh:
         own.discard("openssh-server")
     return tuple(p for p in every if p not in own), tuple(sorted(own))

@@ -75,7 +75,8 @@ def test_hadolint_passes(name: str, tmp_path: Path) -> None:
 def test_layer_order_slow_first_model_and_release_last(name: str) -> None:
     lines = render_containerfile(plan(name)).splitlines()
     instr = [ln.split()[0] for ln in lines if ln and not ln.startswith((" ", "#"))]
-    assert instr[0] == "FROM"
+    # a global ARG (the rechunked OS image: apt) may come first; then FROM
+    assert instr[0] == "FROM" or (instr[:2] == ["ARG", "FROM"] and lines[instr_at(lines, 0)] == "ARG KILN_OS_IMAGE")
     text = "\n".join(lines)
     order = ["install", "COPY runtime/", "COPY overlays/", "COPY models/", "ARG VERSION",
              "COPY release/", "LABEL containers.bootc"]
@@ -86,14 +87,19 @@ def test_layer_order_slow_first_model_and_release_last(name: str) -> None:
         assert "bootc container lint" in lines[-1]
 
 
+def instr_at(lines: list[str], n: int) -> int:
+    """The index in LINES of the Nth instruction."""
+    return [i for i, ln in enumerate(lines) if ln and not ln.startswith((" ", "#"))][n]
+
+
 def _layer_instructions(text: str) -> list[str]:
-    """The final stage's RUN, COPY and ADD instructions, continuation lines joined (each makes a layer of
-    the image; build-only stages such as kernel-modules come before the last FROM)."""
-    out, current = [], ""
-    lines = text.splitlines()
-    last_from = max(i for i, line in enumerate(lines) if line.startswith("FROM "))
-    for line in lines[last_from:]:
-        if not current and (not line.strip() or line.startswith("#")):
+    """The RUN, COPY and ADD instructions of the OS stage and the final stage, continuation lines joined
+    (each makes a layer of the image; the build-only kernel-modules stage makes none)."""
+    out, current, build_only = [], "", False
+    for line in text.splitlines():
+        if line.startswith("FROM "):
+            build_only = line.endswith(" AS kernel-modules")
+        if build_only or (not current and (not line.strip() or line.startswith("#"))):
             continue
         current += line.rstrip("\\").strip() + " "
         if not line.rstrip().endswith("\\"):
@@ -229,9 +235,11 @@ def test_nearest_versions_and_wheel_tags() -> None:
 def test_nvidia_modules_are_built_in_a_stage_the_image_does_not_keep() -> None:
     rendered = finalize_containerfile(plan("factory-gateway-gpu"))
     stages = rendered.text.split("\nFROM ")
-    assert len(stages) == 3 and stages[1].startswith("localhost/kiln/base/debian:bookworm-20261101T000000Z AS "
+    assert len(stages) == 4 and stages[1].startswith("localhost/kiln/base/debian:bookworm-20261101T000000Z AS "
                                                      "kernel-modules")
-    modules, image = stages[1], stages[2]
+    assert stages[2].startswith("localhost/kiln/base/debian:bookworm-20261101T000000Z AS os")
+    modules, image = stages[1], stages[2] + stages[3]
+    assert stages[3].startswith("${KILN_OS_IMAGE}")
     assert '"linux-headers-$kver"' in modules and "nvidia-kernel-dkms=535.309.01-0+deb12u1" in modules
     assert "linux-headers" not in image and "dkms" not in image.replace("updates/dkms", "")
     assert "COPY --from=kernel-modules /out/ /" in image

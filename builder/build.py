@@ -18,7 +18,8 @@ Steps, each timed (builder.progress.Steps) and stored in the record:
    (`--target os`), its layers rechunked by Debian package (builder.rechunk, once per OS stage),
    then the image FROM the rechunked OS;
 6. build/<class>/<version>/build.json: image id and digest, every layer with its
-   group (base, os, drivers, kernel, runtime, agent, model, release, lint),
+   group (base, os, drivers, kernel, runtime, agent, model, release, lint; a rechunked
+   layer's createdBy names its chunk), the OS stage (`osStage`),
    base, models and durations. A failed build leaves no build.json behind.
 """
 
@@ -183,14 +184,17 @@ def build_class(
         record_file.unlink(missing_ok=True)
         build_args = {"VERSION": version, "REVISION": revision, "CREATED": created}
         lead: list[str] = []
+        os_stage: dict[str, Any] = {}
         if plan.rechunk:
             stage_ref = names.os_stage_ref(hc.name)
             with steps.step(f"build the OS stage with {eng.name}"):
-                eng.build(context, context / "Containerfile", stage_ref, {}, epoch, no_cache=no_cache, target="os")
+                stage_id = eng.build(context, context / "Containerfile", stage_ref, {}, epoch, no_cache=no_cache,
+                                     target="os")
             with steps.step("rechunk the OS stage by package"):
-                os_ref = rechunk.make_rechunked_os(eng, ctx.state, hc.name, stage_ref, epoch, say=steps.say)
+                os_ref, table = rechunk.make_rechunked_os(eng, ctx.state, hc.name, stage_ref, epoch, say=steps.say)
                 build_args["KILN_OS_IMAGE"] = os_ref
-                lead = ["os"] * len(eng.inspect(os_ref)["layers"])
+                lead = ["os"] * len(table)
+                os_stage = {"stage": stage_id, "rechunked": os_ref, "recipe": rechunk.RECIPE, "layers": table}
             layer_groups = tuple(g for g in layer_groups if g not in render.OS_STAGE_GROUPS)
         with steps.step(f"build {ref} with {eng.name}"):
             image_id = eng.build(context, context / "Containerfile", ref, build_args, epoch, no_cache=no_cache)
@@ -219,6 +223,7 @@ def build_class(
                     "sha256": f"sha256:{a.sha256}", "layer": model_layers[i] if i < len(model_layers) else None}
                    for i, a in enumerate(artifacts)],
         "layers": layers,
+        "osStage": os_stage,  # apt: the OS stage's id and its rechunked image (builder.rechunk); else {}
         "contents": finalize_built_contents(hc, info["labels"]),
         "labels": info["labels"],
         "context": str(context),

@@ -45,6 +45,7 @@ from typing import IO, Any
 
 from builder.engine import Engine
 from builder.errors import BuildError
+from builder.files import write_json_atomic
 from builder.state import StateDir
 
 RECIPE = 1  # bump when the grouping changes: every layer moves once
@@ -311,9 +312,15 @@ def _sha256_file(path: Path) -> str:
 
 @dataclass(frozen=True)
 class Chunked:
-    """What rechunking made: one (name, diff id, paths) per layer."""
+    """What rechunking made: one (name, diff id, number of files) per layer, and each layer's source
+    packages (build.json `osStage.layers`: which layer a package's update moves)."""
 
     layers: tuple[tuple[str, str, int], ...]
+    sources: tuple[tuple[str, ...], ...] = ()
+
+    def table(self) -> list[dict[str, Any]]:
+        return [{"name": name, "diffId": diff_id, "files": files, "sources": list(sources)}
+                for (name, diff_id, files), sources in zip(self.layers, self.sources, strict=True)]
 
 
 def rechunk_archive(src: Archive, dest: Path, tag: str, epoch: int) -> Chunked:
@@ -339,6 +346,7 @@ def rechunk_archive(src: Archive, dest: Path, tag: str, epoch: int) -> Chunked:
         chunks = finalize_chunks(tree, owners)
         dest.mkdir(parents=True)
         made: list[tuple[str, str, int]] = []
+        sources: list[tuple[str, ...]] = []
         for name, paths in chunks.items():
             tmp = dest / f"{name}.tar"
             with tmp.open("wb") as out:
@@ -346,6 +354,7 @@ def rechunk_archive(src: Archive, dest: Path, tag: str, epoch: int) -> Chunked:
             diff_id = _sha256_file(tmp)
             tmp.rename(dest / f"{diff_id.removeprefix('sha256:')}.tar")
             made.append((name, diff_id, len(paths)))
+            sources.append(tuple(sorted({owners[p] for p in paths if p in owners})))
     finally:
         for f in handles.values():
             f.close()
@@ -361,7 +370,7 @@ def rechunk_archive(src: Archive, dest: Path, tag: str, epoch: int) -> Chunked:
     manifest = [{"Config": config_name, "RepoTags": [tag],
                  "Layers": [f"{d.removeprefix('sha256:')}.tar" for _, d, _ in made]}]
     (dest / "manifest.json").write_text(json.dumps(manifest))
-    return Chunked(tuple(made))
+    return Chunked(tuple(made), tuple(sources))
 
 
 class _Limited:
@@ -385,12 +394,15 @@ def chunked_ref(cls: str, stage_id: str) -> str:
 
 
 def make_rechunked_os(engine: Engine, state: StateDir, cls: str, stage_ref: str, epoch: int,
-                      say: Any = None) -> str:
-    """The rechunked image of the built OS stage STAGE_REF (made once per stage id); its ref."""
+                      say: Any = None) -> tuple[str, list[dict[str, Any]]]:
+    """The rechunked image of the built OS stage STAGE_REF (made once per stage id): its ref, and its
+    layers' table (Chunked.table, kept beside it in the state directory)."""
     stage_id = engine.inspect(stage_ref)["id"]
     ref = chunked_ref(cls, stage_id)
-    if engine.exists(ref):
-        return ref
+    table_file = state.root / "rechunk" / f"{ref.rpartition(':')[2]}.json"
+    if engine.exists(ref) and table_file.is_file():
+        table: list[dict[str, Any]] = json.loads(table_file.read_text())
+        return ref, table
     with tempfile.TemporaryDirectory(dir=state.tmp_dir, prefix="rechunk-") as tmp:
         saved = Path(tmp) / "stage.tar"
         engine.save(stage_ref, saved)
@@ -406,7 +418,10 @@ def make_rechunked_os(engine: Engine, state: StateDir, cls: str, stage_ref: str,
             for item in sorted(out_dir.iterdir()):
                 tar.add(item, arcname=item.name)
         engine.load(archive)
+    table = result.table()
+    table_file.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(table_file, table)
     if say is not None:
         say(f"rechunked the OS stage into {len(result.layers)} layers: "
             + ", ".join(name for name, _, _ in result.layers))
-    return ref
+    return ref, table

@@ -24,7 +24,7 @@ import pytest
 from click.testing import CliRunner
 
 from bench.projects import make_retrained_project, project_dir
-from builder import names, paths, publish, render
+from builder import names, paths, publish, rechunk, render
 from builder.build import build_class, finalize_epoch
 from builder.cli import main
 from builder.context import make_context
@@ -37,6 +37,7 @@ from builder.run import run
 from builder.state import StateDir
 from tests.conftest import ROOT, require_tool
 from tests.images import QEMU_CLASS, QEMU_VERSION, kiln_test_context, qemu_image
+from tests.unit.test_rechunk import describe, layer_of, merged
 
 SOURCE = f"images/{QEMU_CLASS}.yaml"
 
@@ -112,7 +113,9 @@ def test_build_record(record: dict[str, Any], test_state: StateDir) -> None:
     on_disk = json.loads(paths.record_path(QEMU_CLASS, QEMU_VERSION).read_text())
     assert on_disk["image"]["id"] == record["image"]["id"]
     g = groups(record)
-    assert g[0] == "base" and g[-1] == "lint" and "unknown" not in g
+    # the base's layer and the OS stage's, rechunked by package: the bottom of the image
+    assert g[0] == "os" and g.count("os") >= 10 and "base" not in g and g[-1] == "lint" and "unknown" not in g
+    assert "packages" not in g
     assert g.index("os") < g.index("kernel") < g.index("runtime") < g.index("agent") < g.index("model") \
         < g.index("release")
     assert [m["name"] for m in record["models"]] == ["digits"]
@@ -211,6 +214,46 @@ def test_cold_build_gives_the_same_digest(record: dict[str, Any], test_state: St
                        version=QEMU_VERSION, no_cache=True)
     assert cold["image"]["id"] == record["image"]["id"]
     assert [layer["diffId"] for layer in cold["layers"]] == [layer["diffId"] for layer in record["layers"]]
+
+
+@pytest.mark.container
+def test_rechunked_os_is_the_stage_file_for_file_and_reproducible(record: dict[str, Any], test_state: StateDir,
+                                                                   tmp_path: Path) -> None:
+    """The image's OS layers (builder.rechunk) hold exactly the OS stage's files, one package's files in
+    one layer, and rechunking the stage again gives the same bytes."""
+    stage = record["osStage"]
+    assert stage["rechunked"] == rechunk.chunked_ref(QEMU_CLASS, stage["stage"])
+    env = test_state.engine_env()
+    run(["podman", "save", "--format", "docker-archive", "--output", tmp_path / "stage.tar", stage["stage"]],
+        env=env, capture=True)
+    with tarfile.open(tmp_path / "stage.tar") as tar:
+        tar.extractall(tmp_path / "stage", filter="data")
+    (tmp_path / "stage.tar").unlink()
+    made = rechunk.rechunk_archive(rechunk.read_archive(tmp_path / "stage"), tmp_path / "out", "x", finalize_epoch())
+    os_layers = [layer for layer in record["layers"] if layer["group"] == "os"]
+    assert [d for _, d, _ in made.layers] == [layer["diffId"] for layer in os_layers]
+    assert record["layers"][:len(os_layers)] == os_layers  # the bottom of the image
+    names_ = [name for name, _, _ in made.layers]
+    assert {"pkg-linux-signed-amd64", "pkg-systemd", "pkg-python3.11"} <= set(names_) and names_[-1] == "rest"
+    assert "pkg-golang-github-containernetworking-plugins" not in names_  # netavark instead (render.py)
+    assert stage["layers"] == made.table()  # build.json says which layer holds which source package
+    assert "glibc" in next(layer["sources"] for layer in stage["layers"] if layer["name"] == "pkg-glibc")
+
+    stage_archive = rechunk.read_archive(tmp_path / "stage")
+    before = rechunk.Tree()
+    for i, path in enumerate(stage_archive.layers):
+        with tarfile.open(path, "r:") as tar:
+            before.apply(i, iter(tar))
+    after, layers = merged(tmp_path / "out")
+    assert describe(after, layers) == describe(before, stage_archive.layers)
+    where = layer_of(tmp_path / "out", made)
+    kver = record["contents"]["kernel"]
+    assert where[f"usr/lib/modules/{kver}/modules.dep"] == "pkg-linux-signed-amd64"  # depmod's, with the kernel
+    assert where["usr/lib/udev/hwdb.bin"] == "pkg-systemd"
+    assert where["var/lib/dpkg/status"] == "rest"
+    rest = next(p for name, d, _ in made.layers if name == "rest"
+                for p in [tmp_path / "out" / f"{d.removeprefix('sha256:')}.tar"])
+    assert rest.stat().st_size < 8 * 1024 * 1024, "what no package owns grew: it moves with every update"
 
 
 # --- a model-only release -------------------------------------------------------

@@ -141,7 +141,9 @@ def describe(tree: rechunk.Tree, layers: list[Path]) -> dict[str, tuple[Any, ...
         xattrs = {k: v for k, v in info.pax_headers.items() if k.startswith("SCHILY.xattr.")}
         link = info.linkname if info.issym() else ""
         kind = tarfile.REGTYPE if info.islnk() else info.type
-        out[path] = (kind, (source.info if info.islnk() else info).mode, info.uid, info.gid, link,
+        # the permission bits: Go's archive/tar (podman) also writes the file type's, tarfile does not
+        mode = (source.info if info.islnk() else info).mode & 0o7777
+        out[path] = (kind, mode, info.uid, info.gid, link,
                      sorted(xattrs.items()), hashlib.sha256(data).hexdigest())
     return out
 

@@ -21,7 +21,9 @@ Figures:
 - bytes written to the device's disk per update (QEMU's block statistics of the guest's disk,
   from `update` to the new boot), and the image's size compressed and uncompressed;
 - a reboot with no update, measured the same way: the floor of an update's time, and what
-  any boot writes, which the figures also show each update's writes beyond.
+  any boot writes, which the figures also show each update's writes beyond;
+- what an update of any one installed Debian source package would download from v1's rechunked
+  OS layers (builder.rechunk): median, 90th percentile and largest, from the pushed sizes.
 """
 
 from __future__ import annotations
@@ -91,7 +93,34 @@ def changed_bytes(old: dict[str, Any], new: dict[str, Any]) -> int:
 
 
 def changed_groups(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    return sorted({b["group"] for a, b in zip(old["layers"], new["layers"], strict=True) if a["diffId"] != b["diffId"]})
+    have = {layer["diffId"] for layer in old["layers"]}
+    return sorted({layer["group"] for layer in new["layers"] if layer["diffId"] not in have})
+
+
+def changed_os_layers(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The rechunked OS layers (builder.rechunk) of NEW that OLD lacks, by name."""
+    have = {layer["diffId"] for layer in old["layers"]}
+    return [layer["name"] for layer in new.get("osStage", {}).get("layers", []) if layer["diffId"] not in have]
+
+
+def one_package_updates(record: dict[str, Any], mf: dict[str, Any]) -> dict[str, Any]:
+    """What an update of any one installed Debian source package would download from this image: the
+    compressed layer that holds it (builder.rechunk), `rest` (dpkg's status moves with every update),
+    the config and the manifest. From the pushed manifest's sizes, not a transfer: a release of every
+    package cannot be built here (one is measured: the OS package update)."""
+    table = record.get("osStage", {}).get("layers", [])
+    if not table:
+        return {}
+    size = {layer["diffId"]: pushed["size"] for layer, pushed in zip(record["layers"], mf["layers"], strict=True)}
+    fixed = size[table[-1]["diffId"]] + mf["config"]["size"] + len(json.dumps(mf).encode())
+    per_source = {src: size[layer["diffId"]] + fixed for layer in table[:-1] for src in layer["sources"]}
+    ranked = sorted(per_source.values())
+    full = image_bytes(mf)
+    return {"sources": len(ranked), "median_bytes": ranked[len(ranked) // 2],
+            "p90_bytes": ranked[int(len(ranked) * 0.9)], "max_bytes": ranked[-1],
+            "max_source": max(per_source, key=lambda s: per_source[s]),
+            "at_most_5_percent": sum(1 for b in ranked if b <= 0.05 * full) / len(ranked),
+            "layers": len(table), "rest_bytes": size[table[-1]["diffId"]]}
 
 
 def guest(machine: vm.VM, command: str, timeout: float = 60) -> str:
@@ -184,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                 m1 = manifest(info, REPO, V1)
                 figures["full_image_bytes"] = image_bytes(m1)
                 figures["image_uncompressed_bytes"] = sum(layer["size"] for layer in records[V1]["layers"])
+                figures["one_package_updates"] = one_package_updates(records[V1], m1)
                 print("making v1's disk ...", flush=True)
                 image = tmp / "disk.raw"
                 disk.make_disk(context(state), records[V1]["image"]["ref"], output=image, version=V1)
@@ -208,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                         row = update(machine, info, version, slot, bad=name == "bad-golden", timeout=args.timeout,
                                      good_slot=good)
                         row.update(version=version, floor_bytes=changed_bytes(previous, mf),
-                                   changed_groups=changed_groups(prev_record, records[version]))
+                                   changed_groups=changed_groups(prev_record, records[version]),
+                                   changed_os_layers=changed_os_layers(prev_record, records[version]))
                         row["vs_full_image"] = row["wire_bytes"] / figures["full_image_bytes"]
                         row["vs_floor"] = row["wire_bytes"] / row["floor_bytes"]
                         row["written_beyond_reboot_bytes"] = row["disk_written_bytes"] \
@@ -233,11 +264,19 @@ def print_table(f: dict[str, Any]) -> None:
              f"{f['reboot']['answers_s']:.1f} s until the new boot answers: the floor of an update's time"),
             ("a reboot, no update: written to disk", mb(f["reboot"]["disk_written_bytes"]),
              "what any boot writes (journal, state), reboot to the new boot answering")]
+    one = f["one_package_updates"]
+    if one:
+        full = f["full_image_bytes"]
+        rows.append(("one-package update of any installed source package", f"{one['median_bytes'] / full:.2%}",
+                     f"median of {one['sources']} (p90 {one['p90_bytes'] / full:.2%}, max {one['max_bytes'] / full:.2%}"
+                     f": {one['max_source']}); {one['at_most_5_percent']:.0%} at most 5 %; its layer of "
+                     f"{one['layers']} OS layers + rest ({mb(one['rest_bytes'])}), from the manifest's sizes"))
     for name in ("model-only", "os-package"):
         r = f[name]
+        os_layers = f" (OS layers: {', '.join(r['changed_os_layers'])})" if r["changed_os_layers"] else ""
         rows.append((f"{name} update {r['version']}: over the wire", mb(r["wire_bytes"]),
                      f"{r['vs_full_image']:.2%} of the full image; {r['vs_floor']:.3f}x of the changed layers "
-                     f"({mb(r['floor_bytes'])}: {', '.join(r['changed_groups'])})"))
+                     f"({mb(r['floor_bytes'])}: {', '.join(r['changed_groups'])}){os_layers}"))
         rows.append((f"{name} update: start to blessed", f"{r['blessed_s']:.1f} s",
                      f"{r['install_s']:.1f} s until the new boot answers, then health checks and blessing"))
         rows.append((f"{name} update: written to the device's disk", mb(r["disk_written_bytes"]),

@@ -24,8 +24,8 @@ Power cuts, a full data partition and a registry lost mid-download: test_ota_fau
 
 Tiers: 1 to 4 are in the vm tier (scripts/test, CI; 3 goes on from the device 2 left); the unbootable
 initramfs is in the long vm tier (scripts/test-vmlong). Under TCG on a 2-core AMD EPYC a boot to healthy
-takes about a minute; the model-only test takes about 4 minutes (19.5 before layered updates), the
-golden-check rollback about 7 and the fleet's record of it 1.5.
+takes about a minute; the model-only test takes about 2.5 minutes (19.5 before layered updates), the
+golden-check rollback about 5 and the fleet's record of it 1.2.
 
 Helpers (the registry as the guest sees it, derived images): tests/vm/otakit.py.
 """

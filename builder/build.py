@@ -191,7 +191,8 @@ def build_class(
                 stage_id = eng.build(context, context / "Containerfile", stage_ref, {}, epoch, no_cache=no_cache,
                                      target="os")
             with steps.step("rechunk the OS stage by package"):
-                os_ref, table = rechunk.make_rechunked_os(eng, ctx.state, hc.name, stage_ref, epoch, say=steps.say)
+                os_ref, table = rechunk.make_rechunked_os(eng, ctx.state, hc.name, stage_id, epoch, force=no_cache,
+                                                          say=steps.say)
                 build_args["KILN_OS_IMAGE"] = os_ref
                 lead = ["os"] * len(table)
                 os_stage = {"stage": stage_id, "rechunked": os_ref, "recipe": rechunk.RECIPE, "layers": table}

@@ -1,6 +1,6 @@
 """Rechunking: the OS stage's layers rewritten as one layer per group of Debian packages.
 
-    ref = make_rechunked_os(engine, state, "localhost/kiln/qemu-x86_64/os-stage:1.0.0", epoch)
+    ref, table = make_rechunked_os(engine, state, "qemu-x86_64", stage_id, epoch)
     # FROM ref: the same files, in layers where one package's update moves one small layer
 
 Why: the OS part of an apt image (the mmdebstrap base, the base OS packages, the class's packages)
@@ -26,7 +26,8 @@ links within a layer, and become copies across layers. Everything is sorted, dir
 are set to the build's epoch: the same stage gives the same layers, byte for byte.
 
 The result is loaded into the engine as `<class>/os-chunks:<stage id>-r<RECIPE>`; when that tag
-already exists (the stage did not change), nothing is done.
+already exists with the layers its table (in the state directory) lists, nothing is done, unless
+forced (`kiln build --no-cache`: a cold build rechunks again, and must give the same bytes).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import copy
 import hashlib
 import json
 import re
+import shutil
 import tarfile
 import tempfile
 from collections.abc import Iterable
@@ -94,17 +96,20 @@ class Tree:
                 self.drop_under(parent, layer)
             elif base.startswith(".wh."):
                 gone = f"{parent}/{base[4:]}" if parent else base[4:]
-                self.entries.pop(gone, None)
-                self.drop_under(gone, layer)
+                removed = self.entries.pop(gone, None)
+                if removed is None or removed.info.isdir():
+                    self.drop_under(gone, layer)
             else:
                 old = self.entries.get(path)
                 if old is not None and old.info.isdir() and not info.isdir():
                     self.drop_under(path, layer)
+                if info.issparse():
+                    raise BuildError(f"layer {layer}: {path} is a sparse file, which rechunking does not copy")
                 entry = Entry(layer, info)
                 if info.islnk():
                     target = self.entries.get(norm(info.linkname))
-                    if target is None or not target.info.isreg():
-                        raise BuildError(f"layer {layer}: hard link {path} -> {info.linkname}: no such regular file")
+                    if target is None or target.info.isdir():
+                        raise BuildError(f"layer {layer}: hard link {path} -> {info.linkname}: no such file")
                     entry.data = target.data or target
                 self.entries[path] = entry
 
@@ -166,7 +171,8 @@ def finalize_owners(tree: Tree, read: Any) -> dict[str, str]:
     status = tree.entries.get("var/lib/dpkg/status")
     if status is None:
         raise BuildError("the OS stage has no /var/lib/dpkg/status: rechunking needs an apt (dpkg) image")
-    sources = finalize_sources(read(status).decode("utf-8", "replace"))
+    sources = finalize_sources(read(status).decode("utf-8", "surrogateescape"))
+    generated = {path: src for path, src in GENERATED.items() if src in set(sources.values())}
     owners: dict[str, str] = {}
     for path, entry in sorted(tree.entries.items()):
         if not path.startswith(DPKG_INFO) or entry.info.isdir():
@@ -178,7 +184,7 @@ def finalize_owners(tree: Tree, read: Any) -> dict[str, str]:
             continue
         owners[path] = source
         if name.endswith(".list") and entry.info.isreg():
-            for line in read(entry).decode("utf-8", "replace").splitlines():
+            for line in read(entry).decode("utf-8", "surrogateescape").splitlines():  # as tarfile decodes names
                 listed = tree.resolve_parent(norm(line))
                 found = tree.entries.get(listed)
                 if found is None or found.info.isdir():
@@ -196,8 +202,8 @@ def finalize_owners(tree: Tree, read: Any) -> dict[str, str]:
             continue
         match = PYC.match(path)
         owner = owners.get(f"{match['dir']}/{match['stem']}.py") if match else None
-        if owner is None and GENERATED.get(path) in sources.values():
-            owner = GENERATED[path]
+        if owner is None:
+            owner = generated.get(path)
         parent = path.rpartition("/")[0]
         if owner is None and parent.count("/") >= 2:  # not /, /etc, /usr/lib: shared by design
             dir_owners = by_dir.get(parent, set())
@@ -242,8 +248,8 @@ def _clean_info(info: tarfile.TarInfo, path: str, *, epoch: int | None = None) -
     out = copy.copy(info)
     out.name = path
     out.pax_headers = {k: v for k, v in info.pax_headers.items()
-                       if k not in ("path", "linkpath", "mtime", "atime", "ctime", "size")}
-    out.mtime = int(info.mtime) if epoch is None else epoch
+                       if k not in ("path", "linkpath", "mtime", "atime", "ctime", "size", "hdrcharset")}
+    out.mtime = info.mtime if epoch is None else epoch
     return out
 
 
@@ -269,19 +275,23 @@ def write_chunk(out: IO[bytes], tree: Tree, paths: list[str], *, all_dirs: bool,
             elif entry.data is None:
                 info = _clean_info(entry.info, path)
                 tar.addfile(info, opener(entry) if info.isreg() else None)
+        # Where each linked file's bytes are in this layer: its own path (written above), or the first
+        # link written as a copy (its file is in another layer, or no longer in the tree).
+        written: dict[int, str] = {id(tree.entries[p]): p for p in members if tree.entries[p].data is None}
         for path in sorted(members):
             entry = tree.entries[path]
             if entry.data is None:
                 continue
             source = entry.data
-            linked = sorted(p for p in members if tree.entries[p] is source)
-            if linked:
+            first = written.get(id(source))
+            if first is not None:
                 info = _clean_info(entry.info, path)
-                info.linkname = linked[0]
+                info.linkname = first
                 tar.addfile(info)
-            else:  # its file is in another layer: a copy, with the file's metadata
+            else:
                 info = _clean_info(source.info, path)
-                tar.addfile(info, opener(source))
+                tar.addfile(info, opener(source) if info.isreg() else None)
+                written[id(source)] = path
 
 
 # -- docker-archive in and out -------------------------------------------------------------
@@ -295,11 +305,14 @@ class Archive:
 
 
 def read_archive(root: Path) -> Archive:
-    manifest = json.loads((root / "manifest.json").read_text())
-    if len(manifest) != 1:
-        raise BuildError(f"rechunking: {root}/manifest.json holds {len(manifest)} images, expected one")
-    config = json.loads((root / manifest[0]["Config"]).read_text())
-    return Archive(root, config, [root / p for p in manifest[0]["Layers"]])
+    try:
+        manifest = json.loads((root / "manifest.json").read_text())
+        if not isinstance(manifest, list) or len(manifest) != 1:
+            raise BuildError(f"rechunking: {root}/manifest.json does not list exactly one image")
+        config = json.loads((root / manifest[0]["Config"]).read_text())
+        return Archive(root, config, [root / p for p in manifest[0]["Layers"]])
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise BuildError(f"rechunking: {root} is not a docker-archive of one image: {exc}") from exc
 
 
 def _sha256_file(path: Path) -> str:
@@ -339,7 +352,7 @@ def rechunk_archive(src: Archive, dest: Path, tag: str, epoch: int) -> Chunked:
         return _Limited(f, entry.info.size)
 
     def read(entry: Entry) -> bytes:
-        return opener(entry).read()
+        return opener(entry.data or entry).read()
 
     try:
         owners = finalize_owners(tree, read)
@@ -393,31 +406,21 @@ def chunked_ref(cls: str, stage_id: str) -> str:
     return f"localhost/kiln/{cls}/os-chunks:{stage_id.removeprefix('sha256:')[:16]}-r{RECIPE}"
 
 
-def make_rechunked_os(engine: Engine, state: StateDir, cls: str, stage_ref: str, epoch: int,
-                      say: Any = None) -> tuple[str, list[dict[str, Any]]]:
-    """The rechunked image of the built OS stage STAGE_REF (made once per stage id): its ref, and its
-    layers' table (Chunked.table, kept beside it in the state directory)."""
-    stage_id = engine.inspect(stage_ref)["id"]
+def make_rechunked_os(engine: Engine, state: StateDir, cls: str, stage_id: str, epoch: int, *,
+                      force: bool = False, say: Any = None) -> tuple[str, list[dict[str, Any]]]:
+    """The rechunked image of the built OS stage STAGE_ID (made once per stage, again with FORCE): its
+    ref, and its layers' table (Chunked.table, kept beside it in the state directory)."""
     ref = chunked_ref(cls, stage_id)
     table_file = state.root / "rechunk" / f"{ref.rpartition(':')[2]}.json"
-    if engine.exists(ref) and table_file.is_file():
+    if not force and engine.exists(ref) and table_file.is_file():
         table: list[dict[str, Any]] = json.loads(table_file.read_text())
-        return ref, table
-    with tempfile.TemporaryDirectory(dir=state.tmp_dir, prefix="rechunk-") as tmp:
-        saved = Path(tmp) / "stage.tar"
-        engine.save(stage_ref, saved)
-        src_dir = Path(tmp) / "stage"
-        src_dir.mkdir()
-        with tarfile.open(saved, "r:") as tar:
-            tar.extractall(src_dir, filter="data")
-        saved.unlink()
-        out_dir = Path(tmp) / "chunked"
-        result = rechunk_archive(read_archive(src_dir), out_dir, ref, epoch)
-        archive = Path(tmp) / "chunked.tar"
-        with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
-            for item in sorted(out_dir.iterdir()):
-                tar.add(item, arcname=item.name)
-        engine.load(archive)
+        if [layer["diff_id"] for layer in engine.inspect(ref)["layers"]] == [t["diffId"] for t in table]:
+            return ref, table
+    try:
+        with tempfile.TemporaryDirectory(dir=state.tmp_dir, prefix="rechunk-") as tmp:
+            result = _rechunk_in(Path(tmp), engine, stage_id, ref, epoch)
+    except (OSError, tarfile.TarError, KeyError, ValueError) as exc:  # a full disk, a damaged archive
+        raise BuildError(f"rechunking the OS stage {stage_id.removeprefix('sha256:')[:12]}: {exc}") from exc
     table = result.table()
     table_file.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(table_file, table)
@@ -425,3 +428,21 @@ def make_rechunked_os(engine: Engine, state: StateDir, cls: str, stage_ref: str,
         say(f"rechunked the OS stage into {len(result.layers)} layers: "
             + ", ".join(name for name, _, _ in result.layers))
     return ref, table
+
+
+def _rechunk_in(tmp: Path, engine: Engine, stage_id: str, ref: str, epoch: int) -> Chunked:
+    """Save, rechunk and load, in TMP; at most about twice the stage's size on disk at a time."""
+    saved, src_dir, out_dir, archive = tmp / "stage.tar", tmp / "stage", tmp / "chunked", tmp / "chunked.tar"
+    engine.save(stage_id, saved)
+    src_dir.mkdir()
+    with tarfile.open(saved, "r:") as tar:
+        tar.extractall(src_dir, filter="data")
+    saved.unlink()
+    result = rechunk_archive(read_archive(src_dir), out_dir, ref, epoch)
+    shutil.rmtree(src_dir)
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        for item in sorted(out_dir.iterdir()):
+            tar.add(item, arcname=item.name)
+            item.unlink()
+    engine.load(archive)
+    return result

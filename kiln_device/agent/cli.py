@@ -54,7 +54,7 @@ Exit codes:
   7   registry, signature or TUF metadata server unreachable, or the channel tag is missing
   8   not enough space on the data partition or the slot
   9   writing or verifying the slot, the kernel or the boot entry failed
-  10  another kiln-agent run holds the lock
+  10  another kiln-agent run holds the lock (after --lock-wait seconds, 60 by default)
   11  configuration missing or invalid
   12  refused: the release is malformed (a label, its release.json, no kernel, bad kernel
       arguments); found before anything is written, its digest is blocklisted. Not a
@@ -209,11 +209,26 @@ def cmd_self_test(config: Config, release: Release) -> list[str]:
 # --- command line ---------------------------------------------------------------------------
 
 
+LOCK_WAIT = 60.0  # seconds: the boot's reconciliation, or a check, finishes well within it
+
+
+def seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of seconds (0 or more)")
+    return value
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="kiln-agent", description=__doc__.split("\n\n")[0] if __doc__ else None,
                     epilog=__doc__.split("Exit codes:", 1)[1].join(["Exit codes:", ""]) if __doc__ else None,
                     formatter_class=argparse.RawDescriptionHelpFormatter, usage_code=USAGE)
     parser.add_argument("--config", default=os.environ.get(CONFIG_ENV), help="extra config file (highest priority)")
+    parser.add_argument("--lock-wait", type=seconds, default=LOCK_WAIT, metavar="SECONDS",
+                        help=f"how long boot, check and update wait for another run's lock (default {LOCK_WAIT:g})")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     check = sub.add_parser("check", help="decide whether the channel's release should be taken")
     check.add_argument("--json", action="store_true")
@@ -274,7 +289,7 @@ def dispatch(args: argparse.Namespace) -> int:
         data = status_data(config, release, State(state_path), boot)
         print(json.dumps(data, indent=2, sort_keys=True) if args.json else render_status(data))
         return OK
-    with locked(config.state_dir):
+    with locked(config.state_dir, wait=args.lock_wait):
         state = State(state_path, functools.partial(record, config))
         boot = make_boot_control(config, release.boot_control)
         if args.command == "boot":

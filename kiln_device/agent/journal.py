@@ -107,11 +107,22 @@ def fault_point(point: str) -> None:
 
 
 @contextlib.contextmanager
-def locked(state_dir: Path) -> Iterator[None]:
+def locked(state_dir: Path, wait: float = 0.0) -> Iterator[None]:
+    """The agent's one lock: a boot, check or update at a time. Held by another run, it is waited
+    for up to WAIT seconds (the boot's reconciliation right after a boot takes a few), then exit 10."""
     state_dir.mkdir(parents=True, exist_ok=True)
     with open(state_dir / ".lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise AgentError(LOCKED, f"another kiln-agent run holds {state_dir / '.lock'}") from None
+        deadline, said = time.monotonic() + wait, False
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    waited = f" (waited {wait:g} s)" if wait > 0 else ""
+                    raise AgentError(LOCKED, f"another kiln-agent run holds {state_dir / '.lock'}{waited}") from None
+                if not said:
+                    log(f"another kiln-agent run holds {state_dir / '.lock'}: waiting up to {wait:g} s")
+                    said = True
+                time.sleep(0.2)
         yield

@@ -4,10 +4,12 @@ the unpacked tree leaves on the data partition. Same harness as test_agent.py (t
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import stat
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -149,6 +151,29 @@ def test_a_stalled_registry_times_out_and_releases_the_lock(world: World) -> Non
         again = dev.agent("update", "--no-reboot")
         assert again.returncode == 0, again.stderr
         assert_installed(dev, "6.0.0", digest)
+
+
+def test_a_run_waits_for_the_lock_then_gives_up_with_exit_10(world: World) -> None:
+    """Found on a booted device: `kiln-agent check` right after a boot failed at once with exit 10
+    while kiln-agent-boot still held the lock for a few seconds. A run now waits for the lock, up to
+    --lock-wait seconds (60 by default), then gives up with exit 10."""
+    release(world, "6.5.0", "ch-lock")
+    dev = device(world, "lock", "ch-lock")
+    lock_file = dev.state_file.parent / ".lock"
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        start = time.monotonic()
+        busy = dev.agent("--lock-wait", "1", "check")
+        assert busy.returncode == 10, busy.stderr
+        assert "another kiln-agent run holds" in busy.stderr and "(waited 1 s)" in busy.stderr, busy.stderr
+        assert time.monotonic() - start >= 1
+        threading.Timer(1.5, lambda: fcntl.flock(held, fcntl.LOCK_UN)).start()
+        waited = dev.agent("check")  # the default wait
+    assert waited.returncode == 0, waited.stderr
+    assert "waiting up to 60 s" in waited.stderr and "update available" in waited.stdout
+    bad = dev.agent("--lock-wait", "-1", "check")
+    assert bad.returncode == 64 and "'-1' is not a number of seconds" in bad.stderr, bad.stderr
 
 
 @pytest.mark.parametrize(("step", "tool", "version"), [("unpack", "umoci", "6.1.0"), ("build", "mkfs.erofs", "6.2.0")])

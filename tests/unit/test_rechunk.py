@@ -236,5 +236,47 @@ def test_a_stage_without_dpkg_is_refused(tmp_path: Path) -> None:
 
 def test_a_hard_link_to_nothing_is_refused(tmp_path: Path) -> None:
     stage = make_stage(tmp_path, Layer().link("usr/x", "usr/missing", hard=True))
-    with pytest.raises(BuildError, match="hard link usr/x -> usr/missing"):
+    with pytest.raises(BuildError, match="hard link usr/x -> usr/missing: no such file"):
         rechunk.rechunk_archive(stage, tmp_path / "out", "localhost/x/os-chunks:t", EPOCH)
+
+
+def test_hard_links_within_a_layer_stay_links_and_across_become_copies(tmp_path: Path) -> None:
+    """A link to a symbolic link is kept (containers/storage writes one for any multiply linked
+    non-directory); links whose file was removed become one copy and links to it, not one copy each."""
+    base = base_layer()
+    base.link("usr/bin/sh-link", "usr/bin/perl", hard=False).link("usr/bin/sh-link2", "usr/bin/sh-link", hard=True)
+    base.file("usr/lib/python3/gone.bin", b"gone" * 100)
+    base.link("usr/lib/python3/a.bin", "usr/lib/python3/gone.bin", hard=True)
+    base.link("usr/lib/python3/b.bin", "usr/lib/python3/gone.bin", hard=True)
+    top = os_layer()
+    top.file("usr/lib/python3/.wh.gone.bin", b"")
+    stage = make_stage(tmp_path, base, top)
+    rechunk.rechunk_archive(stage, tmp_path / "out", "localhost/x/os-chunks:t", EPOCH)
+    after, layers = merged(tmp_path / "out")
+    before = rechunk.Tree()
+    for i, path in enumerate(stage.layers):
+        with tarfile.open(path, "r:") as tar:
+            before.apply(i, iter(tar))
+    assert describe(after, layers) == describe(before, stage.layers)
+    assert "usr/lib/python3/gone.bin" not in after.entries
+    a, b = after.entries["usr/lib/python3/a.bin"], after.entries["usr/lib/python3/b.bin"]
+    assert a.info.isreg() and b.info.islnk() and b.info.linkname == "usr/lib/python3/a.bin"
+    assert after.entries["usr/bin/sh-link2"].info.islnk()
+
+
+def test_a_sparse_file_is_refused_with_its_place(tmp_path: Path) -> None:
+    layer = Layer()
+    info = tarfile.TarInfo("usr/sparse.img")
+    info.type = tarfile.GNUTYPE_SPARSE
+    layer.tar.addfile(info)
+    with pytest.raises(BuildError, match=r"layer 0: usr/sparse\.img is a sparse file"):
+        rechunk.rechunk_archive(make_stage(tmp_path, layer), tmp_path / "out", "x", EPOCH)
+
+
+def test_a_damaged_archive_is_a_located_error(tmp_path: Path) -> None:
+    (tmp_path / "manifest.json").write_text('{"not": "a list"}')
+    with pytest.raises(BuildError, match=r"manifest\.json does not list exactly one image"):
+        rechunk.read_archive(tmp_path)
+    (tmp_path / "manifest.json").write_text('[{"Layers": []}]')
+    with pytest.raises(BuildError, match="is not a docker-archive of one image: 'Config'"):
+        rechunk.read_archive(tmp_path)

@@ -64,7 +64,9 @@ def stop_at(machine: vm.VM, point: str, timeout: float = 1200) -> None:
         if r.stdout.split()[:1] == [point]:
             return
         if "active" not in r.stdout.split():
-            log = machine.ssh("journalctl -u kiln-test-update --no-pager -n 30", check=False).stdout
+            # the unit's last words (not its `+ command` lines) and the kernel's, which say why it ended
+            log = machine.ssh("journalctl -b -u kiln-test-update --no-pager | grep -v 'kiln-agent: + ' | tail -n 25; "
+                              "journalctl -b -k --no-pager | tail -n 15", check=False).stdout
             raise AssertionError(f"the update ended before {point}:\n{log}")
         time.sleep(2)
     raise AssertionError(f"the update did not reach {point} within {timeout:.0f} s")

@@ -17,8 +17,8 @@ nothing a later call would trust.
 
 What goes in the base: what every Debian class needs to boot and be updated
 (kernel in /usr/lib/modules/$kver/vmlinuz + modules, systemd as init, udev, dbus, kmod, initramfs-tools, zstd,
-e2fsprogs, systemd-boot with bless-boot). Not in the base: the initramfs
-(every class regenerates it with Kiln's overlay hook; see INITRD=No below),
+e2fsprogs, systemd-boot with bless-boot, usr-is-merged rather than usrmerge and its perl). Not in the
+base: the initramfs (every class regenerates it with Kiln's overlay hook; see INITRD=No below),
 networking, ssh, python, ca-certificates, firmware: the class Containerfile
 installs those.
 """
@@ -64,6 +64,9 @@ BASE_PACKAGES = (
     "zstd",  # initramfs compression (initramfs-tools only recommends it)
     "e2fsprogs",  # fsck and tune2fs for the ext4 data partition
     "systemd-boot",  # bootctl + systemd-bless-boot (boot assessment)
+    # init-system-helpers needs `usrmerge | usr-is-merged`; apt took usrmerge, and with it perl and its
+    # modules (57 MB uncompressed). mmdebstrap makes the tree merged-/usr already: the marker is enough.
+    "usr-is-merged",
 )
 
 # Kept in the image as /etc/dpkg/dpkg.cfg.d/99mmdebstrap, so packages the class

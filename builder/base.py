@@ -51,7 +51,7 @@ from builder.run import VERBOSE, run, run_streaming
 from builder.spec import Architecture, BaseSource, Family, HardwareClass
 from builder.state import StateDir
 
-RECIPE_VERSION = 2  # bump when hooks or the image config change meaningfully
+RECIPE_VERSION = 3  # bump when hooks or the image config change meaningfully
 DEFAULT_RELEASE = "bookworm"
 
 BASE_PACKAGES = (
@@ -64,10 +64,13 @@ BASE_PACKAGES = (
     "zstd",  # initramfs compression (initramfs-tools only recommends it)
     "e2fsprogs",  # fsck and tune2fs for the ext4 data partition
     "systemd-boot",  # bootctl + systemd-bless-boot (boot assessment)
-    # init-system-helpers needs `usrmerge | usr-is-merged`; apt took usrmerge, and with it perl and its
-    # modules (57 MB uncompressed). mmdebstrap makes the tree merged-/usr already: the marker is enough.
-    "usr-is-merged",
 )
+
+# The essential init-system-helpers needs `usrmerge | usr-is-merged`; left to apt, the essential phase
+# takes usrmerge, and with it perl and its modules (57 MB uncompressed). mmdebstrap's own merged-usr
+# hooks make the /bin, /lib, /sbin links debootstrap's way and install the usr-is-merged marker first.
+# (An --include of usr-is-merged comes too late: the essential set is installed before it.)
+MERGED_USR_HOOKS = Path("/usr/share/mmdebstrap/hooks/merged-usr")
 
 # Kept in the image as /etc/dpkg/dpkg.cfg.d/99mmdebstrap, so packages the class
 # Containerfile installs later are trimmed the same way.
@@ -179,6 +182,7 @@ class BaseRecipe:
             "packages": sorted(self.all_packages),
             "dpkg": list(self.dpkg_excludes),
             "hooks": list(CUSTOMIZE_HOOKS),
+            "hookDir": MERGED_USR_HOOKS.name,
             "epoch": self.epoch,
         }
 
@@ -303,6 +307,9 @@ def _make_base_locked(ctx: Context, recipe: BaseRecipe, paths: BasePaths, force:
     if not (fresh and stamp is not None and _tarball_intact(ctx, paths, stamp)):
         if tool_version is None:
             raise ToolMissing("mmdebstrap not found; install it with: apt-get install mmdebstrap")
+        if not MERGED_USR_HOOKS.is_dir():
+            raise ToolMissing(f"{MERGED_USR_HOOKS} not found: mmdebstrap's hooks are missing; "
+                              "reinstall it with: apt-get install --reinstall mmdebstrap")
         check_arch_runnable(recipe.arch.value)
         stamp = build_base_tarball(ctx, recipe, paths, tool_version)
     assert stamp is not None
@@ -351,6 +358,7 @@ def mmdebstrap_argv(recipe: BaseRecipe, out: Path, packages_out: Path) -> list[s
         "--format=tar",
         f"--include={','.join(recipe.all_packages)}",
         *(f"--dpkgopt={opt}" for opt in recipe.dpkg_excludes),
+        f"--hook-dir={MERGED_USR_HOOKS}",
         *(f"--customize-hook={hook}" for hook in CUSTOMIZE_HOOKS),
         f"--customize-hook={list_packages}",
         recipe.release,

@@ -92,6 +92,8 @@ def test_mmdebstrap_argv_is_minimal_and_reproducible(tmp_path: Path) -> None:
     assert "--variant=apt" in argv
     assert "--include=" + ",".join(recipe.all_packages) in argv
     assert "--dpkgopt=path-exclude=/usr/share/doc/*" in argv
+    # usr-is-merged in the essential phase, or init-system-helpers takes usrmerge and perl
+    assert "--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr" in argv
     assert argv[-1] == "deb http://deb.debian.org/debian bookworm-updates main"
     env = base_mod.mmdebstrap_env(recipe, make_state_dir(root=tmp_path / "state"))
     assert env["SOURCE_DATE_EPOCH"] == "1"

@@ -153,7 +153,7 @@ def test_image_is_a_bootable_os(rootfs: Path, record: dict[str, Any], test_state
     pub = paths.ssh_key_path(QEMU_CLASS).with_suffix(".pub").read_text().strip()
     assert (rootfs / "usr/lib/kiln/ssh/authorized_keys").read_text().strip() == pub
     assert not list((rootfs / "etc/ssh").glob("ssh_host_*"))
-    # merged /usr by mmdebstrap and usr-is-merged: no usrmerge, so no perl beyond perl-base (57 MB)
+    # merged /usr by mmdebstrap's merged-usr hooks: no usrmerge, so no perl beyond perl-base (57 MB)
     dpkg = rootfs / "var/lib/dpkg/info"
     assert (dpkg / "usr-is-merged.list").is_file() and not (dpkg / "usrmerge.list").exists()
     assert not (rootfs / "usr/share/perl").exists() and (rootfs / "usr/bin/perl").is_file()

@@ -66,7 +66,8 @@ def stop_at(machine: vm.VM, point: str, timeout: float = 1200) -> None:
         if "active" not in r.stdout.split():
             # the unit's last words (not its `+ command` lines) and the kernel's, which say why it ended
             log = machine.ssh("journalctl -b -u kiln-test-update --no-pager | grep -v 'kiln-agent: + ' | tail -n 25; "
-                              "journalctl -b -k --no-pager | tail -n 15", check=False).stdout
+                              "journalctl -b -k --no-pager | tail -n 15; df -m /var/lib/kiln /run/kiln/data; "
+                              "ls -la /var/lib/kiln", check=False).stdout
             raise AssertionError(f"the update ended before {point}:\n{log}")
         time.sleep(2)
     raise AssertionError(f"the update did not reach {point} within {timeout:.0f} s")
@@ -127,7 +128,8 @@ def test_update_survives_lost_registry_full_disk_and_power_cuts(
         assert "oci-put-blob" not in machine.ssh("ls /var/lib/kiln/oci").stdout  # the cut download's temp file
         st = status(machine)
         assert (st["lastResult"]["result"], st["lastResult"]["code"]) == ("failed", 8), st
-        machine.ssh("rm /var/lib/kiln/filler")
+        # synced: the power cut of step 4 comes within ext4's 5 s commit interval, and would bring it back
+        machine.ssh("rm /var/lib/kiln/filler && sync")
         # 4. The power goes out right after the agent wrote fresh TUF metadata, before any fsync.
         releases.refresh_channel()
         stop_at(machine, "trust-refreshed")

@@ -444,12 +444,20 @@ def make_esp_image(plan: DiskPlan, info: ImageInfo, rootfs: Path, out: Path, tre
     (tree / "loader/entries" / plan.entry_name).write_text(plan.entry)
     esp = plan.partition("esp")
     payload = sum(p.stat().st_size for p in tree.rglob("*") if p.is_file())
+    boot_pair = info.kernel.stat().st_size + info.initrd.stat().st_size
     # Slot B needs room for its own kernel and initramfs when an update lands.
-    needed = payload + info.kernel.stat().st_size + info.initrd.stat().st_size
+    needed = payload + boot_pair
     if needed > esp.size * 0.9:
         raise DiskError(f"the ESP is too small: two slots of kernel + initramfs need {format_size(needed)} "
                         f"but spec.disk.esp of {plan.class_name} is {format_size(esp.size)}",
                         hint="raise spec.disk.esp")
+    if needed + boot_pair <= esp.size * 0.9:
+        # Slot B's directory starts with slot A's kernel and initramfs, where the ESP holds a third
+        # pair (an update writes a new one beside the old before the rename): the first update that
+        # keeps the kernel then writes none (the agent keeps a copy with the same sha256). No entry
+        # names slot B, so nothing boots them.
+        for name, src in (("vmlinuz", info.kernel), ("initramfs.img", info.initrd)):
+            shutil.copyfile(src, tree / "kiln/b" / name)
     _fix_mtimes(tree)
     env = {"SOURCE_DATE_EPOCH": str(EPOCH), "MTOOLS_SKIP_CHECK": "1"}
     try:

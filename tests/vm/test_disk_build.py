@@ -52,6 +52,15 @@ def test_esp_has_the_loader_and_slot_a(qemu_disk: BuiltDisk) -> None:
     for f in ("::/EFI/BOOT/BOOTX64.EFI", "::/EFI/systemd/systemd-bootx64.efi", "::/kiln/a/vmlinuz",
               "::/kiln/a/initramfs.img"):
         assert f in listing
+    # slot B's directory starts with the same pair: an update that keeps the kernel writes none
+    for name in ("vmlinuz", "initramfs.img"):
+        assert esp_bytes(qemu_disk.path, f"/kiln/b/{name}") == esp_bytes(qemu_disk.path, f"/kiln/a/{name}")
+
+
+def esp_bytes(image: Path, path: str) -> bytes:
+    offset = disk.partition_offset(image, "esp")
+    return subprocess.run(["mtype", "-i", f"{image}@@{offset}", f"::{path}"], capture_output=True,
+                          env={**os.environ, "MTOOLS_SKIP_CHECK": "1"}, check=True).stdout
 
 
 def test_same_image_and_version_give_the_same_disk(qemu_disk: BuiltDisk, tmp_path: Path) -> None:

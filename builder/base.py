@@ -308,8 +308,9 @@ def _make_base_locked(ctx: Context, recipe: BaseRecipe, paths: BasePaths, force:
         if tool_version is None:
             raise ToolMissing("mmdebstrap not found; install it with: apt-get install mmdebstrap")
         if not MERGED_USR_HOOKS.is_dir():
-            raise ToolMissing(f"{MERGED_USR_HOOKS} not found: mmdebstrap's hooks are missing; "
-                              "reinstall it with: apt-get install --reinstall mmdebstrap")
+            raise ToolMissing(f"{MERGED_USR_HOOKS} not found: mmdebstrap {tool_version} has no merged-usr hooks "
+                              "there (Debian 12's mmdebstrap has them); install or reinstall it with: "
+                              "apt-get install --reinstall mmdebstrap")
         check_arch_runnable(recipe.arch.value)
         stamp = build_base_tarball(ctx, recipe, paths, tool_version)
     assert stamp is not None

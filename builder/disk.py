@@ -2,8 +2,8 @@
 
 Layout (sizes from the class spec, `spec.disk`):
 
-    esp     FAT32: systemd-boot, loader.conf, /kiln/<slot>/{vmlinuz,initramfs.img},
-            one Boot Loader Specification entry for slot A
+    esp     FAT32: systemd-boot, loader.conf, /kiln/<slot>/{vmlinuz,initramfs.img} (slot B's the
+            same as slot A's where the ESP has room), one Boot Loader Specification entry for slot A
     root-a  the image's root filesystem, read-only (erofs)
     root-b  empty, sized like root-a (the first update writes it)
     data    ext4: /etc and /var overlays (overlay/<dir>/{upper,work}), agent state

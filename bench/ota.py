@@ -4,11 +4,13 @@
 
 Real builds (podman, Kiln's state dir), a registry and signature server on 127.0.0.1
 (`running_registry`), the release key the image trusts, one disk made from v1 and one
-QEMU device (TCG here) that lives through three releases:
+QEMU device (TCG here) that lives through four releases:
 
 1. a model-only release (new model bytes, same graph),
-2. an OS package release (one more Debian package in the class, model unchanged),
-3. a bad release (its golden inference check fails on the device).
+2. a model-only release of realistic size: the model widened to 4 MiB of weights, same answers
+   (bench.projects.make_widened_project),
+3. an OS package release (one more Debian package in the class, the first model),
+4. a bad release (its golden inference check fails on the device).
 
 Figures:
 - bytes over the wire per update, from the registry's own log (`http.response.written` of
@@ -47,7 +49,13 @@ from bench.common import (
     registry_bytes,
     write_figures,
 )
-from bench.projects import make_broken_golden_project, make_package_project, make_retrained_project, project_dir
+from bench.projects import (
+    make_broken_golden_project,
+    make_package_project,
+    make_retrained_project,
+    make_widened_project,
+    project_dir,
+)
 from builder import disk, vm
 from builder.build import build_class
 from builder.context import Context, make_context
@@ -61,7 +69,7 @@ from builder.state import StateDir, make_state_dir
 
 CLS = "qemu-x86_64"
 REPO = f"kiln/{CLS}"
-V1, MODEL, PACKAGE, BAD = "2.0.0", "2.0.1", "2.1.0", "2.1.1"
+V1, MODEL, LARGE, PACKAGE, BAD = "2.0.0", "2.0.1", "2.0.2", "2.1.0", "2.1.1"
 
 
 def context(state: StateDir) -> Context:
@@ -203,9 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(dir=state.tmp_dir) as tmp_name:
             tmp = Path(tmp_name)
-            print("building v1 and three releases ...", flush=True)
+            print("building v1 and four releases ...", flush=True)
             records = {V1: build(state, V1, None)}  # first: its optimized model is reused by the OS release
             projects = {V1: None, MODEL: make_retrained_project(tmp / "model"),
+                        LARGE: make_widened_project(tmp / "large"),
                         PACKAGE: make_package_project(tmp / "package"), BAD: make_broken_golden_project(tmp / "bad")}
             records.update({v: build(state, v, p) for v, p in projects.items() if p is not None})
             with running_registry(tmp / "registry", lookaside_dir=tmp / "signatures") as info:
@@ -231,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                     figures["reboot"] = plain_reboot(machine, "a", args.timeout)
                     print(f"  {figures['reboot']}", flush=True)
                     previous, prev_record, slot, good = m1, records[V1], "b", "a"
-                    for name, version in (("model-only", MODEL), ("os-package", PACKAGE), ("bad-golden", BAD)):
+                    for name, version in (("model-only", MODEL), ("model-large", LARGE), ("os-package", PACKAGE),
+                                          ("bad-golden", BAD)):
                         release(state, info, key, tmp / "signatures", version, projects[version])
                         mf = manifest(info, REPO, version)
                         print(f"updating to {version} ({name}) into slot {slot} ...", flush=True)
@@ -271,7 +281,7 @@ def print_table(f: dict[str, Any]) -> None:
                      f"median of {one['sources']} (p90 {one['p90_bytes'] / full:.2%}, max {one['max_bytes'] / full:.2%}"
                      f": {one['max_source']}); {one['at_most_5_percent']:.0%} at most 5 %; its layer of "
                      f"{one['layers']} OS layers + rest ({mb(one['rest_bytes'])}), from the manifest's sizes"))
-    for name in ("model-only", "os-package"):
+    for name in ("model-only", "model-large", "os-package"):
         r = f[name]
         os_layers = f" (OS layers: {', '.join(r['changed_os_layers'])})" if r["changed_os_layers"] else ""
         rows.append((f"{name} update {r['version']}: over the wire", mb(r["wire_bytes"]),

@@ -86,6 +86,35 @@ def make_retrained_project(dest: Path, note: str = "retrained: new weights, same
     return dest
 
 
+def make_widened_project(dest: Path, hidden: int = 4096) -> Path:
+    """A project copy whose digits model carries megabytes of weights and gives the same answers: its
+    hidden layer widened from 32 to HIDDEN units, the new units' input weights random (seed 0, the
+    spread of the trained ones: they do not compress) and their output weights zero. A model-only
+    release of realistic size (4 MiB of weights at 4096)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    copy_project(dest, models_from=ROOT)
+    model_file = dest / "models/digits/digits.onnx"
+    proto = onnx.load(model_file)
+    inits = {init.name: init for init in proto.graph.initializer}
+    w1, b1, w2 = (numpy_helper.to_array(inits[name]) for name in ("head.1.weight", "head.1.bias", "head.3.weight"))
+    extra = hidden - w1.shape[0]
+    rng = np.random.default_rng(0)
+    grown = {
+        "head.1.weight": np.concatenate([w1, rng.normal(0, w1.std(), (extra, w1.shape[1])).astype(w1.dtype)]),
+        "head.1.bias": np.concatenate([b1, np.zeros(extra, b1.dtype)]),
+        "head.3.weight": np.concatenate([w2, np.zeros((w2.shape[0], extra), w2.dtype)], axis=1),
+    }
+    for name, value in grown.items():
+        inits[name].CopyFrom(numpy_helper.from_array(value, name))
+    proto.doc_string = f"widened: {hidden} hidden units, the added ones silent"
+    onnx.checker.check_model(proto)
+    onnx.save(proto, model_file)
+    return dest
+
+
 def make_package_project(dest: Path, package: str = "jq") -> Path:
     """A project copy whose class installs one more Debian package, model unchanged: an OS update."""
     import yaml

@@ -7,8 +7,8 @@ Real builds (podman, Kiln's state dir), a registry and signature server on 127.0
 QEMU device (TCG here) that lives through four releases:
 
 1. a model-only release (new model bytes, same graph),
-2. a model-only release of realistic size: the model widened to 16 MiB of weights (INT8 about
-   4 MiB once gated), the same answers (bench.projects.make_widened_project),
+2. a model-only release of realistic size: the model widened to 8 MiB of weights (INT8 about
+   2 MiB once gated), the same answers (bench.projects.make_widened_project),
 3. an OS package release (one more Debian package in the class, the first model),
 4. a bad release (its golden inference check fails on the device).
 

@@ -86,12 +86,12 @@ def make_retrained_project(dest: Path, note: str = "retrained: new weights, same
     return dest
 
 
-def make_widened_project(dest: Path, hidden: int = 16384) -> Path:
+def make_widened_project(dest: Path, hidden: int = 8192) -> Path:
     """A project copy whose digits model carries megabytes of weights and gives the same answers: its
     hidden layer widened from 32 to HIDDEN units, the new units' input weights random (seed 0, the
     spread of the trained ones: they do not compress) and their output weights zero. A model-only
-    release of realistic size: 16 MiB of FP32 weights at 16384, which the gates ship as INT8 (about
-    4 MiB). The class's size gate is raised to match."""
+    release of realistic size: 8 MiB of FP32 weights at 8192, which the gates ship as INT8 (about
+    2 MiB). The class's size gate is raised to match."""
     import numpy as np
     import onnx
     import yaml

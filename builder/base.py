@@ -29,7 +29,6 @@ import fcntl
 import hashlib
 import io
 import json
-import platform
 import shlex
 import sys
 import tarfile
@@ -42,6 +41,7 @@ from typing import Any
 
 from builder import names
 from builder.context import Context
+from builder.emulation import check_emulation
 from builder.engine import Engine
 from builder.errors import BuildError, CommandFailed, KilnError, ToolMissing
 from builder.files import sha256_file, write_json_atomic
@@ -96,8 +96,12 @@ CUSTOMIZE_HOOKS = (
     'chroot "$1" chown _apt:root /var/cache/apt/archives/partial /var/lib/apt/lists/partial',
     # The kernel where a bootc-style image keeps it. Left in /boot, the class's kernel layer would
     # move it and the image would carry it twice: in the base, and again in that layer (issue 18).
+    # Debian's arm64 vmlinuz is gzip, which systemd-boot cannot start (systemd #23788): it is kept
+    # uncompressed, the EFI image inside (kiln_device.kernel checks it on every path that stages it).
     'for k in "$1"/boot/vmlinuz-*; do [ -e "$k" ] || continue; '
-    'mv "$k" "$1/usr/lib/modules/${k##*/vmlinuz-}/vmlinuz" || exit 1; done',
+    'd="$1/usr/lib/modules/${k##*/vmlinuz-}/vmlinuz"; '
+    'if gzip -t "$k" 2>/dev/null; then gzip -dc "$k" > "$d" && touch -r "$k" "$d" && rm "$k" || exit 1; '
+    'else mv "$k" "$d" || exit 1; fi; done',
 )
 
 
@@ -311,7 +315,7 @@ def _make_base_locked(ctx: Context, recipe: BaseRecipe, paths: BasePaths, force:
             raise ToolMissing(f"{MERGED_USR_HOOKS} not found: mmdebstrap {tool_version} has no merged-usr hooks "
                               "there (Debian 12's mmdebstrap has them); install or reinstall it with: "
                               "apt-get install --reinstall mmdebstrap")
-        check_arch_runnable(recipe.arch.value)
+        check_emulation(recipe.arch)
         stamp = build_base_tarball(ctx, recipe, paths, tool_version)
     assert stamp is not None
     stamp = import_base(ctx, recipe, paths, stamp)
@@ -519,14 +523,3 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def check_arch_runnable(arch: str) -> None:
-    """mmdebstrap runs the target's maintainer scripts: a foreign arch needs qemu-user."""
-    host = platform.machine()
-    if host == arch or Path(f"/proc/sys/fs/binfmt_misc/qemu-{arch}").exists():
-        return
-    raise BuildError(
-        f"building an {arch} base on this {host} machine needs qemu-user emulation",
-        hint="apt-get install qemu-user-static binfmt-support",
-    )

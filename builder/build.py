@@ -145,6 +145,7 @@ def build_class(
     record_file = paths.record_path(hc.name, version)
     record_file.parent.mkdir(parents=True, exist_ok=True)
     epoch = finalize_epoch()
+    platform = hc.spec.architecture.oci_platform
     revision = revision or finalize_revision(paths.project_root())
     try:
         with steps.step("check the engine and the class"):
@@ -189,7 +190,7 @@ def build_class(
             stage_ref = names.os_stage_ref(hc.name)
             with steps.step(f"build the OS stage with {eng.name}"):
                 stage_id = eng.build(context, context / "Containerfile", stage_ref, {}, epoch, no_cache=no_cache,
-                                     target="os")
+                                     target="os", platform=platform)
             with steps.step("rechunk the OS stage by package"):
                 os_ref, table = rechunk.make_rechunked_os(eng, ctx.state, hc.name, stage_id, epoch, force=no_cache,
                                                           say=steps.say)
@@ -198,7 +199,8 @@ def build_class(
                 os_stage = {"stage": stage_id, "rechunked": os_ref, "recipe": rechunk.RECIPE, "layers": table}
             layer_groups = tuple(g for g in layer_groups if g not in render.OS_STAGE_GROUPS)
         with steps.step(f"build {ref} with {eng.name}"):
-            image_id = eng.build(context, context / "Containerfile", ref, build_args, epoch, no_cache=no_cache)
+            image_id = eng.build(context, context / "Containerfile", ref, build_args, epoch, no_cache=no_cache,
+                                 platform=platform)
         with steps.step("record the build"):
             info = eng.inspect(image_id)
             base_info = eng.inspect(plan.base_ref) if eng.exists(plan.base_ref) else None

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 from builder import names
+from builder.emulation import why_not_emulated
 from builder.net import reachable
 from builder.run import have_tool, run
 from builder.spec import BaseSource, HardwareClass
@@ -22,9 +23,9 @@ def why_not_buildable(hc: HardwareClass, *, probe_network: bool = True, tools: b
     (the build raises ToolMissing for those where they are actually needed)."""
     spec = hc.spec
     reasons = []
-    if spec.architecture.value != host_architecture():
-        reasons.append(f"{spec.architecture.value} image on a {host_architecture()} host: needs an "
-                       f"{spec.architecture.value} builder (or qemu-user-static binfmt)")
+    emulation = why_not_emulated(spec.architecture)
+    if emulation is not None:
+        reasons.append(f"{spec.architecture.value} image on a {host_architecture()} host: {emulation}")
     if tools and not (have_tool("podman") or have_tool("buildah")):
         reasons.append("no OCI engine: install podman (apt-get install podman runc)")
     if tools and spec.base.source is BaseSource.bootstrap and not have_tool("mmdebstrap"):

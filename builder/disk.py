@@ -262,6 +262,7 @@ class DiskRecord:
     root_image_size: int
     development: bool
     partitions: list[dict[str, Any]]
+    architecture: str = "x86_64"  # what `kiln vm run` boots it as (builder.vm.finalize_disk_architecture)
     durations: dict[str, float] = field(default_factory=dict)
     etc: list[dict[str, Any]] = field(default_factory=list)  # files placed in /etc at flash time (digests)
 
@@ -389,7 +390,7 @@ def make_disk_from_rootfs(plan: DiskPlan, info: ImageInfo, rootfs: Path, steps: 
     return DiskRecord(
         class_name=plan.class_name, version=plan.version, source=info.source, output=str(plan.output),
         format=plan.fmt, size=plan.size, file_size=plan.output.stat().st_blocks * 512,
-        root_image_size=root_size, development=info.development,
+        root_image_size=root_size, development=info.development, architecture=plan.architecture.value,
         partitions=[{**asdict(p), "end": p.end} for p in plan.partitions],
         etc=[f.record() for f in etc],
     )

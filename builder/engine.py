@@ -73,12 +73,14 @@ class Engine(ABC):
         *,
         no_cache: bool = False,
         target: str | None = None,
+        platform: str | None = None,
     ) -> str:
         """Build with live output; return the image id ("sha256:...").
 
         `timestamp` (seconds since the epoch) fixes every created time and file
         mtime in new layers; `no_cache` ignores cached layers (a cold build); `target` builds up to
-        that stage only.
+        that stage only; `platform` (`linux/arm64`) builds for another architecture (its RUN steps
+        run under qemu-user: builder.emulation).
         """
 
     @abstractmethod
@@ -185,6 +187,7 @@ class PodmanEngine(Engine):
         *,
         no_cache: bool = False,
         target: str | None = None,
+        platform: str | None = None,
     ) -> str:
         with tempfile.TemporaryDirectory(dir=self.state.tmp_dir) as tmp:
             iidfile = Path(tmp) / "iid"
@@ -201,6 +204,8 @@ class PodmanEngine(Engine):
                 argv.append("--no-cache")
             if target:
                 argv += ["--target", target]
+            if platform:
+                argv += ["--platform", platform]
             for key, value in (build_args or {}).items():
                 argv += ["--build-arg", f"{key}={value}"]
             argv.append(context_dir)
@@ -323,6 +328,7 @@ class DockerEngine(Engine):
         *,
         no_cache: bool = False,
         target: str | None = None,
+        platform: str | None = None,
     ) -> str:
         # The Docker API has no equivalent of --timestamp: `timestamp` is ignored here
         # (see `reproducible`); passing SOURCE_DATE_EPOCH would only warn "not consumed".
@@ -338,6 +344,7 @@ class DockerEngine(Engine):
                 network_mode="host",
                 nocache=no_cache,
                 target=target,
+                platform=platform,
                 rm=True,
                 forcerm=True,
                 decode=True,

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import json
-import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 from builder import safe
 from builder.errors import DiskError
 from builder.spec import Architecture, Disk
-from kiln_device import contract
+from kiln_device import contract, kernel
 
 RELEASE_JSON = contract.RELEASE_JSON.lstrip("/")
 CLASS_JSON = contract.CLASS_JSON.lstrip("/")
@@ -92,23 +91,21 @@ def _read_json(rootfs: Path, rel: str, source: str) -> dict[str, Any]:
 
 
 def find_kernel(rootfs: Path, source: str) -> tuple[str, Path, Path]:
-    """The newest /usr/lib/modules/$kver with a vmlinuz; its initramfs.img is required too."""
-    modules = rootfs / MODULES_DIR
-    kvers = sorted((p.parent.name for p in modules.glob("*/vmlinuz")), key=_version_key)
-    if not kvers:
-        raise DiskError(f"{source} has no kernel: no /{MODULES_DIR}/<kver>/vmlinuz",
-                        hint="a Kiln image keeps its kernel in /usr/lib/modules/$kver/vmlinuz "
-                             "(the class's kernel.package, moved there by the Containerfile)")
-    kver = kvers[-1]
-    initrd = modules / kver / "initramfs.img"
-    if not initrd.is_file():
-        raise DiskError(f"{source} has a kernel but no initramfs: /{MODULES_DIR}/{kver}/initramfs.img is missing",
+    """The kernel the image boots (kiln_device.kernel: the newest with vmlinuz and initramfs.img),
+    checked to be one systemd-boot can start."""
+    found = kernel.find_kernels(rootfs)
+    if not found:
+        if not any((d / kernel.VMLINUZ).exists() for d in kernel.kernel_dirs(rootfs)):
+            raise DiskError(f"{source} has no kernel: no /{MODULES_DIR}/<kver>/vmlinuz",
+                            hint="a Kiln image keeps its kernel in /usr/lib/modules/$kver/vmlinuz "
+                                 "(the class's kernel.package, moved there by the Containerfile)")
+        raise DiskError(f"{source} has a kernel but no initramfs: /{MODULES_DIR}/<kver>/initramfs.img is missing",
                         hint="the image must run update-initramfs with Kiln's hook (overlays/initramfs)")
-    return kver, modules / kver / "vmlinuz", initrd
-
-
-def _version_key(text: str) -> list[tuple[int, str]]:
-    return [(int(p), "") if p.isdigit() else (-1, p) for p in re.split(r"[.\-+~]", text)]
+    boot = found[-1]
+    why = kernel.why_not_bootable(boot.vmlinuz)
+    if why is not None:
+        raise DiskError(f"{source}: /{MODULES_DIR}/{boot.version}/vmlinuz {why}")
+    return boot.version, boot.vmlinuz, boot.initrd
 
 
 def finalize_kargs(release: dict[str, Any], rootfs: Path) -> tuple[str, ...]:

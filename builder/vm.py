@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import enum
 import functools
 import json
 import logging
 import os
+import platform
 import re
 import shutil
 import signal
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from builder.emulation import needs_emulation
 from builder.errors import ToolMissing, VMError
 from builder.net import free_port
 from builder.run import find_tool, spawn
@@ -46,7 +49,17 @@ OVMF_PAIRS = (  # (CODE, VARS) that belong together; Debian, then Fedora/Arch
     ("/usr/share/edk2/ovmf/OVMF_CODE.fd", "/usr/share/edk2/ovmf/OVMF_VARS.fd"),
     ("/usr/share/edk2/x64/OVMF_CODE.4m.fd", "/usr/share/edk2/x64/OVMF_VARS.4m.fd"),
 )
+# arm64: AAVMF (EDK II for QEMU's virt machine), Debian's qemu-efi-aarch64, then Fedora's edk2-aarch64.
+AAVMF_PAIRS = (
+    ("/usr/share/AAVMF/AAVMF_CODE.fd", "/usr/share/AAVMF/AAVMF_VARS.fd"),
+    ("/usr/share/edk2/aarch64/QEMU_EFI-pflash.raw", "/usr/share/edk2/aarch64/vars-template-pflash.raw"),
+)
+FIRMWARE = {Architecture.x86_64: (OVMF_PAIRS, "OVMF", "apt-get install ovmf"),
+            Architecture.aarch64: (AAVMF_PAIRS, "AAVMF", "apt-get install qemu-efi-aarch64")}
 OVMF_HINT = "install it with: apt-get install ovmf (or pass --ovmf-code/--ovmf-vars)"
+# Emulated arm64 is several times slower than emulated x86_64 on an x86_64 host (TCG both): boots
+# and updates take about this many times as long, and the tests' and CLI's timeouts scale with it.
+SLOWDOWN = {Architecture.x86_64: 1.0, Architecture.aarch64: 4.0}
 # What the console shows once the image's golden inference check has passed (or failed).
 HEALTH_UNIT = "kiln-health-inference.service"
 LOGIN_PATTERN = r"login: "
@@ -80,7 +93,7 @@ class VMConfig:
     workdir: Path | None = None  # VARS copy, console log, sockets; None: a temp dir removed afterwards
     ovmf_code: Path | None = None
     ovmf_vars: Path | None = None
-    architecture: Architecture = Architecture.x86_64
+    architecture: Architecture | None = None  # None: the disk's (finalize_disk_architecture)
     extra_args: tuple[str, ...] = ()
     tpm: bool = False  # a TPM 2.0 from swtpm, its state kept in WORKDIR/tpm (the same TPM on every boot)
 
@@ -104,8 +117,10 @@ def finalize_vm_paths(workdir: Path) -> VMPaths:
                    tpm_state=workdir / "tpm", tpm_sock=workdir / "swtpm.sock", tpm_log=workdir / "swtpm.log")
 
 
-def find_firmware(code: Path | None = None, vars_template: Path | None = None) -> Firmware:
-    """OVMF CODE + VARS: the given paths (both must exist), else the first installed pair."""
+def find_firmware(code: Path | None = None, vars_template: Path | None = None,
+                  arch: Architecture = Architecture.x86_64) -> Firmware:
+    """UEFI CODE + VARS for `arch` (OVMF, AAVMF): the given paths (both must exist), else the first
+    installed pair."""
     if code is not None or vars_template is not None:
         if code is None or vars_template is None:
             raise VMError("OVMF code and vars go together: pass both --ovmf-code and --ovmf-vars")
@@ -113,11 +128,30 @@ def find_firmware(code: Path | None = None, vars_template: Path | None = None) -
             if not path.is_file():
                 raise ToolMissing(f"{what} firmware {path} not found", hint=OVMF_HINT)
         return Firmware(code, vars_template)
-    for c, v in OVMF_PAIRS:
+    pairs, name, install = FIRMWARE[arch]
+    for c, v in pairs:
         if Path(c).is_file() and Path(v).is_file():
             return Firmware(Path(c), Path(v))
-    tried = ", ".join(c for c, _ in OVMF_PAIRS)
-    raise ToolMissing(f"OVMF (UEFI firmware for QEMU) not found; looked for {tried}", hint=OVMF_HINT)
+    tried = ", ".join(c for c, _ in pairs)
+    raise ToolMissing(f"{name} (UEFI firmware for {arch.value} QEMU) not found; looked for {tried}",
+                      hint=f"install it with: {install} (or pass --ovmf-code/--ovmf-vars)")
+
+
+def finalize_disk_architecture(disk: Path) -> Architecture:
+    """The architecture a Kiln disk boots: its record's (`kiln disk` writes `<disk>.json`), else the
+    type of its root-a partition (a raw disk), else x86_64."""
+    recorded = read_disk_record(disk).get("architecture")
+    if recorded in {a.value for a in Architecture}:
+        return Architecture(recorded)
+    if finalize_disk_format(disk) == "raw":
+        from builder.disk import ROOT_TYPES, read_partition_table
+
+        with contextlib.suppress(Exception):
+            types = {p.get("type", "").upper() for p in read_partition_table(disk) if p.get("name") == "root-a"}
+            for arch, guid in ROOT_TYPES.items():
+                if guid in types:
+                    return arch
+    return Architecture.x86_64
 
 
 def finalize_disk_format(disk: Path) -> str:
@@ -127,17 +161,14 @@ def finalize_disk_format(disk: Path) -> str:
 
 def finalize_qemu_argv(cfg: VMConfig, fw: Firmware, vp: VMPaths, accel: Accel, ssh_port: int) -> list[str]:
     """QEMU's command line for one VM. Pure."""
+    arch = cfg.architecture or Architecture.x86_64
     drive = f"if=none,id=disk0,format={finalize_disk_format(cfg.disk)},file={cfg.disk},cache=writeback"
     if cfg.snapshot:
         drive += ",snapshot=on"
     argv = [
-        cfg.architecture.qemu_binary,
+        arch.qemu_binary,
         "-name", "kiln,debug-threads=on",
-        "-machine", "q35",
-        # the ICH9 TCO watchdog may reset the board, as on real ones (QEMU 7.2 strap: never)
-        "-global", "ICH9-LPC.noreboot=off",
-        "-accel", accel.value,
-        "-cpu", "host" if accel is Accel.kvm else "max",
+        *finalize_machine_argv(arch, accel),
         "-smp", str(cfg.cpus),
         "-m", str(cfg.memory_mib),
         "-nodefaults", "-display", "none",
@@ -157,12 +188,25 @@ def finalize_qemu_argv(cfg: VMConfig, fw: Firmware, vp: VMPaths, accel: Accel, s
         "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
     ]  # fmt: skip
     if cfg.tpm:  # swtpm's control socket (start_vm starts it); a CRB TPM on x86, the MMIO TIS on Arm
-        device = "tpm-crb" if cfg.architecture is Architecture.x86_64 else "tpm-tis-device"
+        device = "tpm-crb" if arch is Architecture.x86_64 else "tpm-tis-device"
         argv += ["-chardev", f"socket,id=chrtpm,path={vp.tpm_sock}", "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
                  "-device", f"{device},tpmdev=tpm0"]
     if cfg.no_reboot:
         argv.append("-no-reboot")
     return [*argv, *cfg.extra_args]
+
+
+def finalize_machine_argv(arch: Architecture, accel: Accel) -> list[str]:
+    """The board, CPU and accelerator: q35 on x86_64; the virt machine on arm64."""
+    cpu = "host" if accel is Accel.kvm else "max"
+    if arch is Architecture.aarch64:
+        # pointer authentication emulated QEMU's own way, not the architected QARMA (about 1.5x
+        # faster under TCG); multi-threaded TCG; a PCI watchdog (the virt board has none of its own)
+        tcg = "tcg,thread=multi" if accel is Accel.tcg else accel.value
+        return ["-machine", "virt", "-accel", tcg, "-cpu", f"{cpu},pauth-impdef=on" if cpu == "max" else cpu,
+                "-device", "i6300esb", "-action", "watchdog=reset"]
+    # the ICH9 TCO watchdog may reset the board, as on real ones (QEMU 7.2 strap: never)
+    return ["-machine", "q35", "-global", "ICH9-LPC.noreboot=off", "-accel", accel.value, "-cpu", cpu]
 
 
 # --- KVM or TCG ---------------------------------------------------------------
@@ -197,10 +241,16 @@ def probe_kvm(qemu: str, code: Path, vars_template: Path, timeout: float = 20.0)
             _stop(proc)
 
 
-def finalize_accel(requested: Accel, qemu: str, fw: Firmware) -> tuple[Accel, str | None]:
+def finalize_accel(requested: Accel, qemu: str, fw: Firmware,
+                   arch: Architecture = Architecture.x86_64) -> tuple[Accel, str | None]:
     """The accelerator to use and, when auto fell back to TCG, why KVM was not used."""
     if requested is Accel.tcg:
         return Accel.tcg, None
+    if needs_emulation(arch):
+        if requested is Accel.kvm:
+            raise VMError(f"KVM cannot run an {arch.value} guest on this {platform.machine()} host",
+                          hint="use --accel tcg (or auto)")
+        return Accel.tcg, f"an {arch.value} guest on a {platform.machine()} host: TCG"
     why = probe_kvm(qemu, fw.code, fw.vars_template)
     if why is None:
         return Accel.kvm, None
@@ -498,9 +548,12 @@ def start_vm(cfg: VMConfig) -> Iterator[VM]:
     """Boot `cfg.disk`; QEMU is always stopped (killed if still running) when the block ends."""
     if not cfg.disk.is_file():
         raise VMError(f"disk {cfg.disk} not found", hint="make one with `kiln disk CLASS`")
+    if cfg.architecture is None:
+        cfg = dataclasses.replace(cfg, architecture=finalize_disk_architecture(cfg.disk))
+    assert cfg.architecture is not None
     qemu = find_tool(cfg.architecture.qemu_binary)
-    fw = find_firmware(cfg.ovmf_code, cfg.ovmf_vars)
-    accel, note = finalize_accel(cfg.accel, qemu, fw)
+    fw = find_firmware(cfg.ovmf_code, cfg.ovmf_vars, cfg.architecture)
+    accel, note = finalize_accel(cfg.accel, qemu, fw, cfg.architecture)
     with contextlib.ExitStack() as stack:
         if cfg.workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kiln-vm-")))

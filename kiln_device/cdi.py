@@ -27,10 +27,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kiln_device.agent.tree import resolve_in_tree
 from kiln_device.common import Parser, first_line, make_logger, write_json_atomic
 from kiln_device.contract import CDI_SPEC, CDI_STATUS, under
 from kiln_device.gpu import driver_version, find_nvidia_devices
+from kiln_device.tree import resolve_in_tree
 
 CDI_VERSION = "0.6.0"
 KIND = "nvidia.com/gpu"

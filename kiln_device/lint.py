@@ -26,10 +26,10 @@ from kiln_device.contract import (
     AGENT_OVERRIDE_JSON,
     DEV_AUTHORIZED_KEYS,
     KARGS_DIR,
-    MODULES_DIR,
     RELEASE_JSON,
     under,
 )
+from kiln_device.kernel import INITRD, VMLINUZ, find_kernels, kernel_dirs, why_not_bootable
 
 ERROR = "error"
 WARNING = "warning"
@@ -63,11 +63,6 @@ def lint(name: str, severity: str, description: str):  # type: ignore[no-untyped
     return register
 
 
-def kernel_dirs(root: Path) -> list[Path]:
-    mods = under(root, MODULES_DIR)
-    return sorted(d for d in mods.iterdir() if d.is_dir()) if mods.is_dir() else []
-
-
 def release_of(root: Path) -> dict:
     path = under(root, RELEASE_JSON)
     try:
@@ -77,16 +72,21 @@ def release_of(root: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-@lint("kernel", ERROR, "exactly one kernel under /usr/lib/modules, with vmlinuz and initramfs.img")
+@lint("kernel", ERROR, "exactly one kernel under /usr/lib/modules, with vmlinuz (an EFI image, not gzip) "
+                      "and initramfs.img")
 def check_kernel(root: Path, release: dict) -> Iterator[str]:
     dirs = kernel_dirs(root)
     if len(dirs) != 1:
         names = ", ".join(d.name for d in dirs) or "none"
         yield f"expected exactly one kernel in /usr/lib/modules, found {len(dirs)} ({names})"
         return
-    for name in ("vmlinuz", "initramfs.img"):
+    for name in (VMLINUZ, INITRD):
         if not (dirs[0] / name).is_file():
             yield f"/usr/lib/modules/{dirs[0].name}/{name} is missing"
+    for boot in find_kernels(root):
+        why = why_not_bootable(boot.vmlinuz)
+        if why is not None:
+            yield f"/usr/lib/modules/{boot.version}/vmlinuz {why}"
 
 
 @lint("boot-empty", ERROR, "/boot is empty: kernels live in /usr/lib/modules/$kver/")

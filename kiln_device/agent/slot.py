@@ -13,7 +13,6 @@ from kiln_device.agent.config import Config, load_release
 from kiln_device.agent.errors import AgentError
 from kiln_device.agent.journal import FAULT_ENV, fault_point
 from kiln_device.agent.tools import run
-from kiln_device.agent.tree import resolve_in_tree
 from kiln_device.agent.versions import Candidate
 from kiln_device.common import CHUNK, sha256_file
 from kiln_device.contract import (
@@ -26,6 +25,8 @@ from kiln_device.contract import (
     Release,
     bad_kernel_args,
 )
+from kiln_device.kernel import find_kernels, why_not_bootable
+from kiln_device.tree import resolve_in_tree
 
 EROFS_MAGIC = 0xE0F5E1E2
 
@@ -88,26 +89,16 @@ def check_tree(tree: Path, cand: Candidate) -> NewRoot:
     kernels = find_kernels(tree)
     if not kernels:
         raise AgentError(BAD_IMAGE, f"the image has no {MODULES_DIR}/<kver>/vmlinuz + initramfs.img")
-    kver, kernel, initrd = kernels[-1]
+    boot = kernels[-1]
+    kver, kernel, initrd = boot.version, boot.vmlinuz, boot.initrd
     for name, file in (("vmlinuz", kernel), ("initramfs.img", initrd)):
         if not stat.S_ISREG(file.lstat().st_mode):
             raise AgentError(BAD_IMAGE, f"{MODULES_DIR}/{kver}/{name} is not a regular file in the image "
                                         f"{cand.version} (its links resolved inside the image)")
+    why = why_not_bootable(kernel)
+    if why is not None:
+        raise AgentError(BAD_IMAGE, f"{MODULES_DIR}/{kver}/vmlinuz of {cand.version} {why}")
     return NewRoot(release, kernel, initrd, release.kernel_args, EROFS_COMPRESSORS[release.compression])
-
-
-def find_kernels(tree: Path) -> list[tuple[str, Path, Path]]:
-    """(kver, vmlinuz, initramfs.img) of every <kver> in the image that has both, oldest first, each
-    resolved inside the tree (a link to /etc/hostname is the image's /etc/hostname, never the
-    device's)."""
-    modules = resolve_in_tree(tree, MODULES_DIR)
-    found = []
-    for kver in sorted(os.listdir(modules)) if modules.is_dir() else []:
-        kernel = resolve_in_tree(tree, f"{MODULES_DIR}/{kver}/vmlinuz")
-        initrd = resolve_in_tree(tree, f"{MODULES_DIR}/{kver}/initramfs.img")
-        if kernel.exists() and initrd.exists():
-            found.append((kver, kernel, initrd))
-    return found
 
 
 def build_erofs(tree: Path, image: Path, compressor: str | None, timeout: float | None = None) -> str:

@@ -1,0 +1,79 @@
+"""Foreign architectures on this build host: qemu-user through binfmt_misc, checked before any work.
+
+    why_not_emulated(Architecture.aarch64)   # None, or what is missing, in words a person can act on
+    check_emulation(Architecture.aarch64)    # BuildError with a hint; nothing is built without it
+
+An arm64 class built on an x86_64 host runs arm64 binaries three ways: mmdebstrap's maintainer
+scripts in the base's chroot, `podman build --platform linux/arm64`'s RUN steps, and the model
+gate's runtime (builder.model). All three need the kernel to hand arm64 ELF files to
+qemu-aarch64, with the `F` flag (the interpreter is opened when it is registered, so it works
+inside chroots and containers that do not have it). `scripts/setup.sh` installs and registers it.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+from builder.errors import BuildError
+from builder.spec import Architecture
+
+BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
+SETUP_HINT = ("run ./scripts/setup.sh as root (it installs qemu-user-static, binfmt-support and arch-test, "
+              "mounts binfmt_misc and registers qemu), or build on a {arch} machine")
+
+
+def host_architecture() -> Architecture | None:
+    machine = platform.machine().lower()
+    return {"x86_64": Architecture.x86_64, "amd64": Architecture.x86_64,
+            "aarch64": Architecture.aarch64, "arm64": Architecture.aarch64}.get(machine)
+
+
+def needs_emulation(arch: Architecture) -> bool:
+    return host_architecture() is not arch
+
+
+def read_binfmt_entry(arch: Architecture, binfmt_dir: Path = BINFMT_DIR) -> dict[str, str] | None:
+    """The registration of qemu-<arch> (`enabled`, `interpreter`, `flags`), None when there is none."""
+    path = binfmt_dir / f"qemu-{arch.value}"
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    entry: dict[str, str] = {"enabled": ""}
+    for line in lines:
+        if line in ("enabled", "disabled"):
+            entry["enabled"] = line
+        elif " " in line:
+            key, _, value = line.partition(" ")
+            entry[key.rstrip(":")] = value.strip()
+    return entry
+
+
+def why_not_emulated(arch: Architecture, binfmt_dir: Path = BINFMT_DIR) -> str | None:
+    """Why this host cannot run `arch` binaries in chroots and containers (None: it can, or is `arch`)."""
+    if not needs_emulation(arch):
+        return None
+    host = platform.machine()
+    if not (binfmt_dir / "status").exists():
+        return (f"{arch.value} binaries cannot run on this {host} host: binfmt_misc is not mounted at "
+                f"{binfmt_dir} (a container without it, or no privileges to mount it)")
+    entry = read_binfmt_entry(arch, binfmt_dir)
+    if entry is None:
+        return f"{arch.value} binaries cannot run on this {host} host: no qemu-{arch.value} binfmt_misc registration"
+    if entry.get("enabled") != "enabled":
+        return f"{arch.value} binaries cannot run on this {host} host: qemu-{arch.value} is registered but disabled"
+    if "F" not in entry.get("flags", ""):
+        return (f"qemu-{arch.value} is registered without the F flag (flags: {entry.get('flags') or 'none'}): "
+                "chroots and containers cannot find the interpreter; use qemu-user-static's registration")
+    interpreter = entry.get("interpreter", "")
+    if interpreter and not Path(interpreter).exists():
+        return f"qemu-{arch.value} is registered to {interpreter}, which is not on this host"
+    return None
+
+
+def check_emulation(arch: Architecture) -> None:
+    """Refuse, before any work, a foreign-architecture build this host cannot run."""
+    why = why_not_emulated(arch)
+    if why is not None:
+        raise BuildError(f"cannot build for {arch.value} here: {why}", hint=SETUP_HINT.format(arch=arch.value))

@@ -143,7 +143,6 @@ def build_class(
     state, steps, eng = ctx.state, ctx.steps, ctx.engine
     mark = steps.mark()
     record_file = paths.record_path(hc.name, version)
-    record_file.parent.mkdir(parents=True, exist_ok=True)
     epoch = finalize_epoch()
     platform = hc.spec.architecture.oci_platform
     revision = revision or finalize_revision(paths.project_root())
@@ -153,6 +152,7 @@ def build_class(
             reasons = why_not_buildable(hc, tools=False)
             if reasons:
                 raise BuildError(f"{hc.name} cannot be built on this machine: " + "; ".join(reasons))
+        record_file.parent.mkdir(parents=True, exist_ok=True)
         base_id, mirror = None, None
         if hc.spec.base.source is BaseSource.bootstrap:
             mirror = finalize_base_mirror(hc)  # the snapshot, or spec.base.fallbackMirror when out of reach

@@ -33,9 +33,9 @@ def needs_emulation(arch: Architecture) -> bool:
     return host_architecture() is not arch
 
 
-def read_binfmt_entry(arch: Architecture, binfmt_dir: Path = BINFMT_DIR) -> dict[str, str] | None:
+def read_binfmt_entry(arch: Architecture, binfmt_dir: Path | None = None) -> dict[str, str] | None:
     """The registration of qemu-<arch> (`enabled`, `interpreter`, `flags`), None when there is none."""
-    path = binfmt_dir / f"qemu-{arch.value}"
+    path = (binfmt_dir or BINFMT_DIR) / f"qemu-{arch.value}"
     try:
         lines = path.read_text().splitlines()
     except OSError:
@@ -50,10 +50,11 @@ def read_binfmt_entry(arch: Architecture, binfmt_dir: Path = BINFMT_DIR) -> dict
     return entry
 
 
-def why_not_emulated(arch: Architecture, binfmt_dir: Path = BINFMT_DIR) -> str | None:
+def why_not_emulated(arch: Architecture, binfmt_dir: Path | None = None) -> str | None:
     """Why this host cannot run `arch` binaries in chroots and containers (None: it can, or is `arch`)."""
     if not needs_emulation(arch):
         return None
+    binfmt_dir = binfmt_dir or BINFMT_DIR
     host = platform.machine()
     if not (binfmt_dir / "status").exists():
         return (f"{arch.value} binaries cannot run on this {host} host: binfmt_misc is not mounted at "

@@ -18,6 +18,7 @@ from builder.model.pipeline import dataset_digest
 from builder.model.runtimes import OPENVINO, ClassRuntime, Provider
 from builder.model_fetch import ensure_sources
 from builder.render import ModelArtifact
+from builder.runtime_image import make_runtime_image, want_runtime_image, why_no_runtime_image
 from builder.runtime_venv import make_runtime_venv, want_runtime_venv, why_not_host_runtime
 from builder.spec import HardwareClass, Model
 from builder.state import StateDir, finalize_state_root
@@ -71,9 +72,19 @@ def finalize_class_runtime(hc: HardwareClass, state: StateDir, source: str) -> C
     """The class's runtime for the gate (None: it is the host's own); its venv is made here."""
     import onnxruntime
 
+    rt = hc.spec.runtime
+    if want_runtime_image(hc):
+        from builder.context import make_context
+
+        why = why_no_runtime_image(hc)
+        if why is not None:
+            return ClassRuntime(name=rt.name.value, version=rt.version, providers=rt.execution_providers,
+                                unavailable=why)
+        container = make_runtime_image(make_context("podman", state=state), hc, source)
+        return ClassRuntime(name=rt.name.value, version=rt.version, providers=rt.execution_providers,
+                            attempts=finalize_attempts(hc), container=container)
     if not want_runtime_venv(hc, "onnxruntime", onnxruntime.__version__):
         return None
-    rt = hc.spec.runtime
     why = why_not_host_runtime(hc)
     if why is not None:
         return ClassRuntime(name=rt.name.value, version=rt.version, providers=rt.execution_providers,
@@ -174,7 +185,10 @@ def _same_inputs(report: Report, hc: HardwareClass, policy: OptimizationPolicy, 
     ds = report.datasets
     rt = hc.spec.runtime
     measured = (report.runtime.get("name"), report.runtime.get("version")) if report.runtime else None
-    wanted = (rt.name.value, rt.version) if want_runtime_venv(hc, "onnxruntime", onnxruntime.__version__) else None
+    other = want_runtime_venv(hc, "onnxruntime", onnxruntime.__version__) or want_runtime_image(hc)
+    wanted = (rt.name.value, rt.version) if other else None
+    if want_runtime_image(hc) and report.runtime.get("isa") != hc.spec.architecture.value:
+        return False  # gated on another ISA than the class's: measure again on its own
     return (report.policy == policy.to_dict() and report.gates == gates.to_dict()
             and report.onnxruntime_version == onnxruntime.__version__ and measured == wanted
             and ds.get("calibration_sha256") == dataset_digest(calibration)

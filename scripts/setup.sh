@@ -15,6 +15,9 @@ APT_PACKAGES=(
   postgresql chromium
   # A TPM for VMs (`kiln vm run --tpm`) and for the identity tests: swtpm, and tpm2-tools to talk to it.
   swtpm tpm2-tools
+  # arm64 classes: built through qemu-user (binfmt_misc, registered below), booted in qemu-system-aarch64
+  # with AAVMF (docs/arm64.md).
+  qemu-user-static binfmt-support arch-test qemu-system-arm qemu-efi-aarch64
 )
 
 sudo_cmd=()
@@ -31,6 +34,22 @@ if [ "${#missing[@]}" -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   "${sudo_cmd[@]}" apt-get update -q
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# Foreign architectures: qemu-user runs arm64 binaries in chroots and containers (the F flag), once
+# binfmt_misc is mounted and qemu-aarch64 registered. Where that is impossible (a container without
+# binfmt_misc, no privileges), x86_64 classes still build and arm64 builds refuse before any work.
+binfmt=/proc/sys/fs/binfmt_misc
+if [ ! -e "$binfmt/status" ]; then
+  "${sudo_cmd[@]}" mount -t binfmt_misc binfmt_misc "$binfmt" 2>/dev/null \
+    || echo "setup: warning: cannot mount binfmt_misc at $binfmt: arm64 classes will not build here" >&2
+fi
+if [ -e "$binfmt/status" ] && [ "$(uname -m)" != aarch64 ] && [ ! -e "$binfmt/qemu-aarch64" ]; then
+  "${sudo_cmd[@]}" update-binfmts --enable qemu-aarch64 2>/dev/null \
+    || echo "setup: warning: cannot register qemu-aarch64 with binfmt_misc: arm64 classes will not build here" >&2
+fi
+if [ -e "$binfmt/qemu-aarch64" ]; then
+  arch-test arm64 >/dev/null 2>&1 || echo "setup: warning: arch-test arm64 fails: arm64 binaries do not run here" >&2
 fi
 
 python=${PYTHON:-python3}

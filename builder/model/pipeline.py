@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -112,11 +113,11 @@ def optimize_model(model: Path, calibration: Path, validation: Path, policy: Opt
     for stale in OUTPUTS:
         (outdir / stale).unlink(missing_ok=True)
     built = build_candidates(inputs, policy, outdir, say, gates)
-    report = measure_and_decide(inputs, built, policy, gates, say, runtime)
+    report, under = measure_and_decide(inputs, built, policy, gates, say, runtime)
     write_report(report, outdir / "report.json")
     if report.chosen is None:
         raise _gate_failed(report, outdir)
-    ship(report, inputs, policy, outdir)
+    ship(report, inputs, policy, outdir, under if runtime is not None and runtime.container is not None else None)
     say(f"chose {report.chosen}")
     return report
 
@@ -289,8 +290,9 @@ def _make(name: str, source: Path, dst: Path, inputs: Inputs, policy: Optimizati
 
 # -- measure and decide -------------------------------------------------------------
 
-def measure_and_decide(inputs: Inputs, built: list[Built], policy: OptimizationPolicy,
-                       gates: Gates, say: Progress, runtime: ClassRuntime | None = None) -> Report:
+def measure_and_decide(inputs: Inputs, built: list[Built], policy: OptimizationPolicy, gates: Gates,
+                       say: Progress, runtime: ClassRuntime | None = None) -> tuple[Report, rts.Measurement | None]:
+    """The report, and what the class's runtime measured (None: the gates used the host's figures)."""
     measured = [m for b in built if (m := _measure_one(b, inputs, policy, say)) is not None]
     assert measured[0].built.name == "fp32"  # _measure_one raises when FP32 does not run
     say(f"timing {len(measured)} candidate(s), {policy.latency_runs} runs each, 1 thread")
@@ -299,7 +301,8 @@ def measure_and_decide(inputs: Inputs, built: list[Built], policy: OptimizationP
     results = _results(measured, timing, inputs, policy, gates)
     reference: list[CandidateResult] = []
     info = _host_runtime_info(runtime, policy)
-    if runtime is not None and runtime.python is not None:
+    under = None
+    if runtime is not None and runtime.runnable:
         under = _measure_runtime(runtime, measured, inputs, policy, say)
         reference = [replace(r, gates=(), passed=False, gated=False) for r in results]
         results = _runtime_results(under, measured, inputs, policy, gates)
@@ -308,7 +311,7 @@ def measure_and_decide(inputs: Inputs, built: list[Built], policy: OptimizationP
     ordered = sorted([*results, *failed], key=lambda c: [b.name for b in built].index(c.name))
     decision = decide(ordered, policy.pinned())
     return _report(inputs, tuple(ordered), decision.chosen, decision.reasons, policy, gates,
-                   info, tuple(reference))
+                   info, tuple(reference)), under
 
 
 def _host_runtime_info(runtime: ClassRuntime | None, policy: OptimizationPolicy) -> dict[str, object]:
@@ -316,7 +319,8 @@ def _host_runtime_info(runtime: ClassRuntime | None, policy: OptimizationPolicy)
     if runtime is None:
         return {}
     return {**runtime.to_dict(), "measured_with": policy.execution_provider,
-            "onnxruntime": ort.__version__, "note": runtime.unavailable}
+            "onnxruntime": ort.__version__, "isa": platform.machine(), "emulated": False,
+            "note": runtime.unavailable}
 
 
 def _measure_runtime(runtime: ClassRuntime, measured: list[Measured], inputs: Inputs,
@@ -455,6 +459,34 @@ def dataset_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_golden_fits(golden: Any, sig: Any, data: Any) -> None:
+    """Every golden sample fits the device's service check (one JSON request)."""
+    for i, feed in enumerate(golden.samples):
+        values = feed[sig.input_name].size
+        if values * JSON_BYTES_PER_VALUE > SERVICE_MAX_BODY:
+            raise ModelError(f"{data.where(i)}: a golden sample of {values:,} values is too big for the device's "
+                             f"service check (one JSON request of at most {SERVICE_MAX_BODY // 2**20} MiB)",
+                             hint="put smaller samples first in the data set, or lower validation.goldenCount")
+
+
+def _ship_target_golden(target: rts.Measurement, chosen: str, inputs: Inputs, policy: OptimizationPolicy,
+                        outdir: Path, count: int) -> None:
+    """golden.npz from the outputs the class's runtime gave on its own ISA (builder.model.runtimes)."""
+    sig, data = inputs.sig, inputs.validation
+    outputs = target.outputs[chosen][sig.output_name][:count]
+    if data.x is not None:
+        labels = data.y[:count] if data.y is not None else np.zeros(0)
+        val.write_golden(outdir / "golden.npz", sig, data.x[:count], np.concatenate(outputs), labels,
+                         policy.golden_tolerance)
+        return
+    if len(sig.inputs) != 1:
+        return
+    golden = head(data, count)
+    check_golden_fits(golden, sig, data)
+    val.write_golden_samples(outdir / "golden.npz", sig, list(golden.samples), list(outputs),
+                             policy.golden_tolerance, argmax=inputs.task == "classification")
+
+
 # -- outcome ------------------------------------------------------------------------
 
 def _gate_failed(report: Report, outdir: Path) -> GateFailed:
@@ -463,12 +495,18 @@ def _gate_failed(report: Report, outdir: Path) -> GateFailed:
                       hint=f"see {outdir / 'report.json'}")
 
 
-def ship(report: Report, inputs: Inputs, policy: OptimizationPolicy, outdir: Path) -> None:
-    """chosen.onnx (a copy of the chosen file) and golden.npz (its outputs)."""
+def ship(report: Report, inputs: Inputs, policy: OptimizationPolicy, outdir: Path,
+         target: rts.Measurement | None = None) -> None:
+    """chosen.onnx (a copy of the chosen file) and golden.npz (its outputs). With `target` (the
+    class's runtime measured on the class's own ISA), the golden outputs are that run's: the device
+    replays them on the same ISA, never against the build host's numbers."""
     chosen = report.candidate(report.chosen or "")
     assert chosen.path is not None
     shutil.copyfile(outdir / chosen.path, outdir / "chosen.onnx")
     count = min(policy.golden_count, len(inputs.validation))
+    if target is not None:
+        _ship_target_golden(target, chosen.name, inputs, policy, outdir, count)
+        return
     sess = val.open_session(outdir / "chosen.onnx", policy.graph_level, policy.execution_provider)
     # The device replays these within policy.golden_tolerance. INT8 outputs agree across x86
     # CPUs only because the weights are quantized with reduce_range (see optimize.py): measured
@@ -483,12 +521,7 @@ def ship(report: Report, inputs: Inputs, policy: OptimizationPolicy, outdir: Pat
     if len(sig.inputs) != 1:
         return  # the device serves one-input models only: no golden set (builder.models says so at build)
     golden = head(data, count)
-    for i, feed in enumerate(golden.samples):
-        values = feed[sig.input_name].size
-        if values * JSON_BYTES_PER_VALUE > SERVICE_MAX_BODY:
-            raise ModelError(f"{data.where(i)}: a golden sample of {values:,} values is too big for the device's "
-                             f"service check (one JSON request of at most {SERVICE_MAX_BODY // 2**20} MiB)",
-                             hint="put smaller samples first in the data set, or lower validation.goldenCount")
+    check_golden_fits(golden, sig, data)
     golden_outputs = val.predict(sess, sig, golden)[sig.output_name]
     val.write_golden_samples(outdir / "golden.npz", sig, list(golden.samples), golden_outputs,
                              policy.golden_tolerance, argmax=inputs.task == "classification")

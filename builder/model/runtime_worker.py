@@ -12,7 +12,7 @@ and reads back what this writes:
                batch size or null), "latency_samples", "graph_level", "latency_runs", "warmup_runs",
                "attempts": {precision: [[provider or [provider, {options}], ...], ...]},
                "result", "outputs"}
-    result:   {"onnxruntime", "available", "attempts": [[attempt, error or null], ...],
+    result:   {"onnxruntime", "machine" (the ISA it ran on), "available", "attempts": [[attempt, error or null], ...],
                "providers", "provider_options", "candidates": {name: {load_ms, p50_ms, p95_ms}
                or {error}}}
     outputs:  an NPZ with "CANDIDATE:I:OUTPUT" for sample I
@@ -26,6 +26,7 @@ thread, sequential, as on the device and as the host-side measurement.
 from __future__ import annotations
 
 import json
+import platform
 import statistics
 import sys
 import time
@@ -163,7 +164,8 @@ def given_options(attempt: list[Any]) -> dict[str, dict[str, str]]:
 
 def measure(req: dict[str, Any]) -> dict[str, Any]:
     x = feeds(req)
-    result: dict[str, Any] = {"onnxruntime": ort.__version__, "available": ort.get_available_providers(),
+    result: dict[str, Any] = {"onnxruntime": ort.__version__, "machine": platform.machine(),
+                              "available": ort.get_available_providers(),
                               "attempts": [], "candidates": {}}
     chosen, first = choose_attempt(req, result)
     result["providers"] = first.get_providers()

@@ -31,6 +31,26 @@ Provider = str | tuple[str, dict[str, str]]
 
 
 @dataclass(frozen=True, kw_only=True)
+class Container:
+    """The runtime inside an image of the class's own architecture, run by podman (under qemu-user on
+    a host of another architecture): the gate's figures and the golden outputs then come from the
+    target's ISA, not the build host's (INT8 kernels differ between x86 and arm64)."""
+
+    image: str
+    python: str  # inside the image
+    platform: str  # linux/arm64
+    isa: str  # aarch64
+    env: dict[str, str] = field(default_factory=dict)  # the engine's (its storage)
+    emulated: bool = True
+
+    def argv(self, read_only: Sequence[Path], writable: Path) -> list[str]:
+        """`podman run` with each path mounted at the same place, so the request's paths hold inside."""
+        mounts = [f"{p}:{p}:ro" for p in sorted({q.resolve() for q in read_only})] + [f"{writable}:{writable}"]
+        return ["podman", "run", "--rm", "--pull", "never", "--platform", self.platform, "--network", "none",
+                *(a for m in mounts for a in ("--volume", m)), self.image, self.python]
+
+
+@dataclass(frozen=True, kw_only=True)
 class ClassRuntime:
     """The class's runtime as the gate measures it; `python` None: it cannot run on this host."""
 
@@ -41,7 +61,12 @@ class ClassRuntime:
     # CPU device), each with its provider options; every precision lists the same devices.
     attempts: dict[str, tuple[tuple[Provider, ...], ...]] = field(default_factory=dict)
     python: Path | None = None
+    container: Container | None = None  # instead of `python`: the runtime in an image of the class's ISA
     unavailable: str | None = None  # why it is not measured here
+
+    @property
+    def runnable(self) -> bool:
+        return self.python is not None or self.container is not None
 
     @property
     def title(self) -> str:
@@ -100,9 +125,9 @@ def measure_class_runtime(runtime: ClassRuntime, candidates: Sequence[tuple[str,
     per candidate as {output name: [one array per sample]}. ModelError when the worker fails."""
     from builder.model.data import batched
 
-    assert runtime.python is not None
+    assert runtime.runnable
     with tempfile.TemporaryDirectory(prefix="kiln-runtime-") as tmp:
-        work = Path(tmp)
+        work = Path(tmp).resolve()
         feeds = list(batched(sig, data, 256))
         arrays = {f"{i}:{name}": v for i, (feed, _) in enumerate(feeds) for name, v in feed.items()}
         np.savez(work / "inputs.npz", **arrays)  # type: ignore[arg-type]
@@ -118,8 +143,14 @@ def measure_class_runtime(runtime: ClassRuntime, candidates: Sequence[tuple[str,
             "result": str(work / "result.json"), "outputs": str(work / "outputs.npz"),
         }
         (work / "request.json").write_text(json.dumps(request, indent=2))
+        if runtime.container is not None:
+            c = runtime.container
+            python = c.argv([WORKER.parent, *(p.parent for _, _, p in candidates)], work)
+            env = c.env
+        else:
+            python, env = [str(runtime.python)], {}
         try:
-            run([runtime.python, "-I", WORKER, work / "request.json"], capture=True, timeout=TIMEOUT_S)
+            run([*python, "-I", WORKER, work / "request.json"], capture=True, timeout=TIMEOUT_S, env=env)
         except CommandFailed as exc:
             raise ModelError(f"measuring the candidates under {runtime.title}: {exc}") from None
         result = json.loads((work / "result.json").read_text())
@@ -130,6 +161,8 @@ def measure_class_runtime(runtime: ClassRuntime, candidates: Sequence[tuple[str,
                 outputs.setdefault(cand, {}).setdefault(name, []).append(npz[key])
     label = provider_label(result.get("providers", []), result.get("provider_options", {}))
     info = {**runtime.to_dict(), "measured_with": label, "onnxruntime": result.get("onnxruntime"),
+            "isa": result.get("machine"),
+            "emulated": bool(runtime.container and runtime.container.emulated),
             "session_providers": result.get("providers"),
             "provider_options": _shown_options(result.get("provider_options", {})),
             "attempts": result.get("attempts", [])}

@@ -84,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
             record = disk.make_disk(ctx, ref, output=out, version=version)
             disk_s = time.perf_counter() - start
             key = paths.ssh_key_path(record.class_name)
-            fw = vm.find_firmware()
-            kvm_why = vm.probe_kvm(find_tool("qemu-system-x86_64"), fw.code, fw.vars_template)
+            arch = vm.finalize_disk_architecture(out)
+            fw = vm.find_firmware(arch=arch)
+            kvm_why = vm.finalize_accel(vm.Accel.auto, find_tool(arch.qemu_binary), fw, arch)[1]
             boots: list[dict[str, Any]] = []
             for accel in (vm.Accel.kvm, vm.Accel.tcg):
                 if accel is vm.Accel.kvm and kvm_why:
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         return failed(exc)
 
     figures: dict[str, Any] = {
-        "image": ref, "class": record.class_name, "version": record.version,
+        "image": ref, "class": record.class_name, "version": record.version, "architecture": record.architecture,
         "image_size": image_size(ref),
         "disk_build_s": round(disk_s, 1), "disk_steps_s": record.durations,
         "root_erofs_size": record.root_image_size, "disk_size": record.size, "disk_allocated": record.file_size,

@@ -34,9 +34,9 @@ def project_dir(path: Path | None) -> Iterator[Path]:
             os.environ["KILN_PROJECT_DIR"] = saved
 
 
-def copy_project(dest: Path, *, models_from: Path | None = None) -> Path:
-    """A copy of the project (specs, models, overlays, the dev SSH and release keys) to change and use
-    as KILN_PROJECT_DIR: a later release of the same device. `models_from` (a project) also copies
+def copy_project(dest: Path, *, models_from: Path | None = None, cls: str = QEMU_CLASS) -> Path:
+    """A copy of the project (specs, models, overlays, the dev SSH and release keys of CLS) to change and
+    use as KILN_PROJECT_DIR: a later release of the same device. `models_from` (a project) also copies
     its optimized models and gate reports, so an unchanged model is reused byte for byte."""
     import shutil
 
@@ -48,12 +48,12 @@ def copy_project(dest: Path, *, models_from: Path | None = None) -> Path:
         if (ROOT / fetched).is_dir():
             shutil.copytree(ROOT / fetched, dest / fetched, copy_function=_link_or_copy)
     # the same per-checkout keys: a release of the same device
-    for keys in (lambda: paths.ssh_key_path(QEMU_CLASS).parent, lambda: paths.dev_signing_key_dir(QEMU_CLASS)):
+    for keys in (lambda: paths.ssh_key_path(cls).parent, lambda: paths.dev_signing_key_dir(cls)):
         src, out = in_project(ROOT, keys), in_project(dest, keys)
         if src.is_dir():
             shutil.copytree(src, out, ignore=shutil.ignore_patterns("S.*"))  # gpg-agent sockets
     if models_from is not None:
-        src, out = (in_project(p, lambda: paths.class_dir(QEMU_CLASS) / "models") for p in (models_from, dest))
+        src, out = (in_project(p, lambda: paths.class_dir(cls) / "models") for p in (models_from, dest))
         if src.is_dir():
             shutil.copytree(src, out)
     return dest
@@ -74,11 +74,12 @@ def in_project(project: Path, where: Callable[[], Path]) -> Path:
         return where()
 
 
-def make_retrained_project(dest: Path, note: str = "retrained: new weights, same graph") -> Path:
+def make_retrained_project(dest: Path, note: str = "retrained: new weights, same graph", *,
+                           cls: str = QEMU_CLASS) -> Path:
     """A project copy whose digits model has new bytes but the same behaviour: a model-only release."""
     import onnx
 
-    copy_project(dest, models_from=ROOT)
+    copy_project(dest, models_from=ROOT, cls=cls)
     model_file = dest / "models/digits/digits.onnx"
     proto = onnx.load(model_file)
     proto.doc_string = note
@@ -135,16 +136,16 @@ def make_package_project(dest: Path, package: str = "jq") -> Path:
     return dest
 
 
-def make_broken_golden_project(dest: Path) -> Path:
+def make_broken_golden_project(dest: Path, *, cls: str = QEMU_CLASS) -> Path:
     """A project copy whose model ships with wrong golden outputs: the device's golden check fails."""
     import numpy as np
 
     from builder.models import make_optimized_models
 
-    make_retrained_project(dest, note="broken golden set")
+    make_retrained_project(dest, note="broken golden set", cls=cls)
     with project_dir(dest):  # optimize, then replace the golden outputs with wrong ones
-        make_optimized_models(load_class(QEMU_CLASS, dest / "images"))
-    for golden in in_project(dest, lambda: paths.class_dir(QEMU_CLASS) / "models").glob("digits/*/golden.npz"):
+        make_optimized_models(load_class(cls, dest / "images"), source=f"images/{cls}.yaml")
+    for golden in in_project(dest, lambda: paths.class_dir(cls) / "models").glob("digits/*/golden.npz"):
         data = dict(np.load(golden))
         data["outputs"] = data["outputs"][:, ::-1].copy()
         np.savez(golden, **data)

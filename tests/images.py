@@ -21,12 +21,13 @@ from builder.state import StateDir, make_state_dir
 from tests.conftest import ROOT, require_tool
 
 QEMU_VERSION = "1.0.0"
+ARM64_CLASS = "arm64-vision"
 TEST_STATE = Path(os.environ.get("KILN_TEST_STATE_DIR") or ROOT / ".kiln" / "test-state")
 
 # The kernel modules qemu-x86_64 leaves out of its base: the container tier's base is that class's.
 QEMU_BASE_MODULES = tuple(load_class(QEMU_CLASS, ROOT / "images").spec.kernel.drop_modules)
 
-_built: dict[tuple[str, str], dict[str, Any]] = {}
+_built: dict[tuple[str, str, str], dict[str, Any]] = {}
 
 
 def kiln_test_state() -> StateDir:
@@ -41,11 +42,27 @@ def kiln_test_context(state: StateDir | None = None) -> Context:
 
 def qemu_image(state: StateDir | None = None, version: str = QEMU_VERSION) -> dict[str, Any]:
     """The build record of qemu-x86_64 VERSION, built into the test store (once per session)."""
+    return class_image(QEMU_CLASS, state, version)
+
+
+def arm64_image(state: StateDir | None = None, version: str = QEMU_VERSION) -> dict[str, Any]:
+    """The build record of arm64-vision VERSION (through qemu-user on an x86_64 host), once per session."""
+    from builder.emulation import why_not_emulated
+    from builder.spec import Architecture
+
+    why = why_not_emulated(Architecture.aarch64)
+    if why is not None:
+        require_tool(f"qemu-user for arm64 ({why})")
+    return class_image(ARM64_CLASS, state, version)
+
+
+def class_image(cls: str, state: StateDir | None = None, version: str = QEMU_VERSION) -> dict[str, Any]:
+    """The build record of CLS VERSION, built into the test store (once per session)."""
     for tool in ("podman", "runc", "mmdebstrap"):
         require_tool(tool)
     state = state or kiln_test_state()
-    key = (str(state.root), version)
+    key = (str(state.root), cls, version)
     if key not in _built:
-        hc = load_class(QEMU_CLASS, ROOT / "images")
-        _built[key] = build_class(kiln_test_context(state), hc, source=f"images/{QEMU_CLASS}.yaml", version=version)
+        hc = load_class(cls, ROOT / "images")
+        _built[key] = build_class(kiln_test_context(state), hc, source=f"images/{cls}.yaml", version=version)
     return _built[key]

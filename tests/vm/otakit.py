@@ -35,7 +35,7 @@ from tests.conftest import ROOT
 from tests.images import QEMU_CLASS, kiln_test_context, kiln_test_state
 from tests.ota import publish
 
-REPO = f"kiln/{QEMU_CLASS}"
+REPO = f"kiln/{QEMU_CLASS}"  # qemu-x86_64's; Releases.repo is the class's
 GET_BLOB = re.compile(r'http\.request\.method=GET .*http\.request\.uri="/v2/[^"]*/blobs/(sha256:[0-9a-f]{64})"')
 
 
@@ -46,6 +46,11 @@ class Releases:
     signatures: Path
     state: StateDir
     tmp: Path
+    cls: str = QEMU_CLASS
+
+    @property
+    def repo(self) -> str:
+        return f"kiln/{self.cls}"
 
     def guest_config(self, *, port: int | None = None, channel: str | None = None) -> dict[str, Any]:
         """/etc/kiln/agent.json on the device: this test's registry (or a link in front of it on
@@ -60,10 +65,10 @@ class Releases:
     def release(self, version: str, project: Path | None = None, channel: str = "stable") -> dict[str, Any]:
         """Build VERSION (from a project copy when given), sign it, push it, move the channel."""
         with project_dir(project) as proj:
-            hc = load_class(QEMU_CLASS, proj / "images")
+            hc = load_class(self.cls, proj / "images")
             ctx = kiln_test_context(self.state)
-            build_class(ctx, hc, source=f"images/{QEMU_CLASS}.yaml", version=version)
-            return push_signed(ctx, QEMU_CLASS, version, self.registry.address, key=self.key,
+            build_class(ctx, hc, source=f"images/{self.cls}.yaml", version=version)
+            return push_signed(ctx, self.cls, version, self.registry.address, key=self.key,
                                lookaside_dir=self.signatures, channel=channel, tls_verify=False)
 
     def release_derived(self, base_ref: str, version: str, channel: str, *, payload_mib: int = 0,
@@ -71,8 +76,8 @@ class Releases:
         """Sign and push an image made from BASE_REF (see derive_image) as VERSION and CHANNEL."""
         layout = self.tmp / f"derived-{version}"
         derive_image(self.state, base_ref, version, layout, payload_mib=payload_mib, initramfs=initramfs)
-        digest = publish(self.registry.address, REPO, layout, version, key=self.key, lookaside=self.signatures,
-                         cls=QEMU_CLASS, tags=[version, channel], state=self.state)
+        digest = publish(self.registry.address, self.repo, layout, version, key=self.key, lookaside=self.signatures,
+                         cls=self.cls, tags=[version, channel], state=self.state)
         self.name_in_channel(version, channel, digest)
         return digest
 
@@ -83,11 +88,11 @@ class Releases:
     def name_in_channel(self, version: str, channel: str, digest: str, compatible: str | None = None) -> None:
         """What `kiln release` does after the push: name VERSION (DIGEST) in CHANNEL's TUF targets, which
         the image's agent reads (the image trusts the dev key's TUF root)."""
-        compatible = compatible or load_class(QEMU_CLASS, ROOT / "images").spec.compatible
+        compatible = compatible or load_class(self.cls, ROOT / "images").spec.compatible
         raw = run(["skopeo", "inspect", "--raw", "--tls-verify=false",
-                   f"docker://{self.registry.address}/{REPO}@{digest}"], capture=True, quiet=True).stdout
+                   f"docker://{self.registry.address}/{self.repo}@{digest}"], capture=True, quiet=True).stdout
         publish_release(self.signatures, self.key.directory,
-                        TufRelease(QEMU_CLASS, channel, version, digest, len(raw), compatible, None, REPO))
+                        TufRelease(self.cls, channel, version, digest, len(raw), compatible, None, self.repo))
 
     def log_mark(self) -> int:
         return len((self.registry.root / "registry.log").read_text(errors="replace"))
@@ -98,12 +103,12 @@ class Releases:
 
 
 @contextlib.contextmanager
-def serving_releases(tmp: Path) -> Iterator[Releases]:
-    """A registry and signature server on the host's loopback, and the key the image trusts."""
+def serving_releases(tmp: Path, cls: str = QEMU_CLASS) -> Iterator[Releases]:
+    """A registry and signature server on the host's loopback, and the key CLS's image trusts."""
     state = kiln_test_state()
-    key = resolve_signing_key(load_class(QEMU_CLASS, ROOT / "images"), None)
+    key = resolve_signing_key(load_class(cls, ROOT / "images"), None)
     with running_registry(tmp / "registry", lookaside_dir=tmp / "signatures") as info:
-        yield Releases(info, key, tmp / "signatures", state, tmp)
+        yield Releases(info, key, tmp / "signatures", state, tmp, cls)
 
 
 def derive_image(state: StateDir, base_ref: str, version: str, layout: Path, *, payload_mib: int = 0,

@@ -12,20 +12,35 @@ layer cache makes it once per base and wheel set.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from builder.base import make_base_for_class
 from builder.context import Context
-from builder.emulation import check_emulation, needs_emulation
+from builder.emulation import EMULATED_CPU, check_emulation, needs_emulation
 from builder.errors import BuildError, KilnError
 from builder.model.runtimes import Container
 from builder.pins import make_checked_wheelhouse
+from builder.run import run
 from builder.spec import BaseSource, Family, HardwareClass
 from builder.wheels import render_locked_requirements
 
 GATE_PYTHON = "/opt/kiln-gate/venv/bin/python"
+# qemu-user (7.2, Debian 12) shows an arm64 program the host's own /proc/cpuinfo, in x86's format;
+# onnxruntime's CPU detection (pytorch/cpuinfo) finds no arm64 core in it and crashes in a thread at
+# import (SIGSEGV, then a hang). The gate's container gets a /proc/cpuinfo in arm64's format instead:
+# one entry per host CPU (qemu-user runs the guest's threads on them), with the features the emulated
+# CPU reports in its own AT_HWCAP (read inside the container from /proc/self/auxv, which qemu-user
+# emulates). onnxruntime's kernels choose by AT_HWCAP, not by this text.
+HWCAP_NAMES = ("fp", "asimd", "evtstrm", "aes", "pmull", "sha1", "sha2", "crc32", "atomics", "fphp",
+               "asimdhp", "cpuid", "asimdrdm", "jscvt", "fcma", "lrcpc", "dcpop", "sha3", "sm3", "sm4",
+               "asimddp", "sha512", "sve", "asimdfhm", "dit", "uscat", "ilrcpc", "flagm", "ssbs", "sb",
+               "paca", "pacg")  # Linux's HWCAP_* bits 0-31, in order
+AT_HWCAP = 16
+READ_HWCAP = ("import struct; d = open('/proc/self/auxv', 'rb').read(); "
+              "a = dict(struct.iter_unpack('<QQ', d[: len(d) // 16 * 16])); print(a.get(16, 0))")
 CONTAINERFILE = """\
 # The model gate's runtime for {cls}: its base, its Python, its runtime wheels (by hash). Not a device image.
 FROM {base}
@@ -83,5 +98,31 @@ def make_runtime_image(ctx: Context, hc: HardwareClass, source: str) -> Containe
                 ctx.engine.build(context, context / "Containerfile", ref, {}, None, platform=platform)
         except KilnError as exc:
             raise exc.with_context(f"making the model gate's {hc.spec.architecture.value} runtime") from exc.__cause__
+    emulated = needs_emulation(hc.spec.architecture)
+    cpu = EMULATED_CPU[hc.spec.architecture] if emulated else None
+    cpuinfo = make_cpuinfo(ctx, ref, platform, cpu) if emulated else None
     return Container(image=ref, python=GATE_PYTHON, platform=platform, isa=hc.spec.architecture.value,
-                     env=ctx.state.engine_env(), emulated=needs_emulation(hc.spec.architecture))
+                     env=ctx.state.engine_env(), emulated=emulated, cpuinfo=cpuinfo, cpu=cpu)
+
+
+def render_cpuinfo(hwcap: int, cpus: int) -> str:
+    """/proc/cpuinfo as an arm64 kernel writes it, for CPUS cores with the features in HWCAP."""
+    features = " ".join(name for bit, name in enumerate(HWCAP_NAMES) if hwcap >> bit & 1)
+    core = ("BogoMIPS\t: 125.00\nFeatures\t: {features}\nCPU implementer\t: 0x00\nCPU architecture: 8\n"
+            "CPU variant\t: 0x0\nCPU part\t: 0x051\nCPU revision\t: 0\n")
+    return "".join(f"processor\t: {n}\n" + core.format(features=features) + "\n" for n in range(cpus))
+
+
+def make_cpuinfo(ctx: Context, ref: str, platform: str, cpu: str | None) -> Path:
+    """The arm64 /proc/cpuinfo the gate's container sees (see HWCAP_NAMES), from the emulated CPU's AT_HWCAP."""
+    try:
+        out = run(["podman", "run", "--rm", "--pull", "never", "--platform", platform, "--network", "none",
+                   *(["--env", f"QEMU_CPU={cpu}"] if cpu else []), ref, "python3", "-I", "-c", READ_HWCAP],
+                  env=ctx.state.engine_env(), capture=True, quiet=True)
+        hwcap = int(out.stdout.decode().strip())
+    except (KilnError, ValueError) as exc:
+        raise BuildError(f"reading the emulated CPU's features in {ref}: {exc}") from None
+    path = ctx.state.root / "gate" / f"cpuinfo-{platform.replace('/', '-')}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_cpuinfo(hwcap, os.cpu_count() or 1))
+    return path

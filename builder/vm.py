@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from builder.emulation import needs_emulation
+from builder.emulation import EMULATED_CPU, needs_emulation
 from builder.errors import ToolMissing, VMError
 from builder.net import free_port
 from builder.run import find_tool, spawn
@@ -200,13 +200,14 @@ def finalize_machine_argv(arch: Architecture, accel: Accel) -> list[str]:
     """The board, CPU and accelerator: q35 on x86_64; the virt machine on arm64."""
     cpu = "host" if accel is Accel.kvm else "max"
     if arch is Architecture.aarch64:
-        # pointer authentication emulated QEMU's own way, not the architected QARMA (about 1.5x
-        # faster under TCG); multi-threaded TCG; a PCI watchdog (the virt board has none of its own)
+        # the emulated CPU (builder.emulation.EMULATED_CPU: max, QEMU's fast pointer authentication,
+        # no SME); multi-threaded TCG; a PCI watchdog (the virt board has none of its own)
         tcg = "tcg,thread=multi" if accel is Accel.tcg else accel.value
-        return ["-machine", "virt", "-accel", tcg, "-cpu", f"{cpu},pauth-impdef=on" if cpu == "max" else cpu,
+        return ["-machine", "virt", "-accel", tcg, "-cpu", EMULATED_CPU[arch] if cpu == "max" else cpu,
                 "-device", "i6300esb", "-action", "watchdog=reset"]
     # the ICH9 TCO watchdog may reset the board, as on real ones (QEMU 7.2 strap: never)
-    return ["-machine", "q35", "-global", "ICH9-LPC.noreboot=off", "-accel", accel.value, "-cpu", cpu]
+    return ["-machine", "q35", "-global", "ICH9-LPC.noreboot=off", "-accel", accel.value, "-cpu",
+            EMULATED_CPU[arch] if cpu == "max" else cpu]
 
 
 # --- KVM or TCG ---------------------------------------------------------------

@@ -42,11 +42,16 @@ class Container:
     isa: str  # aarch64
     env: dict[str, str] = field(default_factory=dict)  # the engine's (its storage)
     emulated: bool = True
+    cpuinfo: Path | None = None  # mounted as /proc/cpuinfo (builder.runtime_image: qemu-user shows the host's)
+    cpu: str | None = None  # QEMU_CPU for qemu-user: the emulated device's CPU (builder.emulation.EMULATED_CPU)
 
     def argv(self, read_only: Sequence[Path], writable: Path) -> list[str]:
         """`podman run` with each path mounted at the same place, so the request's paths hold inside."""
         mounts = [f"{p}:{p}:ro" for p in sorted({q.resolve() for q in read_only})] + [f"{writable}:{writable}"]
-        return ["podman", "run", "--rm", "--pull", "never", "--platform", self.platform, "--network", "none",
+        if self.cpuinfo is not None:
+            mounts.append(f"{self.cpuinfo}:/proc/cpuinfo:ro")
+        cpu = ["--env", f"QEMU_CPU={self.cpu}"] if self.cpu else []
+        return ["podman", "run", "--rm", "--pull", "never", "--platform", self.platform, "--network", "none", *cpu,
                 *(a for m in mounts for a in ("--volume", m)), self.image, self.python]
 
 

@@ -158,6 +158,7 @@ def test_arm64_qemu_argv_is_the_virt_machine_with_fast_pointer_auth_and_mttcg(tm
     joined = " ".join(argv)
     assert argv[0] == "qemu-system-aarch64"
     assert "-machine virt -accel tcg,thread=multi -cpu max,pauth-impdef=on" in joined
+    assert "-cpu max,pauth-impdef=on,sme=off " in joined  # the gate's qemu-user CPU too (builder.emulation)
     assert "ICH9" not in joined and "q35" not in joined
     assert "-device i6300esb" in joined  # a watchdog the virt board lacks
     assert "tpm-tis-device,tpmdev=tpm0" in joined

@@ -37,8 +37,9 @@ class CandidateResult:
     # Where it was measured: the execution provider (with the OpenVINO device), e.g.
     # "OpenVINOExecutionProvider(CPU)"; None in reports from before per-runtime measurements.
     runtime: str | None = None
-    # Largest |output - the build host's CPU output| of the same file on the validation set: what
-    # the device's golden check sees (the golden set is the host's outputs).
+    # Largest |output - the build host's CPU output| of the same file on the validation set: how far
+    # the class's runtime is from the host's (the golden set is the host's outputs, or, for a class of
+    # another ISA, that ISA's own: builder.model.pipeline.ship).
     max_abs_diff: float | None = None
     # False for a reference measurement (the host's CPU onnxruntime when the class ships another
     # runtime): shown, never gated.

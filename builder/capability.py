@@ -10,7 +10,7 @@ from builder import names
 from builder.emulation import why_not_emulated
 from builder.net import reachable
 from builder.run import have_tool, run
-from builder.spec import BaseSource, HardwareClass
+from builder.spec import BaseSource, Family, HardwareClass
 
 
 def host_architecture() -> str:
@@ -28,6 +28,9 @@ def why_not_buildable(hc: HardwareClass, *, probe_network: bool = True, tools: b
         reasons.append(f"{spec.architecture.value} image on a {host_architecture()} host: {emulation}")
     if tools and not (have_tool("podman") or have_tool("buildah")):
         reasons.append("no OCI engine: install podman (apt-get install podman runc)")
+    if spec.base.source is BaseSource.bootstrap and spec.base.family is not Family.debian:
+        reasons.append(f"a {spec.base.family.value} base: Kiln bootstraps Debian bases only "
+                       f"({spec.base.release or 'no release'} would come from {spec.base.mirror or 'its mirror'})")
     if tools and spec.base.source is BaseSource.bootstrap and not have_tool("mmdebstrap"):
         reasons.append("bootstrap base needs mmdebstrap (apt-get install mmdebstrap)")
     if spec.base.source is BaseSource.registry and not _image_present(hc):

@@ -99,7 +99,8 @@ def find_kernel(rootfs: Path, source: str) -> tuple[str, Path, Path]:
             raise DiskError(f"{source} has no kernel: no /{MODULES_DIR}/<kver>/vmlinuz",
                             hint="a Kiln image keeps its kernel in /usr/lib/modules/$kver/vmlinuz "
                                  "(the class's kernel.package, moved there by the Containerfile)")
-        raise DiskError(f"{source} has a kernel but no initramfs: /{MODULES_DIR}/<kver>/initramfs.img is missing",
+        kver = next(d.name for d in reversed(kernel.kernel_dirs(rootfs)) if (d / kernel.VMLINUZ).exists())
+        raise DiskError(f"{source} has a kernel but no initramfs: /{MODULES_DIR}/{kver}/initramfs.img is missing",
                         hint="the image must run update-initramfs with Kiln's hook (overlays/initramfs)")
     boot = found[-1]
     why = kernel.why_not_bootable(boot.vmlinuz)

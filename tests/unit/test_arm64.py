@@ -177,9 +177,10 @@ def test_an_arm64_guest_on_an_x86_64_host_runs_under_tcg_and_kvm_is_refused() ->
 
 
 def test_missing_aavmf_names_its_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    from builder import machine
     from builder.errors import ToolMissing
 
-    monkeypatch.setattr(vm, "FIRMWARE", {**vm.FIRMWARE, ARM: ((("/nonexistent/C.fd", "/nonexistent/V.fd"),),
+    monkeypatch.setattr(machine, "FIRMWARE", {**machine.FIRMWARE, ARM: ((("/nonexistent/C.fd", "/nonexistent/V.fd"),),
                                                               "AAVMF", "apt-get install qemu-efi-aarch64")})
     with pytest.raises(ToolMissing) as err:
         vm.find_firmware(arch=ARM)

@@ -22,7 +22,7 @@ def kiln(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
 def test_validate_all_shipped_classes() -> None:
     r = kiln("validate")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("ok  ") == 5
+    assert r.stdout.count("ok  ") == 6
 
 
 def test_bad_spec_exit_2_without_traceback(tmp_path: Path) -> None:
@@ -72,9 +72,9 @@ def test_show_json_is_resolved() -> None:
 def test_list_json_says_why_not_buildable() -> None:
     r = kiln("list", "--json", "--no-probe")
     rows = {row["class"]: row for row in json.loads(r.stdout)}
-    assert set(rows) == {"factory-gateway-gpu", "intel-lowpower-detector", "jetson-vision-standard",
+    assert set(rows) == {"arm64-vision", "factory-gateway-gpu", "intel-lowpower-detector", "jetson-vision-standard",
                          "medical-cart-cpu", "qemu-x86_64"}
-    assert any("aarch64" in why for why in rows["jetson-vision-standard"]["whyNotBuildable"])
+    assert any("Kiln bootstraps Debian bases only" in why for why in rows["jetson-vision-standard"]["whyNotBuildable"])
 
 
 def test_a_fetched_model_must_be_written_under_dot_kiln(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests/golden"
-CLASSES = ["factory-gateway-gpu", "intel-lowpower-detector", "jetson-vision-standard",
+CLASSES = ["arm64-vision", "factory-gateway-gpu", "intel-lowpower-detector", "jetson-vision-standard",
            "medical-cart-cpu", "qemu-x86_64"]
 
 

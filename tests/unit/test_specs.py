@@ -15,11 +15,11 @@ from builder.loader import known_classes, load_class
 from builder.spec import AcceleratorKind, Family, HardwareClass
 
 ROOT = Path(__file__).resolve().parents[2]
-CLASSES = ["factory-gateway-gpu", "intel-lowpower-detector", "jetson-vision-standard",
+CLASSES = ["arm64-vision", "factory-gateway-gpu", "intel-lowpower-detector", "jetson-vision-standard",
            "medical-cart-cpu", "qemu-x86_64"]
 
 
-def test_the_five_classes_are_shipped() -> None:
+def test_the_six_classes_are_shipped() -> None:
     assert known_classes(ROOT / "images") == CLASSES
 
 

@@ -1,6 +1,6 @@
-"""Benchmark over-the-air updates of the embedded default class on a QEMU device.
+"""Benchmark over-the-air updates of a class (default: the embedded default) on a QEMU device.
 
-    .venv/bin/python -m bench.ota [--json PATH] [--timeout S]
+    .venv/bin/python -m bench.ota [--class qemu-x86_64|arm64-vision] [--json PATH] [--timeout S]
 
 Real builds (podman, Kiln's state dir), a registry and signature server on 127.0.0.1
 (`running_registry`), the release key the image trusts, one disk made from v1 and one
@@ -67,8 +67,7 @@ from builder.registry import RegistryInfo, running_registry
 from builder.signing import SigningKey, resolve_signing_key
 from builder.state import StateDir, make_state_dir
 
-CLS = "qemu-x86_64"
-REPO = f"kiln/{CLS}"
+CLS = "qemu-x86_64"  # the default class (--class)
 V1, MODEL, LARGE, PACKAGE, BAD = "2.0.0", "2.0.1", "2.0.2", "2.1.0", "2.1.1"
 
 
@@ -76,16 +75,16 @@ def context(state: StateDir) -> Context:
     return make_context(PodmanEngine(state), state=state)
 
 
-def build(state: StateDir, version: str, project: Path | None) -> dict[str, Any]:
+def build(state: StateDir, version: str, project: Path | None, cls: str = CLS) -> dict[str, Any]:
     with project_dir(project) as proj:
-        hc = load_class(CLS, proj / "images")
-        return build_class(context(state), hc, source=f"images/{CLS}.yaml", version=version)
+        hc = load_class(cls, proj / "images")
+        return build_class(context(state), hc, source=f"images/{cls}.yaml", version=version)
 
 
 def release(state: StateDir, info: RegistryInfo, key: SigningKey, signatures: Path, version: str,
-            project: Path | None) -> dict[str, Any]:
+            project: Path | None, cls: str = CLS) -> dict[str, Any]:
     with project_dir(project):
-        return push_signed(context(state), CLS, version, info.address, key=key, lookaside_dir=signatures,
+        return push_signed(context(state), cls, version, info.address, key=key, lookaside_dir=signatures,
                            channel="stable", tls_verify=False)
 
 
@@ -203,23 +202,29 @@ def plain_reboot(machine: vm.VM, slot: str, timeout: float) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = make_parser("bench.ota", "OTA bytes over the wire and update/rollback times in QEMU")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per wait (TCG on 2 cores is slow)")
+    ap.add_argument("--class", dest="cls", default=CLS, help=f"the class (default {CLS}; arm64-vision boots in "
+                    "emulated qemu-system-aarch64)")
     args = ap.parse_args(argv)
+    cls = args.cls
+    repo = f"kiln/{cls}"
     state = make_state_dir(ROOT)
-    hc = load_class(CLS, ROOT / "images")
+    hc = load_class(cls, ROOT / "images")
     key = resolve_signing_key(hc, None)
-    figures: dict[str, Any] = {"class": CLS, "machine": describe_machine()}
+    figures: dict[str, Any] = {"class": cls, "architecture": hc.spec.architecture.value,
+                               "machine": describe_machine()}
     try:
         with tempfile.TemporaryDirectory(dir=state.tmp_dir) as tmp_name:
             tmp = Path(tmp_name)
             print("building v1 and four releases ...", flush=True)
-            records = {V1: build(state, V1, None)}  # first: its optimized model is reused by the OS release
-            projects = {V1: None, MODEL: make_retrained_project(tmp / "model"),
-                        LARGE: make_widened_project(tmp / "large"),
-                        PACKAGE: make_package_project(tmp / "package"), BAD: make_broken_golden_project(tmp / "bad")}
-            records.update({v: build(state, v, p) for v, p in projects.items() if p is not None})
+            records = {V1: build(state, V1, None, cls)}  # first: its optimized model is reused by the OS release
+            projects = {V1: None, MODEL: make_retrained_project(tmp / "model", cls=cls),
+                        LARGE: make_widened_project(tmp / "large", cls=cls),
+                        PACKAGE: make_package_project(tmp / "package", cls=cls),
+                        BAD: make_broken_golden_project(tmp / "bad", cls=cls)}
+            records.update({v: build(state, v, p, cls) for v, p in projects.items() if p is not None})
             with running_registry(tmp / "registry", lookaside_dir=tmp / "signatures") as info:
-                release(state, info, key, tmp / "signatures", V1, None)
-                m1 = manifest(info, REPO, V1)
+                release(state, info, key, tmp / "signatures", V1, None, cls)
+                m1 = manifest(info, repo, V1)
                 figures["full_image_bytes"] = image_bytes(m1)
                 figures["image_uncompressed_bytes"] = sum(layer["size"] for layer in records[V1]["layers"])
                 figures["one_package_updates"] = one_package_updates(records[V1], m1)
@@ -242,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                     previous, prev_record, slot, good = m1, records[V1], "b", "a"
                     for name, version in (("model-only", MODEL), ("model-large", LARGE), ("os-package", PACKAGE),
                                           ("bad-golden", BAD)):
-                        release(state, info, key, tmp / "signatures", version, projects[version])
-                        mf = manifest(info, REPO, version)
+                        release(state, info, key, tmp / "signatures", version, projects[version], cls)
+                        mf = manifest(info, repo, version)
                         print(f"updating to {version} ({name}) into slot {slot} ...", flush=True)
                         row = update(machine, info, version, slot, bad=name == "bad-golden", timeout=args.timeout,
                                      good_slot=good)

@@ -87,7 +87,7 @@ def make_retrained_project(dest: Path, note: str = "retrained: new weights, same
     return dest
 
 
-def make_widened_project(dest: Path, hidden: int = 8192) -> Path:
+def make_widened_project(dest: Path, hidden: int = 8192, *, cls: str = QEMU_CLASS) -> Path:
     """A project copy whose digits model carries megabytes of weights and gives the same answers: its
     hidden layer widened from 32 to HIDDEN units, the new units' input weights random (seed 0, the
     spread of the trained ones: they do not compress) and their output weights zero. A model-only
@@ -98,7 +98,7 @@ def make_widened_project(dest: Path, hidden: int = 8192) -> Path:
     import yaml
     from onnx import numpy_helper
 
-    copy_project(dest, models_from=ROOT)
+    copy_project(dest, models_from=ROOT, cls=cls)
     model_file = dest / "models/digits/digits.onnx"
     proto = onnx.load(model_file)
     inits = {init.name: init for init in proto.graph.initializer}
@@ -116,7 +116,7 @@ def make_widened_project(dest: Path, hidden: int = 8192) -> Path:
     onnx.checker.check_model(proto)
     onnx.save(proto, model_file)
     # the class's size gate (1 MiB, for the small net) raised as a release engineer shipping it would
-    spec_file = dest / "images" / f"{QEMU_CLASS}.yaml"
+    spec_file = dest / "images" / f"{cls}.yaml"
     doc = yaml.safe_load(spec_file.read_text())
     (digits,) = [m for m in doc["spec"]["models"] if m["name"] == "digits"]
     digits["gates"]["maxSize"] = "32MiB"
@@ -124,12 +124,12 @@ def make_widened_project(dest: Path, hidden: int = 8192) -> Path:
     return dest
 
 
-def make_package_project(dest: Path, package: str = "jq") -> Path:
+def make_package_project(dest: Path, package: str = "jq", *, cls: str = QEMU_CLASS) -> Path:
     """A project copy whose class installs one more Debian package, model unchanged: an OS update."""
     import yaml
 
-    copy_project(dest, models_from=ROOT)
-    spec_file = dest / "images" / f"{QEMU_CLASS}.yaml"
+    copy_project(dest, models_from=ROOT, cls=cls)
+    spec_file = dest / "images" / f"{cls}.yaml"
     doc = yaml.safe_load(spec_file.read_text())
     doc["spec"]["packages"].append(package)
     spec_file.write_text(yaml.safe_dump(doc, sort_keys=False))

@@ -138,6 +138,15 @@ def class_section(record: dict[str, Any], previous: dict[str, Any] | None) -> st
         if rep is None:
             out.append("<p class=muted>precision fixed by the spec: no gate run</p>")
             continue
+        runtime = rep.get("runtime") or {}
+        gated_isa = (runtime.get("isa") if runtime.get("measured_with") else None) or rep.get("host_isa")
+        where = (f'{esc(runtime.get("measured_with") or "CPUExecutionProvider")} on '
+                 f'<span data-k="{k}.model.{esc(m["name"])}.isa">{esc(gated_isa or "the build host")}</span>'
+                 + (" (emulated: qemu-user)" if runtime.get("emulated") else "")
+                 + (f', {esc(runtime.get("name"))} {esc(runtime.get("version"))}' if runtime.get("name") else ""))
+        out.append(f"<p>gated figures measured with {where}"
+                   + (f'; the build host\'s ({esc(rep.get("host_isa") or "?")}) figures kept as reference'
+                      if rep.get("reference") else "") + "</p>")
         out.append("<table><tr><th>candidate</th><th>precision</th><th>size (bytes)</th>"
                    f"<th>{esc(rep.get('score') or rep.get('metric', 'metric'))}</th><th>p50 ms</th><th>p95 ms</th>"
                    "<th>speed-up</th>"

@@ -439,7 +439,7 @@ def _report(inputs: Inputs, candidates: tuple[CandidateResult, ...], chosen: str
                   candidates=candidates, chosen=chosen, reasons=reasons,
                   onnxruntime_version=ort.__version__, policy=policy.to_dict(),
                   gates=gates.to_dict(), metric=policy.metric, datasets=datasets, runtime=runtime,
-                  reference=reference, task=inputs.task, score=inputs.score)
+                  reference=reference, task=inputs.task, score=inputs.score, host_isa=platform.machine())
 
 
 def dataset_digest(path: Path) -> str:

@@ -97,6 +97,13 @@ class Report:
     reference: tuple[CandidateResult, ...] = ()
     task: str = "classification"
     score: str = "accuracy"  # the task's score, which the accuracy gates apply to
+    host_isa: str | None = None  # the build host's architecture (the reference rows'; None: an older report)
+
+    @property
+    def gated_isa(self) -> str | None:
+        """The ISA the gated figures were measured on: the class's runtime's, else the build host's."""
+        isa = self.runtime.get("isa") if self.runtime.get("measured_with") else None
+        return str(isa) if isa else self.host_isa
 
     @property
     def passed(self) -> bool:
@@ -193,9 +200,12 @@ def runtime_lines(report: Report) -> list[str]:
     rt = report.runtime
     if not rt:
         return []
-    lines = [f"gated on {rt.get('measured_with', '?')} ({rt.get('name', '?')} {rt.get('version', '?')})"]
+    isa = report.gated_isa
+    where = f" on {isa}" + (" (emulated: qemu-user)" if rt.get("emulated") else "") if isa else ""
+    lines = [f"gated on {rt.get('measured_with', '?')}{where} ({rt.get('name', '?')} {rt.get('version', '?')})"]
     if report.reference:
-        lines[0] += f"; reference rows: the build host's onnxruntime {report.onnxruntime_version} CPU"
+        host = f" ({report.host_isa})" if report.host_isa else ""
+        lines[0] += f"; reference rows: the build host's{host} onnxruntime {report.onnxruntime_version} CPU"
     return [*lines, *([f"note: {report.note}"] if report.note else [])]
 
 

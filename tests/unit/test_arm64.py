@@ -4,6 +4,7 @@ check, QEMU's virt machine with AAVMF, and a disk's architecture read back from 
 from __future__ import annotations
 
 import gzip
+import json
 import platform
 from pathlib import Path
 
@@ -202,3 +203,39 @@ def test_a_raw_disk_says_its_architecture_by_its_root_partition_type(tmp_path: P
     assert vm.finalize_disk_architecture(image) is arch
     (tmp_path / "disk.raw.json").write_text('{"architecture": "aarch64"}')
     assert vm.finalize_disk_architecture(image) is ARM  # the record, when there is one
+
+
+# --- the release report says where the gate measured --------------------------------------------
+
+def test_the_release_report_names_the_isa_the_gate_measured_on(tmp_path: Path) -> None:
+    """An arm64 class's gate table says it was measured on aarch64 under qemu-user, and that the host's
+    rows are a reference; an x86_64 class's says the build host's ISA."""
+    from builder.model.report import Report, runtime_lines
+    from builder.release_report import class_section
+
+    def section(runtime: dict[str, object], reference: list[dict[str, object]]) -> str:
+        d = tmp_path / str(len(list(tmp_path.iterdir())))
+        (d / "models/digits/1.0.0").mkdir(parents=True)
+        report = {"model": "digits", "source": "m", "source_sha256": "0", "candidates": [], "chosen": "fp32",
+                  "reasons": [], "onnxruntime_version": "1.32.0", "policy": {}, "gates": {}, "runtime": runtime,
+                  "reference": reference, "host_isa": "x86_64"}
+        (d / "models/digits/1.0.0/report.json").write_text(json.dumps(report))
+        record = {"class": "arm64-vision", "version": "1.0.0", "context": str(d), "layers": [],
+                  "models": [{"name": "digits", "version": "1.0.0", "precision": "int8",
+                              "sha256": "sha256:" + "0" * 64}]}
+        return class_section(record, None)
+
+    arm = section({"name": "onnxruntime", "version": "1.32.0", "measured_with": "CPUExecutionProvider",
+                   "isa": "aarch64", "emulated": True}, [{"name": "fp32", "precision": "fp32"}])
+    assert 'CPUExecutionProvider on <span data-k="arm64-vision.model.digits.isa">aarch64</span> (emulated: qemu-user)' \
+        in arm
+    assert "the build host's (x86_64) figures kept as reference" in arm
+    host = section({}, [])
+    assert '<span data-k="arm64-vision.model.digits.isa">x86_64</span>' in host and "emulated" not in host
+    lines = runtime_lines(Report.from_dict({"model": "d", "source": "m", "source_sha256": "0", "candidates": [],
+                                            "chosen": None, "reasons": [], "onnxruntime_version": "1.32.0",
+                                            "policy": {}, "gates": {}, "host_isa": "x86_64",
+                                            "runtime": {"measured_with": "CPUExecutionProvider", "isa": "aarch64",
+                                                        "emulated": True, "name": "onnxruntime",
+                                                        "version": "1.32.0"}}))
+    assert lines[0].startswith("gated on CPUExecutionProvider on aarch64 (emulated: qemu-user)")

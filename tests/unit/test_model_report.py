@@ -23,7 +23,8 @@ from builder.model.report import (
 )
 
 TOP_KEYS = {"model", "source", "source_sha256", "candidates", "chosen", "reasons", "onnxruntime_version",
-            "policy", "gates", "metric", "datasets", "schema_version", "runtime", "reference", "task", "score"}
+            "policy", "gates", "metric", "datasets", "schema_version", "runtime", "reference", "task", "score",
+            "host_isa"}
 CANDIDATE_KEYS = {"name", "precision", "path", "sha256", "size_bytes", "accuracy", "agreement", "load_ms",
                   "p50_ms", "p95_ms", "speedup", "gates", "passed", "error", "notes", "runtime",
                   "max_abs_diff", "gated", "metrics", "fidelity", "mixed"}

@@ -145,6 +145,10 @@ def test_arm64_model_only_update_boots_slot_b_and_is_blessed(arm64_releases: Rel
         assert (st["version"], st["bootedSlot"]) == ("1.0.1", "b"), st
         assert machine.ssh("uname -m").stdout.strip() == "aarch64"
         assert "kiln-1.0.1-b.conf" in machine.ssh("ls /efi/loader/entries").stdout.split()  # blessed
+        # what the agent wrote to the ESP for slot B: the arm64 kernel as an EFI image, as `kiln disk` wrote A's
+        head = machine.ssh("od -A n -t x1 -N 2 /efi/kiln/b/vmlinuz; cmp /efi/kiln/a/vmlinuz /efi/kiln/b/vmlinuz "
+                           "&& echo same").stdout.split()
+        assert head[:2] == ["4d", "5a"] and head[-1] == "same", head  # "MZ"; the kernel did not change
         assert st["lastResult"]["result"] == "success", st
         machine.poweroff()
 

@@ -170,7 +170,7 @@ def build_class(
             with steps.step("offline base"):
                 base_id = make_base_for_class(ctx, hc, mirror).image_id
         with steps.step("optimize and gate the models"):
-            model_glue.make_optimized_models(hc, steps.say, reuse=True)
+            model_glue.make_optimized_models(hc, steps.say, reuse=True, state=state, source=source)
             artifacts = model_glue.finalize_model_artifacts(hc, require_optimized=True)
         with steps.step("render the build context"):
             key = signing.resolve_signing_key(hc, sign_key)

@@ -21,7 +21,7 @@ from builder.render import ModelArtifact
 from builder.runtime_image import make_runtime_image, want_runtime_image, why_no_runtime_image
 from builder.runtime_venv import make_runtime_venv, want_runtime_venv, why_not_host_runtime
 from builder.spec import HardwareClass, Model
-from builder.state import StateDir, finalize_state_root
+from builder.state import StateDir, make_state_dir
 
 Progress = Callable[[str], None]
 
@@ -105,7 +105,7 @@ def make_optimized_models(hc: HardwareClass, progress: Progress | None = None, *
     it too (a venv in `state`, from the class's wheelhouse) and gated on its figures.
     """
     root = paths.project_root()
-    state = state or StateDir(finalize_state_root(root))
+    state = state or make_state_dir(root)  # its engine's configs too: a gate on another ISA builds an image
     ensure_sources(hc, progress)
     runtime: ClassRuntime | None = None
     reports = []

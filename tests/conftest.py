@@ -43,7 +43,7 @@ def regen_golden(request: pytest.FixtureRequest) -> bool:
     return bool(request.config.getoption("--regen-golden"))
 
 
-TIERS = ("unit", "integration", "container", "vm", "vmlong", "accel")
+TIERS = ("unit", "integration", "container", "vm", "vmlong", "accel", "arm64long")
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -33,7 +34,7 @@ def test_kiln_model_optimize_gates_on_the_openvino_ep() -> None:
     assert "runtime_worker.py" in r.stderr  # measured in the runtime venv's python, through run()
     shown = " ".join(r.stdout.split())  # the rich table's caption wraps with the terminal
     assert f"fp16 @ {OV_CPU}" in shown and "fp16 @ CPUExecutionProvider" in shown
-    assert f"gated on {OV_CPU} (onnxruntime-openvino 1.24.1)" in shown
+    assert f"gated on {OV_CPU} on {platform.machine()} (onnxruntime-openvino 1.24.1)" in shown
     assert "OpenVINO device GPU is not available on this host: measured on its CPU device" in shown
 
     hc = load_class(CLASS, ROOT / "images")

@@ -41,6 +41,7 @@ from builder.machine import (  # noqa: F401  (re-exported: the VM's firmware and
     Accel,
     Firmware,
     finalize_accel,
+    finalize_boot_timeout,
     finalize_machine_argv,
     find_firmware,
     probe_kvm,

@@ -80,11 +80,12 @@ def vm_group() -> None:
               "a device key made in it survives the next boot with the same --workdir).")
 @click.option("--check", is_flag=True, help="Boot, wait until the golden health check passes, power off; "
               "exit 10 when it does not.")
-@click.option("--timeout", type=float, default=900, show_default=True,
-              help="With --check: seconds to wait for the health check.")
+@click.option("--timeout", type=float, default=None,
+              help="With --check: seconds to wait for the health check (default: 900, times the emulation "
+                   "allowance of an arm64 disk on an x86_64 host).")
 def vm_run(disk: Path, ssh_port: int | None, snapshot: bool, accel: str, memory_mib: int,
            ssh_key: Path | None, ovmf_code: Path | None, ovmf_vars: Path | None, workdir: Path | None,
-           tpm: bool, check: bool, timeout: float) -> None:
+           tpm: bool, check: bool, timeout: float | None) -> None:
     """Boot DISK in QEMU; follow its console until it powers off (Ctrl-C powers it off)."""
     record = vm.read_disk_record(disk)
     if ssh_key is None and record.get("class_name"):
@@ -102,7 +103,8 @@ def vm_run(disk: Path, ssh_port: int | None, snapshot: bool, accel: str, memory_
             say(f"ssh -i {ssh_key} -p {machine.ssh_port} -o StrictHostKeyChecking=no "
                 f"-o UserKnownHostsFile=/dev/null root@127.0.0.1", markup=False)
         if check:
-            seconds = machine.wait_for_healthy(timeout)
+            arch = machine.config.architecture or vm.finalize_disk_architecture(disk)
+            seconds = machine.wait_for_healthy(timeout or vm.finalize_boot_timeout(arch))
             console.print(f"healthy: the golden inference check passed {seconds:.1f} s after QEMU started "
                           f"({machine.accel.value})", markup=False)
             machine.poweroff()

@@ -132,9 +132,10 @@ def push_cmd(cls: str, registry: str, version: str, engine: str, tls_verify: boo
 @click.option("--version", "version", default="1.0.0", show_default=True, help="Version to build and boot.")
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True,
               help="QEMU accelerator (auto: KVM when it can boot OVMF here, else TCG).")
-@click.option("--timeout", type=float, default=900, show_default=True,
-              help="Seconds to wait for the booted device to pass its health check.")
-def demo(cls: str, version: str, accel: str, timeout: float) -> None:
+@click.option("--timeout", type=float, default=None,
+              help="Seconds to wait for the booted device to pass its health check (default: 900, times "
+                   "the emulation allowance of an arm64 class on an x86_64 host).")
+def demo(cls: str, version: str, accel: str, timeout: float | None) -> None:
     """The main job: validate, build CLASS (model gated), make its A/B disk, boot it, show it healthy."""
     from builder import disk, vm
     from builder.build import build_class
@@ -155,7 +156,7 @@ def demo(cls: str, version: str, accel: str, timeout: float) -> None:
     config = vm.VMConfig(disk=Path(made.output), accel=vm.Accel(accel), snapshot=True,
                          ssh_key=key if key.is_file() else None)
     with steps.step(f"boot {cls} {version} in QEMU and wait for its health check"), vm.start_vm(config) as machine:
-        healthy = machine.wait_for_healthy(timeout)
+        healthy = machine.wait_for_healthy(timeout or vm.finalize_boot_timeout(hc.spec.architecture))
         click.echo(f"healthy {healthy:.1f} s after QEMU started ({machine.accel.value})")
         report = machine.guest_exec(
             "cat /usr/lib/kiln/release.json /var/lib/kiln/health/inference.json; echo; "

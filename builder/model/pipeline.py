@@ -328,8 +328,11 @@ def _measure_runtime(runtime: ClassRuntime, measured: list[Measured], inputs: In
     say(f"validating and timing {len(measured)} candidate(s) under {runtime.title}")
     files = [(m.built.name, CANDIDATE_PRECISION[m.built.name], m.built.path) for m in measured
              if m.built.path is not None]
+    golden = head(inputs.validation, min(policy.golden_count, len(inputs.validation))) \
+        if runtime.container is not None else None  # golden outputs from the class's own ISA (ship)
     return rts.measure_class_runtime(runtime, files, inputs.validation, inputs.sig,
-                                     graph_level=policy.graph_level, latency_runs=policy.latency_runs)
+                                     graph_level=policy.graph_level, latency_runs=policy.latency_runs,
+                                     golden=golden)
 
 
 def _figures(outputs: val.Outputs, reference: val.Outputs, inputs: Inputs, size: int, p95: float) -> Metrics:
@@ -471,9 +474,12 @@ def check_golden_fits(golden: Any, sig: Any, data: Any) -> None:
 
 def _ship_target_golden(target: rts.Measurement, chosen: str, inputs: Inputs, policy: OptimizationPolicy,
                         outdir: Path, count: int) -> None:
-    """golden.npz from the outputs the class's runtime gave on its own ISA (builder.model.runtimes)."""
+    """golden.npz from the outputs the class's runtime gave on its own ISA for the golden samples, run
+    as the device's check runs them (builder.model.runtimes: one batch, not the validation's)."""
     sig, data = inputs.sig, inputs.validation
-    outputs = target.outputs[chosen][sig.output_name][:count]
+    outputs = target.golden[chosen][sig.output_name]
+    if len(outputs) != count:
+        raise ModelError(f"the class's runtime gave {len(outputs)} golden outputs for {chosen}, expected {count}")
     if data.x is not None:
         labels = data.y[:count] if data.y is not None else np.zeros(0)
         val.write_golden(outdir / "golden.npz", sig, data.x[:count], np.concatenate(outputs), labels,

@@ -11,7 +11,8 @@ and reads back what this writes:
                "array_form" (feeds are batches of rows: outputs are split per row), "batch" (a fixed
                batch size or null), "latency_samples", "graph_level", "latency_runs", "warmup_runs",
                "attempts": {precision: [[provider or [provider, {options}], ...], ...]},
-               "result", "outputs"}
+               "result", "outputs", "golden" (optional: {"inputs", "feeds", "rows", "outputs"}, the golden
+               samples batched as the device's health check runs them)}
     result:   {"onnxruntime", "machine" (the ISA it ran on), "available", "attempts": [[attempt, error or null], ...],
                "providers", "provider_options", "candidates": {name: {load_ms, p50_ms, p95_ms}
                or {error}}}
@@ -65,6 +66,12 @@ def providers(attempt: list[Any]) -> list[Any]:
 
 def open_session(path: str, level: str, attempt: list[Any]) -> ort.InferenceSession:
     return ort.InferenceSession(path, options(level), providers=providers(attempt))
+
+
+def golden_request(req: dict[str, Any]) -> dict[str, Any] | None:
+    """The golden samples' request ("golden": inputs, feeds, rows, outputs), batched as the device runs them."""
+    golden = req.get("golden")
+    return None if golden is None else {**req, **golden}
 
 
 def feeds(req: dict[str, Any]) -> list[dict[str, np.ndarray]]:
@@ -172,11 +179,16 @@ def measure(req: dict[str, Any]) -> dict[str, Any]:
     result["provider_options"] = given_options(req["attempts"][req["candidates"][0]["precision"]][chosen])
     sessions: dict[str, ort.InferenceSession] = {}
     outputs: dict[str, Any] = {}
+    golden_outputs: dict[str, Any] = {}
+    greq = golden_request(req)
+    gx = feeds(greq) if greq is not None else []
     for c in req["candidates"]:
         attempt = req["attempts"][c["precision"]][chosen]
         try:
             sess = open_session(c["path"], req["graph_level"], attempt)
             outputs.update({f"{c['name']}:{k}": v for k, v in predict(sess, req, x).items()})
+            if greq is not None:
+                golden_outputs.update({f"{c['name']}:{k}": v for k, v in predict(sess, greq, gx).items()})
             result["candidates"][c["name"]] = {"load_ms": load_ms(c["path"], req["graph_level"], attempt),
                                                "providers": sess.get_providers(),
                                                "provider_options": given_options(attempt)}
@@ -186,6 +198,8 @@ def measure(req: dict[str, Any]) -> dict[str, Any]:
     for name, timing in latencies(sessions, req, x).items():
         result["candidates"][name].update(timing)
     np.savez(req["outputs"], **outputs)
+    if greq is not None:
+        np.savez(greq["outputs"], **golden_outputs)
     return result
 
 

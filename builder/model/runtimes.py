@@ -90,6 +90,8 @@ class Measurement:
     figures: dict[str, dict[str, Any]]  # name -> load_ms, p50_ms, p95_ms (or error)
     info: dict[str, Any] = field(default_factory=dict)  # for report.runtime
     note: str | None = None  # the class's EP or device was not what ran
+    # candidate -> output name -> one array per golden sample, batched as the device's check runs them
+    golden: dict[str, dict[str, list[np.ndarray]]] = field(default_factory=dict)
 
 
 def provider_label(providers: Sequence[str], options: dict[str, dict[str, str]]) -> str:
@@ -123,12 +125,16 @@ def _device(attempt: Sequence[Any]) -> str:
 
 
 def measure_class_runtime(runtime: ClassRuntime, candidates: Sequence[tuple[str, str, Path]], data: Any,
-                          sig: Any, *, graph_level: str, latency_runs: int) -> Measurement:
+                          sig: Any, *, graph_level: str, latency_runs: int, golden: Any = None) -> Measurement:
     """Run the worker with the runtime's python over (name, precision, file) (FP32 first).
 
     `data` (builder.model.data.Dataset) goes over as one feed per sample; the outputs come back
-    per candidate as {output name: [one array per sample]}. ModelError when the worker fails."""
+    per candidate as {output name: [one array per sample]}. `golden` (a Dataset: the golden samples)
+    is run again as the device's health check runs it (one batch, as builder.model.validate.predict
+    does), since a dynamically quantized model's outputs depend on the batch it is in.
+    ModelError when the worker fails."""
     from builder.model.data import batched
+    from builder.model.validate import PREDICT_BATCH
 
     assert runtime.runnable
     with tempfile.TemporaryDirectory(prefix="kiln-runtime-") as tmp:
@@ -147,6 +153,12 @@ def measure_class_runtime(runtime: ClassRuntime, candidates: Sequence[tuple[str,
             "attempts": {pr: [list(a) for a in tries] for pr, tries in runtime.attempts.items()},
             "result": str(work / "result.json"), "outputs": str(work / "outputs.npz"),
         }
+        if golden is not None:
+            gfeeds = list(batched(sig, golden, PREDICT_BATCH))
+            garrays = {f"{i}:{name}": v for i, (feed, _) in enumerate(gfeeds) for name, v in feed.items()}
+            np.savez(work / "golden-inputs.npz", **garrays)  # type: ignore[arg-type]
+            request["golden"] = {"inputs": str(work / "golden-inputs.npz"), "feeds": len(gfeeds),
+                                 "rows": [n for _, n in gfeeds], "outputs": str(work / "golden-outputs.npz")}
         (work / "request.json").write_text(json.dumps(request, indent=2))
         if runtime.container is not None:
             c = runtime.container
@@ -159,11 +171,8 @@ def measure_class_runtime(runtime: ClassRuntime, candidates: Sequence[tuple[str,
         except CommandFailed as exc:
             raise ModelError(f"measuring the candidates under {runtime.title}: {exc}") from None
         result = json.loads((work / "result.json").read_text())
-        outputs: dict[str, dict[str, list[np.ndarray]]] = {}
-        with np.load(work / "outputs.npz") as npz:
-            for key in sorted(npz.files, key=_key_order):
-                cand, _index, name = key.split(":", 2)
-                outputs.setdefault(cand, {}).setdefault(name, []).append(npz[key])
+        outputs = _read_outputs(work / "outputs.npz")
+        golden_outputs = _read_outputs(work / "golden-outputs.npz") if golden is not None else {}
     label = provider_label(result.get("providers", []), result.get("provider_options", {}))
     info = {**runtime.to_dict(), "measured_with": label, "onnxruntime": result.get("onnxruntime"),
             "isa": result.get("machine"),
@@ -171,7 +180,17 @@ def measure_class_runtime(runtime: ClassRuntime, candidates: Sequence[tuple[str,
             "session_providers": result.get("providers"),
             "provider_options": _shown_options(result.get("provider_options", {})),
             "attempts": result.get("attempts", [])}
-    return Measurement(label, outputs, result["candidates"], info, finalize_note(runtime, result))
+    return Measurement(label, outputs, result["candidates"], info, finalize_note(runtime, result), golden_outputs)
+
+
+def _read_outputs(path: Path) -> dict[str, dict[str, list[np.ndarray]]]:
+    """The worker's NPZ ("CANDIDATE:I:OUTPUT") as candidate -> output -> one array per sample, in order."""
+    outputs: dict[str, dict[str, list[np.ndarray]]] = {}
+    with np.load(path) as npz:
+        for key in sorted(npz.files, key=_key_order):
+            cand, _index, name = key.split(":", 2)
+            outputs.setdefault(cand, {}).setdefault(name, []).append(npz[key])
+    return outputs
 
 
 def _key_order(key: str) -> tuple[str, int, str]:

@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             projects = {V1: None, MODEL: make_retrained_project(tmp / "model", cls=cls),
                         LARGE: make_widened_project(tmp / "large", cls=cls),
                         PACKAGE: make_package_project(tmp / "package", cls=cls),
-                        BAD: make_broken_golden_project(tmp / "bad", cls=cls)}
+                        BAD: make_broken_golden_project(tmp / "bad", cls=cls, state=state)}
             records.update({v: build(state, v, p, cls) for v, p in projects.items() if p is not None})
             with running_registry(tmp / "registry", lookaside_dir=tmp / "signatures") as info:
                 release(state, info, key, tmp / "signatures", V1, None, cls)

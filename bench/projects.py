@@ -15,6 +15,7 @@ from pathlib import Path
 from bench.common import ROOT
 from builder import paths
 from builder.loader import load_class
+from builder.state import StateDir
 
 QEMU_CLASS = "qemu-x86_64"
 
@@ -136,15 +137,16 @@ def make_package_project(dest: Path, package: str = "jq", *, cls: str = QEMU_CLA
     return dest
 
 
-def make_broken_golden_project(dest: Path, *, cls: str = QEMU_CLASS) -> Path:
-    """A project copy whose model ships with wrong golden outputs: the device's golden check fails."""
+def make_broken_golden_project(dest: Path, *, cls: str = QEMU_CLASS, state: StateDir | None = None) -> Path:
+    """A project copy whose model ships with wrong golden outputs: the device's golden check fails.
+    `state`: the store the gate may build in (an arm64 class's gate runs in an image there)."""
     import numpy as np
 
     from builder.models import make_optimized_models
 
     make_retrained_project(dest, note="broken golden set", cls=cls)
     with project_dir(dest):  # optimize, then replace the golden outputs with wrong ones
-        make_optimized_models(load_class(cls, dest / "images"), source=f"images/{cls}.yaml")
+        make_optimized_models(load_class(cls, dest / "images"), source=f"images/{cls}.yaml", state=state)
     for golden in in_project(dest, lambda: paths.class_dir(cls) / "models").glob("digits/*/golden.npz"):
         data = dict(np.load(golden))
         data["outputs"] = data["outputs"][:, ::-1].copy()

@@ -36,6 +36,7 @@ from builder.base import make_base_for_class
 from builder.capability import why_not_buildable
 from builder.contents import finalize_contents
 from builder.context import Context
+from builder.emulation import needs_emulation
 from builder.engine import ImageInfo
 from builder.errors import BuildError, KilnError, UsageError
 from builder.mirrors import BaseMirror, finalize_base_mirror
@@ -144,7 +145,8 @@ def build_class(
     mark = steps.mark()
     record_file = paths.record_path(hc.name, version)
     epoch = finalize_epoch()
-    platform = hc.spec.architecture.oci_platform
+    # another architecture's image (its RUN steps under qemu-user); the host's builds as they always did
+    platform = hc.spec.architecture.oci_platform if needs_emulation(hc.spec.architecture) else None
     revision = revision or finalize_revision(paths.project_root())
     try:
         with steps.step("check the engine and the class"):

@@ -94,14 +94,14 @@ def find_kernel(rootfs: Path, source: str) -> tuple[str, Path, Path]:
     """The kernel the image boots (kiln_device.kernel: the newest with vmlinuz and initramfs.img),
     checked to be one systemd-boot can start."""
     found = kernel.find_kernels(rootfs)
-    if not found:
-        if not any((d / kernel.VMLINUZ).exists() for d in kernel.kernel_dirs(rootfs)):
-            raise DiskError(f"{source} has no kernel: no /{MODULES_DIR}/<kver>/vmlinuz",
-                            hint="a Kiln image keeps its kernel in /usr/lib/modules/$kver/vmlinuz "
-                                 "(the class's kernel.package, moved there by the Containerfile)")
-        kver = next(d.name for d in reversed(kernel.kernel_dirs(rootfs)) if (d / kernel.VMLINUZ).exists())
-        raise DiskError(f"{source} has a kernel but no initramfs: /{MODULES_DIR}/{kver}/initramfs.img is missing",
-                        hint="the image must run update-initramfs with Kiln's hook (overlays/initramfs)")
+    with_vmlinuz = [d.name for d in kernel.kernel_dirs(rootfs) if (d / kernel.VMLINUZ).exists()]
+    if not with_vmlinuz:
+        raise DiskError(f"{source} has no kernel: no /{MODULES_DIR}/<kver>/vmlinuz",
+                        hint="a Kiln image keeps its kernel in /usr/lib/modules/$kver/vmlinuz "
+                             "(the class's kernel.package, moved there by the Containerfile)")
+    if not found or found[-1].version != with_vmlinuz[-1]:  # the newest kernel must be whole
+        raise DiskError(f"{source} has a kernel but no initramfs: /{MODULES_DIR}/{with_vmlinuz[-1]}/initramfs.img "
+                        "is missing", hint="the image must run update-initramfs with Kiln's hook (overlays/initramfs)")
     boot = found[-1]
     why = kernel.why_not_bootable(boot.vmlinuz)
     if why is not None:

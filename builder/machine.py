@@ -54,7 +54,8 @@ BOOT_TIMEOUT = 900.0  # seconds to healthy for an x86_64 guest under TCG on a bu
 def finalize_boot_timeout(arch: Architecture) -> float:
     """How long to wait for a guest of ARCH to pass its health check here."""
     return BOOT_TIMEOUT * (SLOWDOWN[arch] if needs_emulation(arch) else 1.0)
-# What the console shows once the image's golden inference check has passed (or failed).
+
+
 class Accel(enum.StrEnum):
     auto = "auto"
     kvm = "kvm"
@@ -105,15 +106,17 @@ def finalize_machine_argv(arch: Architecture, accel: Accel) -> list[str]:
 
 
 @functools.cache
-def probe_kvm(qemu: str, code: Path, vars_template: Path, timeout: float = 20.0) -> str | None:
-    """None when OVMF runs under KVM here, else why not (measured by booting OVMF without a disk)."""
+def probe_kvm(qemu: str, code: Path, vars_template: Path, timeout: float = 20.0,
+              arch: Architecture = Architecture.x86_64) -> str | None:
+    """None when the UEFI firmware runs under KVM here, else why not (measured by booting it without a
+    disk, on ARCH's board)."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return "/dev/kvm is missing or not accessible"
     with tempfile.TemporaryDirectory(prefix="kiln-kvm-probe-") as tmp:
         vars_copy = Path(tmp) / "vars.fd"
         shutil.copyfile(vars_template, vars_copy)
         log = Path(tmp) / "serial.log"
-        argv = [qemu, "-machine", "q35", "-accel", "kvm", "-cpu", "host", "-m", "256", "-nodefaults",
+        argv = [qemu, *finalize_machine_argv(arch, Accel.kvm), "-m", "256", "-nodefaults",
                 "-display", "none", "-net", "none",
                 "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
                 "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
@@ -143,7 +146,7 @@ def finalize_accel(requested: Accel, qemu: str, fw: Firmware,
             raise VMError(f"KVM cannot run an {arch.value} guest on this {platform.machine()} host",
                           hint="use --accel tcg (or auto)")
         return Accel.tcg, f"an {arch.value} guest on a {platform.machine()} host: TCG"
-    why = probe_kvm(qemu, fw.code, fw.vars_template)
+    why = probe_kvm(qemu, fw.code, fw.vars_template, arch=arch)
     if why is None:
         return Accel.kvm, None
     if requested is Accel.kvm:

@@ -187,7 +187,8 @@ def _same_inputs(report: Report, hc: HardwareClass, policy: OptimizationPolicy, 
     measured = (report.runtime.get("name"), report.runtime.get("version")) if report.runtime else None
     other = want_runtime_venv(hc, "onnxruntime", onnxruntime.__version__) or want_runtime_image(hc)
     wanted = (rt.name.value, rt.version) if other else None
-    if want_runtime_image(hc) and report.runtime.get("isa") != hc.spec.architecture.value:
+    if want_runtime_image(hc) and why_no_runtime_image(hc) is None \
+            and report.runtime.get("isa") != hc.spec.architecture.value:
         return False  # gated on another ISA than the class's: measure again on its own
     return (report.policy == policy.to_dict() and report.gates == gates.to_dict()
             and report.onnxruntime_version == onnxruntime.__version__ and measured == wanted

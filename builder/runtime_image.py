@@ -24,7 +24,7 @@ from builder.errors import BuildError, KilnError
 from builder.model.runtimes import Container
 from builder.pins import make_checked_wheelhouse
 from builder.run import run
-from builder.spec import BaseSource, Family, HardwareClass
+from builder.spec import Architecture, BaseSource, Family, HardwareClass
 from builder.wheels import render_locked_requirements
 
 GATE_PYTHON = "/opt/kiln-gate/venv/bin/python"
@@ -100,7 +100,8 @@ def make_runtime_image(ctx: Context, hc: HardwareClass, source: str) -> Containe
             raise exc.with_context(f"making the model gate's {hc.spec.architecture.value} runtime") from exc.__cause__
     emulated = needs_emulation(hc.spec.architecture)
     cpu = EMULATED_CPU[hc.spec.architecture] if emulated else None
-    cpuinfo = make_cpuinfo(ctx, ref, platform, cpu) if emulated else None
+    arm = hc.spec.architecture is Architecture.aarch64
+    cpuinfo = make_cpuinfo(ctx, ref, platform, cpu) if emulated and arm else None
     return Container(image=ref, python=GATE_PYTHON, platform=platform, isa=hc.spec.architecture.value,
                      env=ctx.state.engine_env(), emulated=emulated, cpuinfo=cpuinfo, cpu=cpu)
 
@@ -124,5 +125,7 @@ def make_cpuinfo(ctx: Context, ref: str, platform: str, cpu: str | None) -> Path
         raise BuildError(f"reading the emulated CPU's features in {ref}: {exc}") from None
     path = ctx.state.root / "gate" / f"cpuinfo-{platform.replace('/', '-')}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_cpuinfo(hwcap, os.cpu_count() or 1))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(render_cpuinfo(hwcap, os.cpu_count() or 1))
+    tmp.replace(path)  # another build may be reading it
     return path

@@ -52,6 +52,7 @@ from builder.run import find_tool, spawn
 from builder.spec import Architecture
 
 HOST_FROM_GUEST = "10.0.2.2"  # QEMU user-mode networking: the host's loopback
+# What the console shows once the image's golden inference check has passed (or failed).
 HEALTH_UNIT = "kiln-health-inference.service"
 LOGIN_PATTERN = r"login: "
 

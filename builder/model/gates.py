@@ -123,7 +123,8 @@ _WORDING = {
 
 
 def golden(max_abs_diff: float, tolerance: float) -> GateResult:
-    """The device replays the host's outputs within the tolerance: the class's runtime must too."""
+    """The device replays the host's outputs within the tolerance: the class's runtime must too (where
+    the golden set is the host's; a class of another ISA replays its own ISA's: builder.model.pipeline)."""
     return GateResult("golden_tolerance", max_abs_diff <= tolerance, max_abs_diff, tolerance)
 
 

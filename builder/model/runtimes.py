@@ -47,7 +47,8 @@ class Container:
 
     def argv(self, read_only: Sequence[Path], writable: Path) -> list[str]:
         """`podman run` with each path mounted at the same place, so the request's paths hold inside."""
-        mounts = [f"{p}:{p}:ro" for p in sorted({q.resolve() for q in read_only})] + [f"{writable}:{writable}"]
+        # the paths as the request and the command line name them (podman follows links in the source)
+        mounts = [f"{p}:{p}:ro" for p in sorted({q.absolute() for q in read_only})] + [f"{writable}:{writable}"]
         if self.cpuinfo is not None:
             mounts.append(f"{self.cpuinfo}:/proc/cpuinfo:ro")
         cpu = ["--env", f"QEMU_CPU={self.cpu}"] if self.cpu else []
@@ -138,7 +139,7 @@ def measure_class_runtime(runtime: ClassRuntime, candidates: Sequence[tuple[str,
 
     assert runtime.runnable
     with tempfile.TemporaryDirectory(prefix="kiln-runtime-") as tmp:
-        work = Path(tmp).resolve()
+        work = Path(tmp).absolute()
         feeds = list(batched(sig, data, 256))
         arrays = {f"{i}:{name}": v for i, (feed, _) in enumerate(feeds) for name, v in feed.items()}
         np.savez(work / "inputs.npz", **arrays)  # type: ignore[arg-type]

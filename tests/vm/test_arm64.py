@@ -156,7 +156,8 @@ def test_arm64_model_only_update_boots_slot_b_and_is_blessed(arm64_releases: Rel
 @pytest.mark.arm64long
 def test_arm64_failed_golden_check_rolls_back_by_itself(arm64_releases: Releases,
                                                        arm64_device: vm.VMConfig) -> None:
-    arm64_releases.release("1.0.2", make_broken_golden_project(arm64_releases.tmp / "v3", cls=ARM64_CLASS))
+    arm64_releases.release("1.0.2", make_broken_golden_project(arm64_releases.tmp / "v3", cls=ARM64_CLASS,
+                                                                          state=arm64_releases.state))
     with vm.start_vm(arm64_device) as machine:
         machine.wait_for_ssh(ARM64_BOOT_TIMEOUT)
         assert status(machine)["version"] == "1.0.1"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
@@ -13,19 +12,14 @@ from builder.run import have_tool, run
 from builder.spec import BaseSource, Family, HardwareClass
 
 
-def host_architecture() -> str:
-    machine = platform.machine()
-    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
-
-
 def why_not_buildable(hc: HardwareClass, *, probe_network: bool = True, tools: bool = True) -> list[str]:
     """Every reason this machine cannot build `hc`; `tools=False` leaves out missing host tools
     (the build raises ToolMissing for those where they are actually needed)."""
     spec = hc.spec
     reasons = []
-    emulation = why_not_emulated(spec.architecture)
+    emulation = why_not_emulated(spec.architecture)  # it names the host's architecture and what is missing
     if emulation is not None:
-        reasons.append(f"{spec.architecture.value} image on a {host_architecture()} host: {emulation}")
+        reasons.append(emulation)
     if tools and not (have_tool("podman") or have_tool("buildah")):
         reasons.append("no OCI engine: install podman (apt-get install podman runc)")
     if spec.base.source is BaseSource.bootstrap and spec.base.family is not Family.debian:

@@ -78,7 +78,7 @@ def context(state: StateDir) -> Context:
 def build(state: StateDir, version: str, project: Path | None, cls: str = CLS) -> dict[str, Any]:
     with project_dir(project) as proj:
         hc = load_class(cls, proj / "images")
-        return build_class(context(state), hc, source=f"images/{cls}.yaml", version=version)
+        return build_class(context(state), hc, source=f"images/{hc.file_name}", version=version)
 
 
 def release(state: StateDir, info: RegistryInfo, key: SigningKey, signatures: Path, version: str,

@@ -9,7 +9,8 @@ from builder import names
 from builder.emulation import why_not_emulated
 from builder.net import reachable
 from builder.run import have_tool, run
-from builder.spec import BaseSource, Family, HardwareClass
+from builder.spec import BaseSource, BootControl, Family, HardwareClass
+from builder.stand_in import SUFFIX
 
 
 def why_not_buildable(hc: HardwareClass, *, probe_network: bool = True, tools: bool = True) -> list[str]:
@@ -25,6 +26,9 @@ def why_not_buildable(hc: HardwareClass, *, probe_network: bool = True, tools: b
     if spec.base.source is BaseSource.bootstrap and spec.base.family is not Family.debian:
         reasons.append(f"a {spec.base.family.value} base: Kiln bootstraps Debian bases only "
                        f"({spec.base.release or 'no release'} would come from {spec.base.mirror or 'its mirror'})")
+    if spec.boot_control is BootControl.nvbootctrl:
+        reasons.append("boot control nvbootctrl: the agent's Jetson A/B backend (UEFI capsules, nvbootctrl) "
+                       "is not implemented, so no device could take an update")
     if tools and spec.base.source is BaseSource.bootstrap and not have_tool("mmdebstrap"):
         reasons.append("bootstrap base needs mmdebstrap (apt-get install mmdebstrap)")
     if spec.base.source is BaseSource.registry and not _image_present(hc):
@@ -40,6 +44,8 @@ def why_not_buildable(hc: HardwareClass, *, probe_network: bool = True, tools: b
             alternatives = " or ".join(f"{urlsplit(u).hostname} ({u})" for u in base_urls)
             reasons.append(f"base mirror: needs {alternatives}, unreachable from here")
         reasons.extend(f"needs {urlsplit(u).hostname} ({u}), unreachable from here" for u in urls if not ok[u])
+    if reasons and spec.stand_in is not None and not why_not_emulated(spec.architecture):
+        reasons.append(f"{hc.name}{SUFFIX} builds the rest of the class here, for QEMU (spec.standIn)")
     return reasons
 
 

@@ -47,7 +47,15 @@ def check(hc: HardwareClass, lines: dict[Loc, str], source: str, path: Path | No
                       f"'{hc.metadata.name}' must match the file name ({path.name})"))
     for fn in CHECKS:
         found.extend(fn(hc))
+    if hc.stand_in_for is not None:  # what the stand-in took from spec.standIn is found there
+        found = [(_stand_in_loc(loc), f"{hc.name}: {msg}") for loc, msg in found]
     return [f"{where(lines, loc, source)}: {format_loc(loc)}: {msg}" for loc, msg in found]
+
+
+def _stand_in_loc(loc: Loc) -> Loc:
+    from builder.stand_in import REPLACED
+
+    return ("spec", "standIn", *loc[1:]) if loc[:1] == ("spec",) and len(loc) > 1 and loc[1] in REPLACED else loc
 
 
 @contract
@@ -142,6 +150,10 @@ def accelerator_none(hc: HardwareClass) -> Iterator[Problem]:
 def accelerator_nvidia(hc: HardwareClass) -> Iterator[Problem]:
     acc, spec = hc.spec.accelerator, hc.spec
     if not acc.kind.is_nvidia:
+        return
+    if hc.stand_in_for is not None:  # a stand-in leaves out NVIDIA's stack (builder.stand_in); it still checks for it
+        if HealthCheck.gpu_visible not in spec.rollout.health_checks:
+            yield (("spec", "rollout", "healthChecks"), "GPU classes must check gpu-visible before blessing")
         return
     if acc.driver is None:
         yield (("spec", "accelerator", "driver"), "NVIDIA classes name their driver")
@@ -295,6 +307,12 @@ def boot_control(hc: HardwareClass) -> Iterator[Problem]:
 @contract
 def execution_providers(hc: HardwareClass) -> Iterator[Problem]:
     rt = hc.spec.runtime
+    if hc.stand_in_for is not None:
+        # The stand-in's device asks for the class's own providers (checked on the class) and finds them
+        # missing from its CPU runtime, as a board whose accelerator is gone would: its fallback decides.
+        if rt.name is not RuntimeName.onnxruntime:
+            yield (("spec", "runtime", "name"), "a stand-in's runtime is onnxruntime, the CPU build from PyPI")
+        return
     allowed = rt.name.execution_providers
     for i, ep in enumerate(rt.execution_providers):
         if ep not in allowed:

@@ -19,6 +19,7 @@ from builder import contracts, paths
 from builder.errors import SpecError
 from builder.locations import Loc, format_loc, where
 from builder.spec import API_VERSION, HardwareClass
+from builder.stand_in import SUFFIX, finalize_stand_in_data, finalize_stand_in_lines, stand_in_target
 
 
 @dataclass
@@ -108,16 +109,36 @@ def _scalar(node: yaml.Node, doc: Document, source: str, problems: list[str]) ->
 
 
 def known_classes(images_dir: Path | None = None) -> list[str]:
+    """The classes in images/, and `<class>-stand-in` after each class whose file has spec.standIn."""
     images_dir = images_dir or paths.images_dir()
-    return sorted(p.stem for p in images_dir.glob("*.yaml") if not p.name.startswith("_"))
+    names = []
+    for path in sorted(images_dir.glob("*.yaml")):
+        if path.name.startswith("_"):
+            continue
+        names.append(path.stem)
+        if _declares_stand_in(path) and not path.with_name(f"{path.stem}{SUFFIX}.yaml").exists():
+            names.append(f"{path.stem}{SUFFIX}")
+    return names
+
+
+def _declares_stand_in(path: Path) -> bool:
+    try:
+        data = read_document(path).data
+    except SpecError:
+        return False  # loading the class says what is wrong with it
+    spec = data.get("spec") if isinstance(data, dict) else None
+    return isinstance(spec, dict) and "standIn" in spec
 
 
 def resolve_class_path(ref: str, images_dir: Path | None = None) -> Path:
-    """CLASS is a name from images/ or a path to a YAML file."""
+    """CLASS is a name from images/ or a path to a YAML file; `<class>-stand-in` is the class's file."""
     if ref.endswith((".yaml", ".yml")) or "/" in ref:
         return Path(ref)
     images_dir = images_dir or paths.images_dir()
     path = images_dir / f"{ref}.yaml"
+    target = stand_in_target(ref)
+    if not path.exists() and target is not None and (images_dir / f"{target}.yaml").exists():
+        return images_dir / f"{target}.yaml"
     if not path.exists():
         names = known_classes(images_dir)
         close = difflib.get_close_matches(ref, names, n=1)
@@ -195,13 +216,34 @@ def read_defaults(path: Path, referrer: str) -> Document:
 
 
 def load_class(ref: str | Path, images_dir: Path | None = None) -> HardwareClass:
-    """Load, merge, validate and contract-check one class. Raises SpecError only."""
+    """Load, merge, validate and contract-check one class. Raises SpecError only.
+    `<class>-stand-in` is the class's stand-in (builder.stand_in), from the class's own file."""
+    target = stand_in_target(ref) if isinstance(ref, str) else None
+    folder = images_dir or paths.images_dir()
+    if target is not None and not (folder / f"{ref}.yaml").exists() and (folder / f"{target}.yaml").exists():
+        return load_stand_in(target, images_dir)
     path = ref if isinstance(ref, Path) else resolve_class_path(ref, images_dir)
     doc = load_merged(path)
     return validate_document(doc, _rel(path), path)
 
 
-def validate_document(doc: Document, source: str, path: Path | None = None) -> HardwareClass:
+def load_stand_in(target: str, images_dir: Path | None = None) -> HardwareClass:
+    """The stand-in of class TARGET: the class validated as it is, then the stand-in derived from it
+    and validated again, its problems located in the class's file (spec.standIn where they come from)."""
+    path = resolve_class_path(target, images_dir)
+    source = _rel(path)
+    doc = load_merged(path)
+    hc = validate_document(doc, source, path)
+    if hc.spec.stand_in is None:
+        raise SpecError(source, [f"{source}: {target} has no spec.standIn, so there is no {target}{SUFFIX} "
+                                 "(a stand-in replaces a vendor's base, kernel and runtime where they are out "
+                                 "of reach; see docs/arm64.md)"])
+    derived = Document(data=finalize_stand_in_data(hc), lines=finalize_stand_in_lines(doc.lines))
+    return validate_document(derived, source, None, stand_in_for=hc.name)
+
+
+def validate_document(doc: Document, source: str, path: Path | None = None, *,
+                      stand_in_for: str | None = None) -> HardwareClass:
     try:
         hc = HardwareClass.model_validate(doc.data)
     except ValidationError as exc:
@@ -210,6 +252,7 @@ def validate_document(doc: Document, source: str, path: Path | None = None) -> H
         raise SpecError(source, problems) from None
     except (RecursionError, ValueError, TypeError) as exc:  # defensive: never a traceback
         raise SpecError(source, [f"{source}: cannot validate: {exc}"]) from None
+    hc._stand_in_for = stand_in_for
     problems = contracts.check(hc, doc.lines, source, path)
     if problems:
         raise SpecError(source, problems)

@@ -119,7 +119,7 @@ def make_optimized_models(hc: HardwareClass, progress: Progress | None = None, *
                 progress(f"model {m.name} {m.version}: up to date ({cached.chosen}, {out})")
             reports.append(cached)
             continue
-        runtime = runtime or finalize_class_runtime(hc, state, source or f"images/{hc.name}.yaml")
+        runtime = runtime or finalize_class_runtime(hc, state, source or f"images/{hc.file_name}")
         try:
             reports.append(optimize_model(root / m.source, calibration, root / m.validation.dataset,
                                           policy, gates, out, progress, runtime, name=m.name))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, WithJsonSchema
 from pydantic.alias_generators import to_camel
 
 from builder import safe
@@ -432,6 +432,28 @@ class Access(Strict):
     ssh: bool = False
 
 
+class StandInRuntime(Strict):
+    """The stand-in's runtime: a CPU build from PyPI. The device still asks for the class's own
+    execution providers, so it finds its accelerator missing and does what the class's fallback says."""
+
+    name: RuntimeName
+    version: PackageVersion
+    index: Url | None = None
+
+
+class StandIn(Strict):
+    """The class without its vendor's board support package, for QEMU: `kiln build <class>-stand-in`
+    (builder.stand_in). Where the vendor's base, kernel, repositories, driver, container toolkit,
+    accelerated runtime or boot control are out of reach, these stand in for them; the agent, health
+    checks, models, gates, rollout and the accelerator's fallback policy stay the class's. A stand-in
+    is a development class (`<vendor>,<class>-stand-in`): no device of the class ever takes it."""
+
+    base: Base
+    kernel: Kernel
+    runtime: StandInRuntime
+    packages: tuple[PackageName, ...] = ()  # in place of spec.packages (the development class's SSH server)
+
+
 class Spec(Strict):
     development: bool = False
     architecture: Architecture
@@ -449,6 +471,7 @@ class Spec(Strict):
     disk: Disk
     rollout: Rollout
     access: Access = Access()
+    stand_in: StandIn | None = None
 
 
 class Metadata(Strict):
@@ -464,7 +487,18 @@ class HardwareClass(Strict):
     kind: Literal["HardwareClass"]
     metadata: Metadata
     spec: Spec
+    _stand_in_for: str | None = PrivateAttr(default=None)  # set by builder.stand_in, never from YAML
 
     @property
     def name(self) -> str:
         return self.metadata.name
+
+    @property
+    def file_name(self) -> str:
+        """Its file in images/: <class>.yaml (a stand-in's is its class's)."""
+        return f"{self._stand_in_for or self.metadata.name}.yaml"
+
+    @property
+    def stand_in_for(self) -> str | None:
+        """The class this one stands in for (builder.stand_in), or None."""
+        return self._stand_in_for

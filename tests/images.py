@@ -64,5 +64,5 @@ def class_image(cls: str, state: StateDir | None = None, version: str = QEMU_VER
     key = (str(state.root), cls, version)
     if key not in _built:
         hc = load_class(cls, ROOT / "images")
-        _built[key] = build_class(kiln_test_context(state), hc, source=f"images/{cls}.yaml", version=version)
+        _built[key] = build_class(kiln_test_context(state), hc, source=f"images/{hc.file_name}", version=version)
     return _built[key]

@@ -15,6 +15,7 @@ from tests.conftest import require_tool
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests/golden"
 CLASSES = ["arm64-vision", "factory-gateway-gpu", "intel-lowpower-detector", "jetson-vision-standard",
+           "jetson-vision-standard-stand-in",
            "medical-cart-cpu", "qemu-x86_64"]
 
 

@@ -67,7 +67,7 @@ class Releases:
         with project_dir(project) as proj:
             hc = load_class(self.cls, proj / "images")
             ctx = kiln_test_context(self.state)
-            build_class(ctx, hc, source=f"images/{self.cls}.yaml", version=version)
+            build_class(ctx, hc, source=f"images/{hc.file_name}", version=version)
             return push_signed(ctx, self.cls, version, self.registry.address, key=self.key,
                                lookaside_dir=self.signatures, channel=channel, tls_verify=False)
 

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import socket
-import sys
 import tempfile
 import time
 from abc import ABC, abstractmethod
@@ -25,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, TypedDict
 
+from builder import output
 from builder.errors import BuildError, CommandFailed, KilnError, RegistryError, ToolMissing, UsageError
 from builder.run import find_tool, have_tool, run, run_streaming, spawn
 from builder.state import StateDir
@@ -334,7 +334,7 @@ class DockerEngine(Engine):
         # (see `reproducible`); passing SOURCE_DATE_EPOCH would only warn "not consumed".
         args = dict(build_args or {})
         dockerfile = _relative_or_absolute(containerfile, context_dir)
-        print(f"+ docker-sdk build --tag {tag} --file {dockerfile} {context_dir}", file=sys.stderr)
+        output.detail(f"+ docker-sdk build --tag {tag} --file {dockerfile} {context_dir}")
         try:
             stream = self.client.api.build(
                 path=str(context_dir),
@@ -393,7 +393,7 @@ class DockerEngine(Engine):
         repo, _, tag = dest.rpartition(":")
         if not repo or "/" in tag:
             repo, tag = dest, "latest"
-        print(f"+ docker-sdk push {ref} {repo}:{tag}", file=sys.stderr)
+        output.detail(f"+ docker-sdk push {ref} {repo}:{tag}")
         digest = None
         try:
             self.client.api.tag(ref, repo, tag)
@@ -433,13 +433,13 @@ class DockerEngine(Engine):
         return iter(api._stream_helper(response, decode=True))
 
     def load(self, archive: Path) -> None:
-        print(f"+ docker-sdk load {archive}", file=sys.stderr)
+        output.detail(f"+ docker-sdk load {archive}")
         with archive.open("rb") as data:
             for chunk in self.client.api.load_image(data):
                 _show_chunk(chunk, "loading", str(archive))
 
     def save(self, ref: str, archive: Path) -> None:
-        print(f"+ docker-sdk save {ref} {archive}", file=sys.stderr)
+        output.detail(f"+ docker-sdk save {ref} {archive}")
         with archive.open("wb") as out:
             for chunk in self.client.images.get(ref).save(named=True):
                 out.write(chunk)
@@ -494,7 +494,7 @@ def _show_chunk(chunk: Mapping[str, Any], doing: str, what: str, error: type[Kil
     text = chunk.get("stream") or chunk.get("status")
     if text:
         for line in str(text).rstrip("\n").splitlines():
-            print(f"  {line}", file=sys.stderr, flush=True)
+            output.detail(f"  {line}")
 
 
 def select_engine(name: str, state: StateDir, *, check: bool = True) -> Engine:

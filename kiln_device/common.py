@@ -22,10 +22,17 @@ CHUNK = 4 * 1024 * 1024
 TOOL_PATH = ":/usr/sbin:/sbin"  # appended to $PATH: mkfs.erofs lives in sbin
 
 
+# Where device code run on a build host logs instead of stderr (the builder's run log, builder.output).
+LOG_SINK: Callable[[str], None] | None = None
+
+
 def make_logger(prog: str) -> Callable[[str], None]:
-    """A log(message) that writes `prog: message` to stderr (the journal, under systemd)."""
+    """A log(message) that writes `prog: message` to stderr (the journal, under systemd), or to LOG_SINK."""
 
     def log(message: str) -> None:
+        if LOG_SINK is not None:
+            LOG_SINK(f"{prog}: {message}")
+            return
         print(f"{prog}: {message}", file=sys.stderr, flush=True)
 
     return log

@@ -22,6 +22,7 @@ from tests.conftest import ROOT, require_tool
 
 QEMU_VERSION = "1.0.0"
 ARM64_CLASS = "arm64-vision"
+JETSON_STAND_IN = "jetson-vision-standard-stand-in"  # jetson-vision-standard without L4T (builder.stand_in)
 TEST_STATE = Path(os.environ.get("KILN_TEST_STATE_DIR") or ROOT / ".kiln" / "test-state")
 
 # The kernel modules qemu-x86_64 leaves out of its base: the container tier's base is that class's.
@@ -45,15 +46,16 @@ def qemu_image(state: StateDir | None = None, version: str = QEMU_VERSION) -> di
     return class_image(QEMU_CLASS, state, version)
 
 
-def arm64_image(state: StateDir | None = None, version: str = QEMU_VERSION) -> dict[str, Any]:
-    """The build record of arm64-vision VERSION (through qemu-user on an x86_64 host), once per session."""
+def arm64_image(state: StateDir | None = None, version: str = QEMU_VERSION, cls: str = ARM64_CLASS) -> dict[str, Any]:
+    """The build record of arm64-vision (or another arm64 CLS) VERSION, through qemu-user on an x86_64
+    host, once per session."""
     from builder.emulation import why_not_emulated
     from builder.spec import Architecture
 
     why = why_not_emulated(Architecture.aarch64)
     if why is not None:
         require_tool(f"qemu-user for arm64 ({why})")
-    return class_image(ARM64_CLASS, state, version)
+    return class_image(cls, state, version)
 
 
 def class_image(cls: str, state: StateDir | None = None, version: str = QEMU_VERSION) -> dict[str, Any]:

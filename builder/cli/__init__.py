@@ -20,11 +20,12 @@ from typing import Any
 import click
 from rich.markup import escape
 
-from builder import __version__
+from builder import __version__, output
 from builder.cli import channel, device, fleet, images, model, registry, release, specs
 from builder.cli.common import err_console
 from builder.errors import KilnError
 from builder.redact import redact
+from builder.state import finalize_state_root
 
 
 class KilnGroup(click.Group):
@@ -40,6 +41,9 @@ class KilnGroup(click.Group):
                               soft_wrap=True)
             if exc.hint:
                 err_console.print(f"hint: {exc.hint}", soft_wrap=True)
+            if output.shown_log_path():
+                err_console.print(f"log: {output.shown_log_path()} (every command and its output)",
+                                  markup=False, soft_wrap=True)
             ctx.exit(exc.exit_code)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
@@ -48,16 +52,22 @@ class KilnGroup(click.Group):
                 sys.stderr.write(redact(traceback.format_exc()))
             err_console.print(f"internal error: {type(exc).__name__}: {redact(str(exc))} "
                               "(run with --debug for a traceback)", markup=False, soft_wrap=True)
+            if output.shown_log_path():
+                err_console.print(f"log: {output.shown_log_path()}", markup=False, soft_wrap=True)
             ctx.exit(1)
 
 
 @click.group(cls=KilnGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="kiln")
-@click.option("--debug", is_flag=True, help="Show external commands and tracebacks.")
+@click.option("--debug", is_flag=True,
+              help="Also show external commands and their output (always in the run's log file, "
+                   "<state>/logs/), and tracebacks.")
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
     """Kiln builds immutable edge-AI OS images, one per hardware class."""
     ctx.obj = {"debug": debug}
+    output.configure(show=debug, log_dir=lambda: finalize_state_root() / "logs")
+    ctx.call_on_close(output.reset)
 
 
 COMMANDS: tuple[click.Command, ...] = (

@@ -9,7 +9,11 @@ model-only update blessed on slot B, and a release whose golden check fails roll
 2. (arm64long tier, scripts/test-arm64) v1 -> v2, the model only: the agent writes slot B, reboots,
    and the trial boot is blessed;
 3. (arm64long) v3 whose golden set is wrong: three trial boots fail their check, systemd-boot falls
-   back to v2 by itself, and the agent records the rollback and never takes v3 again.
+   back to v2 by itself, and the agent records the rollback and never takes v3 again;
+4. (arm64long) jetson-vision-standard's stand-in (the class without NVIDIA's L4T, builder.stand_in)
+   boots on arm64 and does what its class's fallback policy (fail) says without the Orin's GPU: the
+   gpu-visible check names the missing nvgpu, the inference service refuses to serve on the CPU,
+   the golden check fails as accelerator-unavailable.
 
 The same agent, units and boot counting as qemu-x86_64 (tests/vm/test_ota.py): nothing here is
 arm64's own but the machine. Emulated arm64 boots take several minutes under TCG here.
@@ -18,6 +22,7 @@ arm64's own but the machine. Emulated arm64 boots take several minutes under TCG
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +35,7 @@ from builder import disk, paths, vm
 from builder.run import run
 from builder.spec import Architecture
 from tests.conftest import require_tool
-from tests.images import ARM64_CLASS
+from tests.images import ARM64_CLASS, JETSON_STAND_IN
 from tests.vm.conftest import BOOT_TIMEOUT, VM_TOOLS, BuiltDisk, copy_disk
 from tests.vm.otakit import Releases, agent, boot_until_healthy_on, configure, serving_releases, status
 
@@ -172,3 +177,62 @@ def test_arm64_failed_golden_check_rolls_back_by_itself(arm64_releases: Releases
         assert "1.0.2" in st["blocklist"]
         assert agent(machine, "check").exit_status == 5  # never retried
         machine.poweroff()
+
+
+# --- jetson-vision-standard's stand-in: scripts/test-arm64 ------------------------------------------
+
+UNHEALTHY = r"kiln-health-inference: [a-z-]+ \(exit [1-9]"
+
+
+@pytest.fixture(scope="module")
+def stand_in_disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BuiltDisk]:
+    """jetson-vision-standard-stand-in built into the test store (qemu-user), and its raw disk."""
+    for tool in (*VM_TOOLS[1:], "qemu-system-aarch64"):
+        require_tool(tool)
+    from tests.images import arm64_image, kiln_test_context, kiln_test_state
+
+    state = kiln_test_state()
+    build: dict[str, Any] = arm64_image(state, cls=JETSON_STAND_IN)
+    out = tmp_path_factory.mktemp("stand-in-disk") / "disk.raw"
+    record = disk.make_disk(kiln_test_context(state), build["image"]["ref"], output=out, version=build["version"])
+    yield BuiltDisk(out, record, record.class_name, record.version, paths.ssh_key_path(JETSON_STAND_IN))
+    out.unlink(missing_ok=True)
+
+
+@pytest.mark.arm64long
+def test_jetson_stand_in_boots_on_arm64_and_fails_as_its_class_declares(stand_in_disk: BuiltDisk,
+                                                                         tmp_path: Path) -> None:
+    report = json.loads((paths.model_dir(JETSON_STAND_IN, "digits", "1.0.0") / "report.json").read_text())
+    assert (report["runtime"]["isa"], report["runtime"]["onnxruntime"]) == ("aarch64", "1.20.0"), report["runtime"]
+    cfg = vm.VMConfig(disk=stand_in_disk.path, snapshot=True, ssh_key=stand_in_disk.ssh_key,
+                      workdir=tmp_path / "vm")
+    with vm.start_vm(cfg) as machine:
+        assert machine.argv[0].endswith("qemu-system-aarch64")
+        machine.wait_for_console(UNHEALTHY, ARM64_BOOT_TIMEOUT)
+        machine.wait_for_ssh(ARM64_BOOT_TIMEOUT)
+        console = machine.console_text()
+        files = {}
+        for name, path in (("gpu", "health/gpu.json"), ("health", "health/inference.json"),
+                           ("accelerator", "inference/accelerator.json")):
+            files[name] = json.loads(machine.ssh(f"cat /var/lib/kiln/{path}").stdout)
+        uname = machine.ssh("uname -m").stdout.strip()
+        service = machine.ssh("systemctl show -p ExecMainStatus --value kiln-inference.service").stdout.strip()
+        st = status(machine)
+        machine.poweroff()
+    assert uname == "aarch64"
+    assert (st["class"], st["version"], st["bootedSlot"], st["bootControl"]) == (
+        JETSON_STAND_IN, stand_in_disk.version, "a", "systemd-boot"), st
+    # gpu-visible looks for the Orin's GPU (nvgpu), finds none, and policy fail makes that a failure
+    gpu = files["gpu"]
+    assert (gpu["accelerator"], gpu["policy"], gpu["status"], gpu["visible"]) == (
+        "nvidia-jetson", "fail", "gpu-missing", False), gpu
+    assert "the nvgpu kernel module is not loaded (no /sys/module/nvgpu)" in gpu["missing"], gpu
+    assert re.search(r"kiln-health-gpu: .*FAIL: the nvgpu kernel module is not loaded", console), console[-3000:]
+    # the service opened the model on the CPU runtime, found TensorRT missing and would not serve
+    acc = files["accelerator"]
+    assert acc["policy"] == "fail" and acc["failed"], acc
+    assert acc["accelerated"] == "TensorrtExecutionProvider", acc
+    assert service == "4", service
+    # the golden check: accelerator-unavailable, as the class's fallback says
+    health = files["health"]
+    assert (health["status"], health["exit_code"]) == ("accelerator-unavailable", 5), health

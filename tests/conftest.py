@@ -38,6 +38,19 @@ def require_tool(name: str) -> str:
     return path
 
 
+def kiln(*args: str, cwd: Path = ROOT, state: Path | None = None, env: dict[str, str] | None = None,
+         timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """`kiln ARGS` in a process of its own, as a user runs it, from CWD (default the checkout): the
+    checkout on PYTHONPATH, KILN_STATE_DIR=STATE when given, ENV on top. With `check`, a non-zero exit
+    fails the test with both outputs."""
+    full = {**os.environ, "PYTHONPATH": str(ROOT), **({"KILN_STATE_DIR": str(state)} if state else {}), **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "builder.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env=full, timeout=timeout, check=False)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"kiln {' '.join(args)}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
 @pytest.fixture
 def regen_golden(request: pytest.FixtureRequest) -> bool:
     return bool(request.config.getoption("--regen-golden"))

@@ -28,7 +28,7 @@ from kiln_device.agent.identity import Identity, load_or_create
 from kiln_device.agent.outbox import Outbox
 from kiln_device.agent.report import upload
 from kiln_device.contract import Release, parse_release
-from tests.conftest import require_tool
+from tests.conftest import kiln, require_tool
 
 
 def free_port() -> int:
@@ -124,14 +124,6 @@ def declare_only(service: FleetService, path: str, length: int) -> tuple[int, di
         conn.close()
 
 
-def kiln(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "builder.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300, check=False)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"kiln {' '.join(args)}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
 @contextlib.contextmanager
 def running_fleet(tmp: Path, db: str, *, key_dir: Path | None = None, lookaside: Path | None = None,
                   env: dict[str, str] | None = None, hosts: tuple[str, ...] = ("127.0.0.1",)) -> Iterator[FleetService]:
@@ -139,7 +131,7 @@ def running_fleet(tmp: Path, db: str, *, key_dir: Path | None = None, lookaside:
     reaches the host at 10.0.2.2)."""
     tls = tmp / "tls"
     if not (tls / "server.pem").exists():
-        kiln("fleet", "init", str(tls), *(a for h in hosts for a in ("--host", h)), "--db", db, env=env)
+        kiln("fleet", "init", str(tls), *(a for h in hosts for a in ("--host", h)), "--db", db, env=env, check=True)
     port = free_port()
     args = ["fleet", "serve", "--listen", f"127.0.0.1:{port}", "--tls-dir", str(tls), "--db", db]
     if key_dir is not None:

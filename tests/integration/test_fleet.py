@@ -51,7 +51,7 @@ def service(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 def token(db: str, path: Path, cls: str = "tiny", uses: int = 1) -> Path:
-    kiln("fleet", "token", cls, "--uses", str(uses), "--out", str(path), "--db", db)
+    kiln("fleet", "token", cls, "--uses", str(uses), "--out", str(path), "--db", db, check=True)
     assert path.stat().st_mode & 0o077 == 0
     return path
 
@@ -397,7 +397,7 @@ def test_waves_the_automatic_halt_and_resume(world: World, halting, tmp_path: Pa
     assert json.loads(dev.agent("status", "--json").stdout)["pending"]["version"] == "1.1.0"
     assert "this device is in wave 2" in json.loads(dev.agent("status", "--json").stdout)["trust"]["waiting"]
     kiln("rollout", "advance", "tiny", "--channel", "stable", "--key", str(world.trust_keys), "--lookaside",
-         str(world.lookaside))
+         str(world.lookaside), check=True)
     proc = dev.agent("update", "--no-reboot")
     assert proc.returncode == EXIT["ok"], proc.stderr
     assert json.loads(dev.agent("status", "--json").stdout)["pending"]["version"] == "2.0.0"
@@ -441,16 +441,16 @@ def test_waves_the_automatic_halt_and_resume(world: World, halting, tmp_path: Pa
     proc = kiln("rollout", "advance", "tiny", "--channel", "stable", *keys, check=False)
     assert proc.returncode != 0 and "halted" in proc.stderr
     out = kiln("rollout", "status", "tiny", "--channel", "stable", "--lookaside", str(world.lookaside),
-               "--db", db).stdout
+               "--db", db, check=True).stdout
     assert "HALTED" in out and "3 failed" in out
     status = json.loads(kiln("fleet", "status", "tiny", "--json", "--db", db, "--lookaside",
-                             str(world.lookaside)).stdout)
+                             str(world.lookaside), check=True).stdout)
     r = status["classes"]["tiny"]["rollouts"]["stable"]
     assert r["halted"] and r["failed"] == 3 and r["topReasons"][0]["devices"] == 3
     assert status["classes"]["tiny"]["halts"][0]["version"] == "3.0.0"
-    kiln("rollout", "resume", "tiny", "--channel", "stable", *keys)
+    kiln("rollout", "resume", "tiny", "--channel", "stable", *keys, check=True)
     assert not repo.rollout("tiny", "stable")["halted"]
-    kiln("rollout", "halt", "tiny", "--channel", "stable", *keys, "--reason", "by hand")
+    kiln("rollout", "halt", "tiny", "--channel", "stable", *keys, "--reason", "by hand", check=True)
 
     # 4.0.0 replaces the halted 3.0.0; a device outside 4.0.0's first wave never falls back to 3.0.0.
     late = fleet_device(world, "after-halt", svc, db)

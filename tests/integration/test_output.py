@@ -3,29 +3,20 @@
 
 from __future__ import annotations
 
-import os
 import re
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.conftest import ROOT, require_tool
+from tests.conftest import kiln, require_tool
 
 PASSPHRASE = "correct horse battery staple 7f3a"
-
-
-def kiln(*args: str, state: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "KILN_QUIET"}
-    env |= {"KILN_STATE_DIR": str(state), "KILN_KEY_PASSPHRASE": PASSPHRASE, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "builder.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=120)
+ENV = {"KILN_KEY_PASSPHRASE": PASSPHRASE, "KILN_QUIET": "0"}  # KILN_QUIET is the library's, not the CLI's
 
 
 def test_commands_go_to_the_log_not_the_terminal_unless_debug(tmp_path: Path) -> None:
     require_tool("gpg")
     state = tmp_path / "state"
-    quiet = kiln("keys", "init", str(tmp_path / "k1"), state=state, cwd=tmp_path)
+    quiet = kiln("keys", "init", str(tmp_path / "k1"), state=state, cwd=tmp_path, env=ENV)
     assert quiet.returncode == 0, quiet.stderr
     assert not [line for line in quiet.stderr.splitlines() if line.startswith("+ ")], quiet.stderr
     assert "fingerprint " in quiet.stdout
@@ -38,7 +29,7 @@ def test_commands_go_to_the_log_not_the_terminal_unless_debug(tmp_path: Path) ->
     assert stat.S_IMODE(log.stat().st_mode) == 0o600
     assert PASSPHRASE not in text and PASSPHRASE not in quiet.stderr  # given on a pipe, never logged
 
-    loud = kiln("--debug", "keys", "init", str(tmp_path / "k2"), state=state, cwd=tmp_path)
+    loud = kiln("--debug", "keys", "init", str(tmp_path / "k2"), state=state, cwd=tmp_path, env=ENV)
     assert loud.returncode == 0, loud.stderr
     assert re.search(r"^\+ GNUPGHOME=\S+/k2/gnupg gpg --batch", loud.stderr, re.M), loud.stderr
     assert PASSPHRASE not in loud.stderr

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,10 +16,9 @@ import pytest
 from builder import disk, image, vm
 from builder.errors import DiskError, ToolMissing, VMError
 from builder.loader import load_class
-from tests.conftest import ROOT
+from tests.conftest import ROOT, kiln
 
 # Not `-m builder.cli`: that runs cli.py as __main__, a second module the disk and vm commands never see.
-KILN = [sys.executable, "-c", "from builder.cli import main; main()"]
 GiB, MiB = 1024**3, 1024**2
 
 
@@ -55,11 +52,6 @@ def make_rootfs(root: Path, *, kernel: bool = True, initrd: bool = True, version
 
 def info(tmp_path: Path, **kwargs: object) -> image.ImageInfo:
     return image.read_image_info(make_rootfs(tmp_path / "rootfs", **kwargs), "test-image")  # type: ignore[arg-type]
-
-
-def kiln(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "KILN_QUIET": "1"}
-    return subprocess.run([*KILN, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
 
 
 # --- reading the image ----------------------------------------------------------------

@@ -21,7 +21,7 @@ from builder.emulation import why_not_emulated
 from builder.errors import SpecError
 from builder.loader import known_classes, load_class
 from builder.render import finalize_plan
-from builder.spec import AcceleratorKind, Architecture, BootControl, Family, FallbackPolicy, RuntimeName
+from builder.spec import AcceleratorKind, Architecture, BootControl, FallbackPolicy, Family, RuntimeName
 from tests.conftest import ROOT
 
 JETSON = "jetson-vision-standard"

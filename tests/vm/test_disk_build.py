@@ -6,22 +6,20 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 from builder import disk, names
 from builder.loader import load_class
-from tests.conftest import ROOT
+from tests.conftest import ROOT, kiln
 from tests.vm.conftest import BuiltDisk
 
-KILN = [sys.executable, "-c", "from builder.cli import main; main()"]
 
-
-def kiln(*args: str) -> subprocess.CompletedProcess[str]:
+def kiln_disk(*args: str):  # type: ignore[no-untyped-def]
+    """`kiln disk ARGS` on the test store."""
     from tests.images import TEST_STATE
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "KILN_STATE_DIR": str(TEST_STATE)}
-    return subprocess.run([*KILN, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    return kiln("disk", *args, state=TEST_STATE, timeout=600)
+
 
 
 def test_partition_table(qemu_disk: BuiltDisk) -> None:
@@ -84,7 +82,7 @@ def _sha(path: Path) -> str:
 
 def test_cli_disk_size_smaller_than_the_image(qemu_disk: BuiltDisk, tmp_path: Path) -> None:
     out = tmp_path / "small.raw"
-    r = kiln("disk", qemu_disk.record.source, "--size", "1GiB", "-o", str(out))
+    r = kiln_disk(qemu_disk.record.source, "--size", "1GiB", "-o", str(out))
     assert r.returncode == 9, r.stderr
     assert "disk size 1 GiB is smaller than the image's layout needs" in r.stderr
     assert "Traceback" not in r.stderr and not out.exists()
@@ -99,7 +97,7 @@ def test_cli_disk_not_a_kiln_image(tmp_path: Path) -> None:
 
     kiln_test_state()
     base = names.base_ref(load_class("qemu-x86_64", ROOT / "images"))  # the class's, built with its image
-    r = kiln("disk", base, "-o", str(tmp_path / "d.raw"))
+    r = kiln_disk(base, "-o", str(tmp_path / "d.raw"))
     assert r.returncode == 9, r.stderr
     assert "is not a Kiln image" in r.stderr and not (tmp_path / "d.raw").exists()
 
@@ -111,7 +109,7 @@ def test_cli_disk_json_and_etc_files(qemu_disk: BuiltDisk, tmp_path: Path) -> No
     token = tmp_path / "token"
     token.write_text("per-device\n")
     token.chmod(0o600)
-    r = kiln("disk", qemu_disk.record.source, "--version", qemu_disk.version, "--format", "qcow2",
+    r = kiln_disk(qemu_disk.record.source, "--version", qemu_disk.version, "--format", "qcow2",
              "-o", str(tmp_path / "d.qcow2"), "--json", "--etc", f"kiln/agent.json={agent}",
              "--etc", f"kiln/token={token}")
     assert r.returncode == 0, r.stderr
@@ -130,6 +128,6 @@ def test_cli_disk_json_and_etc_files(qemu_disk: BuiltDisk, tmp_path: Path) -> No
     st = subprocess.run(["debugfs", "-R", f"stat {upper}/token", target], capture_output=True, text=True).stdout
     assert "Mode:  0600" in st and "User:     0" in st, st
     raw.unlink()
-    bad = kiln("disk", qemu_disk.record.source, "-o", str(tmp_path / "bad.raw"), "--etc", f"kiln/agent.json={token}")
+    bad = kiln_disk(qemu_disk.record.source, "-o", str(tmp_path / "bad.raw"), "--etc", f"kiln/agent.json={token}")
     assert bad.returncode == 2 and "not valid JSON" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "bad.raw").exists()

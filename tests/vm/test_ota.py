@@ -88,7 +88,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetLink]:
     db = f"sqlite:///{tmp / 'fleet.db'}"
     with running_fleet(tmp, db, hosts=("127.0.0.1", "10.0.2.2")) as svc, \
             FaultyLink(svc.url.removeprefix("https://")) as link:
-        kiln("fleet", "token", QEMU_CLASS, "--out", str(tmp / "token"), "--db", db)
+        kiln("fleet", "token", QEMU_CLASS, "--out", str(tmp / "token"), "--db", db, check=True)
         yield FleetLink(svc, link, db, tmp / "token")
 
 

@@ -52,7 +52,7 @@ import numpy as np
 from kiln_device import degraded as dm
 from kiln_device import inference as ki
 from kiln_device.common import Parser, first_line, make_logger, write_json_atomic
-from kiln_device.contract import HEALTH_RESULT, RELEASE_JSON, under
+from kiln_device.contract import ACCELERATOR_STATE, HEALTH_RESULT, RELEASE_JSON, under
 
 HEALTHY, WRONG, SLOW, BROKEN, SERVICE, ACCELERATOR, USAGE = 0, 1, 2, 3, 4, 5, 64
 PRECEDENCE = (BROKEN, ACCELERATOR, WRONG, SERVICE, SLOW)
@@ -373,12 +373,30 @@ def http_json(url: str, payload: object | None, timeout: float) -> Any:
         raise ServiceError(f"{url}: the reply is not JSON") from None
 
 
-def wait_ready(base: str, wait: float, timeout: float) -> dict[str, Any]:
+def service_gave_up(root: Path) -> str | None:
+    """Why the inference service said, during this boot, that it will not serve (contract.ACCELERATOR_STATE
+    `failed`: its accelerator is unavailable under policy fail); None while it has not."""
+    try:
+        state = json.loads(under(root, ACCELERATOR_STATE).read_text())
+    except (OSError, ValueError):
+        return None
+    boot = dm.read_boot_id(root)
+    if not isinstance(state, dict) or not state.get("failed") or boot is None or state.get("boot_id") != boot:
+        return None
+    return str(state["failed"])
+
+
+def wait_ready(base: str, wait: float, timeout: float,
+               gave_up: Callable[[], str | None] | None = None) -> dict[str, Any]:
+    """/healthz once the service answers, for up to WAIT seconds; at once when GAVE_UP says it never will."""
     deadline = time.monotonic() + wait
     while True:
         try:
             listing = http_json(f"{base}/healthz", None, timeout)
         except ServiceError:
+            why = gave_up() if gave_up else None
+            if why is not None:
+                raise ServiceError(f"{base} will not serve this boot ({ACCELERATOR_STATE}): {why}") from None
             if time.monotonic() >= deadline:
                 raise
             time.sleep(0.25)
@@ -413,9 +431,10 @@ def infer_via(base: str, c: Checked, timeout: float) -> tuple[np.ndarray, np.nda
 
 
 def check_service(base: str, checked: list[Checked], infos: dict[str, dict[str, Any]], wait: float,
-                  timeout: float, problems: list[Problem]) -> dict[str, Any]:
+                  timeout: float, problems: list[Problem],
+                  gave_up: Callable[[], str | None] | None = None) -> dict[str, Any]:
     try:
-        listing = wait_ready(base, wait, timeout)
+        listing = wait_ready(base, wait, timeout, gave_up)
     except ServiceError as exc:
         problems.append(Problem(SERVICE, None, f"inference service: {exc}"))
         return {"url": base, "reachable": False}
@@ -462,13 +481,16 @@ def run_checks(args: argparse.Namespace) -> dict[str, Any]:
     result.update({"class": release.get("class"), "version": release.get("version"), "envelope_p95_ms": envelope})
     deadline: list[float] = []  # when --wait runs out, from the first time the check needs the service
 
+    def gave_up() -> str | None:  # a service that will not serve is not waited for (policy fail: exit 4)
+        return service_gave_up(args.root)
+
     def settle() -> None:
         """With --service, time the models only once the service answers (or --wait has run out): at boot
         the check starts beside the service, whose loading would compete with the timing for the CPUs."""
         if args.service and not deadline:
             deadline.append(time.monotonic() + args.wait)
             with contextlib.suppress(ServiceError):
-                wait_ready(args.service, args.wait, args.timeout)
+                wait_ready(args.service, args.wait, args.timeout, gave_up)
 
     for entry in entries:
         infos[entry.name], ok = check_model(entry, providers, envelope, args.runs, problems, release, fallback,
@@ -481,7 +503,7 @@ def run_checks(args: argparse.Namespace) -> dict[str, Any]:
         result["envelope_p95_ms"] = fallback.p95_latency_ms or envelope
     if args.service:
         wait = max(0.0, deadline[0] - time.monotonic()) if deadline else args.wait  # both waits together
-        result["service"] = check_service(args.service, checked, infos, wait, args.timeout, problems)
+        result["service"] = check_service(args.service, checked, infos, wait, args.timeout, problems, gave_up)
     code = next((c for c in PRECEDENCE if any(p.code == c for p in problems)), HEALTHY)
     status = DEGRADED if code == HEALTHY and result["degraded"] else NAMES[code]
     return {**result, "exit_code": code, "status": status, "healthy": code == HEALTHY,

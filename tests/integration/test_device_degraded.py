@@ -118,6 +118,28 @@ def test_fail_refuses_to_serve_and_fails_the_check(fail: Path) -> None:
     assert "FAIL (5 accelerator-unavailable)" in err
 
 
+def test_the_check_does_not_wait_for_a_service_that_gave_up_this_boot(fail: Path) -> None:
+    """Found on the Jetson stand-in's boot: under policy fail the service exits 4 at once, and the golden
+    check waited out its whole --wait (180 s at boot) for it before failing. It stops waiting as soon as
+    the service has recorded, in this boot, that it will not serve."""
+    boot_id = fail / contract.BOOT_ID.lstrip("/")
+    boot_id.parent.mkdir(parents=True, exist_ok=True)
+    boot_id.write_text("3f1c2a9e-5b7d-4e21-9a0f-1d2c3b4a5e6f\n")
+    assert serve(fail).returncode == 4
+    assert read_json(fail / ACCELERATOR)["boot_id"] == "3f1c2a9e-5b7d-4e21-9a0f-1d2c3b4a5e6f"
+    closed = "http://127.0.0.1:9"  # discard: nothing answers
+    code, result, err = health(fail, "--service", closed, "--wait", "600")  # helper's timeout: 60 s
+    assert code == 5, err
+    service = [p for p in result["problems"] if p["code"] == 4]
+    assert len(service) == 1 and "will not serve this boot" in service[0]["message"], result["problems"]
+    assert MISSING in service[0]["message"]
+    # the record of another boot is no reason to give up: the check waits for the service as long as told
+    boot_id.write_text("0e2d4c6b-8a9f-4b1d-8c3e-5f7a9b1c3d5e\n")
+    code, result, err = health(fail, "--service", closed, "--wait", "1")
+    service = [p for p in result["problems"] if p["code"] == 4]
+    assert len(service) == 1 and "will not serve" not in service[0]["message"], result["problems"]
+
+
 def test_a_cpu_class_is_never_degraded(tmp_path: Path, artifacts: Path) -> None:  # noqa: F811
     root = make_rootfs(tmp_path / "root", artifacts)
     code, result, err = health(root)

@@ -227,7 +227,8 @@ def test_jetson_stand_in_boots_on_arm64_and_fails_as_its_class_declares(stand_in
     assert (gpu["accelerator"], gpu["policy"], gpu["status"], gpu["visible"]) == (
         "nvidia-jetson", "fail", "gpu-missing", False), gpu
     assert "the nvgpu kernel module is not loaded (no /sys/module/nvgpu)" in gpu["missing"], gpu
-    assert re.search(r"kiln-health-gpu: .*FAIL: the nvgpu kernel module is not loaded", console), console[-3000:]
+    assert re.search(r"kiln-health-gpu: FAIL: no GPU visible: the nvgpu kernel module is not loaded", console), \
+        console[-3000:]
     # the service opened the model on the CPU runtime, found TensorRT missing and would not serve
     acc = files["accelerator"]
     assert acc["policy"] == "fail" and acc["failed"], acc
@@ -236,3 +237,6 @@ def test_jetson_stand_in_boots_on_arm64_and_fails_as_its_class_declares(stand_in
     # the golden check: accelerator-unavailable, as the class's fallback says
     health = files["health"]
     assert (health["status"], health["exit_code"]) == ("accelerator-unavailable", 5), health
+    # and it did not wait out --wait for a service that had said it would not serve
+    service = [p["message"] for p in health["problems"] if p["code"] == 4]
+    assert len(service) == 1 and "will not serve this boot" in service[0], health["problems"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -158,10 +157,7 @@ def demo(cls: str, version: str, accel: str, timeout: float | None) -> None:
     with steps.step(f"boot {cls} {version} in QEMU and wait for its health check"), vm.start_vm(config) as machine:
         healthy = machine.wait_for_healthy(timeout or vm.finalize_boot_timeout(hc.spec.architecture))
         click.echo(f"healthy {healthy:.1f} s after QEMU started ({machine.accel.value})")
-        report = machine.guest_exec(
-            "cat /usr/lib/kiln/release.json /var/lib/kiln/health/inference.json; echo; "
-            "tr ' ' '\\n' < /proc/cmdline | grep '^kiln.slot='; findmnt -no FSTYPE,OPTIONS /",
-            check=False).stdout
+        report = machine.guest_exec("kiln-agent status --json", check=False).stdout
         click.echo(summarize_device(report))
         machine.poweroff()
     click.echo(f"demo: {cls} {version} built, gated, flashed and booted healthy; durations "
@@ -169,24 +165,22 @@ def demo(cls: str, version: str, accel: str, timeout: float | None) -> None:
 
 
 def summarize_device(text: str) -> str:
-    """A few lines from release.json, the health result, the slot and the root mount, as the VM reported them."""
-    decoder = json.JSONDecoder()
-    docs: list[Any] = []
-    rest = text.strip()
-    while rest.startswith("{"):
-        try:
-            doc, end = decoder.raw_decode(rest)
-        except ValueError:
-            break
-        docs.append(doc)
-        rest = rest[end:].strip()
-    lines = []
-    if docs:
-        rel = docs[0]
-        lines.append(f"device: {rel.get('class')} {rel.get('version')} (compatible {rel.get('compatible')})")
-    if len(docs) > 1:
-        health = docs[1]
-        lines.append(f"golden inference check: {health.get('status')} "
-                     f"(exit {health.get('exit_code')}, {len(health.get('models', []))} model(s))")
-    lines += [f"device: {line.strip()}" for line in rest.splitlines() if line.strip()]
+    """What the device says of itself (`kiln-agent status --json`): its release, slot, root and health check."""
+    try:
+        st = json.loads(text)
+    except ValueError:
+        return "device: `kiln-agent status --json` did not answer in JSON: " + (text.strip()[:300] or "(nothing)")
+    if not isinstance(st, dict):
+        return "device: `kiln-agent status --json` did not answer with an object"
+    lines = [f"device: {st.get('class')} {st.get('version')} (compatible {st.get('compatible')}), "
+             f"slot {st.get('bootedSlot')} ({st.get('bootControl')})"]
+    root = st.get("root") or {}
+    if root:
+        lines.append(f"device: root {root.get('fstype')}, {'read-only' if root.get('readOnly') else 'read-write'}")
+    health = st.get("health") or {}
+    if health:
+        lines.append(f"golden inference check: {health.get('status')} (exit {health.get('exitCode')}, "
+                     f"{len(health.get('models') or [])} model(s))")
+    if st.get("degraded"):
+        lines.append(f"device: degraded: {st['degraded']}")
     return "\n".join(lines)

@@ -98,7 +98,7 @@ from kiln_device.agent.outbox import Outbox, record
 from kiln_device.agent.reconcile import cmd_boot
 from kiln_device.agent.report import cmd_report
 from kiln_device.common import TOOL_PATH, Parser, read_json, write_atomic
-from kiln_device.contract import CONFIG, NO_SPACE, OK, USAGE, WRITE_FAILED, Release
+from kiln_device.contract import CONFIG, HEALTH_RESULT, NO_SPACE, OK, USAGE, WRITE_FAILED, Release, under
 from kiln_device.degraded import read_degraded, summary
 
 sys.dont_write_bytecode = True  # /usr is read-only on the device
@@ -107,9 +107,38 @@ sys.dont_write_bytecode = True  # /usr is read-only on the device
 # --- status, self-test --------------------------------------------------------------------------
 
 
+def health_summary(root: Path, boot_id: str | None) -> dict[str, Any] | None:
+    """The golden inference check's result of this boot (contract.HEALTH_RESULT), in brief; None before
+    it has run this boot."""
+    try:
+        result = read_json(under(root, HEALTH_RESULT))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(result, dict) or boot_id is None or result.get("boot_id") != boot_id:
+        return None
+    return {"status": result.get("status"), "exitCode": result.get("exit_code"),
+            "models": [m.get("name") for m in result.get("models") or [] if isinstance(m, dict)],
+            "checkedAt": result.get("checked_at")}
+
+
+def root_mount(mounts: str) -> dict[str, Any] | None:
+    """How / is mounted, from /proc/self/mounts' text: the last entry for / is the one in effect."""
+    found = None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) >= 4 and fields[1] == "/":
+            found = {"fstype": fields[2], "readOnly": "ro" in fields[3].split(",")}
+    return found
+
+
 def status_data(config: Config, release: Release, state: State, boot: BootControl) -> dict[str, Any]:
     # Degraded modes (kiln_device.degraded): this boot's state files that say degraded, and why.
-    found = read_degraded(Path(os.environ.get(ROOT_ENV) or "/"), read_boot_id(config))
+    root = Path(os.environ.get(ROOT_ENV) or "/")
+    found = read_degraded(root, read_boot_id(config))
+    try:
+        mounts = under(root, "/proc/self/mounts").read_text()
+    except OSError:
+        mounts = ""
     return {
         "degraded": summary(found), "degradedSources": [d.source for d in found],
         "class": release.cls, "compatible": release.compatible, "version": release.version,
@@ -121,6 +150,8 @@ def status_data(config: Config, release: Release, state: State, boot: BootContro
         # TUF: fresh, stale (expired metadata: nothing installs) or unverified; null without a TUF root.
         "trust": state.data.get("trust"),
         "fleet": fleet_status(config),
+        "health": health_summary(root, read_boot_id(config)),  # this boot's golden inference check
+        "root": root_mount(mounts),  # {"fstype": "erofs", "readOnly": true} on a Kiln device
     }
 
 

@@ -224,3 +224,37 @@ def test_agent_status_says_degraded_for_this_boot_only(tmp_path: Path, monkeypat
     assert data["degraded"] == reason and data["degradedSources"] == [ACCELERATOR_STATE, HEALTH_RESULT]
     assert cli.main(["--config", config, "status"]) == 0
     assert f"degraded: {reason}" in capsys.readouterr().out.splitlines()
+
+
+def test_agent_status_reports_this_boot_s_health_check_and_the_root_mount(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`kiln demo` prints what the device says of itself: nothing on the host parses guest text."""
+    from kiln_device.agent import cli
+    from tests.unit.test_agent import agent_config
+
+    monkeypatch.setenv("KILN_AGENT_ROOT", str(tmp_path))
+    config = str(agent_config(tmp_path))  # boot id "boot-1"
+    mounts = under(tmp_path, "/proc/self/mounts")
+    mounts.parent.mkdir(parents=True, exist_ok=True)
+    mounts.write_text("rootfs / rootfs rw 0 0\n/dev/vda2 / erofs ro,relatime,user_xattr 0 0\n"
+                      "overlay /etc overlay rw,relatime 0 0\n")
+    health = under(tmp_path, HEALTH_RESULT)
+    health.parent.mkdir(parents=True, exist_ok=True)
+    health.write_text(json.dumps({"status": "healthy", "exit_code": 0, "boot_id": "boot-0",
+                                  "models": [{"name": "digits"}], "checked_at": "2026-12-06T06:00:00+00:00"}))
+    assert cli.main(["--config", config, "status", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["root"] == {"fstype": "erofs", "readOnly": True}  # the last mount of / is the one in effect
+    assert data["health"] is None  # an earlier boot's result says nothing of this one
+    health.write_text(json.dumps({"status": "accelerator-unavailable", "exit_code": 5, "boot_id": "boot-1",
+                                  "models": [{"name": "digits"}], "checked_at": "2026-12-06T06:10:00+00:00"}))
+    assert cli.main(["--config", config, "status", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["health"] == {"status": "accelerator-unavailable", "exitCode": 5, "models": ["digits"],
+                              "checkedAt": "2026-12-06T06:10:00+00:00"}
+
+    from builder.cli.images import summarize_device
+
+    assert summarize_device(json.dumps(data)).splitlines()[1:3] == [
+        "device: root erofs, read-only", "golden inference check: accelerator-unavailable (exit 5, 1 model(s))"]
+    assert summarize_device("sh: kiln-agent: not found").startswith("device: `kiln-agent status --json` did not")

@@ -108,6 +108,8 @@ def test_arm64_disk_boots_healthy_from_its_read_only_erofs_root(arm64_disk: Buil
         assert health["status"] == "healthy" and health["exit_code"] == 0, health
         st = status(machine)
         assert (st["version"], st["bootedSlot"]) == (arm64_disk.version, "a"), st
+        assert st["root"] == {"fstype": "erofs", "readOnly": True}, st  # what `kiln demo` prints
+        assert st["health"]["status"] == "healthy" and st["health"]["models"] == ["digits"], st
         machine.poweroff()
     print(f"arm64-vision healthy {healthy:.1f} s after QEMU started")
 
@@ -237,6 +239,7 @@ def test_jetson_stand_in_boots_on_arm64_and_fails_as_its_class_declares(stand_in
     # the golden check: accelerator-unavailable, as the class's fallback says
     health = files["health"]
     assert (health["status"], health["exit_code"]) == ("accelerator-unavailable", 5), health
+    assert st["health"]["status"] == "accelerator-unavailable", st
     # and it did not wait out --wait for a service that had said it would not serve
     service = [p["message"] for p in health["problems"] if p["code"] == 4]
     assert len(service) == 1 and "will not serve this boot" in service[0], health["problems"]

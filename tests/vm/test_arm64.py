@@ -210,7 +210,7 @@ def test_jetson_stand_in_boots_on_arm64_and_fails_as_its_class_declares(stand_in
                       workdir=tmp_path / "vm")
     with vm.start_vm(cfg) as machine:
         assert machine.argv[0].endswith("qemu-system-aarch64")
-        machine.wait_for_console(UNHEALTHY, ARM64_BOOT_TIMEOUT)
+        checked = machine.wait_for_console(UNHEALTHY, ARM64_BOOT_TIMEOUT)
         machine.wait_for_ssh(ARM64_BOOT_TIMEOUT)
         console = machine.console_text()
         files = {}
@@ -243,3 +243,4 @@ def test_jetson_stand_in_boots_on_arm64_and_fails_as_its_class_declares(stand_in
     # and it did not wait out --wait for a service that had said it would not serve
     service = [p["message"] for p in health["problems"] if p["code"] == 4]
     assert len(service) == 1 and "will not serve this boot" in service[0], health["problems"]
+    print(f"{JETSON_STAND_IN}: its golden check failed as policy fail says {checked:.1f} s after QEMU started")

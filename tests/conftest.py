@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -49,6 +50,14 @@ def kiln(*args: str, cwd: Path = ROOT, state: Path | None = None, env: dict[str,
     if check and proc.returncode != 0:
         raise AssertionError(f"kiln {' '.join(args)}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def run_log(stderr: str, cwd: Path = ROOT) -> str:
+    """The detail log of one `kiln` run: the commands it ran and their output, which go to a file under the state
+    directory, named on stderr ("kiln: commands and their output go to PATH")."""
+    found = re.search(r"^kiln: commands and their output go to (\S+)$", stderr, re.M)
+    assert found, f"the run named no log:\n{stderr[-3000:]}"
+    return (cwd / found.group(1)).read_text()
 
 
 @pytest.fixture

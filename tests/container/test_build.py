@@ -35,7 +35,7 @@ from builder.net import free_port
 from builder.publish import push_build
 from builder.run import run
 from builder.state import StateDir
-from tests.conftest import ROOT, require_tool
+from tests.conftest import ROOT, require_tool, run_log
 from tests.images import QEMU_CLASS, QEMU_VERSION, kiln_test_context, qemu_image
 from tests.unit.test_rechunk import describe, layer_of, merged
 
@@ -488,7 +488,8 @@ def test_push_to_a_tls_registry_with_auth(record: dict[str, Any], test_state: St
         assert by_stdin.returncode == 0, by_stdin.stderr
         assert wrong.returncode != 0 and "not-the-password" not in wrong.stdout + wrong.stderr, wrong.stderr
         assert unlocked.returncode != 0 and "signing" in unlocked.stderr, unlocked.stderr
-        assert " podman push " in by_env.stderr and "--authfile" in by_env.stderr  # echoed, with no secret
+        pushed = run_log(by_env.stderr)
+        assert " podman push " in pushed and "--authfile" in pushed  # logged, with no secret
         assert any("skopeo" in c and "--passphrase-file" in c for c in seen), "the sampler saw no signing"
         done.clear()
         sampler = threading.Thread(target=sample)

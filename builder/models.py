@@ -22,6 +22,7 @@ from builder.runtime_image import make_runtime_image, want_runtime_image, why_no
 from builder.runtime_venv import make_runtime_venv, want_runtime_venv, why_not_host_runtime
 from builder.spec import HardwareClass, Model
 from builder.state import StateDir, make_state_dir
+from kiln_device import contract
 
 Progress = Callable[[str], None]
 
@@ -62,8 +63,9 @@ def finalize_attempts(hc: HardwareClass) -> dict[str, tuple[tuple[Provider, ...]
     devices: list[str | None] = [rt.device, "CPU"] if rt.device and rt.device.upper() != "CPU" else ["CPU"]
     if OPENVINO not in rt.execution_providers:
         devices = [None]  # one try: onnxruntime says which of the class's providers it has
-    release = {"runtime": {"device": rt.device}}
-    return {precision: tuple(tuple(session_providers(release, list(rt.execution_providers), precision=precision,
+    runtime = contract.Runtime(name=rt.name.value, version=rt.version,
+                               execution_providers=tuple(rt.execution_providers), device=rt.device)
+    return {precision: tuple(tuple(session_providers(runtime, list(rt.execution_providers), precision=precision,
                                                      device=d)) for d in devices)
             for precision in ("fp32", "fp16", "int8")}
 

@@ -93,7 +93,7 @@ class RenderPlan:
     driver_build_packages: tuple[str, ...]  # the modules stage's (empty: no such stage)
     models: tuple[ModelArtifact, ...]
     labels: tuple[tuple[str, str], ...] = field(default=())
-    release: dict[str, object] = field(default_factory=dict)
+    release: contract.Release | None = None
     ssh_public_key: str | None = None  # development classes: the per-build test key (see build.py)
     epoch: int = DEFAULT_EPOCH  # SOURCE_DATE_EPOCH for tools run in the build (mkinitramfs)
     # The release key and the containers policy requiring it (builder.signing.finalize_device_files):
@@ -107,15 +107,13 @@ class RenderPlan:
         return self.hc.spec.base.family.package_manager == "apt"
 
 
-def model_envelope(spec: Any, name: str) -> dict[str, float]:
-    """release.json's per-model envelope keys (none: the model has the class's)."""
+def model_envelope(spec: Any, name: str) -> dict[str, float | None]:
+    """release.json's per-model envelope (none: the model has the class's)."""
     m = next((m for m in spec.models if m.name == name), None)
     if m is None or m.envelope is None:
         return {}
-    env = {"p95LatencyMs": m.envelope.p95_latency_ms}
-    if m.envelope.fallback_p95_latency_ms is not None:
-        env["fallbackP95LatencyMs"] = m.envelope.fallback_p95_latency_ms
-    return env
+    return {"p95_latency_ms": m.envelope.p95_latency_ms,
+            "fallback_p95_latency_ms": m.envelope.fallback_p95_latency_ms}
 
 
 def finalize_source_models(hc: HardwareClass) -> tuple[ModelArtifact, ...]:
@@ -188,44 +186,45 @@ def finalize_driver_build_packages(hc: HardwareClass) -> tuple[str, ...]:
 
 
 def finalize_release(hc: HardwareClass, version: str, revision: str,
-                     models: tuple[ModelArtifact, ...]) -> dict[str, object]:
+                     models: tuple[ModelArtifact, ...]) -> contract.Release:
+    """What the image says about itself: release.json, written through the device's own record."""
     spec = hc.spec
-    return {
-        "class": hc.name,
-        "compatible": spec.compatible,
-        "version": version,
-        "revision": revision,
-        "architecture": spec.architecture.value,
-        "accelerator": spec.accelerator.kind.value,
-        "driverVersion": spec.accelerator.driver.version if spec.accelerator.driver else None,
-        "runtime": {"name": spec.runtime.name.value, "version": spec.runtime.version,
-                    "executionProviders": list(spec.runtime.execution_providers),
-                    "device": spec.runtime.device},
-        "models": [{"name": m.name, "version": m.version, "precision": m.precision,
-                    "sha256": m.sha256, "path": f"{m.image_dir}/model.onnx", **model_envelope(spec, m.name)}
-                   for m in models],
-        "bootControl": spec.boot_control.value,
-        "bootTries": spec.rollout.boot_tries,
-        "rootCompression": spec.disk.compression,
-        "kernelArgs": list(spec.kernel.args),
-        "healthChecks": [c.value for c in spec.rollout.health_checks],
-        "minVersion": spec.rollout.min_version,
-        "channel": spec.rollout.channel,
-        "p95LatencyMs": spec.envelope.p95_latency_ms,
-        "development": spec.development,
+    return contract.Release(
+        cls=hc.name,
+        compatible=spec.compatible,
+        version=version,
+        revision=revision,
+        architecture=spec.architecture.value,
+        accelerator=spec.accelerator.kind.value,
+        driver_version=spec.accelerator.driver.version if spec.accelerator.driver else None,
+        runtime=contract.Runtime(name=spec.runtime.name.value, version=spec.runtime.version,
+                                 execution_providers=tuple(spec.runtime.execution_providers),
+                                 device=spec.runtime.device),
+        models=tuple(contract.ReleaseModel(name=m.name, version=m.version, precision=m.precision, sha256=m.sha256,
+                                           path=f"{m.image_dir}/model.onnx", **model_envelope(spec, m.name))
+                     for m in models),
+        boot_control=spec.boot_control.value,
+        boot_tries=spec.rollout.boot_tries,
+        compression=spec.disk.compression,
+        kernel_args=tuple(spec.kernel.args),
+        health_checks=tuple(c.value for c in spec.rollout.health_checks),
+        min_version=spec.rollout.min_version,
+        channel=spec.rollout.channel,
+        p95_latency_ms=spec.envelope.p95_latency_ms,
+        development=spec.development,
         # What the device does without its accelerator (kiln_device.degraded), and how many inference
         # workers share it (kiln_device.server.worker_count).
-        "fallback": finalize_fallback(hc),
-        "sharing": {"strategy": spec.accelerator.sharing.strategy.value,
-                    "replicas": spec.accelerator.sharing.replicas},
-    }
+        fallback=finalize_fallback(hc),
+        sharing=contract.Sharing(strategy=spec.accelerator.sharing.strategy.value,
+                                 replicas=spec.accelerator.sharing.replicas),
+    )
 
 
-def finalize_fallback(hc: HardwareClass) -> dict[str, object] | None:
+def finalize_fallback(hc: HardwareClass) -> contract.FallbackPolicy | None:
     fallback = hc.spec.accelerator.fallback
     if fallback is None:
         return None
-    return {"policy": fallback.policy.value, "p95LatencyMs": fallback.p95_latency_ms}
+    return contract.FallbackPolicy(policy=fallback.policy.value, p95_latency_ms=fallback.p95_latency_ms)
 
 
 def finalize_extras(hc: HardwareClass) -> str:
@@ -372,7 +371,8 @@ def make_context(plan: RenderPlan, outdir: Path, wheelhouse: Path | None = None,
     make_repo_files(plan, tmp / "repos")
     if plan.hc.spec.base.family.package_manager == "apt":
         _copy_tree(paths.overlays_dir() / "initramfs", tmp / "initramfs")
-    _write_json(tmp / "release" / "release.json", plan.release)
+    assert plan.release is not None
+    _write_json(tmp / "release" / "release.json", contract.release_json(plan.release))
     _write_json(tmp / "release" / "class.json", plan.hc.model_dump(mode="json", by_alias=True))
     _normalize_mtimes(tmp)
     shutil.rmtree(outdir, ignore_errors=True)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from kiln_device import version as kv
+from kiln_device.typed import ContractError as ContractError
+from kiln_device.typed import dump, key, load
 
 # --- paths on the device ---------------------------------------------------------------
 
@@ -83,55 +85,130 @@ def model_path(name: str, version: str) -> str:
     return f"{MODELS_DIR}/{name}/{version}/model.onnx"
 
 
-# --- release.json: everything the device needs to know about its image -------------------
+# --- the root filesystem -------------------------------------------------------------------
 
-RELEASE_FIELDS = (
-    "class", "compatible", "version", "revision", "architecture", "accelerator", "driverVersion",
-    "runtime", "models", "bootControl", "bootTries", "healthChecks", "minVersion", "channel",
-    "p95LatencyMs", "development", "rootCompression", "kernelArgs", "fallback", "sharing",
-)
+# spec.disk.compression -> mkfs.erofs -z argument (None: uncompressed).
+EROFS_COMPRESSORS: dict[str, str | None] = {"none": None, "lz4": "lz4", "lz4hc": "lz4hc,12", "zstd": "zstd"}
+
+# --- release.json: everything the device needs to know about its image -------------------
+# Written by the builder (builder.render.finalize_release) through Release; read by the agent, the
+# inference service, the health checks and the lints through parse_release. docs/device-contract.md
+# is generated from these records (builder.contract_doc).
+
+RELEASE_SCHEMA = 1  # release.json `schemaVersion`: absent in files written before it (the same fields)
 BOOT_CONTROLS = ("systemd-boot", "nvbootctrl")
 DEFAULT_BOOT_CONTROL = "systemd-boot"
 DEFAULT_BOOT_TRIES = 3
 DEFAULT_CHANNEL = "stable"
+FALLBACK_POLICIES = ("degrade", "fail")  # kiln_device.degraded
+SHARING_STRATEGIES = ("none", "time-slicing", "mps")  # kiln_device.server.worker_count
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    name: str = key("name", "The inference runtime (`onnxruntime`, `onnxruntime-gpu`, `onnxruntime-openvino`).")
+    version: str = key("version", "Its version, as installed in the runtime venv.")
+    execution_providers: tuple[str, ...] = key(
+        "executionProviders", "The class's execution providers, in order of preference.", default=(CPU_PROVIDER,))
+    device: str | None = key("device", "The OpenVINO device type (`CPU`, `GPU`, `NPU`), where the runtime takes "
+                                       "one.", default=None)
+
+
+@dataclass(frozen=True)
+class ReleaseModel:
+    name: str = key("name", "The model's name (spec.models[].name).", nonempty=True)
+    version: str = key("version", "The model's version.", nonempty=True)
+    sha256: str = key("sha256", "The digest of the model file: the device refuses a file that differs.",
+                      nonempty=True)
+    path: str = key("path", "Where the model file is on the device.", nonempty=True)
+    precision: str = key("precision", "What the gate chose (`fp32`, `fp16`, `int8`).", default="?")
+    p95_latency_ms: float | None = key("p95LatencyMs", "The model's own latency envelope, where it differs from "
+                                                       "the class's.", default=None, positive=True)
+    fallback_p95_latency_ms: float | None = key(
+        "fallbackP95LatencyMs", "The model's own envelope when the class runs degraded on the CPU.", default=None,
+        positive=True)
+
+
+@dataclass(frozen=True)
+class FallbackPolicy:
+    policy: str = key("policy", "What the device does without its accelerator: serve on the CPU and report "
+                                "itself degraded, or fail its health checks (a trial boot rolls back).",
+                      choices=FALLBACK_POLICIES)
+    p95_latency_ms: float | None = key("p95LatencyMs", "The envelope the golden check holds a degraded device "
+                                                       "to.", default=None, positive=True)
+
+
+@dataclass(frozen=True)
+class Sharing:
+    strategy: str = key("strategy", "How inference workers share the accelerator.", choices=SHARING_STRATEGIES)
+    replicas: int = key("replicas", "How many inference workers share it.", positive=True)
 
 
 @dataclass(frozen=True)
 class Release:
-    """What an image says about itself (release.json), as the agent uses it.
+    """What an image says about itself (/usr/lib/kiln/release.json).
 
-    `compression` and `kernel_args` are None in a release.json written before they were
-    part of it; the agent refuses to install such an image rather than guess."""
+    `compression` and `kernel_args` are None in a release.json written before they were part of it;
+    the agent refuses to install such an image rather than guess."""
 
-    cls: str
-    compatible: str
-    version: str
-    min_version: str | None = None
-    channel: str = DEFAULT_CHANNEL
-    boot_tries: int = DEFAULT_BOOT_TRIES
-    boot_control: str = DEFAULT_BOOT_CONTROL
-    compression: str | None = None
-    kernel_args: tuple[str, ...] | None = None
-    development: bool = False  # absent in an older release.json: a production image
+    cls: str = key("class", "The hardware class the image was built for.", nonempty=True)
+    compatible: str = key("compatible", "What a device running it takes updates for (`vendor,class`).",
+                          nonempty=True)
+    version: str = key("version", "The release's version.", nonempty=True)
+    schema_version: int = key("schemaVersion", "This file's format. A reader refuses unknown fields in a version "
+                                               "it knows and ignores them in a newer one.", default=RELEASE_SCHEMA,
+                              positive=True)
+    revision: str | None = key("revision", "The source revision it was built from.", default=None)
+    architecture: str | None = key("architecture", "The CPU architecture (`x86_64`, `arm64`).", default=None)
+    accelerator: str = key("accelerator", "The accelerator kind the class declares (`none`, `nvidia-dgpu`, ...).",
+                           default="none")
+    driver_version: str | None = key("driverVersion", "The accelerator driver version baked in.", default=None)
+    runtime: Runtime | None = key("runtime", "The inference runtime.", default=None)
+    models: tuple[ReleaseModel, ...] = key("models", "The models the image serves.", default=())
+    boot_control: str = key("bootControl", "How the slots are switched.", default=DEFAULT_BOOT_CONTROL,
+                            choices=BOOT_CONTROLS)
+    boot_tries: int = key("bootTries", "How many boots a trial slot gets before it is rolled back.",
+                          default=DEFAULT_BOOT_TRIES, positive=True)
+    compression: str | None = key("rootCompression", "How the slot's erofs root is compressed.", default=None,
+                                  choices=tuple(EROFS_COMPRESSORS))
+    kernel_args: tuple[str, ...] | None = key("kernelArgs", "The class's kernel arguments: what the agent writes "
+                                                            "into the boot entry of the slot it installs.",
+                                              default=None)
+    health_checks: tuple[str, ...] = key("healthChecks", "The checks a trial boot must pass to be blessed.",
+                                         default=())
+    min_version: str | None = key("minVersion", "The oldest version that may update to this one directly.",
+                                  default=None)
+    channel: str = key("channel", "The channel the device follows unless agent.json names one.",
+                       default=DEFAULT_CHANNEL)
+    p95_latency_ms: float | None = key("p95LatencyMs", "The class's latency envelope for the golden check.",
+                                       default=None, positive=True)
+    development: bool = key("development", "A development image (ssh, the per-build test key): a production "
+                                           "device never takes one.", default=False)
+    fallback: FallbackPolicy | None = key("fallback", "The degraded-mode policy. Null (older images): degrade "
+                                                      "when the runtime lists the CPU provider, else fail.",
+                                          default=None)
+    sharing: Sharing | None = key("sharing", "How the accelerator is shared.", default=None)
+
+    @property
+    def execution_providers(self) -> tuple[str, ...]:
+        return self.runtime.execution_providers if self.runtime is not None else (CPU_PROVIDER,)
 
 
-def parse_release(data: Mapping[str, Any]) -> Release:
-    """release.json's fields; KeyError, TypeError or ValueError when it is malformed."""
-    kargs = data.get("kernelArgs")
-    if kargs is not None and (not isinstance(kargs, list) or not all(isinstance(a, str) for a in kargs)):
-        raise ValueError("kernelArgs must be a list of strings")
-    compression = data.get("rootCompression")
-    if compression is not None and compression not in EROFS_COMPRESSORS:
-        raise ValueError(f"rootCompression {compression!r} is not one of {', '.join(EROFS_COMPRESSORS)}")
-    development = data.get("development")
-    if development is not None and not isinstance(development, bool):
-        raise ValueError("development must be true or false")
-    return Release(cls=str(data["class"]), compatible=str(data["compatible"]), version=str(data["version"]),
-                   min_version=data.get("minVersion") or None, channel=str(data.get("channel") or DEFAULT_CHANNEL),
-                   boot_tries=int(data.get("bootTries") or DEFAULT_BOOT_TRIES),
-                   boot_control=str(data.get("bootControl") or DEFAULT_BOOT_CONTROL),
-                   compression=compression, kernel_args=tuple(kargs) if kargs is not None else None,
-                   development=bool(development))
+RELEASE_FIELDS = tuple(f.metadata["json"] for f in fields(Release))
+
+
+def parse_release(data: Any, where: str = "release.json") -> Release:
+    """release.json as a Release; ContractError (a ValueError naming the field) when it is malformed."""
+    newer = isinstance(data, Mapping) and isinstance(data.get("schemaVersion"), int) \
+        and not isinstance(data.get("schemaVersion"), bool) and data["schemaVersion"] > RELEASE_SCHEMA
+    release = load(Release, data, where, ignore_unknown=newer)
+    return replace(release, min_version=release.min_version or None, channel=release.channel or DEFAULT_CHANNEL)
+
+
+def release_json(release: Release) -> dict[str, Any]:
+    """What the builder writes as release.json."""
+    return dump(release)
 
 
 # What the agent accepts from an image it has not installed yet (labels, release.json): the
@@ -273,11 +350,6 @@ def read_cmdline_slot(cmdline: str) -> str | None:
             return slot if slot in SLOTS else None
     return None
 
-
-# --- the root filesystem -------------------------------------------------------------------
-
-# spec.disk.compression -> mkfs.erofs -z argument (None: uncompressed).
-EROFS_COMPRESSORS: dict[str, str | None] = {"none": None, "lz4": "lz4", "lz4hc": "lz4hc,12", "zstd": "zstd"}
 
 # --- OCI ------------------------------------------------------------------------------------
 

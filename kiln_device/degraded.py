@@ -17,16 +17,15 @@ Standard library only: the agent (system python3) imports it.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kiln_device.contract import BOOT_ID, DEGRADED_SOURCES, under
+from kiln_device.contract import BOOT_ID, CPU_PROVIDER, DEGRADED_SOURCES, FALLBACK_POLICIES, Release, under
 
-DEGRADE, FAIL = "degrade", "fail"
-POLICIES = (DEGRADE, FAIL)
-CPU = "CPUExecutionProvider"
+DEGRADE, FAIL = FALLBACK_POLICIES
+POLICIES = FALLBACK_POLICIES
+CPU = CPU_PROVIDER
 
 
 @dataclass(frozen=True)
@@ -39,20 +38,12 @@ class Fallback:
         return self.policy == DEGRADE
 
 
-def parse_fallback(release: Mapping[str, Any]) -> Fallback:
-    """release.json's `fallback`; ValueError when malformed. A release.json without one (made before
-    degraded modes) keeps the old behaviour: degrade when the class lists the CPU provider, else fail."""
-    value = release.get("fallback")
-    if value is None:
-        runtime = release.get("runtime") if isinstance(release.get("runtime"), Mapping) else {}
-        providers = (runtime or {}).get("executionProviders") or [CPU]
-        return Fallback(DEGRADE if CPU in providers else FAIL, None)
-    if not isinstance(value, Mapping) or value.get("policy") not in POLICIES:
-        raise ValueError(f"fallback must be {{policy: {' or '.join(POLICIES)}, p95LatencyMs: N}}, got {value!r}")
-    p95 = value.get("p95LatencyMs")
-    if p95 is not None and (isinstance(p95, bool) or not isinstance(p95, int | float) or not p95 > 0):
-        raise ValueError(f"fallback.p95LatencyMs must be a positive number, got {p95!r}")
-    return Fallback(str(value["policy"]), float(p95) if p95 is not None else None)
+def parse_fallback(release: Release) -> Fallback:
+    """release.json's `fallback`. A release.json without one (made before degraded modes) keeps the old
+    behaviour: degrade when the class lists the CPU provider, else fail."""
+    if release.fallback is None:
+        return Fallback(DEGRADE if CPU in release.execution_providers else FAIL, None)
+    return Fallback(release.fallback.policy, release.fallback.p95_latency_ms)
 
 
 def read_boot_id(root: Path = Path("/")) -> str | None:

@@ -35,7 +35,7 @@ from typing import Any
 
 from kiln_device import degraded as dm
 from kiln_device.common import Parser, first_line, make_logger, write_json_atomic
-from kiln_device.contract import GPU_HEALTH_RESULT, RELEASE_JSON, under
+from kiln_device.contract import GPU_HEALTH_RESULT, RELEASE_JSON, parse_release, under
 
 VISIBLE, MISSING, BROKEN, USAGE = 0, 1, 3, 64
 RESULT = GPU_HEALTH_RESULT.lstrip("/")
@@ -128,14 +128,12 @@ def probe_gpu(root: Path, accelerator: str) -> Probe | None:
 def run_check(root: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"checked_at": datetime.now(UTC).isoformat(timespec="seconds"), "root": str(root)}
     try:
-        release = json.loads(under(root, RELEASE_JSON).read_text())
-        if not isinstance(release, dict):
-            raise ValueError("not a JSON object")
+        release = parse_release(json.loads(under(root, RELEASE_JSON).read_text()), RELEASE_JSON)
         fallback = dm.parse_fallback(release)
     except (OSError, ValueError) as exc:
         return {**result, **dm.state(False, None, root), "exit_code": BROKEN, "status": "release-unreadable",
                 "problem": f"{RELEASE_JSON}: {first_line(exc)}"}
-    accelerator = str(release.get("accelerator") or "none")
+    accelerator = release.accelerator
     result.update(accelerator=accelerator, policy=fallback.policy)
     probe = probe_gpu(root, accelerator)
     if probe is None:

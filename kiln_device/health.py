@@ -52,7 +52,7 @@ import numpy as np
 from kiln_device import degraded as dm
 from kiln_device import inference as ki
 from kiln_device.common import Parser, first_line, make_logger, write_json_atomic
-from kiln_device.contract import ACCELERATOR_STATE, HEALTH_RESULT, RELEASE_JSON, under
+from kiln_device.contract import ACCELERATOR_STATE, HEALTH_RESULT, Release, under
 
 HEALTHY, WRONG, SLOW, BROKEN, SERVICE, ACCELERATOR, USAGE = 0, 1, 2, 3, 4, 5, 64
 PRECEDENCE = (BROKEN, ACCELERATOR, WRONG, SERVICE, SLOW)
@@ -282,15 +282,6 @@ def measure(model: ki.LoadedModel, x: np.ndarray | list[np.ndarray], runs: int,
             "max_ms": round(float(times.max()), 4)}
 
 
-def envelope_ms(release: dict[str, Any]) -> float | None:
-    value = release.get("p95LatencyMs")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ki.ModelProblem(f"{RELEASE_JSON}: p95LatencyMs must be a positive number, got {value!r}")
-    return float(value)
-
-
 # -- in process --------------------------------------------------------------------------------
 
 
@@ -304,7 +295,7 @@ class Checked:
 
 def check_model(entry: ki.ModelEntry, providers: list[str], envelope: float | None, runs: int,
                 problems: list[Problem],
-                release: dict[str, Any] | None = None,
+                release: Release | None = None,
                 fallback: dm.Fallback | None = None,
                 budget_s: float | None = None,
                 settle: Callable[[], None] | None = None) -> tuple[dict[str, Any], Checked | None]:
@@ -473,12 +464,14 @@ def run_checks(args: argparse.Namespace) -> dict[str, Any]:
         release = ki.load_release(args.root)
         entries = ki.model_entries(release, args.root)
         providers = ki.choose_providers(release)
-        envelope = envelope_ms(release)
+        envelope = release.p95_latency_ms
         fallback = ki.fallback_policy(release)
     except ki.ModelProblem as exc:
         problems.append(Problem(BROKEN, None, str(exc)))
-        entries, providers, envelope, release, fallback = [], [], None, {}, None
-    result.update({"class": release.get("class"), "version": release.get("version"), "envelope_p95_ms": envelope})
+        entries, providers, envelope, fallback = [], [], None, None
+        release = None
+    result.update({"class": release.cls if release else None, "version": release.version if release else None,
+                   "envelope_p95_ms": envelope})
     deadline: list[float] = []  # when --wait runs out, from the first time the check needs the service
 
     def gave_up() -> str | None:  # a service that will not serve is not waited for (policy fail: exit 4)

@@ -28,7 +28,7 @@ import onnxruntime as ort
 
 from kiln_device import degraded as dm
 from kiln_device.common import first_line, make_logger, sha256_file
-from kiln_device.contract import RELEASE_JSON, under
+from kiln_device.contract import RELEASE_JSON, ContractError, Release, Runtime, parse_release, under
 from kiln_device.gpu import probe_dgpu
 
 HOST = "127.0.0.1"  # never reachable from the network
@@ -100,7 +100,8 @@ class ModelEntry:
                 "sha256": self.sha256, "path": self.path}
 
 
-def load_release(root: Path) -> dict[str, Any]:
+def load_release(root: Path) -> Release:
+    """The image's release.json, through the contract's record (a located ModelProblem when malformed)."""
     path = under(root, RELEASE)
     try:
         data = json.loads(path.read_text())
@@ -108,33 +109,17 @@ def load_release(root: Path) -> dict[str, Any]:
         raise ModelProblem(f"/{RELEASE} is missing (looked in {path})") from None
     except (OSError, ValueError) as exc:
         raise ModelProblem(f"/{RELEASE} is unreadable: {first_line(exc)}") from None
-    if not isinstance(data, dict):
-        raise ModelProblem(f"/{RELEASE} is not a JSON object")
-    return data
+    try:
+        return parse_release(data, f"/{RELEASE}")
+    except ContractError as exc:
+        raise ModelProblem(str(exc)) from None
 
 
-def model_entries(release: dict[str, Any], root: Path) -> list[ModelEntry]:
-    models = release.get("models")
-    if not isinstance(models, list) or not models:
+def model_entries(release: Release, root: Path) -> list[ModelEntry]:
+    if not release.models:
         raise ModelProblem(f"/{RELEASE} lists no models")
-    entries = []
-    for i, m in enumerate(models):
-        keys = ("name", "version", "sha256", "path")
-        if not isinstance(m, dict) or not all(isinstance(m.get(k), str) and m[k] for k in keys):
-            raise ModelProblem(f"/{RELEASE}: models[{i}] needs string fields {', '.join(keys)}")
-        limits = [_positive(m, key, i) for key in ("p95LatencyMs", "fallbackP95LatencyMs")]
-        entries.append(ModelEntry(m["name"], m["version"], str(m.get("precision", "?")), m["sha256"],
-                                  m["path"], under(root, m["path"]), *limits))
-    return entries
-
-
-def _positive(m: dict[str, Any], key: str, i: int) -> float | None:
-    value = m.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ModelProblem(f"/{RELEASE}: models[{i}].{key} must be a positive number, got {value!r}")
-    return float(value)
+    return [ModelEntry(m.name, m.version, m.precision, m.sha256, m.path, under(root, m.path), m.p95_latency_ms,
+                       m.fallback_p95_latency_ms) for m in release.models]
 
 
 def verify_digest(entry: ModelEntry) -> None:
@@ -161,10 +146,9 @@ def graph_level(entry: ModelEntry) -> str:
     return level if level in GRAPH_LEVELS else DEFAULT_GRAPH_LEVEL
 
 
-def choose_providers(release: dict[str, Any]) -> list[str]:
+def choose_providers(release: Release) -> list[str]:
     """The class's execution providers this onnxruntime has; CPU only where the class allows it."""
-    runtime = release.get("runtime") if isinstance(release.get("runtime"), dict) else {}
-    wanted = [p for p in (runtime or {}).get("executionProviders") or [CPU] if isinstance(p, str)]
+    wanted = list(release.execution_providers)
     available = ort.get_available_providers()
     missing = [p for p in wanted if p not in available]
     usable = [p for p in wanted if p in available]
@@ -195,21 +179,16 @@ def preload_libraries(usable: list[str]) -> None:
         log(f"note: onnxruntime.preload_dlls() failed: {first_line(exc)}")
 
 
-def accelerated_provider(release: dict[str, Any]) -> str | None:
+def accelerated_provider(release: Release) -> str | None:
     """The first execution provider the class asks for that is not the CPU (None: a CPU class)."""
-    runtime = release.get("runtime") if isinstance(release.get("runtime"), dict) else {}
-    wanted = [p for p in (runtime or {}).get("executionProviders") or [CPU] if isinstance(p, str)]
-    return next((p for p in wanted if p != CPU), None)
+    return next((p for p in release.execution_providers if p != CPU), None)
 
 
-def fallback_policy(release: dict[str, Any]) -> dm.Fallback:
-    try:
-        return dm.parse_fallback(release)
-    except ValueError as exc:
-        raise ModelProblem(f"/{RELEASE}: {exc}") from None
+def fallback_policy(release: Release) -> dm.Fallback:
+    return dm.parse_fallback(release)
 
 
-def accelerator_problem(release: dict[str, Any], sess: ort.InferenceSession, error: str | None) -> str | None:
+def accelerator_problem(release: Release, sess: ort.InferenceSession, error: str | None) -> str | None:
     """Why this session runs on the CPU although the class asks for an accelerator (None: it does not).
     onnxruntime-gpu without a GPU falls back to the CPU silently: the session's providers tell."""
     accelerated = accelerated_provider(release)
@@ -232,20 +211,19 @@ OPENVINO = "OpenVINOExecutionProvider"
 OPENVINO_DEVICES = ("CPU", "GPU", "NPU")
 
 
-def provider_options(release: dict[str, Any], provider: str, *, precision: str = "fp32",
+def provider_options(runtime: Runtime | None, provider: str, *, precision: str = "fp32",
                      device: str | None = None, threads: int = 1) -> dict[str, str]:
     """The options a session gives `provider` for a model of `precision` ({} for the rest).
 
     OpenVINO: `device_type` is `device` (a fallback's choice), else release.json's
-    runtime.device, else CPU; the precision hint is pinned, never OpenVINO's default:
+    runtime.device (`runtime`), else CPU; the precision hint is pinned, never OpenVINO's default:
     FP16 for a non-FP32 model on a GPU or NPU (what they run natively), FP32 otherwise,
     and always FP32 on the CPU (its plugin would run bf16 on AMX CPUs, and the golden
     set is the build host's FP32 arithmetic). `num_of_threads` as the build measured.
     """
     if provider != OPENVINO:
         return {}
-    runtime = release.get("runtime") if isinstance(release.get("runtime"), dict) else {}
-    wanted = device or (runtime or {}).get("device") or "CPU"
+    wanted = device or (runtime.device if runtime is not None else None) or "CPU"
     kind = str(wanted).split(".")[0].upper()  # "GPU.0" -> GPU
     if kind not in OPENVINO_DEVICES:
         raise ModelProblem(f"{OPENVINO}: unknown OpenVINO device {wanted!r} (one of {', '.join(OPENVINO_DEVICES)})")
@@ -273,12 +251,12 @@ def openvino_device(model: LoadedModel) -> dict[str, Any]:
     return {"openvino": {k: model.openvino.get(k) for k in ("device_type", "precision")}}
 
 
-def session_providers(release: dict[str, Any], providers: list[str], *, precision: str = "fp32",
+def session_providers(runtime: Runtime | None, providers: list[str], *, precision: str = "fp32",
                       device: str | None = None, threads: int = 1) -> list[str | tuple[str, dict[str, str]]]:
     """`providers` as InferenceSession takes them: (name, options) where provider_options has some."""
     out: list[str | tuple[str, dict[str, str]]] = []
     for p in providers:
-        options = provider_options(release, p, precision=precision, device=device, threads=threads)
+        options = provider_options(runtime, p, precision=precision, device=device, threads=threads)
         out.append((p, options) if options else p)
     return out
 
@@ -360,7 +338,7 @@ def batches(x: np.ndarray, fixed: int | None) -> Iterator[tuple[np.ndarray, int]
 
 
 def load_model(entry: ModelEntry, providers: list[str], threads: int, *,
-               release: dict[str, Any] | None = None, device: str | None = None) -> LoadedModel:
+               release: Release | None = None, device: str | None = None) -> LoadedModel:
     """Open a verified model file in onnxruntime; failure is a ModelProblem.
 
     With `release`, each provider gets its provider_options (OpenVINO: device and precision hint),
@@ -368,7 +346,7 @@ def load_model(entry: ModelEntry, providers: list[str], threads: int, *,
     says why and the caller applies the class's fallback policy.
     """
     start = time.perf_counter()
-    with_options = session_providers(release, providers, precision=entry.precision, device=device,
+    with_options = session_providers(release.runtime, providers, precision=entry.precision, device=device,
                                      threads=threads) if release is not None else list(providers)
     error = None
     try:
@@ -385,7 +363,7 @@ def load_model(entry: ModelEntry, providers: list[str], threads: int, *,
         # plain CPU provider. OpenVINO's own CPU device still runs the model the class's way.
         cpu = openvino_cpu_session(entry, providers, release, threads)
         if cpu is not None:
-            wanted = provider_options(release, OPENVINO, precision=entry.precision)["device_type"]
+            wanted = provider_options(release.runtime, OPENVINO, precision=entry.precision)["device_type"]
             sess, with_options = cpu
             openvino_reason = f"{OPENVINO} device {wanted} unavailable; running on {OPENVINO} (CPU device)"
     load_ms = (time.perf_counter() - start) * 1e3
@@ -403,10 +381,10 @@ def load_model(entry: ModelEntry, providers: list[str], threads: int, *,
                        reason, openvino_options(with_options))
 
 
-def openvino_cpu_session(entry: ModelEntry, providers: list[str], release: dict[str, Any],
+def openvino_cpu_session(entry: ModelEntry, providers: list[str], release: Release,
                          threads: int) -> tuple[ort.InferenceSession, list[Any]] | None:
     """The model on OpenVINO's CPU device (None: that does not run it either)."""
-    options = session_providers(release, providers, precision=entry.precision, device="CPU", threads=threads)
+    options = session_providers(release.runtime, providers, precision=entry.precision, device="CPU", threads=threads)
     try:
         sess = ort.InferenceSession(str(entry.file), session_options(graph_level(entry), threads), providers=options)
     except Exception:

@@ -27,6 +27,8 @@ from kiln_device.contract import (
     DEV_AUTHORIZED_KEYS,
     KARGS_DIR,
     RELEASE_JSON,
+    Release,
+    parse_release,
     under,
 )
 from kiln_device.kernel import INITRD, VMLINUZ, find_kernels, kernel_dirs, why_not_bootable
@@ -47,7 +49,7 @@ class Lint:
     name: str
     severity: str
     description: str
-    fn: Callable[[Path, dict], Iterator[str]]
+    fn: Callable[[Path, Release | None], Iterator[str]]
 
 
 LINTS: list[Lint] = []
@@ -63,18 +65,22 @@ def lint(name: str, severity: str, description: str):  # type: ignore[no-untyped
     return register
 
 
-def release_of(root: Path) -> dict:
-    path = under(root, RELEASE_JSON)
+def release_of(root: Path) -> Release | None:
+    """The image's release.json (None: missing or malformed, which the `release` lint reports)."""
     try:
-        data = json.loads(path.read_text())
+        return read_release(root)
     except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+        return None
+
+
+def read_release(root: Path) -> Release:
+    """OSError when unreadable; ValueError (a ContractError naming the field) when malformed."""
+    return parse_release(json.loads(under(root, RELEASE_JSON).read_text()), RELEASE_JSON)
 
 
 @lint("kernel", ERROR, "exactly one kernel under /usr/lib/modules, with vmlinuz (an EFI image, not gzip) "
                       "and initramfs.img")
-def check_kernel(root: Path, release: dict) -> Iterator[str]:
+def check_kernel(root: Path, release: Release | None) -> Iterator[str]:
     dirs = kernel_dirs(root)
     if len(dirs) != 1:
         names = ", ".join(d.name for d in dirs) or "none"
@@ -90,7 +96,7 @@ def check_kernel(root: Path, release: dict) -> Iterator[str]:
 
 
 @lint("boot-empty", ERROR, "/boot is empty: kernels live in /usr/lib/modules/$kver/")
-def check_boot_empty(root: Path, release: dict) -> Iterator[str]:
+def check_boot_empty(root: Path, release: Release | None) -> Iterator[str]:
     boot = root / "boot"
     if boot.is_dir():
         files = sorted(str(p.relative_to(root)) for p in boot.rglob("*") if not p.is_dir())
@@ -99,12 +105,12 @@ def check_boot_empty(root: Path, release: dict) -> Iterator[str]:
 
 
 @lint("run-empty", ERROR, "nothing baked into /run (a tmpfs at boot)")
-def check_run_empty(root: Path, release: dict) -> Iterator[str]:
+def check_run_empty(root: Path, release: Release | None) -> Iterator[str]:
     yield from _not_empty(root, "run")
 
 
 @lint("tmp-empty", WARNING, "nothing baked into /tmp")
-def check_tmp_empty(root: Path, release: dict) -> Iterator[str]:
+def check_tmp_empty(root: Path, release: Release | None) -> Iterator[str]:
     yield from _not_empty(root, "tmp")
 
 
@@ -117,7 +123,7 @@ def _not_empty(root: Path, name: str) -> Iterator[str]:
 
 
 @lint("var-run", ERROR, "/var/run is a symlink to /run")
-def check_var_run(root: Path, release: dict) -> Iterator[str]:
+def check_var_run(root: Path, release: Release | None) -> Iterator[str]:
     p = root / "var/run"
     if not p.is_symlink():
         yield "/var/run is not a symlink"
@@ -133,7 +139,7 @@ VAR_ALLOWED = ("var/lib/dpkg", "var/lib/rpm", "var/lib/apt", "var/lib/systemd", 
 
 
 @lint("var-tmpfiles", WARNING, "content in /var is declared in tmpfiles.d (it is a per-device overlay)")
-def check_var_tmpfiles(root: Path, release: dict) -> Iterator[str]:
+def check_var_tmpfiles(root: Path, release: Release | None) -> Iterator[str]:
     declared = set()
     for d in (root / "usr/lib/tmpfiles.d", root / "etc/tmpfiles.d"):
         for conf in sorted(d.glob("*.conf")) if d.is_dir() else []:
@@ -150,18 +156,22 @@ def check_var_tmpfiles(root: Path, release: dict) -> Iterator[str]:
         yield f"not in tmpfiles.d: {', '.join(undeclared[:RUN_MAX_SHOWN])}"
 
 
-@lint("release", ERROR, f"{RELEASE_JSON} names class, compatible and version")
-def check_release(root: Path, release: dict) -> Iterator[str]:
+@lint("release", ERROR, f"{RELEASE_JSON} is a release record (docs/device-contract.md) that lists models")
+def check_release(root: Path, release: Release | None) -> Iterator[str]:
     if not under(root, RELEASE_JSON).is_file():
         yield f"{RELEASE_JSON} is missing"
         return
-    for key in ("class", "compatible", "version", "models"):
-        if not release.get(key):
-            yield f"{RELEASE_JSON} has no {key!r}"
+    try:
+        release = read_release(root)
+    except (OSError, ValueError) as exc:
+        yield str(exc)
+        return
+    if not release.models:
+        yield f"{RELEASE_JSON} lists no models"
 
 
 @lint("kargs", ERROR, f"kernel arguments in {KARGS_DIR}/*.toml parse as a list of strings")
-def check_kargs(root: Path, release: dict) -> Iterator[str]:
+def check_kargs(root: Path, release: Release | None) -> Iterator[str]:
     d = under(root, KARGS_DIR)
     for path in sorted(d.glob("*.toml")) if d.is_dir() else []:
         try:
@@ -175,32 +185,32 @@ def check_kargs(root: Path, release: dict) -> Iterator[str]:
 
 
 @lint("models", ERROR, "every model in release.json is present with its digest")
-def check_models(root: Path, release: dict) -> Iterator[str]:
-    for m in release.get("models", []) if isinstance(release.get("models"), list) else []:
-        path = root / str(m.get("path", "")).lstrip("/")
+def check_models(root: Path, release: Release | None) -> Iterator[str]:
+    for m in release.models if release is not None else ():
+        path = under(root, m.path)
         if not path.is_file():
-            yield f"model {m.get('name')}: {m.get('path')} is missing"
-        elif hashlib.sha256(path.read_bytes()).hexdigest() != m.get("sha256"):
-            yield f"model {m.get('name')}: {m.get('path')} does not match its sha256 in release.json"
+            yield f"model {m.name}: {m.path} is missing"
+        elif hashlib.sha256(path.read_bytes()).hexdigest() != m.sha256:
+            yield f"model {m.name}: {m.path} does not match its sha256 in release.json"
 
 
 @lint("ssh-host-keys", ERROR, "no SSH host keys baked in (generated on first boot)")
-def check_ssh_host_keys(root: Path, release: dict) -> Iterator[str]:
+def check_ssh_host_keys(root: Path, release: Release | None) -> Iterator[str]:
     keys = sorted((root / "etc/ssh").glob("ssh_host_*")) if (root / "etc/ssh").is_dir() else []
     if keys:
         yield f"baked SSH host keys: {', '.join(k.name for k in keys[:RUN_MAX_SHOWN])}"
 
 
 @lint("machine-id", ERROR, "/etc/machine-id is absent or empty (set on first boot)")
-def check_machine_id(root: Path, release: dict) -> Iterator[str]:
+def check_machine_id(root: Path, release: Release | None) -> Iterator[str]:
     p = root / "etc/machine-id"
     if p.is_file() and p.read_text().strip() not in ("", "uninitialized"):
         yield "/etc/machine-id is set in the image; every device would share it"
 
 
 @lint("production-access", ERROR, "production images carry no authorized SSH keys")
-def check_production_access(root: Path, release: dict) -> Iterator[str]:
-    if release.get("development"):
+def check_production_access(root: Path, release: Release | None) -> Iterator[str]:
+    if release is not None and release.development:
         return
     keys = [root / "root/.ssh/authorized_keys", under(root, DEV_AUTHORIZED_KEYS)]
     for p in [*keys, *sorted((root / "home").glob("*/.ssh/authorized_keys"))]:
@@ -223,15 +233,15 @@ def locked_password(field: str) -> bool:
 
 
 @lint("empty-passwords", ERROR, "no account in /etc/shadow has an empty password field (login without one)")
-def check_empty_passwords(root: Path, release: dict) -> Iterator[str]:
+def check_empty_passwords(root: Path, release: Release | None) -> Iterator[str]:
     empty = [name for name, field in shadow_entries(root) if field == ""]
     if empty:
         yield f"/etc/shadow: empty password for {', '.join(empty[:RUN_MAX_SHOWN])} (lock it: passwd -l)"
 
 
 @lint("production-passwords", ERROR, "production images: no account in /etc/shadow has a usable password")
-def check_production_passwords(root: Path, release: dict) -> Iterator[str]:
-    if release.get("development"):
+def check_production_passwords(root: Path, release: Release | None) -> Iterator[str]:
+    if release is not None and release.development:
         return
     usable = [name for name, field in shadow_entries(root) if field and not locked_password(field)]
     if usable:
@@ -254,7 +264,7 @@ def nonempty_file_in(root: Path, rel: str) -> bool:
 
 
 @lint("ca-bundle", ERROR, "an image that updates over TLS (agent.json registry, not insecure) has a CA bundle")
-def check_ca_bundle(root: Path, release: dict) -> Iterator[str]:
+def check_ca_bundle(root: Path, release: Release | None) -> Iterator[str]:
     config: dict = {}
     for device_path in (AGENT_JSON, AGENT_OVERRIDE_JSON):  # the agent's own order: /etc overrides key by key
         try:
@@ -371,13 +381,13 @@ def _nvidia(root: Path) -> tuple[Path, list[Path]] | None:
 
 
 @lint("nvidia-vermagic", ERROR, "every nvidia*.ko was built for the image's kernel (vermagic starts with it)")
-def check_nvidia_vermagic(root: Path, release: dict) -> Iterator[str]:
+def check_nvidia_vermagic(root: Path, release: Release | None) -> Iterator[str]:
     found = _nvidia(root)
     if found is None:
         return
     kdir, mods = found
     if not mods:
-        if release.get("accelerator") == "nvidia-dgpu":
+        if release is not None and release.accelerator == "nvidia-dgpu":
             yield f"no nvidia kernel module for kernel {kdir.name}"
         return
     for mod in mods:
@@ -388,7 +398,7 @@ def check_nvidia_vermagic(root: Path, release: dict) -> Iterator[str]:
 
 
 @lint("nvidia-userspace-version", ERROR, "libcuda and libnvidia-ml are the kernel module's version")
-def check_nvidia_userspace(root: Path, release: dict) -> Iterator[str]:
+def check_nvidia_userspace(root: Path, release: Release | None) -> Iterator[str]:
     found = _nvidia(root)
     mod = main_module(found[1]) if found else None
     if mod is None:
@@ -400,14 +410,14 @@ def check_nvidia_userspace(root: Path, release: dict) -> Iterator[str]:
             yield f"no {lib}.so.<version> in the image (kernel module {mod.name} is {version})"
         elif have != {version}:
             yield f"{lib} is {', '.join(sorted(have))}, kernel module {mod.name} is {version}"
-    want = str(release.get("driverVersion") or "")
+    want = (release.driver_version if release is not None else None) or ""
     upstream = want.split(":", 1)[-1].split("-", 1)[0]
-    if want and release.get("accelerator") == "nvidia-dgpu" and upstream != version:
+    if want and release is not None and release.accelerator == "nvidia-dgpu" and upstream != version:
         yield f"kernel module {mod.name} is {version}, release.json driverVersion is {want}"
 
 
 @lint("cuda-driver-branch", ERROR, "the venv's CUDA runtime major is one the driver branch runs")
-def check_cuda_driver_branch(root: Path, release: dict) -> Iterator[str]:
+def check_cuda_driver_branch(root: Path, release: Release | None) -> Iterator[str]:
     cuda = cuda_runtime_version(root)
     found = _nvidia(root)
     mod = main_module(found[1]) if found else None
@@ -423,7 +433,7 @@ def check_cuda_driver_branch(root: Path, release: dict) -> Iterator[str]:
 
 
 @lint("no-build-tools", ERROR, "an image whose kernel modules were built by DKMS carries no compiler, headers or DKMS")
-def check_no_build_tools(root: Path, release: dict) -> Iterator[str]:
+def check_no_build_tools(root: Path, release: Release | None) -> Iterator[str]:
     if not any((d / "updates/dkms").is_dir() for d in kernel_dirs(root)):
         return
     present = [rel for rel in BUILD_TOOLS if (root / rel).exists() or (root / rel).is_symlink()]

@@ -58,7 +58,7 @@ import onnxruntime as ort
 
 from kiln_device import degraded as dm
 from kiln_device.common import Parser, first_line, write_json_atomic
-from kiln_device.contract import ACCELERATOR_STATE, INFERENCE_STATUS, under
+from kiln_device.contract import ACCELERATOR_STATE, INFERENCE_STATUS, Release, under
 from kiln_device.inference import (
     DEFAULT_PORT,
     HOST,
@@ -95,13 +95,12 @@ class AcceleratorMissing(Exception):
 # -- workers sharing the accelerator -----------------------------------------------------------
 
 
-def worker_count(release: dict[str, Any]) -> tuple[int, str]:
+def worker_count(release: Release) -> tuple[int, str]:
     """How many inference workers share the accelerator (release.json `sharing`), and why:
     time-slicing and MPS run `replicas` workers, each with its own session; no sharing runs one."""
-    sharing = release.get("sharing") if isinstance(release.get("sharing"), dict) else {}
-    strategy = (sharing or {}).get("strategy") or "none"
-    replicas = (sharing or {}).get("replicas", 1)
-    if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas <= 64:
+    strategy = release.sharing.strategy if release.sharing is not None else "none"
+    replicas = release.sharing.replicas if release.sharing is not None else 1
+    if not 1 <= replicas <= 64:
         raise ModelProblem(f"/{RELEASE}: sharing.replicas must be a number from 1 to 64, got {replicas!r}")
     if strategy == "time-slicing":
         return replicas, f"time-slicing: {replicas} workers share the GPU"

@@ -11,6 +11,7 @@ from builder.model.gates import describe, golden
 from builder.model.runtimes import ClassRuntime, finalize_note, provider_label
 from builder.models import finalize_attempts
 from builder.runtime_venv import want_runtime_venv, why_not_host_runtime
+from kiln_device.contract import Runtime
 from kiln_device.inference import ModelProblem, provider_options, session_providers
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -18,8 +19,9 @@ OV = "OpenVINOExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 
-def release(device: str | None) -> dict[str, object]:
-    return {"runtime": {"name": "onnxruntime-openvino", "executionProviders": [OV, CPU], "device": device}}
+def release(device: str | None) -> Runtime:
+    """release.json's runtime of an OpenVINO class on `device`."""
+    return Runtime(name="onnxruntime-openvino", version="1.24.1", execution_providers=(OV, CPU), device=device)
 
 
 @pytest.mark.parametrize(("device", "precision", "override", "want"), [

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
 
 from builder.loader import load_class
 from builder.render import finalize_plan, make_context
-from kiln_device import cdi, degraded, gpu
+from kiln_device import cdi, contract, degraded, gpu
 from kiln_device.contract import ACCELERATOR_STATE, GPU_HEALTH_RESULT, HEALTH_RESULT, under
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,8 +24,10 @@ def release(root: Path, *, accelerator: str = "nvidia-dgpu", policy: str | None 
     path = under(root, "/usr/lib/kiln/release.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     fallback = None if policy is None else {"policy": policy, "p95LatencyMs": 50 if policy == "degrade" else None}
-    path.write_text(json.dumps({"class": "gpu", "version": "1.0.0", "accelerator": accelerator, "fallback": fallback,
-                                "runtime": {"executionProviders": ["CUDAExecutionProvider", "CPUExecutionProvider"]},
+    path.write_text(json.dumps({"class": "gpu", "compatible": "kiln,gpu", "version": "1.0.0",
+                                "accelerator": accelerator, "fallback": fallback,
+                                "runtime": {"name": "onnxruntime-gpu", "version": "1.20.0",
+                                            "executionProviders": ["CUDAExecutionProvider", "CPUExecutionProvider"]},
                                 "p95LatencyMs": 5}))
     return root
 
@@ -65,17 +68,23 @@ def fake_gpu(root: Path, gpus: int = 2) -> Path:
 # --- the fallback policy ------------------------------------------------------------------------
 
 
+def fallback_of(**fields: object) -> degraded.Fallback:
+    base = {"class": "gpu", "compatible": "kiln,gpu", "version": "1.0.0"}
+    return degraded.parse_fallback(contract.parse_release({**base, **fields}))
+
+
 def test_parse_fallback() -> None:
-    assert degraded.parse_fallback({"fallback": {"policy": "degrade", "p95LatencyMs": 40}}) == \
-        degraded.Fallback("degrade", 40.0)
-    assert degraded.parse_fallback({"fallback": {"policy": "fail", "p95LatencyMs": None}}).policy == "fail"
+    assert fallback_of(fallback={"policy": "degrade", "p95LatencyMs": 40}) == degraded.Fallback("degrade", 40.0)
+    assert fallback_of(fallback={"policy": "fail", "p95LatencyMs": None}).policy == "fail"
     # a release.json from before degraded modes: degrade where the class lists the CPU provider
-    assert degraded.parse_fallback({"runtime": {"executionProviders": ["CUDAExecutionProvider",
-                                                                       "CPUExecutionProvider"]}}).degrades
-    assert not degraded.parse_fallback({"runtime": {"executionProviders": ["CUDAExecutionProvider"]}}).degrades
-    for bad in ({"policy": "ignore"}, {"policy": "degrade", "p95LatencyMs": -1}, "degrade"):
-        with pytest.raises(ValueError, match="fallback"):
-            degraded.parse_fallback({"fallback": bad})
+    runtime = {"name": "onnxruntime-gpu", "version": "1.20.0"}
+    assert fallback_of(runtime={**runtime, "executionProviders": ["CUDAExecutionProvider",
+                                                                  "CPUExecutionProvider"]}).degrades
+    assert not fallback_of(runtime={**runtime, "executionProviders": ["CUDAExecutionProvider"]}).degrades
+    for bad, where in (({"policy": "ignore"}, "fallback.policy"), ({"policy": "degrade", "p95LatencyMs": -1},
+                                                                   "fallback.p95LatencyMs"), ("degrade", "fallback")):
+        with pytest.raises(ValueError, match=rf"^release\.json: {re.escape(where)}: "):
+            fallback_of(fallback=bad)
 
 
 def test_release_json_carries_fallback_sharing_and_the_preset(tmp_path: Path) -> None:
@@ -84,12 +93,12 @@ def test_release_json_carries_fallback_sharing_and_the_preset(tmp_path: Path) ->
                                       ("intel-lowpower-detector", {"policy": "degrade", "p95LatencyMs": 50.0}, False),
                                       ("qemu-x86_64", None, False)):
         plan = finalize_plan(load_class(name, ROOT / "images"), source=f"images/{name}.yaml")
-        assert plan.release["fallback"] == fallback, name
+        assert contract.release_json(plan.release)["fallback"] == fallback, name
         ctx = make_context(plan, tmp_path / name)
         preset = (ctx / "class/usr/lib/systemd/system-preset/70-kiln-class.preset").read_text()
         assert f"{'enable' if gpu_check else 'disable'} kiln-health-gpu.service" in preset, name
     gateway = finalize_plan(load_class("factory-gateway-gpu", ROOT / "images"), source="x").release
-    assert gateway["sharing"] == {"strategy": "time-slicing", "replicas": 4}
+    assert gateway is not None and gateway.sharing == contract.Sharing(strategy="time-slicing", replicas=4)
 
 
 # --- gpu-visible --------------------------------------------------------------------------------
@@ -189,17 +198,26 @@ def test_cdi_without_a_gpu_writes_no_spec_and_says_why(tmp_path: Path, capsys: p
 def test_worker_count(sharing: dict[str, object] | None, workers: int, note: str) -> None:
     from kiln_device.server import worker_count
 
-    n, text = worker_count({"sharing": sharing})
+    n, text = worker_count(contract.parse_release({"class": "gpu", "compatible": "kiln,gpu", "version": "1.0.0",
+                                                   "sharing": sharing}))
     assert n == workers and note in text
 
 
-def test_worker_count_refuses_nonsense() -> None:
-    from kiln_device.inference import ModelProblem
+def test_worker_count_refuses_nonsense(tmp_path: Path) -> None:
+    from kiln_device.inference import ModelProblem, load_release
     from kiln_device.server import worker_count
 
-    for sharing in ({"strategy": "time-slicing", "replicas": 0}, {"strategy": "magic", "replicas": 2}):
-        with pytest.raises(ModelProblem, match="sharing"):
-            worker_count({"sharing": sharing})
+    for sharing, where in (({"strategy": "time-slicing", "replicas": 0}, "sharing.replicas"),
+                           ({"strategy": "magic", "replicas": 2}, "sharing.strategy")):
+        under(tmp_path, contract.RELEASE_JSON).parent.mkdir(parents=True, exist_ok=True)
+        under(tmp_path, contract.RELEASE_JSON).write_text(json.dumps(
+            {"class": "gpu", "compatible": "kiln,gpu", "version": "1.0.0", "sharing": sharing}))
+        with pytest.raises(ModelProblem, match=rf"^/usr/lib/kiln/release\.json: {where}: "):
+            worker_count(load_release(tmp_path))
+    hand_made = contract.Release(cls="gpu", compatible="kiln,gpu", version="1.0.0",
+                                 sharing=contract.Sharing(strategy="time-slicing", replicas=65))
+    with pytest.raises(ModelProblem, match=r"sharing\.replicas"):
+        worker_count(hand_made)
 
 
 # --- kiln-agent status ----------------------------------------------------------------------------

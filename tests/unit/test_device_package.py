@@ -77,9 +77,12 @@ def plan(name: str = "qemu-x86_64"):  # type: ignore[no-untyped-def]
 
 
 def test_release_json_carries_every_field_the_device_reads() -> None:
-    release = plan().release
-    assert set(release) == set(contract.RELEASE_FIELDS)
+    typed = plan().release
+    assert typed is not None
+    release = contract.release_json(typed)
+    assert set(release) == set(contract.RELEASE_FIELDS) and release["schemaVersion"] == contract.RELEASE_SCHEMA
     parsed = contract.parse_release(json.loads(json.dumps(release)))
+    assert parsed == typed  # what the builder writes is what the device reads back
     assert parsed.version == "1.2.3" and parsed.boot_control in contract.BOOT_CONTROLS
     assert parsed.compression in contract.EROFS_COMPRESSORS
     assert parsed.kernel_args is not None and "console=ttyS0,115200n8" in parsed.kernel_args
@@ -97,7 +100,8 @@ def test_labels_the_agent_reads_are_set() -> None:
         assert key in labels
     for name in ("qemu-x86_64", "medical-cart-cpu"):  # the label says what release.json says
         p = plan(name)
-        assert dict(p.labels)[contract.LABEL_DEVELOPMENT] == ("true" if p.release["development"] else "false")
+        assert p.release is not None
+        assert dict(p.labels)[contract.LABEL_DEVELOPMENT] == ("true" if p.release.development else "false")
 
 
 def test_every_compression_the_spec_allows_has_an_erofs_compressor() -> None:

@@ -37,7 +37,8 @@ def make_rootfs(root: Path, *, accelerator: str = "none", development: bool = Fa
     release = {"class": "fake", "compatible": "kiln,fake", "version": "1.0.0", "accelerator": accelerator,
                "driverVersion": "535.309.01-0+deb12u1" if accelerator == "nvidia-dgpu" else None,
                "development": development,
-               "models": [{"name": "digits", "path": "/usr/share/kiln/models/digits/1.0.0/model.onnx",
+               "models": [{"name": "digits", "version": "1.0.0",
+                           "path": "/usr/share/kiln/models/digits/1.0.0/model.onnx",
                            "sha256": hashlib.sha256(b"onnx-bytes").hexdigest()}]}
     (root / "usr/lib/kiln").mkdir(parents=True)
     (root / "usr/lib/kiln/release.json").write_text(json.dumps(release))

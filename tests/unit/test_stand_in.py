@@ -22,6 +22,7 @@ from builder.errors import SpecError
 from builder.loader import known_classes, load_class
 from builder.render import finalize_plan
 from builder.spec import AcceleratorKind, Architecture, BootControl, FallbackPolicy, Family, RuntimeName
+from kiln_device import contract
 from tests.conftest import ROOT
 
 JETSON = "jetson-vision-standard"
@@ -83,7 +84,7 @@ def test_the_class_is_refused_naming_every_bsp_piece_and_its_stand_in_is_not() -
 def test_the_stand_in_s_release_asks_for_tensorrt_under_policy_fail_and_boots_with_systemd_boot() -> None:
     plan = finalize_plan(load_class(STAND_IN, ROOT / "images"), source=f"images/{JETSON}.yaml",
                          version="1.2.3", revision="0123abc")
-    release = plan.release
+    release = contract.release_json(plan.release)
     assert release["class"] == STAND_IN and release["compatible"] == f"acme-robotics,{STAND_IN}"
     assert release["accelerator"] == "nvidia-jetson" and release["driverVersion"] is None
     assert release["fallback"]["policy"] == "fail"

@@ -32,7 +32,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,9 @@ from tuf.api.metadata import (
 from tuf.api.serialization.json import JSONSerializer
 
 from builder.errors import UsageError
+from kiln_device import contract
+from kiln_device.contract import rollout_path, target_path
+from kiln_device.typed import dump
 
 TUF_DIR = "tuf"  # in a key directory: the private keys; in the lookaside directory: the repository
 KEY_FILES = {"root": "root.pem", "targets": "targets.pem", "online": "online.pem", "rollout": "rollout.pem"}
@@ -68,7 +71,7 @@ DEFAULT_EXPIRY = {"root": timedelta(days=365), "targets": timedelta(days=90),
 ROLLOUT_ROLE = "rollout"
 ROLLOUT_PATHS = ["*/*/rollout"]
 EXPIRY_ENV = "KILN_TUF_EXPIRY"  # role=seconds,...: shorter lives (tests, a drill)
-DEVICE_ROOT = "/usr/lib/kiln/tuf/root.json"  # the image's trust anchor (kiln_device.contract.TUF_ROOT)
+DEVICE_ROOT = contract.TRUST_ROOT  # the image's trust anchor
 
 
 # --- keys -------------------------------------------------------------------------------------
@@ -183,14 +186,6 @@ class Release:
     @property
     def path(self) -> str:
         return target_path(self.cls, self.channel, self.version)
-
-
-def target_path(cls: str, channel: str, version: str) -> str:
-    return f"{cls}/{channel}/{version}"
-
-
-def rollout_path(cls: str, channel: str) -> str:
-    return f"{cls}/{channel}/rollout"
 
 
 def delegate_rollout(targets: Targets, signer: Signer) -> None:
@@ -374,8 +369,9 @@ class Repository:
                 raise UsageError(f"{release.cls} {release.version} is already released on {release.channel} as "
                                  f"sha256:{old.hashes.get('sha256')}; a released version never changes digest",
                                  hint="release the fix under a new version")
-            custom = {"version": release.version, "compatible": release.compatible,
-                      "minVersion": release.min_version or "", "repository": release.repository or ""}
+            custom = dump(contract.TargetCustom(
+                version=release.version, compatible=release.compatible, min_version=release.min_version or "",
+                repository=release.repository or ""))
             targets.targets[release.path] = TargetFile(
                 length=release.length, hashes={"sha256": release.digest.removeprefix("sha256:")},
                 path=release.path, unrecognized_fields={"custom": custom})
@@ -390,11 +386,16 @@ class Repository:
             if target is None:
                 raise UsageError(f"{cls} {version} was never released on {channel}",
                                  hint=f"`kiln channel status {cls}` lists the releases")
-            custom = dict(target.unrecognized_fields.get("custom") or {})
-            if custom.get("withdrawn"):
-                raise UsageError(f"{cls} {version} on {channel} is already withdrawn ({custom['withdrawn']['reason']})")
-            custom["withdrawn"] = {"reason": reason, "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
-            target.unrecognized_fields["custom"] = custom
+            raw = dict(target.unrecognized_fields.get("custom") or {})
+            try:
+                custom = contract.parse_target_custom(raw, f"the target {path}")
+            except contract.ContractError as exc:
+                raise UsageError(f"the channel's metadata: {exc}") from None
+            if custom.withdrawn is not None:
+                raise UsageError(f"{cls} {version} on {channel} is already withdrawn ({custom.withdrawn.reason})")
+            withdrawn = contract.Withdrawn(reason=reason, time=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+            # what a later Kiln added stays as it was
+            target.unrecognized_fields["custom"] = {**raw, **dump(replace(custom, withdrawn=withdrawn))}
 
         self._update_targets(mark)
 

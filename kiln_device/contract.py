@@ -211,6 +211,45 @@ def release_json(release: Release) -> dict[str, Any]:
     return dump(release)
 
 
+# --- the channel: TUF targets (builder.trust writes them, kiln_device.agent.trust reads them) ----------
+
+def target_path(cls: str, channel: str, version: str) -> str:
+    """A release's TUF target: `<class>/<channel>/<version>` (its length and sha256: the OCI manifest's)."""
+    return f"{cls}/{channel}/{version}"
+
+
+def rollout_path(cls: str, channel: str) -> str:
+    """The channel's rollout state, a target of the delegated `rollout` role (builder.rollout)."""
+    return f"{cls}/{channel}/rollout"
+
+
+@dataclass(frozen=True)
+class Withdrawn:
+    reason: str = key("reason", "Why the release was withdrawn (`kiln channel withdraw --reason`).")
+    time: str = key("time", "When, in UTC (`2026-12-06T10:00:00Z`).")
+
+
+@dataclass(frozen=True)
+class TargetCustom:
+    """A release target's `custom` object in the channel's signed targets metadata."""
+
+    version: str = key("version", "The release's version: the same as the last part of its target path.",
+                       nonempty=True)
+    compatible: str = key("compatible", "Which devices may install it (release.json `compatible`).")
+    min_version: str = key("minVersion", "The oldest version that may update to it directly (empty: any).",
+                           default="")
+    repository: str = key("repository", "The registry repository it is pulled from (empty: `kiln/<class>`).",
+                          default="")
+    withdrawn: Withdrawn | None = key("withdrawn", "Set once the release is withdrawn: devices no longer choose "
+                                                   "it.", default=None)
+
+
+def parse_target_custom(data: Any, where: str) -> TargetCustom:
+    """A target's `custom`; ContractError naming the field. Fields this reader does not know are ignored:
+    the metadata is signed, and a later Kiln may add some."""
+    return load(TargetCustom, data, where, ignore_unknown=True)
+
+
 # What the agent accepts from an image it has not installed yet (labels, release.json): the
 # builder's own rules (builder/safe.py), with a length cap. Anything else is refused, never parsed.
 MAX_LABEL_LENGTH = 128

@@ -21,6 +21,7 @@ from kiln_device.contract import (
     SLOTS,
     TRUST_DIR,
     TRUST_ROOT,
+    ContractError,
     Release,
     default_repository,
     parse_release,
@@ -208,10 +209,15 @@ def in_window(window: tuple[int, int] | None, minute: int) -> bool:
 
 
 def load_release(path: Path) -> Release:
+    """release.json at `path`; AgentError(CONFIG) naming the file, and the field where it is malformed."""
     try:
-        return parse_release(read_json(path))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        data = read_json(path)
+    except (OSError, ValueError) as exc:
         raise AgentError(CONFIG, f"{path}: cannot read the release metadata: {exc}") from None
+    try:
+        return parse_release(data, str(path))
+    except ContractError as exc:
+        raise AgentError(CONFIG, f"malformed release metadata: {exc}") from None
 
 
 def require_registry(config: Config) -> None:

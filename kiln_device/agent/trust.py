@@ -26,7 +26,17 @@ from kiln_device.agent.config import Config
 from kiln_device.agent.errors import AgentError, log
 from kiln_device.agent.journal import fault_point
 from kiln_device.common import fsync_dir
-from kiln_device.contract import CONFIG, INCOMPATIBLE, SIGNATURE, STALE, UNREACHABLE, Release
+from kiln_device.contract import (
+    CONFIG,
+    INCOMPATIBLE,
+    SIGNATURE,
+    STALE,
+    UNREACHABLE,
+    ContractError,
+    Release,
+    parse_target_custom,
+    rollout_path,
+)
 from kiln_device.fleet import rollout_gate
 
 METADATA_PATH = "tuf/metadata/"  # under the lookaside URL (builder.trust)
@@ -121,15 +131,19 @@ def read_channel(config: Config, release: Release) -> Channel:
     for path, target in targets.signed.targets.items():
         if not path.startswith(prefix):
             continue
-        custom = target.unrecognized_fields.get("custom") or {}
         version = path[len(prefix):]
-        if not kv.is_valid(version) or custom.get("version") != version or "sha256" not in target.hashes:
+        try:
+            custom = parse_target_custom(target.unrecognized_fields.get("custom"), f"the target {path}")
+        except ContractError as exc:
+            log(f"ignoring {exc}")
+            continue
+        if not kv.is_valid(version) or custom.version != version or "sha256" not in target.hashes:
             log(f"ignoring target {path}: not a Kiln release entry")
             continue
+        withdrawn = {"reason": custom.withdrawn.reason, "time": custom.withdrawn.time} if custom.withdrawn else None
         releases.append(ChannelRelease(version=version, digest="sha256:" + target.hashes["sha256"],
-                                       compatible=str(custom.get("compatible") or ""),
-                                       min_version=str(custom.get("minVersion") or "") or None,
-                                       withdrawn=custom.get("withdrawn") or None))
+                                       compatible=custom.compatible, min_version=custom.min_version or None,
+                                       withdrawn=withdrawn))
     expires = {}
     for role in ("root", "timestamp", "snapshot", "targets"):
         try:
@@ -139,10 +153,6 @@ def read_channel(config: Config, release: Release) -> Channel:
             pass
     root_version = Metadata.from_file(str(meta_dir / "root.json")).signed.version
     return Channel(release.cls, config.channel, tuple(releases), expires, root_version, rollout)
-
-
-def rollout_path(cls: str, channel: str) -> str:
-    return f"{cls}/{channel}/rollout"
 
 
 def choose(channel: Channel, release: Release, device: str | None = None) -> tuple[ChannelRelease | None, str | None]:

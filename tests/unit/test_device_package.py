@@ -215,3 +215,37 @@ def test_images_mask_the_gpt_auto_generator() -> None:
         assert copied.is_symlink() and os.readlink(copied) == "/dev/null"
     finally:
         shutil.rmtree(rendered.parent)
+
+
+@pytest.mark.parametrize(("change", "where"), [
+    ({"bootTries": "3"}, "bootTries: expected a whole number"),
+    ({"rootCompression": "brotli"}, "rootCompression: 'brotli' (a string) is not one of"),
+    ({"kernelArgs": "quiet"}, "kernelArgs: expected a list"),
+    ({"models": [{"name": "m", "version": "1", "path": "/usr/share/kiln/m.onnx"}]}, "models[0].sha256: missing"),
+    ({"bootTrys": 3}, "unknown field bootTrys"),
+])
+def test_an_image_with_a_malformed_release_json_is_refused_naming_the_field(tmp_path: Path, change: dict[str, object],
+                                                                           where: str) -> None:
+    """release.json is read through its record: a wrong field is a BAD_IMAGE refusal that says which
+    field, never a KeyError or a silently defaulted value."""
+    from kiln_device.agent.errors import AgentError
+    from tests.ota import release_files
+
+    for rel, data in release_files(version="2.0.0").items():
+        if rel == contract.RELEASE_JSON.lstrip("/"):
+            data = json.dumps({**json.loads(data), **change}).encode()
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+    with pytest.raises(AgentError) as refused:
+        check_tree(tmp_path, Candidate(version="2.0.0", compatible="kiln,tiny", digest="sha256:" + "a" * 64))
+    assert refused.value.code == contract.BAD_IMAGE
+    assert f"{contract.RELEASE_JSON}: {where}" in refused.value.message, refused.value.message
+
+
+def test_a_newer_release_json_may_carry_fields_this_device_does_not_know() -> None:
+    """A later Kiln writes schemaVersion 2 with a field this agent has never heard of: the agent reads the
+    fields it knows. In the schemaVersion it knows, the same field is a mistake."""
+    base = {"class": "c", "compatible": "kiln,c", "version": "2.0.0", "uki": {"signed": True}}
+    assert contract.parse_release({**base, "schemaVersion": contract.RELEASE_SCHEMA + 1}).version == "2.0.0"
+    with pytest.raises(contract.ContractError, match=r"^release\.json: unknown field uki"):
+        contract.parse_release({**base, "schemaVersion": contract.RELEASE_SCHEMA})

@@ -64,6 +64,7 @@ ROOT_TYPES = {
 LINUX_DATA_TYPE = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 
 SLOTS = contract.SLOTS
+ROOT_A = contract.slot_label("a")  # the slot `kiln disk` writes; root-b stays empty until the first update
 SYSTEMD_BOOT_DIR = "usr/lib/systemd/boot/efi"
 HOST_SYSTEMD_BOOT_DIR = Path("/usr/lib/systemd/boot/efi")
 # What the data partition starts with: the overlay directories the initramfs mounts.
@@ -146,8 +147,9 @@ def finalize_layout(info: ImageInfo, size: int | None = None) -> tuple[Partition
     if info.storage is not None and total > info.storage:
         raise DiskError(f"the disk needs {format_size(total)} ({parts_text}) but the storage envelope "
                         f"of {info.class_name} is {format_size(info.storage)} (spec.envelope.storage)")
-    sizes = (("esp", ESP_TYPE, esp), ("root-a", ROOT_TYPES[info.architecture], root),
-             ("root-b", ROOT_TYPES[info.architecture], root), ("data", LINUX_DATA_TYPE, data))
+    root_type = ROOT_TYPES[info.architecture]
+    sizes = ((contract.ESP_LABEL, ESP_TYPE, esp), (ROOT_A, root_type, root),
+             (contract.slot_label("b"), root_type, root), (contract.DATA_LABEL, LINUX_DATA_TYPE, data))
     parts: list[Partition] = []
     start = GPT_HEAD
     for label, type_guid, psize in sizes:
@@ -191,7 +193,7 @@ def finalize_disk_plan(info: ImageInfo, *, output: Path | None = None, fmt: str 
         raise DiskError(f"root filesystem {info.disk.filesystem.value} is not supported by kiln disk yet "
                         f"(spec.disk.filesystem of {info.class_name}); use erofs")
     parts = finalize_layout(info, size)
-    root_a = next(p for p in parts if p.label == "root-a")
+    root_a = next(p for p in parts if p.label == ROOT_A)
     cls, ver = info.class_name, info.version
     return DiskPlan(
         class_name=cls, version=ver, architecture=info.architecture,
@@ -231,10 +233,10 @@ def finalize_erofs_argv(plan: DiskPlan, rootfs: Path, out: Path) -> list[str | o
 
 
 def finalize_data_argv(plan: DiskPlan, tree: Path, out: Path) -> list[str | os.PathLike[str]]:
-    data = plan.partition("data")
+    data = plan.partition(contract.DATA_LABEL)
     return [
         "mkfs.ext4", "-q", "-F",
-        "-L", "data",
+        "-L", contract.DATA_LABEL,
         "-U", plan.data_fs_uuid,
         "-E", f"hash_seed={plan.data_fs_uuid},root_owner=0:0",
         "-b", "4096",
@@ -363,11 +365,11 @@ def make_disk_from_rootfs(plan: DiskPlan, info: ImageInfo, rootfs: Path, steps: 
     plan.output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=plan.output.parent, prefix=".kiln-disk-") as tmp_name:
         tmp = Path(tmp_name)
-        images = {"root-a": tmp / "root-a.img", "esp": tmp / "esp.img", "data": tmp / "data.img"}
-        with steps.step(f"root-a: mkfs.erofs ({plan.compression})"):
-            make_root_image(plan, rootfs, images["root-a"])
+        images = {label: tmp / f"{label}.img" for label in (ROOT_A, contract.ESP_LABEL, contract.DATA_LABEL)}
+        with steps.step(f"{ROOT_A}: mkfs.erofs ({plan.compression})"):
+            make_root_image(plan, rootfs, images[ROOT_A])
         with steps.step("esp: systemd-boot, slot A kernel and boot entry"):
-            make_esp_image(plan, info, rootfs, images["esp"], tmp / "esp")
+            make_esp_image(plan, info, rootfs, images[contract.ESP_LABEL], tmp / "esp")
         if seed is not None:
             with steps.step("data: the image as the agent's OCI layout (delta updates)"):
                 make_oci_seed(seed[0], seed[1], plan.version, tmp / "data")
@@ -377,7 +379,7 @@ def make_disk_from_rootfs(plan: DiskPlan, info: ImageInfo, rootfs: Path, steps: 
             with steps.step(f"data: {len(etc)} file(s) for this device's /etc"):
                 place_etc_files(etc, tmp / "data")
         with steps.step("data: ext4 with the /etc and /var overlay dirs"):
-            make_data_image(plan, images["data"], tmp / "data")
+            make_data_image(plan, images[contract.DATA_LABEL], tmp / "data")
         with steps.step(f"assemble the GPT disk ({format_size(plan.size)})"):
             raw = tmp / "disk.raw"
             make_gpt_disk(plan, images, raw)
@@ -386,7 +388,7 @@ def make_disk_from_rootfs(plan: DiskPlan, info: ImageInfo, rootfs: Path, steps: 
                 final = tmp / "disk.qcow2"
                 run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, final], capture=True)
             final.replace(plan.output)
-        root_size = images["root-a"].stat().st_size
+        root_size = images[ROOT_A].stat().st_size
     return DiskRecord(
         class_name=plan.class_name, version=plan.version, source=info.source, output=str(plan.output),
         format=plan.fmt, size=plan.size, file_size=plan.output.stat().st_blocks * 512,
@@ -401,8 +403,8 @@ def make_root_image(plan: DiskPlan, rootfs: Path, out: Path) -> None:
     try:
         run(finalize_erofs_argv(plan, rootfs, out))
     except CommandFailed as exc:
-        raise DiskError(f"writing root-a: {exc}") from exc
-    root = plan.partition("root-a")
+        raise DiskError(f"writing {ROOT_A}: {exc}") from exc
+    root = plan.partition(ROOT_A)
     got = out.stat().st_size
     if got > root.size:
         raise DiskError(f"the image does not fit: its root filesystem is {format_size(got)} but root-a is "
@@ -443,7 +445,7 @@ def make_esp_image(plan: DiskPlan, info: ImageInfo, rootfs: Path, out: Path, tre
     (tree / "loader/entries").mkdir(parents=True)
     (tree / "loader/loader.conf").write_text(plan.loader_conf)
     (tree / "loader/entries" / plan.entry_name).write_text(plan.entry)
-    esp = plan.partition("esp")
+    esp = plan.partition(contract.ESP_LABEL)
     payload = sum(p.stat().st_size for p in tree.rglob("*") if p.is_file())
     boot_pair = info.kernel.stat().st_size + info.initrd.stat().st_size
     # Slot B needs room for its own kernel and initramfs when an update lands.
@@ -586,7 +588,7 @@ def make_factory_reset(disk: Path) -> None:
     Writes the file `factory-reset` at the root of the data filesystem with debugfs
     (no mount); `kiln-overlay` in the initramfs removes overlay/*/{upper,work} and the flag.
     """
-    offset = partition_offset(disk, "data")
+    offset = partition_offset(disk, contract.DATA_LABEL)
     try:
         run(["debugfs", "-w", "-R", f"write /dev/null {FACTORY_RESET_FLAG}", f"{disk}?offset={offset}"],
             capture=True)

@@ -42,7 +42,10 @@ class ImageInfo:
 
 def read_image_info(rootfs: Path, source: str, *, version: str | None = None) -> ImageInfo:
     """Read release.json, class.json, the kernel arguments and the kernel of an unpacked image."""
-    release = _read_json(rootfs, RELEASE_JSON, source)
+    try:
+        release = contract.parse_release(_read_json(rootfs, RELEASE_JSON, source), f"/{RELEASE_JSON}")
+    except contract.ContractError as exc:
+        raise DiskError(f"{source}: {exc}") from None
     klass = _read_json(rootfs, CLASS_JSON, source)
     spec = klass.get("spec") or {}
     try:
@@ -52,8 +55,7 @@ def read_image_info(rootfs: Path, source: str, *, version: str | None = None) ->
         raise DiskError(f"{source}: /{CLASS_JSON} has no valid spec.disk: {exc}") from None
     kver, kernel, initrd = find_kernel(rootfs, source)
     storage = (spec.get("envelope") or {}).get("storage")
-    class_name = str(release.get("class") or (klass.get("metadata") or {}).get("name") or "unknown")
-    image_version = str(release.get("version") or "0.0.0-dev")
+    class_name, image_version = release.cls, release.version
     # Both name files under build/ and the disk's identifiers: an image must not steer them outside.
     for what, value, check in (("class", class_name, safe.name), ("version", image_version, safe.version)):
         try:
@@ -109,12 +111,9 @@ def find_kernel(rootfs: Path, source: str) -> tuple[str, Path, Path]:
     return boot.version, boot.vmlinuz, boot.initrd
 
 
-def finalize_kargs(release: dict[str, Any], rootfs: Path) -> tuple[str, ...]:
+def finalize_kargs(release: contract.Release, rootfs: Path) -> tuple[str, ...]:
     """release.json's kernelArgs (what the agent uses for the other slot), else kargs.d (older images)."""
-    kargs = release.get("kernelArgs")
-    if isinstance(kargs, list) and all(isinstance(a, str) for a in kargs):
-        return tuple(kargs)
-    return read_kargs(rootfs)
+    return release.kernel_args if release.kernel_args is not None else read_kargs(rootfs)
 
 
 def read_kargs(rootfs: Path) -> tuple[str, ...]:

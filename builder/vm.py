@@ -104,10 +104,10 @@ def finalize_disk_architecture(disk: Path) -> Architecture:
     if recorded in {a.value for a in Architecture}:
         return Architecture(recorded)
     if finalize_disk_format(disk) == "raw":
-        from builder.disk import ROOT_TYPES, read_partition_table
+        from builder.disk import ROOT_A, ROOT_TYPES, read_partition_table
 
         with contextlib.suppress(Exception):
-            types = {p.get("type", "").upper() for p in read_partition_table(disk) if p.get("name") == "root-a"}
+            types = {p.get("type", "").upper() for p in read_partition_table(disk) if p.get("name") == ROOT_A}
             for arch, guid in ROOT_TYPES.items():
                 if guid in types:
                     return arch

@@ -20,50 +20,77 @@ from kiln_device.typed import dump, key, load
 
 # --- paths on the device ---------------------------------------------------------------
 
-LIB_DIR = "/usr/lib/kiln"  # read-only: what the image brings
-DATA_DIR = "/var/lib/kiln"  # the data partition's /var overlay: what the device keeps
-RELEASE_JSON = f"{LIB_DIR}/release.json"
-CLASS_JSON = f"{LIB_DIR}/class.json"  # the whole class spec, for people and `kiln disk`; the agent never reads it
-AGENT_JSON = f"{LIB_DIR}/agent.json"  # the agent's baked defaults
-AGENT_OVERRIDE_JSON = "/etc/kiln/agent.json"
-POLICY_JSON = f"{LIB_DIR}/policy.json"
-RELEASE_KEY = f"{LIB_DIR}/release-key.asc"
-PYTHON_DIR = f"{LIB_DIR}/python"  # holds this package: kiln_device/
-LAUNCHER = f"{LIB_DIR}/launch.py"  # python3 -I LAUNCHER PROGRAM [ARGS]
-VENV_PYTHON = f"{LIB_DIR}/venv/bin/python"  # the runtime venv (numpy, onnxruntime)
-AGENT_VENV_PYTHON = f"{LIB_DIR}/agent-venv/bin/python"  # the agent's venv (python-tuf): kiln-agent runs here
-DEV_AUTHORIZED_KEYS = f"{LIB_DIR}/ssh/authorized_keys"  # development classes only: the per-build test key
+PATHS: dict[str, str] = {}  # device path -> what it is (docs/device-contract.md lists them)
+
+
+def _path(path: str, doc: str) -> str:
+    PATHS[path] = doc
+    return path
+
+
+LIB_DIR = _path("/usr/lib/kiln", "Read-only: what the image brings.")
+DATA_DIR = _path("/var/lib/kiln", "What the device keeps, on the data partition's /var overlay.")
+RELEASE_JSON = _path(f"{LIB_DIR}/release.json", "What the image says about itself: the `release.json` record.")
+CLASS_JSON = _path(f"{LIB_DIR}/class.json", "The whole class spec, for people and `kiln disk`; the agent never "
+                                            "reads it.")
+AGENT_JSON = _path(f"{LIB_DIR}/agent.json", "The agent's baked configuration: the `agent.json` record.")
+AGENT_OVERRIDE_JSON = _path("/etc/kiln/agent.json", "The device's own agent configuration, over the baked one key "
+                                                    "by key (`kiln disk --etc`).")
+POLICY_JSON = _path(f"{LIB_DIR}/policy.json", "The containers signature policy: updates must be signed by the "
+                                              "release key.")
+RELEASE_KEY = _path(f"{LIB_DIR}/release-key.asc", "The release key's public half.")
+PYTHON_DIR = _path(f"{LIB_DIR}/python", "Holds this package, kiln_device/.")
+LAUNCHER = _path(f"{LIB_DIR}/launch.py", "`python3 -I launch.py PROGRAM [ARGS]` runs one of the programs below.")
+VENV_PYTHON = _path(f"{LIB_DIR}/venv/bin/python", "The runtime venv (numpy, onnxruntime): inference and its "
+                                                  "health check.")
+AGENT_VENV_PYTHON = _path(f"{LIB_DIR}/agent-venv/bin/python", "The agent's venv (python-tuf, cryptography): "
+                                                              "kiln-agent runs here.")
+DEV_AUTHORIZED_KEYS = _path(f"{LIB_DIR}/ssh/authorized_keys", "Development classes only: the per-build test key.")
 KARGS_DIR = "/usr/lib/bootc/kargs.d"
-KARGS_FILE = f"{KARGS_DIR}/10-kiln.toml"
-MODULES_DIR = "/usr/lib/modules"
-MODELS_DIR = "/usr/share/kiln/models"
-AGENT_STATE_DIR = f"{DATA_DIR}/agent"
-OCI_DIR = f"{DATA_DIR}/oci"
-WORK_DIR = f"{DATA_DIR}/work"
-# The layer store (kiln_device.agent.layers): on the data partition itself, outside the /etc and /var
-# overlays (a factory reset keeps it: a slot's root is made of these layers), as the initramfs mounts it.
-DATA_MOUNT = "/run/kiln/data"
-LAYERS_DIR = f"{DATA_MOUNT}/layers"
-# In a system booted from layers: the booted slot's layer list, as the initramfs read it from the slot
-# (a copy in /run: the merged root's /kiln-layers could be shadowed by a layer).
-RUNNING_LAYERS = "/run/kiln/slot-layers"
-TRUST_DIR = f"{DATA_DIR}/tuf"  # the TUF client's trusted metadata (survives updates)
-OUTBOX_DIR = f"{DATA_DIR}/agent/outbox"  # events waiting for the fleet service (kiln_device.agent.outbox)
-IDENTITY_DIR = f"{DATA_DIR}/identity"  # the device's own key, made on first boot (kiln_device.agent.identity)
-TRUST_ROOT = f"{LIB_DIR}/tuf/root.json"  # the image's TUF trust anchor: present = channels are TUF-verified
-INFERENCE_STATUS = f"{DATA_DIR}/inference/status.json"
-HEALTH_RESULT = f"{DATA_DIR}/health/inference.json"
+KARGS_FILE = _path(f"{KARGS_DIR}/10-kiln.toml", "The class's kernel arguments, bootc's way (release.json "
+                                                "`kernelArgs` says the same).")
+MODULES_DIR = _path("/usr/lib/modules", "One `<kver>/` with `vmlinuz` (an EFI image, not gzip) and "
+                                        "`initramfs.img`.")
+MODELS_DIR = _path("/usr/share/kiln/models", "`<name>/<version>/model.onnx`, with the gate's report and golden "
+                                             "set.")
+AGENT_STATE_DIR = _path(f"{DATA_DIR}/agent", "The agent's journal, blocklist and last result.")
+OCI_DIR = _path(f"{DATA_DIR}/oci", "Downloaded images (an OCI layout), resumable.")
+WORK_DIR = _path(f"{DATA_DIR}/work", "Scratch space for unpacking an update.")
+# The layer store: on the data partition itself, outside the /etc and /var overlays (a factory reset keeps
+# it: a slot's root is made of these layers), as the initramfs mounts it.
+DATA_MOUNT = _path("/run/kiln/data", "The data partition itself, as the initramfs mounts it.")
+LAYERS_DIR = _path(f"{DATA_MOUNT}/layers", "The layer store (kiln_device.agent.layers): a slot's root is made of "
+                                           "these; a factory reset keeps them.")
+RUNNING_LAYERS = _path("/run/kiln/slot-layers", "In a system booted from layers: the booted slot's layer list, as "
+                                                "the initramfs read it.")
+TRUST_DIR = _path(f"{DATA_DIR}/tuf", "The TUF client's trusted metadata (survives updates).")
+OUTBOX_DIR = _path(f"{DATA_DIR}/agent/outbox", "Events waiting for the fleet service.")
+IDENTITY_DIR = _path(f"{DATA_DIR}/identity", "The device's own key, made on first boot (or held by the TPM).")
+TRUST_ROOT = _path(f"{LIB_DIR}/tuf/root.json", "The image's TUF trust anchor: present, channels are TUF-verified.")
+INFERENCE_STATUS = _path(f"{DATA_DIR}/inference/status.json", "kiln-inference: what it serves.")
+HEALTH_RESULT = _path(f"{DATA_DIR}/health/inference.json", "kiln-health-inference: this boot's golden check.")
 # Degraded modes (kiln_device.degraded): each writer records {"degraded", "degraded_reason", "boot_id"};
 # `kiln-agent status` reads them all (this boot's only).
-ACCELERATOR_STATE = f"{DATA_DIR}/inference/accelerator.json"  # kiln-inference: providers in use, degraded
-GPU_HEALTH_RESULT = f"{DATA_DIR}/health/gpu.json"  # kiln-health-gpu (gpu-visible)
+ACCELERATOR_STATE = _path(f"{DATA_DIR}/inference/accelerator.json", "kiln-inference: the providers in use, and "
+                                                                    "whether it runs degraded.")
+GPU_HEALTH_RESULT = _path(f"{DATA_DIR}/health/gpu.json", "kiln-health-gpu: the gpu-visible check.")
 DEGRADED_SOURCES = (ACCELERATOR_STATE, HEALTH_RESULT, GPU_HEALTH_RESULT)
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 # CDI at boot (kiln_device.cdi, kiln-nvidia-cdi.service): the spec, or a record of why there is none.
-CDI_SPEC = "/run/cdi/nvidia.json"
-CDI_STATUS = "/run/kiln/cdi.json"
-ESP_MOUNT = "/efi"
-SLOT_DEVICES = {"a": "/dev/disk/by-partlabel/root-a", "b": "/dev/disk/by-partlabel/root-b"}
+CDI_SPEC = _path("/run/cdi/nvidia.json", "The CDI spec of this boot's NVIDIA devices (kiln-nvidia-cdi).")
+CDI_STATUS = _path("/run/kiln/cdi.json", "Why there is no CDI spec, when there is none.")
+ESP_MOUNT = _path("/efi", "The EFI system partition: boot entries and each slot's kernel.")
+# The disk's GPT partition labels (builder.disk writes them; the agent and the initramfs find slots by them).
+ESP_LABEL, DATA_LABEL = "esp", "data"
+
+
+def slot_label(slot: str) -> str:
+    """A slot's root partition label: root-a, root-b."""
+    return f"root-{slot}"
+
+
+SLOT_DEVICES = {s: _path(f"/dev/disk/by-partlabel/{slot_label(s)}", f"Slot {s}'s root partition.")
+                for s in ("a", "b")}
 
 # Programs the launcher runs (name -> module with a main(argv) -> int).
 PROGRAMS = {
@@ -275,30 +302,89 @@ def bad_kernel_args(kargs: Sequence[str]) -> list[str]:
 
 # --- agent.json: the agent's configuration (baked defaults; /etc overrides key by key) -------
 
-AGENT_DEFAULTS: dict[str, Any] = {
-    "registry": "", "repository": "", "channel": "", "lookaside": "", "insecure": False,
-    "policy": POLICY_JSON, "release": RELEASE_JSON,
-    "stateDir": AGENT_STATE_DIR, "ociDir": OCI_DIR, "workDir": WORK_DIR,
-    "layersDir": LAYERS_DIR, "trustRoot": TRUST_ROOT, "trustDir": TRUST_DIR,
-    "esp": ESP_MOUNT, "slots": dict(SLOT_DEVICES),
-    "partuuids": {}, "cmdline": "/proc/cmdline", "efivars": "/sys/firmware/efi/efivars",
-    "bootId": BOOT_ID,
-    "rebootCommand": ["systemctl", "reboot"],
-    # Seconds each external step may run before the agent gives up and releases its lock: `check` reads the
-    # channel's manifest, `fetch` is the whole skopeo copy, `unpack` umoci, `build` mkfs.erofs. An override
-    # file may set some of them; the others keep their defaults.
-    "timeouts": {"check": 120, "fetch": 1800, "unpack": 900, "build": 900},
-    # The fleet service (optional, docs/fleet.md): where the device reports its outbox, the CA that signed
-    # the service's TLS certificate and the enrollment token (both put in /etc/kiln by `kiln disk --etc`),
-    # how many events the outbox keeps (the oldest go first, counted), how many go in one upload, and where
-    # the device key is made on first use: auto (the TPM where there is one, else a file), tpm or file.
-    # Maintenance window (UTC, "HH:MM-HH:MM"; empty: any time): outside it `update` only downloads.
-    "fleet": {"url": "", "ca": "/etc/kiln/fleet-ca.pem", "token": "/etc/kiln/enroll.token",
-              "outboxMax": 2000, "batch": 200, "identity": "auto"},
-    "window": "",
-}
-AGENT_CONFIG_KEYS = tuple(AGENT_DEFAULTS)
 IDENTITY_MODES = ("auto", "tpm", "file")
+
+
+@dataclass(frozen=True)
+class AgentTimeouts:
+    """Seconds each external step may run before the agent gives up and releases its lock."""
+
+    check: float = key("check", "Reading the channel's manifest.", default=120.0, positive=True)
+    fetch: float = key("fetch", "The whole download (skopeo copy).", default=1800.0, positive=True)
+    unpack: float = key("unpack", "Unpacking the image (umoci).", default=900.0, positive=True)
+    build: float = key("build", "Writing the slot's root (mkfs.erofs).", default=900.0, positive=True)
+
+
+@dataclass(frozen=True)
+class AgentFleet:
+    """The optional fleet service the outbox is uploaded to (docs/fleet.md)."""
+
+    url: str = key("url", "`https://HOST:PORT` of the fleet service; empty: none.", default="")
+    ca: str = key("ca", "The CA that signed the service's TLS certificate (`kiln disk --etc`).",
+                  default="/etc/kiln/fleet-ca.pem")
+    token: str = key("token", "The enrollment token (`kiln disk --etc`).", default="/etc/kiln/enroll.token")
+    outbox_max: int = key("outboxMax", "How many events the outbox keeps (the oldest go first, counted).",
+                          default=2000, positive=True)
+    batch: int = key("batch", "How many events go in one upload.", default=200, positive=True)
+    identity: str = key("identity", "Where the device key is made on first use: the TPM where there is one, "
+                                    "else a file (`auto`), or only one of them.", default="auto",
+                        choices=IDENTITY_MODES)
+
+
+@dataclass(frozen=True)
+class AgentFile:
+    """The agent's configuration: /usr/lib/kiln/agent.json (baked by the builder from spec.rollout), then
+    /etc/kiln/agent.json and `--config`, each over the last key by key (`timeouts` and `fleet` too)."""
+
+    registry: str = key("registry", "The registry updates come from (`host:port`).", default="")
+    repository: str = key("repository", "The repository in it; empty: `kiln/<class>`.", default="")
+    channel: str = key("channel", "The channel to follow; empty: release.json's.", default="")
+    lookaside: str = key("lookaside", "The URL signatures and the TUF channel are served from.", default="")
+    insecure: bool = key("insecure", "Plain HTTP to the registry (development only).", default=False)
+    policy: str = key("policy", "The containers signature policy.", default=POLICY_JSON)
+    release: str = key("release", "The running image's release.json.", default=RELEASE_JSON)
+    state_dir: str = key("stateDir", "The agent's state.", default=AGENT_STATE_DIR)
+    oci_dir: str = key("ociDir", "Downloaded images.", default=OCI_DIR)
+    work_dir: str = key("workDir", "Scratch space.", default=WORK_DIR)
+    layers_dir: str = key("layersDir", "The layer store.", default=LAYERS_DIR)
+    trust_root: str = key("trustRoot", "The image's TUF root.", default=TRUST_ROOT)
+    trust_dir: str = key("trustDir", "The TUF client's metadata.", default=TRUST_DIR)
+    esp: str = key("esp", "Where the ESP is mounted.", default=ESP_MOUNT)
+    slots: dict[str, str] = key("slots", "Each slot's root partition.", default=dict(SLOT_DEVICES))
+    partuuids: dict[str, str] = key("partuuids", "Each slot's partition UUID, where the boot entry cannot be read "
+                                                 "for it.", default={})
+    cmdline: str = key("cmdline", "The kernel command line (which slot booted).", default="/proc/cmdline")
+    efivars: str = key("efivars", "The EFI variables (systemd-boot's boot counting).",
+                       default="/sys/firmware/efi/efivars")
+    boot_id: str = key("bootId", "This boot's id.", default=BOOT_ID)
+    reboot_command: tuple[str, ...] = key("rebootCommand", "How the agent reboots into a trial slot.",
+                                          default=("systemctl", "reboot"))
+    timeouts: AgentTimeouts = key("timeouts", "Seconds each step may run.", default=AgentTimeouts())
+    fleet: AgentFleet = key("fleet", "The fleet service.", default=AgentFleet())
+    window: str = key("window", "Maintenance window in UTC, `HH:MM-HH:MM` (may wrap past midnight); empty: any "
+                                "time. Outside it `update` only downloads.", default="")
+
+
+AGENT_DEFAULTS: dict[str, Any] = dump(AgentFile())
+AGENT_CONFIG_KEYS = tuple(AGENT_DEFAULTS)
+AGENT_MERGED = ("timeouts", "fleet")  # objects an override merges into key by key
+
+
+def merge_agent_files(*files: Mapping[str, Any]) -> dict[str, Any]:
+    """agent.json files, each over the last (and all over the defaults), key by key."""
+    merged = dict(AGENT_DEFAULTS)
+    for data in files:
+        for name, value in data.items():
+            both = name in AGENT_MERGED and isinstance(value, dict) and isinstance(merged.get(name), dict)
+            merged[name] = {**merged[name], **value} if both else value
+    return merged
+
+
+def parse_agent_file(data: Any, where: str) -> AgentFile:
+    """One agent.json (all of it, or an override's few keys) over the defaults; ContractError naming the field."""
+    if not isinstance(data, Mapping):
+        raise ContractError(where, "", "expected a JSON object of agent settings")
+    return load(AgentFile, merge_agent_files(data), where)
 
 
 def default_repository(cls: str) -> str:

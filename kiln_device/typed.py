@@ -13,6 +13,7 @@ Types understood: str, int, float, bool, a nested record, tuple[X, ...] (a JSON 
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from collections.abc import Iterator, Mapping, Sequence
@@ -34,12 +35,22 @@ class ContractError(ValueError):
 
 def key(name: str, doc: str, *, default: Any = dataclasses.MISSING, choices: Sequence[str] | None = None,
         positive: bool = False, nonempty: bool = False) -> Any:
-    """A record field: its JSON name, what it means, and its constraints. Without a default it is required."""
+    """A record field: its JSON name, what it means, and its constraints. Without a default it is required.
+    A dict default (a JSON object) is copied for each record."""
     meta = {"json": name, "doc": doc, "choices": tuple(choices) if choices is not None else None,
             "positive": positive, "nonempty": nonempty}
-    if isinstance(default, (list, dict, set)):
-        raise TypeError("use a tuple or None as a default")
+    if isinstance(default, dict):
+        return dataclasses.field(default_factory=lambda: dict(default), metadata=meta)
+    if isinstance(default, (list, set)):
+        raise TypeError("use a tuple as a list's default")
     return dataclasses.field(default=default, metadata=meta)
+
+
+def default_of(f: dataclasses.Field[Any]) -> Any:
+    """A field's default value (MISSING: the field is required)."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
 
 
 @dataclass(frozen=True)
@@ -90,7 +101,7 @@ def _load(cls: type[T], data: Any, where: _At, ignore_unknown: bool) -> T:
         at = where / name
         value = data.get(name)
         if value is None:
-            if f.default is dataclasses.MISSING:
+            if default_of(f) is dataclasses.MISSING:
                 raise at.error("missing" if name not in data else "must not be null")
             if name in data and not _optional(hints[f.name]):
                 raise at.error("must not be null")
@@ -115,8 +126,9 @@ def describe(cls: type, prefix: str = "") -> Iterator[Row]:
             doc += f" One of: {', '.join(f'`{c}`' for c in f.metadata['choices'])}."
         if f.metadata["positive"]:
             doc += " Above 0."
-        default = "" if f.default is dataclasses.MISSING else _show_default(f.default)
-        yield Row(path, _type_text(hint), f.default is dataclasses.MISSING, default, doc)
+        value = default_of(f)
+        default = "" if value is dataclasses.MISSING else _show_default(value)
+        yield Row(path, _type_text(hint), value is dataclasses.MISSING, default, doc)
         inner = _record_inside(hint)
         if inner is not None:
             yield from describe(inner, f"{path}[]." if _is_sequence(hint) else f"{path}.")
@@ -243,6 +255,10 @@ def _type_text(hint: Any) -> str:
 
 
 def _show_default(value: Any) -> str:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return "(below)"
+    if isinstance(value, dict):
+        return json.dumps(value) if value else "{}"
     if value is None:
         return "null"
     if isinstance(value, bool):

@@ -24,6 +24,8 @@ from kiln_device.contract import (
     ContractError,
     Release,
     default_repository,
+    merge_agent_files,
+    parse_agent_file,
     parse_release,
     under,
 )
@@ -103,11 +105,11 @@ class Config:
 
 
 def load_config(extra: str | None = None) -> tuple[Config, Release]:
-    merged = dict(AGENT_DEFAULTS)
     root = Path(os.environ.get(ROOT_ENV) or "/")
     files = [under(root, AGENT_JSON), under(root, AGENT_OVERRIDE_JSON)]
     if extra:
         files.append(Path(extra))
+    found = []
     for path in files:
         if not path.exists():
             if path == Path(extra or ""):
@@ -117,14 +119,12 @@ def load_config(extra: str | None = None) -> tuple[Config, Release]:
             data = read_json(path)
         except (OSError, ValueError) as exc:
             raise AgentError(CONFIG, f"{path}: not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise AgentError(CONFIG, f"{path}: expected a JSON object")
-        unknown = sorted(set(data) - set(AGENT_DEFAULTS) - {"$comment"})
-        if unknown:
-            raise AgentError(CONFIG, f"{path}: unknown keys {', '.join(unknown)} (known: {', '.join(AGENT_DEFAULTS)})")
-        for key, value in data.items():  # timeouts merge key by key too: an override may set only one
-            both = key in ("timeouts", "fleet") and isinstance(value, dict) and isinstance(merged.get(key), dict)
-            merged[key] = {**merged[key], **value} if both else value
+        try:
+            parse_agent_file(data, str(path))  # each file's own keys and types, named by its path
+        except ContractError as exc:
+            raise AgentError(CONFIG, str(exc)) from None
+        found.append(data)
+    merged = merge_agent_files(*found)
     release = load_release(Path(merged["release"]))
     try:
         config = Config(

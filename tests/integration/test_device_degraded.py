@@ -40,8 +40,8 @@ def gpu_class(root: Path, *, policy: str, degraded_p95: float | None = 50.0, env
     path = root / "usr/lib/kiln/release.json"
     release = json.loads(path.read_text())
     release.update(accelerator="nvidia-dgpu", p95LatencyMs=envelope,
-                   runtime={"name": "onnxruntime-gpu", "executionProviders": ["CUDAExecutionProvider",
-                                                                              "CPUExecutionProvider"]},
+                   runtime={"name": "onnxruntime-gpu", "version": "1.20.0",
+                            "executionProviders": ["CUDAExecutionProvider", "CPUExecutionProvider"]},
                    fallback={"policy": policy, "p95LatencyMs": degraded_p95 if policy == "degrade" else None},
                    sharing=sharing or {"strategy": "none", "replicas": 1})
     path.write_text(json.dumps(release, indent=2))

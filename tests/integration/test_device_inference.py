@@ -70,8 +70,8 @@ def make_rootfs(root: Path, artifacts: Path, *, model: Path | None = None, envel
     for name in ("golden.npz", "report.json"):
         shutil.copyfile(artifacts / name, d / name)
     release = {
-        "class": "qemu-x86_64", "version": "1.0.0", "p95LatencyMs": envelope,
-        "runtime": {"name": "onnxruntime", "executionProviders": ["CPUExecutionProvider"]},
+        "class": "qemu-x86_64", "compatible": "kiln,qemu-x86_64", "version": "1.0.0", "p95LatencyMs": envelope,
+        "runtime": {"name": "onnxruntime", "version": "1.20.0", "executionProviders": ["CPUExecutionProvider"]},
         "models": [{"name": "digits", "version": "1.0.0", "precision": "fp32",
                     "sha256": sha256_file(d / "model.onnx"), "path": f"/{MODEL_DIR}/model.onnx"}],
     }

@@ -185,7 +185,8 @@ def test_the_models_own_envelope_replaces_the_class_one(optimized: Path, tmp_pat
     assert code == 2 and "over the model envelope 1e-06 ms" in result["problems"][0]["message"]
     set_model_envelope(root, p95LatencyMs=-1)
     code, result, _ = health(root)
-    assert code == 3 and "models[0].p95LatencyMs must be a positive number" in result["problems"][0]["message"]
+    assert code == 3 and "release.json: models[0].p95LatencyMs: must be above 0, got -1" in \
+        result["problems"][0]["message"]
 
 
 def test_timing_stops_after_the_time_budget(optimized: Path, tmp_path: Path) -> None:

@@ -36,7 +36,8 @@ def make_rootfs(root: Path, *, kernel: bool = True, initrd: bool = True, version
     kiln = root / "usr/lib/kiln"
     kiln.mkdir(parents=True)
     (kiln / "class.json").write_text(json.dumps(spec))
-    (kiln / "release.json").write_text(json.dumps({"class": hc.name, "version": version}))
+    (kiln / "release.json").write_text(json.dumps({"class": hc.name, "compatible": f"kiln,{hc.name}",
+                                                   "version": version}))
     kargs = root / "usr/lib/bootc/kargs.d"
     kargs.mkdir(parents=True)
     (kargs / "10-kiln.toml").write_text('kargs = ["console=ttyS0,115200n8", "panic=10"]\n')

@@ -65,3 +65,74 @@ def spec_reference() -> str:
     for name, node in sorted(schema.get("$defs", {}).items()):
         out += _section(name, node)
     return "\n".join(out).rstrip() + "\n"
+
+
+# --- the device contract: docs/device-contract.md ------------------------------------------------------
+
+CONTRACT_HEADER = """# Device contract reference
+
+Generated from the records in `kiln_device/contract.py` by
+`kiln schema --format device-contract`; do not edit by hand (a test fails when this
+file is stale).
+
+What the builder and the device agree on. The builder writes each file below through
+its record (`kiln_device.typed`), and every reader on the device parses it through the
+same record: a missing field, a field of the wrong type and a key the record does not
+know are errors that name the file and the field
+(`/usr/lib/kiln/release.json: models[0].sha256: missing`), never a `KeyError` or a
+silently defaulted value.
+"""
+
+
+def _record_table(record: type) -> list[str]:
+    from kiln_device.typed import describe
+
+    lines = ["| field | type | required | default | meaning |", "|---|---|---|---|---|"]
+    for row in describe(record):
+        default = f"`{row.default}`" if row.default and row.default != "(below)" else row.default
+        lines.append(f"| `{row.path}` | {row.type} | {'yes' if row.required else ''} | {default} | "
+                     f"{' '.join(row.doc.split())} |")
+    return [*lines, ""]
+
+
+def device_contract() -> str:
+    from kiln_device import contract as c
+
+    out = [CONTRACT_HEADER, "## Paths on the device", "", "| path | what |", "|---|---|"]
+    out += [f"| `{path}` | {doc} |" for path, doc in c.PATHS.items()]
+    out += ["", f"## release.json (`{c.RELEASE_JSON}`)", "",
+            f"What an image says about itself; written by `kiln build`. `schemaVersion` is "
+            f"{c.RELEASE_SCHEMA}. A reader refuses a key it does not know in a `schemaVersion` it knows "
+            "(a typo, or a hand-edited file), and ignores it in a newer one: a later Kiln may add fields "
+            "that an older agent still installs by. A file without `schemaVersion` is version 1.", "",
+            *_record_table(c.Release)]
+    out += [f"## agent.json (`{c.AGENT_JSON}`, `{c.AGENT_OVERRIDE_JSON}`)", "",
+            " ".join((c.AgentFile.__doc__ or "").split()) + " Each file is checked on its own, and "
+            "`kiln disk --etc kiln/agent.json=FILE` checks an override before it goes on a disk.", "",
+            *_record_table(c.AgentFile)]
+    out += ["## Channel targets (TUF `custom`)", "",
+            f"A release is the target `{c.target_path('<class>', '<channel>', '<version>')}` of the channel's "
+            "signed targets metadata; its length and sha256 are those of the image's OCI manifest. The channel's "
+            f"rollout state is the target `{c.rollout_path('<class>', '<channel>')}` of the delegated `rollout` "
+            "role. Readers ignore keys they do not know here (the metadata is signed; a later Kiln may add "
+            "some).", "", *_record_table(c.TargetCustom)]
+    out += ["## Boot", "",
+            f"- Partition labels: `{c.ESP_LABEL}`, `{c.slot_label('a')}`, `{c.slot_label('b')}`, "
+            f"`{c.DATA_LABEL}`.",
+            f"- Each slot's kernel and initramfs on the ESP: `{c.esp_kernel_dir('<slot>')}/vmlinuz`, "
+            f"`{c.esp_kernel_dir('<slot>')}/initramfs.img`.",
+            f"- Boot entries: `{c.entry_name('<version>', '<slot>')}`; a trial entry carries systemd's boot "
+            f"counter, `{c.entry_name('<version>', '<slot>', 3)}`. loader.conf's default is `{c.ENTRY_PATTERN}`, "
+            "never one pinned entry.",
+            f"- The kernel command line names the booted slot: `{c.SLOT_KARG}=<slot>`. An image's kernelArgs "
+            f"may not set {', '.join(f'`{a}`' for a in c.RESERVED_KERNEL_ARGS)}.", ""]
+    out += ["## OCI labels", "", "| label | what |", "|---|---|"]
+    out += [f"| `{name}` | {doc} |" for name, doc in c.LABELS.items()]
+    out += [f"| `{c.model_label('<model>', '<key>')}` | Each model's `digest`, `precision` and `version`. |", ""]
+    out += ["## Programs", "", f"`python3 -I {c.LAUNCHER} PROGRAM [ARGS]` runs:", "",
+            "| program | module |", "|---|---|"]
+    out += [f"| `{name}` | `{module}` |" for name, module in c.PROGRAMS.items()]
+    out += ["", "## kiln-agent exit codes", "", "`kiln-agent --help` says what each means.", "",
+            "| code | name |", "|---|---|"]
+    out += [f"| {code} | `{name}` |" for name, code in sorted(c.AGENT_EXIT_CODES.items(), key=lambda kv: kv[1])]
+    return "\n".join(out).rstrip() + "\n"

@@ -25,7 +25,7 @@ from builder.errors import UsageError
 from builder.files import sha256_file
 from kiln_device.agent.config import finalize_fleet, finalize_timeouts, parse_window
 from kiln_device.agent.errors import AgentError
-from kiln_device.contract import AGENT_DEFAULTS, AGENT_OVERRIDE_JSON
+from kiln_device.contract import AGENT_OVERRIDE_JSON, ContractError, parse_agent_file
 
 ETC_UPPER = "overlay/etc/upper"  # in the data partition (builder.disk.DATA_DIRS)
 MAX_FILE = 1 << 20  # configuration, not payload
@@ -72,16 +72,10 @@ def check_agent_config(found: EtcFile) -> None:
         data = json.loads(found.source.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise UsageError(f"{where}: not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{where}: expected a JSON object of agent settings")
-    unknown = sorted(set(data) - set(AGENT_DEFAULTS) - {"$comment"})
-    if unknown:
-        raise UsageError(f"{where}: unknown keys {', '.join(unknown)} (known: {', '.join(AGENT_DEFAULTS)})")
-    for key in ("registry", "repository", "channel", "lookaside"):
-        if key in data and not isinstance(data[key], str):
-            raise UsageError(f"{where}: {key}: expected a string, got {data[key]!r}")
-    if "insecure" in data and not isinstance(data["insecure"], bool):
-        raise UsageError(f"{where}: insecure: expected true or false, got {data['insecure']!r}")
+    try:
+        parse_agent_file(data, where)  # the agent's own record: known keys, their types (kiln_device.contract)
+    except ContractError as exc:
+        raise UsageError(str(exc)) from None
     checks = {"timeouts": finalize_timeouts, "fleet": finalize_fleet, "window": parse_window}
     for key, check in checks.items():
         if key in data:

@@ -306,6 +306,7 @@ def finalize_agent_config(hc: HardwareClass) -> dict[str, object]:
         config.update(registry=r.registry, lookaside=r.lookaside or "", insecure=r.insecure_registry)
     if r.window:
         config["window"] = r.window
+    contract.parse_agent_file(config, contract.AGENT_JSON)  # written through the agent's own record
     return config
 
 

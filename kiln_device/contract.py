@@ -183,9 +183,9 @@ class Release:
     compatible: str = key("compatible", "What a device running it takes updates for (`vendor,class`).",
                           nonempty=True)
     version: str = key("version", "The release's version.", nonempty=True)
-    schema_version: int = key("schemaVersion", "This file's format. A reader refuses unknown fields in a version "
-                                               "it knows and ignores them in a newer one.", default=RELEASE_SCHEMA,
-                              positive=True)
+    schema_version: int = key("schemaVersion", "This file's format. A reader refuses keys it does not know in a "
+                                               "version it knows and ignores them in a newer one.",
+                              default=RELEASE_SCHEMA, positive=True)
     revision: str | None = key("revision", "The source revision it was built from.", default=None)
     architecture: str | None = key("architecture", "The CPU architecture (`x86_64`, `arm64`).", default=None)
     accelerator: str = key("accelerator", "The accelerator kind the class declares (`none`, `nvidia-dgpu`, ...).",
@@ -478,17 +478,27 @@ def read_cmdline_slot(cmdline: str) -> str | None:
 
 # --- OCI ------------------------------------------------------------------------------------
 
-LABEL_VERSION = "org.opencontainers.image.version"
+LABELS: dict[str, str] = {}  # label -> what the agent reads it for (docs/device-contract.md)
+
+
+def _label(name: str, doc: str) -> str:
+    LABELS[name] = doc
+    return name
+
+
+LABEL_VERSION = _label("org.opencontainers.image.version", "The release's version: checked before anything is "
+                                                           "downloaded, and against release.json after.")
 LABEL_PREFIX = "dev.kiln."
-LABEL_CLASS = "dev.kiln.class"
-LABEL_COMPATIBLE = "dev.kiln.compatible"
-LABEL_MIN_VERSION = "dev.kiln.min-version"
-LABEL_ARCHITECTURE = "dev.kiln.architecture"
-LABEL_ACCELERATOR = "dev.kiln.accelerator"
-LABEL_RUNTIME = "dev.kiln.runtime"
-# An image whose initramfs boots a slot made of layers (the value: how each layer's erofs is compressed).
-LABEL_ROOT_LAYERS = "dev.kiln.root-layers"
-LABEL_DEVELOPMENT = "dev.kiln.development"  # "true" or "false": a production device takes no development image
+LABEL_CLASS = _label("dev.kiln.class", "The hardware class.")
+LABEL_COMPATIBLE = _label("dev.kiln.compatible", "Which devices may install it.")
+LABEL_MIN_VERSION = _label("dev.kiln.min-version", "The oldest version that may update to it directly.")
+LABEL_ARCHITECTURE = _label("dev.kiln.architecture", "The CPU architecture.")
+LABEL_ACCELERATOR = _label("dev.kiln.accelerator", "The accelerator kind.")
+LABEL_RUNTIME = _label("dev.kiln.runtime", "The inference runtime and its version.")
+LABEL_ROOT_LAYERS = _label("dev.kiln.root-layers", "Present on an image whose initramfs boots a slot made of "
+                                                   "layers: how each layer's erofs is compressed.")
+LABEL_DEVELOPMENT = _label("dev.kiln.development", "`true` or `false`: a production device takes no development "
+                                                   "image.")
 ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
 
 

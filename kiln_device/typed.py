@@ -92,7 +92,7 @@ def _load(cls: type[T], data: Any, where: _At, ignore_unknown: bool) -> T:
     known = {f.metadata["json"] for f in fields}
     unknown = sorted(str(k) for k in data if k not in known and k != COMMENT)
     if unknown and not ignore_unknown:
-        raise where.error(f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+        raise where.error(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
                                    f"(known: {', '.join(sorted(known))})")
     hints = typing.get_type_hints(cls)
     values = {}
@@ -264,5 +264,5 @@ def _show_default(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, tuple):
-        return "[]" if not value else repr(list(value))
+        return json.dumps(list(value))
     return f'"{value}"' if isinstance(value, str) else str(value)

@@ -141,14 +141,16 @@ def render_cmd(cls: str, output: Path | None, version: str, revision: str, no_wh
 
 
 @click.command()
-@click.option("--format", "fmt", type=click.Choice(["json", "markdown"]), default="json",
-              show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["json", "markdown", "device-contract"]), default="json",
+              show_default=True, help="json: the class schema; markdown: the spec reference; device-contract: "
+                                      "the reference of what the builder and the device agree on.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write to a file.")
 def schema(fmt: str, output: Path | None) -> None:
-    """Print the JSON Schema of a hardware class (or the Markdown spec reference)."""
+    """Print the JSON Schema of a hardware class (or the Markdown spec reference, or the device contract's)."""
     from builder import docs
 
-    text = docs.schema_json() if fmt == "json" else docs.spec_reference()
+    text = {"json": docs.schema_json, "markdown": docs.spec_reference,
+            "device-contract": docs.device_contract}[fmt]()
     if output:
         output.write_text(text)
         click.echo(f"wrote {output}")

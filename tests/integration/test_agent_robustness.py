@@ -210,7 +210,7 @@ def test_bad_timeouts_are_a_config_error(world: World) -> None:
     assert proc.returncode == 11 and "timeouts.fetch" in proc.stderr, proc.stderr
     configure(dev, timeouts={"fecth": 10})
     proc = dev.agent("check")
-    assert proc.returncode == 11 and "unknown keys fecth" in proc.stderr, proc.stderr
+    assert proc.returncode == 11 and "timeouts: unknown key fecth" in proc.stderr, proc.stderr
 
 
 # --- finding 4: links in the image resolve inside the image -----------------------------------------

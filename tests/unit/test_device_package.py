@@ -222,7 +222,7 @@ def test_images_mask_the_gpt_auto_generator() -> None:
     ({"rootCompression": "brotli"}, "rootCompression: 'brotli' (a string) is not one of"),
     ({"kernelArgs": "quiet"}, "kernelArgs: expected a list"),
     ({"models": [{"name": "m", "version": "1", "path": "/usr/share/kiln/m.onnx"}]}, "models[0].sha256: missing"),
-    ({"bootTrys": 3}, "unknown field bootTrys"),
+    ({"bootTrys": 3}, "unknown key bootTrys"),
 ])
 def test_an_image_with_a_malformed_release_json_is_refused_naming_the_field(tmp_path: Path, change: dict[str, object],
                                                                            where: str) -> None:
@@ -247,5 +247,5 @@ def test_a_newer_release_json_may_carry_fields_this_device_does_not_know() -> No
     fields it knows. In the schemaVersion it knows, the same field is a mistake."""
     base = {"class": "c", "compatible": "kiln,c", "version": "2.0.0", "uki": {"signed": True}}
     assert contract.parse_release({**base, "schemaVersion": contract.RELEASE_SCHEMA + 1}).version == "2.0.0"
-    with pytest.raises(contract.ContractError, match=r"^release\.json: unknown field uki"):
+    with pytest.raises(contract.ContractError, match=r"^release\.json: unknown key uki"):
         contract.parse_release({**base, "schemaVersion": contract.RELEASE_SCHEMA})

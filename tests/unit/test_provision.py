@@ -39,15 +39,15 @@ def test_bad_specs_are_refused_with_the_option(tmp_path: Path, spec: str, says: 
 @pytest.mark.parametrize(("content", "says"), [
     ("{not json", "not valid JSON"),
     ("[1]", "expected a JSON object"),
-    ('{"registy": "10.0.2.2:5000"}', "unknown keys registy"),
+    ('{"registy": "10.0.2.2:5000"}', "unknown key registy"),
     ('{"insecure": "yes"}', "insecure: expected true or false"),
     ('{"channel": 3}', "channel: expected a string"),
-    ('{"timeouts": {"fetch": 0}}', "timeouts.fetch: expected a number of seconds above 0"),
-    ('{"timeouts": {"download": 10}}', "timeouts: unknown keys download"),
+    ('{"timeouts": {"fetch": 0}}', "timeouts.fetch: must be above 0"),
+    ('{"timeouts": {"download": 10}}', "timeouts: unknown key download"),
     ('{"fleet": {"url": "http://10.0.2.2:8443"}}', "fleet.url: 'http://10.0.2.2:8443': the fleet service is reached "
                                                    "over TLS"),
-    ('{"fleet": {"outboxMax": -1}}', "fleet.outboxMax: expected a whole number"),
-    ('{"fleet": {"identity": "hsm"}}', "fleet.identity: expected one of auto, tpm, file"),
+    ('{"fleet": {"outboxMax": -1}}', "fleet.outboxMax: must be above 0"),
+    ('{"fleet": {"identity": "hsm"}}', "fleet.identity: 'hsm' (a string) is not one of auto, tpm, file"),
     ('{"window": "2am-4am"}', "window: '2am-4am': expected HH:MM-HH:MM"),
 ])
 def test_agent_json_is_checked_as_the_agent_reads_it(tmp_path: Path, content: str, says: str) -> None:

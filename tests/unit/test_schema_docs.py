@@ -15,12 +15,14 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize("path, generate", [
     ("schema/hardware-class.schema.json", docs.schema_json),
     ("docs/spec-reference.md", docs.spec_reference),
-], ids=["schema", "reference"])
+    ("docs/device-contract.md", docs.device_contract),
+], ids=["schema", "reference", "device-contract"])
 def test_generated_file_is_current(path: str, generate) -> None:  # type: ignore[no-untyped-def]
     committed = (ROOT / path).read_text()
     assert committed == generate(), (
         f"{path} is stale: run `kiln schema -o schema/hardware-class.schema.json` and "
-        "`kiln schema --format markdown -o docs/spec-reference.md`")
+        "`kiln schema --format markdown -o docs/spec-reference.md` and "
+        "`kiln schema --format device-contract -o docs/device-contract.md`")
 
 
 def test_schema_forbids_unknown_keys_and_lists_enums() -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln_device import version as kv
+from kiln_device.fleet import MAX_EVENTS
 from kiln_device.typed import ContractError as ContractError
 from kiln_device.typed import dump, key, load
 
@@ -80,6 +81,7 @@ BOOT_ID = "/proc/sys/kernel/random/boot_id"
 CDI_SPEC = _path("/run/cdi/nvidia.json", "The CDI spec of this boot's NVIDIA devices (kiln-nvidia-cdi).")
 CDI_STATUS = _path("/run/kiln/cdi.json", "Why there is no CDI spec, when there is none.")
 ESP_MOUNT = _path("/efi", "The EFI system partition: boot entries and each slot's kernel.")
+SLOTS = ("a", "b")
 # The disk's GPT partition labels (builder.disk writes them; the agent and the initramfs find slots by them).
 ESP_LABEL, DATA_LABEL = "esp", "data"
 
@@ -90,7 +92,7 @@ def slot_label(slot: str) -> str:
 
 
 SLOT_DEVICES = {s: _path(f"/dev/disk/by-partlabel/{slot_label(s)}", f"Slot {s}'s root partition.")
-                for s in ("a", "b")}
+                for s in SLOTS}
 
 # Programs the launcher runs (name -> module with a main(argv) -> int).
 PROGRAMS = {
@@ -380,11 +382,46 @@ def merge_agent_files(*files: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
+MAX_OUTBOX = 1_000_000
+MAX_BATCH = MAX_EVENTS  # what the fleet service takes in one report
+WINDOW_RE = re.compile(r"([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)")
+
+
 def parse_agent_file(data: Any, where: str) -> AgentFile:
-    """One agent.json (all of it, or an override's few keys) over the defaults; ContractError naming the field."""
+    """One agent.json (all of it, or an override's few keys) over the defaults, or all of them merged;
+    ContractError naming the field, for its types and for the rules below."""
     if not isinstance(data, Mapping):
         raise ContractError(where, "", "expected a JSON object of agent settings")
-    return load(AgentFile, merge_agent_files(data), where)
+    agent = load(AgentFile, merge_agent_files(data), where)
+    fleet = agent.fleet
+    if fleet.url and not fleet.url.startswith("https://"):
+        raise ContractError(where, "fleet.url", f"{fleet.url!r}: the fleet service is reached over TLS "
+                                                "(https://HOST:PORT)")
+    for name, value, most in (("outboxMax", fleet.outbox_max, MAX_OUTBOX), ("batch", fleet.batch, MAX_BATCH)):
+        if value > most:
+            raise ContractError(where, f"fleet.{name}", f"expected a whole number from 1 to {most}, got {value}")
+    missing = [slot for slot in SLOTS if slot not in agent.slots]
+    if missing:
+        raise ContractError(where, "slots", f"names no partition for slot {', '.join(missing)}")
+    try:
+        window_minutes(agent.window)
+    except ValueError as exc:
+        raise ContractError(where, "window", str(exc)) from None
+    return agent
+
+
+def window_minutes(text: str) -> tuple[int, int] | None:
+    """agent.json `window`, "HH:MM-HH:MM" in UTC (may wrap past midnight), as minutes after 00:00 UTC
+    [start, end); None for "" (any time). ValueError when it is not one."""
+    if not text:
+        return None
+    m = WINDOW_RE.fullmatch(text)
+    if not m:
+        raise ValueError(f"{text!r}: expected HH:MM-HH:MM (UTC), for example 02:00-04:30")
+    start, end = int(m[1]) * 60 + int(m[2]), int(m[3]) * 60 + int(m[4])
+    if start == end:
+        raise ValueError(f"{text!r}: an empty window; leave it out for any time")
+    return start, end
 
 
 def default_repository(cls: str) -> str:
@@ -407,7 +444,6 @@ AGENT_EXIT_CODES = {
 
 # --- boot: slots, entries, the ESP -----------------------------------------------------------
 
-SLOTS = ("a", "b")
 SLOT_KARG = "kiln.slot"
 ENTRY_RE = re.compile(r"^kiln-(?P<version>.+)-(?P<slot>[ab])(?:\+(?P<left>\d+)(?:-(?P<done>\d+))?)?\.conf$")
 ENTRY_PATTERN = "kiln-*"  # loader.conf's default: never one pinned entry

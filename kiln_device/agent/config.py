@@ -15,12 +15,13 @@ from kiln_device.contract import (
     AGENT_JSON,
     AGENT_OVERRIDE_JSON,
     CONFIG,
-    IDENTITY_MODES,
     LAYERS_DIR,
     RUNNING_LAYERS,
     SLOTS,
     TRUST_DIR,
     TRUST_ROOT,
+    AgentFile,
+    AgentFleet,
     ContractError,
     Release,
     default_repository,
@@ -28,8 +29,9 @@ from kiln_device.contract import (
     parse_agent_file,
     parse_release,
     under,
+    window_minutes,
 )
-from kiln_device.fleet import MAX_EVENTS
+from kiln_device.typed import dump
 
 CONFIG_ENV = "KILN_AGENT_CONFIG"
 ROOT_ENV = "KILN_AGENT_ROOT"
@@ -124,81 +126,61 @@ def load_config(extra: str | None = None) -> tuple[Config, Release]:
         except ContractError as exc:
             raise AgentError(CONFIG, str(exc)) from None
         found.append(data)
-    merged = merge_agent_files(*found)
-    release = load_release(Path(merged["release"]))
+    where = ", ".join(str(p) for p in files if p.exists())
     try:
-        config = Config(
-            registry=str(merged["registry"]).removeprefix("docker://").rstrip("/"),
-            repository=str(merged["repository"] or default_repository(release.cls)),
-            channel=str(merged["channel"] or release.channel),
-            lookaside=str(merged["lookaside"]).rstrip("/"),
-            insecure=bool(merged["insecure"]),
-            policy=Path(merged["policy"]), release=Path(merged["release"]),
-            state_dir=Path(merged["stateDir"]), oci_dir=Path(merged["ociDir"]), work_dir=Path(merged["workDir"]),
-            layers_dir=Path(merged["layersDir"]), running_layers=under(root, RUNNING_LAYERS),
-            trust_root=Path(merged["trustRoot"]), trust_dir=Path(merged["trustDir"]),
-            esp=Path(merged["esp"]),
-            slots={s: Path(merged["slots"][s]) for s in SLOTS},
-            partuuids={str(k): str(v) for k, v in dict(merged["partuuids"]).items()},
-            cmdline=Path(merged["cmdline"]), efivars=Path(merged["efivars"]), boot_id=Path(merged["bootId"]),
-            reboot_command=tuple(str(a) for a in merged["rebootCommand"]),
-            timeouts=finalize_timeouts(merged["timeouts"]),
-            fleet=finalize_fleet(merged["fleet"]), window=parse_window(merged["window"]),
-            raw=merged,
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise AgentError(CONFIG, f"agent configuration: bad value: {exc}") from None
+        agent = parse_agent_file(merge_agent_files(*found), f"the agent configuration ({where})")
+    except ContractError as exc:
+        raise AgentError(CONFIG, str(exc)) from None
+    release = load_release(Path(agent.release))
+    config = Config(
+        registry=agent.registry.removeprefix("docker://").rstrip("/"),
+        repository=agent.repository or default_repository(release.cls),
+        channel=agent.channel or release.channel,
+        lookaside=agent.lookaside.rstrip("/"),
+        insecure=agent.insecure,
+        policy=Path(agent.policy), release=Path(agent.release),
+        state_dir=Path(agent.state_dir), oci_dir=Path(agent.oci_dir), work_dir=Path(agent.work_dir),
+        layers_dir=Path(agent.layers_dir), running_layers=under(root, RUNNING_LAYERS),
+        trust_root=Path(agent.trust_root), trust_dir=Path(agent.trust_dir),
+        esp=Path(agent.esp),
+        slots={s: Path(agent.slots[s]) for s in SLOTS},
+        partuuids=dict(agent.partuuids),
+        cmdline=Path(agent.cmdline), efivars=Path(agent.efivars), boot_id=Path(agent.boot_id),
+        reboot_command=agent.reboot_command,
+        timeouts=Timeouts(check=agent.timeouts.check, fetch=agent.timeouts.fetch, unpack=agent.timeouts.unpack,
+                          build=agent.timeouts.build),
+        fleet=fleet_of(agent.fleet), window=window_minutes(agent.window),
+        raw=dump(agent),
+    )
     return config, release
 
 
-def nested(name: str, value: Any, what: str) -> dict[str, Any]:
-    """An object of agent.json (timeouts, fleet) merged over its defaults; unknown keys refused."""
-    known = AGENT_DEFAULTS[name]
-    if not isinstance(value, dict):
-        raise AgentError(CONFIG, f"{name}: expected an object with {what}{', '.join(known)}")
-    unknown = sorted(set(value) - set(known))
-    if unknown:
-        raise AgentError(CONFIG, f"{name}: unknown keys {', '.join(unknown)} (known: {', '.join(known)})")
-    return {**known, **value}
+def fleet_of(fleet: AgentFleet) -> Fleet:
+    return Fleet(url=fleet.url.rstrip("/"), ca=Path(fleet.ca), token=Path(fleet.token), outbox_max=fleet.outbox_max,
+                 batch=min(fleet.batch, fleet.outbox_max), identity=fleet.identity)
+
+
+def _one(name: str, value: Any) -> AgentFile:
+    try:
+        return parse_agent_file({name: value}, "agent.json")
+    except ContractError as exc:
+        raise AgentError(CONFIG, str(exc)) from None
 
 
 def finalize_timeouts(value: Any) -> Timeouts:
-    merged = nested("timeouts", value, "seconds for ")
-    for key, seconds in value.items():
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
-            raise AgentError(CONFIG, f"timeouts.{key}: expected a number of seconds above 0, got {seconds!r}")
-    return Timeouts(**merged)
+    """agent.json `timeouts` (an override's few keys over the defaults); AgentError(CONFIG) naming the key."""
+    t = _one("timeouts", value).timeouts
+    return Timeouts(check=t.check, fetch=t.fetch, unpack=t.unpack, build=t.build)
 
 
 def finalize_fleet(value: Any) -> Fleet:
-    merged = nested("fleet", value, "")
-    url = str(merged["url"]).rstrip("/")
-    if url and not url.startswith("https://"):
-        raise AgentError(CONFIG, f"fleet.url: {url!r}: the fleet service is reached over TLS (https://HOST:PORT)")
-    for key, most in (("outboxMax", 1_000_000), ("batch", MAX_EVENTS)):
-        n = merged[key]
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= most:
-            raise AgentError(CONFIG, f"fleet.{key}: expected a whole number from 1 to {most}, got {n!r}")
-    if merged["identity"] not in IDENTITY_MODES:
-        raise AgentError(CONFIG, f"fleet.identity: expected one of {', '.join(IDENTITY_MODES)} (where the device "
-                                 f"key is made), got {merged['identity']!r}")
-    return Fleet(url=url, ca=Path(merged["ca"]), token=Path(merged["token"]), outbox_max=merged["outboxMax"],
-                 batch=min(merged["batch"], merged["outboxMax"]), identity=merged["identity"])
+    """agent.json `fleet`; AgentError(CONFIG) naming the key."""
+    return fleet_of(_one("fleet", value).fleet)
 
 
 def parse_window(value: Any) -> tuple[int, int] | None:
     """agent.json `window`: "HH:MM-HH:MM" in UTC (may wrap past midnight); "" for none."""
-    if value in ("", None):
-        return None
-    import re
-
-    m = re.fullmatch(r"([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)", str(value))
-    if not m:
-        raise AgentError(CONFIG, f"window: {value!r}: expected HH:MM-HH:MM (UTC), for example 02:00-04:30")
-    start, end = int(m[1]) * 60 + int(m[2]), int(m[3]) * 60 + int(m[4])
-    if start == end:
-        raise AgentError(CONFIG, f"window: {value!r}: an empty window; leave it out for any time")
-    return start, end
+    return window_minutes(_one("window", "" if value is None else value).window)
 
 
 def in_window(window: tuple[int, int] | None, minute: int) -> bool:

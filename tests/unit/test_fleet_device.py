@@ -114,7 +114,7 @@ def test_fleet_and_window_settings_are_checked() -> None:
     with pytest.raises(AgentError, match="from 1 to 1000"):  # what the service takes in one report
         finalize_fleet({"batch": 5000})
     for bad, says in (({"url": "http://f"}, "over TLS"), ({"outboxMax": 0}, "outboxMax"),
-                      ({"batch": True}, "batch"), ({"urls": "x"}, "unknown keys")):
+                      ({"batch": True}, "batch"), ({"urls": "x"}, "fleet: unknown key urls")):
         with pytest.raises(AgentError, match=says):
             finalize_fleet(bad)
     night = parse_window("22:30-02:00")

@@ -180,7 +180,7 @@ def run_backend(backend: str, db: str, n: int, workers: int, tmp: Path) -> dict[
         offline = set(rng.sample(range(n), int(n * OFFLINE_SHARE)))
         for i in offline:
             devices[i].offline = True
-        wave1 = [d for d in devices if wave_of(d.id, STAGES) == 1]
+        wave1 = [d for d in devices if wave_of(d.id, [s["percent"] for s in STAGES]) == 1]
         failing = rng.sample(wave1, int(len(wave1) * FAIL_SHARE))
         for d in failing:
             d.fails.add("2.0.0")

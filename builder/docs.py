@@ -115,7 +115,11 @@ def device_contract() -> str:
             "signed targets metadata; its length and sha256 are those of the image's OCI manifest. The channel's "
             f"rollout state is the target `{c.rollout_path('<class>', '<channel>')}` of the delegated `rollout` "
             "role. Readers ignore keys they do not know here (the metadata is signed; a later Kiln may add "
-            "some).", "", *_record_table(c.TargetCustom)]
+            "some).", "", *_record_table(c.TargetCustom),
+            f"### The rollout (`{c.rollout_path('<class>', '<channel>')}`)", "",
+            "Signed by the `rollout` key; `kiln release` starts it, `kiln rollout` and the fleet service move it "
+            "(docs/fleet.md). A device takes its release only once the wave its stable place falls in is open.",
+            "", *_record_table(c.Rollout)]
     out += ["## Boot", "",
             f"- Partition labels: `{c.ESP_LABEL}`, `{c.slot_label('a')}`, `{c.slot_label('b')}`, "
             f"`{c.DATA_LABEL}`.",

@@ -343,6 +343,7 @@ class Repository:
             return self._sign_rollout(cls, channel, state)
 
     def _sign_rollout(self, cls: str, channel: str, state: dict[str, Any]) -> int:
+        contract.parse_rollout(state, f"the rollout of {cls} on {channel}")  # what devices will read it as
         targets = self.latest("targets").signed
         if targets.delegations is None or ROLLOUT_ROLE not in (targets.delegations.roles or {}):
             raise UsageError(f"{self.dir}: targets delegates no rollout role yet; release once with a key "

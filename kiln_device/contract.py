@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from kiln_device import version as kv
-from kiln_device.fleet import MAX_EVENTS
 from kiln_device.typed import ContractError as ContractError
 from kiln_device.typed import dump, key, load
 
@@ -279,6 +278,53 @@ def parse_target_custom(data: Any, where: str) -> TargetCustom:
     return load(TargetCustom, data, where, ignore_unknown=True)
 
 
+@dataclass(frozen=True)
+class RolloutStage:
+    percent: int = key("percent", "Cumulative share of the devices the wave reaches.", positive=True)
+    soak_hours: int = key("soakHours", "How long the wave soaks before the next may open.", default=0)
+
+
+@dataclass(frozen=True)
+class RolloutHalt:
+    reason: str = key("reason", "Why the rollout was halted.")
+    time: str = key("time", "When, in UTC.", default="")
+    by: str = key("by", "Who halted it: a person (`kiln rollout halt`) or the fleet service.", default="")
+
+
+@dataclass(frozen=True)
+class RolloutClosed:
+    version: str = key("version", "A release whose rollout another replaced before it finished.")
+    wave: int = key("wave", "The waves it had reached: only their devices may still take it.", default=0)
+    halted: bool = key("halted", "It was halted: no device falls back to it.", default=False)
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """The channel's rollout state (builder.rollout writes it; kiln_device.fleet.rollout_gate reads it)."""
+
+    version: str = key("version", "The release being rolled out.", nonempty=True)
+    stages: tuple[RolloutStage, ...] = key("stages", "The waves, in order.", default=(RolloutStage(percent=100),))
+    wave: int = key("wave", "How many waves are open.", default=0)
+    opened: tuple[str, ...] = key("opened", "When each open wave opened, in UTC.", default=())
+    halted: RolloutHalt | None = key("halted", "Set while the rollout is halted.", default=None)
+    resumed: str | None = key("resumed", "When a halt was last lifted.", default=None)
+    closed: tuple[RolloutClosed, ...] = key("closed", "Releases whose rollouts this one replaced unfinished.",
+                                            default=())
+    max_failure_rate: str = key("maxFailureRate", "The failure rate of the open waves over which the fleet "
+                                                  "service halts it (a decimal string: TUF's JSON has no floats).",
+                                default="")
+    halt_min_devices: int = key("haltMinDevices", "How many devices must have reported before it may halt.",
+                                default=0)
+    auto_promote: bool = key("autoPromote", "The fleet service opens the next wave once one has soaked.",
+                             default=False)
+
+
+def parse_rollout(data: Any, where: str) -> Rollout:
+    """The rollout target's `custom`; ContractError naming the field. Unknown keys are ignored (signed; a later
+    Kiln may add some)."""
+    return load(Rollout, data, where, ignore_unknown=True)
+
+
 # What the agent accepts from an image it has not installed yet (labels, release.json): the
 # builder's own rules (builder/safe.py), with a length cap. Anything else is refused, never parsed.
 MAX_LABEL_LENGTH = 128
@@ -383,7 +429,7 @@ def merge_agent_files(*files: Mapping[str, Any]) -> dict[str, Any]:
 
 
 MAX_OUTBOX = 1_000_000
-MAX_BATCH = MAX_EVENTS  # what the fleet service takes in one report
+MAX_BATCH = 1000  # what the fleet service takes in one report (kiln_device.fleet.MAX_EVENTS)
 WINDOW_RE = re.compile(r"([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)")
 
 

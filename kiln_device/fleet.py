@@ -26,14 +26,17 @@ its channel, docs/fleet.md) says how many waves are open and whether it is halte
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from typing import Any
+
+from kiln_device.contract import MAX_BATCH, Rollout
 
 SIGNING_CONTEXT = b"kiln-fleet-report-v1\n"
 ENROLL_CONTEXT = b"kiln-fleet-enroll-v1\n"
 SIGNATURE_HEADER = "Kiln-Signature"
 DEVICE_HEADER = "Kiln-Device"
 MAX_BODY = 1024 * 1024  # bytes: one upload
-MAX_EVENTS = 1000  # per upload
+MAX_EVENTS = MAX_BATCH  # per upload (agent.json fleet.batch is at most this)
 MAX_EVENT_BYTES = 16 * 1024
 ID_PREFIX = "kd-"
 KEY_ED25519 = "ed25519"
@@ -74,37 +77,36 @@ def place(device: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64 * 100
 
 
-def wave_of(device: str, stages: list[dict[str, Any]]) -> int:
-    """1-based wave of DEVICE under STAGES ([{percent, soakHours}], cumulative percent)."""
+def wave_of(device: str, percents: Sequence[float]) -> int:
+    """1-based wave of DEVICE under stages of these cumulative PERCENTS."""
     where = place(device)
-    for n, stage in enumerate(stages, 1):
-        if where < float(stage["percent"]):
+    for n, percent in enumerate(percents, 1):
+        if where < float(percent):
             return n
-    return len(stages)
+    return len(percents)
 
 
-def rollout_gate(device: str, rollout: dict[str, Any] | None, version: str) -> str | None:
+def rollout_gate(device: str, rollout: Rollout | None, version: str) -> str | None:
     """None when DEVICE may install VERSION under the ROLLOUT state, else why not."""
-    if not rollout:
+    if rollout is None:
         return None  # no rollout in this channel: every release is open to every device (releases before fleets)
-    stages = list(rollout.get("stages") or [{"percent": 100}])
-    if rollout.get("version") != version:
+    percents = [s.percent for s in rollout.stages]
+    if rollout.version != version:
         # A release whose rollout was replaced before it finished: open to the waves it reached, and only if
         # it was not halted (no device falls back to a halted release).
-        closed = next((c for c in rollout.get("closed") or [] if c.get("version") == version), None)
+        closed = next((c for c in rollout.closed if c.version == version), None)
         if closed is None:
             return None  # its rollout finished (or it never had one)
-        if closed.get("halted"):
-            return f"the rollout of {version} was halted and replaced by {rollout.get('version')}"
-        if wave_of(device, stages) > int(closed.get("wave") or 0):
-            return f"the rollout of {version} was replaced by {rollout.get('version')} before this device's wave"
+        if closed.halted:
+            return f"the rollout of {version} was halted and replaced by {rollout.version}"
+        if wave_of(device, percents) > closed.wave:
+            return f"the rollout of {version} was replaced by {rollout.version} before this device's wave"
         return None
-    halted = rollout.get("halted")
-    if halted:
-        return f"the rollout of {version} is halted: {halted.get('reason')}"
-    opened = int(rollout.get("wave") or 0)
-    mine = wave_of(device, stages)
+    if rollout.halted is not None:
+        return f"the rollout of {version} is halted: {rollout.halted.reason}"
+    opened = rollout.wave
+    mine = wave_of(device, percents)
     if mine > opened:
-        return (f"the rollout of {version} has opened wave {opened} of {len(stages)} "
-                f"({stages[opened - 1]['percent'] if opened else 0}% of devices); this device is in wave {mine}")
+        return (f"the rollout of {version} has opened wave {opened} of {len(percents)} "
+                f"({percents[opened - 1] if opened else 0}% of devices); this device is in wave {mine}")
     return None

@@ -264,5 +264,5 @@ def _show_default(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, tuple):
-        return json.dumps(list(value))
+        return json.dumps(_dump_value(value))
     return f'"{value}"' if isinstance(value, str) else str(value)

@@ -40,7 +40,7 @@ def wave_table(store: Store, cls: str, devices: list[dict[str, Any]], state: dic
               "failed": 0, "succeeded": 0} for n, s in enumerate(stages, 1)]
     reasons: Counter[str] = Counter()
     for d in devices:
-        w = waves[wave_of(d["id"], stages) - 1]
+        w = waves[wave_of(d["id"], [s["percent"] for s in stages]) - 1]
         w["devices"] += 1
         o = outcomes.get(d["id"])
         if o is None:

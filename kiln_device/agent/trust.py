@@ -34,6 +34,8 @@ from kiln_device.contract import (
     UNREACHABLE,
     ContractError,
     Release,
+    Rollout,
+    parse_rollout,
     parse_target_custom,
     rollout_path,
 )
@@ -60,7 +62,7 @@ class Channel:
     releases: tuple[ChannelRelease, ...]
     expires: dict[str, str] = field(default_factory=dict)
     root_version: int = 0
-    rollout: dict[str, Any] | None = None  # the channel's rollout state (the delegated `rollout` role), if any
+    rollout: Rollout | None = None  # the channel's rollout state (the delegated `rollout` role), if any
 
     def find(self, version: str) -> ChannelRelease | None:
         return next((r for r in self.releases if r.version == version), None)
@@ -110,7 +112,8 @@ def read_channel(config: Config, release: Release) -> Channel:
         # The rollout state (waves, halt) is signed by the delegated `rollout` role (builder.trust): looked up
         # through the delegation, verified like any target. None: this channel has no rollout yet.
         info = updater.get_targetinfo(rollout_path(release.cls, config.channel))
-        rollout = (info.unrecognized_fields.get("custom") or None) if info is not None else None
+        rollout = parse_rollout(info.unrecognized_fields.get("custom"), f"the rollout target of {url}") \
+            if info is not None else None
     except tuf_errors.ExpiredMetadataError as exc:
         raise AgentError(STALE, f"the channel's metadata from {url} has expired ({exc}): a frozen or stale "
                                 "channel is never up to date; nothing is installed until fresh metadata verifies") \

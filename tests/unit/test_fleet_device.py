@@ -15,6 +15,7 @@ from builder.fleet.store import SCHEMA_VERSION, open_store
 from kiln_device.agent.config import finalize_fleet, in_window, parse_window
 from kiln_device.agent.errors import AgentError
 from kiln_device.agent.outbox import Outbox, emit
+from kiln_device.contract import ContractError, parse_rollout
 from kiln_device.fleet import device_id, is_device_id, place, rollout_gate, wave_of
 
 pytestmark = pytest.mark.unit
@@ -81,30 +82,45 @@ def test_emit_never_fails_the_caller(tmp_path: Path) -> None:
         emit(ro / "outbox", 10, "boot")
 
 
+def gate(device: str, state: dict[str, object], version: str) -> str | None:
+    """rollout_gate on the state as the agent reads it from the signed rollout target."""
+    return rollout_gate(device, parse_rollout(state, "the rollout target"), version)
+
+
 def test_waves_are_stable_and_follow_the_stages() -> None:
     ids = [device_id(os.urandom(32)) for _ in range(2000)]
     assert all(is_device_id(i) for i in ids)
     assert place(ids[0]) == place(ids[0])
     stages = [{"percent": 10}, {"percent": 50}, {"percent": 100}]
-    waves = [wave_of(i, stages) for i in ids]
+    waves = [wave_of(i, [10, 50, 100]) for i in ids]
     share = [waves.count(w) / len(ids) for w in (1, 2, 3)]
     assert 0.07 < share[0] < 0.13 and 0.35 < share[1] < 0.45 and 0.45 < share[2] < 0.55
     first = next(i for i, w in zip(ids, waves, strict=True) if w == 1)
     third = next(i for i, w in zip(ids, waves, strict=True) if w == 3)
     state = {"version": "2.0.0", "stages": stages, "wave": 1, "halted": None}
-    assert rollout_gate(first, state, "2.0.0") is None
-    assert "this device is in wave 3" in (rollout_gate(third, state, "2.0.0") or "")
-    assert rollout_gate(third, state, "1.9.0") is None  # another release: not this rollout's business
-    assert rollout_gate(third, {**state, "wave": 3}, "2.0.0") is None
+    assert gate(first, state, "2.0.0") is None
+    assert "this device is in wave 3" in (gate(third, state, "2.0.0") or "")
+    assert gate(third, state, "1.9.0") is None  # another release: not this rollout's business
+    assert gate(third, {**state, "wave": 3}, "2.0.0") is None
     halted = {**state, "wave": 3, "halted": {"reason": "golden check"}}
-    assert "halted: golden check" in (rollout_gate(first, halted, "2.0.0") or "")
+    assert "halted: golden check" in (gate(first, halted, "2.0.0") or "")
     # Replaced before they finished: a halted release is open to no one, an unfinished one to the waves it reached.
     later = {**state, "version": "2.1.0", "closed": [{"version": "2.0.0", "wave": 2, "halted": True},
                                                      {"version": "1.9.0", "wave": 1, "halted": False}]}
-    assert "was halted and replaced by 2.1.0" in (rollout_gate(first, later, "2.0.0") or "")
-    assert rollout_gate(first, later, "1.9.0") is None
-    assert "before this device's wave" in (rollout_gate(third, later, "1.9.0") or "")
-    assert rollout_gate(third, later, "1.8.0") is None  # finished before: open
+    assert "was halted and replaced by 2.1.0" in (gate(first, later, "2.0.0") or "")
+    assert gate(first, later, "1.9.0") is None
+    assert "before this device's wave" in (gate(third, later, "1.9.0") or "")
+    assert gate(third, later, "1.8.0") is None  # finished before: open
+
+
+def test_a_malformed_rollout_state_is_refused_naming_the_field() -> None:
+    """The agent reads the signed rollout target through its record: a wave that is not a number is an error
+    that names it, never a TypeError in the middle of choosing a release."""
+    with pytest.raises(ContractError, match=r"^the rollout target: stages\[1\]\.percent: expected a whole number"):
+        parse_rollout({"version": "2.0.0", "stages": [{"percent": 10}, {"percent": "50"}], "wave": 1},
+                      "the rollout target")
+    with pytest.raises(ContractError, match=r"^the rollout target: halted: expected an object"):
+        parse_rollout({"version": "2.0.0", "halted": "yes"}, "the rollout target")
 
 
 def test_fleet_and_window_settings_are_checked() -> None:

@@ -22,12 +22,14 @@ from builder.errors import CommandFailed, ModelError
 from builder.files import sha256_file
 from builder.run import run
 from builder.spec import HardwareClass, Model
+from builder.state import StateDir, finalize_state_root
 
 Progress = Callable[[str], None]
 
 
 def cache_dir() -> Path:
-    return paths.project_root() / ".kiln" / "cache" / "model-wheels"
+    """Under the state directory: $KILN_STATE_DIR where it is set, like every other cache."""
+    return StateDir(finalize_state_root(paths.project_root())).model_wheels_dir
 
 
 def ensure_sources(hc: HardwareClass, progress: Progress | None = None) -> None:

@@ -7,6 +7,7 @@ Layout (default `<project>/.kiln/`, override with `KILN_STATE_DIR`):
     containers/storage/          graphroot: images and layers built by Kiln
     base/<name>/                 offline base tarballs and their stamps
     tmp/                         scratch space (mmdebstrap, image copies)
+    cache/model-wheels/          wheels that fetched models come from
 
 Kiln never edits the host's global container config. Every podman call gets
 `engine_env()`, which points `CONTAINERS_CONF` and `CONTAINERS_STORAGE_CONF` at
@@ -78,6 +79,11 @@ class StateDir:
     @property
     def tmp_dir(self) -> Path:
         return self.root / "tmp"
+
+    @property
+    def model_wheels_dir(self) -> Path:
+        """Wheels that fetched models come from (builder.model_fetch), by their sha256."""
+        return self.root / "cache" / "model-wheels"
 
     def engine_env(self) -> dict[str, str]:
         """Environment for every podman/buildah/skopeo call (and a podman service)."""

@@ -78,3 +78,15 @@ def test_a_fetched_model_must_be_written_under_dot_kiln(tmp_path: Path) -> None:
     r = kiln("validate", str(bad))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "a fetched model is written by Kiln, so its source must be under .kiln/" in r.stderr
+
+
+def test_fetched_model_wheels_are_cached_in_the_state_directory(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: the wheels fetched models come from went to <project>/.kiln whatever KILN_STATE_DIR
+    said, the one cache that did not follow it."""
+    from builder.model_fetch import cache_dir
+
+    monkeypatch.setenv("KILN_STATE_DIR", str(tmp_path / "state"))
+    assert cache_dir() == tmp_path / "state/cache/model-wheels"
+    monkeypatch.delenv("KILN_STATE_DIR")
+    assert cache_dir() == ROOT / ".kiln/cache/model-wheels"

@@ -71,8 +71,8 @@ def spec_reference() -> str:
 
 CONTRACT_HEADER = """# Device contract reference
 
-Generated from the records in `kiln_device/contract.py` by
-`kiln schema --format device-contract`; do not edit by hand (a test fails when this
+Generated from the records in `kiln_device/contract.py` and `kiln_device/channel.py`
+by `kiln schema --format device-contract`; do not edit by hand (a test fails when this
 file is stale).
 
 What the builder and the device agree on. The builder writes each file below through
@@ -96,6 +96,7 @@ def _record_table(record: type) -> list[str]:
 
 
 def device_contract() -> str:
+    from kiln_device import channel as ch
     from kiln_device import contract as c
 
     out = [CONTRACT_HEADER, "## Paths on the device", "", "| path | what |", "|---|---|"]
@@ -111,15 +112,15 @@ def device_contract() -> str:
             "`kiln disk --etc kiln/agent.json=FILE` checks an override before it goes on a disk.", "",
             *_record_table(c.AgentFile)]
     out += ["## Channel targets (TUF `custom`)", "",
-            f"A release is the target `{c.target_path('<class>', '<channel>', '<version>')}` of the channel's "
+            f"A release is the target `{ch.target_path('<class>', '<channel>', '<version>')}` of the channel's "
             "signed targets metadata; its length and sha256 are those of the image's OCI manifest. The channel's "
-            f"rollout state is the target `{c.rollout_path('<class>', '<channel>')}` of the delegated `rollout` "
+            f"rollout state is the target `{ch.rollout_path('<class>', '<channel>')}` of the delegated `rollout` "
             "role. Readers ignore keys they do not know here (the metadata is signed; a later Kiln may add "
-            "some).", "", *_record_table(c.TargetCustom),
-            f"### The rollout (`{c.rollout_path('<class>', '<channel>')}`)", "",
+            "some).", "", *_record_table(ch.TargetCustom),
+            f"### The rollout (`{ch.rollout_path('<class>', '<channel>')}`)", "",
             "Signed by the `rollout` key; `kiln release` starts it, `kiln rollout` and the fleet service move it "
             "(docs/fleet.md). A device takes its release only once the wave its stable place falls in is open.",
-            "", *_record_table(c.Rollout)]
+            "", *_record_table(ch.Rollout)]
     out += ["## Boot", "",
             f"- Partition labels: `{c.ESP_LABEL}`, `{c.slot_label('a')}`, `{c.slot_label('b')}`, "
             f"`{c.DATA_LABEL}`.",

@@ -338,7 +338,8 @@ def finalize_containerfile(plan: RenderPlan) -> RenderedContainerfile:
         return ""
 
     template = _environment().get_template(plan.hc.spec.base.family.template)
-    text = template.render(plan=plan, hc=plan.hc, spec=plan.hc.spec, source=plan.source, layer=layer)
+    text = template.render(plan=plan, hc=plan.hc, spec=plan.hc.spec, source=plan.source, layer=layer,
+                           c=contract)  # paths on the device come from the contract
     text = "\n".join(line.rstrip() for line in text.splitlines()).strip() + "\n"
     return RenderedContainerfile(re.sub(r"\n{3,}", "\n\n", text), tuple(groups))
 

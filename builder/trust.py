@@ -56,8 +56,9 @@ from tuf.api.metadata import (
 from tuf.api.serialization.json import JSONSerializer
 
 from builder.errors import UsageError
+from kiln_device import channel as ch
 from kiln_device import contract
-from kiln_device.contract import rollout_path, target_path
+from kiln_device.channel import rollout_path, target_path
 from kiln_device.typed import dump
 
 TUF_DIR = "tuf"  # in a key directory: the private keys; in the lookaside directory: the repository
@@ -343,7 +344,7 @@ class Repository:
             return self._sign_rollout(cls, channel, state)
 
     def _sign_rollout(self, cls: str, channel: str, state: dict[str, Any]) -> int:
-        contract.parse_rollout(state, f"the rollout of {cls} on {channel}")  # what devices will read it as
+        ch.parse_rollout(state, f"the rollout of {cls} on {channel}")  # what devices will read it as
         targets = self.latest("targets").signed
         if targets.delegations is None or ROLLOUT_ROLE not in (targets.delegations.roles or {}):
             raise UsageError(f"{self.dir}: targets delegates no rollout role yet; release once with a key "
@@ -370,7 +371,7 @@ class Repository:
                 raise UsageError(f"{release.cls} {release.version} is already released on {release.channel} as "
                                  f"sha256:{old.hashes.get('sha256')}; a released version never changes digest",
                                  hint="release the fix under a new version")
-            custom = dump(contract.TargetCustom(
+            custom = dump(ch.TargetCustom(
                 version=release.version, compatible=release.compatible, min_version=release.min_version or "",
                 repository=release.repository or ""))
             targets.targets[release.path] = TargetFile(
@@ -389,12 +390,12 @@ class Repository:
                                  hint=f"`kiln channel status {cls}` lists the releases")
             raw = dict(target.unrecognized_fields.get("custom") or {})
             try:
-                custom = contract.parse_target_custom(raw, f"the target {path}")
+                custom = ch.parse_target_custom(raw, f"the target {path}")
             except contract.ContractError as exc:
                 raise UsageError(f"the channel's metadata: {exc}") from None
             if custom.withdrawn is not None:
                 raise UsageError(f"{cls} {version} on {channel} is already withdrawn ({custom.withdrawn.reason})")
-            withdrawn = contract.Withdrawn(reason=reason, time=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+            withdrawn = ch.Withdrawn(reason=reason, time=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
             # what a later Kiln added stays as it was
             target.unrecognized_fields["custom"] = {**raw, **dump(replace(custom, withdrawn=withdrawn))}
 

@@ -41,10 +41,14 @@ POLICY_JSON = _path(f"{LIB_DIR}/policy.json", "The containers signature policy: 
 RELEASE_KEY = _path(f"{LIB_DIR}/release-key.asc", "The release key's public half.")
 PYTHON_DIR = _path(f"{LIB_DIR}/python", "Holds this package, kiln_device/.")
 LAUNCHER = _path(f"{LIB_DIR}/launch.py", "`python3 -I launch.py PROGRAM [ARGS]` runs one of the programs below.")
-VENV_PYTHON = _path(f"{LIB_DIR}/venv/bin/python", "The runtime venv (numpy, onnxruntime): inference and its "
-                                                  "health check.")
-AGENT_VENV_PYTHON = _path(f"{LIB_DIR}/agent-venv/bin/python", "The agent's venv (python-tuf, cryptography): "
-                                                              "kiln-agent runs here.")
+VENV_DIR = _path(f"{LIB_DIR}/venv", "The runtime venv (numpy, onnxruntime): inference and its health check.")
+VENV_PYTHON = _path(f"{VENV_DIR}/bin/python", "The runtime venv's python.")
+RUNTIME_REQUIREMENTS = _path(f"{LIB_DIR}/requirements.txt", "What the runtime venv was installed from, with "
+                                                            "hashes.")
+AGENT_VENV_DIR = _path(f"{LIB_DIR}/agent-venv", "The agent's venv (python-tuf, cryptography).")
+AGENT_VENV_PYTHON = _path(f"{AGENT_VENV_DIR}/bin/python", "The agent's venv's python: kiln-agent runs here.")
+AGENT_REQUIREMENTS = _path(f"{LIB_DIR}/agent-requirements.txt", "What the agent's venv was installed from, with "
+                                                                "hashes.")
 DEV_AUTHORIZED_KEYS = _path(f"{LIB_DIR}/ssh/authorized_keys", "Development classes only: the per-build test key.")
 KARGS_DIR = "/usr/lib/bootc/kargs.d"
 KARGS_FILE = _path(f"{KARGS_DIR}/10-kiln.toml", "The class's kernel arguments, bootc's way (release.json "
@@ -61,6 +65,9 @@ WORK_DIR = _path(f"{DATA_DIR}/work", "Scratch space for unpacking an update.")
 DATA_MOUNT = _path("/run/kiln/data", "The data partition itself, as the initramfs mounts it.")
 LAYERS_DIR = _path(f"{DATA_MOUNT}/layers", "The layer store (kiln_device.agent.layers): a slot's root is made of "
                                            "these; a factory reset keeps them.")
+SLOT_LAYER_LIST = _path("/kiln-layers", "In a slot made of layers, the whole of its small erofs: each layer's diff "
+                                        "id and fs-verity digest, bottom first, which the initramfs checks.")
+LAYER_MOUNTS = _path("/run/kiln/layers", "Where the initramfs mounts each layer (`<n>/`) before it stacks them.")
 RUNNING_LAYERS = _path("/run/kiln/slot-layers", "In a system booted from layers: the booted slot's layer list, as "
                                                 "the initramfs read it.")
 TRUST_DIR = _path(f"{DATA_DIR}/tuf", "The TUF client's trusted metadata (survives updates).")
@@ -237,92 +244,6 @@ def parse_release(data: Any, where: str = "release.json") -> Release:
 def release_json(release: Release) -> dict[str, Any]:
     """What the builder writes as release.json."""
     return dump(release)
-
-
-# --- the channel: TUF targets (builder.trust writes them, kiln_device.agent.trust reads them) ----------
-
-def target_path(cls: str, channel: str, version: str) -> str:
-    """A release's TUF target: `<class>/<channel>/<version>` (its length and sha256: the OCI manifest's)."""
-    return f"{cls}/{channel}/{version}"
-
-
-def rollout_path(cls: str, channel: str) -> str:
-    """The channel's rollout state, a target of the delegated `rollout` role (builder.rollout)."""
-    return f"{cls}/{channel}/rollout"
-
-
-@dataclass(frozen=True)
-class Withdrawn:
-    reason: str = key("reason", "Why the release was withdrawn (`kiln channel withdraw --reason`).")
-    time: str = key("time", "When, in UTC (`2026-12-06T10:00:00Z`).")
-
-
-@dataclass(frozen=True)
-class TargetCustom:
-    """A release target's `custom` object in the channel's signed targets metadata."""
-
-    version: str = key("version", "The release's version: the same as the last part of its target path.",
-                       nonempty=True)
-    compatible: str = key("compatible", "Which devices may install it (release.json `compatible`).")
-    min_version: str = key("minVersion", "The oldest version that may update to it directly (empty: any).",
-                           default="")
-    repository: str = key("repository", "The registry repository it is pulled from (empty: `kiln/<class>`).",
-                          default="")
-    withdrawn: Withdrawn | None = key("withdrawn", "Set once the release is withdrawn: devices no longer choose "
-                                                   "it.", default=None)
-
-
-def parse_target_custom(data: Any, where: str) -> TargetCustom:
-    """A target's `custom`; ContractError naming the field. Fields this reader does not know are ignored:
-    the metadata is signed, and a later Kiln may add some."""
-    return load(TargetCustom, data, where, ignore_unknown=True)
-
-
-@dataclass(frozen=True)
-class RolloutStage:
-    percent: int = key("percent", "Cumulative share of the devices the wave reaches.", positive=True)
-    soak_hours: int = key("soakHours", "How long the wave soaks before the next may open.", default=0)
-
-
-@dataclass(frozen=True)
-class RolloutHalt:
-    reason: str = key("reason", "Why the rollout was halted.")
-    time: str = key("time", "When, in UTC.", default="")
-    by: str = key("by", "Who halted it: a person (`kiln rollout halt`) or the fleet service.", default="")
-
-
-@dataclass(frozen=True)
-class RolloutClosed:
-    version: str = key("version", "A release whose rollout another replaced before it finished.")
-    wave: int = key("wave", "The waves it had reached: only their devices may still take it.", default=0)
-    halted: bool = key("halted", "It was halted: no device falls back to it.", default=False)
-
-
-@dataclass(frozen=True)
-class Rollout:
-    """The channel's rollout state (builder.rollout writes it; kiln_device.fleet.rollout_gate reads it)."""
-
-    version: str = key("version", "The release being rolled out.", nonempty=True)
-    stages: tuple[RolloutStage, ...] = key("stages", "The waves, in order.", default=(RolloutStage(percent=100),))
-    wave: int = key("wave", "How many waves are open.", default=0)
-    opened: tuple[str, ...] = key("opened", "When each open wave opened, in UTC.", default=())
-    halted: RolloutHalt | None = key("halted", "Set while the rollout is halted.", default=None)
-    resumed: str | None = key("resumed", "When a halt was last lifted.", default=None)
-    closed: tuple[RolloutClosed, ...] = key("closed", "Releases whose rollouts this one replaced unfinished.",
-                                            default=())
-    max_failure_rate: str = key("maxFailureRate", "The failure rate of the open waves over which the fleet "
-                                                  "service halts it (a decimal string: TUF's JSON has no floats).",
-                                default="")
-    halt_min_devices: int = key("haltMinDevices", "How many devices must have reported before it may halt.",
-                                default=0)
-    auto_promote: bool = key("autoPromote", "The fleet service opens the next wave once one has soaked.",
-                             default=False)
-
-
-def parse_rollout(data: Any, where: str) -> Rollout:
-    """The rollout target's `custom`; ContractError naming the field. Unknown keys are ignored (signed; a later
-    Kiln may add some)."""
-    return load(Rollout, data, where, ignore_unknown=True)
 
 
 # What the agent accepts from an image it has not installed yet (labels, release.json): the

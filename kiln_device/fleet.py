@@ -29,7 +29,8 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
-from kiln_device.contract import MAX_BATCH, Rollout
+from kiln_device.channel import Rollout
+from kiln_device.contract import MAX_BATCH
 
 SIGNING_CONTEXT = b"kiln-fleet-report-v1\n"
 ENROLL_CONTEXT = b"kiln-fleet-enroll-v1\n"

@@ -25,6 +25,7 @@ from kiln_device import version as kv
 from kiln_device.agent.config import Config
 from kiln_device.agent.errors import AgentError, log
 from kiln_device.agent.journal import fault_point
+from kiln_device.channel import Rollout, parse_rollout, parse_target_custom, rollout_path
 from kiln_device.common import fsync_dir
 from kiln_device.contract import (
     CONFIG,
@@ -34,10 +35,6 @@ from kiln_device.contract import (
     UNREACHABLE,
     ContractError,
     Release,
-    Rollout,
-    parse_rollout,
-    parse_target_custom,
-    rollout_path,
 )
 from kiln_device.fleet import rollout_gate
 

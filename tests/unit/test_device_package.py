@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -249,3 +250,35 @@ def test_a_newer_release_json_may_carry_fields_this_device_does_not_know() -> No
     assert contract.parse_release({**base, "schemaVersion": contract.RELEASE_SCHEMA + 1}).version == "2.0.0"
     with pytest.raises(contract.ContractError, match=r"^release\.json: unknown key uki"):
         contract.parse_release({**base, "schemaVersion": contract.RELEASE_SCHEMA})
+
+
+KILN_PATH = re.compile(r"(?<![\w.$-])/(?:usr/lib/kiln|var/lib/kiln|usr/share/kiln|run/kiln|etc/kiln)(?![\w-])"
+                       r"(?:/[\w.@+-]*)*")
+
+
+def test_every_kiln_path_in_the_overlays_is_one_the_contract_names() -> None:
+    """The overlays (units, the initramfs hook, scripts) are copied as they are, so they restate device paths: each
+    must be a path the contract names (docs/device-contract.md), a folder above one, or a file in one of its
+    folders; a module path under the package must exist. Moving a path or a module in the contract without the
+    overlays fails here, not on a device."""
+    broad = {contract.LIB_DIR, contract.DATA_DIR}
+    folders = {p for p in contract.PATHS if "." not in Path(p).name} - broad
+    unknown = []
+    for f in sorted((ROOT / "overlays").rglob("*")):
+        if not f.is_file() or f.is_symlink():
+            continue
+        try:
+            text = f.read_text()
+        except UnicodeDecodeError:
+            continue
+        for m in KILN_PATH.finditer(text):
+            p = m.group(0).rstrip("/.")
+            if p.startswith(contract.PYTHON_DIR + "/"):
+                ok = (PACKAGE.parent / p.removeprefix(contract.PYTHON_DIR + "/")).exists()
+            else:
+                ok = p in contract.PATHS or any(k.startswith(p + "/") for k in contract.PATHS) or \
+                    any(p.startswith(d + "/") for d in folders)
+            if not ok:
+                unknown.append(f"{f.relative_to(ROOT)}: {p}")
+    assert not unknown, unknown
+    assert len(list((ROOT / "overlays").rglob("*.service"))) > 5  # it looked at the units

@@ -401,7 +401,7 @@ OK, INTERNAL, UP_TO_DATE, INCOMPATIBLE, NOT_NEWER, BLOCKLISTED = 0, 1, 2, 3, 4, 
 SIGNATURE, UNREACHABLE, NO_SPACE, WRITE_FAILED, LOCKED, CONFIG, USAGE = 6, 7, 8, 9, 10, 11, 64
 BAD_IMAGE = 12  # the release is malformed (labels, release.json, kernel): refused, its digest blocklisted
 STALE = 13  # the channel's TUF metadata expired: nothing is installed until fresh metadata verifies
-WAITING = 14  # the rollout has not reached this device's wave, is halted, or the maintenance window is closed
+WAITING = 14  # the rollout has not reached this device's wave or is halted, the window is closed, or this is a trial
 AGENT_EXIT_CODES = {
     "ok": OK, "internal": INTERNAL, "up-to-date": UP_TO_DATE, "incompatible": INCOMPATIBLE,
     "not-newer": NOT_NEWER, "blocklisted": BLOCKLISTED, "signature": SIGNATURE, "unreachable": UNREACHABLE,

@@ -62,7 +62,8 @@ Exit codes:
   13  the channel's TUF metadata has expired (a frozen or stale channel): nothing is
       installed; `status` says stale since when; the timer keeps retrying
   14  waiting: the release's rollout has not reached this device's wave or is halted, or the
-      maintenance window is closed (the update was downloaded, not applied)
+      maintenance window is closed (the update was downloaded, not applied), or the running
+      slot is still on trial (not blessed: the other slot is the one it falls back to)
   64  usage
 
 Testing hooks: KILN_AGENT_ROOT=DIR reads the two config files under DIR instead of /

@@ -130,6 +130,13 @@ def cmd_update(config: Config, release: Release, state: State, boot: BootControl
         return UP_TO_DATE
     if not decision.take:
         raise AgentError(decision.code, f"not updating: {decision.reason}")
+    on_trial = trial_entry(boot, booted, release.version)
+    if on_trial is not None:
+        # Slot `target` holds the release this trial falls back to: writing it now would leave no good slot.
+        raise AgentError(WAITING, f"not updating to {cand.version} yet: this boot is the trial of "
+                                  f"{release.version} in slot {booted} ({on_trial}), not blessed; slot {target} "
+                                  "holds the release it falls back to. The update waits until this slot is "
+                                  "blessed or rolled back")
     if pending and (pending.get("digest") != cand.digest or pending.get("slot") != target):
         log(f"dropping the interrupted update to {pending.get('version')} (slot {pending.get('slot')}, "
             f"phase {pending.get('phase')}): the channel now has {cand.version}")
@@ -166,6 +173,12 @@ def cmd_update(config: Config, release: Release, state: State, boot: BootControl
     finally:  # the image's setuid files and device nodes are never left lying in the work directory
         shutil.rmtree(work_paths(config).tree, ignore_errors=True)
     return finish_install(config, state, reboot)
+
+
+def trial_entry(boot: BootControl, slot: str, version: str) -> str | None:
+    """The boot entry of the running release when it is still on trial (boot counting, not blessed), else None."""
+    entry = next((e for e in boot.entries() if e.slot == slot and e.version == version), None)
+    return entry.name if entry is not None and not entry.blessed else None
 
 
 def install(config: Config, release: Release, state: State, boot: BootControl, cand: Candidate,

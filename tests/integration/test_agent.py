@@ -186,6 +186,34 @@ def test_rollback_is_recorded_and_blocklisted(world: World) -> None:
     assert "rollback: 3.0.0 (slot b)" in text
 
 
+def test_no_update_writes_the_fallback_slot_while_the_running_one_is_on_trial(world: World) -> None:
+    """Finding (issue 33, 4): `update` during a trial boot that was not blessed yet wrote the other slot, the
+    one the trial falls back to, and removed its entry: a failed trial then had nothing to go back to. It waits
+    (exit 14) until the trial is blessed, and then updates that slot."""
+    world.release("7.0.0", ("ch-trial",))
+    dev = world.device("trial")
+    config = json.loads((dev.root / "usr/lib/kiln/agent.json").read_text())
+    config["channel"] = "ch-trial"
+    (dev.root / "usr/lib/kiln/agent.json").write_text(json.dumps(config))
+    assert dev.agent("update", "--no-reboot").returncode == 0
+    (dev.entries / "kiln-7.0.0-b+3.conf").rename(dev.entries / "kiln-7.0.0-b+2-1.conf")
+    dev.boot("b", "kiln-7.0.0-b+2-1.conf", version="7.0.0")
+    assert dev.agent("boot").returncode == 0
+    world.release("7.1.0", ("ch-trial",))
+    good = sha(dev.slot("a"))
+    proc = dev.agent("update", "--no-reboot")
+    assert proc.returncode == 14, proc.stderr
+    assert "this boot is the trial of 7.0.0 in slot b" in proc.stderr and "not blessed" in proc.stderr
+    assert sha(dev.slot("a")) == good
+    assert sorted(p.name for p in dev.entries.iterdir()) == ["kiln-1.0.0-a.conf", "kiln-7.0.0-b+2-1.conf"]
+    # Blessed: the update goes to slot a.
+    (dev.entries / "kiln-7.0.0-b+2-1.conf").rename(dev.entries / "kiln-7.0.0-b.conf")
+    assert dev.agent("boot").returncode == 0
+    proc = dev.agent("update", "--no-reboot")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in dev.entries.iterdir()) == ["kiln-7.0.0-b.conf", "kiln-7.1.0-a+3.conf"]
+
+
 @pytest.mark.parametrize("phase", ["fetched", "invalidated", "built", "written", "verified", "kernel"])
 def test_interrupted_update_resumes(world: World, phase: str) -> None:
     world.release("4.0.0", ("ch-resume",))

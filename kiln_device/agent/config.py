@@ -126,6 +126,11 @@ def load_config(extra: str | None = None) -> tuple[Config, Release]:
         except ContractError as exc:
             raise AgentError(CONFIG, str(exc)) from None
         found.append(data)
+        if path != files[0] and isinstance(data.get("trustRoot"), str) and not Path(data["trustRoot"]).is_file():
+            # An override that names a TUF root asks for a verified channel: without that file the agent would
+            # fall back to tags and signatures alone, which is the check the override asked to raise.
+            raise AgentError(CONFIG, f"{path}: trustRoot: {data['trustRoot']} is not a file; refusing to read the "
+                                     "channel without the TUF root this configuration names")
     where = ", ".join(str(p) for p in files if p.exists())
     try:
         agent = parse_agent_file(merge_agent_files(*found), f"the agent configuration ({where})")

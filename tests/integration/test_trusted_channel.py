@@ -26,6 +26,7 @@ from tuf.api.metadata import Metadata, MetaFile, TargetFile, Timestamp
 from builder.signing import SigningKey
 from builder.state import StateDir
 from builder.trust import Release, Repository, TrustKeys, make_trust_keys, trust_root
+from kiln_device import contract
 from tests.ota import FakeDevice, make_oci_image, ota_services, publish, release_files, release_labels
 
 pytestmark = pytest.mark.integration
@@ -138,6 +139,23 @@ def test_a_device_updates_to_what_the_signed_channel_names(world: World) -> None
     assert st["pending"]["digest"] == digest and st["pending"]["version"] == "1.1.0"
     assert st["trust"]["status"] == "fresh" and st["trust"]["newest"] == "1.1.0"
     assert (dev.root / "var/lib/kiln/tuf/metadata/targets.json").is_file()  # the trusted copy, on the data partition
+
+
+def test_an_override_naming_a_missing_tuf_root_refuses_instead_of_trusting_tags(world: World) -> None:
+    """Finding (issue 33, 7): /etc/kiln/agent.json naming a trustRoot that is not there made the agent read the
+    channel by tags and signatures alone, the weaker check, without a word. It refuses (configuration, 11)."""
+    world.release("1.1.0")
+    dev = world.device("bad-root")
+    override = contract.under(dev.root, contract.AGENT_OVERRIDE_JSON)
+    override.parent.mkdir(parents=True, exist_ok=True)
+    override.write_text(json.dumps({"trustRoot": str(dev.root / "etc/kiln/tuf-root.json")}))
+    before = slots(dev)
+    proc = dev.agent("update", "--no-reboot")
+    assert proc.returncode == 11, proc.stderr
+    assert "trustRoot" in proc.stderr and "is not a file" in proc.stderr, proc.stderr
+    assert slots(dev) == before
+    override.write_text(json.dumps({"trustRoot": str(contract.under(dev.root, contract.TRUST_ROOT))}))
+    assert dev.agent("update", "--no-reboot").returncode == EXIT["ok"]
 
 
 def test_an_update_downloads_each_blob_once(world: World) -> None:

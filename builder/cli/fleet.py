@@ -139,6 +139,7 @@ def fleet_token(cls: str, uses: int, expires_days: float, out: Path | None, db: 
         click.echo(token)
         return
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a file that was there keeps its mode through O_CREAT
     with os.fdopen(fd, "w") as fh:
         fh.write(token + "\n")
     click.echo(f"wrote a token for {uses} {cls} device(s), valid {expires_days:g} days, to {out}", err=True)

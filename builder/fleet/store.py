@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -308,6 +309,10 @@ class SQLiteStore(Store):
         super().__init__(url)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        # Device ids, token hashes and reports: readable by the service's user only. SQLite makes the -wal and
+        # -shm files with the database's own mode, so creating it 0600 covers them too.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        os.chmod(path, 0o600)
         self.conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")  # a stored report survives a power cut of the service

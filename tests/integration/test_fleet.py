@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,6 +71,29 @@ def total(db: str) -> int:
         return store.count_events()
     finally:
         store.close()
+
+
+def test_the_database_and_tokens_are_readable_by_their_owner_only(tmp_path: Path) -> None:
+    """Finding (issue 33, 12): fleet.db, its -wal and -shm files, and a token written over an existing file were
+    0644 under the usual umask: any user on the service's host could read device ids and token hashes."""
+    db = tmp_path / "fleet.db"
+    old = os.umask(0o022)
+    try:
+        store = open_store(f"sqlite:///{db}")
+        try:
+            store.migrate()
+            store.add_token("0" * 64, "tiny", 1, time.time() + 60)
+            files = [db, *tmp_path.glob("fleet.db-*")]
+            assert {f.name for f in files} >= {"fleet.db", "fleet.db-wal", "fleet.db-shm"}
+            assert all(f.stat().st_mode & 0o077 == 0 for f in files), {f.name: oct(f.stat().st_mode) for f in files}
+        finally:
+            store.close()
+        out = tmp_path / "enroll.token"
+        out.write_text("an older token\n")
+        out.chmod(0o644)
+        token(f"sqlite:///{db}", out)  # asserts the mode
+    finally:
+        os.umask(old)
 
 
 def test_reports_arrive_exactly_once_in_order(service: FleetService, backend: str, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ unless KILN_QUIET=1.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -125,3 +126,12 @@ def _shown(path: Path) -> str:
 
 def shown_log_path() -> str | None:
     return _shown(_out.path) if _out.path is not None else None
+
+
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def inert(text: str) -> str:
+    """Text from outside (what devices report) safe to print on a terminal: control characters, escape
+    sequences among them, shown as \\xNN instead of reaching the terminal."""
+    return CONTROL.sub(lambda m: f"\\x{ord(m.group(0)):02x}", text)

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from builder.errors import UsageError
+from builder.output import inert
 from builder.trust import Repository
 
 
@@ -130,6 +131,11 @@ def resume(repo: Repository, cls: str, channel: str) -> dict[str, Any]:
 
 
 def describe(state: dict[str, Any]) -> str:
+    """One line for people; the halt reason may be devices' own text (the service's halt), so it is made inert."""
+    return inert(_describe(state))
+
+
+def _describe(state: dict[str, Any]) -> str:
     stages = state["stages"]
     wave = int(state["wave"])
     text = (f"{state['version']}: wave {wave} of {len(stages)} open ({stages[wave - 1]['percent']}% of devices) "

@@ -12,6 +12,7 @@ from collections import Counter
 from typing import Any
 
 from builder.fleet.store import Store
+from builder.output import inert
 from kiln_device.fleet import wave_of
 
 STALE_AFTER = 3 * 3600  # seconds without a report before a device is listed as not seen
@@ -95,6 +96,11 @@ def fleet_status(store: Store, repo: Any, cls: str | None = None, *, now: float 
 
 
 def render_text(status: dict[str, Any]) -> str:
+    """`kiln fleet status` for people; device-supplied text (reasons, versions) made inert."""
+    return inert(_render_text(status))
+
+
+def _render_text(status: dict[str, Any]) -> str:
     lines = [f"{status['devices']} devices ({status['database']})"]
     for name, c in status["classes"].items():
         lines.append(f"\n{name}: {c['devices']} devices, last seen {c['lastSeen'] or 'never'}")

@@ -130,6 +130,17 @@ def test_the_outbox_is_bounded_and_says_what_it_dropped(service: FleetService, b
     assert status["classes"]["tiny"]["dropped"] >= 15
 
 
+def test_fleet_status_shows_device_text_inert(service: FleetService, backend: str, tmp_path: Path) -> None:
+    """Finding (issue 33, 8): `kiln fleet status` printed what devices reported as it came, escape sequences
+    included: a device could retitle or clear the operator's terminal, or hide lines. They show as \\xNN."""
+    dev = SimDevice.create(tmp_path / "d", service, token(backend, tmp_path / "tok"))
+    dev.emit("boot", version="1.0.0", slot="a", degraded="no GPU\x1b]0;owned\x07\x1b[2J")
+    assert dev.report() == 0
+    out = kiln("fleet", "status", "tiny", "--db", backend, check=True).stdout
+    assert "\x1b" not in out and "\x07" not in out, repr(out)
+    assert "no GPU\\x1b]0;owned\\x07\\x1b[2J" in out, out
+
+
 def signed(dev: SimDevice, body: dict, context: bytes = SIGNING_CONTEXT) -> tuple[bytes, dict[str, str]]:  # type: ignore[type-arg]
     raw = json.dumps(body).encode()
     return raw, {SIGNATURE_HEADER: dev.identity.sign(context, raw)}

@@ -19,6 +19,7 @@ from typing import Any
 
 from builder import paths, records
 from builder.errors import UsageError
+from kiln_device import version as kv
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em;color:#1b1f24;max-width:1100px}
@@ -201,7 +202,7 @@ def class_section(record: dict[str, Any], previous: dict[str, Any] | None) -> st
 
 
 def render_report(records_: list[dict[str, Any]], previous: dict[str, dict[str, Any] | None]) -> str:
-    versions = sorted({r["version"] for r in records_})
+    versions = sorted({r["version"] for r in records_}, key=kv.parse)
     title = f"Kiln release {', '.join(versions)}"
     body = [f"<h1>{esc(title)}</h1>",
             "<p>" + ", ".join(f'<a href="#{esc(r["class"])}">{esc(r["class"])}</a>' for r in records_) + "</p>"]
@@ -211,22 +212,18 @@ def render_report(records_: list[dict[str, Any]], previous: dict[str, dict[str, 
 
 
 def previous_record(cls: str, version: str, given: str | None = None) -> dict[str, Any] | None:
-    """The record of GIVEN, else of the newest version of CLS below VERSION that was pushed signed."""
-    from packaging.version import InvalidVersion, Version
-
+    """The record of GIVEN, else of the newest version of CLS below VERSION that was pushed signed, in Kiln's
+    version order (kiln_device.version: the order devices and systemd-boot use), never another."""
     if given:
         return records.read_record(cls, given)
-    try:
-        current = Version(version)
-    except InvalidVersion:
+    if not kv.is_valid(version):
         return None
-    best: tuple[Version, dict[str, Any]] | None = None
+    best: tuple[str, dict[str, Any]] | None = None
     for path in paths.class_dir(cls).glob("*/build.json"):
-        try:
-            v = Version(path.parent.name)
-        except InvalidVersion:
+        v = path.parent.name
+        if not kv.is_valid(v):
             continue
-        if v < current and (best is None or v > best[0]):
+        if kv.compare(v, version) < 0 and (best is None or kv.compare(v, best[0]) > 0):
             rec = json.loads(path.read_text())
             if rec.get("manifest"):
                 best = (v, rec)

@@ -7,7 +7,9 @@ booted rc.1, a false rollback) and `v1.0` vs `99.0` (ordered differently by the 
 
 from __future__ import annotations
 
+import json
 import subprocess
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -103,3 +105,28 @@ def test_an_image_whose_version_label_is_outside_the_grammar_is_a_bad_image(labe
     with pytest.raises(AgentError) as err:
         candidate_from_labels({LABEL_VERSION: label, LABEL_COMPATIBLE: "kiln,c"}, "sha256:" + "a" * 64)
     assert err.value.code == BAD_IMAGE and "MAJOR.MINOR.PATCH" in err.value.message
+
+
+def test_the_release_report_compares_with_the_previous_release_in_kiln_order(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review (issue 33, 14): the release report found "the previous release" by PEP 440, a third
+    order: it skipped every version PEP 440 cannot read (1.1.0-hotfix) and put 1.2.0-dev below 1.2.0-alpha."""
+    from builder.release_report import previous_record
+
+    monkeypatch.setenv("KILN_PROJECT_DIR", str(tmp_path))
+    for version in ("1.0.0", "1.1.0-hotfix", "1.2.0-alpha", "1.2.0-dev", "1.3.0"):
+        d = tmp_path / "build/cls" / version
+        d.mkdir(parents=True)
+        (d / "build.json").write_text(json.dumps({"version": version, "manifest": "sha256:" + "0" * 64}))
+    unpushed = tmp_path / "build/cls/1.2.0-rc.1"
+    unpushed.mkdir()
+    (unpushed / "build.json").write_text(json.dumps({"version": "1.2.0-rc.1"}))  # never pushed signed: skipped
+
+    def prev(version: str) -> str | None:
+        rec = previous_record("cls", version)
+        return rec["version"] if rec else None
+
+    assert prev("1.1.0") == "1.1.0-hotfix"
+    assert prev("1.2.0") == "1.2.0-dev"  # Kiln (and systemd-boot): words compare as text, alpha < dev
+    assert prev("1.2.0-dev") == "1.2.0-alpha"
+    assert prev("1.0.0") is None

@@ -33,8 +33,14 @@ TLS_OPTION = click.option("--tls-dir", type=click.Path(path_type=Path, file_okay
 
 
 def open_db(db: str | None):  # type: ignore[no-untyped-def]
+    from urllib.parse import urlsplit
+
+    from builder.errors import UsageError
     from builder.fleet.store import open_store
 
+    if db and "://" in db and urlsplit(db).password is not None:
+        raise UsageError("--db: the URL carries a password, which would be on the command line (ps, the shell's "
+                         "history, CI logs)", hint=f"put it in ~/.pgpass or $PGPASSWORD, or the whole URL in ${DB_ENV}")
     store = open_store(db or default_db())
     store.migrate()
     return store
@@ -116,17 +122,21 @@ def fleet_serve(listen: str, tls_dir: Path | None, db: str | None, key_dir: Path
               help="How many devices may enroll with it (one per device by default).")
 @click.option("--expires-days", default=30.0, show_default=True, type=click.FloatRange(min=0.001))
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Write the token to FILE (mode 0600) instead of stdout: what `kiln disk --etc "
-                   "kiln/enroll.token=FILE` flashes.")
+              help="Write the token to FILE (mode 0600): what `kiln disk --etc kiln/enroll.token=FILE` flashes.")
+@click.option("--stdout", "to_stdout", is_flag=True,
+              help="Print the token on stdout instead (it is a secret: not where a CI log keeps it).")
 @DB_OPTION
-def fleet_token(cls: str, uses: int, expires_days: float, out: Path | None, db: str | None) -> None:
-    """Make an enrollment token for CLASS devices (its hash is stored; the token is shown once)."""
+def fleet_token(cls: str, uses: int, expires_days: float, out: Path | None, to_stdout: bool, db: str | None) -> None:
+    """Make an enrollment token for CLASS devices (its hash is stored; the token itself is given once, to --out
+    FILE or, with --stdout, printed)."""
     from builder import loader, safe
     from builder.cli.common import checked
     from builder.errors import KilnError
     from builder.fleet.service import token_hash
 
     checked("CLASS", safe.name, cls)
+    if (out is None) == (not to_stdout):
+        raise click.UsageError("give --out FILE (written 0600) or --stdout: the token is a secret, and is given once")
     try:
         loader.resolve_class_path(cls)
     except KilnError:  # the service's host may have no class files: a warning, not a refusal
@@ -136,7 +146,7 @@ def fleet_token(cls: str, uses: int, expires_days: float, out: Path | None, db: 
     store = open_db(db)
     store.add_token(token_hash(token), cls, uses, time.time() + expires_days * 86400)
     if out is None:
-        click.echo(token)
+        click.echo(token)  # --stdout, asked for
         return
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)  # a file that was there keeps its mode through O_CREAT

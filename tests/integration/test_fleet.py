@@ -96,6 +96,20 @@ def test_the_database_and_tokens_are_readable_by_their_owner_only(tmp_path: Path
         os.umask(old)
 
 
+def test_tokens_and_database_passwords_stay_off_stdout_and_the_command_line(tmp_path: Path) -> None:
+    """Finding (issue 33, 13): `kiln fleet token` printed the token on stdout unless told otherwise (where CI logs
+    keep it), and `--db postgresql://user:password@...` put a password on the command line. The token goes to
+    --out FILE unless --stdout asks; a password in --db is refused, naming where it goes instead."""
+    db = f"sqlite:///{tmp_path / 'fleet.db'}"
+    r = kiln("fleet", "token", "tiny", "--db", db)
+    assert r.returncode == 2 and "give --out FILE" in r.stderr and r.stdout == "", r.stderr
+    shown = kiln("fleet", "token", "tiny", "--stdout", "--db", db, check=True)
+    assert len(shown.stdout.strip()) >= 40
+    r = kiln("fleet", "status", "--db", "postgresql://kiln:hunter2-secret@127.0.0.1:1/fleet")
+    assert r.returncode == 2 and "carries a password" in r.stderr and "KILN_FLEET_DB" in r.stderr, r.stderr
+    assert "hunter2-secret" not in r.stdout + r.stderr
+
+
 def test_reports_arrive_exactly_once_in_order(service: FleetService, backend: str, tmp_path: Path) -> None:
     dev = SimDevice.create(tmp_path / "d", service, token(backend, tmp_path / "tok"), batch=100)
     for n in range(250):

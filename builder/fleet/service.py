@@ -179,8 +179,8 @@ class Halter:
 
     def promote(self) -> list[str]:
         """Open the next wave of every rollout that asks for it (autoPromote), is not halted, has soaked, and
-        whose open waves stayed at or under the failure rate with enough devices tried (haltMinDevices, or
-        every device of the open waves when there are fewer). The rollouts promoted."""
+        whose open waves stayed at or under the failure rate with enough devices succeeded (haltMinDevices, or
+        every device of the open waves when there are fewer, and at least one). The rollouts promoted."""
         from builder import rollout
 
         done = []
@@ -190,10 +190,9 @@ class Halter:
                         int(state["wave"]) >= len(state["stages"]) or rollout.soak_left(state) > 0:
                     continue
                 table = views.wave_table(self.store, cls, self.store.devices(cls), state)
-                in_open = sum(w["devices"] for w in table["waves"] if w["open"])
-                if table["tried"] < min(int(state.get("haltMinDevices") or 1), in_open) or \
+                if table["succeeded"] < table["successesNeeded"] or \
                         table["failureRate"] > float(state.get("maxFailureRate", 1.0)):
-                    continue
+                    continue  # no evidence yet (`kiln fleet status` says so), or over the failure rate
                 try:  # checked again under the repository's lock: halted or replaced since, it is refused
                     rollout.advance(self.repo, cls, channel, version=str(state["version"]))
                 except UsageError as exc:

@@ -54,8 +54,13 @@ def wave_table(store: Store, cls: str, devices: list[dict[str, Any]], state: dic
             w["succeeded"] += 1
     tried = sum(w["tried"] for w in waves if w["open"])
     failed = sum(w["failed"] for w in waves if w["open"])
+    succeeded = sum(w["succeeded"] for w in waves if w["open"])
+    in_open = sum(w["devices"] for w in waves if w["open"])
+    # Evidence before promotion: haltMinDevices successes in the open waves (all of their devices where they hold
+    # fewer), and never none: a wave no device has succeeded in is not promoted, however empty it is.
+    needed = max(1, min(int(state.get("haltMinDevices") or 1), in_open))
     return {**state, "maxFailureRate": float(state.get("maxFailureRate", 1)), "waves": waves, "tried": tried,
-            "failed": failed,
+            "failed": failed, "succeeded": succeeded, "successesNeeded": needed,
             "failureRate": round(failed / tried, 4) if tried else 0.0,
             "topReasons": [{"reason": r, "devices": n} for r, n in reasons.most_common(3)]}
 
@@ -116,6 +121,10 @@ def _render_text(status: dict[str, Any]) -> str:
                              f"devices, {w['tried']} tried, {w['succeeded']} succeeded, {w['failed']} failed")
             for reason in r["topReasons"]:
                 lines.append(f"    {reason['devices']} x {reason['reason']}")
+            if r.get("autoPromote") and not r.get("halted") and r["wave"] < len(r["waves"]) and \
+                    r["succeeded"] < r["successesNeeded"]:
+                lines.append(f"    auto-promotion waits for evidence: {r['succeeded']} of the "
+                             f"{r['successesNeeded']} successes it needs in the open waves")
         for h in c["halts"]:
             lines.append(f"  halted by the service at {h['time']}: {h['version']} on {h['channel']}: {h['reason']}")
         if c["stale"]:

@@ -549,6 +549,22 @@ def test_auto_promote_opens_the_next_wave_after_a_clean_soak(world: World, halti
     assert state["wave"] == 2 and len(state["opened"]) == 2 and not state["halted"], state
 
 
+def test_a_wave_without_evidence_is_never_promoted(world: World, halting, tmp_path: Path) -> None:
+    """Finding (issue 33, 3): a first wave that holds no device at all passed `tried >= min(haltMinDevices,
+    devices in the open waves)` as 0 >= 0, and the service promoted the release to the next wave on no evidence.
+    It waits for successes, and `kiln fleet status` says what for."""
+    import time
+
+    _, db = halting
+    world.release("9.0.0", "ghost")  # a release signed with the rollout key's delegation in place
+    stages = [{"percent": 10, "soakHours": 0}, {"percent": 100, "soakHours": 0}]
+    rollout.start(world.repo, "ghost", "auto", "1.0.0", rollout.policy(stages, 0.2, 3, auto_promote=True))
+    time.sleep(3)  # three of the service's ticks
+    assert world.repo.rollout("ghost", "auto")["wave"] == 1
+    out = kiln("fleet", "status", "ghost", "--db", db, "--lookaside", str(world.lookaside), check=True).stdout
+    assert "auto-promotion waits for evidence: 0 of the 1 successes it needs in the open waves" in out, out
+
+
 def test_outside_the_window_the_update_is_only_downloaded(world: World, tmp_path: Path) -> None:
     import time
 

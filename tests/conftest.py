@@ -93,13 +93,16 @@ def _gpg_agents() -> dict[int, str]:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def stop_gpg_agents() -> Iterator[None]:
-    """gpg starts an agent per key directory and leaves it running: stop the ones the tests started."""
+def stop_gpg_agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """gpg starts an agent per key directory and leaves it running: stop the ones this session started, for
+    key directories of its own (its temporary directories, this checkout). Another test session running beside
+    this one (another checkout, CI) keeps its agents: stopping them failed its key generation mid-way."""
     before = set(_gpg_agents())
+    ours = (tmp_path_factory.getbasetemp().resolve(), ROOT)
     yield
     gpgconf = shutil.which("gpgconf")
     for pid, home in _gpg_agents().items():
-        if pid in before:
+        if pid in before or not any(Path(home).resolve().is_relative_to(d) for d in ours):
             continue
         if gpgconf and Path(home).is_dir():
             subprocess.run([gpgconf, "--kill", "gpg-agent"], env={**os.environ, "GNUPGHOME": home},

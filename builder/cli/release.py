@@ -27,22 +27,33 @@ def keys_group() -> None:
 
 @keys_group.command("init")
 @click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
-def keys_init(directory: Path) -> None:
+@click.option("--no-passphrase", is_flag=True,
+              help="Make the keys without a passphrase (a throwaway or test key); without it, a passphrase is "
+                   "required.")
+def keys_init(directory: Path, no_passphrase: bool) -> None:
     """Create a signing key in DIRECTORY (never inside the project); print its fingerprint.
 
     DIRECTORY/gnupg is the private GNUPGHOME; DIRECTORY/release-key.asc is the public key
     that images bake as /usr/lib/kiln/release-key.asc. The key (and its TUF keys) get the
     passphrase in $KILN_KEY_PASSPHRASE_FILE (a file) or $KILN_KEY_PASSPHRASE; signing later
-    reads it from there, or gpg-agent.
+    reads it from there, or gpg-agent. Without one, it refuses unless --no-passphrase says so.
     """
-    from builder.secrets import PASSPHRASE_ENV, PASSPHRASE_FILE_ENV
+    from builder.errors import UsageError
+    from builder.secrets import PASSPHRASE_ENV, PASSPHRASE_FILE_ENV, key_passphrase
     from builder.signing import describe_key, make_signing_key
 
+    phrase = key_passphrase()
+    if phrase is None and not no_passphrase:
+        raise UsageError("no passphrase for the new keys: the release key and the TUF root would be readable by "
+                         "whoever copies the directory",
+                         hint=f"set ${PASSPHRASE_FILE_ENV} (a file) or ${PASSPHRASE_ENV}, or give --no-passphrase "
+                              "for a key that needs none")
+    if phrase is not None and no_passphrase:
+        raise UsageError(f"--no-passphrase, but ${PASSPHRASE_FILE_ENV} or ${PASSPHRASE_ENV} gives one")
     key = make_signing_key(directory)
     click.echo(describe_key(key))
     if not json.loads((key.directory / "key.json").read_text()).get("passphrase"):
-        err_console.print(f"warning: the key has no passphrase (set ${PASSPHRASE_FILE_ENV} or ${PASSPHRASE_ENV} "
-                          "before kiln keys init to give it one)", markup=False)
+        err_console.print("warning: the keys have no passphrase (--no-passphrase)", markup=False)
     click.echo(f"next: kiln release CLASS --version V --channel stable --registry HOST:PORT --key {key.directory}")
 
 

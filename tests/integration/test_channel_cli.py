@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 def test_channel_lifecycle_from_the_command_line(tmp_path: Path) -> None:
     require_tool("gpg")
     keys, new, la = tmp_path / "keys", tmp_path / "new", tmp_path / "lookaside"
-    assert kiln("keys", "init", str(keys), state=tmp_path / "state").returncode == 0
+    assert kiln("keys", "init", str(keys), "--no-passphrase", state=tmp_path / "state").returncode == 0
     assert sorted(p.name for p in (keys / "tuf").iterdir()) == ["online.pem", "rollout.pem", "root.json", "root.pem",
                                                                 "targets.pem"]
     assert all((keys / "tuf" / p).stat().st_mode & 0o077 == 0 for p in ("root.pem", "targets.pem", "online.pem"))
@@ -30,7 +30,7 @@ def test_channel_lifecycle_from_the_command_line(tmp_path: Path) -> None:
     assert r.returncode == 2 and "was never released on stable" in r.stderr
     assert kiln("channel", "refresh", "--key", str(keys), "--lookaside", str(la),
                 state=tmp_path / "state").returncode == 0
-    assert kiln("keys", "init", str(new), state=tmp_path / "state").returncode == 0
+    assert kiln("keys", "init", str(new), "--no-passphrase", state=tmp_path / "state").returncode == 0
     r = kiln("channel", "rotate", "targets", "--new-key", str(new), "--key", str(keys), "--lookaside", str(la),
              state=tmp_path / "state")
     assert r.returncode == 0, r.stderr

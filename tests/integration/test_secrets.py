@@ -86,8 +86,12 @@ def test_a_release_key_with_a_passphrase(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(UsageError, match="is the passphrase right"):
         load_signer(pem)
     monkeypatch.delenv(secrets.PASSPHRASE_ENV)
+    # Finding (issue 33, 17): without a passphrase `kiln keys init` only warned, and made the keys anyway.
     r = CliRunner().invoke(main, ["keys", "init", str(tmp_path / "plain")])
-    assert r.exit_code == 0 and "has no passphrase" in r.output
+    assert r.exit_code == UsageError.exit_code and "no passphrase for the new keys" in r.output, r.output
+    assert not (tmp_path / "plain").exists()
+    r = CliRunner().invoke(main, ["keys", "init", str(tmp_path / "plain"), "--no-passphrase"])
+    assert r.exit_code == 0 and "have no passphrase" in r.output, r.output
 
 
 def test_a_key_directory_others_can_read_is_refused(tmp_path: Path) -> None:

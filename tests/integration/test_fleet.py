@@ -533,6 +533,8 @@ def test_auto_promote_opens_the_next_wave_after_a_clean_soak(world: World, halti
     world.release("7.0.0", "auto")
     stages = stages_for([place(s.identity.id) for s in sims], inside=True)
     rollout.start(repo, "tiny", "auto", "7.0.0", rollout.policy(stages, 0.2, 3, auto_promote=True))
+    sims[2].emit("boot", version="1.0.0", slot="a")  # enrolled: wave 1 holds at least these three devices
+    assert sims[2].report() == 0
     for sim in sims[:2]:
         sim.emit("update.started", version="7.0.0")
         sim.emit("update.success", version="7.0.0")

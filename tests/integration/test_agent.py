@@ -51,9 +51,14 @@ class World:
         return publish(self.registry, "kiln/tiny", self.layout, version, key=key or self.key,
                        lookaside=self.lookaside, cls="tiny", tags=(version, *tags), state=self.state)
 
-    def device(self, name: str = "dev") -> FakeDevice:
-        return FakeDevice.create(self.tmp / name, registry=self.registry, lookaside=self.lookaside_url,
-                                 key=self.key)
+    def device(self, name: str = "dev", channel: str | None = None) -> FakeDevice:
+        """A fake device running 1.0.0; with CHANNEL, following that channel (its image's agent.json)."""
+        dev = FakeDevice.create(self.tmp / name, registry=self.registry, lookaside=self.lookaside_url, key=self.key)
+        if channel is not None:
+            config = json.loads((dev.root / "usr/lib/kiln/agent.json").read_text())
+            config["channel"] = channel
+            (dev.root / "usr/lib/kiln/agent.json").write_text(json.dumps(config))
+        return dev
 
 
 @pytest.fixture(scope="module")
@@ -108,10 +113,7 @@ def test_update_refuses_before_writing_anything(world: World, what: str, expecte
         bad = push_unsigned(world.registry, "kiln/tiny", world.layout, "5.3.0", channel, world.state)
         src = world.lookaside / f"kiln/tiny@sha256={good.split(':')[1]}"
         shutil.copytree(src, world.lookaside / f"kiln/tiny@sha256={bad.split(':')[1]}", dirs_exist_ok=True)
-    dev = world.device(f"refuse-{what}")
-    config = json.loads((dev.root / "usr/lib/kiln/agent.json").read_text())
-    config["channel"] = channel
-    (dev.root / "usr/lib/kiln/agent.json").write_text(json.dumps(config))
+    dev = world.device(f"refuse-{what}", channel=channel)
     if what == "blocklisted":
         dev.state_file.parent.mkdir(parents=True)
         dev.state_file.write_text(json.dumps({"schema": 1, "pending": None, "slots": {}, "lastResult": None,
@@ -166,10 +168,7 @@ def test_update_writes_only_the_inactive_slot_then_boot_blesses_it(world: World)
 
 def test_rollback_is_recorded_and_blocklisted(world: World) -> None:
     world.release("3.0.0", ("ch-rollback",))
-    dev = world.device("rollback")
-    config = json.loads((dev.root / "usr/lib/kiln/agent.json").read_text())
-    config["channel"] = "ch-rollback"
-    (dev.root / "usr/lib/kiln/agent.json").write_text(json.dumps(config))
+    dev = world.device("rollback", channel="ch-rollback")
     assert dev.agent("update", "--no-reboot").returncode == 0
     # Tries used up: systemd-boot fell back to slot a (the old entry).
     (dev.entries / "kiln-3.0.0-b+3.conf").rename(dev.entries / "kiln-3.0.0-b+0-3.conf")
@@ -191,10 +190,7 @@ def test_no_update_writes_the_fallback_slot_while_the_running_one_is_on_trial(wo
     one the trial falls back to, and removed its entry: a failed trial then had nothing to go back to. It waits
     (exit 14) until the trial is blessed, and then updates that slot."""
     world.release("7.0.0", ("ch-trial",))
-    dev = world.device("trial")
-    config = json.loads((dev.root / "usr/lib/kiln/agent.json").read_text())
-    config["channel"] = "ch-trial"
-    (dev.root / "usr/lib/kiln/agent.json").write_text(json.dumps(config))
+    dev = world.device("trial", channel="ch-trial")
     assert dev.agent("update", "--no-reboot").returncode == 0
     (dev.entries / "kiln-7.0.0-b+3.conf").rename(dev.entries / "kiln-7.0.0-b+2-1.conf")
     dev.boot("b", "kiln-7.0.0-b+2-1.conf", version="7.0.0")
@@ -217,10 +213,7 @@ def test_no_update_writes_the_fallback_slot_while_the_running_one_is_on_trial(wo
 @pytest.mark.parametrize("phase", ["fetched", "invalidated", "built", "written", "verified", "kernel"])
 def test_interrupted_update_resumes(world: World, phase: str) -> None:
     world.release("4.0.0", ("ch-resume",))
-    dev = world.device(f"resume-{phase}")
-    config = json.loads((dev.root / "usr/lib/kiln/agent.json").read_text())
-    config["channel"] = "ch-resume"
-    (dev.root / "usr/lib/kiln/agent.json").write_text(json.dumps(config))
+    dev = world.device(f"resume-{phase}", channel="ch-resume")
     active = sha(dev.slot("a"))
     cut = dev.agent("update", "--no-reboot", env={"KILN_AGENT_FAULT": f"after:{phase}"})
     assert cut.returncode == 137, cut.stderr
@@ -244,10 +237,7 @@ def test_interrupted_update_resumes(world: World, phase: str) -> None:
 
 def test_only_missing_blobs_are_fetched(world: World) -> None:
     world.release("6.0.0", ("ch-delta",))
-    dev = world.device("delta")
-    config = json.loads((dev.root / "usr/lib/kiln/agent.json").read_text())
-    config["channel"] = "ch-delta"
-    (dev.root / "usr/lib/kiln/agent.json").write_text(json.dumps(config))
+    dev = world.device("delta", channel="ch-delta")
     assert dev.agent("update", "--no-reboot").returncode == 0
     dev.boot("b", "kiln-6.0.0-b.conf", version="6.0.0")
     (dev.entries / "kiln-6.0.0-b+3.conf").rename(dev.entries / "kiln-6.0.0-b.conf")
@@ -276,10 +266,7 @@ def test_power_cut_mid_slot_write(world: World) -> None:
     """Stopped half way through writing slot B and killed: slot A and the entries are untouched,
     the torn slot is never trusted, and the next run writes it again and completes."""
     world.release("7.0.0", ("ch-torn",))
-    dev = world.device("torn")
-    config = json.loads((dev.root / "usr/lib/kiln/agent.json").read_text())
-    config["channel"] = "ch-torn"
-    (dev.root / "usr/lib/kiln/agent.json").write_text(json.dumps(config))
+    dev = world.device("torn", channel="ch-torn")
     active, entries = sha(dev.slot("a")), sorted(p.name for p in dev.entries.iterdir())
     empty_b = sha(dev.slot("b"))
     leftover = dev.root / "var/lib/kiln/oci/oci-put-blob123456"  # skopeo's temp file from a download cut short
@@ -318,10 +305,7 @@ def test_full_data_partition_fails_cleanly_and_retry_works(world: World) -> None
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
     world.release("8.0.0", ("ch-full",))
-    dev = world.device("full")
-    config = json.loads((dev.root / "usr/lib/kiln/agent.json").read_text())
-    config["channel"] = "ch-full"
-    (dev.root / "usr/lib/kiln/agent.json").write_text(json.dumps(config))
+    dev = world.device("full", channel="ch-full")
     data = dev.root / "var/lib/kiln"
     data.mkdir(parents=True, exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "kiln-test-data", str(data)], check=True)

@@ -20,14 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import describe_machine, failed, make_parser, write_figures
-from builder import disk, paths, vm
-from builder.context import make_context
-from builder.engine import PodmanEngine
-from builder.errors import KilnError
-from builder.progress import Steps
-from builder.run import find_tool
-from builder.state import make_state_dir
-from builder.timeline import boot_timeline
+from builder.core import paths
+from builder.core.context import make_context
+from builder.core.engine import PodmanEngine
+from builder.core.errors import KilnError
+from builder.core.progress import Steps
+from builder.core.run import find_tool
+from builder.core.state import make_state_dir
+from builder.disk import assemble, vm
+from builder.disk.timeline import boot_timeline
 
 
 def image_size(ref: str) -> int | None:
@@ -76,12 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     try:
-        ref, version = (args.image, args.version) if args.image else disk.resolve_source(args.cls, args.version)
+        ref, version = (args.image, args.version) if args.image else assemble.resolve_source(args.cls, args.version)
         with tempfile.TemporaryDirectory(prefix="kiln-bench-boot-", dir=paths.build_dir()) as tmp:
             out = Path(tmp) / "disk.raw"
             start = time.perf_counter()
             ctx = make_context(steps=Steps(quiet=True))
-            record = disk.make_disk(ctx, ref, output=out, version=version)
+            record = assemble.make_disk(ctx, ref, output=out, version=version)
             disk_s = time.perf_counter() - start
             key = paths.ssh_key_path(record.class_name)
             arch = vm.finalize_disk_architecture(out)

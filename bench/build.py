@@ -41,17 +41,17 @@ from bench.common import (
     write_figures,
 )
 from bench.projects import make_retrained_project, project_dir
-from builder.build import build_class
-from builder.capability import why_not_buildable
-from builder.context import Context, make_context
-from builder.engine import PodmanEngine
-from builder.errors import KilnError
-from builder.loader import load_class
-from builder.publish import push_build
-from builder.registry import RegistryInfo, running_registry
-from builder.run import run
-from builder.signing import make_signing_key
-from builder.state import StateDir, make_state_dir
+from builder.base.capability import why_not_buildable
+from builder.core.context import Context, make_context
+from builder.core.engine import PodmanEngine
+from builder.core.errors import KilnError
+from builder.core.run import run
+from builder.core.state import StateDir, make_state_dir
+from builder.image.build import build_class
+from builder.keys.release_key import make_signing_key
+from builder.release.publish import push_build
+from builder.release.registry import RegistryInfo, running_registry
+from builder.spec.loader import load_class
 
 
 def pull(info: RegistryInfo, ref: str, layout: Path, tag: str) -> tuple[int, float]:

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from builder.errors import KilnError
-from builder.registry import RegistryInfo
-from builder.run import run
+from builder.core.errors import KilnError
+from builder.core.run import run
+from builder.release.registry import RegistryInfo
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: its images/, models/ and state dir
 

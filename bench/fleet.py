@@ -42,10 +42,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import describe_machine, make_parser, print_rows, write_figures
-from builder import rollout
 from builder.fleet.store import open_store
-from builder.registry import serving_lookaside
-from builder.trust import Release, Repository, TrustKeys, make_trust_keys, trust_root
+from builder.keys.tuf_keys import TrustKeys, make_trust_keys, trust_root
+from builder.release import rollout
+from builder.release.registry import serving_lookaside
+from builder.release.trust import Release, Repository
 from kiln_device.agent import report as agent_report
 from kiln_device.agent import trust as agent_trust
 from kiln_device.agent.config import Config, Fleet

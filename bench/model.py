@@ -20,16 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import ROOT, describe_machine, make_parser, write_figures
-from builder.errors import GateFailed, KilnError
-from builder.model import (
-    CANDIDATES,
-    Gates,
-    OptimizationPolicy,
-    Report,
-    format_table,
-    optimize_model,
-    read_report,
-)
+from builder.core.errors import GateFailed, KilnError
+from builder.model.pipeline import optimize_model
+from builder.model.policy import CANDIDATES, Gates, OptimizationPolicy
+from builder.model.report import Report, format_table, read_report
 
 SPEC_MODELS = {"text-detector": "intel-lowpower-detector"}
 
@@ -38,9 +32,9 @@ def bench_spec_model(name: str, runs: int, out: Path) -> tuple[Report, float]:
     """A spec's model with its own policy and gates (the host's CPU runtime)."""
     from dataclasses import replace
 
-    from builder.loader import load_class
-    from builder.model_fetch import ensure_source
-    from builder.models import finalize_policy
+    from builder.model.fetch import ensure_source
+    from builder.model.for_class import finalize_policy
+    from builder.spec.loader import load_class
 
     hc = load_class(SPEC_MODELS[name], ROOT / "images")
     m = next(m for m in hc.spec.models if m.name == name)

@@ -25,7 +25,7 @@ Figures:
 - a reboot with no update, measured the same way: the floor of an update's time, and what
   any boot writes, which the figures also show each update's writes beyond;
 - what an update of any one installed Debian source package would download from v1's rechunked
-  OS layers (builder.rechunk): median, 90th percentile and largest, from the pushed sizes.
+  OS layers (builder.image.rechunk): median, 90th percentile and largest, from the pushed sizes.
 """
 
 from __future__ import annotations
@@ -56,16 +56,16 @@ from bench.projects import (
     make_widened_project,
     project_dir,
 )
-from builder import disk, vm
-from builder.build import build_class
-from builder.context import Context, make_context
-from builder.engine import PodmanEngine
-from builder.errors import KilnError, VMError
-from builder.loader import load_class
-from builder.publish import push_signed
-from builder.registry import RegistryInfo, running_registry
-from builder.signing import SigningKey, resolve_signing_key
-from builder.state import StateDir, make_state_dir
+from builder.core.context import Context, make_context
+from builder.core.engine import PodmanEngine
+from builder.core.errors import KilnError, VMError
+from builder.core.state import StateDir, make_state_dir
+from builder.disk import assemble, vm
+from builder.image.build import build_class
+from builder.keys.release_key import SigningKey, resolve_signing_key
+from builder.release.publish import push_signed
+from builder.release.registry import RegistryInfo, running_registry
+from builder.spec.loader import load_class
 
 CLS = "qemu-x86_64"  # the default class (--class)
 V1, MODEL, LARGE, PACKAGE, BAD = "2.0.0", "2.0.1", "2.0.2", "2.1.0", "2.1.1"
@@ -105,14 +105,14 @@ def changed_groups(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def changed_os_layers(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """The rechunked OS layers (builder.rechunk) of NEW that OLD lacks, by name."""
+    """The rechunked OS layers (builder.image.rechunk) of NEW that OLD lacks, by name."""
     have = {layer["diffId"] for layer in old["layers"]}
     return [layer["name"] for layer in new.get("osStage", {}).get("layers", []) if layer["diffId"] not in have]
 
 
 def one_package_updates(record: dict[str, Any], mf: dict[str, Any]) -> dict[str, Any]:
     """What an update of any one installed Debian source package would download from this image: the
-    compressed layer that holds it (builder.rechunk), `rest` (dpkg's status moves with every update),
+    compressed layer that holds it (builder.image.rechunk), `rest` (dpkg's status moves with every update),
     the config and the manifest. From the pushed manifest's sizes, not a transfer: a release of every
     package cannot be built here (one is measured: the OS package update)."""
     table = record.get("osStage", {}).get("layers", [])
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                 figures["one_package_updates"] = one_package_updates(records[V1], m1)
                 print("making v1's disk ...", flush=True)
                 image = tmp / "disk.raw"
-                disk.make_disk(context(state), records[V1]["image"]["ref"], output=image, version=V1)
+                assemble.make_disk(context(state), records[V1]["image"]["ref"], output=image, version=V1)
                 port = info.address.rsplit(":", 1)[1]
                 assert info.lookaside is not None
                 config = json.dumps({"registry": f"{vm.HOST_FROM_GUEST}:{port}", "insecure": True,

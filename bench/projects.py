@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from bench.common import ROOT
-from builder import paths
-from builder.loader import load_class
-from builder.state import StateDir
+from builder.core import paths
+from builder.core.state import StateDir
+from builder.spec.loader import load_class
 
 QEMU_CLASS = "qemu-x86_64"
 
@@ -44,7 +44,7 @@ def copy_project(dest: Path, *, models_from: Path | None = None, cls: str = QEMU
     for name in ("images", "models", "overlays"):
         shutil.copytree(ROOT / name, dest / name, symlinks=True)
     # models fetched from a wheel (spec `fetch`): the files and the wheels, hard-linked, so a copy
-    # never downloads them again (builder.model_fetch)
+    # never downloads them again (builder.model.fetch)
     for fetched in (".kiln/models", ".kiln/cache/model-wheels"):
         if (ROOT / fetched).is_dir():
             shutil.copytree(ROOT / fetched, dest / fetched, copy_function=_link_or_copy)
@@ -70,7 +70,7 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def in_project(project: Path, where: Callable[[], Path]) -> Path:
-    """A builder.paths location (`where`) as it is in PROJECT (KILN_PROJECT_DIR for the call)."""
+    """A builder.core.paths location (`where`) as it is in PROJECT (KILN_PROJECT_DIR for the call)."""
     with project_dir(project):
         return where()
 
@@ -142,7 +142,7 @@ def make_broken_golden_project(dest: Path, *, cls: str = QEMU_CLASS, state: Stat
     `state`: the store the gate may build in (an arm64 class's gate runs in an image there)."""
     import numpy as np
 
-    from builder.models import make_optimized_models
+    from builder.model.for_class import make_optimized_models
 
     make_retrained_project(dest, note="broken golden set", cls=cls)
     with project_dir(dest):  # optimize, then replace the golden outputs with wrong ones

@@ -17,7 +17,7 @@ def target_path(cls: str, channel: str, version: str) -> str:
 
 
 def rollout_path(cls: str, channel: str) -> str:
-    """The channel's rollout state, a target of the delegated `rollout` role (builder.rollout)."""
+    """The channel's rollout state, a target of the delegated `rollout` role (builder.release.rollout)."""
     return f"{cls}/{channel}/rollout"
 
 
@@ -70,7 +70,7 @@ class RolloutClosed:
 
 @dataclass(frozen=True)
 class Rollout:
-    """The channel's rollout state (builder.rollout writes it; kiln_device.fleet.rollout_gate reads it)."""
+    """The channel's rollout state (builder.release.rollout writes it; kiln_device.fleet.rollout_gate reads it)."""
 
     version: str = key("version", "The release being rolled out.", nonempty=True)
     stages: tuple[RolloutStage, ...] = key("stages", "The waves, in order.", default=(RolloutStage(percent=100),))

@@ -22,7 +22,7 @@ CHUNK = 4 * 1024 * 1024
 TOOL_PATH = ":/usr/sbin:/sbin"  # appended to $PATH: mkfs.erofs lives in sbin
 
 
-# Where device code run on a build host logs instead of stderr (the builder's run log, builder.output).
+# Where device code run on a build host logs instead of stderr (the builder's run log, builder.core.output).
 LOG_SINK: Callable[[str], None] | None = None
 
 

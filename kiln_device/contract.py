@@ -88,7 +88,7 @@ CDI_SPEC = _path("/run/cdi/nvidia.json", "The CDI spec of this boot's NVIDIA dev
 CDI_STATUS = _path("/run/kiln/cdi.json", "Why there is no CDI spec, when there is none.")
 ESP_MOUNT = _path("/efi", "The EFI system partition: boot entries and each slot's kernel.")
 SLOTS = ("a", "b")
-# The disk's GPT partition labels (builder.disk writes them; the agent and the initramfs find slots by them).
+# The disk's GPT partition labels (builder.disk.assemble writes them; the agent and the initramfs find slots by them).
 ESP_LABEL, DATA_LABEL = "esp", "data"
 
 
@@ -126,7 +126,7 @@ def model_path(name: str, version: str) -> str:
 EROFS_COMPRESSORS: dict[str, str | None] = {"none": None, "lz4": "lz4", "lz4hc": "lz4hc,12", "zstd": "zstd"}
 
 # --- release.json: everything the device needs to know about its image -------------------
-# Written by the builder (builder.render.finalize_release) through Release; read by the agent, the
+# Written by the builder (builder.image.render.finalize_release) through Release; read by the agent, the
 # inference service, the health checks and the lints through parse_release. docs/device-contract.md
 # is generated from these records (builder.contract_doc).
 
@@ -247,7 +247,7 @@ def release_json(release: Release) -> dict[str, Any]:
 
 
 # What the agent accepts from an image it has not installed yet (labels, release.json): the
-# builder's own rules (builder/safe.py), with a length cap. Anything else is refused, never parsed.
+# builder's own rules (builder/core/safe.py), with a length cap. Anything else is refused, never parsed.
 MAX_LABEL_LENGTH = 128
 VERSION_RE = kv.VERSION_RE  # one grammar (kiln_device.version): MAJOR.MINOR.PATCH[-word.N...]
 COMPATIBLE_RE = re.compile(r"[a-z0-9][a-z0-9-]*,[a-z0-9][a-z0-9_.,/-]*")

@@ -4,11 +4,11 @@
     boot = kernels[-1]                    # the newest (kernel version order): what a slot boots
     why = why_not_bootable(boot.vmlinuz)  # None, or why systemd-boot cannot start it
 
-The build (`kiln disk`, builder.image), the image lints (kiln_device.lint) and the agent writing a
+The build (`kiln disk`, builder.disk.unpacked), the image lints (kiln_device.lint) and the agent writing a
 slot (kiln_device.agent.slot) all use this module, on x86_64 and arm64 alike. A Kiln image keeps
 its kernel bootc's way, in /usr/lib/modules/$kver/vmlinuz beside initramfs.img, with /boot empty.
 The kernel must be an EFI image (PE, `MZ`): systemd-boot starts nothing else. Debian's arm64
-vmlinuz is gzip (systemd #23788), so the build stores it uncompressed (builder.base, the apt
+vmlinuz is gzip (systemd #23788), so the build stores it uncompressed (builder.base.bootstrap, the apt
 template); a gzip kernel that reaches a slot is refused here, never written to the ESP.
 """
 

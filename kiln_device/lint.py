@@ -284,7 +284,7 @@ def check_ca_bundle(root: Path, release: Release | None) -> Iterator[str]:
 # The lowest driver branch that runs each CUDA major's runtime through CUDA minor-version
 # compatibility (NVIDIA's "CUDA Toolkit and Corresponding Driver Versions" table, CUDA release
 # notes, table 2/3: CUDA 11.x >= 450.80.02, CUDA 12.x >= 525.60.13, CUDA 13.x >= 580.65.06).
-# builder.contracts refuses a spec that breaks it; the cuda-driver-branch lint proves it on the image.
+# builder.spec.rules refuses a spec that breaks it; the cuda-driver-branch lint proves it on the image.
 CUDA_MIN_DRIVER = {11: 450, 12: 525, 13: 580}
 LIB_DIRS = ("usr/lib/x86_64-linux-gnu", "usr/lib/aarch64-linux-gnu", "usr/lib64", "usr/lib")
 VENV_SITE = "usr/lib/kiln/venv/lib"

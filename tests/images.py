@@ -13,16 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from bench.projects import QEMU_CLASS
-from builder.build import build_class
-from builder.context import Context, make_context
-from builder.engine import PodmanEngine
-from builder.loader import load_class
-from builder.state import StateDir, make_state_dir
+from builder.core.context import Context, make_context
+from builder.core.engine import PodmanEngine
+from builder.core.state import StateDir, make_state_dir
+from builder.image.build import build_class
+from builder.spec.loader import load_class
 from tests.conftest import ROOT, require_tool
 
 QEMU_VERSION = "1.0.0"
 ARM64_CLASS = "arm64-vision"
-JETSON_STAND_IN = "jetson-vision-standard-stand-in"  # jetson-vision-standard without L4T (builder.stand_in)
+JETSON_STAND_IN = "jetson-vision-standard-stand-in"  # jetson-vision-standard without L4T (builder.spec.stand_in)
 TEST_STATE = Path(os.environ.get("KILN_TEST_STATE_DIR") or ROOT / ".kiln" / "test-state")
 
 # The kernel modules qemu-x86_64 leaves out of its base: the container tier's base is that class's.
@@ -49,8 +49,8 @@ def qemu_image(state: StateDir | None = None, version: str = QEMU_VERSION) -> di
 def arm64_image(state: StateDir | None = None, version: str = QEMU_VERSION, cls: str = ARM64_CLASS) -> dict[str, Any]:
     """The build record of arm64-vision (or another arm64 CLS) VERSION, through qemu-user on an x86_64
     host, once per session."""
-    from builder.emulation import why_not_emulated
-    from builder.spec import Architecture
+    from builder.base.emulation import why_not_emulated
+    from builder.spec.schema import Architecture
 
     why = why_not_emulated(Architecture.aarch64)
     if why is not None:

@@ -31,12 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from builder.publish import promote
-from builder.registry import running_registry, serving_lookaside
-from builder.render import make_device_package
-from builder.run import run
-from builder.signing import Access, SigningKey, make_signature, make_signing_key, make_verifier, render_policy
-from builder.state import StateDir, make_state_dir
+from builder.core.run import run
+from builder.core.state import StateDir, make_state_dir
+from builder.image.render import make_device_package
+from builder.keys.device_files import render_policy
+from builder.keys.release_key import SigningKey, make_signing_key
+from builder.release.publish import promote
+from builder.release.registry import running_registry, serving_lookaside
+from builder.release.signing import Access, make_signature, make_verifier
 from kiln_device import contract
 from tests.conftest import ROOT, require_tool
 

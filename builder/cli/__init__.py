@@ -20,12 +20,13 @@ from typing import Any
 import click
 from rich.markup import escape
 
-from builder import __version__, output
+from builder import __version__
 from builder.cli import channel, device, fleet, images, model, registry, release, specs
 from builder.cli.common import err_console
-from builder.errors import KilnError
-from builder.redact import redact
-from builder.state import finalize_state_root
+from builder.core import output
+from builder.core.errors import KilnError
+from builder.core.redact import redact
+from builder.core.state import finalize_state_root
 
 
 class KilnGroup(click.Group):

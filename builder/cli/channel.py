@@ -18,7 +18,7 @@ LOOKASIDE_OPTION = click.option("--lookaside", type=click.Path(path_type=Path, f
 
 
 def lookaside_dir(lookaside: Path | None) -> Path:
-    from builder.signing import finalize_lookaside_dir
+    from builder.release.signing import finalize_lookaside_dir
 
     return (lookaside or finalize_lookaside_dir(cli_context().state)).absolute()
 
@@ -39,8 +39,9 @@ def channel_group() -> None:
 @LOOKASIDE_OPTION
 def channel_init(key_dir: Path, lookaside: Path | None) -> None:
     """Create the repository from KEY's root (made by kiln keys init; added to an older key directory)."""
-    from builder.secrets import key_passphrase
-    from builder.trust import make_trust_keys, open_repository, trust_root
+    from builder.core.secrets import key_passphrase
+    from builder.keys.tuf_keys import make_trust_keys, trust_root
+    from builder.release.trust import open_repository
 
     make_trust_keys(key_dir, key_passphrase())
     repo = open_repository(lookaside_dir(lookaside), key_dir)
@@ -54,7 +55,7 @@ def channel_init(key_dir: Path, lookaside: Path | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 def channel_status(cls: str | None, lookaside: Path | None, as_json: bool) -> None:
     """Releases per class and channel (withdrawn ones marked) and each role's version and expiry."""
-    from builder.trust import open_repository
+    from builder.release.trust import open_repository
 
     repo = open_repository(lookaside_dir(lookaside), None)
     status = repo.status(cls)
@@ -81,8 +82,8 @@ def channel_withdraw(cls: str, version: str, channel: str | None, reason: str, k
                      lookaside: Path | None) -> None:
     """Withdraw CLASS VERSION: no device installs it, devices running it move to the next good release."""
     from builder.cli.common import load
-    from builder.release import finalize_channel
-    from builder.trust import open_repository
+    from builder.release.flow import finalize_channel
+    from builder.release.trust import open_repository
 
     channel = finalize_channel(load(cls), channel)
     repo = open_repository(lookaside_dir(lookaside), key_dir)
@@ -96,7 +97,7 @@ def channel_withdraw(cls: str, version: str, channel: str | None, reason: str, k
 @click.option("--targets", is_flag=True, help="Re-sign targets too (needs the targets key).")
 def channel_refresh(key_dir: Path, lookaside: Path | None, targets: bool) -> None:
     """New snapshot and timestamp with fresh expiry (the online key): run it before the timestamp expires."""
-    from builder.trust import open_repository
+    from builder.release.trust import open_repository
 
     repo = open_repository(lookaside_dir(lookaside), key_dir)
     repo.refresh(targets=targets)
@@ -113,7 +114,8 @@ def channel_refresh(key_dir: Path, lookaside: Path | None, targets: bool) -> Non
 def channel_rotate(role: str, new_dir: Path, key_dir: Path, lookaside: Path | None) -> None:
     """Replace ROLE's key: root N+1, signed by the current root key (and the new one for root). Devices
     follow without a reflash. KEY's tuf/ then holds the new key and root (what new images bake)."""
-    from builder.trust import KEY_FILES, ROOT_FILE, TUF_DIR, TrustKeys, open_repository
+    from builder.keys.tuf_keys import KEY_FILES, ROOT_FILE, TUF_DIR, TrustKeys
+    from builder.release.trust import open_repository
 
     repo = open_repository(lookaside_dir(lookaside), key_dir, with_root=True)
     version = repo.rotate(role, TrustKeys.load(new_dir, with_root=role == "root"))

@@ -11,10 +11,11 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 
-from builder import loader, paths
-from builder.context import Context, make_context
-from builder.errors import UsageError
-from builder.progress import Steps
+from builder.core import paths
+from builder.core.context import Context, make_context
+from builder.core.errors import UsageError
+from builder.core.progress import Steps
+from builder.spec import loader
 
 T = TypeVar("T")
 
@@ -31,7 +32,7 @@ TLS_VERIFY_OPTION = click.option("--tls-verify/--no-tls-verify", default=None,
 
 
 def registry_auth_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """--authfile, --username and --password-stdin (builder.secrets): never a password on the command line."""
+    """--authfile, --username and --password-stdin (builder.core.secrets): never a password on the command line."""
     f = click.option("--password-stdin", is_flag=True,
                      help="Read the registry password (for --username) from the first line of stdin.")(f)
     f = click.option("--username", metavar="USER", help="Registry user; the password comes from stdin.")(f)
@@ -45,7 +46,7 @@ def registry_auth_options(f: Callable[..., Any]) -> Callable[..., Any]:
 def registry_auth(ctx: Context, registry: str, authfile: Path | None, username: str | None,
                   password_stdin: bool) -> Iterator[Path | None]:
     """The auth file podman and skopeo get for REGISTRY (made from credentials, removed afterwards)."""
-    from builder.secrets import auth_file, registry_credentials
+    from builder.core.secrets import auth_file, registry_credentials
 
     creds = registry_credentials(authfile=authfile, username=username, password_stdin=password_stdin)
     with auth_file(registry, creds, ctx.state.tmp_dir) as path:
@@ -71,7 +72,7 @@ def cli_context(engine: str = "auto") -> Context:
 
 
 def checked(option: str, check: Callable[[str], T], value: str) -> T:
-    """CHECK(VALUE) (a builder.safe check or parser); a usage error naming the option when it refuses."""
+    """CHECK(VALUE) (a builder.core.safe check or parser); a usage error naming the option when it refuses."""
     try:
         return check(value)
     except ValueError as exc:

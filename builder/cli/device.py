@@ -9,8 +9,9 @@ from pathlib import Path
 
 import click
 
-from builder import paths, vm
 from builder.cli.common import checked, cli_context, console, err_console
+from builder.core import paths
+from builder.disk import vm
 
 
 @click.command("disk")
@@ -36,9 +37,9 @@ def disk_cmd(source: str, output: Path | None, fmt: str, size: str | None, versi
     A device's own settings (its registry and channel, site drop-ins) go in with --etc:
     the image stays the same for every device of the class.
     """
-    from builder.disk import make_disk, resolve_source
-    from builder.provision import check_unique, parse_etc
-    from builder.safe import byte_size, format_size
+    from builder.core.safe import byte_size, format_size
+    from builder.disk.assemble import make_disk, resolve_source
+    from builder.disk.provision import check_unique, parse_etc
 
     size_bytes = checked("--size", byte_size, size) if size is not None else None
     etc_files = [parse_etc(spec) for spec in etc]

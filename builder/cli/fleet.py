@@ -35,7 +35,7 @@ TLS_OPTION = click.option("--tls-dir", type=click.Path(path_type=Path, file_okay
 def open_db(db: str | None):  # type: ignore[no-untyped-def]
     from urllib.parse import urlsplit
 
-    from builder.errors import UsageError
+    from builder.core.errors import UsageError
     from builder.fleet.store import open_store
 
     if db and "://" in db and urlsplit(db).password is not None:
@@ -100,9 +100,10 @@ def fleet_migrate(db: str | None) -> None:
 def fleet_serve(listen: str, tls_dir: Path | None, db: str | None, key_dir: Path | None,
                 lookaside: Path | None, tick: float) -> None:
     """Serve enrollment, reports and the fleet's state over TLS until stopped."""
-    from builder.errors import UsageError
+    from builder.core.errors import UsageError
     from builder.fleet.service import serve
-    from builder.trust import Repository, TrustKeys
+    from builder.keys.tuf_keys import TrustKeys
+    from builder.release.trust import Repository
 
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
@@ -129,10 +130,11 @@ def fleet_serve(listen: str, tls_dir: Path | None, db: str | None, key_dir: Path
 def fleet_token(cls: str, uses: int, expires_days: float, out: Path | None, to_stdout: bool, db: str | None) -> None:
     """Make an enrollment token for CLASS devices (its hash is stored; the token itself is given once, to --out
     FILE or, with --stdout, printed)."""
-    from builder import loader, safe
     from builder.cli.common import checked
-    from builder.errors import KilnError
+    from builder.core import safe
+    from builder.core.errors import KilnError
     from builder.fleet.service import token_hash
+    from builder.spec import loader
 
     checked("CLASS", safe.name, cls)
     if (out is None) == (not to_stdout):
@@ -163,7 +165,7 @@ def fleet_token(cls: str, uses: int, expires_days: float, out: Path | None, to_s
 def fleet_status(cls: str | None, db: str | None, lookaside: Path | None, as_json: bool) -> None:
     """Per class: versions in the field, rollout waves, failures with top reasons, stale and degraded devices."""
     from builder.fleet import views
-    from builder.trust import open_repository
+    from builder.release.trust import open_repository
 
     store = open_db(db)
     repo = open_repository(lookaside_dir(lookaside), None)
@@ -175,7 +177,8 @@ def fleet_status(cls: str | None, db: str | None, lookaside: Path | None, as_jso
 
 
 def _repo(key_dir: Path | None, lookaside: Path | None):  # type: ignore[no-untyped-def]
-    from builder.trust import Repository, TrustKeys
+    from builder.keys.tuf_keys import TrustKeys
+    from builder.release.trust import Repository
 
     keys = TrustKeys.load(key_dir, only=("rollout", "online")) if key_dir else TrustKeys({})
     return Repository(lookaside_dir(lookaside) / "tuf", keys)
@@ -186,7 +189,7 @@ def _channel(cls: str, channel: str | None) -> str:
     if channel and channel.strip():
         return channel
     from builder.cli.common import load
-    from builder.release import finalize_channel
+    from builder.release.flow import finalize_channel
 
     return finalize_channel(load(cls), channel)
 
@@ -213,8 +216,8 @@ def rollout_group() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def rollout_status(cls: str, channel: str | None, lookaside: Path | None, db: str | None, as_json: bool) -> None:
     """The rollout of CLASS: version, open waves, soak left, halt."""
-    from builder import rollout
     from builder.fleet import views
+    from builder.release import rollout
 
     channel = _channel(cls, channel)
     state = rollout.require(_repo(None, lookaside).rollout(cls, channel), cls, channel)
@@ -238,7 +241,7 @@ def rollout_status(cls: str, channel: str | None, lookaside: Path | None, db: st
 @click.option("--force", is_flag=True, help="Open the next wave before the current one has soaked.")
 def rollout_advance(cls: str, channel: str | None, key_dir: Path, lookaside: Path | None, force: bool) -> None:
     """Open the next wave of CLASS's rollout (once the current wave has soaked)."""
-    from builder import rollout
+    from builder.release import rollout
 
     channel = _channel(cls, channel)
     state = rollout.advance(_repo(key_dir, lookaside), cls, channel, force=force)
@@ -253,7 +256,7 @@ def rollout_advance(cls: str, channel: str | None, key_dir: Path, lookaside: Pat
 @click.option("--reason", required=True, help="Why: devices and the fleet view show it.")
 def rollout_halt(cls: str, channel: str | None, key_dir: Path, lookaside: Path | None, reason: str) -> None:
     """Halt CLASS's rollout: devices not yet updated wait; no later wave starts."""
-    from builder import rollout
+    from builder.release import rollout
 
     channel = _channel(cls, channel)
     state = rollout.halt(_repo(key_dir, lookaside), cls, channel, reason, by=os.environ.get("USER") or "kiln")
@@ -267,7 +270,7 @@ def rollout_halt(cls: str, channel: str | None, key_dir: Path, lookaside: Path |
 @LOOKASIDE_OPTION
 def rollout_resume(cls: str, channel: str | None, key_dir: Path, lookaside: Path | None) -> None:
     """Resume CLASS's halted rollout at the wave where it stopped."""
-    from builder import rollout
+    from builder.release import rollout
 
     channel = _channel(cls, channel)
     state = rollout.resume(_repo(key_dir, lookaside), cls, channel)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import click
 
-from builder import loader, paths, render
 from builder.cli.common import (
     ENGINE_OPTION,
     TLS_VERIFY_OPTION,
@@ -18,6 +17,9 @@ from builder.cli.common import (
     registry_auth_options,
     source_of,
 )
+from builder.core import paths
+from builder.image import render
+from builder.spec import loader
 
 
 @click.command("base")
@@ -32,8 +34,8 @@ from builder.cli.common import (
 def base_cmd(release: str, arch: str, mirror: str | None, snapshot: str | None, force: bool,
              cls: str | None, engine: str) -> None:
     """Bootstrap the offline Debian base (mmdebstrap) into Kiln's container store; cached."""
-    from builder.base import finalize_base_mirror, make_base, make_base_for_class
-    from builder.safe import snapshot as check_snapshot
+    from builder.base.bootstrap import finalize_base_mirror, make_base, make_base_for_class
+    from builder.core.safe import snapshot as check_snapshot
 
     if cls:
         hc = load(cls)
@@ -71,10 +73,10 @@ def build_cmd(cls: str, version: str, revision: str | None, engine: str, push_to
     Optimizes and gates the models first (a refused model stops the build, exit 5),
     bootstraps the offline base when it is missing, lints the image as its last step.
     """
-    from builder.build import build_class
-    from builder.publish import push_signed
-    from builder.records import describe
-    from builder.signing import read_signing_key
+    from builder.core.records import describe
+    from builder.image.build import build_class
+    from builder.keys.release_key import read_signing_key
+    from builder.release.publish import push_signed
 
     hc = load(cls)
     ctx = cli_context(engine)
@@ -106,13 +108,13 @@ def push_cmd(cls: str, registry: str, version: str, engine: str, tls_verify: boo
 
     With --sign-by, the image goes to a staging tag first and :VERSION moves only
     after its signature is stored (see `kiln release`)."""
-    from builder.publish import push_build, push_signed
-    from builder.signing import read_signing_key
+    from builder.keys.release_key import read_signing_key
+    from builder.release.publish import push_build, push_signed
 
     ctx = cli_context(engine)
     with registry_auth(ctx, registry, authfile, username, password_stdin) as auth:
         if sign_by is not None:
-            from builder.signing import check_key_for_class
+            from builder.keys.release_key import check_key_for_class
 
             key = read_signing_key(sign_by)
             check_key_for_class(load(cls), key)
@@ -136,9 +138,9 @@ def push_cmd(cls: str, registry: str, version: str, engine: str, tls_verify: boo
                    "the emulation allowance of an arm64 class on an x86_64 host).")
 def demo(cls: str, version: str, accel: str, timeout: float | None) -> None:
     """The main job: validate, build CLASS (model gated), make its A/B disk, boot it, show it healthy."""
-    from builder import disk, vm
-    from builder.build import build_class
-    from builder.records import describe
+    from builder.core.records import describe
+    from builder.disk import assemble, vm
+    from builder.image.build import build_class
 
     ctx = cli_context()
     steps = ctx.steps
@@ -149,7 +151,7 @@ def demo(cls: str, version: str, accel: str, timeout: float | None) -> None:
     hc = load(cls)
     record = build_class(ctx, hc, source=source_of(cls), version=version)
     click.echo(describe(record))
-    made = disk.make_disk(ctx, record["image"]["ref"], version=version)
+    made = assemble.make_disk(ctx, record["image"]["ref"], version=version)
     click.echo(f"disk: {made.output}")
     key = paths.ssh_key_path(hc.name)
     config = vm.VMConfig(disk=Path(made.output), accel=vm.Accel(accel), snapshot=True,

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from builder import paths
 from builder.cli.common import console, err_console, load
-from builder.errors import UsageError
+from builder.core import paths
+from builder.core.errors import UsageError
 
 
 @click.group()
@@ -42,27 +42,29 @@ def model_optimize(cls: str | None, model_path: Path | None, calibration: Path |
 
     Exit code 5 when no candidate passes the gates (report.json says why).
     """
-    from builder import model as mdl
-    from builder import models
+    from builder.model import for_class
+    from builder.model.pipeline import optimize_model
+    from builder.model.policy import Gates, OptimizationPolicy
+    from builder.model.report import render_table
 
     say = err_console.print
     if cls and model_path:
         raise UsageError("give CLASS or --model, not both")
     if cls:
-        reports = models.make_optimized_models(load(cls), progress=lambda m: say(m, markup=False))
+        reports = for_class.make_optimized_models(load(cls), progress=lambda m: say(m, markup=False))
     else:
         if not (model_path and calibration and validation):
             raise UsageError("ad-hoc use needs --model, --calibration and --validation (or give a CLASS)")
-        policy = mdl.OptimizationPolicy(precision=precision, task=task,
-                                        candidates=tuple(c for c in candidates.split(",") if c))
-        gates = mdl.Gates(max_accuracy_drop=max_accuracy_drop)
+        policy = OptimizationPolicy(precision=precision, task=task,
+                                    candidates=tuple(c for c in candidates.split(",") if c))
+        gates = Gates(max_accuracy_drop=max_accuracy_drop)
         out = output or paths.adhoc_model_dir(model_path.stem)
-        reports = [mdl.optimize_model(model_path, calibration, validation, policy, gates, out,
-                                      lambda m: say(m, markup=False))]
+        reports = [optimize_model(model_path, calibration, validation, policy, gates, out,
+                                  lambda m: say(m, markup=False))]
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in reports], indent=2))
         return
     for report in reports:
-        console.print(mdl.render_table(report))
+        console.print(render_table(report))
         for reason in report.reasons:
             console.print(f"  {reason}", markup=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from builder.cli.common import cli_context
-from builder.errors import UsageError
+from builder.core.errors import UsageError
 
 
 @click.group("registry")
@@ -32,9 +32,9 @@ def _registry_root() -> Path:
               help="Also serve the signature directory (.kiln/signatures) over HTTP here; 0: do not.")
 def registry_start(port: int, tls: bool, user: str | None, password_stdin: bool, lookaside_port: int) -> None:
     """Start the registry (and the signature server devices read) in the background."""
-    from builder.registry import start_registry
-    from builder.secrets import REGISTRY_PASSWORD_ENV, register
-    from builder.signing import finalize_lookaside_dir
+    from builder.core.secrets import REGISTRY_PASSWORD_ENV, register
+    from builder.release.registry import start_registry
+    from builder.release.signing import finalize_lookaside_dir
 
     htpasswd = None
     if user is not None:
@@ -62,7 +62,7 @@ def registry_start(port: int, tls: bool, user: str | None, password_stdin: bool,
 @registry_group.command("status")
 def registry_status() -> None:
     """Say whether the registry runs and where."""
-    from builder.registry import RegistryPaths, read_info
+    from builder.release.registry import RegistryPaths, read_info
 
     info = read_info(RegistryPaths(_registry_root()))
     if info is None:
@@ -74,7 +74,7 @@ def registry_status() -> None:
 @registry_group.command("stop")
 def registry_stop() -> None:
     """Stop the registry (its data stays in .kiln/registry/data)."""
-    from builder.registry import stop_registry
+    from builder.release.registry import stop_registry
 
     info = stop_registry(_registry_root())
     click.echo(f"stopped the registry at {info.address}" if info else "no Kiln registry was running")

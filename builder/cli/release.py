@@ -7,7 +7,6 @@ from pathlib import Path
 
 import click
 
-from builder import paths
 from builder.cli.common import (
     ENGINE_OPTION,
     TLS_VERIFY_OPTION,
@@ -18,6 +17,7 @@ from builder.cli.common import (
     registry_auth_options,
     source_of,
 )
+from builder.core import paths
 
 
 @click.group("keys")
@@ -38,9 +38,9 @@ def keys_init(directory: Path, no_passphrase: bool) -> None:
     passphrase in $KILN_KEY_PASSPHRASE_FILE (a file) or $KILN_KEY_PASSPHRASE; signing later
     reads it from there, or gpg-agent. Without one, it refuses unless --no-passphrase says so.
     """
-    from builder.errors import UsageError
-    from builder.secrets import PASSPHRASE_ENV, PASSPHRASE_FILE_ENV, key_passphrase
-    from builder.signing import describe_key, make_signing_key
+    from builder.core.errors import UsageError
+    from builder.core.secrets import PASSPHRASE_ENV, PASSPHRASE_FILE_ENV, key_passphrase
+    from builder.keys.release_key import describe_key, make_signing_key
 
     phrase = key_passphrase()
     if phrase is None and not no_passphrase:
@@ -61,7 +61,7 @@ def keys_init(directory: Path, no_passphrase: bool) -> None:
 @click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
 def keys_show(directory: Path) -> None:
     """Print the fingerprint and paths of the key in DIRECTORY."""
-    from builder.signing import describe_key, read_signing_key
+    from builder.keys.release_key import describe_key, read_signing_key
 
     click.echo(describe_key(read_signing_key(directory)))
 
@@ -72,7 +72,7 @@ def keys_export(directory: Path) -> None:
     """Print the key directory as one base64 line (a gzipped tar), for a CI secret (KILN_RELEASE_KEY).
 
     Its private keys stay protected by the key's passphrase, if it has one (give that as a secret of its own)."""
-    from builder.signing import export_key
+    from builder.keys.release_key import export_key
 
     click.echo(export_key(directory))
 
@@ -81,7 +81,7 @@ def keys_export(directory: Path) -> None:
 @click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
 def keys_import(directory: Path) -> None:
     """Unpack $KILN_RELEASE_KEY (from `kiln keys export`) into DIRECTORY (new, mode 0700): CI's release key."""
-    from builder.signing import describe_key, import_key
+    from builder.keys.release_key import describe_key, import_key
 
     click.echo(describe_key(import_key(directory)))
 
@@ -94,7 +94,8 @@ def keys_import(directory: Path) -> None:
               help="Write the files under this root (usr/lib/kiln/...) instead of printing policy.json.")
 def policy_cmd(cls: str, key_dir: Path, output: Path | None) -> None:
     """Render what a CLASS image needs to verify releases: policy.json and the public key."""
-    from builder.signing import finalize_device_files, read_signing_key, render_policy
+    from builder.keys.device_files import finalize_device_files, render_policy
+    from builder.keys.release_key import read_signing_key
 
     hc = load(cls)
     key = read_signing_key(key_dir)
@@ -137,9 +138,9 @@ def release_cmd(cls: str, version: str, channel: str | None, registry: str, key_
     SBOM and provenance go beside the image (`kiln verify` checks them), and the
     release report is written to build/CLASS/VERSION/release.html (`kiln report`).
     """
-    from builder.release import make_release
-    from builder.release_report import write_report
-    from builder.signing import resolve_signing_key
+    from builder.keys.release_key import resolve_signing_key
+    from builder.release.flow import make_release
+    from builder.release.report import write_report
 
     hc = load(cls)
     key = resolve_signing_key(hc, key_dir)  # fail before a long build
@@ -173,8 +174,8 @@ def release_cmd(cls: str, version: str, channel: str | None, registry: str, key_
               help="The HTML file (default build/CLASS/VERSION/release.html, for one class).")
 def report_cmd(classes: tuple[str, ...], version: str, previous: str | None, output: Path | None) -> None:
     """Write the release report: one self-contained HTML file for VERSION of each CLASS, from the build records."""
-    from builder.errors import UsageError
-    from builder.release_report import write_report
+    from builder.core.errors import UsageError
+    from builder.release.report import write_report
 
     if output is None:
         if len(classes) != 1:
@@ -203,10 +204,10 @@ def verify_cmd(image: str, key_dir: Path | None, public_key: Path | None, lookas
                cert_dir: Path | None, as_json: bool) -> None:
     """Check IMAGE (REGISTRY/kiln/CLASS:TAG or @sha256:DIGEST): its signature, and its SBOM and provenance
     (their signatures, that they name this digest, their contents). Exit 11 when any check fails."""
-    from builder.attest import verify_image
-    from builder.errors import UsageError, VerifyFailed
-    from builder.publish import finalize_tls_verify
-    from builder.signing import Access, finalize_lookaside_dir
+    from builder.core.errors import UsageError, VerifyFailed
+    from builder.release.attest import verify_image
+    from builder.release.publish import finalize_tls_verify
+    from builder.release.signing import Access, finalize_lookaside_dir
 
     if (key_dir is None) == (public_key is None):
         raise UsageError("give the release key: --key DIR or --public-key FILE (one of them)")

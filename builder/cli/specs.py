@@ -11,9 +11,11 @@ import click
 import yaml
 from rich.table import Table
 
-from builder import loader, names, paths, render
 from builder.cli.common import checked, cli_context, console, err_console, load, source_of
-from builder.errors import SpecError
+from builder.core import paths
+from builder.core.errors import SpecError
+from builder.image import render
+from builder.spec import loader, names
 
 
 @click.command("list")
@@ -21,8 +23,8 @@ from builder.errors import SpecError
 @click.option("--no-probe", is_flag=True, help="Do not probe mirrors and vendor repositories.")
 def list_classes(as_json: bool, no_probe: bool) -> None:
     """List hardware classes and whether this machine can build them."""
-    from builder.capability import finalize_notes, why_not_buildable
-    from builder.contents import finalize_contents, finalize_summary
+    from builder.base.capability import finalize_notes, why_not_buildable
+    from builder.spec.contents import finalize_contents, finalize_summary
 
     rows: list[dict[str, Any]] = []
     for name in loader.known_classes():
@@ -68,7 +70,7 @@ def list_classes(as_json: bool, no_probe: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def show(cls: str, as_json: bool) -> None:
     """Show the resolved spec of CLASS (defaults merged) and what it derives."""
-    from builder.contents import finalize_contents
+    from builder.spec.contents import finalize_contents
 
     hc = load(cls)
     plan = render.finalize_plan(hc, source=source_of(cls))
@@ -117,8 +119,8 @@ def validate(specs: tuple[str, ...]) -> None:
               "then cannot be built offline).")
 def render_cmd(cls: str, output: Path | None, version: str, revision: str, no_wheels: bool) -> None:
     """Render CLASS into a build context: Containerfile, overlays, model, release.json."""
-    from builder.models import finalize_model_artifacts
-    from builder.safe import version as check_version
+    from builder.core.safe import version as check_version
+    from builder.model.for_class import finalize_model_artifacts
 
     checked("--version", check_version, version)
 
@@ -131,7 +133,7 @@ def render_cmd(cls: str, output: Path | None, version: str, revision: str, no_wh
                               f"run `kiln model optimize {hc.name}`", markup=False, soft_wrap=True)
     plan = render.finalize_plan(hc, source=source_of(cls), version=version, revision=revision,
                                 models=artifacts)
-    from builder.pins import check_driver_pins, make_checked_wheelhouse, spec_lines
+    from builder.base.pins import check_driver_pins, make_checked_wheelhouse, spec_lines
 
     if not no_wheels:  # what a build would refuse first: the driver's pin on the base's mirror
         check_driver_pins(hc, source_of(cls), spec_lines(source_of(cls)))
@@ -147,7 +149,7 @@ def render_cmd(cls: str, output: Path | None, version: str, revision: str, no_wh
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write to a file.")
 def schema(fmt: str, output: Path | None) -> None:
     """Print the JSON Schema of a hardware class (or the Markdown spec reference, or the device contract's)."""
-    from builder import docs
+    from builder.spec import docs
 
     text = {"json": docs.schema_json, "markdown": docs.spec_reference,
             "device-contract": docs.device_contract}[fmt]()
@@ -162,7 +164,7 @@ def schema(fmt: str, output: Path | None) -> None:
 @click.argument("rootfs", type=click.Path(path_type=Path, exists=True, file_okay=False))
 def lint_cmd(rootfs: Path) -> None:
     """Run the image lints over an unpacked ROOTFS directory."""
-    from builder.lint import lint_rootfs, load_lint_module
+    from builder.image.lint import lint_rootfs, load_lint_module
 
     findings = lint_rootfs(rootfs)
     for f in findings:

@@ -17,7 +17,7 @@ import ipaddress
 import os
 from pathlib import Path
 
-from builder.errors import UsageError
+from builder.core.errors import UsageError
 
 FILES = ("ca.pem", "ca.key", "server.pem", "server.key")
 

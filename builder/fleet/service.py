@@ -36,7 +36,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from builder.errors import UsageError
+from builder.core.errors import UsageError
 from builder.fleet import views
 from builder.fleet.store import Refused, Store
 from kiln_device.fleet import (
@@ -181,7 +181,7 @@ class Halter:
         """Open the next wave of every rollout that asks for it (autoPromote), is not halted, has soaked, and
         whose open waves stayed at or under the failure rate with enough devices succeeded (haltMinDevices, or
         every device of the open waves when there are fewer, and at least one). The rollouts promoted."""
-        from builder import rollout
+        from builder.release import rollout
 
         done = []
         with self.lock:
@@ -213,7 +213,7 @@ class Halter:
     def check(self, cls: str, versions: tuple[str, ...]) -> list[str]:
         if self.repo is None:
             return []
-        from builder import rollout
+        from builder.release import rollout
 
         halted = []
         with self.lock:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from builder.errors import UsageError
+from builder.core.errors import UsageError
 
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (1, "devices, enrollment tokens, events", [

@@ -11,8 +11,8 @@ import html
 from collections import Counter
 from typing import Any
 
+from builder.core.output import inert
 from builder.fleet.store import Store
-from builder.output import inert
 from kiln_device.fleet import wave_of
 
 STALE_AFTER = 3 * 3600  # seconds without a report before a device is listed as not seen
@@ -68,7 +68,7 @@ def wave_table(store: Store, cls: str, devices: list[dict[str, Any]], state: dic
 def fleet_status(store: Store, repo: Any, cls: str | None = None, *, now: float | None = None) -> dict[str, Any]:
     import time
 
-    from builder.rollout import parse_time
+    from builder.release.rollout import parse_time
 
     at = now if now is not None else time.time()
     devices = store.devices(cls)

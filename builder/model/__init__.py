@@ -1,36 +1,15 @@
-"""Model optimization with validation gates on real inputs.
+"""Stage 4, the model: optimization with validation gates on real inputs, and the glue to a class.
 
-    from builder.model import Gates, OptimizationPolicy, optimize_model, render_table
+    from builder.model.policy import Gates, OptimizationPolicy
+    from builder.model.pipeline import optimize_model
+    from builder.model.report import render_table
     report = optimize_model(model, calibration, validation, OptimizationPolicy(), Gates(), outdir)
 
-Raises builder.errors.ModelError (unusable model or data) and GateFailed (no
-candidate passes; report.json is written first). Needs onnx and onnxruntime,
-never torch.
+    for_class.py      a class's models through the gate, with its own runtime (runtime_image, runtime_venv)
+    fetch.py          models that come from a wheel on the package index, pinned by sha256
+    artifact.py       a model as the image bakes it
+
+Raises builder.core.errors.ModelError (unusable model or data) and GateFailed (no candidate passes;
+report.json is written first). The optimizer needs onnx and onnxruntime, never torch; this package's
+__init__ imports neither, so `kiln render` does not pay for them.
 """
-
-from builder.model.gates import Decision, GateResult, Metrics, decide, evaluate
-from builder.model.pipeline import optimize_model
-from builder.model.policy import (
-    CALIBRATION_METHODS,
-    CANDIDATES,
-    GRAPH_LEVELS,
-    METRICS,
-    PRECISIONS,
-    Gates,
-    OptimizationPolicy,
-)
-from builder.model.report import (
-    CandidateResult,
-    Report,
-    format_table,
-    read_report,
-    render_table,
-    write_report,
-)
-
-__all__ = [
-    "CALIBRATION_METHODS", "CANDIDATES", "GRAPH_LEVELS", "METRICS", "PRECISIONS",
-    "CandidateResult", "Decision", "GateResult", "Gates", "Metrics", "OptimizationPolicy", "Report",
-    "decide", "evaluate", "format_table", "optimize_model", "read_report", "render_table",
-    "write_report",
-]

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from builder.errors import ModelError
+from builder.core.errors import ModelError
 
 Dim = int | None  # None: a dynamic (symbolic or unknown) dimension
 Feed = dict[str, np.ndarray]

@@ -30,7 +30,7 @@ import onnxruntime as ort
 from onnx import version_converter
 from onnxruntime import quantization as oq
 
-from builder.errors import ModelError
+from builder.core.errors import ModelError
 from builder.model.data import Dataset, Signature, batched, default_opset, head, load_onnx
 
 MIN_QDQ_OPSET = 13  # per-channel DequantizeLinear (axis) needs opset 13

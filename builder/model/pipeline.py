@@ -14,22 +14,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from builder.errors import GateFailed, ModelError
-from builder.files import sha256_file
+from builder.core.errors import GateFailed, ModelError
+from builder.core.files import sha256_file
 from builder.model import optimize as opt
 from builder.model import runtimes as rts
 from builder.model import tasks
 from builder.model import validate as val
-from builder.model.data import (
-    MANIFEST,
-    Dataset,
-    Signature,
-    check_fits,
-    head,
-    load_dataset,
-    load_onnx,
-    signature,
-)
+from builder.model.data import MANIFEST, Dataset, Signature, check_fits, head, load_dataset, load_onnx, signature
 from builder.model.gates import GateResult, Metrics, decide, evaluate, golden, speedup
 from builder.model.policy import CANDIDATE_PRECISION, Gates, OptimizationPolicy
 from builder.model.report import CandidateResult, Report, write_report
@@ -530,7 +521,7 @@ def ship(report: Report, inputs: Inputs, policy: OptimizationPolicy, outdir: Pat
         val.write_golden(outdir / "golden.npz", sig, x, outputs, labels, policy.golden_tolerance)
         return
     if len(sig.inputs) != 1:
-        return  # the device serves one-input models only: no golden set (builder.models says so at build)
+        return  # the device serves one-input models only: no golden set (builder.model.for_class says so at build)
     golden = head(data, count)
     check_golden_fits(golden, sig, data)
     golden_outputs = val.predict(sess, sig, golden)[sig.output_name]

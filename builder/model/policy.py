@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from builder.errors import UsageError
+from builder.core.errors import UsageError
 
 PRECISIONS = ("auto", "fp32", "fp16", "int8")
 GRAPH_LEVELS = ("none", "basic", "extended", "all")

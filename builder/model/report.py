@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.table import Table
 
-from builder.errors import ModelError
+from builder.core.errors import ModelError
 from builder.model.gates import GateResult
 
 SCHEMA_VERSION = 1

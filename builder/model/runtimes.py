@@ -2,9 +2,9 @@
 
 The host measures every candidate with its own CPU onnxruntime. When the class ships another
 runtime (onnxruntime-openvino, onnxruntime-gpu), the same candidates are measured again under
-that runtime, installed in a venv of its own (builder.runtime_venv), by runtime_worker.py run
+that runtime, installed in a venv of its own (builder.model.runtime_venv), by runtime_worker.py run
 with that venv's python; the gates then apply to those figures. Nothing here knows about specs:
-the glue (builder.models) says what the runtime is and where its python is.
+the glue (builder.model.for_class) says what the runtime is and where its python is.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from builder.errors import CommandFailed, ModelError
-from builder.run import run
+from builder.core.errors import CommandFailed, ModelError
+from builder.core.run import run
 
 WORKER = Path(__file__).with_name("runtime_worker.py")
 WARMUP_RUNS = 10
@@ -42,8 +42,8 @@ class Container:
     isa: str  # aarch64
     env: dict[str, str] = field(default_factory=dict)  # the engine's (its storage)
     emulated: bool = True
-    cpuinfo: Path | None = None  # mounted as /proc/cpuinfo (builder.runtime_image: qemu-user shows the host's)
-    cpu: str | None = None  # QEMU_CPU for qemu-user: the emulated device's CPU (builder.emulation.EMULATED_CPU)
+    cpuinfo: Path | None = None  # mounted as /proc/cpuinfo (builder.model.runtime_image: qemu-user shows the host's)
+    cpu: str | None = None  # QEMU_CPU for qemu-user: the emulated device's CPU (builder.base.emulation.EMULATED_CPU)
 
     def argv(self, read_only: Sequence[Path], writable: Path) -> list[str]:
         """`podman run` with each path mounted at the same place, so the request's paths hold inside."""

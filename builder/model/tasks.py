@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from builder.errors import ModelError
+from builder.core.errors import ModelError
 
 TASKS = ("classification", "detection", "text-recognition", "fidelity")
 SCORE = {"classification": "accuracy", "detection": "f1", "text-recognition": "char_accuracy"}

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from builder.errors import ModelError
+from builder.core.errors import ModelError
 from builder.model.data import Dataset, Signature, batched, single
 from builder.model.optimize import GRAPH_LEVEL
 

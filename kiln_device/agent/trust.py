@@ -38,7 +38,7 @@ from kiln_device.contract import (
 )
 from kiln_device.fleet import rollout_gate
 
-METADATA_PATH = "tuf/metadata/"  # under the lookaside URL (builder.trust)
+METADATA_PATH = "tuf/metadata/"  # under the lookaside URL (builder.release.trust)
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def read_channel(config: Config, release: Release) -> Channel:
             updater = Updater(str(meta_dir), url, bootstrap=config.trust_root.read_bytes())
         updater.refresh()
         fault_point("trust-refreshed")  # new metadata written by ngclient, not yet fsynced: a power cut here
-        # The rollout state (waves, halt) is signed by the delegated `rollout` role (builder.trust): looked up
+        # The rollout state (waves, halt) is signed by the delegated `rollout` role (builder.release.trust): looked up
         # through the delegation, verified like any target. None: this channel has no rollout yet.
         info = updater.get_targetinfo(rollout_path(release.cls, config.channel))
         rollout = parse_rollout(info.unrecognized_fields.get("custom"), f"the rollout target of {url}") \

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from builder.build import build_class
-from builder.disk import partition_offset
-from builder.loader import load_class
-from builder.run import run
-from builder.signing import make_signing_key
+from builder.core.run import run
+from builder.disk.assemble import partition_offset
+from builder.image.build import build_class
+from builder.keys.release_key import make_signing_key
+from builder.spec.loader import load_class
 from tests.conftest import ROOT, require_tool
 from tests.images import kiln_test_context
 

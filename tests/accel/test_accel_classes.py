@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from builder import disk, vm
-from builder.disk import open_rootfs
+from builder.disk import assemble, vm
+from builder.disk.assemble import open_rootfs
 from kiln_device import lint
 from tests.accel.conftest import BOOT_TIMEOUT, HEALTHY, UNHEALTHY, read_var
 from tests.conftest import require_tool
@@ -80,7 +80,7 @@ def boot(build: dict[str, Any], tmp: Path, *, memory_mib: int, files: tuple[str,
     for tool in ("qemu-system-x86_64", "mkfs.erofs", "mkfs.ext4", "mkfs.vfat", "mcopy", "sfdisk", "debugfs"):
         require_tool(tool)
     image = tmp / "disk.raw"
-    disk.make_disk(kiln_test_context(), build["image"]["ref"], output=image, version=build["version"])
+    assemble.make_disk(kiln_test_context(), build["image"]["ref"], output=image, version=build["version"])
     try:
         cfg = vm.VMConfig(disk=image, memory_mib=memory_mib, workdir=tmp / "vm")
         with vm.start_vm(cfg) as machine:

@@ -29,11 +29,12 @@ from typing import Any
 import pytest
 
 from bench.projects import copy_project, in_project, project_dir
-from builder import disk, paths, vm
-from builder.provision import parse_etc
-from builder.publish import push_signed
-from builder.registry import running_registry
-from builder.signing import read_signing_key
+from builder.core import paths
+from builder.disk import assemble, vm
+from builder.disk.provision import parse_etc
+from builder.keys.release_key import read_signing_key
+from builder.release.publish import push_signed
+from builder.release.registry import running_registry
 from tests.accel.conftest import BOOT_TIMEOUT, GPU, HEALTHY, build, read_var
 from tests.conftest import ROOT, require_tool
 from tests.images import kiln_test_context
@@ -119,7 +120,7 @@ def test_fail_policy_trial_is_rolled_back_on_a_device_without_gpu(
                parse_etc(f"systemd/system/kiln-agent.timer.d/50-soon.conf={settings / 'soon.conf'}"),
                parse_etc(f"systemd/system/kiln-agent.service.d/50-console.conf={settings / 'console.conf'}")]
         image = tmp / "disk.raw"
-        disk.make_disk(kiln_test_context(), gpu_build["image"]["ref"], output=image, version=gpu_build["version"],
+        assemble.make_disk(kiln_test_context(), gpu_build["image"]["ref"], output=image, version=gpu_build["version"],
                        etc=etc)
         try:
             cfg = vm.VMConfig(disk=image, memory_mib=6144, workdir=tmp / "vm", no_reboot=True)

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from builder.base import BaseImage, make_base
-from builder.context import make_context
-from builder.engine import DockerEngine, PodmanEngine, start_podman_service
-from builder.registry import RegistryInfo, running_registry
-from builder.state import StateDir, make_state_dir
+from builder.base.bootstrap import BaseImage, make_base
+from builder.core.context import make_context
+from builder.core.engine import DockerEngine, PodmanEngine, start_podman_service
+from builder.core.state import StateDir, make_state_dir
+from builder.release.registry import RegistryInfo, running_registry
 from tests.conftest import IN_CI, require_tool
 from tests.images import QEMU_BASE_MODULES, TEST_STATE
 

@@ -2,7 +2,7 @@
 reproducibly, with its kernel kept as an EFI image; and the model gate run on arm64 itself.
 
 The gate's worker runs in an arm64 image of the class's base and runtime wheels, under qemu-user with
-the CPU the device VM has (builder.emulation.EMULATED_CPU). Measured on the digits model: every
+the CPU the device VM has (builder.base.emulation.EMULATED_CPU). Measured on the digits model: every
 candidate's arm64 outputs agree with the x86_64 host's within the golden tolerance (int8-static
 bit for bit, int8-dynamic within 1e-5), so the decision is the same on both ISAs for this model. The
 same gate on QEMU's plain `max` CPU, which offers SME to programs, refuses int8-dynamic (accuracy
@@ -19,15 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from builder.base import BaseImage, make_base_for_class
-from builder.context import make_context
-from builder.emulation import EMULATED_CPU, why_not_emulated
-from builder.engine import PodmanEngine
-from builder.loader import load_class
-from builder.model import optimize_model
-from builder.models import finalize_class_runtime, finalize_policy
-from builder.spec import Architecture, HardwareClass
-from builder.state import StateDir
+from builder.base.bootstrap import BaseImage, make_base_for_class
+from builder.base.emulation import EMULATED_CPU, why_not_emulated
+from builder.core.context import make_context
+from builder.core.engine import PodmanEngine
+from builder.core.state import StateDir
+from builder.model.for_class import finalize_class_runtime, finalize_policy
+from builder.model.pipeline import optimize_model
+from builder.spec.loader import load_class
+from builder.spec.schema import Architecture, HardwareClass
 from tests.conftest import ROOT, require_tool
 from tests.images import ARM64_CLASS
 

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from builder import base as base_mod
-from builder import names
-from builder.base import (
+from builder.base import bootstrap as base_mod
+from builder.base.bootstrap import (
     BaseImage,
     finalize_mirrors,
     make_base,
@@ -25,13 +24,14 @@ from builder.base import (
     mmdebstrap_argv,
     read_stamp,
 )
-from builder.context import Context, make_context
-from builder.engine import PodmanEngine
-from builder.errors import BuildError, ToolMissing
-from builder.loader import load_class
-from builder.mirrors import BaseMirror
-from builder.run import run
-from builder.state import StateDir, make_state_dir
+from builder.base.mirrors import BaseMirror
+from builder.core.context import Context, make_context
+from builder.core.engine import PodmanEngine
+from builder.core.errors import BuildError, ToolMissing
+from builder.core.run import run
+from builder.core.state import StateDir, make_state_dir
+from builder.spec import names
+from builder.spec.loader import load_class
 from tests.conftest import ROOT, require_tool
 from tests.images import QEMU_BASE_MODULES
 

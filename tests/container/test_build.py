@@ -24,17 +24,20 @@ import pytest
 from click.testing import CliRunner
 
 from bench.projects import make_retrained_project, project_dir
-from builder import names, paths, publish, rechunk, render
-from builder.build import build_class, finalize_epoch
 from builder.cli import main
-from builder.context import make_context
-from builder.engine import DockerEngine, PodmanEngine
-from builder.errors import GateFailed, RegistryError, UsageError
-from builder.loader import load_class
-from builder.net import free_port
-from builder.publish import push_build
-from builder.run import run
-from builder.state import StateDir
+from builder.core import paths, versions
+from builder.core.context import make_context
+from builder.core.engine import DockerEngine, PodmanEngine
+from builder.core.errors import GateFailed, RegistryError, UsageError
+from builder.core.net import free_port
+from builder.core.run import run
+from builder.core.state import StateDir
+from builder.image import rechunk, render
+from builder.image.build import build_class, finalize_epoch
+from builder.release import publish
+from builder.release.publish import push_build
+from builder.spec import names
+from builder.spec.loader import load_class
 from tests.conftest import ROOT, require_tool, run_log
 from tests.images import QEMU_CLASS, QEMU_VERSION, kiln_test_context, qemu_image
 from tests.unit.test_rechunk import describe, layer_of, merged
@@ -96,7 +99,7 @@ def test_tags_and_destinations() -> None:
     assert names.finalize_destination("127.0.0.1:5000/", "c", "1.0.0") == "127.0.0.1:5000/kiln/c:1.0.0"
     for bad in ("1.2.3+build.4", "1", "v1.0"):  # no version outside the grammar becomes a tag
         with pytest.raises(UsageError, match="is not a Kiln version"):
-            names.finalize_tag(bad)
+            versions.finalize_tag(bad)
     assert publish.is_loopback("127.0.0.1:5000") and publish.is_loopback("localhost:5000/x")
     assert not publish.is_loopback("registry.example.com:5000")
 
@@ -200,7 +203,7 @@ def test_golden_health_check_passes_in_the_image(record: dict[str, Any], test_st
 
 @pytest.mark.container
 def test_image_lints_pass_on_the_exported_rootfs(rootfs: Path) -> None:
-    from builder.lint import lint_rootfs
+    from builder.image.lint import lint_rootfs
 
     assert lint_rootfs(rootfs) == []
 
@@ -225,7 +228,7 @@ def test_cold_build_gives_the_same_digest(record: dict[str, Any], test_state: St
 @pytest.mark.container
 def test_rechunked_os_is_the_stage_file_for_file_and_reproducible(record: dict[str, Any], test_state: StateDir,
                                                                    tmp_path: Path) -> None:
-    """The image's OS layers (builder.rechunk) hold exactly the OS stage's files, one package's files in
+    """The image's OS layers (builder.image.rechunk) hold exactly the OS stage's files, one package's files in
     one layer, and rechunking the stage again gives the same bytes."""
     stage = record["osStage"]
     assert stage["rechunked"] == rechunk.chunked_ref(QEMU_CLASS, stage["stage"])
@@ -434,8 +437,8 @@ def test_push_to_a_tls_registry_with_auth(record: dict[str, Any], test_state: St
     import secrets
     import threading
 
-    from builder.registry import running_registry
-    from builder.signing import make_signing_key
+    from builder.keys.release_key import make_signing_key
+    from builder.release.registry import running_registry
 
     require_tool("openssl")
     password, phrase = f"pw-{secrets.token_hex(8)}", f"phrase-{secrets.token_hex(8)}"
@@ -518,8 +521,9 @@ def release_verify_and_report(registry: str, certs: Path, env: dict[str, str], c
     """`kiln release` to a registry with a password: a signed image, SBOM and provenance; `kiln verify` accepts them
     and refuses each one tampered; the release report shows the record's and the registry's figures in Chromium.
     The processes it ran (their output is checked for secrets by the caller)."""
-    from builder import attest, secrets
-    from builder.signing import Access
+    from builder.core import secrets
+    from builder.release import attest
+    from builder.release.signing import Access
 
     chromium = shutil.which("chromium") or require_tool("chromium")
     kiln = str(Path(sys.executable).parent / "kiln")
@@ -549,7 +553,7 @@ def release_verify_and_report(registry: str, certs: Path, env: dict[str, str], c
     good = verify()
     assert good["ok"] and len(good["checks"]) == 8, good["checks"]
     assert verify(f"{registry}/kiln/{QEMU_CLASS}@{digest}")["ok"]  # by digest alone, as an auditor would
-    from builder.registry import serving_lookaside
+    from builder.release.registry import serving_lookaside
 
     with serving_lookaside(lookaside) as url:  # the signatures over HTTP, as devices read them; the public key only
         assert verify(where=url, key=["--public-key", str(dev_key / "release-key.asc")])["ok"]

@@ -16,17 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from builder.base import BaseImage, write_docker_archive
-from builder.engine import (
-    DockerEngine,
-    Engine,
-    PodmanEngine,
-    finalize_layers,
-    needs_version,
-    select_engine,
-)
-from builder.errors import BuildError, ToolMissing, UsageError
-from builder.state import StateDir, make_state_dir
+from builder.base.bootstrap import BaseImage, write_docker_archive
+from builder.core.engine import DockerEngine, Engine, PodmanEngine, finalize_layers, needs_version, select_engine
+from builder.core.errors import BuildError, ToolMissing, UsageError
+from builder.core.state import StateDir, make_state_dir
 from tests.container.conftest import require_docker_sdk
 
 EPOCH = 1735689600
@@ -166,7 +159,7 @@ def test_version_bump_changes_only_the_layers_after_the_arg(podman: PodmanEngine
 
 @pytest.mark.container
 def test_build_runs_with_kilns_ulimits(podman: PodmanEngine, built: str, test_state: StateDir) -> None:
-    from builder.run import run
+    from builder.core.run import run
 
     out = run(["podman", "run", "--rm", built, "cat", "/etc/kiln-nofile"], env=test_state.engine_env(), capture=True)
     assert out.stdout.decode().strip() == "20000"

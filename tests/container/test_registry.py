@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from builder.cli import main
-from builder.net import free_port
+from builder.core.net import free_port
 from tests.conftest import require_tool
 
 

@@ -17,14 +17,16 @@ from pathlib import Path
 
 import pytest
 
-from builder import paths, records, signing
-from builder.context import make_context
-from builder.engine import PodmanEngine
-from builder.errors import CommandFailed, RegistryError
-from builder.publish import push_signed
-from builder.registry import serving_lookaside
-from builder.run import run
-from builder.state import StateDir
+from builder.core import paths, records
+from builder.core.context import make_context
+from builder.core.engine import PodmanEngine
+from builder.core.errors import CommandFailed, RegistryError
+from builder.core.run import run
+from builder.core.state import StateDir
+from builder.keys import device_files, release_key
+from builder.release import signing
+from builder.release.publish import push_signed
+from builder.release.registry import serving_lookaside
 from tests import images
 from tests.conftest import require_tool
 
@@ -68,10 +70,10 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_image: tuple[P
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[signing.SigningKey, signing.SigningKey]:
+def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[release_key.SigningKey, release_key.SigningKey]:
     require_tool("gpg")
     tmp = tmp_path_factory.mktemp("keys")
-    return signing.make_signing_key(tmp / "release"), signing.make_signing_key(tmp / "other")
+    return release_key.make_signing_key(tmp / "release"), release_key.make_signing_key(tmp / "other")
 
 
 def pull(registry: str, ref: str, policy: Path, regd: Path, tmp: Path, state: StateDir) -> bool:
@@ -88,20 +90,20 @@ def pull(registry: str, ref: str, policy: Path, regd: Path, tmp: Path, state: St
     return True
 
 
-def device_trust(tmp: Path, key: signing.SigningKey, lookaside_url: str) -> tuple[Path, Path]:
-    files = signing.finalize_device_files(CLS, key)
+def device_trust(tmp: Path, key: release_key.SigningKey, lookaside_url: str) -> tuple[Path, Path]:
+    files = device_files.finalize_device_files(CLS, key)
     policy = json.loads(files["usr/lib/kiln/policy.json"])
     (tmp / "release-key.asc").write_bytes(files["usr/lib/kiln/release-key.asc"])
     policy["transports"]["docker"][""][0]["keyPath"] = str(tmp / "release-key.asc")
     (tmp / "policy.json").write_text(json.dumps(policy))
     regd = tmp / "registries.d"
     regd.mkdir(exist_ok=True)
-    (regd / "kiln.yaml").write_text(signing.render_registries_d(lookaside_url))
+    (regd / "kiln.yaml").write_text(device_files.render_registries_d(lookaside_url))
     return tmp / "policy.json", regd
 
 
 def test_signed_release_verifies_on_every_tag_and_nothing_else_does(
-    project: Path, tiny_image: tuple[PodmanEngine, str], keys: tuple[signing.SigningKey, signing.SigningKey],
+    project: Path, tiny_image: tuple[PodmanEngine, str], keys: tuple[release_key.SigningKey, release_key.SigningKey],
     registry: str, tmp_path: Path,
 ) -> None:
     engine, _ = tiny_image
@@ -144,10 +146,10 @@ def test_signed_release_verifies_on_every_tag_and_nothing_else_does(
 
 def test_failed_signing_leaves_no_tag_devices_take(
     project: Path, tiny_image: tuple[PodmanEngine, str], registry: str, tmp_path: Path,
-    keys: tuple[signing.SigningKey, signing.SigningKey],
+    keys: tuple[release_key.SigningKey, release_key.SigningKey],
 ) -> None:
     engine, _ = tiny_image
-    broken = signing.SigningKey(keys[0].directory, "0" * 40)  # no such secret key
+    broken = release_key.SigningKey(keys[0].directory, "0" * 40)  # no such secret key
     with pytest.raises(RegistryError, match="signing"):
         push_signed(make_context(engine, state=engine.state), CLS, "1.0.0", registry, key=broken,
                     lookaside_dir=tmp_path / "sigs", channel="never")
@@ -162,7 +164,7 @@ def test_failed_signing_leaves_no_tag_devices_take(
 
 def test_a_released_version_never_changes_digest(
     project: Path, tiny_image: tuple[PodmanEngine, str], registry: str, tmp_path: Path,
-    keys: tuple[signing.SigningKey, signing.SigningKey],
+    keys: tuple[release_key.SigningKey, release_key.SigningKey],
 ) -> None:
     """Another build under a released version is refused before any tag moves; the same build again is fine."""
     engine, image_id = tiny_image

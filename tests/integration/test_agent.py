@@ -2,7 +2,7 @@
 
 The device is a temp directory (tests/ota.py FakeDevice): ESP, /var/lib/kiln and two slot
 image FILES in place of the root partitions. Images are tiny Kiln-shaped OCI images,
-signed and promoted the way `kiln release` does it (builder.signing). The agent runs as a
+signed and promoted the way `kiln release` does it (builder.release.signing). The agent runs as a
 subprocess with real skopeo (policy.json with signedBy), umoci and mkfs.erofs.
 """
 
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from builder.signing import SigningKey, make_signing_key
-from builder.state import StateDir
+from builder.core.state import StateDir
+from builder.keys.release_key import SigningKey, make_signing_key
 from tests.ota import FakeDevice, make_oci_image, ota_services, publish, push_unsigned, release_files, release_labels
 
 pytestmark = pytest.mark.integration

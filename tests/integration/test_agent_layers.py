@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from builder.signing import SigningKey
-from builder.state import StateDir
+from builder.core.state import StateDir
+from builder.keys.release_key import SigningKey
 from kiln_device.agent.layers import mounts_under
 from tests.ota import FakeDevice, Symlink, make_oci_image, ota_services, publish, release_files, release_labels
 

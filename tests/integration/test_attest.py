@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from builder.attest import artifact_tag, parse_dpkg_status, parse_requirements, split_ref
 from builder.cli import main
-from builder.errors import UsageError
+from builder.core.errors import UsageError
+from builder.release.attest import artifact_tag, parse_dpkg_status, parse_requirements, split_ref
 from tests.conftest import require_tool
 
 pytestmark = pytest.mark.integration

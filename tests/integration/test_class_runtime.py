@@ -15,9 +15,9 @@ import sys
 import numpy as np
 import pytest
 
-from builder import paths
-from builder.loader import load_class
-from builder.model import format_table, read_report
+from builder.core import paths
+from builder.model.report import format_table, read_report
+from builder.spec.loader import load_class
 from tests.conftest import ROOT, run_log
 
 pytestmark = pytest.mark.integration
@@ -65,8 +65,8 @@ def test_the_device_runs_openvino_on_its_cpu_device_when_the_igpu_is_missing(tmp
     """kiln_device.inference under the class's own runtime (onnxruntime-openvino, its venv) on a host
     without an iGPU, as the image boots in QEMU: asked for OpenVINO's GPU device, onnxruntime falls
     back to its plain CPU provider; the device retries OpenVINO's CPU device and says it is degraded."""
-    from builder.context import make_context
-    from builder.runtime_venv import make_runtime_venv
+    from builder.core.context import make_context
+    from builder.model.runtime_venv import make_runtime_venv
 
     state = make_context().state
     python = make_runtime_venv(load_class(CLASS, ROOT / "images"), state, f"images/{CLASS}.yaml")

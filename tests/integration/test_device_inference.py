@@ -31,9 +31,10 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from builder.files import sha256_file
-from builder.model import Gates, OptimizationPolicy, optimize_model
-from builder.render import make_device_package
+from builder.core.files import sha256_file
+from builder.image.render import make_device_package
+from builder.model.pipeline import optimize_model
+from builder.model.policy import Gates, OptimizationPolicy
 from kiln_device import contract
 
 pytestmark = pytest.mark.integration

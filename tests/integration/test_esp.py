@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from builder import disk, image
-from builder.errors import DiskError
+from builder.core.errors import DiskError
+from builder.disk import assemble, unpacked
 from tests.conftest import require_tool
 from tests.unit.test_disk import make_rootfs
 
@@ -23,13 +23,13 @@ def make_esp(tmp_path: Path, esp_mib: int, kernel_mib: int, initrd_mib: int) -> 
     kdir = rootfs / "usr/lib/modules/6.1.0-99-amd64"
     (kdir / "vmlinuz").write_bytes(os.urandom(kernel_mib * MiB))
     (kdir / "initramfs.img").write_bytes(os.urandom(initrd_mib * MiB))
-    boot = rootfs / disk.SYSTEMD_BOOT_DIR
+    boot = rootfs / assemble.SYSTEMD_BOOT_DIR
     boot.mkdir(parents=True)
     (boot / "systemd-bootx64.efi").write_bytes(b"MZ systemd-boot stand-in")
-    info = image.read_image_info(rootfs, "test-image")
-    plan = disk.finalize_disk_plan(info, output=tmp_path / "disk.raw")
+    info = unpacked.read_image_info(rootfs, "test-image")
+    plan = assemble.finalize_disk_plan(info, output=tmp_path / "disk.raw")
     out = tmp_path / "esp.img"
-    disk.make_esp_image(plan, info, rootfs, out, tmp_path / "esp-tree")
+    assemble.make_esp_image(plan, info, rootfs, out, tmp_path / "esp-tree")
     return out
 
 

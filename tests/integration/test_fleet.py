@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from builder import rollout
 from builder.fleet.store import open_store
+from builder.release import rollout
 from kiln_device.fleet import ENROLL_CONTEXT, SIGNATURE_HEADER, SIGNING_CONTEXT, place, wave_of
 from tests.conftest import require_tool
 from tests.fleet import (

@@ -16,11 +16,13 @@ import numpy as np
 import onnx
 import pytest
 
-from builder.errors import ModelError
-from builder.loader import load_class
-from builder.model import Gates, OptimizationPolicy, optimize_model, read_report
+from builder.core.errors import ModelError
 from builder.model.data import load_dataset
-from builder.model_fetch import ensure_source
+from builder.model.fetch import ensure_source
+from builder.model.pipeline import optimize_model
+from builder.model.policy import Gates, OptimizationPolicy
+from builder.model.report import read_report
+from builder.spec.loader import load_class
 from tests.integration.test_device_inference import MODEL_DIR, health, make_rootfs, start_service
 
 pytestmark = pytest.mark.integration
@@ -200,7 +202,7 @@ def test_timing_stops_after_the_time_budget(optimized: Path, tmp_path: Path) -> 
 
 @pytest.fixture(scope="module")
 def recognizer() -> Path:
-    from builder.spec import Model
+    from builder.spec.schema import Model
 
     models = load_class("intel-lowpower-detector", ROOT / "images").spec.models
     det = next(m for m in models if m.name == "text-detector")

@@ -16,10 +16,12 @@ import onnxruntime as ort
 import pytest
 from onnxruntime import quantization as oq
 
-from builder.errors import GateFailed, ModelError
-from builder.model import Gates, OptimizationPolicy, optimize_model, read_report
+from builder.core.errors import GateFailed, ModelError
 from builder.model import optimize as opt
 from builder.model.data import load_dataset, load_onnx, signature
+from builder.model.pipeline import optimize_model
+from builder.model.policy import Gates, OptimizationPolicy
+from builder.model.report import read_report
 from builder.model.validate import open_session
 
 pytestmark = pytest.mark.integration

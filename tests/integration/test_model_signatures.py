@@ -12,9 +12,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from builder.errors import ModelError
-from builder.model import Gates, OptimizationPolicy, optimize_model
-from builder.models import input_count
+from builder.core.errors import ModelError
+from builder.model.for_class import input_count
+from builder.model.pipeline import optimize_model
+from builder.model.policy import Gates, OptimizationPolicy
 
 pytestmark = pytest.mark.integration
 

@@ -1,5 +1,5 @@
 """`kiln` shows steps and results; the commands it runs and their output go to the run's log file
-(builder.output), and to stderr too only with --debug. Real gpg through `kiln keys init`."""
+(builder.core.output), and to stderr too only with --debug. Real gpg through `kiln keys init`."""
 
 from __future__ import annotations
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builder import pins
-from builder.errors import BuildError, SpecError
-from builder.loader import known_classes, load_class
-from builder.wheels import finalize_target
+from builder.base import pins
+from builder.base.wheels import finalize_target
+from builder.core.errors import BuildError, SpecError
+from builder.spec.loader import known_classes, load_class
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.integration

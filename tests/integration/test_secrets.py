@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from builder import secrets
 from builder.cli import main
-from builder.errors import CommandFailed, UsageError
-from builder.loader import load_class
-from builder.run import format_argv, run
-from builder.signing import make_signing_key, read_signing_key, resolve_signing_key
-from builder.trust import TUF_DIR, load_signer
+from builder.core import secrets
+from builder.core.errors import CommandFailed, UsageError
+from builder.core.run import format_argv, run
+from builder.keys.release_key import make_signing_key, read_signing_key, resolve_signing_key
+from builder.keys.tuf_keys import TUF_DIR, load_signer
+from builder.spec.loader import load_class
 from tests.conftest import require_tool
 
 pytestmark = pytest.mark.integration

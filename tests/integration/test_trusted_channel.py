@@ -1,7 +1,7 @@
 """Trusted channels (issue 13): the real agent, real python-tuf metadata served over HTTP beside the
 signatures, a real registry, each attack of the issue refused with nothing written to a slot.
 
-The repository is builder.trust's (what `kiln channel` and `kiln release` write); the device is a
+The repository is builder.release.trust's (what `kiln channel` and `kiln release` write); the device is a
 FakeDevice whose image carries the repository's root (tests/ota.py). The registry's tags are set
 by the attacker in several tests: with a TUF root the agent never reads them.
 """
@@ -23,9 +23,10 @@ import pytest
 from securesystemslib.signer import CryptoSigner, Signer
 from tuf.api.metadata import Metadata, MetaFile, TargetFile, Timestamp
 
-from builder.signing import SigningKey
-from builder.state import StateDir
-from builder.trust import Release, Repository, TrustKeys, make_trust_keys, trust_root
+from builder.core.state import StateDir
+from builder.keys.release_key import SigningKey
+from builder.keys.tuf_keys import TrustKeys, make_trust_keys, trust_root
+from builder.release.trust import Release, Repository
 from kiln_device import contract
 from tests.ota import FakeDevice, make_oci_image, ota_services, publish, release_files, release_labels
 
@@ -356,7 +357,7 @@ def test_a_torn_local_metadata_file_falls_back_to_the_last_trusted(world: World)
 
 
 def test_a_released_version_never_changes_digest(world: World) -> None:
-    from builder.errors import UsageError
+    from builder.core.errors import UsageError
 
     digest = world.release("1.1.0")
     other = "sha256:" + "0" * 64

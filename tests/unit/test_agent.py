@@ -186,7 +186,7 @@ def test_foreign_entries_are_ignored(name: str) -> None:
 
 
 def test_entry_matches_what_kiln_disk_writes() -> None:
-    from builder.disk import finalize_entry
+    from builder.disk.assemble import finalize_entry
 
     kwargs: dict[str, Any] = {"version": "1.2.0", "slot": "b", "kargs": ("console=ttyS0", "panic=10")}
     ours = render_entry(cls="qemu-x86_64", partuuid="0000-1", **kwargs)
@@ -348,11 +348,11 @@ def test_gc_keeps_shared_blobs(tmp_path: Path) -> None:
     assert verified_labels(tmp_path, "2") == {}
 
 
-# --- the build side's trust files (builder.signing), rendered without gpg -----------------------
+# --- the build side's trust files (builder.release.signing), rendered without gpg -----------------------
 
 
 def test_policy_requires_the_release_key_for_every_docker_image() -> None:
-    from builder.signing import render_policy, signed_identity
+    from builder.keys.device_files import render_policy, signed_identity
 
     policy = json.loads(render_policy("qemu-x86_64"))
     assert policy["default"] == [{"type": "reject"}]
@@ -362,7 +362,8 @@ def test_policy_requires_the_release_key_for_every_docker_image() -> None:
 
 
 def test_registries_d_and_lookaside_layout() -> None:
-    from builder.signing import render_registries_d, signature_path
+    from builder.keys.device_files import render_registries_d
+    from builder.release.signing import signature_path
 
     text = render_registries_d("http://10.0.2.2:8000", scope="10.0.2.2:5000", staging="file:///s")
     assert 'docker:\n  "10.0.2.2:5000":\n    lookaside: "http://10.0.2.2:8000"\n    lookaside-staging: "file:///s"' \
@@ -373,8 +374,8 @@ def test_registries_d_and_lookaside_layout() -> None:
 
 
 def test_signing_keys_stay_out_of_the_project() -> None:
-    from builder.errors import UsageError
-    from builder.signing import make_signing_key
+    from builder.core.errors import UsageError
+    from builder.keys.release_key import make_signing_key
 
     with pytest.raises(UsageError, match="inside the project"):
         make_signing_key(ROOT / "keys")

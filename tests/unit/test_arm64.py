@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from builder import capability, disk, emulation, vm
-from builder.errors import BuildError
-from builder.loader import load_class
-from builder.spec import Architecture
+from builder.base import capability, emulation
+from builder.core.errors import BuildError
+from builder.disk import assemble, vm
+from builder.spec.loader import load_class
+from builder.spec.schema import Architecture
 from kiln_device import kernel, lint
 from tests.conftest import IN_CI, ROOT, require_tool
 
@@ -76,10 +77,10 @@ def test_a_build_that_cannot_emulate_stops_before_any_work(monkeypatch: pytest.M
     """No binfmt_misc (a container without it): `kiln build arm64-vision` refuses in its first step, before
     the base, the wheels or the gate; nothing is made and no build record is left."""
     require_tool("podman")
-    from builder.build import build_class
-    from builder.context import make_context
-    from builder.engine import PodmanEngine
-    from builder.state import make_state_dir
+    from builder.core.context import make_context
+    from builder.core.engine import PodmanEngine
+    from builder.core.state import make_state_dir
+    from builder.image.build import build_class
 
     monkeypatch.setattr(emulation, "BINFMT_DIR", tmp_path / "no-binfmt_misc")
     monkeypatch.setattr(emulation, "host_architecture", lambda: Architecture.x86_64)
@@ -95,7 +96,7 @@ def test_a_build_that_cannot_emulate_stops_before_any_work(monkeypatch: pytest.M
     assert "arm64-vision cannot be built on this machine" in built.value.message
     assert "binfmt_misc is not mounted" in built.value.message
     assert not any((tmp_path / "state").rglob("rootfs.tar")) and not any((tmp_path / "state").rglob("*.whl"))
-    from builder import paths
+    from builder.core import paths
     assert not paths.record_path("arm64-vision", "0.0.1-refused").parent.exists()
 
 
@@ -122,8 +123,8 @@ def test_kernels_are_found_in_version_order_not_string_order(tmp_path: Path) -> 
 
 def test_a_gzip_kernel_is_refused_by_the_disk_the_lint_and_the_agent_alike(tmp_path: Path) -> None:
     """Debian's arm64 vmlinuz is gzip: systemd-boot cannot start it. One check, three callers."""
-    from builder.errors import DiskError
-    from builder.image import find_kernel
+    from builder.core.errors import DiskError
+    from builder.disk.unpacked import find_kernel
     from kiln_device.agent.errors import AgentError
     from kiln_device.agent.slot import check_tree
     from kiln_device.agent.versions import Candidate
@@ -146,7 +147,7 @@ def test_a_gzip_kernel_is_refused_by_the_disk_the_lint_and_the_agent_alike(tmp_p
 
 
 def test_an_efi_kernel_passes_and_is_the_newest(tmp_path: Path) -> None:
-    from builder.image import find_kernel
+    from builder.disk.unpacked import find_kernel
 
     tree = image_tree(tmp_path, {"6.1.0-9-arm64": EFI_KERNEL, "6.1.0-10-arm64": EFI_KERNEL})
     kver, vmlinuz, _ = find_kernel(tree, "test")
@@ -166,7 +167,7 @@ def test_arm64_qemu_argv_is_the_virt_machine_with_fast_pointer_auth_and_mttcg(tm
     joined = " ".join(argv)
     assert argv[0] == "qemu-system-aarch64"
     assert "-machine virt -accel tcg,thread=multi -cpu max,pauth-impdef=on" in joined
-    assert "-cpu max,pauth-impdef=on,sme=off " in joined  # the gate's qemu-user CPU too (builder.emulation)
+    assert "-cpu max,pauth-impdef=on,sme=off " in joined  # the gate's qemu-user CPU too (builder.base.emulation)
     assert "ICH9" not in joined and "q35" not in joined
     assert "-device i6300esb" in joined  # a watchdog the virt board lacks
     assert "tpm-tis-device,tpmdev=tpm0" in joined
@@ -179,14 +180,14 @@ def test_an_arm64_guest_on_an_x86_64_host_runs_under_tcg_and_kvm_is_refused() ->
     fw = vm.Firmware(Path("/fw/C"), Path("/fw/V"))
     accel, note = vm.finalize_accel(vm.Accel.auto, "qemu-system-aarch64", fw, ARM)
     assert accel is vm.Accel.tcg and note is not None and "aarch64 guest" in note
-    from builder.errors import VMError
+    from builder.core.errors import VMError
     with pytest.raises(VMError, match="KVM cannot run an aarch64 guest"):
         vm.finalize_accel(vm.Accel.kvm, "qemu-system-aarch64", fw, ARM)
 
 
 def test_missing_aavmf_names_its_package(monkeypatch: pytest.MonkeyPatch) -> None:
-    from builder import machine
-    from builder.errors import ToolMissing
+    from builder.core.errors import ToolMissing
+    from builder.disk import machine
 
     monkeypatch.setattr(machine, "FIRMWARE", {**machine.FIRMWARE, ARM: ((("/nonexistent/C.fd", "/nonexistent/V.fd"),),
                                                               "AAVMF", "apt-get install qemu-efi-aarch64")})
@@ -200,13 +201,13 @@ def test_a_raw_disk_says_its_architecture_by_its_root_partition_type(tmp_path: P
     (a disk with no partition table, or none Kiln knows, is x86_64)."""
     arch = ARM
     require_tool("sfdisk")
-    from builder.run import run
+    from builder.core.run import run
 
     image = tmp_path / "disk.raw"
     with image.open("wb") as f:
         f.truncate(64 * 2**20)
-    script = f"label: gpt\nstart=2048, size=8192, type={disk.ESP_TYPE}, name=esp\n" \
-             f"start=10240, size=8192, type={disk.ROOT_TYPES[arch]}, name=root-a\n"
+    script = f"label: gpt\nstart=2048, size=8192, type={assemble.ESP_TYPE}, name=esp\n" \
+             f"start=10240, size=8192, type={assemble.ROOT_TYPES[arch]}, name=root-a\n"
     assert vm.finalize_disk_architecture(image) is Architecture.x86_64  # no table yet
     run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", image], input=script.encode(), capture=True)
     assert vm.finalize_disk_architecture(image) is arch
@@ -220,7 +221,7 @@ def test_the_release_report_names_the_isa_the_gate_measured_on(tmp_path: Path) -
     """An arm64 class's gate table says it was measured on aarch64 under qemu-user, and that the host's
     rows are a reference; an x86_64 class's says the build host's ISA."""
     from builder.model.report import Report, runtime_lines
-    from builder.release_report import class_section
+    from builder.release.report import class_section
 
     def section(runtime: dict[str, object], reference: list[dict[str, object]]) -> str:
         d = tmp_path / str(len(list(tmp_path.iterdir())))

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from builder.loader import load_class
+from builder.model.for_class import finalize_attempts
 from builder.model.gates import describe, golden
+from builder.model.runtime_venv import want_runtime_venv, why_not_host_runtime
 from builder.model.runtimes import ClassRuntime, finalize_note, provider_label
-from builder.models import finalize_attempts
-from builder.runtime_venv import want_runtime_venv, why_not_host_runtime
+from builder.spec.loader import load_class
 from kiln_device.contract import Runtime
 from kiln_device.inference import ModelProblem, provider_options, session_providers
 

@@ -84,7 +84,7 @@ def test_fetched_model_wheels_are_cached_in_the_state_directory(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Found in review: the wheels fetched models come from went to <project>/.kiln whatever KILN_STATE_DIR
     said, the one cache that did not follow it."""
-    from builder.model_fetch import cache_dir
+    from builder.model.fetch import cache_dir
 
     monkeypatch.setenv("KILN_STATE_DIR", str(tmp_path / "state"))
     assert cache_dir() == tmp_path / "state/cache/model-wheels"

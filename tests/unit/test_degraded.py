@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from builder.loader import load_class
-from builder.render import finalize_plan, make_context
+from builder.image.render import finalize_plan, make_context
+from builder.spec.loader import load_class
 from kiln_device import cdi, contract, degraded, gpu
 from kiln_device.contract import ACCELERATOR_STATE, GPU_HEALTH_RESULT, HEALTH_RESULT, under
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 import kiln_device
-from builder.loader import load_class
-from builder.render import finalize_plan, make_context
-from builder.spec import Disk
+from builder.image.render import finalize_plan, make_context
+from builder.spec.loader import load_class
+from builder.spec.schema import Disk
 from kiln_device import contract
 from kiln_device.agent.cli import make_parser
 from kiln_device.agent.slot import check_tree

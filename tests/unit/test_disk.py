@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from builder import disk, image, vm
-from builder.errors import DiskError, ToolMissing, VMError
-from builder.loader import load_class
+from builder.core.errors import DiskError, ToolMissing, VMError
+from builder.disk import assemble, unpacked, vm
+from builder.spec.loader import load_class
 from tests.conftest import ROOT, kiln
 
 # Not `-m builder.cli`: that runs cli.py as __main__, a second module the disk and vm commands never see.
@@ -51,8 +51,8 @@ def make_rootfs(root: Path, *, kernel: bool = True, initrd: bool = True, version
     return root
 
 
-def info(tmp_path: Path, **kwargs: object) -> image.ImageInfo:
-    return image.read_image_info(make_rootfs(tmp_path / "rootfs", **kwargs), "test-image")  # type: ignore[arg-type]
+def info(tmp_path: Path, **kwargs: object) -> unpacked.ImageInfo:
+    return unpacked.read_image_info(make_rootfs(tmp_path / "rootfs", **kwargs), "test-image")  # type: ignore[arg-type]
 
 
 # --- reading the image ----------------------------------------------------------------
@@ -72,7 +72,7 @@ def test_newest_kernel_wins(tmp_path: Path) -> None:
         (root / "usr/lib/modules" / kver).mkdir()
         (root / "usr/lib/modules" / kver / "vmlinuz").write_bytes(b"k")
         (root / "usr/lib/modules" / kver / "initramfs.img").write_bytes(b"i")
-    assert image.read_image_info(root, "x").kernel_version == "6.10.0-1-amd64"
+    assert unpacked.read_image_info(root, "x").kernel_version == "6.10.0-1-amd64"
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -89,14 +89,14 @@ def test_not_a_kiln_image(tmp_path: Path) -> None:
     root = make_rootfs(tmp_path / "r")
     (root / "usr/lib/kiln/release.json").unlink()
     with pytest.raises(DiskError, match=r"x is not a Kiln image: /usr/lib/kiln/release.json is missing"):
-        image.read_image_info(root, "x")
+        unpacked.read_image_info(root, "x")
 
 
 # --- layout ----------------------------------------------------------------------------
 
 
 def test_layout_follows_the_spec(tmp_path: Path) -> None:
-    plan = disk.finalize_disk_plan(info(tmp_path), output=tmp_path / "d.raw")
+    plan = assemble.finalize_disk_plan(info(tmp_path), output=tmp_path / "d.raw")
     labels = [p.label for p in plan.partitions]
     assert labels == ["esp", "root-a", "root-b", "data"]
     esp, a, b, data = plan.partitions
@@ -104,12 +104,12 @@ def test_layout_follows_the_spec(tmp_path: Path) -> None:
     assert esp.start == MiB and all(p.start % MiB == 0 for p in plan.partitions)
     assert all(x.end == y.start for x, y in zip(plan.partitions, plan.partitions[1:], strict=False))
     assert plan.size == data.end + MiB
-    assert esp.type_guid == disk.ESP_TYPE and a.type_guid == b.type_guid == disk.ROOT_TYPES[plan.architecture]
-    assert data.type_guid == disk.LINUX_DATA_TYPE  # not the /var type: gpt-auto must not mount it
+    assert esp.type_guid == assemble.ESP_TYPE and a.type_guid == b.type_guid == assemble.ROOT_TYPES[plan.architecture]
+    assert data.type_guid == assemble.LINUX_DATA_TYPE  # not the /var type: gpt-auto must not mount it
 
 
 def test_size_grows_the_data_partition(tmp_path: Path) -> None:
-    plan = disk.finalize_disk_plan(info(tmp_path), size=8 * GiB)
+    plan = assemble.finalize_disk_plan(info(tmp_path), size=8 * GiB)
     assert plan.size == 8 * GiB
     assert plan.partition("data").size == 8 * GiB - 2 * MiB - 256 * MiB - 4 * GiB
     assert plan.partition("root-b").size == 2 * GiB
@@ -117,7 +117,7 @@ def test_size_grows_the_data_partition(tmp_path: Path) -> None:
 
 def test_size_smaller_than_the_layout(tmp_path: Path) -> None:
     with pytest.raises(DiskError) as exc:
-        disk.finalize_disk_plan(info(tmp_path), size=1 * GiB)
+        assemble.finalize_disk_plan(info(tmp_path), size=1 * GiB)
     assert str(exc.value) == (
         "disk size 1 GiB is smaller than the image's layout needs: esp 256 MiB + root-a 2 GiB + root-b 2 GiB "
         "+ data 1 GiB + GPT 2 MiB = 5.25 GiB (spec.disk of qemu-x86_64)")
@@ -126,16 +126,16 @@ def test_size_smaller_than_the_layout(tmp_path: Path) -> None:
 
 def test_layout_bigger_than_the_storage_envelope(tmp_path: Path) -> None:
     with pytest.raises(DiskError, match=r"storage envelope of qemu-x86_64 is 8 GiB \(spec.envelope.storage\)"):
-        disk.finalize_disk_plan(info(tmp_path, disk_spec={"root": "4GiB"}))
+        assemble.finalize_disk_plan(info(tmp_path, disk_spec={"root": "4GiB"}))
 
 
 def test_only_erofs_roots(tmp_path: Path) -> None:
     with pytest.raises(DiskError, match="root filesystem squashfs is not supported"):
-        disk.finalize_disk_plan(info(tmp_path, disk_spec={"filesystem": "squashfs"}))
+        assemble.finalize_disk_plan(info(tmp_path, disk_spec={"filesystem": "squashfs"}))
 
 
 def test_default_output_is_the_release_dir(tmp_path: Path) -> None:
-    plan = disk.finalize_disk_plan(info(tmp_path, version="1.0.0-b.7"), fmt="qcow2")
+    plan = assemble.finalize_disk_plan(info(tmp_path, version="1.0.0-b.7"), fmt="qcow2")
     assert plan.output.parts[-3:] == ("qemu-x86_64", "1.0.0-b.7", "disk.qcow2")
 
 
@@ -143,9 +143,9 @@ def test_default_output_is_the_release_dir(tmp_path: Path) -> None:
 
 
 def test_identifiers_are_derived_from_class_and_version(tmp_path: Path) -> None:
-    one = disk.finalize_disk_plan(info(tmp_path / "1"))
-    again = disk.finalize_disk_plan(info(tmp_path / "2"))
-    other = disk.finalize_disk_plan(info(tmp_path / "3", version="1.2.4"))
+    one = assemble.finalize_disk_plan(info(tmp_path / "1"))
+    again = assemble.finalize_disk_plan(info(tmp_path / "2"))
+    other = assemble.finalize_disk_plan(info(tmp_path / "3", version="1.2.4"))
     assert one == again
     ids = lambda p: [p.disk_guid, *(x.uuid for x in p.partitions), p.root_fs_uuid, p.data_fs_uuid]  # noqa: E731
     assert len(set(ids(one))) == 7
@@ -157,7 +157,7 @@ def test_identifiers_are_derived_from_class_and_version(tmp_path: Path) -> None:
 
 
 def test_boot_entry_for_slot_a(tmp_path: Path) -> None:
-    plan = disk.finalize_disk_plan(info(tmp_path))
+    plan = assemble.finalize_disk_plan(info(tmp_path))
     root_a = plan.partition("root-a").uuid
     assert plan.entry_name == "kiln-1.2.3-a.conf"
     assert plan.entry == (
@@ -171,7 +171,7 @@ def test_boot_entry_for_slot_a(tmp_path: Path) -> None:
 
 
 def test_loader_conf_never_pins_an_entry() -> None:
-    conf = disk.finalize_loader_conf()
+    conf = assemble.finalize_loader_conf()
     lines = [line for line in conf.splitlines() if line and not line.startswith("#")]
     assert "timeout 0" in lines
     assert "default kiln-*" in lines  # a pattern: a used-up trial entry must not keep booting
@@ -179,22 +179,22 @@ def test_loader_conf_never_pins_an_entry() -> None:
 
 
 def test_trial_entry_name_has_the_boot_counter() -> None:
-    assert disk.finalize_entry_name("2.0.0", "b", tries=3) == "kiln-2.0.0-b+3.conf"
+    assert assemble.finalize_entry_name("2.0.0", "b", tries=3) == "kiln-2.0.0-b+3.conf"
 
 
 def test_sfdisk_script(tmp_path: Path) -> None:
-    plan = disk.finalize_disk_plan(info(tmp_path))
-    script = disk.finalize_sfdisk_script(plan)
+    plan = assemble.finalize_disk_plan(info(tmp_path))
+    script = assemble.finalize_sfdisk_script(plan)
     assert script.startswith(f"label: gpt\nlabel-id: {plan.disk_guid}\nunit: sectors\nfirst-lba: 2048\n")
-    assert f'start=2048, size=524288, type={disk.ESP_TYPE}, uuid={plan.partition("esp").uuid}, name="esp"' in script
+    assert f'start=2048, size=524288, type={assemble.ESP_TYPE}, uuid={plan.partition("esp").uuid}, name="esp"' in script
     assert script.count("name=") == 4
 
 
 def test_mkfs_command_lines_are_reproducible(tmp_path: Path) -> None:
-    plan = disk.finalize_disk_plan(info(tmp_path))
-    erofs = [str(a) for a in disk.finalize_erofs_argv(plan, Path("/r"), Path("/o"))]
+    plan = assemble.finalize_disk_plan(info(tmp_path))
+    erofs = [str(a) for a in assemble.finalize_erofs_argv(plan, Path("/r"), Path("/o"))]
     assert erofs == ["mkfs.erofs", "--quiet", "-T0", f"-U{plan.root_fs_uuid}", "-zlz4", "/o", "/r"]
-    data = [str(a) for a in disk.finalize_data_argv(plan, Path("/t"), Path("/o"))]
+    data = [str(a) for a in assemble.finalize_data_argv(plan, Path("/t"), Path("/o"))]
     assert data[3:5] == ["-L", "data"] and f"hash_seed={plan.data_fs_uuid},root_owner=0:0" in data
     assert data[-1] == "1048576k"
 
@@ -207,7 +207,7 @@ def test_copy_sparse_keeps_holes(tmp_path: Path) -> None:
         fh.write(b"b" * 100)
     with dest.open("wb") as fh:
         fh.truncate(16 * MiB)
-    disk.copy_sparse(src, dest, MiB)
+    assemble.copy_sparse(src, dest, MiB)
     data = dest.read_bytes()
     assert data[MiB:MiB + 100] == b"a" * 100 and data[9 * MiB:9 * MiB + 100] == b"b" * 100
     assert data.count(0) == len(data) - 200
@@ -364,4 +364,4 @@ def test_release_json_cannot_name_paths_outside_build(tmp_path: Path, field: str
     release = root / "usr/lib/kiln/release.json"
     release.write_text(json.dumps({**json.loads(release.read_text()), field: value}))
     with pytest.raises(DiskError, match=f"release.json: {field}: '.*' is not a (valid|Kiln)"):
-        image.read_image_info(root, "test-image")
+        unpacked.read_image_info(root, "test-image")

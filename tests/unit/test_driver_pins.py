@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from builder import mirrors, pins
-from builder.errors import SpecError
-from builder.loader import load_class
-from builder.wheels import finalize_target
+from builder.base import mirrors, pins
+from builder.base.wheels import finalize_target
+from builder.core.errors import SpecError
+from builder.spec.loader import load_class
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = "images/factory-gateway-gpu.yaml"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.errors import UsageError
+from builder.core.errors import UsageError
 from builder.fleet.store import SCHEMA_VERSION, open_store
 from kiln_device.agent.config import finalize_fleet, in_window, parse_window
 from kiln_device.agent.errors import AgentError

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from builder.errors import GateFailed
-from builder.lint import lint_rootfs
+from builder.core.errors import GateFailed
+from builder.image.lint import lint_rootfs
 from kiln_device import lint as lint_mod
 
 ROOT = Path(__file__).resolve().parents[2]

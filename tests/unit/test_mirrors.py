@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from builder import capability, mirrors, names
-from builder.base import BaseRecipe
-from builder.build import finalize_base_record
-from builder.loader import load_class
-from builder.render import finalize_plan
-from builder.spec import Architecture
+from builder.base import capability, mirrors
+from builder.base.bootstrap import BaseRecipe
+from builder.image.build import finalize_base_record
+from builder.image.render import finalize_plan
+from builder.spec import names
+from builder.spec.loader import load_class
+from builder.spec.schema import Architecture
 
 ROOT = Path(__file__).resolve().parents[2]
 SNAPSHOT_HOST = "snapshot.debian.org"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from builder.errors import UsageError
+from builder.core.errors import UsageError
 from builder.model.gates import Metrics, decide, describe, evaluate, speedup
 from builder.model.policy import Gates, OptimizationPolicy
 from builder.model.report import CandidateResult

@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 from rich.table import Table
 
-from builder.errors import ModelError
+from builder.core.errors import ModelError
 from builder.model.gates import GateResult
 from builder.model.policy import Gates, OptimizationPolicy
 from builder.model.report import (

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from builder.errors import ModelError
+from builder.core.errors import ModelError
 from builder.model import tasks
 from builder.model.tasks import Postprocess
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from builder import names
-from builder.loader import load_class
+from builder.spec import names
+from builder.spec.loader import load_class
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from builder.progress import Steps
+from builder.core.progress import Steps
 
 pytestmark = pytest.mark.unit
 STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
@@ -33,7 +33,7 @@ def test_off_a_terminal_every_line_is_stamped_and_long_steps_say_they_are_going(
 
 def test_on_a_terminal_the_running_step_is_a_live_line() -> None:
     """A real pseudo-terminal: the step's name and its seconds are drawn while it runs, then cleared."""
-    code = ("import time\nfrom builder.progress import Steps\ns = Steps()\n"
+    code = ("import time\nfrom builder.core.progress import Steps\ns = Steps()\n"
             "with s.step('sign the image'):\n    print('tool output', flush=True)\n    time.sleep(1.6)\n")
     parent, child = pty.openpty()
     env = {k: v for k, v in os.environ.items() if k != "CI"} | {"TERM": "xterm-256color", "COLUMNS": "100"}

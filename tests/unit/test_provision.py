@@ -1,4 +1,4 @@
-"""`kiln disk --etc DEST=FILE`: what is refused, located, before any disk work (builder.provision)."""
+"""`kiln disk --etc DEST=FILE`: what is refused, located, before any disk work (builder.disk.provision)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from builder.errors import UsageError
-from builder.provision import ETC_UPPER, check_unique, parse_etc, place_etc_files
+from builder.core.errors import UsageError
+from builder.disk.provision import ETC_UPPER, check_unique, parse_etc, place_etc_files
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""builder.rechunk on small OS stages made here: the rechunked layers stack to the same tree, each
+"""builder.image.rechunk on small OS stages made here: the rechunked layers stack to the same tree, each
 package lands in one layer, the same stage gives the same bytes, and a package update moves only its
 layer and `rest`. The real OS stage is checked in tests/container/test_build.py."""
 
@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from builder import rechunk
-from builder.errors import BuildError
+from builder.core.errors import BuildError
+from builder.image import rechunk
 
 EPOCH = 1735689600
 

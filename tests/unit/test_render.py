@@ -8,8 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from builder.loader import load_class
-from builder.render import LAYER_GROUPS, finalize_containerfile, finalize_plan, make_context, render_containerfile
+from builder.image.render import (
+    LAYER_GROUPS,
+    finalize_containerfile,
+    finalize_plan,
+    make_context,
+    render_containerfile,
+)
+from builder.spec.loader import load_class
 from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -191,7 +197,7 @@ def test_sshd_is_hardened_whenever_it_is_installed(tmp_path: Path) -> None:
 def test_debian_images_carry_the_ca_bundle_the_agent_verifies_tls_with() -> None:
     """Finding: a Debian production class without ca-certificates in its packages made an image whose
     agent could not verify any registry's TLS certificate."""
-    from builder.render import finalize_os_packages
+    from builder.image.render import finalize_os_packages
 
     hc = load_class("factory-gateway-gpu", ROOT / "images")
     assert "ca-certificates" not in hc.spec.packages
@@ -200,7 +206,7 @@ def test_debian_images_carry_the_ca_bundle_the_agent_verifies_tls_with() -> None
 
 def test_spec_labels_never_override_kilns_own() -> None:
     """Finding: metadata.labels could set dev.kiln.compatible (or the version) of an image."""
-    from builder.render import finalize_labels
+    from builder.image.render import finalize_labels
 
     hc = load_class("qemu-x86_64", ROOT / "images")
     forged = hc.model_copy(update={"metadata": hc.metadata.model_copy(
@@ -211,11 +217,11 @@ def test_spec_labels_never_override_kilns_own() -> None:
 
 
 def test_nearest_versions_and_wheel_tags() -> None:
-    """The pin check's pure parts (builder.pins): which wheels an image can install, nearest versions."""
+    """The pin check's pure parts (builder.base.pins): which wheels an image can install, nearest versions."""
     from packaging.version import Version
 
-    from builder import pins
-    from builder.wheels import finalize_target
+    from builder.base import pins
+    from builder.base.wheels import finalize_target
 
     tags = pins.finalize_tags(finalize_target(load_class("qemu-x86_64", ROOT / "images")))
     files: list[dict[str, object]] = [

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from builder import docs
+from builder.spec import docs
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,8 +10,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from builder.errors import SpecError
-from builder.loader import load_class, parse_yaml, validate_document
+from builder.core.errors import SpecError
+from builder.spec.loader import load_class, parse_yaml, validate_document
 
 ROOT = Path(__file__).resolve().parents[2]
 QEMU = yaml.safe_load((ROOT / "images/qemu-x86_64.yaml").read_text())

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
-from builder.errors import SpecError
-from builder.loader import known_classes, load_class
-from builder.spec import AcceleratorKind, Family, HardwareClass
+from builder.core.errors import SpecError
+from builder.spec.loader import known_classes, load_class
+from builder.spec.schema import AcceleratorKind, Family, HardwareClass
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ["arm64-vision", "factory-gateway-gpu", "intel-lowpower-detector", "jetson-vision-standard",
@@ -20,7 +20,7 @@ CLASSES = ["arm64-vision", "factory-gateway-gpu", "intel-lowpower-detector", "je
 
 
 def test_the_six_classes_are_shipped() -> None:
-    # and jetson-vision-standard's stand-in, from its spec.standIn (builder.stand_in, tests/unit/test_stand_in.py)
+    # and jetson-vision-standard's stand-in, from its spec.standIn (builder.spec.stand_in, tests/unit/test_stand_in.py)
     assert known_classes(ROOT / "images") == [*CLASSES[:4], "jetson-vision-standard-stand-in", *CLASSES[4:]]
 
 

@@ -1,4 +1,4 @@
-"""A vendor class's stand-in (builder.stand_in): jetson-vision-standard without NVIDIA's L4T, for QEMU.
+"""A vendor class's stand-in (builder.spec.stand_in): jetson-vision-standard without NVIDIA's L4T, for QEMU.
 
 The class itself is refused here with every missing piece named; its stand-in takes the base, kernel,
 runtime and packages from spec.standIn and everything else from the class; a broken standIn is
@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from builder.capability import why_not_buildable
+from builder.base.capability import why_not_buildable
+from builder.base.emulation import why_not_emulated
 from builder.cli import main
-from builder.emulation import why_not_emulated
-from builder.errors import SpecError
-from builder.loader import known_classes, load_class
-from builder.render import finalize_plan
-from builder.spec import AcceleratorKind, Architecture, BootControl, FallbackPolicy, Family, RuntimeName
+from builder.core.errors import SpecError
+from builder.image.render import finalize_plan
+from builder.spec.loader import known_classes, load_class
+from builder.spec.schema import AcceleratorKind, Architecture, BootControl, FallbackPolicy, Family, RuntimeName
 from kiln_device import contract
 from tests.conftest import ROOT
 

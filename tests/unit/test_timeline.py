@@ -1,10 +1,10 @@
-"""bench.boot's reading of systemd's timestamps (builder.timeline)."""
+"""bench.boot's reading of systemd's timestamps (builder.disk.timeline)."""
 
 from __future__ import annotations
 
 import pytest
 
-from builder.timeline import monotonic_s, show_props
+from builder.disk.timeline import monotonic_s, show_props
 
 pytestmark = pytest.mark.unit
 

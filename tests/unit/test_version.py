@@ -111,7 +111,7 @@ def test_the_release_report_compares_with_the_previous_release_in_kiln_order(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Found in review (issue 33, 14): the release report found "the previous release" by PEP 440, a third
     order: it skipped every version PEP 440 cannot read (1.1.0-hotfix) and put 1.2.0-dev below 1.2.0-alpha."""
-    from builder.release_report import previous_record
+    from builder.release.report import previous_record
 
     monkeypatch.setenv("KILN_PROJECT_DIR", str(tmp_path))
     for version in ("1.0.0", "1.1.0-hotfix", "1.2.0-alpha", "1.2.0-dev", "1.3.0"):

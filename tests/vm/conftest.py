@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
-from builder import disk, paths, vm
-from builder.loader import load_class
+from builder.core import paths
+from builder.disk import assemble, vm
+from builder.spec.loader import load_class
 from tests.conftest import ROOT, require_tool
 
 VM_TOOLS = ("qemu-system-x86_64", "mkfs.erofs", "mkfs.ext4", "mkfs.vfat", "mcopy", "sfdisk", "debugfs")
@@ -29,7 +30,7 @@ BOOT_TIMEOUT = float(os.environ.get("KILN_VM_BOOT_TIMEOUT", "900"))  # TCG on a 
 @dataclass(frozen=True)
 class BuiltDisk:
     path: Path
-    record: disk.DiskRecord
+    record: assemble.DiskRecord
     class_name: str
     version: str
     ssh_key: Path
@@ -60,7 +61,7 @@ def qemu_disk(tmp_path_factory: pytest.TempPathFactory) -> BuiltDisk:
         build: dict[str, Any] = qemu_image(state)
         ref, version = build["image"]["ref"], build["version"]
     out = tmp_path_factory.mktemp("disk") / "disk.raw"
-    record = disk.make_disk(kiln_test_context(state), ref, output=out, version=version)
+    record = assemble.make_disk(kiln_test_context(state), ref, output=out, version=version)
     key = Path(os.environ.get("KILN_VM_TEST_SSH_KEY") or paths.ssh_key_path(QEMU_CLASS))
     return BuiltDisk(out, record, record.class_name, record.version, key)
 
@@ -69,7 +70,7 @@ def copy_disk(src: Path, dest: Path) -> Path:
     """A sparse copy of a disk (destructive tests never touch the shared one)."""
     with src.open("rb") as fin, dest.open("wb") as fout:
         fout.truncate(os.fstat(fin.fileno()).st_size)
-    disk.copy_sparse(src, dest, 0)
+    assemble.copy_sparse(src, dest, 0)
     return dest
 
 

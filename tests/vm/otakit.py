@@ -19,18 +19,18 @@ from pathlib import Path
 from typing import Any
 
 from bench.projects import project_dir
-from builder import vm
-from builder.build import build_class
-from builder.disk import partition_offset
-from builder.errors import VMError
-from builder.loader import load_class
-from builder.publish import push_signed
-from builder.registry import RegistryInfo, running_registry
-from builder.run import run
-from builder.signing import SigningKey, resolve_signing_key
-from builder.state import StateDir
-from builder.trust import Release as TufRelease
-from builder.trust import open_repository, publish_release
+from builder.core.errors import VMError
+from builder.core.run import run
+from builder.core.state import StateDir
+from builder.disk import vm
+from builder.disk.assemble import partition_offset
+from builder.image.build import build_class
+from builder.keys.release_key import SigningKey, resolve_signing_key
+from builder.release.publish import push_signed
+from builder.release.registry import RegistryInfo, running_registry
+from builder.release.trust import Release as TufRelease
+from builder.release.trust import open_repository, publish_release
+from builder.spec.loader import load_class
 from tests.conftest import ROOT
 from tests.images import QEMU_CLASS, kiln_test_context, kiln_test_state
 from tests.ota import publish

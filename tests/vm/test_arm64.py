@@ -10,7 +10,7 @@ model-only update blessed on slot B, and a release whose golden check fails roll
    and the trial boot is blessed;
 3. (arm64long) v3 whose golden set is wrong: three trial boots fail their check, systemd-boot falls
    back to v2 by itself, and the agent records the rollback and never takes v3 again;
-4. (arm64long) jetson-vision-standard's stand-in (the class without NVIDIA's L4T, builder.stand_in)
+4. (arm64long) jetson-vision-standard's stand-in (the class without NVIDIA's L4T, builder.spec.stand_in)
    boots on arm64 and does what its class's fallback policy (fail) says without the Orin's GPU: the
    gpu-visible check names the missing nvgpu, the inference service refuses to serve on the CPU,
    the golden check fails as accelerator-unavailable.
@@ -31,9 +31,10 @@ from typing import Any
 import pytest
 
 from bench.projects import make_broken_golden_project, make_retrained_project
-from builder import disk, paths, vm
-from builder.run import run
-from builder.spec import Architecture
+from builder.core import paths
+from builder.core.run import run
+from builder.disk import assemble, vm
+from builder.spec.schema import Architecture
 from tests.conftest import require_tool
 from tests.images import ARM64_CLASS, JETSON_STAND_IN
 from tests.vm.conftest import BOOT_TIMEOUT, VM_TOOLS, BuiltDisk, copy_disk
@@ -65,13 +66,13 @@ def arm64_disk(tmp_path_factory: pytest.TempPathFactory) -> BuiltDisk:
     state = kiln_test_state()
     build: dict[str, Any] = arm64_image(state)
     out = tmp_path_factory.mktemp("arm64-disk") / "disk.raw"
-    record = disk.make_disk(kiln_test_context(state), build["image"]["ref"], output=out, version=build["version"])
+    record = assemble.make_disk(kiln_test_context(state), build["image"]["ref"], output=out, version=build["version"])
     return BuiltDisk(out, record, record.class_name, record.version, paths.ssh_key_path(ARM64_CLASS))
 
 
 def esp_file(image: Path, rel: str) -> bytes:
     """A file of the disk's ESP, read with mtools at the partition's offset (nothing mounted)."""
-    offset = disk.partition_offset(image, "esp")
+    offset = assemble.partition_offset(image, "esp")
     return bytes(run(["mtype", "-i", f"{image}@@{offset}", f"::/{rel}"], capture=True, quiet=True,
                      env={"MTOOLS_SKIP_CHECK": "1"}).stdout)
 
@@ -81,8 +82,8 @@ def test_arm64_disk_boots_healthy_from_its_read_only_erofs_root(arm64_disk: Buil
                                                                  tmp_path: Path) -> None:
     image = arm64_disk.path
     assert arm64_disk.record.architecture == "aarch64"
-    table = {p["name"]: p["type"].upper() for p in disk.read_partition_table(image)}
-    assert table["root-a"] == table["root-b"] == disk.ROOT_TYPES[Architecture.aarch64]
+    table = {p["name"]: p["type"].upper() for p in assemble.read_partition_table(image)}
+    assert table["root-a"] == table["root-b"] == assemble.ROOT_TYPES[Architecture.aarch64]
     loader = esp_file(image, "EFI/BOOT/BOOTAA64.EFI")
     assert loader == esp_file(image, "EFI/systemd/systemd-bootaa64.efi")
     assert pe_machine(loader) == PE_MACHINE_ARM64
@@ -196,7 +197,7 @@ def stand_in_disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BuiltDis
     state = kiln_test_state()
     build: dict[str, Any] = arm64_image(state, cls=JETSON_STAND_IN)
     out = tmp_path_factory.mktemp("stand-in-disk") / "disk.raw"
-    record = disk.make_disk(kiln_test_context(state), build["image"]["ref"], output=out, version=build["version"])
+    record = assemble.make_disk(kiln_test_context(state), build["image"]["ref"], output=out, version=build["version"])
     yield BuiltDisk(out, record, record.class_name, record.version, paths.ssh_key_path(JETSON_STAND_IN))
     out.unlink(missing_ok=True)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from builder import vm
+from builder.disk import vm
 from tests.vm.conftest import BOOT_TIMEOUT, BuiltDisk
 
 LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"

@@ -41,10 +41,11 @@ from typing import Any
 import pytest
 
 from bench.projects import make_broken_golden_project, make_retrained_project
-from builder import paths, vm
+from builder.core import paths
+from builder.core.run import run
+from builder.disk import vm
 from builder.fleet.store import open_store
-from builder.run import run
-from builder.signing import SigningKey, make_signing_key
+from builder.keys.release_key import SigningKey, make_signing_key
 from tests.fleet import FleetService, kiln, running_fleet
 from tests.images import QEMU_CLASS
 from tests.netfault import FaultyLink

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from builder import vm
+from builder.disk import vm
 from tests.netfault import FaultyLink
 from tests.vm.conftest import BOOT_TIMEOUT, BuiltDisk, copy_disk
 from tests.vm.otakit import Releases, agent, configure, serving_releases, slot_digest, status

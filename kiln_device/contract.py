@@ -423,7 +423,7 @@ def other_slot(slot: str) -> str:
 def entry_text(version: str) -> str:
     """A version as a boot entry carries it (file name, `version` line): a Kiln version with `~` before its
     pre-release, which systemd-boot sorts below the release; a version of an older grammar as it is."""
-    return kv.entry_version(version) if kv.is_valid(version) else version
+    return kv.Version(version).entry if kv.is_valid(version) else version
 
 
 def entry_name(version: str, slot: str, tries: int | None = None) -> str:
@@ -453,7 +453,8 @@ def parse_entry_name(name: str) -> Entry | None:
     if not m:
         return None
     left, done = m.group("left"), m.group("done")
-    return Entry(name, kv.from_entry_version(m.group("version")), m.group("slot"),
+    version = kv.Version.from_entry(m.group("version"))
+    return Entry(name, str(version) if version else m.group("version"), m.group("slot"),
                  int(left) if left is not None else None, int(done) if done is not None else None)
 
 

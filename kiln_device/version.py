@@ -14,9 +14,17 @@ Refused, each because the two orders would part ways:
   numbers below words, systemd above them; `rc1` vs `rc10` compares as text in SemVer;
 - uppercase, leading zeros, more or fewer than three numbers (`v1.0`, `1.02.0`, `1.0`).
 
-Boot entries carry the version with the PRE separator `-` written as `~` (`1.0.0~rc.1`): `~`
-is what systemd-boot sorts before a release; `-` there would sort `1.0.0-rc.1` above `1.0.0`.
-`entry_version` and `from_entry_version` map one to the other.
+One type, `Version`, carries a checked version through the builder and the agent, with its order and
+its renderings:
+
+    v = Version.parse("2.0.0-rc.1")     # ValueError naming the grammar for anything else
+    v < Version.parse("2.0.0")          # SemVer precedence, which is systemd-boot's order too
+    v.tag                               # "2.0.0-rc.1": the OCI tag, and the name of its build/ folder
+    v.entry                             # "2.0.0~rc.1": what its boot entry's name and `version` line carry
+    Version.from_entry("2.0.0~rc.1")    # back from a boot entry
+
+Boot entries carry the version with the PRE separator `-` written as `~`: `~` is what systemd-boot
+sorts before a release; `-` there would sort `1.0.0-rc.1` above `1.0.0`.
 
 `strverscmp_improved` below is a port of systemd's (src/fundamental/string-util-fundamental.c,
 v252), for the agent's own check of what the boot loader will prefer; tests/unit/test_version.py
@@ -76,14 +84,63 @@ def compare(a: str, b: str) -> int:
     return (pa > pb) - (pa < pb)
 
 
-def entry_version(version: str) -> str:
-    """The version as a boot entry carries it (its `version` line and file name): `-` before PRE as `~`."""
-    return check(version).replace("-", "~", 1)
+@dataclass(frozen=True)
+class Version:
+    """A checked Kiln version: ordered by SemVer precedence (= systemd-boot's order on its entry text)."""
 
+    text: str
 
-def from_entry_version(text: str) -> str:
-    """The Kiln version a boot entry names (`~` back to `-`); entries of other grammars are returned as they are."""
-    return text.replace("~", "-", 1) if ENTRY_VERSION_RE.fullmatch(text) else text
+    def __post_init__(self) -> None:
+        check(self.text)
+
+    @classmethod
+    def parse(cls, text: str) -> Version:
+        return cls(text)
+
+    @classmethod
+    def of(cls, value: Version | str) -> Version:
+        """VALUE as a Version (a Version as it is; a string checked)."""
+        return value if isinstance(value, Version) else cls(value)
+
+    @classmethod
+    def from_entry(cls, text: str) -> Version | None:
+        """The version a boot entry names (`~` back to `-`); None for an entry of another grammar."""
+        if not ENTRY_VERSION_RE.fullmatch(text):
+            return None
+        return cls(text.replace("~", "-", 1))
+
+    @property
+    def key(self) -> Parsed:
+        return parse(self.text)
+
+    @property
+    def tag(self) -> str:
+        """The OCI tag (and build/ folder name): the version itself, whose grammar is tag-safe."""
+        return self.text
+
+    @property
+    def entry(self) -> str:
+        """As a boot entry carries it (its file name and `version` line): `-` before PRE as `~`."""
+        return self.text.replace("-", "~", 1)
+
+    @property
+    def prerelease(self) -> bool:
+        return not self.key.release
+
+    def __lt__(self, other: Version) -> bool:
+        return self.key < other.key
+
+    def __le__(self, other: Version) -> bool:
+        return self.key <= other.key
+
+    def __gt__(self, other: Version) -> bool:
+        return self.key > other.key
+
+    def __ge__(self, other: Version) -> bool:
+        return self.key >= other.key
+
+    def __str__(self) -> str:
+        return self.text
 
 
 # --- systemd's order ------------------------------------------------------------------------

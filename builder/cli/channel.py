@@ -85,7 +85,7 @@ def channel_withdraw(cls: str, version: str, channel: str | None, reason: str, k
     from builder.release.flow import finalize_channel
     from builder.release.trust import open_repository
 
-    channel = finalize_channel(load(cls), channel)
+    channel = finalize_channel(load(cls).spec.rollout.channel, channel)
     repo = open_repository(lookaside_dir(lookaside), key_dir)
     repo.withdraw(cls, channel, version, reason)
     click.echo(f"withdrew {cls} {version} from {channel}: targets v{repo.latest('targets').signed.version}")

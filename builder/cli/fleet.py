@@ -191,7 +191,7 @@ def _channel(cls: str, channel: str | None) -> str:
     from builder.cli.common import load
     from builder.release.flow import finalize_channel
 
-    return finalize_channel(load(cls), channel)
+    return finalize_channel(load(cls).spec.rollout.channel, channel)
 
 
 CHANNEL_OPTION = click.option("--channel", default=None, help="Channel (default: the class's rollout.channel).")

@@ -11,7 +11,7 @@ import click
 import yaml
 from rich.table import Table
 
-from builder.cli.common import checked, cli_context, console, err_console, load, source_of
+from builder.cli.common import cli_context, console, err_console, load, source_of
 from builder.core import paths
 from builder.core.errors import SpecError
 from builder.image import render
@@ -119,10 +119,10 @@ def validate(specs: tuple[str, ...]) -> None:
               "then cannot be built offline).")
 def render_cmd(cls: str, output: Path | None, version: str, revision: str, no_wheels: bool) -> None:
     """Render CLASS into a build context: Containerfile, overlays, model, release.json."""
-    from builder.core.safe import version as check_version
+    from builder.core.versions import release_version
     from builder.model.for_class import finalize_model_artifacts
 
-    checked("--version", check_version, version)
+    release_version(version, where="--version")
 
     hc = load(cls)
     artifacts = finalize_model_artifacts(hc)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from builder.core.versions import finalize_tag
+from builder.core.versions import release_version
+from kiln_device.version import Version
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # builder/
 
@@ -49,11 +50,11 @@ def class_dir(cls: str) -> Path:
     return build_dir() / cls
 
 
-def release_dir(cls: str, version: str) -> Path:
-    return class_dir(cls) / finalize_tag(version)
+def release_dir(cls: str, version: Version | str) -> Path:
+    return class_dir(cls) / release_version(version).tag
 
 
-def record_path(cls: str, version: str) -> Path:
+def record_path(cls: str, version: Version | str) -> Path:
     return release_dir(cls, version) / "build.json"
 
 
@@ -62,11 +63,11 @@ def find_record_paths(cls: str) -> list[Path]:
     return sorted(class_dir(cls).glob("*/build.json"), key=lambda p: p.stat().st_mtime)
 
 
-def context_dir(cls: str, version: str) -> Path:
+def context_dir(cls: str, version: Version | str) -> Path:
     return release_dir(cls, version) / "context"
 
 
-def disk_path(cls: str, version: str, fmt: str) -> Path:
+def disk_path(cls: str, version: Version | str, fmt: str) -> Path:
     return release_dir(cls, version) / f"disk.{fmt}"
 
 

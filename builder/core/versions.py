@@ -1,22 +1,23 @@
-"""A release's version as the builder takes it: checked once against Kiln's one grammar
-(kiln_device.version), then rendered as an OCI tag; and the time every image's files carry."""
+"""A release's version as the builder takes it: checked once against Kiln's one grammar into its one
+type (kiln_device.version.Version, with its order and its renderings); and the time every image's
+files carry."""
 
 from __future__ import annotations
 
 import re
 
 from builder.core.errors import UsageError
-from kiln_device import version as kv
+from kiln_device.version import Version
 
 DEFAULT_EPOCH = 1735689600  # 2025-01-01T00:00:00Z: file times and created dates in every image
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
-def finalize_tag(version: str) -> str:
-    """An OCI tag for a version: the version itself (the grammar, kiln_device.version, is tag-safe)."""
+def release_version(value: Version | str, *, where: str = "version") -> Version:
+    """VALUE as a Version; a string that is not one is a UsageError naming WHERE it came from."""
     try:
-        kv.check(version)
+        version = Version.of(value)
     except ValueError as exc:
-        raise UsageError(f"version: {exc}") from None
-    assert _TAG.fullmatch(version), version
+        raise UsageError(f"{where}: {exc}") from None
+    assert _TAG.fullmatch(version.tag), version  # the grammar is tag-safe
     return version

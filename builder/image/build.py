@@ -40,8 +40,7 @@ from builder.core.context import Context
 from builder.core.engine import ImageInfo
 from builder.core.errors import BuildError, KilnError, UsageError
 from builder.core.run import run
-from builder.core.safe import version as check_version
-from builder.core.versions import DEFAULT_EPOCH
+from builder.core.versions import DEFAULT_EPOCH, release_version
 from builder.image import rechunk, render
 from builder.keys import device_files, release_key
 from builder.model import for_class as model_glue
@@ -49,6 +48,7 @@ from builder.spec import names
 from builder.spec.contents import finalize_contents
 from builder.spec.names import image_ref
 from builder.spec.schema import BaseSource, HardwareClass
+from kiln_device.version import Version
 
 KERNEL_LABEL = "dev.kiln.base.kernel"  # set by `kiln base` (builder.base.bootstrap.finalize_image_config)
 
@@ -134,16 +134,13 @@ def build_class(
     hc: HardwareClass,
     *,
     source: str,
-    version: str = render.DEFAULT_VERSION,
+    version: Version | str = render.DEFAULT_VERSION,
     revision: str | None = None,
     no_cache: bool = False,
     sign_key: Path | None = None,
 ) -> dict[str, Any]:
     """Build one class into the engine's store; return (and write) its build record."""
-    try:
-        check_version(version)
-    except ValueError as exc:
-        raise UsageError(f"--version: {exc}") from None
+    version = release_version(version, where="--version")  # checked once; its renderings from here
     ref = image_ref(hc.name, version)
     state, steps, eng = ctx.state, ctx.steps, ctx.engine
     mark = steps.mark()
@@ -180,7 +177,7 @@ def build_class(
             artifacts = model_glue.finalize_model_artifacts(hc, require_optimized=True)
         with steps.step("render the build context"):
             key = release_key.resolve_signing_key(hc, sign_key)
-            plan = render.finalize_plan(hc, source=source, version=version, revision=revision,
+            plan = render.finalize_plan(hc, source=source, version=str(version), revision=revision,
                                         models=artifacts, ssh_public_key=make_dev_ssh_key(hc), epoch=epoch,
                                         device_files=device_files.finalize_device_files(hc.name, key), base=mirror)
             context = render.make_context(plan, paths.context_dir(hc.name, version), wheelhouse, agent_wheelhouse)
@@ -189,7 +186,7 @@ def build_class(
         # From here the tag may move: a failed build must not leave the last record looking current.
         # (Refusals before this point, such as a missing tool or a failed gate, leave it as it was.)
         record_file.unlink(missing_ok=True)
-        build_args = {"VERSION": version, "REVISION": revision, "CREATED": created}
+        build_args = {"VERSION": str(version), "REVISION": revision, "CREATED": created}
         lead: list[str] = []
         os_stage: dict[str, Any] = {}
         if plan.rechunk:
@@ -220,7 +217,7 @@ def build_class(
         "schemaVersion": records.RECORD_SCHEMA,
         "class": hc.name,
         "compatible": hc.spec.compatible,
-        "version": version,
+        "version": str(version),
         "revision": revision,
         "created": created,
         "engine": {"name": eng.name, "version": engine_version, "reproducible": eng.reproducible},

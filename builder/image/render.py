@@ -25,7 +25,7 @@ from builder.core.versions import DEFAULT_EPOCH
 from builder.model.artifact import ModelArtifact
 from builder.spec import names
 from builder.spec.contents import finalize_content_labels
-from builder.spec.schema import AcceleratorKind, BaseSource, Family, HardwareClass, HealthCheck, ModuleBuild
+from builder.spec.schema import AcceleratorKind, BaseSource, Fallback, Family, HardwareClass, HealthCheck, ModuleBuild
 from kiln_device import contract
 
 TEMPLATES = Path(__file__).with_name("templates")
@@ -195,28 +195,26 @@ def finalize_release(hc: HardwareClass, version: str, revision: str,
         development=spec.development,
         # What the device does without its accelerator (kiln_device.degraded), and how many inference
         # workers share it (kiln_device.server.worker_count).
-        fallback=finalize_fallback(hc),
+        fallback=finalize_fallback(spec.accelerator.fallback),
         sharing=contract.Sharing(strategy=spec.accelerator.sharing.strategy.value,
                                  replicas=spec.accelerator.sharing.replicas),
     )
 
 
-def finalize_fallback(hc: HardwareClass) -> contract.FallbackPolicy | None:
-    fallback = hc.spec.accelerator.fallback
+def finalize_fallback(fallback: Fallback | None) -> contract.FallbackPolicy | None:
     if fallback is None:
         return None
     return contract.FallbackPolicy(policy=fallback.policy.value, p95_latency_ms=fallback.p95_latency_ms)
 
 
-def finalize_extras(hc: HardwareClass) -> str:
+def finalize_extras(extras: tuple[str, ...] | list[str]) -> str:
     """`[cuda,cudnn]` (pip's extras syntax), or empty."""
-    extras = hc.spec.runtime.extras
     return f"[{','.join(extras)}]" if extras else ""
 
 
 def finalize_labels(hc: HardwareClass, models: tuple[ModelArtifact, ...],
                     base: BaseMirror | None = None) -> tuple[tuple[str, str], ...]:
-    spec = hc.spec
+    spec, rt = hc.spec, hc.spec.runtime
     # The spec's own labels first: Kiln's (which devices and the agent trust) always win.
     labels = {**hc.metadata.labels}
     labels |= {
@@ -231,7 +229,7 @@ def finalize_labels(hc: HardwareClass, models: tuple[ModelArtifact, ...],
         contract.LABEL_COMPATIBLE: spec.compatible,
         contract.LABEL_ARCHITECTURE: spec.architecture.value,
         contract.LABEL_ACCELERATOR: spec.accelerator.kind.value,
-        contract.LABEL_RUNTIME: f"{spec.runtime.name.value}{finalize_extras(hc)}=={spec.runtime.version}",
+        contract.LABEL_RUNTIME: f"{rt.name.value}{finalize_extras(rt.extras)}=={rt.version}",
         contract.LABEL_MIN_VERSION: spec.rollout.min_version or "",
         contract.LABEL_DEVELOPMENT: "true" if spec.development else "false",
     }

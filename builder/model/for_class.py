@@ -22,7 +22,7 @@ from builder.model.report import Report, read_report
 from builder.model.runtime_image import make_runtime_image, want_runtime_image, why_no_runtime_image
 from builder.model.runtime_venv import make_runtime_venv, want_runtime_venv, why_not_host_runtime
 from builder.model.runtimes import OPENVINO, ClassRuntime, Provider
-from builder.spec.schema import HardwareClass, Model
+from builder.spec.schema import HardwareClass, Model, Runtime
 from kiln_device import contract
 
 Progress = Callable[[str], None]
@@ -54,13 +54,12 @@ def finalize_policy(hc: HardwareClass, m: Model) -> tuple[OptimizationPolicy, Ga
     return policy, gates
 
 
-def finalize_attempts(hc: HardwareClass) -> dict[str, tuple[tuple[Provider, ...], ...]]:
+def finalize_attempts(rt: Runtime) -> dict[str, tuple[tuple[Provider, ...], ...]]:
     """Per model precision, the provider lists the gate tries in order: the class's OpenVINO
     device, then OpenVINO's CPU device (this host has no iGPU); with the options the device
     uses (kiln_device.inference.provider_options: device and pinned precision hint)."""
     from kiln_device.inference import session_providers
 
-    rt = hc.spec.runtime
     devices: list[str | None] = [rt.device, "CPU"] if rt.device and rt.device.upper() != "CPU" else ["CPU"]
     if OPENVINO not in rt.execution_providers:
         devices = [None]  # one try: onnxruntime says which of the class's providers it has
@@ -85,7 +84,7 @@ def finalize_class_runtime(hc: HardwareClass, state: StateDir, source: str) -> C
                                 unavailable=why)
         container = make_runtime_image(make_context("podman", state=state), hc, source)
         return ClassRuntime(name=rt.name.value, version=rt.version, providers=rt.execution_providers,
-                            attempts=finalize_attempts(hc), container=container)
+                            attempts=finalize_attempts(hc.spec.runtime), container=container)
     if not want_runtime_venv(hc, "onnxruntime", onnxruntime.__version__):
         return None
     why = why_not_host_runtime(hc)
@@ -93,7 +92,7 @@ def finalize_class_runtime(hc: HardwareClass, state: StateDir, source: str) -> C
         return ClassRuntime(name=rt.name.value, version=rt.version, providers=rt.execution_providers,
                             unavailable=why)
     return ClassRuntime(name=rt.name.value, version=rt.version, providers=rt.execution_providers,
-                        attempts=finalize_attempts(hc), python=make_runtime_venv(hc, state, source))
+                        attempts=finalize_attempts(hc.spec.runtime), python=make_runtime_venv(hc, state, source))
 
 
 def make_optimized_models(hc: HardwareClass, progress: Progress | None = None, *,

@@ -41,11 +41,11 @@ def check_trusted_key(record: dict[str, Any], key: SigningKey) -> None:
                          "rebuild with --rebuild, or sign with the key it trusts")
 
 
-def finalize_channel(hc: HardwareClass, channel: str | None) -> str:
-    """--channel, else the class's rollout.channel."""
+def finalize_channel(default: str, channel: str | None) -> str:
+    """--channel, else DEFAULT (the class's rollout.channel)."""
     if channel is not None and not channel.strip():
         raise UsageError("--channel must not be empty")
-    return channel or hc.spec.rollout.channel
+    return channel or default
 
 
 def make_release(
@@ -64,7 +64,7 @@ def make_release(
     cert_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Build when needed, check the key, push signed to :VERSION and the channel; the updated record."""
-    channel = finalize_channel(hc, channel)
+    channel = finalize_channel(hc.spec.rollout.channel, channel)
     if rebuild or needs_build(ctx, hc.name, version):
         record = build_class(ctx, hc, source=source, version=version, sign_key=key.directory)
     else:

@@ -23,7 +23,7 @@ from builder.core.engine import Engine
 from builder.core.errors import BuildError, CommandFailed, KilnError, RegistryError
 from builder.core.run import run
 from builder.core.state import StateDir
-from builder.core.versions import finalize_tag
+from builder.core.versions import release_version
 from builder.keys.device_files import signed_identity
 from builder.keys.release_key import SigningKey, stop_agent
 from builder.keys.tuf_keys import has_trust_keys
@@ -154,7 +154,7 @@ def push_signed(
     lookaside_dir = (lookaside_dir or finalize_lookaside_dir(state)).absolute()
     verify = finalize_tls_verify(registry, tls_verify)
     access = Access(verify, authfile, cert_dir)
-    tag = finalize_tag(version)
+    tag = release_version(version).tag
     dest = finalize_destination(registry, cls, version)
     repo = dest.rsplit(":", 1)[0]
     image_id = find_built_image(record, eng)

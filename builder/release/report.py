@@ -202,7 +202,7 @@ def class_section(record: dict[str, Any], previous: dict[str, Any] | None) -> st
 
 
 def render_report(records_: list[dict[str, Any]], previous: dict[str, dict[str, Any] | None]) -> str:
-    versions = sorted({r["version"] for r in records_}, key=kv.parse)
+    versions = sorted({r["version"] for r in records_}, key=kv.Version)
     title = f"Kiln release {', '.join(versions)}"
     body = [f"<h1>{esc(title)}</h1>",
             "<p>" + ", ".join(f'<a href="#{esc(r["class"])}">{esc(r["class"])}</a>' for r in records_) + "</p>"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from builder.spec.rules import finalize_cuda_major
-from builder.spec.schema import HardwareClass, ModuleBuild
+from builder.spec.schema import HardwareClass, ModuleBuild, Toolkit
 
 ABSENT = "absent"
 LABEL_DRIVER = "dev.kiln.driver"  # name=version, or "none"
@@ -38,15 +38,14 @@ def finalize_contents(hc: HardwareClass) -> dict[str, Any]:
         "toolkit": ({"name": toolkit.name, "version": toolkit.version, "source": toolkit.source.value,
                      "repository": toolkit.repository}
                     if toolkit is not None and toolkit.installed else ABSENT),
-        "cdi": None if toolkit is None else {"mode": toolkit.cdi.value, "generator": finalize_cdi_generator(hc)},
+        "cdi": None if toolkit is None else {"mode": toolkit.cdi.value, "generator": finalize_cdi_generator(toolkit)},
         "runtime": {"name": rt.name.value, "version": rt.version, "extras": list(rt.extras),
-                    "executionProviders": list(rt.execution_providers), "cudaMajor": finalize_cuda_major(hc)},
+                    "executionProviders": list(rt.execution_providers), "cudaMajor": finalize_cuda_major(rt)},
         "kernel": None,
     }
 
 
-def finalize_cdi_generator(hc: HardwareClass) -> str | None:
-    toolkit = hc.spec.accelerator.toolkit
+def finalize_cdi_generator(toolkit: Toolkit | None) -> str | None:
     if toolkit is None or toolkit.cdi.value == "none":
         return None
     return "nvidia-ctk" if toolkit.installed else "kiln-cdi"

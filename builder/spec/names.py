@@ -7,17 +7,18 @@ import hashlib
 import re
 
 from builder.core.errors import UsageError
-from builder.core.versions import finalize_tag
+from builder.core.versions import release_version
 from builder.spec.schema import BaseSource, Family, HardwareClass
+from kiln_device.version import Version
 
 IMAGE_REPO = "localhost/kiln"
 BASE_REPO = f"{IMAGE_REPO}/base"
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
-def image_ref(cls: str, version: str) -> str:
+def image_ref(cls: str, version: Version | str) -> str:
     """localhost/kiln/CLASS:TAG, the engine's name for a build."""
-    return f"{IMAGE_REPO}/{cls}:{finalize_tag(version)}"
+    return f"{IMAGE_REPO}/{cls}:{release_version(version).tag}"
 
 
 def os_stage_ref(cls: str) -> str:
@@ -25,12 +26,12 @@ def os_stage_ref(cls: str) -> str:
     return f"localhost/kiln/{cls}/os-stage:latest"
 
 
-def finalize_destination(registry: str, cls: str, version: str) -> str:
+def finalize_destination(registry: str, cls: str, version: Version | str) -> str:
     """REGISTRY/kiln/CLASS:TAG, where a push puts a build."""
     registry = registry.removeprefix("docker://").rstrip("/")
     if not registry or any(c in registry for c in " \t\n@"):
         raise UsageError(f"registry {registry!r} should look like host:port or host:port/path")
-    return f"{registry}/kiln/{cls}:{finalize_tag(version)}"
+    return f"{registry}/kiln/{cls}:{release_version(version).tag}"
 
 
 def offline_base_ref(release: str, arch: str, snapshot: str | None = None, *, distro: str = "debian",

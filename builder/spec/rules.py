@@ -24,6 +24,7 @@ from builder.spec.schema import (
     HealthCheck,
     ModuleBuild,
     Precision,
+    Runtime,
     RuntimeName,
     SharingStrategy,
     ToolkitSource,
@@ -225,9 +226,8 @@ def driver_build(hc: HardwareClass) -> Iterator[Problem]:
         yield ((*loc, "modules"), "name the modules the build must produce (checked with modinfo)")
 
 
-def finalize_cuda_major(hc: HardwareClass) -> int | None:
+def finalize_cuda_major(rt: Runtime) -> int | None:
     """The CUDA major the runtime's PyPI wheels are built for (None: not a CUDA runtime, or a custom index)."""
-    rt = hc.spec.runtime
     if rt.name is not RuntimeName.onnxruntime_gpu or rt.index is not None:
         return None
     parts = [int(p) if p.isdigit() else 0 for p in rt.version.split(".")[:2]]
@@ -240,7 +240,7 @@ def finalize_cuda_major(hc: HardwareClass) -> int | None:
 @contract
 def cuda_driver_branch(hc: HardwareClass) -> Iterator[Problem]:
     """A dGPU driver branch runs the runtime's CUDA major (kiln_device.lint.CUDA_MIN_DRIVER)."""
-    driver, cuda = hc.spec.accelerator.driver, finalize_cuda_major(hc)
+    driver, cuda = hc.spec.accelerator.driver, finalize_cuda_major(hc.spec.runtime)
     if hc.spec.accelerator.kind is not AcceleratorKind.nvidia_dgpu or driver is None or cuda is None:
         return
     need = CUDA_MIN_DRIVER.get(cuda)

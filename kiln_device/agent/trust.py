@@ -67,7 +67,7 @@ class Channel:
     def newest(self, compatible: str) -> ChannelRelease | None:
         """The newest release for COMPATIBLE that is not withdrawn."""
         good = [r for r in self.releases if r.withdrawn is None and r.compatible == compatible]
-        return max(good, key=lambda r: kv.parse(r.version)) if good else None
+        return max(good, key=lambda r: kv.Version(r.version)) if good else None
 
     def to_dict(self) -> dict[str, Any]:
         return {"class": self.cls, "channel": self.channel, "expires": self.expires, "rootVersion": self.root_version,
@@ -175,7 +175,7 @@ def choose(channel: Channel, release: Release, device: str | None = None) -> tup
     older = [r for r in channel.releases if r.withdrawn is None and r.compatible == release.compatible
              and r.version != best.version and rollout_gate(device, channel.rollout, r.version) is None]
     if older:
-        return max(older, key=lambda r: kv.parse(r.version)), waiting
+        return max(older, key=lambda r: kv.Version(r.version)), waiting
     return None, waiting
 
 

@@ -99,7 +99,7 @@ def test_tags_and_destinations() -> None:
     assert names.finalize_destination("127.0.0.1:5000/", "c", "1.0.0") == "127.0.0.1:5000/kiln/c:1.0.0"
     for bad in ("1.2.3+build.4", "1", "v1.0"):  # no version outside the grammar becomes a tag
         with pytest.raises(UsageError, match="is not a Kiln version"):
-            versions.finalize_tag(bad)
+            versions.release_version(bad)
     assert publish.is_loopback("127.0.0.1:5000") and publish.is_loopback("localhost:5000/x")
     assert not publish.is_loopback("registry.example.com:5000")
 

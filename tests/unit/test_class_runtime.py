@@ -53,14 +53,15 @@ def test_an_unknown_openvino_device_is_a_model_problem() -> None:
 
 
 def test_the_gate_tries_the_class_device_then_openvinos_cpu_device() -> None:
-    attempts = finalize_attempts(load_class("intel-lowpower-detector", ROOT / "images"))
+    attempts = finalize_attempts(load_class("intel-lowpower-detector", ROOT / "images").spec.runtime)
     assert attempts["fp16"] == (
         ((OV, {"device_type": "GPU", "precision": "FP16"}), CPU),
         ((OV, {"device_type": "CPU", "precision": "FP32", "num_of_threads": "1"}), CPU),
     )
     assert attempts["fp32"][0][0] == (OV, {"device_type": "GPU", "precision": "FP32"})
     gpu = load_class("factory-gateway-gpu", ROOT / "images")
-    assert finalize_attempts(gpu)["fp32"] == (tuple(gpu.spec.runtime.execution_providers),)  # as the class lists
+    rt = gpu.spec.runtime
+    assert finalize_attempts(rt)["fp32"] == (tuple(rt.execution_providers),)  # as the class lists
 
 
 def test_which_classes_get_their_runtime_measured_and_which_cannot_be_here() -> None:

@@ -44,10 +44,12 @@ any_text = st.text(alphabet="0123456789abzAZ.~-^_+", max_size=12)
 @given(versions, versions)
 def test_kiln_order_is_systemd_boot_order_on_every_version_of_the_grammar(a: str, b: str) -> None:
     assert kv.is_valid(a) and kv.is_valid(b)
-    expected = systemd_order(kv.entry_version(a), kv.entry_version(b))
+    va, vb = kv.Version(a), kv.Version(b)
+    expected = systemd_order(va.entry, vb.entry)
     assert kv.compare(a, b) == expected
-    assert kv.strverscmp_improved(kv.entry_version(a), kv.entry_version(b)) == expected
-    assert kv.from_entry_version(kv.entry_version(a)) == a
+    assert (va > vb) - (va < vb) == expected  # the one type orders as the grammar does
+    assert kv.strverscmp_improved(va.entry, vb.entry) == expected
+    assert kv.Version.from_entry(va.entry) == va and va.tag == a
 
 
 @settings(max_examples=400, deadline=None)
@@ -63,7 +65,8 @@ def test_the_port_of_strverscmp_improved_is_systemds(a: str, b: str) -> None:
 ])
 def test_semver_examples_in_order_for_kiln_and_systemd_boot(a: str, b: str) -> None:
     assert kv.compare(a, b) == -1 and kv.compare(b, a) == 1
-    assert systemd_order(kv.entry_version(a), kv.entry_version(b)) == -1
+    assert systemd_order(kv.Version(a).entry, kv.Version(b).entry) == -1
+    assert sorted([kv.Version(b), kv.Version(a)]) == [kv.Version(a), kv.Version(b)]
 
 
 def test_the_findings_systemd_order_of_the_old_grammar_disagreed() -> None:
@@ -81,6 +84,8 @@ def test_versions_outside_the_grammar_are_refused_with_the_grammar(bad: str) -> 
     with pytest.raises(ValueError, match=r"is not a Kiln version: MAJOR\.MINOR\.PATCH"):
         kv.check(bad)
     assert not kv.is_valid(bad)
+    with pytest.raises(ValueError, match="is not a Kiln version"):
+        kv.Version(bad)
 
 
 def test_boot_entries_carry_the_prerelease_as_tilde_and_parse_back() -> None:
@@ -93,7 +98,11 @@ def test_boot_entries_carry_the_prerelease_as_tilde_and_parse_back() -> None:
     text = contract.render_entry(cls="c", version="1.0.0-rc.1", slot="b", partuuid="x", kargs=[])
     assert "\nversion 1.0.0~rc.1\n" in text and "sort-key kiln" in text
     # The finding: rc.1 -> 1.0.0. systemd-boot now prefers the release's entry, as the agent does.
-    assert systemd_order(kv.entry_version("1.0.0"), kv.entry_version("1.0.0-rc.1")) == 1
+    assert systemd_order(kv.Version("1.0.0").entry, kv.Version("1.0.0-rc.1").entry) == 1
+    # an entry of another grammar (a kernel's own, say) is no Kiln version: parsed back as it is
+    assert kv.Version.from_entry("6.1.0-13-amd64") is None
+    other = contract.parse_entry_name("kiln-6.1.0-13-amd64-a.conf")
+    assert other is not None and other.version == "6.1.0-13-amd64"
 
 
 @pytest.mark.parametrize("label", ["v1.0", "1.0.0+b2", "1.0.0-rc1", "01.0.0"])

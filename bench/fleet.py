@@ -50,10 +50,10 @@ from builder.release.trust import Release, Repository
 from kiln_device.agent import report as agent_report
 from kiln_device.agent import trust as agent_trust
 from kiln_device.agent.config import Config, Fleet
-from kiln_device.agent.errors import AgentError
 from kiln_device.agent.identity import load_or_create
 from kiln_device.agent.outbox import Outbox
 from kiln_device.contract import parse_release
+from kiln_device.errors import AgentError
 from kiln_device.fleet import wave_of
 from tests.fleet import kiln, running_fleet, running_postgres
 

@@ -63,7 +63,7 @@ WORK_DIR = _path(f"{DATA_DIR}/work", "Scratch space for unpacking an update.")
 # The layer store: on the data partition itself, outside the /etc and /var overlays (a factory reset keeps
 # it: a slot's root is made of these layers), as the initramfs mounts it.
 DATA_MOUNT = _path("/run/kiln/data", "The data partition itself, as the initramfs mounts it.")
-LAYERS_DIR = _path(f"{DATA_MOUNT}/layers", "The layer store (kiln_device.agent.layers): a slot's root is made of "
+LAYERS_DIR = _path(f"{DATA_MOUNT}/layers", "The layer store (kiln_device.layers): a slot's root is made of "
                                            "these; a factory reset keeps them.")
 SLOT_LAYER_LIST = _path("/kiln-layers", "In a slot made of layers, the whole of its small erofs: each layer's diff "
                                         "id and fs-verity digest, bottom first, which the initramfs checks.")

@@ -240,7 +240,7 @@ def finalize_data_argv(plan: DiskPlan, tree: Path, out: Path) -> list[str | os.P
         "-U", plan.data_fs_uuid,
         "-E", f"hash_seed={plan.data_fs_uuid},root_owner=0:0",
         "-b", "4096",
-        # fs-verity on the layer store (kiln_device.agent.layers): the agent and initramfs turn it on per layer
+        # fs-verity on the layer store (kiln_device.layers): the agent and initramfs turn it on per layer
         "-O", "verity",
         "-d", tree,
         out, str(data.size // 1024) + "k",

@@ -1,5 +1,5 @@
 """The data partition's layer store in a factory disk: the image's layers, one erofs each, where
-the device agent keeps them (kiln_device.agent.layers), so that the first update builds only the
+the device agent keeps them (kiln_device.layers), so that the first update builds only the
 layers that changed."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 
 from builder.core.errors import DiskError
 from kiln_device import contract
-from kiln_device.agent.errors import AgentError
-from kiln_device.agent.layers import fill_store, image_layers
-from kiln_device.agent.oci import verified_labels
+from kiln_device.errors import AgentError
+from kiln_device.layers import fill_store, image_layers
+from kiln_device.oci_layout import verified_labels
 
 # Where the agent keeps images (its ociDir, /var/lib/kiln/oci) inside the data partition:
 # the /var overlay's upper dir. Ref names are versions with anything but [A-Za-z0-9._-] as _.

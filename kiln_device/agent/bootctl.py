@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kiln_device.agent.config import Config
-from kiln_device.agent.errors import AgentError
 from kiln_device.common import copy_atomic, fsync_dir, sha256_file, write_atomic
 from kiln_device.contract import (
     CONFIG,
@@ -22,6 +21,7 @@ from kiln_device.contract import (
     read_cmdline_slot,
     render_entry,
 )
+from kiln_device.errors import AgentError
 
 EFI_LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"  # systemd-boot's LoaderEntrySelected vendor
 

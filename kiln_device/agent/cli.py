@@ -91,7 +91,6 @@ from typing import Any
 
 from kiln_device.agent.bootctl import BootControl, make_boot_control
 from kiln_device.agent.config import CONFIG_ENV, ROOT_ENV, Config, load_config, read_boot_id
-from kiln_device.agent.errors import AgentError, log
 from kiln_device.agent.identity import KEY_FILE, TPM_FILE, load_or_create
 from kiln_device.agent.install import cmd_check, cmd_update
 from kiln_device.agent.journal import State, blocklist, locked
@@ -101,6 +100,7 @@ from kiln_device.agent.report import cmd_report
 from kiln_device.common import TOOL_PATH, Parser, read_json, write_atomic
 from kiln_device.contract import CONFIG, HEALTH_RESULT, NO_SPACE, OK, USAGE, WRITE_FAILED, Release, under
 from kiln_device.degraded import read_degraded, summary
+from kiln_device.errors import AgentError, log
 
 sys.dont_write_bytecode = True  # /usr is read-only on the device
 

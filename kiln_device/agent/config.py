@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiln_device.agent.errors import AgentError
 from kiln_device.common import read_json
 from kiln_device.contract import (
     AGENT_DEFAULTS,
@@ -31,6 +30,7 @@ from kiln_device.contract import (
     under,
     window_minutes,
 )
+from kiln_device.errors import AgentError
 from kiln_device.typed import dump
 
 CONFIG_ENV = "KILN_AGENT_CONFIG"
@@ -90,7 +90,7 @@ class Config:
     trust_dir: Path = Path(TRUST_DIR)
     fleet: Fleet = field(default_factory=Fleet)
     window: tuple[int, int] | None = None  # maintenance window, minutes after 00:00 UTC [start, end)
-    layers_dir: Path = Path(LAYERS_DIR)  # the layer store (kiln_device.agent.layers)
+    layers_dir: Path = Path(LAYERS_DIR)  # the layer store (kiln_device.layers)
     running_layers: Path = Path(RUNNING_LAYERS)  # the booted root's layer list (absent: a whole-root slot)
 
     @property

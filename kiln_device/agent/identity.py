@@ -41,9 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kiln_device.agent.errors import AgentError, log
 from kiln_device.common import fsync_dir, write_atomic
 from kiln_device.contract import CONFIG, IDENTITY_MODES
+from kiln_device.errors import AgentError, log
 from kiln_device.fleet import KEY_ECDSA_P256, KEY_ED25519, device_id
 
 KEY_FILE = "device.pem"

@@ -13,24 +13,10 @@ from pathlib import Path
 from kiln_device.agent import trust
 from kiln_device.agent.bootctl import BootControl
 from kiln_device.agent.config import Config, in_window, read_boot_id, require_registry
-from kiln_device.agent.errors import AgentError, log
 from kiln_device.agent.identity import device_id_of
 from kiln_device.agent.journal import State, blocklist, fault_point, now
-from kiln_device.agent.layers import (
-    LAYERS_FILE,
-    Layer,
-    drop_partial_layers,
-    fill_store,
-    gc_store,
-    image_layers,
-    manifest_text,
-    mounted_stack,
-    parse_manifest,
-    release_mounts,
-)
-from kiln_device.agent.oci import fetch, gc_layout, inspect_channel, inspect_ref, verified_labels
+from kiln_device.agent.oci import fetch, inspect_channel, inspect_ref
 from kiln_device.agent.slot import NewRoot, Paths, build_erofs, check_tree, unpack, work_paths, write_slot
-from kiln_device.agent.tools import run
 from kiln_device.agent.versions import Candidate, Decision, candidate_from_labels, compare_versions, decide
 from kiln_device.common import sha256_file
 from kiln_device.contract import (
@@ -51,6 +37,21 @@ from kiln_device.contract import (
     oci_ref_name,
     other_slot,
 )
+from kiln_device.errors import AgentError, log
+from kiln_device.layers import (
+    LAYERS_FILE,
+    Layer,
+    drop_partial_layers,
+    fill_store,
+    gc_store,
+    image_layers,
+    manifest_text,
+    mounted_stack,
+    parse_manifest,
+    release_mounts,
+)
+from kiln_device.oci_layout import gc_layout, verified_labels
+from kiln_device.tools import run
 
 
 def cmd_check(

@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from kiln_device.agent.errors import AgentError, log
 from kiln_device.common import read_json, write_atomic
 from kiln_device.contract import LOCKED
+from kiln_device.errors import AgentError, log
 
 STATE_SCHEMA = 1
 MAX_ROLLBACKS = 20

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kiln_device.agent.errors import log
 from kiln_device.common import fsync_dir, read_json, write_atomic
+from kiln_device.errors import log
 
 if TYPE_CHECKING:
     from kiln_device.agent.config import Config

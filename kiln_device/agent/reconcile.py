@@ -10,9 +10,9 @@ import json
 from kiln_device import common
 from kiln_device.agent.bootctl import BootControl
 from kiln_device.agent.config import Config, read_boot_id
-from kiln_device.agent.errors import log
 from kiln_device.agent.journal import MAX_ROLLBACKS, State, now
 from kiln_device.contract import Release, entry_name
+from kiln_device.errors import log
 
 JOURNAL_TIMEOUT = 30
 NO_TRIAL_JOURNAL = ("the new slot never got as far as writing a journal (its kernel or initramfs failed: "

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from kiln_device.agent.config import ROOT_ENV, Config
-from kiln_device.agent.errors import AgentError, log
 from kiln_device.agent.identity import Identity, load_or_create
 from kiln_device.agent.outbox import Event, Outbox, emit
 from kiln_device.common import read_json
 from kiln_device.contract import CONFIG, INFERENCE_STATUS, OK, UNREACHABLE, Release, under
+from kiln_device.errors import AgentError, log
 from kiln_device.fleet import DEVICE_HEADER, ENROLL_CONTEXT, KEY_ED25519, SIGNATURE_HEADER, SIGNING_CONTEXT
 
 BATCH_BYTES = 768 * 1024  # of events per upload, under the service's 1 MiB body limit

@@ -10,9 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiln_device.agent.config import Config, load_release
-from kiln_device.agent.errors import AgentError
 from kiln_device.agent.journal import FAULT_ENV, fault_point
-from kiln_device.agent.tools import run
 from kiln_device.agent.versions import Candidate
 from kiln_device.common import CHUNK, sha256_file
 from kiln_device.contract import (
@@ -25,7 +23,9 @@ from kiln_device.contract import (
     Release,
     bad_kernel_args,
 )
+from kiln_device.errors import AgentError
 from kiln_device.kernel import find_kernels, why_not_bootable
+from kiln_device.tools import run
 from kiln_device.tree import resolve_in_tree
 
 EROFS_MAGIC = 0xE0F5E1E2

@@ -23,7 +23,6 @@ from typing import Any
 
 from kiln_device import version as kv
 from kiln_device.agent.config import Config
-from kiln_device.agent.errors import AgentError, log
 from kiln_device.agent.journal import fault_point
 from kiln_device.channel import Rollout, parse_rollout, parse_target_custom, rollout_path
 from kiln_device.common import fsync_dir
@@ -36,6 +35,7 @@ from kiln_device.contract import (
     ContractError,
     Release,
 )
+from kiln_device.errors import AgentError, log
 from kiln_device.fleet import rollout_gate
 
 METADATA_PATH = "tuf/metadata/"  # under the lookaside URL (builder.release.trust)

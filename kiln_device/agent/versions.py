@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kiln_device import version as kv
-from kiln_device.agent.errors import AgentError
 from kiln_device.contract import (
     BAD_IMAGE,
     BLOCKLISTED,
@@ -27,6 +26,7 @@ from kiln_device.contract import (
     Release,
     entry_text,
 )
+from kiln_device.errors import AgentError
 
 
 def compare_versions(a: str, b: str) -> int:

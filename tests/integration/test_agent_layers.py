@@ -22,7 +22,7 @@ import pytest
 
 from builder.core.state import StateDir
 from builder.keys.release_key import SigningKey
-from kiln_device.agent.layers import mounts_under
+from kiln_device.layers import mounts_under
 from tests.ota import FakeDevice, Symlink, make_oci_image, ota_services, publish, release_files, release_labels
 
 pytestmark = [pytest.mark.integration,

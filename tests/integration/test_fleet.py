@@ -268,8 +268,8 @@ def test_a_tpm_key_enrolls_signs_and_stays_the_device_identity(service: FleetSer
     claiming its id does not; the identity survives a restart of the TPM and is never silently replaced."""
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from kiln_device.agent.errors import AgentError
     from kiln_device.agent.identity import KEY_FILE, TPM_FILE, TPM_HANDLE, load_or_create
+    from kiln_device.errors import AgentError
 
     tok = token(backend, tmp_path / "tok")
     with running_swtpm(tmp_path / "tpm") as tpm:

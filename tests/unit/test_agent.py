@@ -12,9 +12,7 @@ import pytest
 from kiln_device.agent import reconcile
 from kiln_device.agent.bootctl import BootControl, NvBootCtrl, SystemdBoot
 from kiln_device.agent.config import Config
-from kiln_device.agent.errors import AgentError
 from kiln_device.agent.journal import State
-from kiln_device.agent.oci import gc_layout, verified_labels
 from kiln_device.agent.reconcile import cmd_boot
 from kiln_device.agent.versions import Candidate, candidate_from_labels, compare_versions, decide, version_key
 from kiln_device.contract import (
@@ -36,6 +34,8 @@ from kiln_device.contract import (
     read_cmdline_slot,
     render_entry,
 )
+from kiln_device.errors import AgentError
+from kiln_device.oci_layout import gc_layout, verified_labels
 from tests.conftest import ROOT
 
 

@@ -125,9 +125,9 @@ def test_a_gzip_kernel_is_refused_by_the_disk_the_lint_and_the_agent_alike(tmp_p
     """Debian's arm64 vmlinuz is gzip: systemd-boot cannot start it. One check, three callers."""
     from builder.core.errors import DiskError
     from builder.disk.unpacked import find_kernel
-    from kiln_device.agent.errors import AgentError
     from kiln_device.agent.slot import check_tree
     from kiln_device.agent.versions import Candidate
+    from kiln_device.errors import AgentError
     from tests.ota import release_files
 
     tree = tmp_path / "root"

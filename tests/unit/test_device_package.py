@@ -229,7 +229,7 @@ def test_an_image_with_a_malformed_release_json_is_refused_naming_the_field(tmp_
                                                                            where: str) -> None:
     """release.json is read through its record: a wrong field is a BAD_IMAGE refusal that says which
     field, never a KeyError or a silently defaulted value."""
-    from kiln_device.agent.errors import AgentError
+    from kiln_device.errors import AgentError
     from tests.ota import release_files
 
     for rel, data in release_files(version="2.0.0").items():

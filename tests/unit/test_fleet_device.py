@@ -13,9 +13,9 @@ import pytest
 from builder.core.errors import UsageError
 from builder.fleet.store import SCHEMA_VERSION, open_store
 from kiln_device.agent.config import finalize_fleet, in_window, parse_window
-from kiln_device.agent.errors import AgentError
 from kiln_device.agent.outbox import Outbox, emit
 from kiln_device.channel import parse_rollout
+from kiln_device.errors import AgentError
 from kiln_device.fleet import device_id, is_device_id, place, rollout_gate, wave_of
 from kiln_device.typed import ContractError
 

@@ -1,5 +1,5 @@
 """The layer store's pieces on their own: OCI whiteouts to overlayfs ones, and a layer whose bytes
-are not its diff id refused (kiln_device.agent.layers). Real GNU tar; whiteouts need root."""
+are not its diff id refused (kiln_device.layers). Real GNU tar; whiteouts need root."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from kiln_device.agent.errors import AgentError
-from kiln_device.agent.layers import OPAQUE_XATTR, convert_whiteouts, extract, gc_store, measure, parse_manifest
-from kiln_device.agent.tools import classify
 from kiln_device.contract import BAD_IMAGE, UNREACHABLE, WRITE_FAILED
+from kiln_device.errors import AgentError
+from kiln_device.layers import OPAQUE_XATTR, convert_whiteouts, extract, gc_store, measure, parse_manifest
+from kiln_device.tools import classify
 
 pytestmark = pytest.mark.unit
 needs_root = pytest.mark.skipif(os.geteuid() != 0 and os.environ.get("CI") != "true",

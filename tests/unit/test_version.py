@@ -107,9 +107,9 @@ def test_boot_entries_carry_the_prerelease_as_tilde_and_parse_back() -> None:
 
 @pytest.mark.parametrize("label", ["v1.0", "1.0.0+b2", "1.0.0-rc1", "01.0.0"])
 def test_an_image_whose_version_label_is_outside_the_grammar_is_a_bad_image(label: str) -> None:
-    from kiln_device.agent.errors import AgentError
     from kiln_device.agent.versions import candidate_from_labels
     from kiln_device.contract import BAD_IMAGE, LABEL_COMPATIBLE, LABEL_VERSION
+    from kiln_device.errors import AgentError
 
     with pytest.raises(AgentError) as err:
         candidate_from_labels({LABEL_VERSION: label, LABEL_COMPATIBLE: "kiln,c"}, "sha256:" + "a" * 64)

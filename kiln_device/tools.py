@@ -6,8 +6,8 @@ import re
 from collections.abc import Sequence
 
 from kiln_device import common
-from kiln_device.agent.errors import AgentError, log
 from kiln_device.contract import CONFIG, NO_SPACE, SIGNATURE, UNREACHABLE
+from kiln_device.errors import AgentError, log
 
 
 def run(argv: Sequence[str], *, what: str, code: int, capture: bool = True, timeout: float | None = None,

@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from kiln_device.agent.errors import AgentError, log
-from kiln_device.agent.oci import blob_path, layout_manifest
-from kiln_device.agent.tools import run
 from kiln_device.common import CHUNK, fsync_dir, fsync_file, read_json, write_atomic
 from kiln_device.contract import BAD_IMAGE, NO_SPACE, SLOT_LAYER_LIST, WRITE_FAILED
+from kiln_device.errors import AgentError, log
+from kiln_device.oci_layout import blob_path, layout_manifest
+from kiln_device.tools import run
 
 LAYERS_FILE = SLOT_LAYER_LIST.lstrip("/")  # at the top of a slot's manifest filesystem, and so of the booted root
 OPAQUE_XATTR = "trusted.overlay.opaque"

@@ -99,6 +99,9 @@ class Device:
         self.root = root
         self.url = url
         self.release = parse_release({"class": CLS, "compatible": f"kiln,{CLS}", "version": "1.0.0"})
+        (root / "etc").mkdir(parents=True, exist_ok=True)  # each device its own copy: the agent deletes it once used
+        shutil.copyfile(token, root / "etc/enroll.token")
+        token = root / "etc/enroll.token"
         self.config = self.make_config(url, ca, token, lookaside, trust_root_file)
         self.id = load_or_create(self.config.identity_dir, "file").id  # one simulated device: one key file
         self.offline = False
@@ -174,6 +177,7 @@ def run_backend(backend: str, db: str, n: int, workers: int, tmp: Path) -> dict[
             timed_posts(lat), ThreadPoolExecutor(workers) as pool:
         token = tmp / "token"
         kiln("fleet", "token", CLS, "--uses", str(n), "--out", str(token), "--db", db)
+        kiln("fleet", "allow", CLS, "--any-device", "--db", db)  # simulated devices: no serials to list
         start = time.perf_counter()
         devices = list(pool.map(lambda i: Device(tmp / "dev" / f"{i:05d}", svc.url, svc.ca, token, la_url,
                                                  root_file), range(n)))

@@ -291,7 +291,12 @@ class AgentFleet:
     url: str = key("url", "`https://HOST:PORT` of the fleet service; empty: none.", default="")
     ca: str = key("ca", "The CA that signed the service's TLS certificate (`kiln disk --etc`).",
                   default="/etc/kiln/fleet-ca.pem")
-    token: str = key("token", "The enrollment token (`kiln disk --etc`).", default="/etc/kiln/enroll.token")
+    token: str = key("token", "The enrollment token (`kiln disk --etc`); deleted once the service has answered "
+                              "the enrollment, so a device in the field carries none.",
+                     default="/etc/kiln/enroll.token")
+    serial: str | None = key("serial", "The device's serial, which the fleet's allow-list may name (`kiln fleet "
+                                       "allow`); unset: the firmware's (DMI product serial, or the device tree's).",
+                             default=None)
     outbox_max: int = key("outboxMax", "How many events the outbox keeps (the oldest go first, counted).",
                           default=2000, positive=True)
     batch: int = key("batch", "How many events go in one upload.", default=200, positive=True)

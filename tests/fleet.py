@@ -172,11 +172,15 @@ class SimDevice:
     @classmethod
     def create(cls, root: Path, service: FleetService | None, token: Path, *, klass: str = "tiny",
                version: str = "1.0.0", outbox_max: int = 2000, batch: int = 200, url: str | None = None,
-               identity: str = "file") -> SimDevice:
+               identity: str = "file", serial: str | None = None) -> SimDevice:
         state = root / "agent"
+        if token.is_file():  # each device its own copy, as each disk is flashed with one: the agent deletes it
+            (root / "etc").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(token, root / "etc/enroll.token")
+            token = root / "etc/enroll.token"
         fleet = Fleet(url=url if url is not None else (service.url if service else ""),
                       ca=service.ca if service else Path("/nonexistent"), token=token, outbox_max=outbox_max,
-                      batch=batch, identity=identity)
+                      batch=batch, identity=identity, serial=serial)
         config = Config(registry="", repository="", channel="stable", lookaside="", insecure=True,
                         policy=Path("/nonexistent"), release=Path("/nonexistent"), state_dir=state,
                         oci_dir=root / "oci", work_dir=root / "work", esp=root / "efi", slots={}, partuuids={},

@@ -157,6 +157,95 @@ def fleet_token(cls: str, uses: int, expires_days: float, out: Path | None, to_s
     click.echo(f"wrote a token for {uses} {cls} device(s), valid {expires_days:g} days, to {out}", err=True)
 
 
+@fleet_group.command("allow")
+@click.argument("cls", metavar="CLASS")
+@click.option("--serial", "serials", multiple=True, metavar="SERIAL",
+              help="A device serial to accept on enrollment (repeat it; one device per serial).")
+@click.option("--serials-from", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              help="A file of serials, one per line (the factory's list).")
+@click.option("--any-device", is_flag=True,
+              help="Accept every new device of CLASS (a development or test fleet: a token alone then enrolls).")
+@click.option("--list", "show", is_flag=True, help="Print CLASS's allow-list instead.")
+@DB_OPTION
+def fleet_allow(cls: str, serials: tuple[str, ...], serials_from: Path | None, any_device: bool, show: bool,
+                db: str | None) -> None:
+    """The allow-list of CLASS: new devices whose serial it names are accepted on enrollment; every other new
+    device waits as pending until `kiln fleet accept`."""
+    from builder.cli.common import checked
+    from builder.core import safe
+    from builder.fleet.store import ANY_SERIAL
+
+    checked("CLASS", safe.name, cls)
+    store = open_db(db)
+    if show:
+        for _, serial in store.allowed(cls):
+            click.echo("every device" if serial == ANY_SERIAL else serial)
+        return
+    wanted = list(serials)
+    if serials_from is not None:
+        wanted += [s.strip() for s in serials_from.read_text().splitlines() if s.strip() and not s.startswith("#")]
+    for serial in wanted:
+        if serial == ANY_SERIAL or len(serial) > 128 or not serial.isprintable():
+            raise click.UsageError(f"serial {serial[:40]!r}: expected up to 128 printable characters, "
+                                   f"not {ANY_SERIAL!r}")
+    if any_device:
+        wanted.append(ANY_SERIAL)
+    if not wanted:
+        raise click.UsageError("give --serial SERIAL, --serials-from FILE or --any-device (or --list)")
+    added = store.allow(cls, wanted)
+    what = "every new device" if any_device else f"{len(wanted)} serial(s), {added} new"
+    click.echo(f"{cls}: allowed {what}", err=True)
+
+
+@fleet_group.command("devices")
+@click.argument("cls", metavar="CLASS", required=False)
+@click.option("--pending", "state", flag_value="pending", help="Only the devices waiting for acceptance.")
+@click.option("--rejected", "state", flag_value="rejected", help="Only the rejected devices.")
+@click.option("--json", "as_json", is_flag=True)
+@DB_OPTION
+def fleet_devices(cls: str | None, state: str | None, as_json: bool, db: str | None) -> None:
+    """The enrolled devices (of CLASS): id, state, key type and origin, serial, version, last seen."""
+    from builder.core.output import inert
+
+    rows = open_db(db).devices(cls, state)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, sort_keys=True))
+        return
+    for d in rows:
+        click.echo(inert(f"{d['id']}  {d['state']:8}  {d['class']}  {d['key_type']}/{d['key_origin']}  "
+                         f"serial {d['serial'] or '-'}  {d['version'] or '-'}  last seen {d['last_seen'] or 'never'}"))
+    if not rows:
+        click.echo("no devices", err=True)
+
+
+def _set_state(devices: tuple[str, ...], state: str, db: str | None) -> None:
+    from kiln_device.fleet import is_device_id
+
+    bad = [d for d in devices if not is_device_id(d)]
+    if bad:
+        raise click.UsageError(f"not device ids (kd- and 24 hex digits): {', '.join(repr(d[:40]) for d in bad)}")
+    unknown = open_db(db).set_state(list(devices), state)
+    if unknown:
+        raise click.ClickException(f"not enrolled here: {', '.join(unknown)} (the others are {state})")
+    click.echo(f"{len(devices)} device(s) {state}", err=True)
+
+
+@fleet_group.command("accept")
+@click.argument("devices", metavar="DEVICE...", nargs=-1, required=True)
+@DB_OPTION
+def fleet_accept(devices: tuple[str, ...], db: str | None) -> None:
+    """Accept pending devices: their reports are taken from now on, and count toward halts and promotions."""
+    _set_state(devices, "accepted", db)
+
+
+@fleet_group.command("reject")
+@click.argument("devices", metavar="DEVICE...", nargs=-1, required=True)
+@DB_OPTION
+def fleet_reject(devices: tuple[str, ...], db: str | None) -> None:
+    """Reject devices: their reports and enrollments are refused from now on (a farmed or stolen identity)."""
+    _set_state(devices, "rejected", db)
+
+
 @fleet_group.command("status")
 @click.argument("cls", metavar="[CLASS]", required=False)
 @DB_OPTION

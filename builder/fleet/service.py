@@ -1,13 +1,20 @@
 """`kiln fleet serve`: a Starlette app under uvicorn, over TLS.
 
-    POST /v1/enroll    a device's public key, its enrollment token, signed by the key
+    POST /v1/enroll    a device's public key, its enrollment token, signed by the key (proof that it
+                       holds the key); the key's origin (tpm, file) and the device's serial
     POST /v1/reports   a batch of outbox events, signed by the device key (kiln_device.fleet)
     GET  /v1/status    the fleet's state as JSON (?class=CLASS)
     GET  /             the same as an HTML page
     GET  /healthz      the service and its database answer
 
+A new identity is pending until the allow-list (`kiln fleet allow`: its serial, or every device
+of its class) or an operator (`kiln fleet accept`) accepts it: a token alone, which every device
+of a batch carries, makes no device whose reports count. A pending or rejected device's reports
+get a 403 and are not stored, so they never count toward a halt or a promotion.
+
 A report that is malformed, too big, unsigned, signed by another key, from a device that is
-not enrolled, or replayed gets a 4xx and a JSON {"error": reason}; nothing of it is stored.
+not enrolled or not accepted, or replayed gets a 4xx and a JSON {"error": reason}; nothing of it
+is stored.
 After a report with failures, the rollouts of that class are checked: when the failure rate
 of a rollout's open waves is over its maxFailureRate (once haltMinDevices have tried), the
 service signs the halt into the channel's rollout metadata (with the rollout and online keys
@@ -38,7 +45,7 @@ from starlette.routing import Route
 
 from builder.core.errors import UsageError
 from builder.fleet import views
-from builder.fleet.store import Refused, Store
+from builder.fleet.store import ACCEPTED, KEY_ORIGINS, PENDING, Refused, Store
 from kiln_device.fleet import (
     DEVICE_HEADER,
     ENROLL_CONTEXT,
@@ -257,12 +264,16 @@ def make_app(store: Store, repo: Any = None, *, tick: float = 60.0) -> Starlette
             body = await read_body(request)
             data = parse_json(body)
             fields = ("device", "publicKey", "token", "class", "compatible", "version")
+            optional = ("keyType", "keyOrigin", "serial")
             data.setdefault("keyType", KEY_ED25519)  # an agent from before TPM keys
-            bad = [f for f in (*fields, "keyType") if not isinstance(data.get(f), str) or not data[f]
-                   or len(data[f]) > 256]
-            if bad or set(data) - {*fields, "keyType"}:
-                raise Refused(422, f"expected the string fields {', '.join(fields)} and keyType"
+            data.setdefault("keyOrigin", "unknown")  # an agent from before enrollment states
+            present = [*fields, *(f for f in optional if f in data and data[f] is not None)]
+            bad = [f for f in present if not isinstance(data.get(f), str) or not data[f] or len(data[f]) > 256]
+            if bad or set(data) - {*fields, *optional}:
+                raise Refused(422, f"expected the string fields {', '.join(fields)}, and {', '.join(optional)}"
                                    + (f" (bad: {', '.join(bad)})" if bad else ""))
+            if data["keyOrigin"] not in KEY_ORIGINS:
+                raise Refused(422, f"keyOrigin: expected one of {', '.join(KEY_ORIGINS)}")
             try:
                 raw = base64.b64decode(data["publicKey"], validate=True)
             except binascii.Error:
@@ -271,12 +282,13 @@ def make_app(store: Store, repo: Any = None, *, tick: float = 60.0) -> Starlette
             if device_id(raw) != data["device"]:
                 raise Refused(422, "device: not the id of this public key")
             verify(data["publicKey"], ENROLL_CONTEXT, body, request.headers.get(SIGNATURE_HEADER), data["keyType"])
-            status = await run_in_threadpool(store.enroll, data["device"], data["class"], data["compatible"],
-                                             data["publicKey"], token_hash(data["token"]), data["version"],
-                                             data["keyType"])
+            status, state = await run_in_threadpool(
+                lambda: store.enroll(data["device"], data["class"], data["compatible"], data["publicKey"],
+                                     token_hash(data["token"]), data["version"], data["keyType"],
+                                     key_origin=data["keyOrigin"], serial=data.get("serial")))
         except Refused as exc:
             return error(exc)
-        return JSONResponse({"status": status, "device": data["device"]})
+        return JSONResponse({"status": status, "state": state, "device": data["device"]})
 
     async def reports(request: Request) -> Response:
         try:
@@ -287,8 +299,11 @@ def make_app(store: Store, repo: Any = None, *, tick: float = 60.0) -> Starlette
             known = await run_in_threadpool(store.device_key, device)
             if known is None:
                 raise Refused(401, f"device {device} is not enrolled")
-            public, cls, key_type = known
+            public, cls, key_type, state = known
             verify(public, SIGNING_CONTEXT, body, request.headers.get(SIGNATURE_HEADER), key_type)
+            if state != ACCEPTED:
+                waiting = " is waiting for an operator to accept it" if state == PENDING else " was rejected"
+                raise Refused(403, f"device {device}{waiting}: its reports are not taken", state=state)
             result = await run_in_threadpool(store.ingest, device, counter, dropped, events)
         except Refused as exc:
             return error(exc)

@@ -52,8 +52,24 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (3, "the type of each device's key (ed25519, or ecdsa-p256 from a TPM)", [
         "ALTER TABLE devices ADD COLUMN key_type TEXT NOT NULL DEFAULT 'ed25519'",
     ]),
+    # Devices enrolled before this migration stay accepted (they were, under the old rules); every new
+    # identity starts pending unless the allow-list names it.
+    (4, "enrollment states (pending, accepted, rejected), the key's origin and serial, the allow-list", [
+        "ALTER TABLE devices ADD COLUMN state TEXT NOT NULL DEFAULT 'accepted'",
+        "ALTER TABLE devices ADD COLUMN key_origin TEXT NOT NULL DEFAULT 'unknown'",
+        "ALTER TABLE devices ADD COLUMN serial TEXT",
+        """CREATE TABLE allowed (
+            class TEXT NOT NULL, serial TEXT NOT NULL, created TEXT NOT NULL, PRIMARY KEY (class, serial))""",
+    ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+# A device's enrollment state: only accepted devices report, and only their reports count toward a
+# rollout's halt or promotion. ANY_SERIAL in the allow-list accepts every new device of its class.
+PENDING, ACCEPTED, REJECTED = "pending", "accepted", "rejected"
+STATES = (PENDING, ACCEPTED, REJECTED)
+ANY_SERIAL = "*"
+KEY_ORIGINS = ("tpm", "file", "unknown")
 
 # What says a device tried a release (a waiting device or a download-only fetch did not).
 TRIED_KINDS = ("update.started", "update.phase", "update.installed", "update.failed", "update.success", "rollback")
@@ -146,14 +162,19 @@ class Store:
                         (token_hash, cls, uses, expires, now_text()))
 
     def enroll(self, device: str, cls: str, compatible: str, public_key: str, token_hash: str,
-               version: str, key_type: str = "ed25519") -> str:
+               version: str, key_type: str = "ed25519", *, key_origin: str = "unknown",
+               serial: str | None = None) -> tuple[str, str]:
+        """(what happened, the device's state): a new identity is accepted when the allow-list names its
+        serial (one device per serial) or its whole class, and waits as pending otherwise."""
         with self.tx() as cur:
-            cur.execute(self.sql("SELECT public_key, key_type FROM devices WHERE id = ?"), (device,))
+            cur.execute(self.sql("SELECT public_key, key_type, state FROM devices WHERE id = ?"), (device,))
             row = cur.fetchone()
             if row is not None:
                 if (row[0], row[1]) != (public_key, key_type):
                     raise Refused(409, f"device {device} is enrolled with another key")
-                return "already enrolled"
+                if row[2] == REJECTED:
+                    raise Refused(403, f"device {device} was rejected by an operator", state=REJECTED)
+                return "already enrolled", str(row[2])
             cur.execute(self.sql("SELECT class, uses_left, expires FROM tokens WHERE hash = ?"  # noqa: S608
                                  + self.for_update()),
                         (token_hash,))
@@ -166,22 +187,66 @@ class Store:
                 raise Refused(403, "this enrollment token is used up")
             if tok[2] is not None and float(tok[2]) < time.time():
                 raise Refused(403, "this enrollment token has expired")
+            state = ACCEPTED if self._allowed(cur, cls, serial) else PENDING
             cur.execute(self.sql("INSERT INTO devices (id, class, compatible, public_key, key_type, enrolled, "
-                                 "last_seen, version) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"),
-                        (device, cls, compatible, public_key, key_type, now_text(), now_text(), text(version)))
+                                 "last_seen, version, state, key_origin, serial) "
+                                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"),
+                        (device, cls, compatible, public_key, key_type, now_text(), now_text(), text(version), state,
+                         key_origin, text(serial, 128)))
             if cur.rowcount == 1:  # not enrolled by a request running alongside: the token is used
                 cur.execute(self.sql("UPDATE tokens SET uses_left = uses_left - 1 WHERE hash = ?"), (token_hash,))
-                return "enrolled"
-        if self.device_key(device) != (public_key, cls, key_type):
+                return ("enrolled" if state == ACCEPTED else PENDING), state
+        known = self.device_key(device)
+        if known is None or known[:3] != (public_key, cls, key_type):
             raise Refused(409, f"device {device} is enrolled with another key or class")
-        return "already enrolled"
+        return "already enrolled", known[3]
 
-    def device_key(self, device: str) -> tuple[str, str, str] | None:
-        """The device's enrolled public key (base64), class and key type."""
+    def _allowed(self, cur: Any, cls: str, serial: str | None) -> bool:
+        cur.execute(self.sql("SELECT serial FROM allowed WHERE class = ? AND serial IN (?, ?)"),
+                    (cls, ANY_SERIAL, serial or ANY_SERIAL))
+        found = {str(r[0]) for r in cur.fetchall()}
+        if ANY_SERIAL in found:
+            return True
+        if not serial or serial not in found:
+            return False
+        # One device per serial: a second identity claiming an accepted device's serial waits for an operator.
+        cur.execute(self.sql("SELECT COUNT(*) FROM devices WHERE class = ? AND serial = ? AND state = ?"),
+                    (cls, serial, ACCEPTED))
+        return int(cur.fetchone()[0]) == 0
+
+    def allow(self, cls: str, serials: list[str]) -> int:
+        """Add SERIALS (ANY_SERIAL: every device) to CLS's allow-list; how many were new."""
+        added = 0
         with self.tx() as cur:
-            cur.execute(self.sql("SELECT public_key, class, key_type FROM devices WHERE id = ?"), (device,))
+            for serial in serials:
+                cur.execute(self.sql("INSERT INTO allowed (class, serial, created) VALUES (?, ?, ?) "
+                                     "ON CONFLICT DO NOTHING"), (cls, serial, now_text()))
+                added += cur.rowcount
+        return added
+
+    def allowed(self, cls: str | None = None) -> list[tuple[str, str]]:
+        where, args = ("WHERE class = ?", (cls,)) if cls else ("", ())
+        with self.tx() as cur:
+            cur.execute(self.sql(f"SELECT class, serial FROM allowed {where} ORDER BY class, serial"), args)  # noqa: S608
+            return [(str(c), str(s)) for c, s in cur.fetchall()]
+
+    def set_state(self, devices: list[str], state: str) -> list[str]:
+        """Move DEVICES to STATE (accepted or rejected); the ids that are not enrolled here."""
+        assert state in STATES, state
+        unknown = []
+        with self.tx() as cur:
+            for device in devices:
+                cur.execute(self.sql("UPDATE devices SET state = ? WHERE id = ?"), (state, device))
+                if cur.rowcount == 0:
+                    unknown.append(device)
+        return unknown
+
+    def device_key(self, device: str) -> tuple[str, str, str, str] | None:
+        """The device's enrolled public key (base64), class, key type and enrollment state."""
+        with self.tx() as cur:
+            cur.execute(self.sql("SELECT public_key, class, key_type, state FROM devices WHERE id = ?"), (device,))
             row = cur.fetchone()
-        return (str(row[0]), str(row[1]), str(row[2])) if row else None
+        return (str(row[0]), str(row[1]), str(row[2]), str(row[3])) if row else None
 
     def for_update(self) -> str:
         return ""
@@ -223,10 +288,13 @@ class Store:
 
     # --- reading ------------------------------------------------------------------------------
 
-    def devices(self, cls: str | None = None) -> list[dict[str, Any]]:
+    def devices(self, cls: str | None = None, state: str | None = ACCEPTED) -> list[dict[str, Any]]:
+        """The devices (of CLS) in STATE (None: every state): by default the accepted, which are the fleet."""
         cols = ("id", "class", "compatible", "enrolled", "last_seen", "dropped", "last_seq", "version", "slot",
-                "degraded", "channel_state", "key_type")
-        where, args = ("WHERE class = ?", (cls,)) if cls else ("", ())
+                "degraded", "channel_state", "key_type", "state", "key_origin", "serial")
+        conds = [(c, v) for c, v in (("class = ?", cls), ("state = ?", state)) if v]
+        where = ("WHERE " + " AND ".join(c for c, _ in conds)) if conds else ""
+        args = tuple(v for _, v in conds)
         with self.tx() as cur:
             cur.execute(self.sql(f"SELECT {', '.join(cols)} FROM devices {where} ORDER BY id"), args)  # noqa: S608
             return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
@@ -238,9 +306,9 @@ class Store:
         marks = ", ".join("?" for _ in TRIED_KINDS)
         with self.tx() as cur:
             cur.execute(self.sql("SELECT e.device, e.kind, e.reason, e.data FROM events e JOIN devices d "  # noqa: S608
-                                 f"ON d.id = e.device WHERE d.class = ? AND e.version = ? AND e.kind IN ({marks}) "
-                                 "AND e.received >= ? ORDER BY e.device, e.seq"),
-                        (cls, version, *TRIED_KINDS, since or ""))
+                                 f"ON d.id = e.device WHERE d.class = ? AND d.state = ? AND e.version = ? "
+                                 f"AND e.kind IN ({marks}) AND e.received >= ? ORDER BY e.device, e.seq"),
+                        (cls, ACCEPTED, version, *TRIED_KINDS, since or ""))
             for device, kind, reason, data in cur.fetchall():
                 entry = out.setdefault(device, {"failed": False, "reason": None, "succeeded": False})
                 if kind == "update.success":

@@ -12,7 +12,7 @@ from collections import Counter
 from typing import Any
 
 from builder.core.output import inert
-from builder.fleet.store import Store
+from builder.fleet.store import PENDING, Store
 from kiln_device.fleet import wave_of
 
 STALE_AFTER = 3 * 3600  # seconds without a report before a device is listed as not seen
@@ -71,13 +71,19 @@ def fleet_status(store: Store, repo: Any, cls: str | None = None, *, now: float 
     from builder.release.rollout import parse_time
 
     at = now if now is not None else time.time()
-    devices = store.devices(cls)
+    devices = store.devices(cls)  # the fleet: accepted devices; pending ones are listed apart and count for nothing
+    pending: dict[str, list[dict[str, Any]]] = {}
+    for d in store.devices(cls, PENDING):
+        pending.setdefault(d["class"], []).append(d)
     classes: dict[str, list[dict[str, Any]]] = {}
     for d in devices:
         classes.setdefault(d["class"], []).append(d)
+    for name in pending:
+        classes.setdefault(name, [])
     if cls and cls not in classes:
         classes[cls] = []
-    out: dict[str, Any] = {"classes": {}, "database": store.describe(), "devices": len(devices)}
+    out: dict[str, Any] = {"classes": {}, "database": store.describe(), "devices": len(devices),
+                           "pending": sum(len(p) for p in pending.values())}
     for name, members in sorted(classes.items()):
         versions = Counter(d["version"] or "unknown" for d in members)
         not_seen = [{"device": d["id"], "lastSeen": d["last_seen"]} for d in members
@@ -95,7 +101,9 @@ def fleet_status(store: Store, repo: Any, cls: str | None = None, *, now: float 
             "notSeen": not_seen,
             "lastSeen": max((d["last_seen"] for d in members if d["last_seen"]), default=None),
             "deviceList": [{"device": d["id"], "version": d["version"], "slot": d["slot"], "lastSeen": d["last_seen"],
-                            "key": d["key_type"]} for d in members][:500],
+                            "key": d["key_type"], "keyOrigin": d["key_origin"]} for d in members][:500],
+            "pending": [{"device": d["id"], "enrolled": d["enrolled"], "serial": d["serial"], "key": d["key_type"],
+                         "keyOrigin": d["key_origin"]} for d in pending.get(name, [])][:500],
         }
     return out
 
@@ -107,11 +115,16 @@ def render_text(status: dict[str, Any]) -> str:
 
 def _render_text(status: dict[str, Any]) -> str:
     lines = [f"{status['devices']} devices ({status['database']})"]
+    if status.get("pending"):
+        lines.append(f"{status['pending']} new devices wait for acceptance: kiln fleet devices --pending; "
+                     "kiln fleet accept DEVICE")
     for name, c in status["classes"].items():
         lines.append(f"\n{name}: {c['devices']} devices, last seen {c['lastSeen'] or 'never'}")
         lines.append("  versions: " + (", ".join(f"{v} x{n}" for v, n in c["versions"].items()) or "none"))
         if c["keys"]:
             lines.append("  device keys: " + ", ".join(f"{k} x{n}" for k, n in c["keys"].items()))
+        if c["pending"]:
+            lines.append(f"  pending: {len(c['pending'])} devices (their reports are not taken)")
         for channel, r in c["rollouts"].items():
             state = f"HALTED ({r['halted']['reason']})" if r.get("halted") else f"wave {r['wave']} of {len(r['waves'])}"
             lines.append(f"  rollout of {r['version']} on {channel}: {state}; {r['failed']} of {r['tried']} failed "
@@ -151,6 +164,8 @@ def render_html(status: dict[str, Any]) -> str:
            f"<h1>Kiln fleet</h1><p id=total>{status['devices']} devices</p>"]
     for name, c in status["classes"].items():
         out.append(f"<section class=cls data-class='{e(name)}'><h2>{e(name)}</h2>")
+        if c["pending"]:
+            out.append(f"<p>pending: <span class=pending>{len(c['pending'])}</span> devices wait for acceptance</p>")
         out.append(f"<p><span class=devices>{c['devices']}</span> devices, last seen "
                    f"<span class=last-seen>{e(str(c['lastSeen'] or 'never'))}</span>; "
                    f"<span class=dropped>{c['dropped']}</span> events dropped on devices</p>")

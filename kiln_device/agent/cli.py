@@ -165,6 +165,7 @@ def fleet_status(config: Config) -> dict[str, Any]:
     return {"url": config.fleet.url or None, "device": id_file.read_text().strip() if id_file.is_file() else None,
             "key": key,
             "enrolled": meta.get("enrolled") == config.fleet.url if config.fleet.url else False,
+            "state": meta.get("fleetState"), "tokenPresent": config.fleet.token.exists(),
             "outbox": outbox.count(), "dropped": int(meta.get("dropped") or 0),
             "failures": int(meta.get("failures") or 0), "lastError": meta.get("lastError"),
             "lastUpload": meta.get("lastUpload")}
@@ -188,7 +189,8 @@ def render_status(data: dict[str, Any]) -> str:
     fleet = data.get("fleet") or {}
     if fleet.get("url"):
         lines.append(f"fleet {fleet['url']} as {fleet.get('device') or '(no identity yet)'}"
-                     + (f" (key: {fleet['key']})" if fleet.get("key") else "") + f": {fleet['outbox']} events "
+                     + (f" (key: {fleet['key']})" if fleet.get("key") else "")
+                     + (f", {fleet['state']}" if fleet.get("state") else "") + f": {fleet['outbox']} events "
                      f"waiting, {fleet['dropped']} dropped" + (f"; last error: {fleet['lastError']}"
                                                                if fleet.get("lastError") else ""))
     pending = data["pending"]

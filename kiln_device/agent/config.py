@@ -61,6 +61,7 @@ class Fleet:
     outbox_max: int = AGENT_DEFAULTS["fleet"]["outboxMax"]
     batch: int = AGENT_DEFAULTS["fleet"]["batch"]
     identity: str = AGENT_DEFAULTS["fleet"]["identity"]  # auto, tpm or file (kiln_device.agent.identity)
+    serial: str | None = None  # None: the firmware's (kiln_device.agent.report.device_serial)
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,7 @@ def load_config(extra: str | None = None) -> tuple[Config, Release]:
 
 def fleet_of(fleet: AgentFleet) -> Fleet:
     return Fleet(url=fleet.url.rstrip("/"), ca=Path(fleet.ca), token=Path(fleet.token), outbox_max=fleet.outbox_max,
-                 batch=min(fleet.batch, fleet.outbox_max), identity=fleet.identity)
+                 batch=min(fleet.batch, fleet.outbox_max), identity=fleet.identity, serial=fleet.serial)
 
 
 def _one(name: str, value: Any) -> AgentFile:

@@ -1,5 +1,10 @@
 """kiln-agent report: enroll with the fleet service once, then upload the outbox, oldest first.
 
+Enrollment sends the device key (signed by it: proof that the device holds it), where the key lives
+(`tpm` or `file`) and the device's serial. Once the service has answered, the enrollment token is
+deleted: a device in the field carries none to copy. A new device may wait as pending until the
+fleet's allow-list or an operator accepts it; its events stay in the outbox until then.
+
 Runs from its own timer (kiln-agent-report.timer), never under the update lock: an update
 or an inference never waits on the link. A failed upload backs off (30 s doubling to an
 hour, with jitter, kept in the outbox's meta.json) and leaves every event in place; the
@@ -23,8 +28,8 @@ from typing import Any
 from kiln_device.agent.config import ROOT_ENV, Config
 from kiln_device.agent.identity import Identity, load_or_create
 from kiln_device.agent.outbox import Event, Outbox, emit
-from kiln_device.common import read_json
-from kiln_device.contract import CONFIG, INFERENCE_STATUS, OK, UNREACHABLE, Release, under
+from kiln_device.common import fsync_dir, read_json
+from kiln_device.contract import CONFIG, INFERENCE_STATUS, OK, UNREACHABLE, WAITING, Release, under
 from kiln_device.errors import AgentError, log
 from kiln_device.fleet import DEVICE_HEADER, ENROLL_CONTEXT, KEY_ED25519, SIGNATURE_HEADER, SIGNING_CONTEXT
 
@@ -70,25 +75,76 @@ def post(config: Config, path: str, body: bytes, headers: dict[str, str]) -> dic
     return answer
 
 
+SERIAL_FILES = ("sys/class/dmi/id/product_serial", "sys/firmware/devicetree/base/serial-number")
+NO_SERIAL = {"", "0", "none", "default string", "to be filled by o.e.m.", "system serial number", "0123456789"}
+
+
+def device_serial(config: Config) -> str | None:
+    """agent.json fleet.serial, else the firmware's: the DMI product serial (x86) or the device tree's (arm)."""
+    if config.fleet.serial:
+        return config.fleet.serial
+    root = Path(os.environ.get(ROOT_ENV) or "/")
+    for name in SERIAL_FILES:
+        try:
+            serial = (root / name).read_bytes().rstrip(b"\0\n ").decode("ascii", "replace").strip()
+        except OSError:
+            continue
+        if serial.lower() not in NO_SERIAL and serial.isprintable() and len(serial) <= 128:
+            return serial
+    return None
+
+
 def enroll(config: Config, release: Release, ident: Identity, outbox: Outbox, meta: dict[str, Any]) -> None:
     if meta.get("enrolled") == config.fleet.url:
         return
     try:
         token = config.fleet.token.read_text().strip()
     except OSError as exc:
-        raise AgentError(CONFIG, f"not enrolled with {config.fleet.url} and no enrollment token: {exc} "
-                                 "(flash one with `kiln disk --etc kiln/enroll.token=FILE`)") from None
+        raise AgentError(CONFIG, f"not enrolled with {config.fleet.url} and no enrollment token at "
+                                 f"{config.fleet.token} ({exc.strerror}; a used token is deleted): put a new one "
+                                 "there (`kiln fleet token`), or flash one with `kiln disk --etc "
+                                 "kiln/enroll.token=FILE`") from None
     fields = {"device": ident.id, "publicKey": ident.public_b64, "token": token, "class": release.cls,
-              "compatible": release.compatible, "version": release.version}
-    if ident.key_type != KEY_ED25519:  # a service from before TPM keys refuses fields it does not know
+              "compatible": release.compatible, "version": release.version, "keyOrigin": ident.store}
+    serial = device_serial(config)
+    if serial:
+        fields["serial"] = serial
+    if ident.key_type != KEY_ED25519:
         fields["keyType"] = ident.key_type
     body = json.dumps(fields, sort_keys=True).encode()
-    answer = post(config, "/v1/enroll", body, {SIGNATURE_HEADER: ident.sign(ENROLL_CONTEXT, body)})
-    log(f"enrolled with {config.fleet.url} as {ident.id} ({answer.get('status', 'ok')})")
+    try:
+        answer = post(config, "/v1/enroll", body, {SIGNATURE_HEADER: ident.sign(ENROLL_CONTEXT, body)})
+    except Rejected as exc:
+        if exc.status != 422 or "keyOrigin" not in str(exc):
+            raise
+        # A service from before enrollment states refuses the fields it does not know: enroll as before.
+        for name in ("keyOrigin", "serial"):
+            fields.pop(name, None)
+        body = json.dumps(fields, sort_keys=True).encode()
+        answer = post(config, "/v1/enroll", body, {SIGNATURE_HEADER: ident.sign(ENROLL_CONTEXT, body)})
+    state = str(answer.get("state") or "accepted")
+    log(f"enrolled with {config.fleet.url} as {ident.id} ({answer.get('status', 'ok')}"
+        + ("; waiting for an operator to accept it: kiln fleet accept " + ident.id if state == "pending" else "")
+        + ")")
     with outbox.locked():  # re-read: an append may have moved lastSeq or dropped since
         meta = outbox.meta()
         meta["enrolled"] = config.fleet.url
+        meta["fleetState"] = state
         outbox.save_meta(meta)
+    forget_token(config.fleet.token)
+
+
+def forget_token(path: Path) -> None:
+    """The token has done its work: a device in the field keeps none (one stolen device must not enroll more)."""
+    try:
+        path.unlink()
+        fsync_dir(path.parent)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log(f"warning: could not delete the used enrollment token {path}: {exc.strerror}")
+    else:
+        log(f"deleted the used enrollment token {path}")
 
 
 def summarize_inference(config: Config, outbox: Outbox, *, every: float = LATENCY_EVERY) -> None:
@@ -165,6 +221,12 @@ def send(config: Config, release: Release, ident: Identity, outbox: Outbox) -> i
                         meta["counter"] = max(int(meta.get("counter") or 0), exc.answer["counter"])
                         outbox.save_meta(meta)
                     answer = send_batch(config, ident, outbox, events)
+                elif exc.status == 403 and exc.answer.get("state") in ("pending", "rejected"):
+                    with outbox.locked():
+                        meta = outbox.meta()
+                        meta["fleetState"] = exc.answer["state"]
+                        outbox.save_meta(meta)
+                    raise
                 elif exc.status == 401 and "not enrolled" in str(exc):
                     with outbox.locked():  # forgotten by the service: enroll again next time
                         meta = outbox.meta()
@@ -179,6 +241,9 @@ def send(config: Config, release: Release, ident: Identity, outbox: Outbox) -> i
             if acked < events[-1].seq:
                 raise OSError(f"the service acknowledged up to {acked} of {events[-1].seq}")
     except Rejected as exc:
+        if exc.status == 403 and exc.answer.get("state") == "pending":  # the events wait in the outbox
+            return backoff(outbox, f"waiting for an operator to accept this device ({ident.id}): "
+                                   f"kiln fleet accept {ident.id}", sent_total, WAITING)
         return backoff(outbox, f"the fleet service refused the report: {exc}", sent_total, CONFIG)
     except AgentError as exc:  # the TPM failed to sign
         return backoff(outbox, exc.message, sent_total, exc.code)

@@ -48,6 +48,7 @@ def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 @pytest.fixture(scope="module")
 def service(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetService]:
     with running_fleet(tmp_path_factory.mktemp("fleet"), backend) as svc:
+        kiln("fleet", "allow", "tiny", "--any-device", "--db", backend, check=True)  # a test fleet: tokens enroll
         yield svc
 
 
@@ -211,7 +212,8 @@ def test_bad_reports_get_a_4xx_with_a_reason_and_nothing_is_stored(service: Flee
 
 def test_a_device_that_lost_its_counter_or_was_forgotten_recovers(service: FleetService, backend: str,
                                                                   tmp_path: Path) -> None:
-    dev = SimDevice.create(tmp_path / "d", service, token(backend, tmp_path / "tok", uses=2))
+    tok = token(backend, tmp_path / "tok", uses=2)
+    dev = SimDevice.create(tmp_path / "d", service, tok)
     for n in range(3):
         dev.emit("boot", version="1.0.0", n=n)
     assert dev.report() == 0
@@ -230,7 +232,10 @@ def test_a_device_that_lost_its_counter_or_was_forgotten_recovers(service: Fleet
         store.close()
     dev.emit("boot", version="1.0.0", n=4)
     assert dev.report() == 11 and "not enrolled" in dev.outbox.meta()["lastError"]
-    assert dev.report() == 0  # enrolled again (the token's second use), the kept event sent
+    # Its token was deleted once used: it cannot enroll again by itself, and says how to give it a new one.
+    assert dev.report() == 11 and "no enrollment token" in dev.outbox.meta()["lastError"]
+    shutil.copyfile(tok, dev.config.fleet.token)  # the operator gives it one (here: the token's second use)
+    assert dev.report() == 0  # enrolled again, the kept event sent
     assert [e["n"] for e in stored(backend, dev.identity.id)] == [4]
 
 
@@ -364,6 +369,7 @@ def halting(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     tmp = tmp_path_factory.mktemp("halting")
     db = f"sqlite:///{tmp / 'fleet.db'}"
     with running_fleet(tmp, db, key_dir=world.trust_keys, lookaside=world.lookaside) as svc:
+        kiln("fleet", "allow", "tiny", "--any-device", "--db", db, check=True)
         yield svc, db
 
 
@@ -620,3 +626,88 @@ def test_the_fleet_page_in_chromium(halting, tmp_path: Path) -> None:
                    timeout=120, check=True, cwd=tmp_path)
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_a_batch_token_enrolls_pending_devices_whose_reports_never_count(world: World, tmp_path: Path) -> None:
+    """Finding (issue 33, 2): a batch token (on every device of a batch, --uses up to 1,000,000) enrolled
+    brand-new identities at will: 3 made-up ones signed a halt into the channel, 12 made-up successes would
+    promote a release. New identities now wait as pending: their reports are refused and never stored, so
+    they count for nothing until an operator accepts them; and the token is gone from each device once used."""
+    import time
+
+    db = f"sqlite:///{tmp_path / 'fleet.db'}"
+    with running_fleet(tmp_path / "svc", db, key_dir=world.trust_keys, lookaside=world.lookaside) as svc:
+        tok = token(db, tmp_path / "batch-token", uses=100)
+        farmed: list[SimDevice] = []
+        while len(farmed) < 15:
+            sim = SimDevice.create(tmp_path / f"farmed{len(list(tmp_path.glob('farmed*')))}", svc, tok)
+            if place(sim.identity.id) < 50:
+                farmed.append(sim)
+        world.release("11.0.0", "farm")
+        stages = stages_for([place(s.identity.id) for s in farmed], inside=True)
+        rollout.start(world.repo, "tiny", "farm", "11.0.0", rollout.policy(stages, 0.2, 3, auto_promote=True))
+        for n, sim in enumerate(farmed):
+            sim.emit("update.started", version="11.0.0")
+            if n < 3:
+                sim.emit("rollback", version="11.0.0", reason="\x1b[2Jforged: golden check failed")
+            else:
+                sim.emit("update.success", version="11.0.0")
+            assert sim.report() == EXIT["waiting"], sim.outbox.meta()
+            assert "kiln fleet accept" in sim.outbox.meta()["lastError"] and sim.outbox.count() == 2
+            assert not sim.config.fleet.token.exists()  # used once, then deleted from the device
+        assert tok.exists()  # the operator's copy
+        time.sleep(3)  # three of the service's ticks
+        state = world.repo.rollout("tiny", "farm")
+        assert not state["halted"] and state["wave"] == 1, state
+        assert total(db) == 0  # nothing of a pending device is stored
+        status = json.loads(kiln("fleet", "status", "tiny", "--json", "--db", db, "--lookaside",
+                                 str(world.lookaside), check=True).stdout)
+        assert status["devices"] == 0 and status["pending"] == 15
+        assert {p["keyOrigin"] for p in status["classes"]["tiny"]["pending"]} == {"file"}
+        out = kiln("fleet", "status", "tiny", "--db", db, check=True).stdout
+        assert "15 new devices wait for acceptance" in out, out
+        # Accepted by an operator, a device's kept reports arrive and count, as any device's do.
+        kiln("fleet", "accept", *(s.identity.id for s in farmed[:3]), "--db", db, check=True)
+        for sim in farmed[:3]:
+            assert sim.report() == 0 and sim.outbox.count() == 0
+        state = world.repo.rollout("tiny", "farm")
+        assert state["halted"] and "3 of 3 devices in wave 1" in state["halted"]["reason"], state
+
+
+def test_the_allow_list_names_serials_and_operators_accept_or_reject(service: FleetService, backend: str,
+                                                                     tmp_path: Path) -> None:
+    kiln("fleet", "allow", "listed", "--serial", "SN-0001", "--db", backend, check=True)
+    assert kiln("fleet", "allow", "listed", "--list", "--db", backend, check=True).stdout.split() == ["SN-0001"]
+    tok = token(backend, tmp_path / "tok", cls="listed", uses=10)
+    named = SimDevice.create(tmp_path / "named", service, tok, klass="listed", serial="SN-0001")
+    named.emit("boot", version="1.0.0")
+    assert named.report() == 0 and named.outbox.count() == 0
+    assert not named.config.fleet.token.exists()
+    # A second identity claiming the same serial, and a serial the list does not name: pending.
+    copy = SimDevice.create(tmp_path / "copy", service, tok, klass="listed", serial="SN-0001")
+    other = SimDevice.create(tmp_path / "other", service, tok, klass="listed", serial="SN-0002")
+    for dev in (copy, other):
+        dev.emit("boot", version="1.0.0")
+        assert dev.report() == 14 and dev.outbox.count() == 1
+    pending = json.loads(kiln("fleet", "devices", "listed", "--pending", "--json", "--db", backend,
+                              check=True).stdout)
+    assert {(d["id"], d["serial"], d["key_origin"], d["state"]) for d in pending} == {
+        (copy.identity.id, "SN-0001", "file", "pending"), (other.identity.id, "SN-0002", "file", "pending")}
+    kiln("fleet", "accept", other.identity.id, "--db", backend, check=True)
+    kiln("fleet", "reject", copy.identity.id, "--db", backend, check=True)
+    assert other.report() == 0 and other.outbox.count() == 0 and stored(backend, other.identity.id)
+    assert copy.report() == 11 and "rejected" in copy.outbox.meta()["lastError"]
+    assert not stored(backend, copy.identity.id)
+    r = kiln("fleet", "accept", "not-a-device", "--db", backend)
+    assert r.returncode == 2 and "not device ids" in r.stderr, r.stderr
+    r = kiln("fleet", "accept", "kd-" + "0" * 24, "--db", backend)
+    assert r.returncode == 1 and "not enrolled here" in r.stderr, r.stderr
+    # An agent from before enrollment states (no keyOrigin, no serial) still enrolls: pending, origin unknown.
+    old = SimDevice.create(tmp_path / "old", None, tmp_path / "none").identity
+    body = json.dumps({"device": old.id, "publicKey": old.public_b64, "token": tok.read_text().strip(),
+                       "class": "listed", "compatible": "kiln,listed", "version": "1.0.0"}).encode()
+    code, answer = service.post("/v1/enroll", body, {SIGNATURE_HEADER: old.sign(ENROLL_CONTEXT, body)})
+    assert (code, answer["state"]) == (200, "pending"), answer
+    [row] = [d for d in json.loads(kiln("fleet", "devices", "listed", "--json", "--db", backend, check=True).stdout)
+             if d["id"] == old.id]
+    assert (row["key_origin"], row["serial"]) == ("unknown", None)

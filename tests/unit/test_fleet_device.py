@@ -160,8 +160,9 @@ def test_migrations_are_versioned_and_never_downgrade(tmp_path: Path) -> None:
         open_store("mysql://x/y")
 
 
-def test_a_database_from_before_key_types_keeps_its_devices_as_ed25519(tmp_path: Path) -> None:
-    """Migration 3 on a database that already has devices: they were enrolled with ed25519 keys."""
+def test_a_database_from_before_key_types_keeps_its_devices_as_ed25519_and_accepted(tmp_path: Path) -> None:
+    """Migrations 3 and 4 on a database that already has devices: they were enrolled with ed25519 keys, and
+    under the rules before enrollment states, so they stay accepted (new identities start pending)."""
     from builder.fleet import store as fleet_store
 
     db = str(tmp_path / "fleet.db")
@@ -179,9 +180,10 @@ def test_a_database_from_before_key_types_keeps_its_devices_as_ed25519(tmp_path:
         old.close()
     new = open_store(db)
     try:
-        assert new.migrate() == [3]
-        assert new.device_key("kd-000000000000000000000001") == ("AAAA", "tiny", "ed25519")
-        assert new.devices("tiny")[0]["key_type"] == "ed25519"
+        assert new.migrate() == [3, 4]
+        assert new.device_key("kd-000000000000000000000001") == ("AAAA", "tiny", "ed25519", "accepted")
+        assert [(d["key_type"], d["state"], d["key_origin"]) for d in new.devices("tiny")] == \
+            [("ed25519", "accepted", "unknown")]
     finally:
         new.close()
 
@@ -220,3 +222,25 @@ def test_inference_latency_is_summarized_from_the_status_file(tmp_path: Path, mo
     status.write_text(json.dumps({"successes": 100, "latencyMs": {"window": 100, "p50": 3, "p95": 8, "p99": 9}}))
     summarize_inference(dev.config, dev.outbox, every=0)
     assert [e.data["count"] for e in dev.outbox.pending(10)] == [40, 60]
+
+
+def test_the_serial_a_device_enrolls_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """agent.json fleet.serial, else the firmware's (DMI, then the device tree); a vendor's placeholder is none."""
+    from kiln_device.agent.report import device_serial
+    from tests.fleet import SimDevice
+
+    monkeypatch.setenv("KILN_AGENT_ROOT", str(tmp_path))
+    dev = SimDevice.create(tmp_path / "dev", None, tmp_path / "token")
+    assert device_serial(dev.config) is None
+    dmi = tmp_path / "sys/class/dmi/id/product_serial"
+    dmi.parent.mkdir(parents=True)
+    dmi.write_text("To Be Filled By O.E.M.\n")
+    dt = tmp_path / "sys/firmware/devicetree/base/serial-number"
+    dt.parent.mkdir(parents=True)
+    dt.write_bytes(b"1423021052345\0")
+    assert device_serial(dev.config) == "1423021052345"  # the placeholder skipped, the NUL-ended dt string read
+    dmi.write_text("PF3A9X7K\n")
+    assert device_serial(dev.config) == "PF3A9X7K"
+    named = SimDevice.create(tmp_path / "named", None, tmp_path / "token", serial="LINE4-0042")
+    assert device_serial(named.config) == "LINE4-0042"
+    assert finalize_fleet({"serial": "LINE4-0042"}).serial == "LINE4-0042"

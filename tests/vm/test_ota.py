@@ -165,14 +165,35 @@ def test_refusals_write_nothing(releases: Releases, device: tuple[Path, vm.VMCon
         assert r.exit_status == 6 and "tuf metadata" in r.stdout.lower(), r.stdout
         assert slot_digest(machine, "b") == before
         assert machine.ssh("ls /efi/loader/entries").stdout == entries
-        # The link is up: the device enrolls and sends what it has (its report timer may have enrolled it
-        # already, during the refusals: then this report only sends).
-        r = agent(machine, "report")
-        assert r.exit_status == 0, r.stdout
+        # The link is up: the device enrolls (its report timer may have done so already, during the
+        # refusals). A token alone makes no device whose reports count: it waits as pending, its events
+        # kept, and the token it used is gone from the device.
+        r = agent(machine, "report", "--now")
+        assert r.exit_status == 14 and "kiln fleet accept" in r.stdout, r.stdout
         meta = json.loads(machine.ssh("cat /var/lib/kiln/agent/outbox/meta.json").stdout)
-        assert meta["enrolled"] == fleet.settings()["fleet"]["url"], meta
-        assert status(machine)["fleet"]["outbox"] == 0  # everything it had is sent
+        assert meta["enrolled"] == fleet.settings()["fleet"]["url"] and meta["fleetState"] == "pending", meta
+        assert machine.ssh("test -e /etc/kiln/enroll.token", check=False).exit_status == 1
+        st = status(machine)["fleet"]
+        assert st["state"] == "pending" and not st["tokenPresent"] and st["outbox"] > 0, st
+        me = machine.ssh("kiln-agent identity").stdout.strip()
+        listed = kiln("fleet", "devices", "--pending", "--json", "--db", fleet.db, check=True)
+        [pending] = json.loads(listed.stdout)
+        assert (pending["id"], pending["key_origin"], pending["key_type"]) == (me, "tpm", "ecdsa-p256"), pending
+        assert not stored_events(fleet.db, me)  # nothing of a pending device is stored
+        kiln("fleet", "accept", me, "--db", fleet.db, check=True)
+        r = agent(machine, "report", "--now")  # accepted: it sends everything it kept
+        assert r.exit_status == 0, r.stdout
+        assert status(machine)["fleet"]["outbox"] == 0
+        assert stored_events(fleet.db, me)
         machine.poweroff()
+
+
+def stored_events(db: str, device: str) -> list[dict[str, object]]:
+    store = open_store(db)
+    try:
+        return store.events(device)
+    finally:
+        store.close()
 
 
 def test_model_only_update_boots_slot_b_and_is_blessed(releases: Releases, qemu_disk: BuiltDisk,

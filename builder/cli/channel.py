@@ -107,18 +107,66 @@ def channel_refresh(key_dir: Path, lookaside: Path | None, targets: bool) -> Non
 
 @channel_group.command("rotate")
 @click.argument("role", type=click.Choice(["root", "targets", "online"]))
-@click.option("--new-key", "new_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
-              help="Directory whose tuf/<role>.pem is the new key (kiln keys init NEW makes one).")
+@click.option("--new-key", "new_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Directory whose tuf/<role>.pem is the new key (kiln keys init NEW makes one); without it, "
+                   "targets and online get a new key made here (a leaked key: one command).")
+@click.option("--new-root", "new_roots", multiple=True, type=click.Path(path_type=Path, file_okay=False),
+              help="ROLE root: the new root's directories (kiln keys root init), its threshold of them.")
+@click.option("--root", "root_dirs", multiple=True, type=click.Path(path_type=Path, file_okay=False),
+              help="The current root's directories (kiln keys root init), its threshold of them; without it, "
+                   "KEY's own tuf/root.pem.")
 @KEY_OPTION
 @LOOKASIDE_OPTION
-def channel_rotate(role: str, new_dir: Path, key_dir: Path, lookaside: Path | None) -> None:
-    """Replace ROLE's key: root N+1, signed by the current root key (and the new one for root). Devices
-    follow without a reflash. KEY's tuf/ then holds the new key and root (what new images bake)."""
-    from builder.keys.tuf_keys import KEY_FILES, ROOT_FILE, TUF_DIR, TrustKeys
+def channel_rotate(role: str, new_dir: Path | None, new_roots: tuple[Path, ...], root_dirs: tuple[Path, ...],
+                   key_dir: Path, lookaside: Path | None) -> None:
+    """Replace ROLE's key: root N+1, signed by the current root's threshold (and the new root's, for root).
+    Devices follow without a reflash. KEY's tuf/ then holds the new key and root (what new images bake).
+
+    A leaked online key: `kiln channel rotate online --key KEY --root R1 --root R2` makes a new one, names it in
+    root N+1 and signs snapshot and timestamp with it; what the old key signs is refused from then on. Give the
+    fleet service the new key (`kiln keys export KEY --for fleet`)."""
+    import os
+    import tempfile
+
+    from builder.core.errors import UsageError
+    from builder.keys.root_keys import load_root_keys
+    from builder.keys.tuf_keys import KEY_FILES, ROOT_FILE, TUF_DIR, TrustKeys, make_key_file
     from builder.release.trust import open_repository
 
-    repo = open_repository(lookaside_dir(lookaside), key_dir, with_root=True)
-    version = repo.rotate(role, TrustKeys.load(new_dir, with_root=role == "root"))
-    shutil.copy2(new_dir / TUF_DIR / KEY_FILES[role], key_dir / TUF_DIR / KEY_FILES[role])
-    shutil.copy2(repo.meta_dir / f"{version}.root.json", key_dir / TUF_DIR / ROOT_FILE)
+    roots = load_root_keys(list(root_dirs)) if root_dirs else None
+    repo = open_repository(lookaside_dir(lookaside), key_dir, with_root=roots is None, roots=roots)
+    staged: Path | None = None
+    if role == "root":
+        if bool(new_dir) == bool(new_roots):
+            raise UsageError("rotating root: give the new root with --new-root DIR (repeat it), or --new-key DIR "
+                             "(its tuf/root.pem)")
+        new_keys = TrustKeys({}, load_root_keys(list(new_roots))) if new_roots else \
+            TrustKeys.load(new_dir, only=("root",))  # type: ignore[arg-type]
+    elif new_dir is not None:
+        new_keys = TrustKeys.load(new_dir, only=(role,))
+    else:  # a new key made here, in place once root N+1 names it
+        staged = Path(tempfile.mkdtemp(prefix=f".{role}.", dir=key_dir / TUF_DIR))
+        make_key_file(staged / KEY_FILES[role], from_env=True)
+        new_keys = TrustKeys({role: load_signer_of(staged / KEY_FILES[role])})
+    try:
+        version = repo.rotate(role, new_keys)
+        if role != "root":
+            source = staged / KEY_FILES[role] if staged else new_dir / TUF_DIR / KEY_FILES[role]  # type: ignore[operator]
+            target = key_dir / TUF_DIR / KEY_FILES[role]
+            shutil.copy2(source, target.with_name(f".{target.name}.new"))
+            os.replace(target.with_name(f".{target.name}.new"), target)
+        elif new_dir is not None:
+            shutil.copy2(new_dir / TUF_DIR / KEY_FILES["root"], key_dir / TUF_DIR / KEY_FILES["root"])
+        elif (key_dir / TUF_DIR / KEY_FILES["root"]).exists():
+            (key_dir / TUF_DIR / KEY_FILES["root"]).unlink()  # the root is offline from now on
+        shutil.copy2(repo.meta_dir / f"{version}.root.json", key_dir / TUF_DIR / ROOT_FILE)
+    finally:
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
     click.echo(f"root v{version}: {role} key replaced; {key_dir / TUF_DIR / ROOT_FILE} updated")
+
+
+def load_signer_of(path: Path):  # type: ignore[no-untyped-def]
+    from builder.keys.signer import load_signer
+
+    return load_signer(path)

@@ -22,7 +22,44 @@ from builder.core import paths
 
 @click.group("keys")
 def keys_group() -> None:
-    """Release signing keys (GPG, containers simple signing)."""
+    """Release keys: the GPG image-signing key and the TUF keys (targets, online, rollout) in one directory, and
+    the TUF root kept offline (`kiln keys root`)."""
+
+
+ROOT_OPTION = click.option("--root", "root_dirs", multiple=True, type=click.Path(path_type=Path, file_okay=False),
+                           help="A root directory from `kiln keys root init` (one holder's keys); repeat it until "
+                                "the root's threshold of keys is given.")
+
+
+def root_keys_of(root_dirs: tuple[Path, ...]):  # type: ignore[no-untyped-def]
+    from builder.keys.root_keys import load_root_keys
+
+    return load_root_keys(list(root_dirs)) if root_dirs else None
+
+
+@keys_group.group("root")
+def keys_root_group() -> None:
+    """The TUF root, offline: N keys of which a threshold sign which keys hold every other role."""
+
+
+@keys_root_group.command("init")
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--keys", "count", default=3, show_default=True, type=click.IntRange(1, 9),
+              help="How many root keys (give each to its own holder, on its own medium).")
+@click.option("--threshold", default=2, show_default=True, type=click.IntRange(1, 9),
+              help="How many of them must sign a root.")
+def keys_root_init(directory: Path, count: int, threshold: int) -> None:
+    """Make the root keys in DIRECTORY (new; on a machine of their own): root-1.pem ... root-N.pem, encrypted
+    with $KILN_KEY_PASSPHRASE_FILE's passphrase (required: a root key is never without one), and
+    root-policy.json. Then `kiln keys init KEYDIR --root DIRECTORY` makes the keys CI and the fleet hold."""
+    from builder.core.secrets import key_passphrase
+    from builder.keys.root_keys import make_root_keys
+
+    made = make_root_keys(directory, count=count, threshold=threshold, passphrase=key_passphrase())
+    for path in made:
+        click.echo(f"root key {path}")
+    click.echo(f"threshold: {threshold} of {count}; copy each root-N.pem with root-policy.json to its holder's "
+               "medium, and keep them off every machine CI or the fleet service runs on")
 
 
 @keys_group.command("init")
@@ -30,13 +67,18 @@ def keys_group() -> None:
 @click.option("--no-passphrase", is_flag=True,
               help="Make the keys without a passphrase (a throwaway or test key); without it, a passphrase is "
                    "required.")
-def keys_init(directory: Path, no_passphrase: bool) -> None:
+@ROOT_OPTION
+def keys_init(directory: Path, no_passphrase: bool, root_dirs: tuple[Path, ...]) -> None:
     """Create a signing key in DIRECTORY (never inside the project); print its fingerprint.
 
     DIRECTORY/gnupg is the private GNUPGHOME; DIRECTORY/release-key.asc is the public key
     that images bake as /usr/lib/kiln/release-key.asc. The key (and its TUF keys) get the
     passphrase in $KILN_KEY_PASSPHRASE_FILE (a file) or $KILN_KEY_PASSPHRASE; signing later
     reads it from there, or gpg-agent. Without one, it refuses unless --no-passphrase says so.
+
+    With --root (the offline root's directories, `kiln keys root init`), root v1 names the
+    root's keys and is signed by those given; without, DIRECTORY/tuf/root.pem is a root key of
+    its own (a development or test key: `kiln keys export` never carries it).
     """
     from builder.core.errors import UsageError
     from builder.core.secrets import PASSPHRASE_ENV, PASSPHRASE_FILE_ENV, key_passphrase
@@ -50,8 +92,11 @@ def keys_init(directory: Path, no_passphrase: bool) -> None:
                               "for a key that needs none")
     if phrase is not None and no_passphrase:
         raise UsageError(f"--no-passphrase, but ${PASSPHRASE_FILE_ENV} or ${PASSPHRASE_ENV} gives one")
-    key = make_signing_key(directory)
+    key = make_signing_key(directory, roots=root_keys_of(root_dirs))
     click.echo(describe_key(key))
+    if not root_dirs:
+        err_console.print(f"note: the TUF root key is {key.directory}/tuf/root.pem (no --root): keep it off CI and "
+                          "the fleet service; for a production root, see `kiln keys root init`", markup=False)
     if not json.loads((key.directory / "key.json").read_text()).get("passphrase"):
         err_console.print("warning: the keys have no passphrase (--no-passphrase)", markup=False)
     click.echo(f"next: kiln release CLASS --version V --channel stable --registry HOST:PORT --key {key.directory}")
@@ -68,13 +113,20 @@ def keys_show(directory: Path) -> None:
 
 @keys_group.command("export")
 @click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
-def keys_export(directory: Path) -> None:
-    """Print the key directory as one base64 line (a gzipped tar), for a CI secret (KILN_RELEASE_KEY).
+@click.option("--for", "holder", type=click.Choice(["ci", "fleet"]), default="ci", show_default=True,
+              help="ci: the GPG key and the targets, online and rollout keys; fleet: the online and rollout keys "
+                   "only (what `kiln fleet serve --key` signs with).")
+def keys_export(directory: Path, holder: str) -> None:
+    """Print the key directory as one base64 line (a gzipped tar), for a CI secret (KILN_RELEASE_KEY) or the
+    fleet service's host. No root key is ever in it.
 
     Its private keys stay protected by the key's passphrase, if it has one (give that as a secret of its own)."""
     from builder.keys.release_key import export_key
 
-    click.echo(export_key(directory))
+    data, left = export_key(directory, holder)
+    for path in left:
+        err_console.print(f"left out {path}: a root key stays offline", markup=False)
+    click.echo(data)
 
 
 @keys_group.command("import")

@@ -22,6 +22,7 @@ from builder.core import paths
 from builder.core.errors import UsageError
 from builder.core.run import run
 from builder.core.secrets import key_passphrase
+from builder.keys.root_keys import RootKeys
 from builder.spec.schema import HardwareClass
 
 GNUPG_DIR = "gnupg"
@@ -55,7 +56,7 @@ def check_outside_project(directory: Path) -> None:
 
 
 def make_signing_key(directory: Path, *, uid: str = "Kiln release signing <release@kiln.invalid>",
-                     development: bool = False) -> SigningKey:
+                     development: bool = False, roots: RootKeys | None = None) -> SigningKey:
     """Create an ed25519 signing key in DIR/gnupg (mode 0700); export DIR/release-key.asc.
 
     `development` allows DIR inside the project (the ignored build/ dir): the
@@ -86,7 +87,7 @@ def make_signing_key(directory: Path, *, uid: str = "Kiln release signing <relea
     stop_agent(key)
     from builder.keys.tuf_keys import make_trust_keys  # the TUF half: root, targets and online keys, root v1
 
-    make_trust_keys(directory, passphrase)
+    make_trust_keys(directory, passphrase, roots=roots)
     return SigningKey(directory, fingerprint)
 
 
@@ -124,20 +125,42 @@ def read_signing_key(directory: Path) -> SigningKey:
 RELEASE_KEY_ENV = "KILN_RELEASE_KEY"
 
 
-def export_key(directory: Path) -> str:
-    """The key directory as base64 of a gzipped tar (GNUPGHOME without gpg-agent's sockets, the TUF keys)."""
+# What each holder gets from `kiln keys export --for`: CI signs images and releases (the GPG key, targets, the
+# online key for snapshot and timestamp, rollout to start a release's waves); the fleet service only halts,
+# promotes and re-signs snapshot and timestamp (online, rollout). Neither ever gets a root key.
+EXPORT_FOR = {"ci": None, "fleet": ("key.json", PUBLIC_KEY, "tuf/root.json", "tuf/online.pem", "tuf/rollout.pem")}
+
+
+def exported_files(directory: Path, holder: str = "ci") -> tuple[list[Path], list[Path]]:
+    """(what `kiln keys export --for HOLDER` carries, the root keys it leaves out)."""
+    wanted = EXPORT_FOR[holder]
+    carried, left = [], []
+    for path in sorted(directory.rglob("*")):
+        if not path.is_file() or path.is_symlink() or path.name.startswith("S.gpg-agent"):
+            continue
+        rel = str(path.relative_to(directory))
+        if path.name == "root.pem" or (path.name.startswith("root-") and path.suffix == ".pem"):
+            left.append(path)  # the root stays offline, whoever the export is for
+        elif wanted is None or rel in wanted:
+            carried.append(path)
+    return carried, left
+
+
+def export_key(directory: Path, holder: str = "ci") -> tuple[str, list[Path]]:
+    """The key directory, as HOLDER needs it, as base64 of a gzipped tar (GNUPGHOME without gpg-agent's
+    sockets, the TUF keys); and the root keys it left out."""
     import base64
     import io
     import tarfile
 
     key = read_signing_key(directory)
     stop_agent(key)
+    carried, left = exported_files(key.directory, holder)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for path in sorted(key.directory.rglob("*")):
-            if path.is_file() and not path.is_symlink() and not path.name.startswith("S.gpg-agent"):
-                tar.add(path, arcname=str(path.relative_to(key.directory)), recursive=False)
-    return base64.b64encode(buf.getvalue()).decode()
+        for path in carried:
+            tar.add(path, arcname=str(path.relative_to(key.directory)), recursive=False)
+    return base64.b64encode(buf.getvalue()).decode(), left
 
 
 def import_key(directory: Path) -> SigningKey:

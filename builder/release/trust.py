@@ -53,7 +53,8 @@ from tuf.api.metadata import (
 from tuf.api.serialization.json import JSONSerializer
 
 from builder.core.errors import UsageError
-from builder.keys.tuf_keys import TUF_DIR, TrustKeys, expiry, trust_root, write_bytes_atomic
+from builder.keys.root_keys import RootKeys
+from builder.keys.tuf_keys import TUF_DIR, TrustKeys, expiry, sign_check, trust_root, write_bytes_atomic
 from kiln_device import channel as ch
 from kiln_device import contract
 from kiln_device.channel import rollout_path, target_path
@@ -302,24 +303,41 @@ class Repository:
                 self._snapshot_and_timestamp()
 
     def rotate(self, role: str, new_keys: TrustKeys) -> int:
-        """Root N+1 naming NEW_KEYS' key for ROLE ('root', 'targets' or 'online'); signed by the old root key
-        and, for a root rotation, the new one too. Returns the new root version."""
+        """Root N+1 naming NEW_KEYS' key for ROLE ('root', 'targets' or 'online'); signed by the
+        threshold of root N's keys (and, for a root rotation, of the new root's too: NEW_KEYS' roots, or its
+        tuf/root.pem). Returns the new root version. A leaked online key is one rotation: root N+1 names the
+        new key, and snapshot and timestamp are signed again with it, so what the old key signs is refused."""
         roles = {"root": ("root",), "targets": ("targets",), "online": ("snapshot", "timestamp")}[role]
-        new_signer = new_keys.signers[role]
         md: Metadata[Root] = self.latest("root")
+        previous = Metadata[Root].from_bytes(md.to_bytes()).signed
         root = md.signed
-        for name in roles:
+        if role == "root":
+            for keyid in list(root.roles["root"].keyids):
+                root.revoke_key(keyid, "root")
+            for key in new_keys.root_keys():
+                root.add_key(key, "root")
+            root.roles["root"].threshold = new_keys.root_threshold()
+        for name in roles if role != "root" else ():
             for keyid in list(root.roles[name].keyids):
                 root.revoke_key(keyid, name)
-            root.add_key(new_signer.public_key, name)
+            root.add_key(new_keys.signers[role].public_key, name)
         root.version += 1
         root.expires = expiry("root")
+        if self.keys.roots is not None:
+            self.keys.roots.check_threshold(f"root v{root.version}")
         md.signatures.clear()
-        md.sign(self.keys.for_role("root"), append=True)
-        if role == "root":
-            md.sign(new_signer, append=True)
+        for signer in self.keys.root_signers():
+            md.sign(signer, append=True)
+        if role == "root":  # both roots sign a root rotation: the old one's threshold and the new one's
+            for signer in new_keys.root_signers():
+                md.sign(signer, append=True)
+        sign_check(md, previous)  # as a device checks root N+1: with root N's threshold and its own
         self._write(md, "root")
-        self.keys = TrustKeys({**self.keys.signers, role: new_signer})
+        if role == "root":
+            self.keys = TrustKeys(self.keys.signers, new_keys.roots) if new_keys.roots else \
+                TrustKeys({**self.keys.signers, "root": new_keys.signers["root"]})
+        else:
+            self.keys = TrustKeys({**self.keys.signers, role: new_keys.signers[role]}, self.keys.roots)
         if role == "targets":
             self._update_targets(lambda _t: None)
         elif role == "online":
@@ -345,9 +363,10 @@ class Repository:
         return {"repository": str(self.dir), "spec": SPECIFICATION_VERSION, "roles": roles, "releases": releases}
 
 
-def open_repository(lookaside_dir: Path, key_dir: Path | None, *, with_root: bool = False) -> Repository:
-    """The repository under LOOKASIDE_DIR/tuf, signing with KEY_DIR's keys (none: read only)."""
-    keys = TrustKeys.load(key_dir, with_root=with_root) if key_dir is not None else TrustKeys({})
+def open_repository(lookaside_dir: Path, key_dir: Path | None, *, with_root: bool = False,
+                    roots: RootKeys | None = None) -> Repository:
+    """The repository under LOOKASIDE_DIR/tuf, signing with KEY_DIR's keys (none: read only) and ROOTS'."""
+    keys = TrustKeys.load(key_dir, with_root=with_root, roots=roots) if key_dir is not None else TrustKeys({}, roots)
     return Repository(lookaside_dir / TUF_DIR, keys)
 
 

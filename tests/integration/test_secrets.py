@@ -18,7 +18,8 @@ from builder.core import secrets
 from builder.core.errors import CommandFailed, UsageError
 from builder.core.run import format_argv, run
 from builder.keys.release_key import make_signing_key, read_signing_key, resolve_signing_key
-from builder.keys.tuf_keys import TUF_DIR, load_signer
+from builder.keys.signer import load_signer
+from builder.keys.tuf_keys import TUF_DIR
 from builder.spec.loader import load_class
 from tests.conftest import require_tool
 
@@ -134,14 +135,17 @@ def test_a_release_key_travels_to_ci_as_one_secret(tmp_path: Path) -> None:
     runner = CliRunner()
     exported = runner.invoke(main, ["keys", "export", str(key.directory)])
     assert exported.exit_code == 0, exported.output
-    blob = exported.output.strip()
+    blob = exported.stdout.strip()
     imported = runner.invoke(main, ["keys", "import", str(tmp_path / "ci-key")], env={"KILN_RELEASE_KEY": blob})
     assert imported.exit_code == 0, imported.output
     copy = read_signing_key(tmp_path / "ci-key")
     assert copy.fingerprint == key.fingerprint and key.fingerprint in imported.output
     for path in [copy.directory, *copy.directory.rglob("*")]:
         assert path.stat().st_mode & 0o077 == 0, path
-    assert (copy.directory / TUF_DIR / "root.pem").read_bytes() == (key.directory / TUF_DIR / "root.pem").read_bytes()
+    # Every key but the root (issue 33, finding 1: the CI secret held the root, so it could rotate every role).
+    tuf, copied = key.directory / TUF_DIR, copy.directory / TUF_DIR
+    assert (copied / "targets.pem").read_bytes() == (tuf / "targets.pem").read_bytes()
+    assert (tuf / "root.pem").is_file() and not (copied / "root.pem").exists()
     doc = tmp_path / "doc"
     doc.write_text("release\n")
     signed = run(["gpg", "--batch", "--pinentry-mode", "loopback", "--passphrase-fd", "0", "--detach-sign", "-o",

@@ -83,14 +83,19 @@ def running_postgres() -> Iterator[str]:
 
 @dataclass
 class FleetService:
-    url: str
+    url: str  # the devices' listener
     ca: Path
     proc: subprocess.Popen[bytes]
     log: Path
+    operator_url: str = ""  # the operators' (/v1/status, the HTML page)
 
-    def get(self, path: str) -> Any:
+    def get(self, path: str, *, operator: bool | None = None, token: str | None = None) -> Any:
+        """GET PATH: from the operators' listener for their paths (OPERATOR overrides), with TOKEN as bearer."""
         ctx = ssl.create_default_context(cafile=str(self.ca))
-        with urllib.request.urlopen(self.url + path, context=ctx, timeout=30) as resp:
+        on_operator = path.startswith(("/v1/status", "/?")) or path == "/" if operator is None else operator
+        req = urllib.request.Request((self.operator_url if on_operator else self.url) + path,
+                                     headers={"Authorization": f"Bearer {token}"} if token else {})
+        with urllib.request.urlopen(req, context=ctx, timeout=30) as resp:
             body = resp.read()
         return json.loads(body) if path.startswith(("/v1", "/healthz")) else body.decode()
 
@@ -126,21 +131,27 @@ def declare_only(service: FleetService, path: str, length: int) -> tuple[int, di
 
 @contextlib.contextmanager
 def running_fleet(tmp: Path, db: str, *, key_dir: Path | None = None, lookaside: Path | None = None,
-                  env: dict[str, str] | None = None, hosts: tuple[str, ...] = ("127.0.0.1",)) -> Iterator[FleetService]:
+                  env: dict[str, str] | None = None, hosts: tuple[str, ...] = ("127.0.0.1",),
+                  operator_token: Path | None = None) -> Iterator[FleetService]:
     """`kiln fleet serve` on a free loopback port, its TLS made by `kiln fleet init` for HOSTS (a QEMU guest
     reaches the host at 10.0.2.2)."""
     tls = tmp / "tls"
     if not (tls / "server.pem").exists():
         kiln("fleet", "init", str(tls), *(a for h in hosts for a in ("--host", h)), "--db", db, env=env, check=True)
-    port = free_port()
-    args = ["fleet", "serve", "--listen", f"127.0.0.1:{port}", "--tls-dir", str(tls), "--db", db]
+    port, operator_port = free_port(), free_port()
+    while operator_port == port:
+        operator_port = free_port()
+    args = ["fleet", "serve", "--listen", f"127.0.0.1:{port}", "--tls-dir", str(tls), "--db", db,
+            "--operator-listen", f"127.0.0.1:{operator_port}"]
+    if operator_token is not None:
+        args += ["--operator-token-file", str(operator_token)]
     if key_dir is not None:
         args += ["--key", str(key_dir), "--lookaside", str(lookaside), "--tick", "1"]
     log = tmp / f"fleet-{port}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "builder.cli", *args], stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})})
-    service = FleetService(f"https://127.0.0.1:{port}", tls / "ca.pem", proc, log)
+    service = FleetService(f"https://127.0.0.1:{port}", tls / "ca.pem", proc, log, f"https://127.0.0.1:{operator_port}")
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -97,9 +97,14 @@ def fleet_migrate(db: str | None) -> None:
 @LOOKASIDE_OPTION
 @click.option("--tick", default=60.0, show_default=True, type=click.FloatRange(min=0.1),
               help="Seconds between two checks for rollouts to promote (rollout.autoPromote).")
+@click.option("--operator-listen", default="127.0.0.1:8444", show_default=True, metavar="HOST:PORT",
+              help="Where operators read the fleet's state (/v1/status, the HTML page); devices never can. Off "
+                   "the loopback it needs --operator-token-file. `none`: no operators' listener.")
+@click.option("--operator-token-file", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              help="A file whose first line is the operators' bearer token (`Authorization: Bearer ...`).")
 def fleet_serve(listen: str, tls_dir: Path | None, db: str | None, key_dir: Path | None,
-                lookaside: Path | None, tick: float) -> None:
-    """Serve enrollment, reports and the fleet's state over TLS until stopped."""
+                lookaside: Path | None, tick: float, operator_listen: str, operator_token_file: Path | None) -> None:
+    """Serve enrollment and reports to devices, and the fleet's state to operators, over TLS until stopped."""
     from builder.core.errors import UsageError
     from builder.fleet.service import serve
     from builder.keys.tuf_keys import TrustKeys
@@ -108,13 +113,27 @@ def fleet_serve(listen: str, tls_dir: Path | None, db: str | None, key_dir: Path
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
         raise UsageError(f"--listen {listen!r}: expected HOST:PORT")
+    operator = None
+    if operator_listen != "none":
+        op_host, _, op_port = operator_listen.rpartition(":")
+        if not op_host or not op_port.isdigit():
+            raise UsageError(f"--operator-listen {operator_listen!r}: expected HOST:PORT or none")
+        operator = (op_host.strip("[]"), int(op_port))
+    operator_token = None
+    if operator_token_file is not None:
+        lines = operator_token_file.read_text().splitlines()
+        operator_token = lines[0].strip() if lines else ""
+        if len(operator_token) < 16:
+            raise UsageError(f"--operator-token-file {operator_token_file}: the token is shorter than 16 characters")
     store = open_db(db)
     repo = None
     if key_dir is not None:
         repo = Repository(lookaside_dir(lookaside) / "tuf", TrustKeys.load(key_dir, only=("rollout", "online")))
-    click.echo(f"kiln fleet: https://{listen} ({store.describe()}, schema {store.version()}; automatic halt "
-               f"{'on: ' + str(repo.dir) if repo else 'off (no --key)'})", err=True)
-    serve(store, repo, host=host.strip("[]"), port=int(port), tls_dir=tls_dir or default_tls_dir(), tick=tick)
+    click.echo(f"kiln fleet: devices https://{listen}, operators "
+               f"{'https://' + operator_listen if operator else 'none'} ({store.describe()}, schema "
+               f"{store.version()}; automatic halt {'on: ' + str(repo.dir) if repo else 'off (no --key)'})", err=True)
+    serve(store, repo, host=host.strip("[]"), port=int(port), tls_dir=tls_dir or default_tls_dir(), tick=tick,
+          operator=operator, operator_token=operator_token)
 
 
 @fleet_group.command("token")

@@ -3,9 +3,16 @@
     POST /v1/enroll    a device's public key, its enrollment token, signed by the key (proof that it
                        holds the key); the key's origin (tpm, file) and the device's serial
     POST /v1/reports   a batch of outbox events, signed by the device key (kiln_device.fleet)
+    GET  /healthz      the service and its database answer
+
+and, on the operators' listener only (`--operator-listen`, loopback by default; anywhere else it
+wants a bearer token, `--operator-token-file`):
+
     GET  /v1/status    the fleet's state as JSON (?class=CLASS)
     GET  /             the same as an HTML page
-    GET  /healthz      the service and its database answer
+
+Devices see only their own endpoints: the fleet's state (device ids, versions, reasons) is not
+theirs to read, and the database's location is shown to no one over HTTP.
 
 A new identity is pending until the allow-list (`kiln fleet allow`: its serial, or every device
 of its class) or an operator (`kiln fleet accept`) accepts it: a token alone, which every device
@@ -242,6 +249,40 @@ class Halter:
         return halted
 
 
+OPERATOR_PATHS = ("/v1/status", "/")
+DEVICE_PATHS = ("/v1/enroll", "/v1/reports")
+
+
+def listeners(app: Any, operator_port: int | None, token_hash_hex: str | None) -> Any:
+    """APP served on two sockets: requests to OPERATOR_PORT reach only the operators' endpoints (with the bearer
+    token whose sha256 is TOKEN_HASH_HEX, when one is set), the others only the devices'; /healthz on both."""
+
+    async def routed(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        port = (scope.get("server") or (None, None))[1]
+        path = scope.get("path", "")
+        operator = operator_port is not None and port == operator_port
+        allowed = ("/healthz", *(OPERATOR_PATHS if operator else DEVICE_PATHS))
+        if path not in allowed:
+            await JSONResponse({"error": "not found"}, status_code=404)(scope, receive, send)
+            return
+        if operator and token_hash_hex and path != "/healthz":
+            headers = dict(scope.get("headers") or [])
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            import hmac
+
+            if not given.startswith("Bearer ") or not hmac.compare_digest(
+                    token_hash(given.removeprefix("Bearer ").strip()), token_hash_hex):
+                await JSONResponse({"error": "an operator's bearer token is required"}, status_code=401,
+                                   headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+                return
+        await app(scope, receive, send)
+
+    return routed
+
+
 def make_app(store: Store, repo: Any = None, *, tick: float = 60.0) -> Starlette:
     halter = Halter(store, repo)
 
@@ -314,13 +355,16 @@ def make_app(store: Store, repo: Any = None, *, tick: float = 60.0) -> Starlette
                 log.exception("checking the rollouts of %s after failures of %s", cls, ", ".join(result.failures))
         return JSONResponse({"accepted": result.accepted, "duplicates": result.duplicates, "ack": result.ack})
 
+    def shown(cls: str | None) -> dict[str, Any]:
+        data = views.fleet_status(store, repo, cls)
+        data.pop("database", None)  # where the database lives is for the host's own `kiln fleet status`
+        return data
+
     async def status(request: Request) -> Response:
-        data = await run_in_threadpool(views.fleet_status, store, repo, request.query_params.get("class"))
-        return JSONResponse(data)
+        return JSONResponse(await run_in_threadpool(shown, request.query_params.get("class")))
 
     async def page(request: Request) -> Response:
-        data = await run_in_threadpool(views.fleet_status, store, repo, request.query_params.get("class"))
-        return HTMLResponse(views.render_html(data))
+        return HTMLResponse(views.render_html(await run_in_threadpool(shown, request.query_params.get("class"))))
 
     async def healthz(request: Request) -> Response:
         count = await run_in_threadpool(store.version)
@@ -335,12 +379,53 @@ def make_app(store: Store, repo: Any = None, *, tick: float = 60.0) -> Starlette
     ])
 
 
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind(host: str, port: int) -> Any:
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(store: Store, repo: Any, *, host: str, port: int, tls_dir: Path, log_level: str = "info",
-          tick: float = 60.0) -> None:
+          tick: float = 60.0, operator: tuple[str, int] | None = None, operator_token: str | None = None) -> None:
+    """Serve devices on HOST:PORT and operators on OPERATOR (HOST, PORT), both over TLS, in one process. An
+    operators' listener off the loopback needs OPERATOR_TOKEN (the bearer token's text)."""
     import uvicorn
 
     from builder.fleet import pki
 
+    if operator is not None and not is_loopback(operator[0]) and not operator_token:
+        raise UsageError(f"--operator-listen {operator[0]}:{operator[1]} is not a loopback address: give "
+                         "--operator-token-file FILE (operators send it as a bearer token), or keep it on "
+                         "127.0.0.1 and reach it through an SSH tunnel")
     cert, key = pki.require(tls_dir)
-    uvicorn.run(make_app(store, repo, tick=tick), host=host, port=port, ssl_certfile=str(cert), ssl_keyfile=str(key),
-                log_level=log_level, access_log=False, server_header=False, timeout_graceful_shutdown=5)
+    sockets = [bind(host, port)]
+    operator_port = None
+    if operator is not None:
+        sockets.append(bind(*operator))
+        operator_port = sockets[-1].getsockname()[1]
+    app = listeners(make_app(store, repo, tick=tick), operator_port,
+                    token_hash(operator_token) if operator_token else None)
+    config = uvicorn.Config(app, ssl_certfile=str(cert), ssl_keyfile=str(key), log_level=log_level, access_log=False,
+                            server_header=False, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=sockets)

@@ -608,7 +608,7 @@ def test_the_fleet_page_in_chromium(halting, tmp_path: Path) -> None:
     shot = tmp_path / "fleet.png"
     common = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--ignore-certificate-errors",
               "--user-data-dir=" + str(tmp_path / "profile")]
-    dom = subprocess.run([*common, "--dump-dom", svc.url + "/"], capture_output=True, text=True, timeout=120,
+    dom = subprocess.run([*common, "--dump-dom", svc.operator_url + "/"], capture_output=True, text=True, timeout=120,
                          check=True).stdout
     shown = svc.get("/v1/status")
     assert f"{shown['devices']} devices" in dom
@@ -622,7 +622,8 @@ def test_the_fleet_page_in_chromium(halting, tmp_path: Path) -> None:
     for h in tiny["halts"]:  # what the service halted, even once a release replaced it
         shown = f"{h['version']} on {h['channel']}: {h['reason']}"
         assert shown.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") in dom  # as the DOM has text
-    subprocess.run([*common, f"--screenshot={shot}", "--window-size=1200,900", svc.url + "/"], capture_output=True,
+    subprocess.run([*common, f"--screenshot={shot}", "--window-size=1200,900", svc.operator_url + "/"],
+                   capture_output=True,
                    timeout=120, check=True, cwd=tmp_path)
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
@@ -711,3 +712,40 @@ def test_the_allow_list_names_serials_and_operators_accept_or_reject(service: Fl
     [row] = [d for d in json.loads(kiln("fleet", "devices", "listed", "--json", "--db", backend, check=True).stdout)
              if d["id"] == old.id]
     assert (row["key_origin"], row["serial"]) == ("unknown", None)
+
+
+def test_operators_have_their_own_listener_and_devices_see_only_theirs(service: FleetService, backend: str,
+                                                                      tmp_path: Path) -> None:
+    """Finding (issue 33, 6): /v1/status and the HTML page sat on the devices' listener without authentication,
+    giving away device ids, versions, reasons and the database's path."""
+    import urllib.error
+
+    for path in ("/v1/status", "/", "/v1/status?class=tiny"):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            service.get(path, operator=False)
+        assert err.value.code == 404, path
+    assert service.get("/healthz", operator=False)["ok"]
+    status = service.get("/v1/status")  # the operators' listener, on the loopback
+    assert "database" not in status and "devices" in status
+    assert "fleet.db" not in service.get("/") and "kiln-pg" not in service.get("/")
+    for path in ("/v1/enroll", "/v1/reports"):  # and the operators' listener takes no device's report
+        code, _ = FleetService(service.operator_url, service.ca, service.proc, service.log).post(path, b"{}")
+        assert code == 404, path
+    # Off the loopback, the operators' listener needs a token; with one, every request must bear it.
+    tls = tmp_path / "tls"
+    kiln("fleet", "init", str(tls), "--host", "127.0.0.1", "--db", backend, check=True)
+    r = kiln("fleet", "serve", "--listen", "127.0.0.1:0", "--operator-listen", "0.0.0.0:0", "--tls-dir", str(tls),
+             "--db", backend, timeout=60)
+    assert r.returncode == 2 and "not a loopback address" in r.stderr and "--operator-token-file" in r.stderr, \
+        r.stderr
+    token_file = tmp_path / "operator.token"
+    token_file.write_text("s3cret-operator-token-of-some-length\n")
+    with running_fleet(tmp_path, backend, operator_token=token_file) as guarded:
+        with pytest.raises(urllib.error.HTTPError) as err:
+            guarded.get("/v1/status")
+        assert err.value.code == 401
+        with pytest.raises(urllib.error.HTTPError) as err:
+            guarded.get("/v1/status", token="not-the-token-at-all")
+        assert err.value.code == 401
+        assert "devices" in guarded.get("/v1/status", token="s3cret-operator-token-of-some-length")
+        assert guarded.get("/healthz", operator=True)["ok"]  # liveness needs no token

@@ -268,15 +268,25 @@ class Store:
             failures: list[str] = []
             summary: dict[str, Any] = {}
             for e in events:
+                data = json.dumps(e, sort_keys=True)
                 cur.execute(self.sql("INSERT INTO events (device, seq, time, received, kind, version, reason, data) "
                                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"),
                             (device, e["seq"], e["time"], received, e["kind"],
-                             text(e.get("version")), text(e.get("reason"), 2000), json.dumps(e, sort_keys=True)))
+                             text(e.get("version")), text(e.get("reason"), 2000), data))
                 if cur.rowcount == 1:
                     accepted += 1
                     summarize(summary, e)
                     if is_failure(e) and e.get("version"):
                         failures.append(str(e["version"]))
+                    continue
+                cur.execute(self.sql("SELECT data FROM events WHERE device = ? AND seq = ?"), (device, e["seq"]))
+                held = cur.fetchone()
+                if held is not None and held[0] != data:
+                    # Another event under a number it holds: the device's outbox went back (its meta.json restored
+                    # or torn). Acknowledging would drop the new event; nothing of the report is stored, and the
+                    # device renumbers what it has above lastSeq and sends again.
+                    raise Refused(409, f"sequence number {e['seq']} is another event's: renumber above {row[1]}",
+                                  lastSeq=int(row[1]))
             last_seq = max([int(row[1]), *(int(e["seq"]) for e in events)])
             sets = ["counter = ?", "dropped = ?", "last_seen = ?", "last_seq = ?"]
             values: list[Any] = [counter, dropped, received, last_seq]

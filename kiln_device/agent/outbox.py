@@ -9,6 +9,12 @@ next sequence number is one above both meta.json's and the newest file's (and me
 to what the service acknowledged), so none is reused. An event written before the step it reports
 is saved carries a key; the step redone after a power cut finds the key and records nothing new.
 
+If meta.json goes back (restored from an older copy, or a power cut before its rename), new events
+can get numbers the service already holds for other events: it refuses them (409 with its
+`lastSeq`), and `rebase` renumbers the waiting events above it, in order, and they are sent again.
+The renumbering is written to meta.json first (`rebase`), so a power cut in the middle of it is
+finished by the next read of the outbox: no event is lost, none is sent twice.
+
 The outbox is bounded (agent.json fleet.outboxMax): when it is full the oldest events go, and
 `dropped` counts them; every upload carries that count, so the service shows what it missed.
 Appending never waits on the network and never fails the caller: an event that cannot be
@@ -126,9 +132,48 @@ class Outbox:
             self.save_meta(meta)
             return seq
 
+    def rebase(self, after: int) -> int:
+        """Renumber every waiting event above AFTER (the service's last sequence number for this device), in
+        order, and never below any number already handed out; how many were renumbered."""
+        with self.locked():
+            meta = self.meta()
+            seqs = self._seqs()
+            base = max([after, int(meta.get("lastSeq") or 0), *seqs])
+            meta["rebase"] = {"from": seqs, "base": base}
+            meta["lastSeq"] = base + len(seqs)
+            self.save_meta(meta)  # first: a power cut from here on is finished by _finish_rebase
+            self._finish_rebase(meta)
+            return len(seqs)
+
+    def _finish_rebase(self, meta: dict[str, Any]) -> None:
+        """Carry out meta.json's `rebase` (idempotent): each old file rewritten under its new number, then gone."""
+        plan = meta.get("rebase")
+        if not isinstance(plan, dict):
+            return
+        base = int(plan.get("base") or 0)
+        for n, old in enumerate(plan.get("from") or [], 1):
+            old_path, new_path = self._path(int(old)), self._path(base + n)
+            try:
+                data = read_json(old_path)
+            except FileNotFoundError:
+                continue  # done before a power cut
+            except (OSError, ValueError):
+                old_path.unlink(missing_ok=True)  # torn: counted as pending() would
+                meta["dropped"] = int(meta.get("dropped") or 0) + 1
+                continue
+            if not new_path.exists():
+                write_atomic(new_path, json.dumps({**data, "seq": base + n}, sort_keys=True).encode(), 0o600)
+            old_path.unlink()
+        fsync_dir(self.dir)
+        meta.pop("rebase", None)
+        self.save_meta(meta)
+
     def pending(self, limit: int) -> list[Event]:
         """The oldest LIMIT events, in order (an unreadable file, a torn write from a disk that lies, is dropped
         and counted)."""
+        if "rebase" in self.meta():
+            with self.locked():
+                self._finish_rebase(self.meta())
         out: list[Event] = []
         for seq in self._seqs():
             if len(out) >= limit:

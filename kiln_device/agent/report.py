@@ -99,11 +99,11 @@ def enroll(config: Config, release: Release, ident: Identity, outbox: Outbox, me
         return
     try:
         token = config.fleet.token.read_text().strip()
-    except OSError as exc:
-        raise AgentError(CONFIG, f"not enrolled with {config.fleet.url} and no enrollment token at "
-                                 f"{config.fleet.token} ({exc.strerror}; a used token is deleted): put a new one "
-                                 "there (`kiln fleet token`), or flash one with `kiln disk --etc "
-                                 "kiln/enroll.token=FILE`") from None
+    except OSError:
+        # No token: used and deleted, while meta.json lost the mark (restored from an older copy). The service
+        # knows an enrolled device's key: the report itself says whether it is (401 otherwise: no_token()).
+        log(f"no enrollment token at {config.fleet.token}: reporting as an enrolled device")
+        return
     fields = {"device": ident.id, "publicKey": ident.public_b64, "token": token, "class": release.cls,
               "compatible": release.compatible, "version": release.version, "keyOrigin": ident.store}
     serial = device_serial(config)
@@ -132,6 +132,12 @@ def enroll(config: Config, release: Release, ident: Identity, outbox: Outbox, me
         meta["fleetState"] = state
         outbox.save_meta(meta)
     forget_token(config.fleet.token)
+
+
+def no_token(config: Config) -> AgentError:
+    return AgentError(CONFIG, f"not enrolled with {config.fleet.url} and no enrollment token at {config.fleet.token} "
+                              "(a used token is deleted): put a new one there (`kiln fleet token`), or flash one "
+                              "with `kiln disk --etc kiln/enroll.token=FILE`")
 
 
 def forget_token(path: Path) -> None:
@@ -197,6 +203,7 @@ def upload(config: Config, release: Release, *, force: bool = False) -> int:
 def send(config: Config, release: Release, ident: Identity, outbox: Outbox) -> int:
     meta = outbox.meta()
     sent_total = 0
+    rebased = recountered = False
     try:
         enroll(config, release, ident, outbox, meta)
         while True:
@@ -213,15 +220,23 @@ def send(config: Config, release: Release, ident: Identity, outbox: Outbox) -> i
             try:
                 answer = send_batch(config, ident, outbox, events)
             except Rejected as exc:
-                if exc.status == 409 and isinstance(exc.answer.get("counter"), int):
+                if exc.status == 409 and isinstance(exc.answer.get("lastSeq"), int) and not rebased:
+                    # The service holds other events under these numbers (this device's meta.json went back):
+                    # renumber what waits above its last one, and send again.
+                    moved, rebased = outbox.rebase(exc.answer["lastSeq"]), True
+                    log(f"the service holds events up to {exc.answer['lastSeq']} under numbers this device used "
+                        f"again: {moved} waiting events renumbered above it")
+                    continue
+                if exc.status == 409 and isinstance(exc.answer.get("counter"), int) and not recountered:
                     # The service has seen a higher counter (this device's meta.json was lost or restored):
                     # go past it, and send again.
                     with outbox.locked():
                         meta = outbox.meta()
                         meta["counter"] = max(int(meta.get("counter") or 0), exc.answer["counter"])
                         outbox.save_meta(meta)
-                    answer = send_batch(config, ident, outbox, events)
-                elif exc.status == 403 and exc.answer.get("state") in ("pending", "rejected"):
+                    recountered = True
+                    continue
+                if exc.status == 403 and exc.answer.get("state") in ("pending", "rejected"):
                     with outbox.locked():
                         meta = outbox.meta()
                         meta["fleetState"] = exc.answer["state"]
@@ -232,6 +247,8 @@ def send(config: Config, release: Release, ident: Identity, outbox: Outbox) -> i
                         meta = outbox.meta()
                         meta.pop("enrolled", None)
                         outbox.save_meta(meta)
+                    if not config.fleet.token.exists():
+                        raise no_token(config) from None
                     raise
                 else:
                     raise

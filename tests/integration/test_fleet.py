@@ -749,3 +749,26 @@ def test_operators_have_their_own_listener_and_devices_see_only_theirs(service: 
         assert err.value.code == 401
         assert "devices" in guarded.get("/v1/status", token="s3cret-operator-token-of-some-length")
         assert guarded.get("/healthz", operator=True)["ok"]  # liveness needs no token
+
+
+def test_an_outbox_whose_meta_went_back_loses_nothing_and_counts_nothing_twice(service: FleetService, backend: str,
+                                                                              tmp_path: Path) -> None:
+    """Finding (issue 33, 5): meta.json restored from an older copy handed out sequence numbers the service
+    already held for other events; it acknowledged them as duplicates, and the device dropped them unsent."""
+    dev = SimDevice.create(tmp_path / "d", service, token(backend, tmp_path / "tok"))
+    for n in range(3):
+        dev.emit("boot", version="1.0.0", n=n)
+    backup = (dev.config.outbox_dir / "meta.json").read_bytes()  # lastSeq 3, counter 0
+    assert dev.report() == 0
+    for n in range(3, 6):
+        dev.emit("boot", version="1.0.0", n=n)
+    assert dev.report() == 0  # the service holds 1..6
+    (dev.config.outbox_dir / "meta.json").write_bytes(backup)  # restored: seqs 4, 5, 6 are handed out again
+    for n in range(6, 9):
+        dev.emit("boot", version="1.0.0", n=n)
+    assert sorted(e.seq for e in dev.outbox.pending(10)) == [4, 5, 6]
+    assert dev.report() == 0, dev.outbox.meta()
+    events = stored(backend, dev.identity.id)
+    assert [e["n"] for e in events] == list(range(9))  # none lost, none twice, in order
+    assert [e["seq"] for e in events] == list(range(1, 10)) and dev.outbox.count() == 0
+    assert dev.report() == 0 and len(stored(backend, dev.identity.id)) == 9  # a retry stores nothing twice

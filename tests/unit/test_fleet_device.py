@@ -244,3 +244,20 @@ def test_the_serial_a_device_enrolls_with(tmp_path: Path, monkeypatch: pytest.Mo
     named = SimDevice.create(tmp_path / "named", None, tmp_path / "token", serial="LINE4-0042")
     assert device_serial(named.config) == "LINE4-0042"
     assert finalize_fleet({"serial": "LINE4-0042"}).serial == "LINE4-0042"
+
+
+def test_a_renumbering_cut_by_a_power_cut_is_finished_on_the_next_read(tmp_path: Path) -> None:
+    """Outbox.rebase writes its plan to meta.json first: a power cut after some files moved loses none, twice none."""
+    box = Outbox(tmp_path / "outbox", 100)
+    for n in range(3):
+        box.append("boot", {"n": n})
+    meta = box.meta()
+    meta.update(rebase={"from": [1, 2, 3], "base": 10}, lastSeq=13)
+    box.save_meta(meta)  # the plan is saved; then the first file moved, and the power went out
+    first = json.loads((tmp_path / "outbox/000000000001.json").read_text())
+    (tmp_path / "outbox/000000000011.json").write_text(json.dumps({**first, "seq": 11}))
+    (tmp_path / "outbox/000000000001.json").unlink()
+    assert [(e.seq, e.data["n"]) for e in box.pending(10)] == [(11, 0), (12, 1), (13, 2)]
+    assert "rebase" not in box.meta() and box.meta()["lastSeq"] == 13
+    assert box.rebase(20) == 3 and [e.seq for e in box.pending(10)] == [21, 22, 23]
+    assert box.append("boot", {"n": 3}) == 24  # never a number handed out before

@@ -132,7 +132,7 @@ def declare_only(service: FleetService, path: str, length: int) -> tuple[int, di
 @contextlib.contextmanager
 def running_fleet(tmp: Path, db: str, *, key_dir: Path | None = None, lookaside: Path | None = None,
                   env: dict[str, str] | None = None, hosts: tuple[str, ...] = ("127.0.0.1",),
-                  operator_token: Path | None = None) -> Iterator[FleetService]:
+                  operator_token: Path | None = None, extra: tuple[str, ...] = ()) -> Iterator[FleetService]:
     """`kiln fleet serve` on a free loopback port, its TLS made by `kiln fleet init` for HOSTS (a QEMU guest
     reaches the host at 10.0.2.2)."""
     tls = tmp / "tls"
@@ -145,6 +145,7 @@ def running_fleet(tmp: Path, db: str, *, key_dir: Path | None = None, lookaside:
             "--operator-listen", f"127.0.0.1:{operator_port}"]
     if operator_token is not None:
         args += ["--operator-token-file", str(operator_token)]
+    args += list(extra)
     if key_dir is not None:
         args += ["--key", str(key_dir), "--lookaside", str(lookaside), "--tick", "1"]
     log = tmp / f"fleet-{port}.log"

@@ -102,8 +102,11 @@ def fleet_migrate(db: str | None) -> None:
                    "the loopback it needs --operator-token-file. `none`: no operators' listener.")
 @click.option("--operator-token-file", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
               help="A file whose first line is the operators' bearer token (`Authorization: Bearer ...`).")
+@click.option("--max-connections", default=1000, show_default=True, type=click.IntRange(1, 100_000),
+              help="Connections and requests served at once; beyond, a 503 (devices retry with backoff).")
 def fleet_serve(listen: str, tls_dir: Path | None, db: str | None, key_dir: Path | None,
-                lookaside: Path | None, tick: float, operator_listen: str, operator_token_file: Path | None) -> None:
+                lookaside: Path | None, tick: float, operator_listen: str, operator_token_file: Path | None,
+                max_connections: int) -> None:
     """Serve enrollment and reports to devices, and the fleet's state to operators, over TLS until stopped."""
     from builder.core.errors import UsageError
     from builder.fleet.service import serve
@@ -133,7 +136,7 @@ def fleet_serve(listen: str, tls_dir: Path | None, db: str | None, key_dir: Path
                f"{'https://' + operator_listen if operator else 'none'} ({store.describe()}, schema "
                f"{store.version()}; automatic halt {'on: ' + str(repo.dir) if repo else 'off (no --key)'})", err=True)
     serve(store, repo, host=host.strip("[]"), port=int(port), tls_dir=tls_dir or default_tls_dir(), tick=tick,
-          operator=operator, operator_token=operator_token)
+          operator=operator, operator_token=operator_token, max_connections=max_connections)
 
 
 @fleet_group.command("token")

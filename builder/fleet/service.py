@@ -52,7 +52,7 @@ from starlette.routing import Route
 
 from builder.core.errors import UsageError
 from builder.fleet import views
-from builder.fleet.store import ACCEPTED, KEY_ORIGINS, PENDING, Refused, Store
+from builder.fleet.store import ACCEPTED, KEY_ORIGINS, PENDING, Refused, Store, event_time
 from kiln_device.fleet import (
     DEVICE_HEADER,
     ENROLL_CONTEXT,
@@ -77,15 +77,31 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+BODY_TIMEOUT_ENV = "KILN_FLEET_BODY_TIMEOUT"  # seconds a client has to send its whole body (default 30)
+
+
 async def read_body(request: Request) -> bytes:
+    """The request's body, at most MAX_BODY bytes, within the body timeout: a client that trickles or stalls
+    (slow-loris) gets a 408 and its worker back, instead of holding it."""
+    import asyncio
+    import os
+
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
         raise Refused(413, f"the body is over {MAX_BODY} bytes")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY:
-            raise Refused(413, f"the body is over {MAX_BODY} bytes")
+
+    async def read() -> None:
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > MAX_BODY:
+                raise Refused(413, f"the body is over {MAX_BODY} bytes")
+
+    limit = float(os.environ.get(BODY_TIMEOUT_ENV) or 30)
+    try:
+        await asyncio.wait_for(read(), limit)
+    except TimeoutError:
+        raise Refused(408, f"the body did not arrive within {limit:g} s") from None
     return bytes(body)
 
 
@@ -174,8 +190,8 @@ def check_report(data: dict[str, Any]) -> tuple[str, int, int, list[dict[str, An
             # Kinds this service does not know (a newer agent's) are kept; a kind is a dotted name.
             raise Refused(422, f"{where}.kind: {str(e.get('kind'))[:40]!r} is not an event kind (a dotted lowercase "
                                f"name, for example {', '.join(list(EVENT_KINDS)[:3])})")
-        if not isinstance(e.get("time"), str) or len(e["time"]) != 20:
-            raise Refused(422, f"{where}.time: expected YYYY-MM-DDTHH:MM:SSZ")
+        if not isinstance(e.get("time"), str) or event_time(e["time"]) is None:
+            raise Refused(422, f"{where}.time: expected a UTC time, YYYY-MM-DDTHH:MM:SSZ")
         if e.get("version") is not None and not (isinstance(e["version"], str) and len(e["version"]) <= 64):
             raise Refused(422, f"{where}.version: expected a version string")
         if len(json.dumps(e)) > MAX_EVENT_BYTES:
@@ -407,7 +423,8 @@ def bind(host: str, port: int) -> Any:
 
 
 def serve(store: Store, repo: Any, *, host: str, port: int, tls_dir: Path, log_level: str = "info",
-          tick: float = 60.0, operator: tuple[str, int] | None = None, operator_token: str | None = None) -> None:
+          tick: float = 60.0, operator: tuple[str, int] | None = None, operator_token: str | None = None,
+          max_connections: int = 1000) -> None:
     """Serve devices on HOST:PORT and operators on OPERATOR (HOST, PORT), both over TLS, in one process. An
     operators' listener off the loopback needs OPERATOR_TOKEN (the bearer token's text)."""
     import uvicorn
@@ -426,6 +443,9 @@ def serve(store: Store, repo: Any, *, host: str, port: int, tls_dir: Path, log_l
         operator_port = sockets[-1].getsockname()[1]
     app = listeners(make_app(store, repo, tick=tick), operator_port,
                     token_hash(operator_token) if operator_token else None)
+    # A bound on what clients hold: MAX_CONNECTIONS at once, a 503 beyond (uvicorn's limit counts the connection
+    # it refuses: one more); idle keep-alive 5 s; the body, read_body's timeout; headers, h11's 16 KiB.
     config = uvicorn.Config(app, ssl_certfile=str(cert), ssl_keyfile=str(key), log_level=log_level, access_log=False,
-                            server_header=False, timeout_graceful_shutdown=5)
+                            server_header=False, timeout_graceful_shutdown=5, limit_concurrency=max_connections + 1,
+                            timeout_keep_alive=5, h11_max_incomplete_event_size=16 * 1024)
     uvicorn.Server(config).run(sockets=sockets)

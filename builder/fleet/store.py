@@ -61,6 +61,9 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         """CREATE TABLE allowed (
             class TEXT NOT NULL, serial TEXT NOT NULL, created TEXT NOT NULL, PRIMARY KEY (class, serial))""",
     ]),
+    (5, "each device's clock skew, from the newest event of its last report", [
+        "ALTER TABLE devices ADD COLUMN clock_skew BIGINT",
+    ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -75,6 +78,31 @@ KEY_ORIGINS = ("tpm", "file", "unknown")
 TRIED_KINDS = ("update.started", "update.phase", "update.installed", "update.failed", "update.success", "rollback")
 # What changes the summary of a device, from its events.
 VERSION_KINDS = ("boot", "update.success")
+
+
+def event_time(text: str) -> float | None:
+    """Seconds since the epoch of a device's `YYYY-MM-DDTHH:MM:SSZ` (None: not one, or not a real date)."""
+    import calendar
+
+    if len(text) != 20:
+        return None
+    try:
+        return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")))
+    except ValueError:
+        return None
+
+
+CLOCK_SKEW = 300  # seconds an event may be dated ahead of the service's clock before the device's clock is off
+CLOCK_FLOOR = 1577836800.0  # 2020-01-01: a device dating events before it has no clock set (no RTC, no NTP yet)
+
+
+def clock_skew(events: list[dict[str, Any]], received: float) -> int | None:
+    """How far the newest event is dated from RECEIVED, when that says the device's clock is off (ahead of the
+    service's, or not set); None otherwise (events dated in the past may have waited in an outbox)."""
+    newest = max((t for t in (event_time(str(e.get("time"))) for e in events) if t is not None), default=None)
+    if newest is None or (newest - received <= CLOCK_SKEW and newest >= CLOCK_FLOOR):
+        return None
+    return int(newest - received)
 
 
 def now_text() -> str:
@@ -254,7 +282,9 @@ class Store:
     # --- reports ------------------------------------------------------------------------------
 
     def ingest(self, device: str, counter: int, dropped: int, events: list[dict[str, Any]]) -> Ingested:
-        received = now_text()
+        received_at = time.time()
+        received = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(received_at))
+        skew = clock_skew(events, received_at)
         with self.tx() as cur:
             cur.execute(self.sql("SELECT counter, last_seq FROM devices WHERE id = ?"  # noqa: S608
                                  + self.for_update()), (device,))
@@ -288,8 +318,8 @@ class Store:
                     raise Refused(409, f"sequence number {e['seq']} is another event's: renumber above {row[1]}",
                                   lastSeq=int(row[1]))
             last_seq = max([int(row[1]), *(int(e["seq"]) for e in events)])
-            sets = ["counter = ?", "dropped = ?", "last_seen = ?", "last_seq = ?"]
-            values: list[Any] = [counter, dropped, received, last_seq]
+            sets = ["counter = ?", "dropped = ?", "last_seen = ?", "last_seq = ?", "clock_skew = ?"]
+            values: list[Any] = [counter, dropped, received, last_seq, skew]
             for column, value in summary.items():
                 sets.append(f"{column} = ?")
                 values.append(text(value, 500))
@@ -301,7 +331,7 @@ class Store:
     def devices(self, cls: str | None = None, state: str | None = ACCEPTED) -> list[dict[str, Any]]:
         """The devices (of CLS) in STATE (None: every state): by default the accepted, which are the fleet."""
         cols = ("id", "class", "compatible", "enrolled", "last_seen", "dropped", "last_seq", "version", "slot",
-                "degraded", "channel_state", "key_type", "state", "key_origin", "serial")
+                "degraded", "channel_state", "key_type", "state", "key_origin", "serial", "clock_skew")
         conds = [(c, v) for c, v in (("class = ?", cls), ("state = ?", state)) if v]
         where = ("WHERE " + " AND ".join(c for c, _ in conds)) if conds else ""
         args = tuple(v for _, v in conds)

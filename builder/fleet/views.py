@@ -97,6 +97,10 @@ def fleet_status(store: Store, repo: Any, cls: str | None = None, *, now: float 
             "halts": store.halts(name),
             "stale": [{"device": d["id"], "channel": d["channel_state"]} for d in members if d["channel_state"]],
             "degraded": [{"device": d["id"], "degraded": d["degraded"]} for d in members if d["degraded"]],
+            # devices whose newest event was dated ahead of the service's clock, or before 2020: their event times
+            # are theirs; the service orders and soaks by the times it received them
+            "clockOff": [{"device": d["id"], "skewSeconds": int(d["clock_skew"])} for d in members
+                         if d["clock_skew"] is not None],
             "dropped": sum(int(d["dropped"] or 0) for d in members),
             "notSeen": not_seen,
             "lastSeen": max((d["last_seen"] for d in members if d["last_seen"]), default=None),
@@ -146,6 +150,9 @@ def _render_text(status: dict[str, Any]) -> str:
             lines.append(f"  degraded: {len(c['degraded'])} devices ({c['degraded'][0]['degraded']})")
         if c["dropped"]:
             lines.append(f"  events dropped on devices (outbox full): {c['dropped']}")
+        if c["clockOff"]:
+            lines.append(f"  clock off: {len(c['clockOff'])} devices (their newest event dated ahead of the service's "
+                         "clock, or before 2020)")
         if c["notSeen"]:
             lines.append(f"  not seen for {STALE_AFTER // 3600} h: {len(c['notSeen'])} devices")
     return "\n".join(lines)

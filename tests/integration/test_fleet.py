@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import time
+import urllib.error
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -718,8 +719,6 @@ def test_operators_have_their_own_listener_and_devices_see_only_theirs(service: 
                                                                       tmp_path: Path) -> None:
     """Finding (issue 33, 6): /v1/status and the HTML page sat on the devices' listener without authentication,
     giving away device ids, versions, reasons and the database's path."""
-    import urllib.error
-
     for path in ("/v1/status", "/", "/v1/status?class=tiny"):
         with pytest.raises(urllib.error.HTTPError) as err:
             service.get(path, operator=False)
@@ -772,3 +771,82 @@ def test_an_outbox_whose_meta_went_back_loses_nothing_and_counts_nothing_twice(s
     assert [e["n"] for e in events] == list(range(9))  # none lost, none twice, in order
     assert [e["seq"] for e in events] == list(range(1, 10)) and dev.outbox.count() == 0
     assert dev.report() == 0 and len(stored(backend, dev.identity.id)) == 9  # a retry stores nothing twice
+
+
+def test_event_times_are_checked_and_a_device_clock_that_is_off_is_shown(service: FleetService, backend: str,
+                                                                        tmp_path: Path) -> None:
+    """Finding (issue 33, 11): an event's time was checked for its length only. A time that is no date is refused
+    (422, naming the field); a clock ahead of the service's, or never set, is stored and shown; the service keeps
+    the time it received each event."""
+    dev = SimDevice.create(tmp_path / "d", service, token(backend, tmp_path / "tok"))
+    dev.emit("boot", version="1.0.0")
+    assert dev.report() == 0
+    ident = dev.identity
+
+    def post(events: list[dict[str, object]], counter: int) -> tuple[int, dict[str, object]]:
+        body = json.dumps({"device": ident.id, "counter": counter, "events": events}).encode()
+        return service.post("/v1/reports", body, {SIGNATURE_HEADER: ident.sign(SIGNING_CONTEXT, body)})
+
+    code, answer = post([{"seq": 2, "kind": "boot", "time": "2026-13-45T99:99:99Z"}], 100)
+    assert code == 422 and answer["error"].startswith("events[0].time"), answer
+    assert [e["seq"] for e in stored(backend, ident.id)] == [1]
+    code, answer = post([{"seq": 2, "kind": "boot", "time": "2099-01-01T00:00:00Z"}], 101)
+    assert code == 200 and answer["accepted"] == 1, answer
+    status = json.loads(kiln("fleet", "status", "tiny", "--json", "--db", backend, check=True).stdout)
+    [off] = [d for d in status["classes"]["tiny"]["clockOff"] if d["device"] == ident.id]
+    assert off["skewSeconds"] > 60 * 86400 * 365
+    assert "clock off:" in kiln("fleet", "status", "tiny", "--db", backend, check=True).stdout
+    store = open_store(backend)
+    try:
+        with store.tx() as cur:
+            cur.execute(store.sql("SELECT time, received FROM events WHERE device = ? AND seq = 2"), (ident.id,))
+            when, received = cur.fetchone()
+    finally:
+        store.close()
+    assert when == "2099-01-01T00:00:00Z" and received.startswith("20") and received < "2099"
+    dev.emit("boot", version="1.0.0")  # a clock back in order: no longer shown
+    assert dev.report() == 0
+    status = json.loads(kiln("fleet", "status", "tiny", "--json", "--db", backend, check=True).stdout)
+    assert ident.id not in {d["device"] for d in status["classes"]["tiny"]["clockOff"]}
+
+
+def test_slow_clients_are_cut_off_and_connections_are_bounded(tmp_path: Path) -> None:
+    """Finding (issue 33, 10): no body-read timeout and no cap on connections: a client that sends its headers
+    and then trickles (slow-loris) held a worker for as long as it liked, and any number of them could."""
+    import http.client
+    import ssl
+
+    db = f"sqlite:///{tmp_path / 'fleet.db'}"
+    with running_fleet(tmp_path, db, env={"KILN_FLEET_BODY_TIMEOUT": "2"}, extra=("--max-connections", "4")) as svc:
+        ctx = ssl.create_default_context(cafile=str(svc.ca))
+        host, port = svc.url.removeprefix("https://").split(":")
+
+        def stalled() -> http.client.HTTPSConnection:
+            conn = http.client.HTTPSConnection(host, int(port), context=ctx, timeout=30)
+            conn.putrequest("POST", "/v1/reports")
+            conn.putheader("Content-Type", "application/json")
+            conn.putheader("Content-Length", "1000")
+            conn.endheaders()
+            conn.send(b'{"device": ')  # and nothing more
+            return conn
+
+        start = time.monotonic()
+        first = stalled()
+        resp = first.getresponse()
+        waited = time.monotonic() - start
+        assert resp.status == 408 and "did not arrive within 2 s" in json.loads(resp.read())["error"]
+        assert 1.5 < waited < 15, waited
+        first.close()
+        held = [stalled() for _ in range(4)]  # as many as the service serves at once
+        time.sleep(0.5)
+        try:
+            svc.get("/healthz")
+            over = None
+        except urllib.error.HTTPError as exc:
+            over = exc.code
+        assert over == 503  # the fifth is turned away, not queued behind the stalled four
+        for conn in held:
+            assert conn.getresponse().status == 408
+            conn.close()
+        assert svc.get("/healthz")["ok"]  # the slots are back
+        assert total(db) == 0

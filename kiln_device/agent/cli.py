@@ -24,6 +24,9 @@ Subcommands:
                      the events update, boot and the health checks append (kiln-agent-report.timer;
                      backs off after a failure unless --now; nothing to do without fleet.url)
   identity           print this device's id (its key is made on first use)
+  trust-reset        forget the trusted channel metadata: the next check starts again from the
+                     image's root (only when the last trusted root is lost: the agent never does
+                     this by itself, since the image's root may trust keys a rotation retired)
 
 Configuration: /usr/lib/kiln/agent.json (baked defaults), overridden key by key by
 /etc/kiln/agent.json, then by --config FILE (or $KILN_AGENT_CONFIG). Keys: registry
@@ -97,6 +100,7 @@ from kiln_device.agent.journal import State, blocklist, locked
 from kiln_device.agent.outbox import Outbox, record
 from kiln_device.agent.reconcile import cmd_boot
 from kiln_device.agent.report import cmd_report
+from kiln_device.agent.trust import reset_trust
 from kiln_device.common import TOOL_PATH, Parser, read_json, write_atomic
 from kiln_device.contract import CONFIG, HEALTH_RESULT, NO_SPACE, OK, USAGE, WRITE_FAILED, Release, under
 from kiln_device.degraded import read_degraded, summary
@@ -274,6 +278,7 @@ def make_parser() -> argparse.ArgumentParser:
     sub.add_parser("self-test", help="health check: the agent can run (kiln-health-agent.service)")
     report = sub.add_parser("report", help="upload the outbox to the fleet service (kiln-agent-report.timer)")
     report.add_argument("--now", action="store_true", help="ignore the backoff after a failed upload")
+    sub.add_parser("trust-reset", help="forget the trusted channel metadata; start again from the image's root")
     identity = sub.add_parser("identity", help="print this device's id (--json: and where its key is)")
     identity.add_argument("--json", action="store_true")
     return parser
@@ -318,6 +323,12 @@ def dispatch(args: argparse.Namespace) -> int:
                 + (f" since {trust['staleSince']}" if trust.get("staleSince") else "") + f": {trust.get('reason')}")
         return CONFIG if problems else OK
     state_path = config.state_dir / "state.json"
+    if args.command == "trust-reset":
+        with locked(config.state_dir, wait=args.lock_wait):
+            gone = reset_trust(config.trust_dir)
+        log(f"forgot {', '.join(str(p) for p in gone) or 'nothing (no trusted metadata)'}: the next check starts "
+            f"from the image's root, {config.trust_root}")
+        return OK
     if args.command == "status":
         boot = make_boot_control(config, release.boot_control)
         data = status_data(config, release, State(state_path), boot)

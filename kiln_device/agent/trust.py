@@ -25,7 +25,7 @@ from kiln_device import version as kv
 from kiln_device.agent.config import Config
 from kiln_device.agent.journal import fault_point
 from kiln_device.channel import Rollout, parse_rollout, parse_target_custom, rollout_path
-from kiln_device.common import fsync_dir
+from kiln_device.common import fsync_dir, write_atomic
 from kiln_device.contract import (
     CONFIG,
     INCOMPATIBLE,
@@ -93,8 +93,9 @@ def read_channel(config: Config, release: Release) -> Channel:
     meta_dir = config.trust_dir / "metadata"
     meta_dir.mkdir(parents=True, exist_ok=True)
     url = f"{config.lookaside.rstrip('/')}/{METADATA_PATH}"
-    # The newest root this device trusted (kept here across updates) unless there is none yet,
-    # then the image's own. A cached root that does not load (a torn write) falls back to the image's.
+    # The newest root this device trusted (kept here across updates) unless there is none yet, then the
+    # image's own. A cached root that does not load (a torn write) is restored from the copy kept of the
+    # last trusted root, never replaced by the image's older one: that would trust keys a rotation retired.
     bootstrap = None if (meta_dir / "root.json").exists() else config.trust_root.read_bytes()
     try:
         try:
@@ -102,8 +103,15 @@ def read_channel(config: Config, release: Release) -> Channel:
         except (tuf_errors.RepositoryError, ValueError, OSError) as exc:
             if bootstrap is not None:
                 raise
-            log(f"{meta_dir}/root.json does not load ({exc}); starting again from the image's root")
-            updater = Updater(str(meta_dir), url, bootstrap=config.trust_root.read_bytes())
+            restored = restore_root(config.trust_dir, meta_dir)
+            if restored is None:
+                raise AgentError(SIGNATURE, f"{meta_dir}/root.json does not load ({exc}), and no copy of the last "
+                                            "trusted root does: refusing to start again from the image's older root "
+                                            "(a rollback of trust). To start over from the image's root, on purpose: "
+                                            "kiln-agent trust-reset") from None
+            log(f"{meta_dir}/root.json does not load ({exc}); restored the last trusted root, v{restored}, "
+                "from its copy")
+            updater = Updater(str(meta_dir), url, bootstrap=None)
         updater.refresh()
         fault_point("trust-refreshed")  # new metadata written by ngclient, not yet fsynced: a power cut here
         # The rollout state (waves, halt) is signed by the delegated `rollout` role (builder.release.trust): looked up
@@ -152,6 +160,7 @@ def read_channel(config: Config, release: Release) -> Channel:
         except (OSError, ValueError):
             pass
     root_version = Metadata.from_file(str(meta_dir / "root.json")).signed.version
+    keep_root(config.trust_dir, meta_dir, root_version)
     return Channel(release.cls, config.channel, tuple(releases), expires, root_version, rollout)
 
 
@@ -177,6 +186,50 @@ def choose(channel: Channel, release: Release, device: str | None = None) -> tup
     if older:
         return max(older, key=lambda r: kv.Version(r.version)), waiting
     return None, waiting
+
+
+ROOTS_DIR = "roots"  # in trustDir: a copy of each root this device trusted, <N>.root.json, fsynced
+
+
+def keep_root(trust_dir: Path, meta_dir: Path, version: int) -> None:
+    """A durable copy of the root just trusted (what restore_root falls back to; never the image's)."""
+    copy = trust_dir / ROOTS_DIR / f"{version}.root.json"
+    if copy.is_file():
+        return
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(copy, (meta_dir / "root.json").read_bytes(), 0o644)
+    for old in sorted(copy.parent.glob("*.root.json"), key=lambda p: int(p.name.split(".")[0]))[:-3]:
+        old.unlink(missing_ok=True)  # the newest three are plenty: each was written whole and fsynced
+
+
+def restore_root(trust_dir: Path, meta_dir: Path) -> int | None:
+    """Put the newest intact copy of a trusted root back as META_DIR/root.json; its version (None: no copy loads)."""
+    from tuf.api.metadata import Metadata, Root
+
+    copies = sorted((trust_dir / ROOTS_DIR).glob("*.root.json"), key=lambda p: int(p.name.split(".")[0]),
+                    reverse=True) if (trust_dir / ROOTS_DIR).is_dir() else []
+    for copy in copies:
+        try:
+            data = copy.read_bytes()
+            md: Metadata[Root] = Metadata.from_bytes(data)
+            md.signed.verify_delegate("root", md.signed_bytes, md.signatures)  # whole, and signed as it was
+        except Exception as exc:  # a torn copy: the next older one
+            log(f"{copy} does not load ({type(exc).__name__}); trying an older copy")
+            continue
+        write_atomic(meta_dir / "root.json", data, 0o644)
+        return md.signed.version
+    return None
+
+
+def reset_trust(trust_dir: Path) -> list[Path]:
+    """`kiln-agent trust-reset`: forget the trusted metadata and its root copies; the next check starts from the
+    image's root. An operator's decision (a torn state that cannot be restored), never the agent's own."""
+    import shutil
+
+    gone = [p for p in (trust_dir / "metadata", trust_dir / ROOTS_DIR) if p.exists()]
+    for path in gone:
+        shutil.rmtree(path)
+    return gone
 
 
 def sync(directory: Path) -> None:

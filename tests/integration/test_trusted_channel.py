@@ -342,18 +342,39 @@ def test_corrupt_truncated_oversized_metadata_is_refused_and_a_retry_works(world
 
 def test_a_torn_local_metadata_file_falls_back_to_the_last_trusted(world: World) -> None:
     """A power cut in a refresh: the files on the data partition are half written. The timestamp is
-    fetched again; a root that does not load falls back to the image's root and the chain."""
-    dev = world.device("torn")
+    fetched again; a root that does not load is restored from the copy of the last trusted root. Never from
+    the image's older root (issue 33, finding 16: a rollback of trust, to keys a rotation retired): with no copy
+    left, the device refuses until an operator resets its trust on purpose."""
+    world.release("1.0.1", "torn")
+    dev = world.device("torn", channel="torn")
     assert dev.agent("check").returncode in (EXIT["ok"], EXIT["up-to-date"])
     meta = dev.root / "var/lib/kiln/tuf/metadata"
     (meta / "timestamp.json").write_bytes(b'{"signed": {"_type": "timest')
     assert dev.agent("check").returncode in (EXIT["ok"], EXIT["up-to-date"])
+    copies = dev.root / "var/lib/kiln/tuf/roots"
+    trusted = Metadata.from_file(str(meta / "root.json")).signed.version
+    assert (copies / f"{trusted}.root.json").read_bytes() == (meta / "root.json").read_bytes()
     root = meta / "root.json"
     target = root.resolve()
     target.write_bytes(target.read_bytes()[:100])
     proc = dev.agent("check")
     assert proc.returncode in (EXIT["ok"], EXIT["up-to-date"]), proc.stderr
-    assert "starting again from the image's root" in proc.stderr
+    assert f"restored the last trusted root, v{trusted}, from its copy" in proc.stderr, proc.stderr
+    assert "image's root" not in proc.stderr
+    # Every copy torn too: refused, nothing installed, and the way out named.
+    root.resolve().write_bytes(b"{")
+    for copy in copies.iterdir():
+        copy.write_bytes(b'{"signed"')
+    before = slots(dev)
+    proc = dev.agent("update", "--no-reboot")
+    assert proc.returncode == EXIT["signature"], proc.stderr
+    assert "refusing to start again from the image's older root" in proc.stderr and "kiln-agent trust-reset" in \
+        proc.stderr, proc.stderr
+    assert slots(dev) == before
+    proc = dev.agent("trust-reset")
+    assert proc.returncode == 0 and "the next check starts from the image's root" in proc.stderr, proc.stderr
+    assert dev.agent("check").returncode in (EXIT["ok"], EXIT["up-to-date"])  # from the image's root, up the chain
+    assert dev.state()["trust"]["rootVersion"] == trusted
 
 
 def test_a_released_version_never_changes_digest(world: World) -> None:

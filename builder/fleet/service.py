@@ -110,6 +110,8 @@ def parse_json(body: bytes) -> dict[str, Any]:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise Refused(400, f"the body is not JSON: {exc}") from None
+    except RecursionError:  # [[[[...]]]]: a 400, not a worker's stack overflowing into a 500
+        raise Refused(400, "the body is not JSON a report can be: nested too deeply") from None
     if not isinstance(data, dict):
         raise Refused(400, "the body must be a JSON object")
     return data

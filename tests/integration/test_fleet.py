@@ -850,3 +850,11 @@ def test_slow_clients_are_cut_off_and_connections_are_bounded(tmp_path: Path) ->
             conn.close()
         assert svc.get("/healthz")["ok"]  # the slots are back
         assert total(db) == 0
+
+
+def test_deeply_nested_json_is_a_400_not_a_500(service: FleetService) -> None:
+    """Finding (issue 33, 9): a body of nested arrays overflowed the JSON decoder's recursion: a 500."""
+    for path in ("/v1/reports", "/v1/enroll"):
+        for depth in (5_000, 300_000):
+            code, answer = service.post(path, b"[" * depth + b"]" * depth)
+            assert code == 400 and "nested too deeply" in answer["error"], (path, code, answer)

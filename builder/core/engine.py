@@ -247,6 +247,9 @@ class PodmanEngine(Engine):
                 "podman", "push",
                 "--digestfile", digestfile,
                 f"--tls-verify={'true' if tls_verify else 'false'}",
+                # gzip, whatever a containers.conf or a newer podman's default says (zstd, zstd:chunked): the
+                # agent reads gzip layers only (kiln_device.layers), and would blocklist the release
+                "--compression-format", "gzip",
             ]  # fmt: skip
             if authfile:
                 argv += ["--authfile", authfile]

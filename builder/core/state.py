@@ -125,6 +125,7 @@ def render_containers_conf(state: StateDir) -> str:
         f'tmp_dir = "{run / "libpod"}"\n'
         f'image_copy_tmp_dir = "{state.tmp_dir}"\n'
         'events_logger = "file"\n'
+        'compression_format = "gzip"\n'  # what devices read (kiln_device.layers); podman push pins it too
     )
 
 

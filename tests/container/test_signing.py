@@ -213,3 +213,22 @@ def build_unsigned(tmp: Path) -> Path:
     with tarfile.open(archive, "w") as tar:
         tar.add(layout, arcname=".")
     return archive
+
+
+def test_pushed_layers_are_gzip_whatever_the_engine_defaults_to(tiny_image: tuple[PodmanEngine, str],
+                                                                registry: str, tmp_path: Path) -> None:
+    """Finding (issue 33, 15): the push did not pin a compression, and the agent reads gzip layers only: a podman
+    whose containers.conf says zstd (a newer distribution's default) pushed layers every device blocklisted."""
+    engine, image_id = tiny_image
+    zstd_conf = tmp_path / "containers.conf"
+    zstd_conf.write_text(engine.state.containers_conf.read_text().replace('compression_format = "gzip"',
+                                                                           'compression_format = "zstd"'))
+    assert 'compression_format = "zstd"' in zstd_conf.read_text()
+    zstd_engine = PodmanEngine(engine.state)
+    zstd_engine.env = {**engine.env, "CONTAINERS_CONF": str(zstd_conf)}
+    dest = f"{registry}/kiln/{CLS}:compression"
+    digest = zstd_engine.push(image_id, dest, tls_verify=False)
+    raw = run(["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{registry}/kiln/{CLS}@{digest}"],
+              capture=True, quiet=True).stdout
+    layers = json.loads(raw)["layers"]
+    assert layers and all(la["mediaType"].endswith(("tar+gzip", "tar.gzip")) for la in layers), layers

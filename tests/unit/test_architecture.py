@@ -196,3 +196,12 @@ def test_every_builder_module_is_in_a_stage_and_imports_run_one_way(regen_golden
                           "--regen-golden"
     for stage in STAGES:  # the prose names every stage
         assert f"| {stage} |" in text, f"docs/architecture.md does not describe the {stage} stage"
+
+
+def test_the_builder_imports_no_agent_internals() -> None:
+    """Issue 35: what the builder and the agent both need lives in kiln_device (the contract, layers, oci_layout,
+    errors), not in the agent's own package, so the agent's insides can change without the builder's."""
+    graph = import_graph()
+    reaching = sorted(f"{m} -> {t}" for m, targets in graph.items() if m.startswith("builder")
+                      for t in targets if t.startswith("kiln_device.agent"))
+    assert not reaching, reaching

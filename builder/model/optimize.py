@@ -258,11 +258,12 @@ def sensitivity(source: Path, int8: Path, calib: Dataset, sig: Signature) -> lis
         except Exception as exc:
             raise ModelError(f"per-node error analysis failed: {_short(exc)}") from None
     sqnr = {t: float(e["xmodel_err"]) for t, e in errors.items() if "xmodel_err" in e}
+    quantized = quantized_nodes(int8)
     lost = []
     for node in load_onnx(source).graph.node:
         outs = [sqnr[o] for o in node.output if o in sqnr]
-        if not outs or not node.name:
-            continue
+        if not outs or not node.name or node.name not in quantized:
+            continue  # a node the quantizer left in FP32 anyway: keeping it in FP32 changes nothing
         ins = [sqnr[i] for i in node.input if i in sqnr]
         inherited = min(ins) if ins else math.inf
         own = min(outs)
@@ -270,6 +271,23 @@ def sensitivity(source: Path, int8: Path, calib: Dataset, sig: Signature) -> lis
         if math.isfinite(drop) and drop > 0:
             lost.append((node.name, round(drop, 3)))
     return sorted(lost, key=lambda item: (-item[1], item[0]))
+
+
+def quantized_nodes(int8: Path) -> set[str]:
+    """The nodes a QDQ model runs quantized (the quantizer keeps the source's names): an operator the quantizer
+    quantizes (onnxruntime's QDQ and QLinear registries), fed through a DequantizeLinear, its float weights too,
+    and its output quantized again. A node outside this set runs in FP32 whatever nodes_to_exclude says: keeping
+    it in FP32 changes no byte (issue 36: Div, ReduceMean and Erf, ranked and "kept", never were quantized)."""
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    graph = load_onnx(int8).graph
+    kinds = set(QDQRegistry) | set(QLinearOpsRegistry)
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    requantized = {i for n in graph.node if n.op_type == "QuantizeLinear" for i in n.input}
+    floats = {i.name for i in graph.initializer if i.data_type in (1, 10, 11, 16)}  # FLOAT, FLOAT16, DOUBLE, BF16
+    return {n.name for n in graph.node if n.name and n.op_type in kinds
+            and any(i in dequantized for i in n.input) and not any(i in floats for i in n.input)
+            and any(o in requantized for o in n.output)}
 
 
 # -- dynamic INT8, FP16 ------------------------------------------------------------

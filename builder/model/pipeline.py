@@ -191,7 +191,24 @@ def build_candidates(inputs: Inputs, policy: OptimizationPolicy, outdir: Path,
             if mixed:
                 built.append(_build_mixed(source, notes, built, inputs, policy, gates or Gates(), outdir,
                                           Path(work), say))
-    return [b for b in built if b.name in policy.candidate_names()]
+    return refuse_duplicates([b for b in built if b.name in policy.candidate_names()])
+
+
+def refuse_duplicates(built: list[Built]) -> list[Built]:
+    """A candidate whose file has the bytes of one before it is not offered again: two identical files would let
+    latency noise pick between one model under two names (int8-mixed with no node in FP32 is int8-static)."""
+    seen: dict[str, str] = {}
+    for b in built:
+        if b.path is None or b.error or not b.path.is_file():
+            continue
+        digest = sha256_file(b.path)
+        if digest in seen:
+            b.error = f"the same bytes as {seen[digest]} (sha256 {digest[:12]}): not offered twice"
+            b.path.unlink()
+            b.path = None
+        else:
+            seen[digest] = b.name
+    return built
 
 
 def _build_one(name: str, source: Path, shared_notes: list[str], inputs: Inputs,
@@ -210,10 +227,13 @@ def _build_mixed(source: Path, shared_notes: list[str], built: list[Built], inpu
                  policy: OptimizationPolicy, gates: Gates, outdir: Path, work: Path, say: Progress) -> Built:
     """INT8 with the most sensitive nodes in FP32: a bounded search over how many to keep.
 
-    Full static INT8 (the int8-static file when built) is analysed node by node (opt.sensitivity);
-    then 1, 2, 4, ... of the worst nodes (up to policy.mixed_max_nodes) are left in FP32 until the
-    accuracy and fidelity gates pass on the validation set. The first that passes is the
-    candidate (speed and size are gated with the others); when none does, the last one tried is."""
+    Full static INT8 (the int8-static file when built) is analysed node by node (opt.sensitivity), over
+    the nodes the quantizer quantized (a node it left in FP32 anyway changes nothing when excluded);
+    then 0, 1, 2, 4, ... of the worst (up to policy.mixed_max_nodes) are left in FP32 until the accuracy
+    and fidelity gates pass on the validation set. The first that passes is the candidate (speed and size
+    are gated with the others); when none does, the last one tried is. With 0 nodes it is plain INT8: the
+    same bytes as int8-static, which refuse_duplicates then does not offer twice. The report names the
+    nodes kept in FP32 and what they cost in bytes."""
     dst = outdir / f"{inputs.name}-int8-mixed.onnx"
     item = Built("int8-mixed", dst, list(shared_notes))
     static = next((b for b in built if b.name == "int8-static" and b.path is not None and not b.error), None)
@@ -227,7 +247,7 @@ def _build_mixed(source: Path, shared_notes: list[str], built: list[Built], inpu
         ranked = opt.sensitivity(source, full, inputs.calibration, inputs.sig)
         reference = _reference_outputs(built[0], inputs, policy)
         item.mixed = {"sensitivity": [[n, db] for n, db in ranked[:policy.mixed_max_nodes]], "search": [],
-                      "kept_fp32": []}
+                      "kept_fp32": [], "quantized_nodes": len(opt.quantized_nodes(full))}
         steps = mixed_steps(min(policy.mixed_max_nodes, len(ranked)))
         for k in steps:
             nodes = [n for n, _ in ranked[:k]]
@@ -243,20 +263,26 @@ def _build_mixed(source: Path, shared_notes: list[str], built: list[Built], inpu
             item.mixed["search"].append({"nodes": nodes, "score": fig.accuracy,
                                          "cosine": min(cosines, default=None), "passed": passed})
             item.mixed["kept_fp32"] = nodes
+            item.mixed["size_cost_bytes"] = dst.stat().st_size - full.stat().st_size  # over full INT8
             if passed:
                 break
+        if not item.mixed["kept_fp32"] and static is not None and item.mixed["search"][-1]["passed"]:
+            item.error = "plain INT8 passes with no node in FP32: that model is int8-static, not offered twice"
+            dst.unlink(missing_ok=True)
+            item.path = None
     except ModelError as exc:
         item.path, item.error = None, f"build failed: {exc.message}"
     return item
 
 
 def mixed_steps(limit: int) -> list[int]:
-    """1, 2, 4, ... and `limit` itself: how many of the worst nodes each step keeps in FP32."""
-    steps, k = [], 1
+    """0, 1, 2, 4, ... and `limit` itself: how many of the worst nodes each step keeps in FP32 (0 first: plain INT8
+    may pass, and then no node needs keeping)."""
+    steps, k = [0], 1
     while k < limit:
         steps.append(k)
         k *= 2
-    return [*steps, limit] if limit > 0 else []
+    return [*steps, limit] if limit > 0 else steps
 
 
 QUALITY_GATES = ("min_accuracy", "max_accuracy_drop", "min_agreement", "min_cosine", "min_snr_db", "max_abs_diff")

@@ -219,7 +219,11 @@ def detail_lines(report: Report) -> list[str]:
                                                    for k, v in shown.items()))
         if c.mixed:
             kept = c.mixed.get("kept_fp32") or []
-            lines.append(f"{c.name}: kept in FP32: {', '.join(kept) if kept else 'none'}")
+            cost = c.mixed.get("size_cost_bytes")
+            lines.append(f"{c.name}: kept in FP32: {', '.join(kept) if kept else 'none'}"
+                         + (f" (of {c.mixed['quantized_nodes']} quantized)" if "quantized_nodes" in c.mixed else "")
+                         + (f"; {cost:+,} bytes against full INT8" if isinstance(cost, int) else "")
+                         + (f"; {c.error}" if c.error else ""))
             for step in c.mixed.get("search", []):
                 lines.append(f"  {len(step['nodes'])} node(s) in FP32: {report.score} "
                              f"{_num(step.get('score'), '.4f')}, cosine {_num(step.get('cosine'), '.4f')}"

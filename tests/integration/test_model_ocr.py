@@ -19,6 +19,7 @@ import pytest
 from builder.core.errors import ModelError
 from builder.model.data import load_dataset
 from builder.model.fetch import ensure_source
+from builder.model.optimize import quantized_nodes
 from builder.model.pipeline import optimize_model
 from builder.model.policy import Gates, OptimizationPolicy
 from builder.model.report import read_report
@@ -85,9 +86,19 @@ def test_mixed_precision_names_the_nodes_it_kept_in_fp32(optimized: Path, detect
     kept = mixed.mixed["kept_fp32"]
     names = {n.name for n in onnx.load(str(detector)).graph.node}
     assert kept and set(kept) <= names  # node names of the source graph
-    assert [len(s["nodes"]) for s in mixed.mixed["search"]] == [1, 2]
-    excluded = {n.name for n in onnx.load(str(optimized / mixed.path)).graph.node} & set(kept)
-    assert excluded == set(kept)  # still there, unquantized, in the candidate file
+    assert [len(s["nodes"]) for s in mixed.mixed["search"]] == [0, 1, 2]  # plain INT8 first
+    # Issue 36, finding 2: only nodes the quantizer quantizes are ranked (Div, ReduceMean, Erf never were, so
+    # keeping them in FP32 changed no byte), and each kept node really runs in FP32 in the candidate file.
+    static, candidate = (quantized_nodes(optimized / read_report(optimized / "report.json").candidate(n).path)
+                         for n in ("int8-static", "int8-mixed"))
+    ranked = [n for n, _ in mixed.mixed["sensitivity"]]
+    assert ranked and set(ranked) <= static, set(ranked) - static
+    assert set(kept) <= static and not set(kept) & candidate
+    assert mixed.sha256 != read_report(optimized / "report.json").candidate("int8-static").sha256
+    sizes = {n: (optimized / read_report(optimized / "report.json").candidate(n).path).stat().st_size
+             for n in ("int8-static", "int8-mixed")}
+    assert mixed.mixed["size_cost_bytes"] == sizes["int8-mixed"] - sizes["int8-static"]  # what keeping them costs
+    assert mixed.mixed["quantized_nodes"] == len(static)
 
 
 def test_golden_set_format_2_passes_the_device_check(optimized: Path, tmp_path: Path) -> None:

@@ -103,7 +103,8 @@ def test_mixed_search_steps_reach_the_limit() -> None:
     """Found in review: the steps were a fixed list (1, 2, 4, 8, 16), whatever the limit."""
     from builder.model.pipeline import mixed_steps
 
-    assert mixed_steps(1) == [1]
-    assert mixed_steps(5) == [1, 2, 4, 5]
-    assert mixed_steps(16) == [1, 2, 4, 8, 16]
-    assert mixed_steps(40) == [1, 2, 4, 8, 16, 32, 40]
+    assert mixed_steps(0) == [0]  # plain INT8 first: no node kept unless one must be
+    assert mixed_steps(1) == [0, 1]
+    assert mixed_steps(5) == [0, 1, 2, 4, 5]
+    assert mixed_steps(16) == [0, 1, 2, 4, 8, 16]
+    assert mixed_steps(40) == [0, 1, 2, 4, 8, 16, 32, 40]

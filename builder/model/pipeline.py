@@ -100,17 +100,34 @@ def optimize_model(model: Path, calibration: Path, validation: Path, policy: Opt
     check_gates(inputs, gates)
     if name is not None:
         inputs = replace(inputs, label=name)
+    check_device_limits(inputs, policy)  # before any candidate: a limit the device applies fails in seconds
     outdir.mkdir(parents=True, exist_ok=True)
     for stale in OUTPUTS:
         (outdir / stale).unlink(missing_ok=True)
     built = build_candidates(inputs, policy, outdir, say, gates)
     report, under = measure_and_decide(inputs, built, policy, gates, say, runtime)
-    write_report(report, outdir / "report.json")
     if report.chosen is None:
+        write_report(report, outdir / "report.json")
         raise _gate_failed(report, outdir)
-    ship(report, inputs, policy, outdir, under if runtime is not None and runtime.container is not None else None)
+    target = under if runtime is not None and runtime.container is not None else None
+    try:
+        ship(report, inputs, policy, outdir, target)
+    except ModelError as exc:  # the report never says "chosen" for a model that did not ship
+        for made in OUTPUTS[1:]:
+            (outdir / made).unlink(missing_ok=True)
+        why = f"{report.chosen} passed its gates but did not ship: {exc.message}"
+        write_report(replace(report, chosen=None, reasons=(*report.reasons, why)), outdir / "report.json")
+        raise
+    write_report(report, outdir / "report.json")
     say(f"chose {report.chosen}")
     return report
+
+
+def check_device_limits(inputs: Inputs, policy: OptimizationPolicy) -> None:
+    """What the device will refuse, refused now: each golden sample must fit the service's one request."""
+    data = inputs.validation
+    if data.x is None and len(inputs.sig.inputs) == 1:
+        check_golden_fits(head(data, min(policy.golden_count, len(data))), inputs.sig, data)
 
 
 def load_inputs(model: Path, calibration: Path, validation: Path,

@@ -190,3 +190,42 @@ def test_no_two_candidates_share_a_digest_and_mixed_starts_from_plain_int8(tmp_p
     assert mixed.mixed is not None and [len(s["nodes"]) for s in mixed.mixed["search"]] == [0]
     assert mixed.mixed["kept_fp32"] == [] and "not offered twice" in (mixed.error or ""), mixed
     assert not (tmp_path / "out" / "m-int8-mixed.onnx").exists()
+
+
+def dynamic_conv(path: Path) -> Path:
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3],
+                           np.random.default_rng(7).normal(0, 0.3, 108).astype(np.float32).tolist())
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], name="conv")],
+                              "dynamic", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, "H", "W"])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_golden_sample_the_device_would_refuse_fails_before_any_candidate(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 36, finding 1: a 640x480 golden sample ran the whole gate, failed only when the golden set was made,
+    and left a report.json that said the candidate was chosen."""
+    import json as js
+
+    from builder.core.errors import ModelError
+    from builder.model import optimize as opt
+    from builder.model.policy import Gates as G
+
+    model = dynamic_conv(tmp_path / "m.onnx")
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(3)
+    np.savez(data / "small.npz", x=rng.uniform(0, 1, (1, 3, 32, 32)).astype(np.float32))
+    np.savez(data / "camera.npz", x=rng.uniform(0, 1, (1, 3, 480, 640)).astype(np.float32))
+    (data / "dataset.json").write_text(js.dumps({"samples": [{"file": "camera.npz"}, {"file": "small.npz"}]}))
+    built: list[str] = []
+    real = opt.graph_optimize
+    monkeypatch.setattr(opt, "graph_optimize", lambda *a, **k: (built.append("fp32"), real(*a, **k))[1])
+    policy = OptimizationPolicy(task="fidelity", candidates=("fp16",), latency_runs=3, golden_count=1)
+    with pytest.raises(ModelError, match="too big for the device's service check") as err:
+        optimize_model(model, data, data, policy, G(fidelity={"*": {"min_cosine": 0.0}}), tmp_path / "out")
+    assert "camera.npz" in str(err.value.message) and built == []  # refused before any candidate was made
+    assert not (tmp_path / "out" / "report.json").exists()

@@ -43,6 +43,7 @@ def finalize_policy(hc: HardwareClass, m: Model) -> tuple[OptimizationPolicy, Ga
         golden_count=val.golden_count,
         golden_tolerance=val.golden_tolerance,
         mixed_max_nodes=opt.mixed_max_nodes,
+        latency_runs=opt.latency_runs,
     )
     gates = Gates(
         min_accuracy=g.min_accuracy, max_accuracy_drop=g.max_accuracy_drop,

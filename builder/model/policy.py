@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from builder.core.errors import UsageError
+from builder.spec.schema import GOLDEN_COUNT, GOLDEN_TOLERANCE, LATENCY_RUNS, MIXED_MAX_NODES
 
 PRECISIONS = ("auto", "fp32", "fp16", "int8")
 GRAPH_LEVELS = ("none", "basic", "extended", "all")
@@ -93,12 +94,12 @@ class OptimizationPolicy:
     task: str = "classification"
     # builder.model.tasks.Postprocess as a dict (how the task metric reads the output)
     postprocess: dict[str, Any] = field(default_factory=dict)
-    golden_count: int = 32
-    golden_tolerance: float = 1e-3
-    latency_runs: int = 200
-    # int8-mixed: how many nodes the per-node analysis may keep in FP32 (the search tries 1, 2, 4, ...
+    golden_count: int = GOLDEN_COUNT
+    golden_tolerance: float = GOLDEN_TOLERANCE
+    latency_runs: int = LATENCY_RUNS
+    # int8-mixed: how many nodes the per-node analysis may keep in FP32 (the search tries 0, 1, 2, 4, ...
     # up to this) and how many candidates it builds at most.
-    mixed_max_nodes: int = 16
+    mixed_max_nodes: int = MIXED_MAX_NODES
     # Bump when the optimizer makes different files from the same inputs (2: reduce_range, 3: golden
     # weights); a cached report from another recipe is not reused.
     recipe: int = 3

@@ -285,14 +285,24 @@ class Candidate(enum.StrEnum):
     fp16 = "fp16"
 
 
+# The gate's defaults, said once: the spec's, OptimizationPolicy's (builder.model.policy) and `kiln model
+# optimize`'s own options all read them.
+GOLDEN_COUNT = 32
+GOLDEN_TOLERANCE = 1e-3
+LATENCY_RUNS = 200
+MIXED_MAX_NODES = 16
+
+
 class Optimization(Strict):
     graph_level: Literal["none", "basic", "extended", "all"] = "extended"
     candidates: tuple[Candidate, ...] = (Candidate.int8_static,)
     per_channel: bool = True
     calibration: RelPath | None = None
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
-    # int8-mixed: the most nodes the search keeps in FP32 (it tries 1, 2, 4, ... up to this)
-    mixed_max_nodes: int = Field(default=16, ge=1, le=256)
+    # int8-mixed: the most nodes the search keeps in FP32 (it tries 0, 1, 2, 4, ... up to this)
+    mixed_max_nodes: int = Field(default=MIXED_MAX_NODES, ge=1, le=256)
+    # how many timed runs measure each candidate's latency (fewer for a slow model)
+    latency_runs: int = Field(default=LATENCY_RUNS, ge=1, le=100_000)
 
 
 class Postprocess(Strict):
@@ -313,8 +323,8 @@ class Postprocess(Strict):
 class Validation(Strict):
     dataset: RelPath  # an .npz (x, y) or a sample directory with dataset.json
     metric: Literal["accuracy"] = "accuracy"
-    golden_count: int = Field(default=32, ge=1, le=1024)
-    golden_tolerance: float = Field(default=1e-3, gt=0)
+    golden_count: int = Field(default=GOLDEN_COUNT, ge=1, le=1024)
+    golden_tolerance: float = Field(default=GOLDEN_TOLERANCE, gt=0)
     postprocess: Postprocess = Postprocess()
 
 

@@ -229,3 +229,36 @@ def test_a_golden_sample_the_device_would_refuse_fails_before_any_candidate(tmp_
         optimize_model(model, data, data, policy, G(fidelity={"*": {"min_cosine": 0.0}}), tmp_path / "out")
     assert "camera.npz" in str(err.value.message) and built == []  # refused before any candidate was made
     assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_the_ad_hoc_gate_takes_what_a_spec_can_say(tmp_path: Path) -> None:
+    """Issue 36, finding 5: `kiln model optimize --model` could not set the postprocessing, the golden count or
+    the timing runs a spec can (every candidate timed 200 times, a slow model too); the defaults are one set."""
+    import json as js
+
+    from builder.model.policy import OptimizationPolicy as P
+    from builder.spec.schema import Optimization, Validation
+    from tests.conftest import kiln
+
+    model = unnamed_conv(tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(5).uniform(0, 1, (8, 3, 8, 8)).astype(np.float32))
+    args = ("model", "optimize", "--model", str(model), "--calibration", str(tmp_path / "d.npz"), "--validation",
+            str(tmp_path / "d.npz"), "--task", "fidelity", "--min-cosine", "0.99", "--candidates", "fp16", "-o",
+            str(tmp_path / "out"))
+    r = kiln(*args, "--latency-runs", "3", "--golden-count", "2", "--postprocess", "output=y", "--json",
+             state=tmp_path / "state")
+    assert r.returncode == 0, r.stderr
+    [report] = js.loads(r.stdout)
+    assert (report["policy"]["latency_runs"], report["policy"]["golden_count"]) == (3, 2)
+    assert report["policy"]["postprocess"] == {"output": "y"}
+    with np.load(tmp_path / "out" / "golden.npz") as g:
+        assert len(g["x"]) == len(g["outputs"]) == 2  # the golden set holds --golden-count samples
+    r = kiln(*args, "--postprocess", "threshold=1.5", state=tmp_path / "state")
+    assert r.returncode == 2 and "--postprocess threshold" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = kiln(*args, "--postprocess", "no_such_key=1", state=tmp_path / "state")
+    assert r.returncode == 2 and "no_such_key" in r.stderr, r.stderr
+    # One set of defaults: the spec's, the optimizer's and the command line's.
+    help_text = kiln("model", "optimize", "--help", state=tmp_path / "state").stdout
+    assert Optimization().latency_runs == P().latency_runs == 200 and "default: 200" in help_text
+    assert Validation(dataset="x.npz").golden_count == P().golden_count == 32
+    assert Optimization().mixed_max_nodes == P().mixed_max_nodes

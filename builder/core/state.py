@@ -85,6 +85,12 @@ class StateDir:
         """Wheels that fetched models come from (builder.model.fetch), by their sha256."""
         return self.root / "cache" / "model-wheels"
 
+    @property
+    def layer_erofs_dir(self) -> Path:
+        """Each image layer's erofs as a device makes it (builder.image.boot), by diff id: a verified
+        boot build measures only the layers it has not seen."""
+        return self.root / "cache" / "layer-erofs"
+
     def engine_env(self) -> dict[str, str]:
         """Environment for every podman/buildah/skopeo call (and a podman service)."""
         return {

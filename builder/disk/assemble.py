@@ -3,8 +3,11 @@
 Layout (sizes from the class spec, `spec.disk`):
 
     esp     FAT32: systemd-boot, loader.conf, /kiln/<slot>/{vmlinuz,initramfs.img} (slot B's the
-            same as slot A's where the ESP has room), one Boot Loader Specification entry for slot A
-    root-a  the image's root filesystem, read-only (erofs)
+            same as slot A's where the ESP has room), one Boot Loader Specification entry for slot A;
+            with verified boot (the image's boot layer), the signed systemd-boot and slot A's signed
+            UKI as EFI/Linux/kiln-<version>-a.efi instead
+    root-a  the image's root filesystem, read-only (erofs); with verified boot, its layer list
+            (/kiln-layers) alone, the layers in the data partition's layer store
     root-b  empty, sized like root-a (the first update writes it)
     data    ext4: /etc and /var overlays (overlay/<dir>/{upper,work}), agent state
 
@@ -30,20 +33,20 @@ from typing import Any
 
 from builder.core import paths, safe
 from builder.core.context import Context
-from builder.core.errors import CommandFailed, DiskError, KilnError, UsageError
+from builder.core.errors import CommandFailed, DiskError, UsageError
 from builder.core.files import write_json_atomic
 from builder.core.progress import Steps
 from builder.core.run import find_tool, run
 from builder.core.safe import format_size
 from builder.core.state import StateDir
+from builder.disk import verified
 from builder.disk.layer_store import OCI_SEED_DIR, make_layer_store
 from builder.disk.provision import EtcFile, place_etc_files
+from builder.disk.rawdisk import SECTOR, MiB, copy_sparse
 from builder.disk.unpacked import ImageInfo, read_image_info
 from builder.spec.schema import Architecture, RootFilesystem
 from kiln_device import contract
 
-MiB = 1024**2
-SECTOR = 512
 ALIGN = MiB  # partitions start on 1 MiB boundaries
 GPT_HEAD = MiB  # protective MBR + primary GPT, padded to the first aligned start
 GPT_TAIL = MiB  # backup GPT (33 sectors), padded
@@ -69,8 +72,6 @@ SYSTEMD_BOOT_DIR = "usr/lib/systemd/boot/efi"
 HOST_SYSTEMD_BOOT_DIR = Path("/usr/lib/systemd/boot/efi")
 # What the data partition starts with: the overlay directories the initramfs mounts.
 DATA_DIRS = ("overlay/etc/upper", "overlay/etc/work", "overlay/var/upper", "overlay/var/work")
-# Touch this on the data partition and the initramfs wipes the overlays on the next boot.
-FACTORY_RESET_FLAG = "factory-reset"
 EROFS_COMPRESSORS = contract.EROFS_COMPRESSORS
 
 
@@ -112,6 +113,7 @@ class DiskPlan:
     loader_conf: str
     entry_name: str
     entry: str
+    verified: bool = False  # the image's signed UKIs boot it (ImageInfo.boot)
 
     def partition(self, label: str) -> Partition:
         for p in self.partitions:
@@ -209,9 +211,10 @@ def finalize_disk_plan(info: ImageInfo, *, output: Path | None = None, fmt: str 
         kernel_version=info.kernel_version,
         kargs=info.kargs,
         loader_conf=finalize_loader_conf(),
-        entry_name=finalize_entry_name(ver, "a"),
+        entry_name=contract.entry_name(ver, "a", uki=info.boot is not None),
         entry=finalize_entry(class_name=cls, version=ver, slot="a", root_partuuid=root_a.uuid,
                              kargs=info.kargs, filesystem=info.disk.filesystem),
+        verified=info.boot is not None,
     )
 
 
@@ -265,6 +268,10 @@ class DiskRecord:
     development: bool
     partitions: list[dict[str, Any]]
     architecture: str = "x86_64"  # what `kiln vm run` boots it as (builder.disk.vm.finalize_disk_architecture)
+    # Verified boot: the layer list digest slot A's UKI binds, and the firmware variables with Kiln's PK,
+    # KEK and db enrolled that `kiln vm run` boots it with (Secure Boot enforcing); else None.
+    layers_digest: str | None = None
+    efivars: str | None = None
     durations: dict[str, float] = field(default_factory=dict)
     etc: list[dict[str, Any]] = field(default_factory=list)  # files placed in /etc at flash time (digests)
 
@@ -363,18 +370,30 @@ def make_disk_from_rootfs(plan: DiskPlan, info: ImageInfo, rootfs: Path, steps: 
     device agent keeps it (see `make_oci_seed`), so the first update moves only new layers.
     """
     plan.output.parent.mkdir(parents=True, exist_ok=True)
+    if info.boot is not None and seed is None:
+        raise DiskError(f"{info.source} has verified boot: its disk is made from the image in Kiln's store "
+                        "(its layers), not from a rootfs directory", hint="give the image ref or the class")
+    efivars: Path | None = None
     with tempfile.TemporaryDirectory(dir=plan.output.parent, prefix=".kiln-disk-") as tmp_name:
         tmp = Path(tmp_name)
         images = {label: tmp / f"{label}.img" for label in (ROOT_A, contract.ESP_LABEL, contract.DATA_LABEL)}
-        with steps.step(f"{ROOT_A}: mkfs.erofs ({plan.compression})"):
-            make_root_image(plan, rootfs, images[ROOT_A])
-        with steps.step("esp: systemd-boot, slot A kernel and boot entry"):
+        if info.boot is None:
+            with steps.step(f"{ROOT_A}: mkfs.erofs ({plan.compression})"):
+                make_root_image(plan, rootfs, images[ROOT_A])
+        with steps.step("esp: systemd-boot, slot A kernel and boot entry" if info.boot is None else
+                        "esp: signed systemd-boot and slot A's signed UKI"):
             make_esp_image(plan, info, rootfs, images[contract.ESP_LABEL], tmp / "esp")
         if seed is not None:
             with steps.step("data: the image as the agent's OCI layout (delta updates)"):
                 make_oci_seed(seed[0], seed[1], plan.version, tmp / "data")
             with steps.step("data: the image's layers as the agent's layer store (updates write only new layers)"):
-                make_layer_store(plan.version, tmp / "data")
+                layers = make_layer_store(plan.version, tmp / "data", boot_layer=info.boot is not None)
+            if info.boot is not None:
+                with steps.step(f"{ROOT_A}: the layer list its UKI binds ({info.boot.layers[:19]})"):
+                    verified.make_layer_list_root(info.boot.layers, layers, images[ROOT_A], tmp / "root-list",
+                                                  fs_uuid=plan.root_fs_uuid)
+                with steps.step("firmware variables with Kiln's PK, KEK and db enrolled"):
+                    efivars = verified.make_disk_efivars(plan.architecture, info.boot, tmp / "efivars.fd")
         if etc:
             with steps.step(f"data: {len(etc)} file(s) for this device's /etc"):
                 place_etc_files(etc, tmp / "data")
@@ -388,6 +407,8 @@ def make_disk_from_rootfs(plan: DiskPlan, info: ImageInfo, rootfs: Path, steps: 
                 final = tmp / "disk.qcow2"
                 run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, final], capture=True)
             final.replace(plan.output)
+            if efivars is not None:
+                efivars.replace(verified.efivars_path(plan.output))
         root_size = images[ROOT_A].stat().st_size
     return DiskRecord(
         class_name=plan.class_name, version=plan.version, source=info.source, output=str(plan.output),
@@ -395,6 +416,8 @@ def make_disk_from_rootfs(plan: DiskPlan, info: ImageInfo, rootfs: Path, steps: 
         root_image_size=root_size, development=info.development, architecture=plan.architecture.value,
         partitions=[{**asdict(p), "end": p.end} for p in plan.partitions],
         etc=[f.record() for f in etc],
+        layers_digest=info.boot.layers if info.boot is not None else None,
+        efivars=str(verified.efivars_path(plan.output)) if efivars is not None else None,
     )
 
 
@@ -429,6 +452,12 @@ def check_compressor(compression: str) -> None:
 
 def make_esp_image(plan: DiskPlan, info: ImageInfo, rootfs: Path, out: Path, tree: Path) -> None:
     """FAT32 from a staged tree: mkfs.vfat -C, then mtools copies it in (no mount)."""
+    if info.boot is not None:
+        verified.stage_verified_esp(info.boot, tree, arch=plan.architecture, entry_name=plan.entry_name,
+                                    loader_conf=plan.loader_conf, esp_size=plan.partition(contract.ESP_LABEL).size,
+                                    class_name=plan.class_name)
+        write_esp(plan, tree, out)
+        return
     loader = find_systemd_boot(rootfs, plan.architecture)
     efi = plan.architecture.efi_boot_file
     stage = {
@@ -461,6 +490,11 @@ def make_esp_image(plan: DiskPlan, info: ImageInfo, rootfs: Path, out: Path, tre
         # names slot B, so nothing boots them.
         for name, src in (("vmlinuz", info.kernel), ("initramfs.img", info.initrd)):
             shutil.copyfile(src, tree / "kiln/b" / name)
+    write_esp(plan, tree, out)
+
+
+def write_esp(plan: DiskPlan, tree: Path, out: Path) -> None:
+    esp = plan.partition(contract.ESP_LABEL)
     _fix_mtimes(tree)
     env = {"SOURCE_DATE_EPOCH": str(EPOCH), "MTOOLS_SKIP_CHECK": "1"}
     try:
@@ -539,58 +573,6 @@ def make_gpt_disk(plan: DiskPlan, images: dict[str, Path], out: Path) -> None:
         copy_sparse(image, out, part.start)
 
 
-def copy_sparse(src: Path, dest: Path, offset: int, block: int = MiB) -> None:
-    """Copy `src` into `dest` at `offset`, skipping holes and zero blocks (dest stays sparse)."""
-    zero = bytes(block)
-    with src.open("rb") as fin, dest.open("r+b") as fout:
-        size = os.fstat(fin.fileno()).st_size
-        pos = 0
-        while pos < size:
-            try:
-                pos = os.lseek(fin.fileno(), pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole is left
-                break
-            hole = os.lseek(fin.fileno(), pos, os.SEEK_HOLE)
-            fin.seek(pos)
-            while pos < hole:
-                chunk = fin.read(min(block, hole - pos))
-                if chunk != zero[: len(chunk)]:
-                    fout.seek(offset + pos)
-                    fout.write(chunk)
-                pos += len(chunk)
-
-
 def _fix_mtimes(tree: Path) -> None:
     for p in [tree, *tree.rglob("*")]:
         os.utime(p, (EPOCH, EPOCH), follow_symlinks=False)
-
-
-# --- reading and editing a finished disk (tests, factory reset) --------------
-
-
-def read_partition_table(disk: Path) -> list[dict[str, Any]]:
-    """sfdisk --json of a raw disk: the partitions with name, uuid, type, start and size (sectors)."""
-    out = run(["sfdisk", "--json", disk], capture=True, quiet=True)
-    table = json.loads(out.stdout)["partitiontable"]
-    return list(table.get("partitions", []))
-
-
-def partition_offset(disk: Path, label: str) -> int:
-    for p in read_partition_table(disk):
-        if p.get("name") == label:
-            return int(p["start"]) * SECTOR
-    raise DiskError(f"{disk} has no partition labelled {label!r}")
-
-
-def make_factory_reset(disk: Path) -> None:
-    """Flag the data partition of a powered-off raw disk: the initramfs wipes the overlays on the next boot.
-
-    Writes the file `factory-reset` at the root of the data filesystem with debugfs
-    (no mount); `kiln-overlay` in the initramfs removes overlay/*/{upper,work} and the flag.
-    """
-    offset = partition_offset(disk, contract.DATA_LABEL)
-    try:
-        run(["debugfs", "-w", "-R", f"write /dev/null {FACTORY_RESET_FLAG}", f"{disk}?offset={offset}"],
-            capture=True)
-    except KilnError as exc:
-        raise DiskError(f"factory reset of {disk}: {exc}") from exc

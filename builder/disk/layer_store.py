@@ -11,7 +11,7 @@ from pathlib import Path
 from builder.core.errors import DiskError
 from kiln_device import contract
 from kiln_device.errors import AgentError
-from kiln_device.layers import fill_store, image_layers
+from kiln_device.layers import Layer, fill_store, image_layers
 from kiln_device.oci_layout import verified_labels
 
 # Where the agent keeps images (its ociDir, /var/lib/kiln/oci) inside the data partition:
@@ -21,25 +21,33 @@ OCI_SEED_DIR = "overlay/var/upper/" + contract.OCI_DIR.removeprefix("/var/")
 LAYER_STORE_DIR = contract.LAYERS_DIR.removeprefix(contract.DATA_MOUNT + "/")
 
 
-def make_layer_store(version: str, tree: Path) -> int:
+def make_layer_store(version: str, tree: Path, *, boot_layer: bool = False) -> list[Layer]:
     """The layers of the image seeded in `tree` (OCI_SEED_DIR) as the agent's layer store, when the
     image boots from layers (its label); made by the agent's own code. Needs root (whiteouts are
     device nodes, opaque directories trusted.* xattrs): without it the store stays empty and the
     first update builds every layer. fs-verity is turned on by the device (the agent, or the
-    initramfs on the first boot from layers): the build host's kernel may not have it. Returns how
-    many layers the store holds."""
+    initramfs on the first boot from layers): the build host's kernel may not have it. Returns the
+    layers the store holds, bottom first. `boot_layer`: the image's top layer is its boot layer
+    (verified boot, builder.image.boot), which is not part of the root: it is left out, and the store
+    is required (a verified slot boots from layers only)."""
     layout = tree / OCI_SEED_DIR
     ref = contract.oci_ref_name(version)
     try:
         compression = verified_labels(layout, ref).get(contract.LABEL_ROOT_LAYERS)
         if compression is None or compression not in contract.EROFS_COMPRESSORS:
-            return 0
+            if boot_layer:
+                raise DiskError(f"the image has a boot layer but no valid {contract.LABEL_ROOT_LAYERS} label")
+            return []
         if os.geteuid() != 0:
+            if boot_layer:
+                raise DiskError("a disk for verified boot needs root: its slot boots from the layer store, made "
+                                "here as the device makes it (whiteouts are device nodes)")
             print("warning: not running as root: the disk's layer store stays empty (the device's first "
                   "update builds every layer)", file=sys.stderr)
-            return 0
-        layers, _, _ = fill_store(tree / LAYER_STORE_DIR, image_layers(layout, ref),
+            return []
+        wanted = image_layers(layout, ref)
+        layers, _, _ = fill_store(tree / LAYER_STORE_DIR, wanted[:-1] if boot_layer else wanted,
                                   contract.EROFS_COMPRESSORS[compression], (3600.0, 3600.0))
     except AgentError as exc:
         raise DiskError(f"the data partition's layer store: {exc.message}") from None
-    return len(layers)
+    return layers

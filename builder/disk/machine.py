@@ -66,6 +66,24 @@ class Accel(enum.StrEnum):
 class Firmware:
     code: Path
     vars_template: Path
+    secure_boot: bool = False  # the secure build of OVMF (SMM), its variables enrolled: Secure Boot enforcing
+
+
+# The secure build of OVMF: Secure Boot can only be enforced with the variable store behind SMM.
+SECBOOT_CODE = {Architecture.x86_64: Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")}
+
+
+def find_secure_firmware(arch: Architecture, enrolled_vars: Path) -> Firmware:
+    """OVMF's secure build with a disk's enrolled variable store (`kiln disk` writes it for a verified image)."""
+    code = SECBOOT_CODE.get(arch)
+    if code is None:
+        raise VMError(f"Secure Boot in QEMU is wired up for x86_64 only, not {arch.value}")
+    if not code.is_file():
+        raise ToolMissing(f"the secure OVMF build {code} is not installed", hint=OVMF_HINT)
+    if not enrolled_vars.is_file():
+        raise VMError(f"the disk's enrolled firmware variables {enrolled_vars} are missing",
+                      hint="make the disk again with `kiln disk` (it writes <disk>.efivars.fd beside it)")
+    return Firmware(code, enrolled_vars, secure_boot=True)
 
 
 def find_firmware(code: Path | None = None, vars_template: Path | None = None,
@@ -88,8 +106,9 @@ def find_firmware(code: Path | None = None, vars_template: Path | None = None,
                       hint=f"install it with: {install} (or pass --ovmf-code/--ovmf-vars)")
 
 
-def finalize_machine_argv(arch: Architecture, accel: Accel) -> list[str]:
-    """The board, CPU and accelerator: q35 on x86_64; the virt machine on arm64."""
+def finalize_machine_argv(arch: Architecture, accel: Accel, *, secure_boot: bool = False) -> list[str]:
+    """The board, CPU and accelerator: q35 on x86_64 (with SMM and the variable store's flash locked to it
+    for Secure Boot); the virt machine on arm64."""
     cpu = "host" if accel is Accel.kvm else "max"
     if arch is Architecture.aarch64:
         # the emulated CPU (builder.base.emulation.EMULATED_CPU: max, QEMU's fast pointer authentication,
@@ -98,7 +117,9 @@ def finalize_machine_argv(arch: Architecture, accel: Accel) -> list[str]:
         return ["-machine", "virt", "-accel", tcg, "-cpu", EMULATED_CPU[arch] if cpu == "max" else cpu,
                 "-device", "i6300esb", "-action", "watchdog=reset"]
     # the ICH9 TCO watchdog may reset the board, as on real ones (QEMU 7.2 strap: never)
-    return ["-machine", "q35", "-global", "ICH9-LPC.noreboot=off", "-accel", accel.value, "-cpu",
+    machine = ["-machine", "q35,smm=on", "-global", "driver=cfi.pflash01,property=secure,value=on"] \
+        if secure_boot else ["-machine", "q35"]
+    return [*machine, "-global", "ICH9-LPC.noreboot=off", "-accel", accel.value, "-cpu",
             EMULATED_CPU[arch] if cpu == "max" else cpu]
 
 

@@ -38,6 +38,47 @@ class ImageInfo:
     disk: Disk
     storage: int | None  # spec.envelope.storage: the device's whole disk
     development: bool = False
+    boot: BootFiles | None = None  # verified boot: the image's signed UKIs (builder.image.boot)
+
+
+@dataclass(frozen=True)
+class BootFiles:
+    """What the boot layer of an image with verified boot brings (contract.BOOT_DIR)."""
+
+    ukis: dict[str, Path]  # slot -> the signed UKI
+    loader: Path  # signed systemd-boot
+    certs: Path  # PK.crt, KEK.crt, db.crt, owner-guid
+    layers: str  # the layer list digest the UKIs' command lines bind
+
+    def uki_size(self) -> int:
+        return max(p.stat().st_size for p in self.ukis.values())
+
+
+def read_boot_files(rootfs: Path, source: str, arch: Architecture) -> BootFiles | None:
+    """The boot layer's files, None for an image without verified boot. Each UKI must bind the same list."""
+    from kiln_device.pe import PEError, text_section
+
+    boot = rootfs / contract.BOOT_DIR.lstrip("/")
+    if not boot.is_dir():
+        return None
+    ukis = {slot: boot / contract.uki_image_name(slot) for slot in contract.SLOTS}
+    loader = boot / f"systemd-boot{arch.efi_boot_file.removeprefix('BOOT').lower()}"
+    certs = boot / "secureboot"
+    for path in [*ukis.values(), loader, certs / "PK.crt", certs / "KEK.crt", certs / "db.crt", certs / "owner-guid"]:
+        if not path.is_file():
+            raise DiskError(f"{source}: the boot layer has no /{path.relative_to(rootfs)}")
+    digests = set()
+    for slot, uki in ukis.items():
+        try:
+            cmdline = text_section(uki, ".cmdline") or ""
+        except PEError as exc:
+            raise DiskError(f"{source}: {exc}") from None
+        if contract.read_cmdline_slot(cmdline) != slot:
+            raise DiskError(f"{source}: /{uki.relative_to(rootfs)} does not boot slot {slot} ({cmdline[:120]!r})")
+        digests.add(contract.read_cmdline_value(cmdline, contract.LAYERS_KARG))
+    if len(digests) != 1 or None in digests:
+        raise DiskError(f"{source}: the UKIs bind {len(digests)} different layer lists ({sorted(map(str, digests))})")
+    return BootFiles(ukis, loader, certs, str(digests.pop()))
 
 
 def read_image_info(rootfs: Path, source: str, *, version: str | None = None) -> ImageInfo:
@@ -74,6 +115,7 @@ def read_image_info(rootfs: Path, source: str, *, version: str | None = None) ->
         disk=disk,
         storage=int(storage) if storage is not None else None,
         development=bool(spec.get("development", False)),
+        boot=read_boot_files(rootfs, source, arch),
     )
 
 

@@ -46,6 +46,7 @@ from builder.disk.machine import (  # noqa: F401  (re-exported: the VM's firmwar
     finalize_boot_timeout,
     finalize_machine_argv,
     find_firmware,
+    find_secure_firmware,
     probe_kvm,
 )
 from builder.disk.machine import stop_process as _stop
@@ -104,7 +105,8 @@ def finalize_disk_architecture(disk: Path) -> Architecture:
     if recorded in {a.value for a in Architecture}:
         return Architecture(recorded)
     if finalize_disk_format(disk) == "raw":
-        from builder.disk.assemble import ROOT_A, ROOT_TYPES, read_partition_table
+        from builder.disk.assemble import ROOT_A, ROOT_TYPES
+        from builder.disk.rawdisk import read_partition_table
 
         with contextlib.suppress(Exception):
             types = {p.get("type", "").upper() for p in read_partition_table(disk) if p.get("name") == ROOT_A}
@@ -128,7 +130,7 @@ def finalize_qemu_argv(cfg: VMConfig, fw: Firmware, vp: VMPaths, accel: Accel, s
     argv = [
         arch.qemu_binary,
         "-name", "kiln,debug-threads=on",
-        *finalize_machine_argv(arch, accel),
+        *finalize_machine_argv(arch, accel, secure_boot=fw.secure_boot),
         "-smp", str(cfg.cpus),
         "-m", str(cfg.memory_mib),
         "-nodefaults", "-display", "none",
@@ -440,6 +442,16 @@ class _AcceptHostKey:
         return None
 
 
+def finalize_firmware(cfg: VMConfig) -> Firmware:
+    """The given firmware; else, for a disk with verified boot (its record names enrolled variables), the
+    secure OVMF build with them (Secure Boot enforcing); else the plain pair."""
+    assert cfg.architecture is not None
+    efivars = read_disk_record(cfg.disk).get("efivars")
+    if cfg.ovmf_code is None and cfg.ovmf_vars is None and isinstance(efivars, str) and efivars:
+        return find_secure_firmware(cfg.architecture, Path(efivars))
+    return find_firmware(cfg.ovmf_code, cfg.ovmf_vars, cfg.architecture)
+
+
 @contextlib.contextmanager
 def start_vm(cfg: VMConfig) -> Iterator[VM]:
     """Boot `cfg.disk`; QEMU is always stopped (killed if still running) when the block ends."""
@@ -449,7 +461,7 @@ def start_vm(cfg: VMConfig) -> Iterator[VM]:
         cfg = dataclasses.replace(cfg, architecture=finalize_disk_architecture(cfg.disk))
     assert cfg.architecture is not None
     qemu = find_tool(cfg.architecture.qemu_binary)
-    fw = find_firmware(cfg.ovmf_code, cfg.ovmf_vars, cfg.architecture)
+    fw = finalize_firmware(cfg)
     accel, note = finalize_accel(cfg.accel, qemu, fw, cfg.architecture)
     with contextlib.ExitStack() as stack:
         if cfg.workdir is None:

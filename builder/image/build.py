@@ -26,6 +26,7 @@ Steps, each timed (builder.core.progress.Steps) and stored in the record:
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,9 +41,10 @@ from builder.core.context import Context
 from builder.core.engine import ImageInfo
 from builder.core.errors import BuildError, KilnError, UsageError
 from builder.core.run import run
+from builder.core.secrets import key_passphrase
 from builder.core.versions import DEFAULT_EPOCH, release_version
-from builder.image import rechunk, render
-from builder.keys import device_files, release_key
+from builder.image import boot, rechunk, render
+from builder.keys import device_files, release_key, secureboot
 from builder.model import for_class as model_glue
 from builder.spec import names
 from builder.spec.contents import finalize_contents
@@ -204,6 +206,15 @@ def build_class(
         with steps.step(f"build {ref} with {eng.name}"):
             image_id = eng.build(context, context / "Containerfile", ref, build_args, epoch, no_cache=no_cache,
                                  platform=platform)
+        boot_record: dict[str, Any] = {}
+        if hc.spec.secure_boot:
+            with steps.step("verified boot: bind the root's layers to signed UKIs"):
+                made = make_verified_boot(ctx, hc, key, ref=ref, image_id=image_id, version=str(version), epoch=epoch)
+                image_id = made.image_id
+                layer_groups = (*layer_groups, boot.BOOT_GROUP)
+                boot_record = {"kind": boot.BOOT_KIND, "layers": made.digest, "ukiSize": made.uki_size,
+                               "ukis": {slot: f"sha256:{sha}" for slot, sha in made.ukis.items()},
+                               "secureBootKey": made.db_fingerprint}
         with steps.step("record the build"):
             info = eng.inspect(image_id)
             base_info = eng.inspect(plan.base_ref) if eng.exists(plan.base_ref) else None
@@ -230,6 +241,8 @@ def build_class(
                    for i, a in enumerate(artifacts)],
         "layers": layers,
         "osStage": os_stage,  # apt: the OS stage's id and its rechunked image (builder.image.rechunk); else {}
+        # spec.secureBoot: the layer list digest the UKIs bind (builder.image.boot); else {}
+        "boot": boot_record,
         "contents": finalize_built_contents(hc, info["labels"]),
         "labels": info["labels"],
         "context": str(context),
@@ -239,3 +252,25 @@ def build_class(
     }
     records.write_record(record)
     return record
+
+
+@dataclass(frozen=True)
+class VerifiedBoot:
+    image_id: str
+    digest: str
+    uki_size: int
+    ukis: dict[str, str]
+    db_fingerprint: str
+
+
+def make_verified_boot(ctx: Context, hc: HardwareClass, key: release_key.SigningKey, *, ref: str, image_id: str,
+                       version: str, epoch: int) -> VerifiedBoot:
+    """The boot layer (builder.image.boot), signed with the Secure Boot keys beside the release key."""
+    development = release_key.is_development_key(key)
+    keys = secureboot.resolve_secureboot_keys(key.directory, development=development)
+    passphrase = None if development else key_passphrase()
+    made = boot.make_boot_layer(ctx, cls=hc.name, version=version, ref=ref, image_id=image_id,
+                                architecture=hc.spec.architecture.value, compression=hc.spec.disk.compression,
+                                keys=keys, passphrase=passphrase, epoch=epoch,
+                                workdir=paths.context_dir(hc.name, version).with_name("boot"))
+    return VerifiedBoot(made.image_id, made.digest, made.uki_size, made.ukis, keys.fingerprint("db"))

@@ -14,6 +14,7 @@ from builder.core.paths import project_root
 from builder.core.safe import format_size
 from builder.spec.schema import (
     AcceleratorKind,
+    Architecture,
     BaseSource,
     BootControl,
     Candidate,
@@ -302,6 +303,21 @@ def fallback(hc: HardwareClass) -> Iterator[Problem]:
 def boot_control(hc: HardwareClass) -> Iterator[Problem]:
     if hc.spec.boot_control is BootControl.nvbootctrl and hc.spec.accelerator.kind is not AcceleratorKind.nvidia_jetson:
         yield (("spec", "bootControl"), "nvbootctrl is the Jetson backend; other classes use systemd-boot")
+
+
+@contract
+def secure_boot(hc: HardwareClass) -> Iterator[Problem]:
+    if not hc.spec.secure_boot:
+        return
+    if hc.spec.boot_control is not BootControl.systemd_boot:
+        yield (("spec", "secureBoot"), "verified boot is built for systemd-boot (signed UKIs per slot); "
+                                       f"{hc.spec.boot_control.value} has its own chain of trust")
+    if hc.spec.architecture is not Architecture.x86_64:
+        yield (("spec", "secureBoot"), "verified boot is x86_64 only so far (the arm64 stub and AAVMF's enrolled "
+                                       "variables are not wired up yet)")
+    if hc.spec.disk.compression not in ("none", "lz4", "lz4hc"):
+        yield (("spec", "disk", "compression"), "verified boot measures each layer's erofs as the device makes "
+                                                "it: none, lz4 or lz4hc")
 
 
 @contract

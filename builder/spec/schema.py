@@ -469,6 +469,9 @@ class Spec(Strict):
     architecture: Architecture
     firmware: Literal["uefi"] = "uefi"
     boot_control: BootControl = BootControl.systemd_boot
+    # Verified boot (docs/device-security.md): one signed UKI per slot whose command line binds the
+    # slot's layer list, systemd-boot signed with the Secure Boot db key, firmware enforcing.
+    secure_boot: bool = False
     compatible: Annotated[str, AfterValidator(safe.compatible)]
     base: Base
     repositories: tuple[Repository, ...] = ()

@@ -13,6 +13,7 @@ from kiln_device.agent.config import Config
 from kiln_device.common import copy_atomic, fsync_dir, sha256_file, write_atomic
 from kiln_device.contract import (
     CONFIG,
+    UKI_DIR,
     WRITE_FAILED,
     Entry,
     entry_name,
@@ -22,6 +23,7 @@ from kiln_device.contract import (
     render_entry,
 )
 from kiln_device.errors import AgentError
+from kiln_device.pe import PEError, read_headers
 
 EFI_LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"  # systemd-boot's LoaderEntrySelected vendor
 
@@ -49,6 +51,12 @@ class BootControl:
     def add_trial_entry(self, *, cls: str, version: str, slot: str, tries: int, kargs: Sequence[str]) -> str:
         raise NotImplementedError
 
+    def stage_uki(self, slot: str, uki: Path) -> str:
+        raise NotImplementedError
+
+    def add_trial_uki(self, *, version: str, slot: str, tries: int) -> str:
+        raise NotImplementedError
+
     def entry_complete(self, name: str) -> bool:
         """Whether an entry was written in full (a power cut may leave a renamed, empty file)."""
         return True
@@ -67,6 +75,7 @@ class SystemdBoot(BootControl):
     def __init__(self, config: Config) -> None:
         self.config = config
         self.entries_dir = config.esp / "loader" / "entries"
+        self.uki_dir = config.esp / UKI_DIR  # type #2 entries: the UKIs of a device with verified boot
 
     def booted_slot(self) -> str | None:
         try:
@@ -83,20 +92,56 @@ class SystemdBoot(BootControl):
         return raw.decode("utf-16-le", errors="replace").rstrip("\0") or None
 
     def entries(self) -> list[Entry]:
-        if not self.entries_dir.is_dir():
-            return []
-        found = [parse_entry_name(p.name) for p in sorted(self.entries_dir.iterdir())]
-        return [e for e in found if e is not None]
+        """Type #1 entries (loader/entries/*.conf) and type #2 (EFI/Linux/*.efi), each only in its own place."""
+        found = []
+        for folder, kind in ((self.entries_dir, False), (self.uki_dir, True)):
+            for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+                entry = parse_entry_name(path.name)
+                if entry is not None and entry.uki == kind:
+                    found.append(entry)
+        return found
+
+    def entry_path(self, entry: Entry) -> Path:
+        return (self.uki_dir if entry.uki else self.entries_dir) / entry.name
 
     def remove_slot_entries(self, slot: str) -> list[str]:
         removed = []
         for entry in self.entries():
             if entry.slot == slot:
-                (self.entries_dir / entry.name).unlink()
+                self.entry_path(entry).unlink()
                 removed.append(entry.name)
         if removed:
-            fsync_dir(self.entries_dir)
+            fsync_dir(self.entries_dir if self.entries_dir.is_dir() else self.uki_dir)
+            if self.uki_dir.is_dir():
+                fsync_dir(self.uki_dir)
         return removed
+
+    def staged_uki(self, slot: str) -> Path:
+        """Where a slot's new UKI waits for its trial entry: in EFI/Linux, but not named *.efi, so the
+        loader never lists it."""
+        return self.uki_dir / f"kiln-{slot}.staged"
+
+    def stage_uki(self, slot: str, uki: Path) -> str:
+        """Copy the slot's signed UKI to the ESP (read back); the trial entry is its rename."""
+        wanted = sha256_file(uki)
+        dest = self.staged_uki(slot)
+        with contextlib.suppress(OSError):
+            if sha256_file(dest) == wanted:
+                return wanted
+        written = copy_atomic(uki, dest)
+        if written != wanted or sha256_file(dest) != wanted:
+            raise AgentError(WRITE_FAILED, f"{dest} reads back different bytes than were written")
+        return wanted
+
+    def add_trial_uki(self, *, version: str, slot: str, tries: int) -> str:
+        """The staged UKI renamed to its counted name `kiln-<version>-<slot>+N.efi`: from now on it boots."""
+        name = entry_name(version, slot, tries, uki=True)
+        staged = self.staged_uki(slot)
+        if not staged.is_file():
+            raise AgentError(WRITE_FAILED, f"slot {slot}'s UKI is not staged at {staged}")
+        os.replace(staged, self.uki_dir / name)
+        fsync_dir(self.uki_dir)
+        return name
 
     def install_kernel(self, slot: str, kernel: Path, initrd: Path) -> dict[str, str]:
         dest = self.config.esp / esp_kernel_dir(slot).lstrip("/")
@@ -122,6 +167,9 @@ class SystemdBoot(BootControl):
         return name
 
     def entry_complete(self, name: str) -> bool:
+        entry = parse_entry_name(name)
+        if entry is not None and entry.uki:
+            return uki_complete(self.uki_dir / name)
         try:
             text = (self.entries_dir / name).read_text()
         except (OSError, UnicodeDecodeError):
@@ -138,6 +186,18 @@ class SystemdBoot(BootControl):
                 return link.name
         raise AgentError(CONFIG, f"no PARTUUID found for slot {slot} ({self.config.slots[slot]}); "
                                  "set partuuids in the agent config")
+
+
+def uki_complete(path: Path) -> bool:
+    """A UKI whose sections are all there: its .linux ends inside the file (a power cut may leave a short one)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            headers = read_headers(f.read(1 << 16), str(path))
+    except (OSError, PEError):
+        return False
+    linux = headers.section(".linux")
+    return linux is not None and linux.raw_offset + linux.raw_size <= size
 
 
 class NvBootCtrl(BootControl):

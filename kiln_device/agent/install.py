@@ -21,11 +21,15 @@ from kiln_device.agent.versions import Candidate, Decision, candidate_from_label
 from kiln_device.common import sha256_file
 from kiln_device.contract import (
     BAD_IMAGE,
+    BOOT_DIR,
+    BOOT_UKI,
     CONFIG,
     EROFS_COMPRESSORS,
     INCOMPATIBLE,
     INTERNAL,
+    LABEL_BOOT,
     LABEL_ROOT_LAYERS,
+    LAYERS_KARG,
     NO_SPACE,
     OK,
     SIGNATURE,
@@ -34,14 +38,20 @@ from kiln_device.contract import (
     WAITING,
     WRITE_FAILED,
     Release,
+    entry_text,
+    layers_digest,
     oci_ref_name,
     other_slot,
+    read_cmdline_slot,
+    read_cmdline_value,
+    uki_image_name,
 )
 from kiln_device.errors import AgentError, log
 from kiln_device.layers import (
     LAYERS_FILE,
     Layer,
     drop_partial_layers,
+    extract,
     fill_store,
     gc_store,
     image_layers,
@@ -49,8 +59,10 @@ from kiln_device.layers import (
     mounted_stack,
     parse_manifest,
     release_mounts,
+    remove_tree,
 )
 from kiln_device.oci_layout import gc_layout, verified_labels
+from kiln_device.pe import PEError, text_section
 from kiln_device.tools import run
 
 
@@ -196,12 +208,13 @@ def install(config: Config, release: Release, state: State, boot: BootControl, c
     # checked as the layers the device will boot, mounted (they stay mounted until the entry is written).
     release_mounts(config.work_dir / "mnt")  # what a killed run left mounted
     with contextlib.ExitStack() as mounts:
-        verified, tree, new, layers = check_image(config, release, state, cand, paths, mounts)
-        write_new_slot(config, state, boot, slot, device, paths, verified, tree, new, layers)
+        verified, tree, new, layers, uki = check_image(config, release, state, cand, paths, mounts, slot)
+        write_new_slot(config, state, boot, slot, device, paths, verified, tree, new, layers, uki)
     ref = oci_ref_name(verified.version)
     # Space: the unpacked tree and the erofs image go; the layout keeps the running and new images,
     # the layer store the layers of the running and the new slot.
     shutil.rmtree(paths.tree, ignore_errors=True)
+    remove_tree(boot_tree(config))
     paths.image.unlink(missing_ok=True)
     gc_layout(paths.layout, [oci_ref_name(release.version), ref])
     freed = gc_store(config.layers_dir, [*(la.diff_id for la in layers or ()), *running_layers(config, state)])
@@ -210,7 +223,8 @@ def install(config: Config, release: Release, state: State, boot: BootControl, c
 
 
 def write_new_slot(config: Config, state: State, boot: BootControl, slot: str, device: Path, paths: Paths,
-                   verified: Candidate, tree: Path, new: NewRoot, layers: list[Layer] | None) -> None:
+                   verified: Candidate, tree: Path, new: NewRoot, layers: list[Layer] | None,
+                   uki: Path | None = None) -> None:
     # 3. Stop trusting the target slot before touching it: no entry may point at it.
     if not state.phase_done("invalidated"):
         state.set_trust(slot, None)
@@ -240,16 +254,20 @@ def write_new_slot(config: Config, state: State, boot: BootControl, slot: str, d
                                "size": size, "verified": now(),
                                "layers": [la.diff_id for la in layers] if layers is not None else None})
         state.journal("verified")
-    # 6. Kernel and initramfs, from the tree this run unpacked and checked (never a leftover). The
-    # boot id goes in now: a trial entry found after a power cut is then settled like a journaled one.
-    hashes = boot.install_kernel(slot, new.kernel, new.initrd)
+    # 6. Kernel and initramfs, from the tree this run unpacked and checked (never a leftover); with
+    # verified boot, the slot's signed UKI, staged under a name the loader does not list. The boot id
+    # goes in now: a trial entry found after a power cut is then settled like a journaled one.
+    hashes = boot.install_kernel(slot, new.kernel, new.initrd) if uki is None else {"uki": boot.stage_uki(slot, uki)}
     state.journal("kernel", kernel=hashes, bootId=read_boot_id(config))
     # 7. The trial entry, last: before it exists nothing boots the new slot.
     trust = state.trust(slot) or {}
     if trust.get("digest") != verified.digest or sha256_file(device, trust["size"]) != trust["sha256"]:
         raise AgentError(WRITE_FAILED, f"slot {slot} no longer matches its verification record")
-    name = boot.add_trial_entry(cls=new.release.cls, version=verified.version, slot=slot,
-                                tries=new.release.boot_tries, kargs=new.kargs)
+    if uki is None:
+        name = boot.add_trial_entry(cls=new.release.cls, version=verified.version, slot=slot,
+                                    tries=new.release.boot_tries, kargs=new.kargs)
+    else:
+        name = boot.add_trial_uki(version=verified.version, slot=slot, tries=new.release.boot_tries)
     fault_point("entry-written")
     state.journal("entry", entry=name, bootId=read_boot_id(config))
 
@@ -276,10 +294,12 @@ def running_layers(config: Config, state: State) -> list[str]:
 
 
 def check_image(config: Config, release: Release, state: State, cand: Candidate, paths: Paths,
-                mounts: contextlib.ExitStack) -> tuple[Candidate, Path, NewRoot, list[Layer] | None]:
+                mounts: contextlib.ExitStack, slot: str = "b",
+                ) -> tuple[Candidate, Path, NewRoot, list[Layer] | None, Path | None]:
     """The signed image's labels decided on again, then its tree unpacked (or its layers built and
-    mounted, on `mounts`) and checked against them. A refusal the signed content causes is final for
-    that digest (blocklisted by `failed`)."""
+    mounted, on `mounts`) and checked against them; with verified boot, the UKI for `slot` taken from
+    the boot layer and checked to bind the layers built here. A refusal the signed content causes is
+    final for that digest (blocklisted by `failed`)."""
     try:
         labels = verified_labels(paths.layout, oci_ref_name(cand.version))
         verified = candidate_from_labels(labels, cand.digest)
@@ -295,9 +315,21 @@ def check_image(config: Config, release: Release, state: State, cand: Candidate,
             raise AgentError(again.code, f"not updating (verified image): {again.reason}",
                              blocklist=again.code == INCOMPATIBLE)
         layered = layer_compression(labels)
+        verified_boot = boot_kind(labels)
+        if verified_boot and layered is None:
+            raise AgentError(BAD_IMAGE, f"{verified.version} boots verified (signed UKIs) from layers, which this "
+                                        "agent cannot make without root or without the image's "
+                                        f"{LABEL_ROOT_LAYERS} label")
+        if not verified_boot and booted_verified(config):
+            raise AgentError(INCOMPATIBLE, f"this device boots verified (its command line binds its layers) and "
+                                           f"{verified.version} has no signed UKIs: it would boot unverified",
+                             blocklist=True)
         layers: list[Layer] | None = None
+        uki: Path | None = None
         if layered is not None:
-            layers = build_layers(config, paths, oci_ref_name(verified.version), layered)
+            layers = build_layers(config, paths, oci_ref_name(verified.version), layered, boot_layer=verified_boot)
+            if verified_boot:
+                uki = take_uki(config, paths, oci_ref_name(verified.version), slot, layers, verified.version)
             tree = mounts.enter_context(mounted_stack(config.layers_dir, layers, config.work_dir / "mnt"))
         else:
             tree = unpack(paths.layout, oci_ref_name(verified.version), paths.tree, config.timeouts.unpack)
@@ -311,7 +343,58 @@ def check_image(config: Config, release: Release, state: State, cand: Candidate,
     except AgentError as exc:
         exc.blocklist = exc.blocklist or exc.code == BAD_IMAGE
         raise
-    return verified, tree, new, layers
+    return verified, tree, new, layers, uki
+
+
+def boot_kind(labels: dict[str, str]) -> bool:
+    """Whether the image boots verified: its top layer holds a signed UKI per slot (LABEL_BOOT)."""
+    value = labels.get(LABEL_BOOT)
+    if value is None:
+        return False
+    if value != BOOT_UKI:
+        raise AgentError(BAD_IMAGE, f"the image's {LABEL_BOOT} label is {str(value)[:40]!r}; this agent knows "
+                                    f"{BOOT_UKI!r}")
+    return True
+
+
+def booted_verified(config: Config) -> bool:
+    """Whether this boot's command line (signed, in a UKI) binds its layer list."""
+    try:
+        return read_cmdline_value(config.cmdline.read_text(), LAYERS_KARG) is not None
+    except OSError:
+        return False
+
+
+def boot_tree(config: Config) -> Path:
+    return config.work_dir / "boot"
+
+
+def take_uki(config: Config, paths: Paths, ref: str, slot: str, layers: list[Layer], version: str) -> Path:
+    """The slot's signed UKI from the image's boot layer (unpacked, its diff id checked), refused unless its
+    command line boots `slot` and binds exactly the layers this device built. The firmware checks the
+    signature at boot; what is checked here is that the slot will boot at all."""
+    diff_id, blob = image_layers(paths.layout, ref)[-1]
+    tree = boot_tree(config)
+    remove_tree(tree)
+    tree.mkdir(mode=0o700, parents=True)
+    extract(blob, diff_id, tree, config.timeouts.unpack)
+    uki = tree / BOOT_DIR.lstrip("/") / uki_image_name(slot)
+    if uki.is_symlink() or not uki.is_file():
+        raise AgentError(BAD_IMAGE, f"the boot layer of {version} has no {BOOT_DIR}/{uki_image_name(slot)}")
+    try:
+        cmdline = text_section(uki, ".cmdline") or ""
+        osrel = text_section(uki, ".osrel") or ""
+    except PEError as exc:
+        raise AgentError(BAD_IMAGE, f"the UKI of slot {slot} in {version}: {exc}") from None
+    if read_cmdline_slot(cmdline) != slot:
+        raise AgentError(BAD_IMAGE, f"the UKI {uki_image_name(slot)} of {version} does not boot slot {slot}")
+    want, got = read_cmdline_value(cmdline, LAYERS_KARG), layers_digest(manifest_text(layers))
+    if want != got:
+        raise AgentError(BAD_IMAGE, f"the UKI of slot {slot} in {version} binds layer list {want}, but the layers "
+                                    f"this device made list to {got}: the slot would not boot")
+    if f"IMAGE_VERSION={entry_text(version)}" not in osrel.splitlines():
+        raise AgentError(BAD_IMAGE, f"the UKI of slot {slot} says it is not {version} (its .osrel)")
+    return uki
 
 
 def layer_compression(labels: dict[str, str]) -> str | None:
@@ -330,9 +413,11 @@ def layer_compression(labels: dict[str, str]) -> str | None:
     return value
 
 
-def build_layers(config: Config, paths: Paths, ref: str, compression: str) -> list[Layer]:
-    """Every layer of the image in the store: the ones the device lacks built, the others reused."""
-    out, built, written = fill_store(config.layers_dir, image_layers(paths.layout, ref),
+def build_layers(config: Config, paths: Paths, ref: str, compression: str, *, boot_layer: bool = False) -> list[Layer]:
+    """Every layer of the image in the store (less the boot layer on top, which is not part of the root):
+    the ones the device lacks built, the others reused."""
+    wanted = image_layers(paths.layout, ref)
+    out, built, written = fill_store(config.layers_dir, wanted[:-1] if boot_layer else wanted,
                                      EROFS_COMPRESSORS[compression], (config.timeouts.unpack, config.timeouts.build))
     log(f"layers: {built} built ({written / 2**20:.1f} MiB written), {len(out) - built} already on the device")
     return out

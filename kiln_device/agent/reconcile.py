@@ -75,7 +75,7 @@ def recover_entry(state: State, boot: BootControl) -> None:
     if entry is None:
         return
     log(f"the trial entry {entry.name} of {version} exists but was not journaled (power cut): journaling it")
-    pending.update(phase="entry", entry=entry_name(str(version), str(slot), pending.get("bootTries")),
+    pending.update(phase="entry", entry=entry_name(str(version), str(slot), pending.get("bootTries"), uki=entry.uki),
                    recovered=True)
     pending.setdefault("phases", {})["entry"] = now()
     state.save()

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from builder.core.run import run
-from builder.disk.assemble import partition_offset
+from builder.disk.rawdisk import partition_offset
 from builder.image.build import build_class
 from builder.keys.release_key import make_signing_key
 from builder.spec.loader import load_class

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from builder.core.errors import DiskError, ToolMissing, VMError
-from builder.disk import assemble, unpacked, vm
+from builder.disk import assemble, rawdisk, unpacked, vm
 from builder.spec.loader import load_class
 from tests.conftest import ROOT, kiln
 
@@ -207,7 +207,7 @@ def test_copy_sparse_keeps_holes(tmp_path: Path) -> None:
         fh.write(b"b" * 100)
     with dest.open("wb") as fh:
         fh.truncate(16 * MiB)
-    assemble.copy_sparse(src, dest, MiB)
+    rawdisk.copy_sparse(src, dest, MiB)
     data = dest.read_bytes()
     assert data[MiB:MiB + 100] == b"a" * 100 and data[9 * MiB:9 * MiB + 100] == b"b" * 100
     assert data.count(0) == len(data) - 200

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from builder.core import paths
-from builder.disk import assemble, vm
+from builder.disk import assemble, rawdisk, vm
 from builder.spec.loader import load_class
 from tests.conftest import ROOT, require_tool
 
@@ -70,7 +70,7 @@ def copy_disk(src: Path, dest: Path) -> Path:
     """A sparse copy of a disk (destructive tests never touch the shared one)."""
     with src.open("rb") as fin, dest.open("wb") as fout:
         fout.truncate(os.fstat(fin.fileno()).st_size)
-    assemble.copy_sparse(src, dest, 0)
+    rawdisk.copy_sparse(src, dest, 0)
     return dest
 
 

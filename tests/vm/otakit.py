@@ -23,7 +23,7 @@ from builder.core.errors import VMError
 from builder.core.run import run
 from builder.core.state import StateDir
 from builder.disk import vm
-from builder.disk.assemble import partition_offset
+from builder.disk.rawdisk import partition_offset
 from builder.image.build import build_class
 from builder.keys.release_key import SigningKey, resolve_signing_key
 from builder.release.publish import push_signed

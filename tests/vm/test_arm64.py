@@ -33,7 +33,7 @@ import pytest
 from bench.projects import make_broken_golden_project, make_retrained_project
 from builder.core import paths
 from builder.core.run import run
-from builder.disk import assemble, vm
+from builder.disk import assemble, rawdisk, vm
 from builder.spec.schema import Architecture
 from tests.conftest import require_tool
 from tests.images import ARM64_CLASS, JETSON_STAND_IN
@@ -72,7 +72,7 @@ def arm64_disk(tmp_path_factory: pytest.TempPathFactory) -> BuiltDisk:
 
 def esp_file(image: Path, rel: str) -> bytes:
     """A file of the disk's ESP, read with mtools at the partition's offset (nothing mounted)."""
-    offset = assemble.partition_offset(image, "esp")
+    offset = rawdisk.partition_offset(image, "esp")
     return bytes(run(["mtype", "-i", f"{image}@@{offset}", f"::/{rel}"], capture=True, quiet=True,
                      env={"MTOOLS_SKIP_CHECK": "1"}).stdout)
 
@@ -82,7 +82,7 @@ def test_arm64_disk_boots_healthy_from_its_read_only_erofs_root(arm64_disk: Buil
                                                                  tmp_path: Path) -> None:
     image = arm64_disk.path
     assert arm64_disk.record.architecture == "aarch64"
-    table = {p["name"]: p["type"].upper() for p in assemble.read_partition_table(image)}
+    table = {p["name"]: p["type"].upper() for p in rawdisk.read_partition_table(image)}
     assert table["root-a"] == table["root-b"] == assemble.ROOT_TYPES[Architecture.aarch64]
     loader = esp_file(image, "EFI/BOOT/BOOTAA64.EFI")
     assert loader == esp_file(image, "EFI/systemd/systemd-bootaa64.efi")

@@ -8,7 +8,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from builder.disk import assemble
+from builder.disk import assemble, rawdisk
 from builder.spec import names
 from builder.spec.loader import load_class
 from tests.conftest import ROOT, kiln
@@ -24,7 +24,7 @@ def kiln_disk(*args: str):  # type: ignore[no-untyped-def]
 
 
 def test_partition_table(qemu_disk: BuiltDisk) -> None:
-    parts = assemble.read_partition_table(qemu_disk.path)
+    parts = rawdisk.read_partition_table(qemu_disk.path)
     assert [p["name"] for p in parts] == ["esp", "root-a", "root-b", "data"]
     for p, planned in zip(parts, qemu_disk.record.partitions, strict=True):
         assert p["uuid"].lower() == planned["uuid"]
@@ -41,7 +41,7 @@ def test_esp_has_the_loader_and_slot_a(qemu_disk: BuiltDisk) -> None:
     entry = esp_file(qemu_disk.path, f"/loader/entries/kiln-{qemu_disk.version}-a.conf")
     assert f"root=PARTUUID={qemu_disk.partition_uuid('root-a')}" in entry
     assert "linux /kiln/a/vmlinuz" in entry
-    offset = assemble.partition_offset(qemu_disk.path, "esp")
+    offset = rawdisk.partition_offset(qemu_disk.path, "esp")
     listing = subprocess.run(["mdir", "-/", "-b", "-i", f"{qemu_disk.path}@@{offset}", "::/"],
                              capture_output=True, text=True, check=True,
                              env={**os.environ, "MTOOLS_SKIP_CHECK": "1"}).stdout
@@ -54,7 +54,7 @@ def test_esp_has_the_loader_and_slot_a(qemu_disk: BuiltDisk) -> None:
 
 
 def esp_bytes(image: Path, path: str) -> bytes:
-    offset = assemble.partition_offset(image, "esp")
+    offset = rawdisk.partition_offset(image, "esp")
     return subprocess.run(["mtype", "-i", f"{image}@@{offset}", f"::{path}"], capture_output=True,
                           env={**os.environ, "MTOOLS_SKIP_CHECK": "1"}, check=True).stdout
 
@@ -122,7 +122,7 @@ def test_cli_disk_json_and_etc_files(qemu_disk: BuiltDisk, tmp_path: Path) -> No
     raw = tmp_path / "d.raw"
     subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", tmp_path / "d.qcow2", raw], check=True)
     (tmp_path / "d.qcow2").unlink()
-    target = f"{raw}?offset={assemble.partition_offset(raw, 'data')}"
+    target = f"{raw}?offset={rawdisk.partition_offset(raw, 'data')}"
     upper = "/overlay/etc/upper/kiln"
     cat = subprocess.run(["debugfs", "-R", f"cat {upper}/agent.json", target], capture_output=True, text=True)
     assert json.loads(cat.stdout) == {"registry": "10.0.2.2:5000", "channel": "beta"}

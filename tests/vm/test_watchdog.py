@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.disk import assemble, vm
+from builder.disk import rawdisk, vm
 from tests.vm.conftest import BOOT_TIMEOUT, BuiltDisk, copy_disk
 
 pytestmark = pytest.mark.vmlong  # scripts/test-vmlong: too long for CI's 60 minutes under TCG
@@ -55,7 +55,7 @@ def test_hung_device_is_reset_by_the_watchdog_and_keeps_its_state_until_a_factor
         assert "kiln.slot=a" in machine.ssh("cat /proc/cmdline").stdout
         assert machine.ssh(f"cat {MARKS}").stdout == "kept\nkept\n"  # the same device, its /etc and /var
         machine.poweroff()
-    assemble.make_factory_reset(image)  # from the host, the disk powered off
+    rawdisk.make_factory_reset(image)  # from the host, the disk powered off
     with vm.start_vm(cfg) as machine:
         machine.wait_for_ssh(BOOT_TIMEOUT)
         r = machine.ssh(f"ls {MARKS}", check=False)

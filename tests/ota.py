@@ -120,13 +120,17 @@ def _layer(files: Mapping[str, bytes | Symlink]) -> bytes:
 
 
 def make_oci_image(layout: Path, ref: str, files: Mapping[str, bytes | Symlink], labels: Mapping[str, str],
-                   base: Mapping[str, bytes | Symlink] | None = None) -> str:
-    """An OCI image (one base layer when `base` is given, then one layer of `files`) in an
-    OCI layout under the name `ref`; returns the manifest digest. Deterministic."""
+                   base: Mapping[str, bytes | Symlink] | None = None,
+                   top: Mapping[str, bytes | Symlink] | None = None) -> str:
+    """An OCI image (one base layer when `base` is given, then one layer of `files`, then one of `top`
+    when given: a verified image's boot layer) in an OCI layout under the name `ref`; returns the
+    manifest digest. Deterministic."""
     layout.mkdir(parents=True, exist_ok=True)
     (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
     raws = [_layer(base)] if base else []
     raws.append(_layer(files))
+    if top:
+        raws.append(_layer(top))
     layers = [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **_blob(layout, gzip.compress(r, mtime=0))}
               for r in raws]
     config = {"architecture": "amd64", "os": "linux", "config": {"Labels": dict(labels)},

@@ -22,15 +22,19 @@ from bench.projects import project_dir
 from builder.core.errors import VMError
 from builder.core.run import run
 from builder.core.state import StateDir
+from builder.core.versions import DEFAULT_EPOCH
 from builder.disk import vm
 from builder.disk.rawdisk import partition_offset
+from builder.image.boot import make_boot_layer
 from builder.image.build import build_class
 from builder.keys.release_key import SigningKey, resolve_signing_key
+from builder.keys.secureboot import resolve_secureboot_keys
 from builder.release.publish import push_signed
 from builder.release.registry import RegistryInfo, running_registry
 from builder.release.trust import Release as TufRelease
 from builder.release.trust import open_repository, publish_release
 from builder.spec.loader import load_class
+from kiln_device import contract
 from tests.conftest import ROOT
 from tests.images import QEMU_CLASS, kiln_test_context, kiln_test_state
 from tests.ota import publish
@@ -139,7 +143,25 @@ def derive_image(state: StateDir, base_ref: str, version: str, layout: Path, *, 
     env = state.engine_env()
     run(["podman", "build", "--quiet", "--layers", "-t", tag, "-f", ctx / "Containerfile", ctx], env=env,
         capture=True)
+    resign_boot(state, tag, version, layout.parent / f"{layout.name}-boot")
     run(["podman", "push", "--quiet", tag, f"oci:{layout}:{version}"], env=env, capture=True)
+
+
+def resign_boot(state: StateDir, tag: str, version: str, workdir: Path) -> None:
+    """A derived image of a class with verified boot gets its own boot layer, as `kiln build` makes one: UKIs
+    built from its (maybe changed) kernel and initramfs, bound to its layers, signed with the dev db key.
+    The base's boot layer is then one of the root's layers, like any other."""
+    inspect = run(["podman", "image", "inspect", "--format", "json", tag], env=state.engine_env(), capture=True,
+                  quiet=True)
+    labels = json.loads(inspect.stdout)[0].get("Labels") or {}
+    if labels.get(contract.LABEL_BOOT) != contract.BOOT_UKI:
+        return
+    hc = load_class(labels[contract.LABEL_CLASS], ROOT / "images")
+    key = resolve_signing_key(hc, None)
+    keys = resolve_secureboot_keys(key.directory, development=True)
+    make_boot_layer(kiln_test_context(state), cls=hc.name, version=version, ref=tag, image_id=tag,
+                    architecture=hc.spec.architecture.value, compression=hc.spec.disk.compression, keys=keys,
+                    passphrase=None, epoch=DEFAULT_EPOCH, workdir=workdir)
 
 
 def newc_archive(files: dict[str, tuple[int, bytes]]) -> bytes:
@@ -248,8 +270,12 @@ def _healthy_or_rebooted(machine: vm.VM, slot: str, timeout: float, boots: list[
 
 
 def esp_entries(disk: Path) -> list[str]:
-    """The boot entries on a powered-off disk's ESP (read with mtools, nothing mounted)."""
+    """The boot entries on a powered-off disk's ESP (read with mtools, nothing mounted): type #1 (.conf in
+    loader/entries) and type #2 (UKIs in EFI/Linux)."""
     offset = partition_offset(disk, "esp")
-    out = run(["mdir", "-b", "-i", f"{disk}@@{offset}", "::/loader/entries"], capture=True, check=False,
-              quiet=True, env={"MTOOLS_SKIP_CHECK": "1"}).stdout.decode(errors="replace")
-    return sorted(line.rsplit("/", 1)[-1] for line in out.split() if line.endswith(".conf"))
+    found = []
+    for folder, suffix in (("::/loader/entries", ".conf"), ("::/EFI/Linux", ".efi")):
+        out = run(["mdir", "-b", "-i", f"{disk}@@{offset}", folder], capture=True, check=False,
+                  quiet=True, env={"MTOOLS_SKIP_CHECK": "1"}).stdout.decode(errors="replace")
+        found += [line.rsplit("/", 1)[-1] for line in out.split() if line.endswith(suffix)]
+    return sorted(found)

@@ -22,10 +22,33 @@ def efi_var(host: Any, name: str) -> str:
     return base64.b64decode(out)[4:].decode("utf-16-le").rstrip("\0")
 
 
-def test_root_is_erofs_and_read_only(host: Any) -> None:
+def test_root_is_the_signed_list_of_erofs_layers_and_read_only(host: Any) -> None:
+    """Verified boot: / is the overlay of the layers /run/kiln/slot-layers names, each an erofs with
+    fs-verity on, over an empty bottom (the slot's own filesystem is not part of the root); the list's
+    sha256 is the digest in the UKI's signed command line."""
     root = host.mount_point("/")
-    assert root.filesystem == "erofs"
-    assert "ro" in root.options
+    assert root.filesystem == "overlay" and "ro" in root.options
+    lower = next(o for o in root.options if o.startswith("lowerdir=")).removeprefix("lowerdir=").split(":")
+    assert lower[-1] == "/run/kiln/empty" and host.check_output("ls -A /run/kiln/empty") == ""
+    listed = host.file("/run/kiln/slot-layers").content_string.split("\n")
+    layers = [line.split() for line in listed if line.strip()]
+    assert len(lower) == len(layers) + 1
+    for n, (diff_id, digest) in enumerate(layers):
+        assert host.mount_point(f"/run/kiln/layers/{n}").filesystem == "erofs"
+        measured = host.check_output(f"fsverity measure /run/kiln/data/layers/{diff_id}.erofs").split()[0]
+        assert measured == digest  # the kernel's digest: verity is on, every read is checked
+    cmdline = host.file("/proc/cmdline").content_string.split()
+    bound = next(w for w in cmdline if w.startswith("kiln.layers=")).removeprefix("kiln.layers=")
+    assert bound == "sha256:" + host.check_output("sha256sum /run/kiln/slot-layers").split()[0]
+
+
+def test_secure_boot_is_enforcing_with_kilns_keys(host: Any) -> None:
+    """The firmware booted the signed systemd-boot and UKI with Secure Boot on (user mode, Kiln's PK), and
+    the kernel knows it (lockdown)."""
+    status = host.check_output("bootctl status --no-pager")
+    assert "Secure Boot: enabled" in status, status
+    assert "Kiln development Secure Boot db" in host.check_output("journalctl -k -b --no-pager -g 'X.509 cert'")
+    assert "[integrity]" in host.check_output("cat /sys/kernel/security/lockdown")
 
 
 def test_etc_and_var_are_overlays_on_data(host: Any) -> None:
@@ -82,10 +105,10 @@ def test_golden_health_check_passes(booted: vm.VM, host: Any) -> None:
 def test_booted_entry_is_slot_a(host: Any, qemu_disk: BuiltDisk) -> None:
     cmdline = host.file("/proc/cmdline").content_string.split()
     assert "kiln.slot=a" in cmdline
-    assert f"root=PARTUUID={qemu_disk.partition_uuid('root-a')}" in cmdline
-    assert efi_var(host, "LoaderEntrySelected") == f"kiln-{qemu_disk.version}-a.conf"
+    assert "root=PARTLABEL=root-a" in cmdline  # the UKI's: the same signed image boots on every disk
+    assert efi_var(host, "LoaderEntrySelected") == f"kiln-{qemu_disk.version}-a.efi"
     status = host.check_output("bootctl status --no-pager")
-    assert f"kiln-{qemu_disk.version}-a.conf" in status
+    assert f"kiln-{qemu_disk.version}-a.efi" in status
 
 
 def test_kernel_command_line_has_the_class_kargs(host: Any, qemu_class_args: tuple[str, ...]) -> None:

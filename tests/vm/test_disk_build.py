@@ -8,9 +8,11 @@ import os
 import subprocess
 from pathlib import Path
 
+from builder.core import paths
 from builder.disk import assemble, rawdisk
 from builder.spec import names
 from builder.spec.loader import load_class
+from kiln_device.pe import text_section
 from tests.conftest import ROOT, kiln
 from tests.vm.conftest import BuiltDisk
 
@@ -35,22 +37,28 @@ def esp_file(image: Path, path: str) -> str:
     return esp_bytes(image, path).decode()
 
 
-def test_esp_has_the_loader_and_slot_a(qemu_disk: BuiltDisk) -> None:
+def test_esp_has_the_signed_loader_and_slot_as_uki(qemu_disk: BuiltDisk, tmp_path: Path) -> None:
+    """Verified boot: the ESP holds systemd-boot and slot A's UKI, both signed with the class's db key
+    (sbverify), and nothing unsigned that boots: no kernel, initramfs or .conf entry."""
     conf = esp_file(qemu_disk.path, "/loader/loader.conf")
     assert "timeout 0" in conf and "default kiln-*" in conf
-    entry = esp_file(qemu_disk.path, f"/loader/entries/kiln-{qemu_disk.version}-a.conf")
-    assert f"root=PARTUUID={qemu_disk.partition_uuid('root-a')}" in entry
-    assert "linux /kiln/a/vmlinuz" in entry
     offset = rawdisk.partition_offset(qemu_disk.path, "esp")
     listing = subprocess.run(["mdir", "-/", "-b", "-i", f"{qemu_disk.path}@@{offset}", "::/"],
                              capture_output=True, text=True, check=True,
-                             env={**os.environ, "MTOOLS_SKIP_CHECK": "1"}).stdout
-    for f in ("::/EFI/BOOT/BOOTX64.EFI", "::/EFI/systemd/systemd-bootx64.efi", "::/kiln/a/vmlinuz",
-              "::/kiln/a/initramfs.img"):
+                             env={**os.environ, "MTOOLS_SKIP_CHECK": "1"}).stdout.split()
+    uki = f"::/EFI/Linux/kiln-{qemu_disk.version}-a.efi"
+    for f in ("::/EFI/BOOT/BOOTX64.EFI", "::/EFI/systemd/systemd-bootx64.efi", uki):
         assert f in listing
-    # slot B's directory starts with the same pair: an update that keeps the kernel writes none
-    for name in ("vmlinuz", "initramfs.img"):
-        assert esp_bytes(qemu_disk.path, f"/kiln/b/{name}") == esp_bytes(qemu_disk.path, f"/kiln/a/{name}")
+    assert not [f for f in listing if f.startswith(("::/kiln/", "::/loader/entries/")) and not f.endswith("/")]
+    cert = paths.dev_signing_key_dir(qemu_disk.class_name) / "secureboot" / "db.crt"
+    for f in ("::/EFI/BOOT/BOOTX64.EFI", uki):
+        local = tmp_path / f.rsplit("/", 1)[1]
+        local.write_bytes(esp_bytes(qemu_disk.path, f.removeprefix("::")))
+        assert subprocess.run(["sbverify", "--cert", str(cert), str(local)], capture_output=True).returncode == 0, f
+    cmdline = text_section(tmp_path / uki.rsplit("/", 1)[1], ".cmdline") or ""
+    assert "root=PARTLABEL=root-a" in cmdline.split() and "kiln.slot=a" in cmdline.split()
+    assert f"kiln.layers={qemu_disk.record.layers_digest}" in cmdline.split()
+    assert qemu_disk.record.efivars and Path(qemu_disk.record.efivars).is_file()
 
 
 def esp_bytes(image: Path, path: str) -> bytes:

@@ -230,14 +230,18 @@ def test_model_only_update_boots_slot_b_and_is_blessed(releases: Releases, qemu_
         assert "kiln.slot=b" in machine.ssh("cat /proc/cmdline").stdout
         # Slot B holds only its layer list; the root is the image's layers from the data partition,
         # checked by fs-verity and stacked by the initramfs.
+        # With verified boot, the list is the image's layers less its boot layer (the UKIs), and its digest is
+        # in slot B's signed command line.
         listed = [line.split() for line in machine.ssh("cat /kiln-layers").stdout.splitlines()]
-        assert [diff for diff, _ in listed] == [rec["diffId"].removeprefix("sha256:") for rec in v2["layers"]]
+        assert [diff for diff, _ in listed] == [rec["diffId"].removeprefix("sha256:") for rec in v2["layers"]
+                                                if rec["group"] != "boot"]
+        assert f"kiln.layers={v2['boot']['layers']}" in machine.ssh("cat /proc/cmdline").stdout.split()
         assert machine.ssh("findmnt -n -o FSTYPE /").stdout.strip() == "overlay"
         for diff, verity in listed:
             measured = machine.ssh(f"fsverity measure /run/kiln/data/layers/{diff}.erofs").stdout.split()[0]
             assert measured == verity, (diff, measured, verity)
-        entries = machine.ssh("ls /efi/loader/entries").stdout.split()
-        assert "kiln-1.0.1-b.conf" in entries, entries  # blessed: the +N counter is gone
+        entries = machine.ssh("ls /efi/EFI/Linux").stdout.split()
+        assert "kiln-1.0.1-b.efi" in entries, entries  # slot B's signed UKI, blessed: the +N counter is gone
         assert st["lastResult"]["result"] == "success", st
         r = agent(machine, "report")
         assert r.exit_status == 7 and "next attempt in" in r.stdout, r.stdout  # kept, backing off

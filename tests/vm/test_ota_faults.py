@@ -158,7 +158,7 @@ def test_update_survives_lost_registry_full_disk_and_power_cuts(
         machine.ssh("systemctl is-active --wait systemd-bless-boot.service || true", timeout=120)
         st = status(machine)
         assert st["lastResult"]["result"] == "success", st
-        assert f"kiln-{VERSION}-b.conf" in st["entries"], st
+        assert f"kiln-{VERSION}-b.efi" in st["entries"], st
         assert agent(machine, "update", "--no-reboot").exit_status == 2  # up to date
         assert slot_digest(machine, "a") == slot_a
         machine.poweroff()

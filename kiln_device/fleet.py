@@ -46,7 +46,8 @@ KEY_TYPES = (KEY_ED25519, KEY_ECDSA_P256)
 
 # Kinds of events the agent sends (the service also keeps kinds it does not know: a newer agent's).
 EVENT_KINDS = {
-    "boot": "a boot: version, slot, degraded",
+    "boot": "a boot: version, slot, degraded, secureBoot (the firmware's state), rootDigest (the layer list the "
+            "signed UKI binds)",
     "update.started": "an update began: version, from",
     "update.phase": "a journaled phase of an update: version, phase",
     "update.downloaded": "download-only: fetched, waiting for the maintenance window",

@@ -102,6 +102,35 @@ def keys_init(directory: Path, no_passphrase: bool, root_dirs: tuple[Path, ...])
     click.echo(f"next: kiln release CLASS --version V --channel stable --registry HOST:PORT --key {key.directory}")
 
 
+@keys_group.group("secureboot")
+def keys_secureboot_group() -> None:
+    """Secure Boot: Kiln's own PK, KEK and db beside a release key (DIR/secureboot). db signs systemd-boot and
+    every UKI a build of a class with spec.secureBoot makes; PK and KEK own the devices' firmware and stay
+    offline (`kiln keys export` leaves them out)."""
+
+
+@keys_secureboot_group.command("init")
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+def keys_secureboot_init(directory: Path) -> None:
+    """Make DIRECTORY/secureboot/{PK,KEK,db}.{key,crt} for the release key in DIRECTORY (a key made before
+    verified boot; `kiln keys init` makes them with every new key). The keys get the release key's
+    passphrase ($KILN_KEY_PASSPHRASE_FILE or $KILN_KEY_PASSPHRASE)."""
+    from builder.core.secrets import key_passphrase
+    from builder.keys.release_key import is_development_key, read_signing_key
+    from builder.keys.secureboot import SECUREBOOT_DIR, make_secureboot_keys
+
+    key = read_signing_key(directory)
+    development = is_development_key(key)
+    phrase = None if development else key_passphrase()
+    made = make_secureboot_keys(key.directory / SECUREBOOT_DIR, phrase,
+                                common_name="Kiln development" if development else "Kiln")
+    for role in ("PK", "KEK", "db"):
+        click.echo(f"{role:<3} {made.cert(role)}  sha256 {made.fingerprint(role)}")
+    if phrase is None and not development:
+        err_console.print("warning: the Secure Boot keys have no passphrase", markup=False)
+    click.echo(f"keep {made.key('PK')} and {made.key('KEK')} offline; db signs builds")
+
+
 @keys_group.command("show")
 @click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
 def keys_show(directory: Path) -> None:

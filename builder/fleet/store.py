@@ -64,6 +64,10 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (5, "each device's clock skew, from the newest event of its last report", [
         "ALTER TABLE devices ADD COLUMN clock_skew BIGINT",
     ]),
+    (6, "verified boot as each device's last boot had it: Secure Boot state, the root digest its UKI binds", [
+        "ALTER TABLE devices ADD COLUMN secure_boot TEXT",
+        "ALTER TABLE devices ADD COLUMN root_digest TEXT",
+    ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -331,7 +335,8 @@ class Store:
     def devices(self, cls: str | None = None, state: str | None = ACCEPTED) -> list[dict[str, Any]]:
         """The devices (of CLS) in STATE (None: every state): by default the accepted, which are the fleet."""
         cols = ("id", "class", "compatible", "enrolled", "last_seen", "dropped", "last_seq", "version", "slot",
-                "degraded", "channel_state", "key_type", "state", "key_origin", "serial", "clock_skew")
+                "degraded", "channel_state", "key_type", "state", "key_origin", "serial", "clock_skew",
+                "secure_boot", "root_digest")
         conds = [(c, v) for c, v in (("class = ?", cls), ("state = ?", state)) if v]
         where = ("WHERE " + " AND ".join(c for c, _ in conds)) if conds else ""
         args = tuple(v for _, v in conds)
@@ -404,6 +409,8 @@ def summarize(summary: dict[str, Any], e: dict[str, Any]) -> None:
     if kind == "boot":
         summary["slot"] = e.get("slot")
         summary["degraded"] = e.get("degraded")
+        summary["secure_boot"] = e.get("secureBoot")
+        summary["root_digest"] = e.get("rootDigest")
     if kind == "channel.stale":
         summary["channel_state"] = f"{e.get('status', 'stale')}: {e.get('reason')}"[:500]
     if kind == "channel.fresh":

@@ -101,11 +101,16 @@ def fleet_status(store: Store, repo: Any, cls: str | None = None, *, now: float 
             # are theirs; the service orders and soaks by the times it received them
             "clockOff": [{"device": d["id"], "skewSeconds": int(d["clock_skew"])} for d in members
                          if d["clock_skew"] is not None],
+            # devices whose last boot did not have Secure Boot enforcing, or whose root no signed UKI bound (a
+            # device that has not reported a boot yet is not counted)
+            "unverified": [{"device": d["id"], "secureBoot": d["secure_boot"], "rootDigest": d["root_digest"]}
+                           for d in members if d["slot"] and (d["secure_boot"] != "enabled" or not d["root_digest"])],
             "dropped": sum(int(d["dropped"] or 0) for d in members),
             "notSeen": not_seen,
             "lastSeen": max((d["last_seen"] for d in members if d["last_seen"]), default=None),
             "deviceList": [{"device": d["id"], "version": d["version"], "slot": d["slot"], "lastSeen": d["last_seen"],
-                            "key": d["key_type"], "keyOrigin": d["key_origin"]} for d in members][:500],
+                            "key": d["key_type"], "keyOrigin": d["key_origin"], "secureBoot": d["secure_boot"],
+                            "rootDigest": d["root_digest"]} for d in members][:500],
             "pending": [{"device": d["id"], "enrolled": d["enrolled"], "serial": d["serial"], "key": d["key_type"],
                          "keyOrigin": d["key_origin"]} for d in pending.get(name, [])][:500],
         }
@@ -148,6 +153,9 @@ def _render_text(status: dict[str, Any]) -> str:
             lines.append(f"  stale channel: {len(c['stale'])} devices")
         if c["degraded"]:
             lines.append(f"  degraded: {len(c['degraded'])} devices ({c['degraded'][0]['degraded']})")
+        if c["unverified"]:
+            lines.append(f"  boot not verified: {len(c['unverified'])} devices (Secure Boot off, or a root no signed "
+                         "UKI binds)")
         if c["dropped"]:
             lines.append(f"  events dropped on devices (outbox full): {c['dropped']}")
         if c["clockOff"]:

@@ -88,6 +88,10 @@ def make_signing_key(directory: Path, *, uid: str = "Kiln release signing <relea
     from builder.keys.tuf_keys import make_trust_keys  # the TUF half: root, targets and online keys, root v1
 
     make_trust_keys(directory, passphrase, roots=roots)
+    from builder.keys.secureboot import SECUREBOOT_DIR, make_secureboot_keys  # PK, KEK, db: verified boot
+
+    make_secureboot_keys(directory / SECUREBOOT_DIR, passphrase,
+                         common_name="Kiln development" if development else "Kiln")
     return SigningKey(directory, fingerprint)
 
 
@@ -131,6 +135,11 @@ RELEASE_KEY_ENV = "KILN_RELEASE_KEY"
 EXPORT_FOR = {"ci": None, "fleet": ("key.json", PUBLIC_KEY, "tuf/root.json", "tuf/online.pem", "tuf/rollout.pem")}
 
 
+# Secure Boot's platform key and key-exchange key own the devices' firmware: offline, like the TUF root. db (which
+# signs every UKI a build makes) goes to CI.
+OFFLINE_SECUREBOOT = ("secureboot/PK.key", "secureboot/KEK.key")
+
+
 def exported_files(directory: Path, holder: str = "ci") -> tuple[list[Path], list[Path]]:
     """(what `kiln keys export --for HOLDER` carries, the root keys it leaves out)."""
     wanted = EXPORT_FOR[holder]
@@ -139,8 +148,9 @@ def exported_files(directory: Path, holder: str = "ci") -> tuple[list[Path], lis
         if not path.is_file() or path.is_symlink() or path.name.startswith("S.gpg-agent"):
             continue
         rel = str(path.relative_to(directory))
-        if path.name == "root.pem" or (path.name.startswith("root-") and path.suffix == ".pem"):
-            left.append(path)  # the root stays offline, whoever the export is for
+        if path.name == "root.pem" or (path.name.startswith("root-") and path.suffix == ".pem") or \
+                rel in OFFLINE_SECUREBOOT:
+            left.append(path)  # the root stays offline, whoever the export is for; so do Secure Boot's PK and KEK
         elif wanted is None or rel in wanted:
             carried.append(path)
     return carried, left
@@ -210,7 +220,8 @@ def check_private(directory: Path) -> None:
     read: a release key another user of the machine can copy signs what they like."""
     from builder.keys.tuf_keys import TUF_DIR
 
-    secret = [directory, directory / GNUPG_DIR, directory / TUF_DIR, *sorted((directory / TUF_DIR).glob("*.pem"))]
+    secret = [directory, directory / GNUPG_DIR, directory / TUF_DIR, *sorted((directory / TUF_DIR).glob("*.pem")),
+              directory / "secureboot", *sorted((directory / "secureboot").glob("*.key"))]
     for path in secret:
         try:
             mode = path.stat().st_mode

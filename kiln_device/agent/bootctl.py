@@ -26,6 +26,25 @@ from kiln_device.errors import AgentError
 from kiln_device.pe import PEError, read_headers
 
 EFI_LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"  # systemd-boot's LoaderEntrySelected vendor
+EFI_GLOBAL_GUID = "8be4df61-93ca-11d2-aa0d-00e098032b8c"  # the UEFI spec's SecureBoot, SetupMode
+
+
+def secure_boot_state(efivars: Path) -> str | None:
+    """What the firmware says: "enabled" (SecureBoot 1: signatures enforced), "setup" (no PK enrolled: nothing
+    is enforced), "disabled"; None where there are no EFI variables to read."""
+    def flag(name: str) -> int | None:
+        try:
+            raw = (efivars / f"{name}-{EFI_GLOBAL_GUID}").read_bytes()
+        except OSError:
+            return None
+        return raw[4] if len(raw) > 4 else None  # 4 bytes of attributes, then one byte
+
+    secure = flag("SecureBoot")
+    if secure is None:
+        return None
+    if secure == 1:
+        return "enabled"
+    return "setup" if flag("SetupMode") == 1 else "disabled"
 
 
 class BootControl:

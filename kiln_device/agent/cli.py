@@ -92,7 +92,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kiln_device.agent.bootctl import BootControl, make_boot_control
+from kiln_device.agent.bootctl import BootControl, make_boot_control, secure_boot_state
 from kiln_device.agent.config import CONFIG_ENV, ROOT_ENV, Config, load_config, read_boot_id
 from kiln_device.agent.identity import KEY_FILE, TPM_FILE, load_or_create
 from kiln_device.agent.install import cmd_check, cmd_update
@@ -102,7 +102,18 @@ from kiln_device.agent.reconcile import cmd_boot
 from kiln_device.agent.report import cmd_report
 from kiln_device.agent.trust import reset_trust
 from kiln_device.common import TOOL_PATH, Parser, read_json, write_atomic
-from kiln_device.contract import CONFIG, HEALTH_RESULT, NO_SPACE, OK, USAGE, WRITE_FAILED, Release, under
+from kiln_device.contract import (
+    CONFIG,
+    HEALTH_RESULT,
+    LAYERS_KARG,
+    NO_SPACE,
+    OK,
+    USAGE,
+    WRITE_FAILED,
+    Release,
+    read_cmdline_value,
+    under,
+)
 from kiln_device.degraded import read_degraded, summary
 from kiln_device.errors import AgentError, log
 
@@ -157,7 +168,18 @@ def status_data(config: Config, release: Release, state: State, boot: BootContro
         "fleet": fleet_status(config),
         "health": health_summary(root, read_boot_id(config)),  # this boot's golden inference check
         "root": root_mount(mounts),  # {"fstype": "erofs", "readOnly": true} on a Kiln device
+        **boot_trust(config),
     }
+
+
+def boot_trust(config: Config) -> dict[str, Any]:
+    """Verified boot as this boot has it: the firmware's Secure Boot state, and the layer list digest the
+    booted UKI's signed command line binds (null: a boot whose root nothing signed vouches for)."""
+    try:
+        cmdline = config.cmdline.read_text()
+    except OSError:
+        cmdline = ""
+    return {"secureBoot": secure_boot_state(config.efivars), "rootDigest": read_cmdline_value(cmdline, LAYERS_KARG)}
 
 
 def fleet_status(config: Config) -> dict[str, Any]:
@@ -178,7 +200,10 @@ def fleet_status(config: Config) -> dict[str, Any]:
 def render_status(data: dict[str, Any]) -> str:
     lines = [f"{data['class']} {data['version']} from slot {data['bootedSlot'] or '?'} "
              f"(entry {data['selectedEntry'] or '?'}, {data['bootControl']})",
-             f"channel {data['channel']} at {data['source'] or '(no registry configured)'}"]
+             f"channel {data['channel']} at {data['source'] or '(no registry configured)'}",
+             f"secure boot: {data.get('secureBoot') or 'unknown'}; root "
+             + (f"bound to {data['rootDigest']} by the signed UKI" if data.get("rootDigest") else
+                "not bound to a signed UKI")]
     if data.get("degraded"):
         lines.append(f"degraded: {data['degraded']}")
     trust = data.get("trust")
@@ -345,7 +370,7 @@ def dispatch(args: argparse.Namespace) -> int:
                 log(f"warning: {exc.message}")
             found = read_degraded(Path(os.environ.get(ROOT_ENV) or "/"), read_boot_id(config))
             state.event("boot", version=release.version, slot=boot.booted_slot(), degraded=summary(found) or None,
-                        bootId=read_boot_id(config))
+                        bootId=read_boot_id(config), **boot_trust(config))
             return OK
         cmd_boot(config, release, state, boot)  # a check or update first settles the last boot
         if args.command == "check":

@@ -600,6 +600,25 @@ def test_outside_the_window_the_update_is_only_downloaded(world: World, tmp_path
     assert proc.returncode == 11 and "HH:MM-HH:MM" in proc.stderr
 
 
+def test_the_fleet_sees_which_devices_boot_verified(halting, tmp_path: Path) -> None:
+    """Issue 32: each boot event says the firmware's Secure Boot state and the root digest the signed UKI
+    binds; the service keeps the last one per device and lists the devices that do not boot verified."""
+    svc, db = halting
+    digest = "sha256:" + "ab" * 32
+    good = SimDevice.create(tmp_path / "good", svc, token(db, tmp_path / "tok1"))
+    good.emit("boot", version="1.0.0", slot="a", secureBoot="enabled", rootDigest=digest)
+    off = SimDevice.create(tmp_path / "off", svc, token(db, tmp_path / "tok2"))
+    off.emit("boot", version="1.0.0", slot="a", secureBoot="disabled", rootDigest=None)
+    assert good.report() == 0 and off.report() == 0
+    tiny = svc.get("/v1/status")["classes"]["tiny"]
+    listed = {d["device"]: d for d in tiny["deviceList"]}
+    assert (listed[good.identity.id]["secureBoot"], listed[good.identity.id]["rootDigest"]) == ("enabled", digest)
+    unverified = {d["device"] for d in tiny["unverified"]}
+    assert off.identity.id in unverified and good.identity.id not in unverified
+    text = kiln("fleet", "status", "--db", db, check=True).stdout
+    assert "boot not verified:" in text
+
+
 def test_the_fleet_page_in_chromium(halting, tmp_path: Path) -> None:
     svc, db = halting
     chromium = shutil.which("chromium") or require_tool("chromium")

@@ -82,6 +82,11 @@ def test_exports_never_carry_a_root_key(ceremony: tuple[Path, list[Path], Path],
     assert {"tuf/targets.pem", "tuf/online.pem", "tuf/rollout.pem", "tuf/root.json", "key.json"} <= names
     assert any(n.startswith("gnupg/") for n in names) and not any("root-" in n or n.endswith("root.pem")
                                                                   for n in names)
+    # Secure Boot (issue 32): CI gets db, which signs each build's UKIs; PK and KEK own the firmware and stay
+    # offline like the root. Every private key in the export is encrypted with the key's passphrase.
+    assert {"secureboot/db.key", "secureboot/db.crt", "secureboot/PK.crt", "secureboot/KEK.crt"} <= names
+    assert not {"secureboot/PK.key", "secureboot/KEK.key"} & names
+    assert b"ENCRYPTED" in (keys / "secureboot/db.key").read_bytes()
     fleet, _ = exported(keys, tmp / "state", "--for", "fleet")
     assert fleet == {"key.json", "release-key.asc", "tuf/root.json", "tuf/online.pem", "tuf/rollout.pem"}
     # A development key directory with a root key of its own: the export leaves it out, and says so.

@@ -39,6 +39,8 @@ from tests.conftest import ROOT
 from tests.images import QEMU_CLASS, kiln_test_context, kiln_test_state
 from tests.ota import publish
 
+# The boot entries on a running device's ESP, both kinds: UKIs (verified boot) and .conf entries.
+LIST_ENTRIES = "ls /efi/EFI/Linux /efi/loader/entries 2>/dev/null || true"
 REPO = f"kiln/{QEMU_CLASS}"  # qemu-x86_64's; Releases.repo is the class's
 GET_BLOB = re.compile(r'http\.request\.method=GET .*http\.request\.uri="/v2/[^"]*/blobs/(sha256:[0-9a-f]{64})"')
 

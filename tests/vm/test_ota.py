@@ -52,6 +52,7 @@ from tests.netfault import FaultyLink
 from tests.ota import make_oci_image, publish, push_unsigned, release_files, release_labels
 from tests.vm.conftest import BOOT_TIMEOUT, BuiltDisk, copy_disk
 from tests.vm.otakit import (
+    LIST_ENTRIES,
     REPO,
     Releases,
     agent,
@@ -145,7 +146,7 @@ def test_refusals_write_nothing(releases: Releases, device: tuple[Path, vm.VMCon
         assert machine.ssh("ls /var/lib/kiln/identity").stdout.split() == ["id", "tpm.json"]
         setup(machine, releases, fleet)
         before = slot_digest(machine, "b")
-        entries = machine.ssh("ls /efi/loader/entries").stdout
+        entries = machine.ssh(LIST_ENTRIES).stdout
         expected = {"wrong-class": (3, "compatible"), "older": (4, "older than the running"),
                     "unsigned": (6, "signature"), "other-key": (6, "signature"),
                     "unlisted": (3, "names no release")}
@@ -164,7 +165,7 @@ def test_refusals_write_nothing(releases: Releases, device: tuple[Path, vm.VMCon
             timestamp.write_bytes(good)
         assert r.exit_status == 6 and "tuf metadata" in r.stdout.lower(), r.stdout
         assert slot_digest(machine, "b") == before
-        assert machine.ssh("ls /efi/loader/entries").stdout == entries
+        assert machine.ssh(LIST_ENTRIES).stdout == entries
         # The link is up: the device enrolls (its report timer may have done so already, during the
         # refusals). A token alone makes no device whose reports count: it waits as pending, its events
         # kept, and the token it used is gone from the device.

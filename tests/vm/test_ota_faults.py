@@ -26,7 +26,7 @@ import pytest
 from builder.disk import vm
 from tests.netfault import FaultyLink
 from tests.vm.conftest import BOOT_TIMEOUT, BuiltDisk, copy_disk
-from tests.vm.otakit import Releases, agent, configure, serving_releases, slot_digest, status
+from tests.vm.otakit import LIST_ENTRIES, Releases, agent, configure, serving_releases, slot_digest, status
 
 pytestmark = pytest.mark.vmlong  # scripts/test-vmlong: too long for CI's 60 minutes under TCG
 
@@ -86,7 +86,7 @@ def test_update_survives_lost_registry_full_disk_and_power_cuts(
     with vm.start_vm(cfg) as machine:
         healthy_on(machine, "a", qemu_disk.version)
         configure(machine, releases, port=link.port, channel=CHANNEL)
-        slot_a, entries = slot_digest(machine, "a"), machine.ssh("ls /efi/loader/entries").stdout
+        slot_a, entries = slot_digest(machine, "a"), machine.ssh(LIST_ENTRIES).stdout
 
         # 1. The registry goes away mid-download.
         link.restore(rate=2 * MIB)
@@ -100,7 +100,7 @@ def test_update_survives_lost_registry_full_disk_and_power_cuts(
         assert "pulling" in lost.stdout and "Traceback" not in lost.stdout, lost.stdout
         st = status(machine)
         assert (st["lastResult"]["result"], st["lastResult"]["code"]) == ("failed", 7), st
-        assert machine.ssh("ls /efi/loader/entries").stdout == entries
+        assert machine.ssh(LIST_ENTRIES).stdout == entries
         assert machine.ssh("systemctl is-active kiln-health-inference.service").stdout.strip() == "active"
 
         # 2. The power goes out mid-download.

@@ -36,9 +36,13 @@ def image_size(ref: str) -> int | None:
     return engine.inspect(ref)["size"] if engine.exists(ref) else None
 
 
-def boot_once(image: Path, accel: vm.Accel, key: Path | None, timeout: float) -> dict[str, Any]:
-    cfg = vm.VMConfig(disk=image, accel=accel, snapshot=True, ssh_key=key if key and key.is_file() else None)
-    row: dict[str, Any] = {"accel": accel.value}
+def boot_once(image: Path, accel: vm.Accel, key: Path | None, timeout: float,
+              plain: vm.Firmware | None = None) -> dict[str, Any]:
+    """One boot to healthy. `plain`: with this firmware instead of the disk's own (a verified disk's enrolled,
+    Secure Boot enforcing OVMF): what verified boot costs, side by side."""
+    cfg = vm.VMConfig(disk=image, accel=accel, snapshot=True, ssh_key=key if key and key.is_file() else None,
+                      ovmf_code=plain.code if plain else None, ovmf_vars=plain.vars_template if plain else None)
+    row: dict[str, Any] = {"accel": accel.value, "firmware": "plain OVMF" if plain else "the disk's"}
     with vm.start_vm(cfg) as machine:
         row["accel"] = machine.accel.value
         try:
@@ -74,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--version", help="with --class: which build")
     ap.add_argument("--boots", type=int, default=1, help="boots per accelerator (default 1)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per boot (default 900)")
+    ap.add_argument("--plain-firmware", action="store_true",
+                    help="a disk with verified boot: also boot it as many times with plain OVMF (Secure Boot "
+                         "not enforced, no SMM), alternating, to show what the firmware's checks cost")
     args = ap.parse_args(argv)
 
     try:
@@ -95,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 for _ in range(args.boots):
                     boots.append(boot_once(out, accel, key, args.timeout))
+                    if args.plain_firmware and record.efivars:
+                        boots.append(boot_once(out, accel, key, args.timeout, plain=vm.find_firmware(arch=arch)))
     except KilnError as exc:
         return failed(exc)
 
@@ -103,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         "image_size": image_size(ref),
         "disk_build_s": round(disk_s, 1), "disk_steps_s": record.durations,
         "root_erofs_size": record.root_image_size, "disk_size": record.size, "disk_allocated": record.file_size,
+        "verified_boot": {"layers": record.layers_digest, "efivars": bool(record.efivars),
+                          "uki_size": record.uki_size} if record.efivars else None,
         "boots": boots,
         "machine": describe_machine(),
     }
@@ -115,12 +126,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {step:<46} {seconds:.1f} s")
     print(f"{'root-a (erofs)':<28} {record.root_image_size / mib:.0f} MiB")
     print(f"{'disk (raw, sparse)':<28} {record.size / mib:.0f} MiB, {record.file_size / mib:.0f} MiB allocated")
-    print(f"\n{'accel':<6} {'QEMU start -> ssh':>18} {'-> healthy':>12}  result")
+    if figures["verified_boot"]:
+        print(f"{'verified boot':<28} slot A's UKI {(record.uki_size or 0) / mib:.1f} MiB, "
+              f"root bound to {record.layers_digest}")
+    print(f"\n{'accel':<6} {'firmware':<12} {'QEMU start -> ssh':>18} {'-> healthy':>12}  result")
     for b in boots:
         ssh = f"{b['ssh_s']:.1f} s" if b.get("ssh_s") else "-"
         healthy = f"{b['healthy_s']:.1f} s" if "healthy_s" in b else (
             f"({b['failed_after_s']:.1f} s)" if "failed_after_s" in b else "-")
-        print(f"{b['accel']:<6} {ssh:>18} {healthy:>12}  {b['result']}")
+        print(f"{b['accel']:<6} {b.get('firmware', '-'):<12} {ssh:>18} {healthy:>12}  {b['result']}")
+    for firmware in sorted({str(b.get("firmware")) for b in boots if "healthy_s" in b}):
+        times = sorted(b["healthy_s"] for b in boots if b.get("firmware") == firmware and "healthy_s" in b)
+        if len(times) > 1:
+            print(f"{firmware}: median {times[len(times) // 2]:.1f} s, spread {times[0]:.1f}-{times[-1]:.1f} s "
+                  f"over {len(times)} boots")
     for b in boots:
         if "timeline" in b:
             print_timeline(b)

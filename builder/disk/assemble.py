@@ -272,6 +272,7 @@ class DiskRecord:
     # KEK and db enrolled that `kiln vm run` boots it with (Secure Boot enforcing); else None.
     layers_digest: str | None = None
     efivars: str | None = None
+    uki_size: int | None = None  # bytes of slot A's UKI (each update writes one like it to the ESP)
     durations: dict[str, float] = field(default_factory=dict)
     etc: list[dict[str, Any]] = field(default_factory=list)  # files placed in /etc at flash time (digests)
 
@@ -418,6 +419,7 @@ def make_disk_from_rootfs(plan: DiskPlan, info: ImageInfo, rootfs: Path, steps: 
         etc=[f.record() for f in etc],
         layers_digest=info.boot.layers if info.boot is not None else None,
         efivars=str(verified.efivars_path(plan.output)) if efivars is not None else None,
+        uki_size=info.boot.uki_size() if info.boot is not None else None,
     )
 
 

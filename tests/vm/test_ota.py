@@ -203,7 +203,9 @@ def test_model_only_update_boots_slot_b_and_is_blessed(releases: Releases, qemu_
     project = make_retrained_project(releases.tmp / "v2-project")
     v2 = releases.release("1.0.1", project)
     changed = {b["diffId"] for a, b in zip(v1["layers"], v2["layers"], strict=True) if a["diffId"] != b["diffId"]}
-    assert len(changed) == 2  # model and release
+    # model, release, and the boot layer: its signed UKIs bind the new layer list (verified boot)
+    assert len(changed) == 3
+    assert [rec["group"] for rec in v2["layers"] if rec["diffId"] in changed] == ["model", "release", "boot"]
     _, cfg = device
     with vm.start_vm(cfg) as machine:
         machine.wait_for_ssh(BOOT_TIMEOUT)

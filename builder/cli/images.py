@@ -179,6 +179,10 @@ def summarize_device(text: str) -> str:
     root = st.get("root") or {}
     if root:
         lines.append(f"device: root {root.get('fstype')}, {'read-only' if root.get('readOnly') else 'read-write'}")
+    if "secureBoot" in st:
+        lines.append(f"device: secure boot {st.get('secureBoot') or 'unknown'}; root "
+                     + (f"bound by the signed UKI to {st['rootDigest']}" if st.get("rootDigest") else
+                        "not bound to a signed UKI"))
     health = st.get("health") or {}
     if health:
         lines.append(f"golden inference check: {health.get('status')} (exit {health.get('exitCode')}, "

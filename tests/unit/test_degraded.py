@@ -273,6 +273,8 @@ def test_agent_status_reports_this_boot_s_health_check_and_the_root_mount(
 
     from builder.cli.images import summarize_device
 
-    assert summarize_device(json.dumps(data)).splitlines()[1:3] == [
-        "device: root erofs, read-only", "golden inference check: accelerator-unavailable (exit 5, 1 model(s))"]
+    assert (data["secureBoot"], data["rootDigest"]) == (None, None)  # no EFI variables, no bound root here
+    assert summarize_device(json.dumps(data)).splitlines()[1:4] == [
+        "device: root erofs, read-only", "device: secure boot unknown; root not bound to a signed UKI",
+        "golden inference check: accelerator-unavailable (exit 5, 1 model(s))"]
     assert summarize_device("sh: kiln-agent: not found").startswith("device: `kiln-agent status --json` did not")

@@ -213,6 +213,19 @@ def test_bad_spec_reports_located_error(bad: Bad, tmp_path: Path, monkeypatch: p
         assert problem.startswith(f"{path}:"), problem
 
 
+def test_secure_boot_where_kiln_cannot_verify_the_boot_is_refused(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    load_class(write(tmp_path, set_in(base_doc(), "spec.secureBoot", True)))  # x86_64, lz4: fine
+    doc = set_in(set_in(base_doc(), "spec.secureBoot", True), "spec.disk.compression", "zstd")
+    doc = set_in(doc, "spec.architecture", "aarch64")
+    with pytest.raises(SpecError) as info:
+        load_class(write(tmp_path, doc))
+    text = str(info.value)
+    assert "spec.secureBoot: verified boot is x86_64 only so far" in text
+    assert "spec.disk.compression: verified boot measures each layer's erofs as the device makes it" in text
+
+
 def test_every_error_reported_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
     doc = set_in(base_doc(), "spec.kernal", {})

@@ -142,3 +142,20 @@ def test_entry_names_and_the_bound_command_line() -> None:
     assert contract.read_cmdline_slot(line) == "b"
     assert contract.read_cmdline_value(line, contract.LAYERS_KARG) == digest
     assert line.split()[0] == "root=PARTLABEL=root-b"
+
+
+def test_the_devices_secure_boot_state_from_its_efi_variables(tmp_path: Path) -> None:
+    from kiln_device.agent.bootctl import EFI_GLOBAL_GUID, secure_boot_state
+
+    assert secure_boot_state(tmp_path) is None  # no EFI variables: not a UEFI boot, or not mounted
+
+    def put(name: str, value: int) -> None:
+        (tmp_path / f"{name}-{EFI_GLOBAL_GUID}").write_bytes(b"\x06\x00\x00\x00" + bytes([value]))
+
+    put("SecureBoot", 1)
+    put("SetupMode", 0)
+    assert secure_boot_state(tmp_path) == "enabled"
+    put("SecureBoot", 0)
+    assert secure_boot_state(tmp_path) == "disabled"
+    put("SetupMode", 1)
+    assert secure_boot_state(tmp_path) == "setup"  # no PK enrolled: the firmware enforces nothing

@@ -235,7 +235,7 @@ def test_model_only_update_boots_slot_b_and_is_blessed(releases: Releases, qemu_
         # checked by fs-verity and stacked by the initramfs.
         # With verified boot, the list is the image's layers less its boot layer (the UKIs), and its digest is
         # in slot B's signed command line.
-        listed = [line.split() for line in machine.ssh("cat /kiln-layers").stdout.splitlines()]
+        listed = [line.split() for line in machine.ssh("cat /run/kiln/slot-layers").stdout.splitlines()]
         assert [diff for diff, _ in listed] == [rec["diffId"].removeprefix("sha256:") for rec in v2["layers"]
                                                 if rec["group"] != "boot"]
         assert f"kiln.layers={v2['boot']['layers']}" in machine.ssh("cat /proc/cmdline").stdout.split()

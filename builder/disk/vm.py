@@ -56,6 +56,9 @@ HOST_FROM_GUEST = "10.0.2.2"  # QEMU user-mode networking: the host's loopback
 # What the console shows once the image's golden inference check has passed (or failed).
 HEALTH_UNIT = "kiln-health-inference.service"
 LOGIN_PATTERN = r"login: "
+# OVMF's boot manager when no boot option started (Secure Boot refused systemd-boot or the entry it chose, or
+# there is no ESP): it waits for a key press, forever. A device's platform watchdog power-cycles it there.
+FIRMWARE_GAVE_UP = "No bootable option or device was found"
 
 
 @dataclass(frozen=True)
@@ -227,6 +230,9 @@ class VM:
         last = "no answer from the guest agent yet"
         while time.monotonic() < deadline:
             self._check_alive()
+            if self.firmware_gave_up():
+                raise self.error("the firmware started nothing (\"" + FIRMWARE_GAVE_UP + "\"): Secure Boot refused "
+                                 "the boot loader or the entry it chose, or the disk has no boot loader")
             try:
                 state = self.guest_exec(f"systemctl is-active {unit}", check=False, timeout=30).stdout.strip()
             except (OSError, ValueError, VMError) as exc:
@@ -241,6 +247,10 @@ class VM:
             last = f"{unit} is {state or 'unknown'}"
             time.sleep(1)
         raise self.error(f"timed out after {timeout:.0f} s waiting for {unit} to pass (last: {last})")
+
+    def firmware_gave_up(self) -> bool:
+        """Whether the firmware is waiting at its boot manager, having started nothing (FIRMWARE_GAVE_UP)."""
+        return FIRMWARE_GAVE_UP in self.console_text()
 
     def healthy_slot(self, unit: str = HEALTH_UNIT) -> str | None:
         """The slot ("a" or "b", from kiln.slot= on the kernel command line) this boot runs when `unit`

@@ -255,11 +255,16 @@ def boot_until_healthy_on(cfg: vm.VMConfig, slot: str, *, max_boots: int = 6,
 
 
 def _healthy_or_rebooted(machine: vm.VM, slot: str, timeout: float, boots: list[Boot]) -> bool:
-    """True once SLOT is healthy; False when the guest rebooted (QEMU exited)."""
+    """True once SLOT is healthy; False when the guest rebooted (QEMU exited), or when the firmware started
+    nothing and waits at its boot manager (a refused UKI): the power is cut there, as a device's platform
+    watchdog does, and the next power-on follows."""
     deadline = time.monotonic() + timeout
     seen = None
     while time.monotonic() < deadline:
         if not machine.running:
+            return False
+        if machine.firmware_gave_up():
+            machine.kill()
             return False
         seen = machine.healthy_slot()
         if seen == slot:

@@ -66,8 +66,8 @@ def finalize_osrel(os_release: str, *, cls: str, version: str) -> str:
                       f"IMAGE_VERSION={contract.entry_text(version)}"]) + "\n"
 
 
-def finalize_boot_containerfile(base_id: str, digest: str) -> str:
-    return (f"FROM {base_id}\n"
+def finalize_boot_containerfile(base: str, digest: str) -> str:
+    return (f"FROM {base}\n"
             f"COPY boot/ {contract.BOOT_DIR}/\n"
             f'LABEL {LABEL_BOOT}="{BOOT_KIND}" {LABEL_BOOT_LAYERS}="{digest}"\n')
 
@@ -90,6 +90,16 @@ def make_layer_erofs(layout: Path, ref: str, store: Path, compression: str) -> l
     return layers
 
 
+def export_layout(ctx: Context, image_id: str, layout: Path, name: str) -> None:
+    """The built image as an OCI layout: from podman's store, or from the Docker API's daemon (skopeo)."""
+    base_url = getattr(ctx.engine, "base_url", None)
+    if ctx.engine.name == "docker" and base_url:
+        run(["skopeo", "copy", "--quiet", "--src-daemon-host", base_url, f"docker-daemon:{image_id}",
+             f"oci:{layout}:{name}"], capture=True)
+        return
+    run(["podman", "push", "--quiet", image_id, f"oci:{layout}:{name}"], env=ctx.state.engine_env(), capture=True)
+
+
 def make_boot_layer(ctx: Context, *, cls: str, version: str, ref: str, image_id: str, architecture: str,
                     compression: str, keys: SecureBootKeys, passphrase: str | None, epoch: int,
                     workdir: Path) -> BootLayer:
@@ -102,7 +112,7 @@ def make_boot_layer(ctx: Context, *, cls: str, version: str, ref: str, image_id:
     workdir.mkdir(parents=True)
     layout = workdir / "layout"
     name = contract.oci_ref_name(version)
-    run(["podman", "push", "--quiet", image_id, f"oci:{layout}:{name}"], env=state.engine_env(), capture=True)
+    export_layout(ctx, image_id, layout, name)
     layers = make_layer_erofs(layout, name, store, compression)
     text = manifest_text(layers)
     digest = contract.layers_digest(text)
@@ -142,7 +152,7 @@ def make_boot_layer(ctx: Context, *, cls: str, version: str, ref: str, image_id:
     for p in [boot.parent, *boot.parent.rglob("*")]:
         os.utime(p, (epoch, epoch), follow_symlinks=False)
     containerfile = workdir / "context" / "Containerfile"
-    containerfile.write_text(finalize_boot_containerfile(image_id, digest))
+    containerfile.write_text(finalize_boot_containerfile(ref, digest))
     new_id = ctx.engine.build(workdir / "context", containerfile, ref, {}, epoch)
     size = (boot / contract.uki_image_name("a")).stat().st_size
     shutil.rmtree(workdir / "layout", ignore_errors=True)

@@ -15,8 +15,9 @@ APT_PACKAGES=(
   postgresql chromium
   # A TPM for VMs (`kiln vm run --tpm`) and for the identity tests: swtpm, and tpm2-tools to talk to it.
   swtpm tpm2-tools
-  # Verified boot: sbsign/sbverify sign and check systemd-boot and the UKIs with the Secure Boot db key.
-  sbsigntool
+  # Verified boot: sbsign/sbverify sign and check systemd-boot and the UKIs with the Secure Boot db key;
+  # faketime freezes the clock sbsign writes into the signature, so a rebuild gives the same bytes.
+  sbsigntool faketime
   # arm64 classes: built through qemu-user (binfmt_misc, registered below), booted in qemu-system-aarch64
   # with AAVMF (docs/arm64.md).
   qemu-user-static binfmt-support arch-test qemu-system-arm qemu-efi-aarch64

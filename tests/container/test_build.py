@@ -117,7 +117,8 @@ def test_build_record(record: dict[str, Any], test_state: StateDir) -> None:
     assert on_disk["image"]["id"] == record["image"]["id"]
     g = groups(record)
     # the base's layer and the OS stage's, rechunked by package: the bottom of the image
-    assert g[0] == "os" and g.count("os") >= 10 and "base" not in g and g[-1] == "lint" and "unknown" not in g
+    assert g[0] == "os" and g.count("os") >= 10 and "base" not in g and "unknown" not in g
+    assert g[-2:] == ["lint", "boot"]  # verified boot: the signed UKIs on top, bound to every layer below
     assert "packages" not in g
     assert g.index("os") < g.index("kernel") < g.index("runtime") < g.index("agent") < g.index("model") \
         < g.index("release")
@@ -284,7 +285,8 @@ def test_model_only_release_changes_only_model_and_release_layers(
     assert new["models"][0]["sha256"] != record["models"][0]["sha256"]
     changed = {old["group"] for old, cur in zip(record["layers"], new["layers"], strict=True)
                if old["diffId"] != cur["diffId"]}
-    assert changed == {"model", "release"}
+    assert changed == {"model", "release", "boot"}  # the boot layer's UKIs bind the new layer list
+    assert new["boot"]["layers"] != record["boot"]["layers"]
     assert groups(new) == groups(record)
 
 

@@ -96,6 +96,13 @@ def test_db_signs_a_uki_that_sbverify_accepts_and_a_changed_byte_breaks(stub: Pa
     tampered.write_bytes(bytes(data))
     assert not secureboot.verify_efi(keys, tampered)
     assert not list(Path("/dev/shm").glob("kiln-sb-*")), "the decrypted db key was left behind"
+    # At the build's epoch the signature is reproducible (sbsign signs its clock's time): the same image twice.
+    require_tool("faketime")
+    unsigned = tmp_path / "unsigned.efi"
+    make_uki(stub, parts(tmp_path), unsigned)
+    again = [secureboot.sign_efi(keys, unsigned, "a passphrase", out=tmp_path / f"r{i}.efi", epoch=1735689600)
+             for i in range(2)]
+    assert again[0].read_bytes() == again[1].read_bytes() and secureboot.verify_efi(keys, again[0])
 
 
 def test_secure_boot_keys_are_private_and_need_their_passphrase(tmp_path: Path) -> None:

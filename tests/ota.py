@@ -225,9 +225,9 @@ class FakeDevice:
     @classmethod
     def create(cls, root: Path, *, registry: str, lookaside: str, key: SigningKey, klass: str = "tiny",
                compatible: str = "kiln,tiny", version: str = "1.0.0", booted: str = "a",
-               trust_root: bytes | None = None) -> FakeDevice:
+               trust_root: bytes | None = None, channel: str | None = None) -> FakeDevice:
         """A device of KLASS running VERSION from slot BOOTED; with TRUST_ROOT (a TUF root.json) its image
-        trusts its channel through TUF, as images with a root do."""
+        trusts its channel through TUF, as images with a root do; CHANNEL: the one its image follows."""
         dev = cls(root)
         kiln = contract.under(root, contract.LIB_DIR)
         kiln.mkdir(parents=True)
@@ -250,6 +250,8 @@ class FakeDevice:
             # A fake device never makes its key in the build host's own TPM (a CI runner may have one).
             "fleet": {"identity": "file"},
         }
+        if channel is not None:
+            config["channel"] = channel
         if trust_root is not None:
             contract.under(root, contract.TRUST_ROOT).parent.mkdir(parents=True)
             contract.under(root, contract.TRUST_ROOT).write_bytes(trust_root)

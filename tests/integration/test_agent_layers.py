@@ -54,12 +54,8 @@ class World:
                        cls="tiny", tags=(version, channel), state=self.state)
 
     def device(self, name: str, channel: str) -> FakeDevice:
-        dev = FakeDevice.create(self.tmp / name, registry=self.registry, lookaside=self.lookaside_url, key=self.key)
-        path = dev.root / "usr/lib/kiln/agent.json"
-        config = json.loads(path.read_text())
-        config["channel"] = channel
-        path.write_text(json.dumps(config))
-        return dev
+        return FakeDevice.create(self.tmp / name, registry=self.registry, lookaside=self.lookaside_url, key=self.key,
+                                 channel=channel)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ vm tier's (tests/vm/test_boot.py, tests/vm/test_ota.py).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -70,12 +69,8 @@ class World:
                        cls="tiny", tags=(version, channel), state=self.state)
 
     def device(self, name: str, channel: str) -> FakeDevice:
-        dev = FakeDevice.create(self.tmp / name, registry=self.registry, lookaside=self.lookaside_url, key=self.key)
-        path = dev.root / "usr/lib/kiln/agent.json"
-        config = json.loads(path.read_text())
-        config["channel"] = channel
-        path.write_text(json.dumps(config))
-        return dev
+        return FakeDevice.create(self.tmp / name, registry=self.registry, lookaside=self.lookaside_url, key=self.key,
+                                 channel=channel)
 
 
 def uki(tmp: Path, version: str, slot: str, digest: str) -> bytes:
